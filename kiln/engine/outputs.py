@@ -1,0 +1,70 @@
+"""What the engine hands back: per-step deltas of each request's completions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(slots=True)
+class Logprob:
+    """Log-probability of one token, with its rank in the distribution (1 = most likely)."""
+
+    logprob: float
+    rank: int
+    decoded: str | None = None
+
+
+# One entry per generated token: token id -> Logprob, holding the sampled token and the top-k alternatives.
+TokenLogprobs = dict[int, Logprob]
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    """One of a request's `n` completions.
+
+    From `AsyncEngine.generate` and `LLMEngine.step` it is a *delta*: `text`, `token_ids` and
+    `logprobs` hold only what is new since the previous output of this completion. `LLM.generate`
+    returns the accumulated whole.
+    """
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: FinishReason | None = None
+    # The stop string or stop token id that ended it (None for EOS or length).
+    stop_reason: str | int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    """Timestamps (time.monotonic) of one request's life, for latency metrics."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+    num_preemptions: int = 0
+    num_cached_prompt_tokens: int = 0
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """Output of one request (all its `n` completions) at one step."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = False
+    metrics: RequestMetrics | None = None
+    num_cached_tokens: int = 0
