@@ -1,0 +1,86 @@
+"""`Request`: one sequence's scheduling state. Pure bookkeeping (no torch), owned by the scheduler."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from kiln.engine.outputs import FinishReason, RequestMetrics
+from kiln.engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # never scheduled, or preempted and waiting to be recomputed
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"  # EOS, a stop token id or a stop string
+    FINISHED_LENGTH = "length"  # max_tokens or the context limit
+    FINISHED_ABORTED = "abort"  # client gone or engine shutting down
+
+    @property
+    def finished(self) -> bool:
+        return self in (
+            RequestStatus.FINISHED_STOPPED,
+            RequestStatus.FINISHED_LENGTH,
+            RequestStatus.FINISHED_ABORTED,
+        )
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self.value if self.finished else None  # type: ignore[return-value]
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One sequence. For `n > 1` the engine makes n Requests that share a `group_id`.
+
+    Invariant: `all_token_ids == prompt_token_ids + output_token_ids`, and the first
+    `num_computed_tokens` of them have their K/V in the request's KV blocks.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: tuple[int, ...]
+    max_output_tokens: int  # params.max_tokens, capped so prompt + output fits the context
+    arrival_time: float
+    priority: int = 0  # lower runs first (as vLLM); FCFS within a priority
+    group_id: str | None = None  # the caller's request id when this is one of n samples
+    index: int = 0  # which of the n samples
+    # A sibling in an n > 1 group waits until this request has computed the shared prompt, so it finds
+    # the prompt's blocks in the prefix cache instead of computing them again.
+    wait_for: Request | None = None
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    all_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first schedule
+    num_preemptions: int = 0
+    stop_reason: str | int | None = None
+    metrics: RequestMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.all_token_ids = list(self.prompt_token_ids)
+        self.metrics = RequestMetrics(arrival_time=self.arrival_time)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def prompt_computed(self) -> bool:
+        return self.num_computed_tokens >= self.num_prompt_tokens
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def sort_key(self) -> tuple[int, float, str]:
+        return (self.priority, self.arrival_time, self.request_id)

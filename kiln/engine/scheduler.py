@@ -1,0 +1,209 @@
+"""In-flight batching scheduler: decides, each step, which requests compute how many tokens.
+
+The token-budget rule: each step hands out at most `max_num_batched_tokens` tokens. Running requests
+come first (decodes and unfinished prefill chunks, in priority order), then waiting requests are
+admitted first-come-first-served within priority, each taking a prefill chunk of what budget is left
+(chunked prefill). Prefix-cache hits count as computed. When the KV pool runs dry the lowest-priority,
+newest running request is preempted: its blocks are freed and it waits to be recomputed. Pure
+bookkeeping, no torch: `SchedulerOutput` is the only product, tested with exact block ids.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from kiln.engine.request import Request, RequestStatus
+from kiln.kvcache.manager import KVCacheManager
+
+
+@dataclass(slots=True, frozen=True)
+class ScheduledRequest:
+    request: Request
+    start: int  # first position computed this step (== num_computed_tokens when scheduled)
+    num_new_tokens: int
+    block_ids: tuple[int, ...]  # the request's whole block table
+    sample: bool  # this chunk reaches the last known token, so a new token is sampled
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.all_token_ids[self.start : self.start + self.num_new_tokens]
+
+
+@dataclass(slots=True, frozen=True)
+class SchedulerOutput:
+    scheduled: tuple[ScheduledRequest, ...]
+    preempted_ids: tuple[str, ...]  # preempted during this schedule() call
+    finished_ids: tuple[str, ...]  # left the scheduler since the previous step (runner drops their state)
+    num_batched_tokens: int
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    max_num_seqs: int  # running requests at once
+    max_num_batched_tokens: int  # token budget per step
+    max_model_len: int  # prompt + output tokens
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting: list[Request] = []  # sorted by Request.sort_key
+        self.running: list[Request] = []  # sorted by Request.sort_key: the last one is preempted first
+        self.requests: dict[str, Request] = {}
+        self._finished_since_step: list[str] = []
+        self.num_preemptions = 0
+
+    # -- requests in and out -------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already running")
+        self.requests[request.request_id] = request
+        bisect.insort(self.waiting, request, key=Request.sort_key)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """Finish (or abort) requests wherever they are; their KV blocks return to the pool now."""
+        done = []
+        for request_id in request_ids:
+            request = self.requests.pop(request_id, None)
+            if request is None:
+                continue
+            queue = self.running if request.status == RequestStatus.RUNNING else self.waiting
+            queue.remove(request)
+            request.status = status
+            request.metrics.finished_time = time.monotonic()
+            self.kv_cache.free(request_id)
+            self._finished_since_step.append(request_id)
+            done.append(request)
+        return done
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- one step ------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[str] = []
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while (
+                self.kv_cache.allocate_slots(
+                    request.request_id, request.all_token_ids, request.num_computed_tokens, num_new
+                )
+                is None
+            ):
+                victim = self.running[-1]  # lowest priority, newest: never one scheduled earlier this step
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                scheduled.append(self._scheduled(request, num_new))
+                budget -= num_new
+                index += 1
+
+        # Admit waiting requests only when nothing had to be preempted: otherwise the pool is too tight.
+        if not preempted:
+            for request in list(self.waiting):
+                if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                    break
+                if request.wait_for is not None and not self._ready_after(request.wait_for):
+                    continue
+                hit_blocks, num_hit = self.kv_cache.get_computed_blocks(request.all_token_ids)
+                num_new = min(request.num_tokens - num_hit, budget)
+                new_blocks = self.kv_cache.allocate_slots(
+                    request.request_id, request.all_token_ids, 0, num_new, hit_blocks
+                )
+                if new_blocks is None:
+                    break  # first come, first served: nobody overtakes a request that does not fit
+                self.waiting.remove(request)
+                request.status = RequestStatus.RUNNING
+                request.num_computed_tokens = num_hit
+                if request.num_cached_tokens is None:
+                    request.num_cached_tokens = num_hit
+                    request.metrics.num_cached_prompt_tokens = num_hit
+                if request.metrics.first_scheduled_time is None:
+                    request.metrics.first_scheduled_time = time.monotonic()
+                bisect.insort(self.running, request, key=Request.sort_key)
+                scheduled.append(self._scheduled(request, num_new))
+                budget -= num_new
+
+        finished, self._finished_since_step = tuple(self._finished_since_step), []
+        return SchedulerOutput(
+            scheduled=tuple(scheduled),
+            preempted_ids=tuple(preempted),
+            finished_ids=finished,
+            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+        )
+
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance each scheduled request by its computed tokens and append its sampled token.
+
+        Finishes requests that hit a stop token, EOS, max_tokens or the context limit, and returns
+        every request that received a token (finished or not), in scheduling order.
+        """
+        advanced = []
+        for item in output.scheduled:
+            request = item.request
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted after being scheduled cannot happen, but an abort can race a step
+            request.num_computed_tokens += item.num_new_tokens
+            if not item.sample:
+                continue
+            request.append_output_token(sampled[request.request_id])
+            advanced.append(request)
+            status = self._stop_status(request)
+            if status is not None:
+                self.finish_requests([request.request_id], status)
+        return advanced
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return ScheduledRequest(
+            request=request,
+            start=start,
+            num_new_tokens=num_new,
+            block_ids=tuple(self.kv_cache.block_ids(request.request_id)),
+            sample=start + num_new == request.num_tokens,
+        )
+
+    def _preempt(self, request: Request) -> None:
+        """Free the request's blocks and send it back to wait; it recomputes prompt + outputs so far."""
+        self.running.remove(request)
+        self.kv_cache.free(request.request_id)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        bisect.insort(self.waiting, request, key=Request.sort_key)
+
+    def _ready_after(self, leader: Request) -> bool:
+        return leader.status.finished or leader.request_id not in self.requests or leader.prompt_computed
+
+    def _stop_status(self, request: Request) -> RequestStatus | None:
+        token = request.output_token_ids[-1]
+        params = request.params
+        if request.num_output_tokens >= params.min_tokens:
+            if token in params.stop_token_ids:
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+            if not params.ignore_eos and token in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= request.max_output_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
