@@ -1,0 +1,206 @@
+"""The Llama decoder (Llama 1/2/3, MHA or GQA, tied or untied head) over Kiln's paged KV cache.
+
+Parameter names are the packed checkpoint names of kiln.models.weights (fused `qkv_proj` and
+`gate_up_proj`), so an engine directory loads with no renaming. Every kernel goes through
+`kiln.engine.kernels`, which picks Triton on CUDA and the PyTorch references elsewhere.
+
+The model is stateless between calls: the KV cache and the AttentionMetadata describing where a
+step's tokens live are passed into `forward` by the model runner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from kiln.config import ModelConfig
+from kiln.engine import kernels
+from kiln.engine.attention_metadata import AttentionMetadata
+from kiln.errors import CheckpointError
+from kiln.models.rope import build_cos_sin_cache
+from kiln.models.weights import expected_packed_shapes
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, Hkv, D]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return kernels.rms_norm(x, self.weight, self.eps, residual)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = nn.Linear(
+            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        cos_sin_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = kernels.apply_rotary(positions, q, k, cos_sin_cache)
+        k_cache, v_cache = kv_cache
+        kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        attended = kernels.paged_attention(q, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(attended.reshape(num_tokens, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        inter = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * inter, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(inter, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(hidden)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        cos_sin_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's output delta, the residual stream before it).
+
+        The residual add is deferred into the next norm (fused add + RMSNorm), so the stream
+        is `hidden + residual` between layers; the first layer gets residual None.
+        """
+        if residual is None:
+            residual = hidden
+            normed, _ = self.input_layernorm(hidden)
+        else:
+            normed, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, normed, kv_cache, meta, cos_sin_cache)
+        normed, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(normed), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama causal LM over a paged KV cache.
+
+    Rules:
+    - `forward` computes T flattened tokens of any mix of prefill chunks and decodes (layout in
+      AttentionMetadata); it writes their K/V into `kv_caches` (one (k, v) pair per layer) and
+      returns the final-norm hidden states [T, H]. Positions must be < `max_positions`.
+    - `compute_logits` maps selected hidden rows to float32 logits [N, vocab].
+    - `load_weights` takes packed names (kiln.models.weights) and is strict.
+    - A module built under `torch.device("meta")` and moved with `to_empty(device=...)` is
+      complete after `load_weights`, which also recomputes the RoPE table on the weights' device.
+    """
+
+    def __init__(self, config: ModelConfig, *, max_positions: int | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.max_positions = max_positions or config.max_position_embeddings
+        self.model = LlamaModel(config)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+        # float32 whatever the model dtype (apply_rotary casts per use); not saved with the weights.
+        self.register_buffer(
+            "cos_sin_cache", self._build_rope_table(self.model.embed_tokens.weight.device), persistent=False
+        )
+
+    def _build_rope_table(self, device: torch.device) -> torch.Tensor:
+        if device.type == "meta":
+            return torch.empty(self.max_positions, self.config.head_dim, device="meta")
+        return build_cos_sin_cache(self.config, self.max_positions, device=device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        layers = self.model.layers
+        if len(kv_caches) != len(layers):
+            raise ValueError(f"got {len(kv_caches)} KV caches for {len(layers)} layers")
+        hidden = self.model.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
+        for layer, kv_cache in zip(layers, kv_caches, strict=True):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, meta, self.cos_sin_cache)
+        hidden, _ = self.model.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, head).float()
+
+    @torch.no_grad()
+    def load_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy packed tensors into the parameters (cast to each parameter's dtype and device).
+
+        Accepts a mapping or a stream of (name, tensor) pairs, so a loader can feed tensors one at a
+        time. Raises CheckpointError naming every missing, unexpected, duplicate or misshaped tensor;
+        on error the parameters may be partly loaded.
+        """
+        expected = expected_packed_shapes(self.config)
+        params = dict(self.named_parameters())
+        if set(params) != set(expected):  # the module and the packing rules must agree
+            raise AssertionError(f"model parameters differ from packed names: {set(params) ^ set(expected)}")
+        items = weights.items() if isinstance(weights, Mapping) else weights
+        loaded: set[str] = set()
+        for name, tensor in items:
+            if name not in expected:
+                raise CheckpointError(f"unexpected tensor {name!r} for this model config")
+            if name in loaded:
+                raise CheckpointError(f"tensor {name!r} given twice")
+            if tuple(tensor.shape) != expected[name]:
+                raise CheckpointError(
+                    f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected[name]}"
+                )
+            params[name].copy_(tensor)
+            loaded.add(name)
+        missing = sorted(set(expected) - loaded)
+        if missing:
+            raise CheckpointError(f"checkpoint is missing tensors: {missing}")
+        self.cos_sin_cache = self._build_rope_table(self.model.embed_tokens.weight.device)

@@ -1,0 +1,119 @@
+"""`load_model`: an engine directory or a Hugging Face checkpoint directory -> a ready LlamaForCausalLM.
+
+Memory rule: the module is built on the meta device (no weights allocated), then given
+uninitialised storage in the target dtype on the target device, then filled one tensor at a time
+from safetensors. The host never holds a float32 copy of the model, nor two copies of it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from kiln.config import DTYPES, ModelConfig, canonical_dtype
+from kiln.errors import CheckpointError
+from kiln.models.llama import LlamaForCausalLM
+from kiln.models.weights import pack_hf_state_dict
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+ENGINE_MANIFEST = "engine.json"
+
+
+def load_model(
+    path: Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[LlamaForCausalLM, ModelConfig]:
+    """Load the model at `path` in eval mode on `device`.
+
+    `path` is an engine directory (engine.json; packed weights listed in the manifest) or a Hugging
+    Face directory (config.json + *.safetensors, one file or sharded with an index; packed on the
+    fly). dtype None means the engine's dtype, or the checkpoint's `dtype`/`torch_dtype` (float32
+    when it names none). Raises CheckpointError / InvalidEngineError for unreadable input.
+    """
+    path = Path(path)
+    if (path / ENGINE_MANIFEST).is_file():
+        from kiln.build.manifest import EngineManifest
+
+        manifest = EngineManifest.load(path)
+        config = manifest.model
+        dtype = dtype or DTYPES[canonical_dtype(manifest.dtype)]
+        weights: Iterator[tuple[str, torch.Tensor]] = _read_safetensors(
+            [path / name for name in manifest.weight_files]
+        )
+    else:
+        hf_config = _read_hf_config(path)
+        config = ModelConfig.from_hf(hf_config)
+        dtype = dtype or _hf_dtype(hf_config)
+        weights = pack_hf_state_dict(_read_safetensors(hf_safetensors_files(path)), config)
+    model = build_empty_model(config, dtype=dtype, device=device)
+    model.load_weights(weights)
+    return model.eval(), config
+
+
+def build_empty_model(
+    config: ModelConfig, *, dtype: torch.dtype, device: str | torch.device
+) -> LlamaForCausalLM:
+    """A LlamaForCausalLM with uninitialised parameters of `dtype` on `device`; fill it with load_weights."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    # Casting on the meta device costs nothing; to_empty then allocates each parameter once.
+    return model.to(dtype=dtype).to_empty(device=device).requires_grad_(False)
+
+
+def hf_safetensors_files(path: Path) -> list[Path]:
+    """The safetensors files of a Hugging Face checkpoint directory, in a stable order.
+
+    With an index, exactly the shards it names (a repository may hold other *.safetensors, e.g.
+    Mistral's consolidated file); otherwise model.safetensors, or else every *.safetensors.
+    """
+    index = path / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        files = sorted({path / name for name in weight_map.values()})
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} has no safetensors weights (a .bin-only checkpoint is not supported)")
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{path} is missing weight shards {missing}")
+    return files
+
+
+def _read_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every tensor of `files` one at a time (on the CPU, in the file's dtype)."""
+    from safetensors import safe_open
+
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"weight file {file} does not exist")
+        with safe_open(str(file), framework="pt", device="cpu") as reader:
+            for name in reader.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                yield name, reader.get_tensor(name)
+
+
+def _read_hf_config(path: Path) -> dict:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(
+            f"{path} is neither an engine directory (engine.json) nor a checkpoint (config.json)"
+        )
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_file} is not valid JSON: {exc}") from exc
+
+
+def _hf_dtype(hf_config: dict) -> torch.dtype:
+    name = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
+    try:
+        return DTYPES[canonical_dtype(str(name))]
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint dtype {name!r} is not one Kiln runs: {exc}") from exc
