@@ -1,0 +1,284 @@
+"""The native build: checkpoint -> engine directory that Kiln's PyTorch engine serves.
+
+An engine directory holds:
+- `model.safetensors` (or `model-0000i-of-0000n.safetensors` shards of ~2 GB plus
+  `model.safetensors.index.json`): weights packed by `kiln.models.weights.pack_hf_state_dict`
+  (fused qkv_proj and gate_up_proj, no lm_head when tied), all in the engine's dtype;
+- the tokenizer files (and `generation_config.json` when the checkpoint has one);
+- `engine.json`, written last.
+
+Everything is written into a temporary sibling directory that is renamed into place at the end, so
+a crash or Ctrl-C never leaves a directory that looks like a finished engine. Tensors stream from the
+checkpoint to the shard being written, so a build holds at most one shard plus the fused groups in
+progress in memory, never the whole model twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from kiln.build.checkpoint import (
+    ResolvedCheckpoint,
+    hf_tensor_count,
+    iter_hf_tensors,
+    model_config_from_hf,
+    read_hf_config,
+    resolve_checkpoint,
+)
+from kiln.build.manifest import MANIFEST_NAME, EngineManifest, sha256_file
+from kiln.build.progress import build_progress
+from kiln.config import DTYPES, EngineLimits, ModelConfig, canonical_dtype
+from kiln.errors import CheckpointError
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 2 * 1024**3
+# Copied from a Hugging Face checkpoint directory when present. At least one of the first three
+# must exist: without a tokenizer the engine cannot serve text.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+def build_engine(
+    checkpoint: str | Path,
+    output_dir: Path,
+    *,
+    dtype: str = "float16",
+    limits: EngineLimits | None = None,
+    served_model_name: str | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> EngineManifest:
+    """Build a native engine from a HF directory, a .gguf file or a hub id; returns its manifest.
+
+    Raises CheckpointError / OfflineError for the checkpoint, ValueError for a bad dtype or limits,
+    and FileExistsError when output_dir exists and is not empty, unless overwrite=True (the old
+    directory is then replaced only after the new one is complete).
+    """
+    dtype = canonical_dtype(dtype)
+    limits = limits or EngineLimits()
+    limits.validate()
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite)")
+    resolved = resolve_checkpoint(checkpoint)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.building-", dir=output_dir.parent))
+    try:
+        manifest = _build_into(resolved, staging, dtype, limits, served_model_name, progress, max_shard_bytes)
+        _move_into_place(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def build_tiny_engine(
+    output_dir: Path,
+    seed: int = 0,
+    *,
+    dtype: str = "float32",
+    limits: EngineLimits | None = None,
+    served_model_name: str = "tiny",
+    progress: bool = False,
+    overwrite: bool = False,
+    **tiny_options: Any,
+) -> EngineManifest:
+    """Build an engine from `write_tiny_checkpoint(seed=seed, **tiny_options)`: `kiln build --tiny`."""
+    from kiln.build.tiny import write_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="kiln-tiny-") as tmp:
+        checkpoint = write_tiny_checkpoint(Path(tmp), seed=seed, **tiny_options)
+        manifest = build_engine(
+            checkpoint,
+            output_dir,
+            dtype=dtype,
+            limits=limits,
+            served_model_name=served_model_name,
+            progress=progress,
+            overwrite=overwrite,
+        )
+    options = "".join(f", {k}={v!r}" for k, v in sorted(tiny_options.items()))
+    manifest.source = f"tiny(seed={seed}{options})"
+    manifest.save(Path(output_dir))
+    return manifest
+
+
+def _build_into(
+    resolved: ResolvedCheckpoint,
+    out: Path,
+    dtype: str,
+    limits: EngineLimits,
+    served_model_name: str | None,
+    progress: bool,
+    max_shard_bytes: int,
+) -> EngineManifest:
+    extra: dict[str, Any] = {}
+    with build_progress(enabled=progress) as bar:
+        if resolved.kind == "gguf":
+            from kiln.build.gguf import gguf_file_type, gguf_tensor_count, load_gguf, save_gguf_tokenizer
+
+            step = bar.step("dequantizing GGUF", gguf_tensor_count(resolved.path))
+            gguf = load_gguf(resolved.path, on_tensor=step)
+            hf, tensors, count = gguf.hf_config, gguf.tensors.items(), len(gguf.tensors)
+            tokenizer_files = save_gguf_tokenizer(resolved.path, out)
+            extra["gguf_file_type"] = gguf.file_type or gguf_file_type(resolved.path)
+            default_name = resolved.path.stem
+        else:
+            hf = read_hf_config(resolved.path)
+            tensors, count = iter_hf_tensors(resolved.path), hf_tensor_count(resolved.path)
+            tokenizer_files = _copy_tokenizer_files(resolved.path, out)
+            default_name = resolved.source if not Path(resolved.source).exists() else resolved.path.name
+        model = model_config_from_hf(hf, where=resolved.source)
+        _merge_generation_eos(model, out)
+        step = bar.step(f"packing weights ({dtype})", count)
+        sizes = _write_packed_weights(_counted(tensors, step), model, out, DTYPES[dtype], max_shard_bytes)
+
+    weight_files = {name: sha256_file(out / name) for name in sizes if name.endswith(".safetensors")}
+    for name in tokenizer_files:
+        sizes[name] = (out / name).stat().st_size
+    manifest = EngineManifest(
+        backend="native",
+        model=model,
+        dtype=dtype,
+        weight_files=weight_files,
+        limits=limits,
+        tokenizer_files=tokenizer_files,
+        file_sizes=sizes,
+        served_model_name=served_model_name or default_name,
+        source=resolved.source,
+        quantization=None,
+        extra=extra,
+    )
+    manifest.save(out)  # last: its presence marks the directory complete
+    return manifest
+
+
+def _copy_tokenizer_files(checkpoint_dir: Path, out: Path) -> list[str]:
+    present = [name for name in TOKENIZER_FILES if (checkpoint_dir / name).is_file()]
+    if not {"tokenizer.json", "tokenizer.model", "vocab.json"} & set(present):
+        raise CheckpointError(
+            f"{checkpoint_dir} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json)"
+        )
+    for name in present:
+        shutil.copyfile(checkpoint_dir / name, out / name)
+    return present
+
+
+def _merge_generation_eos(model: ModelConfig, out: Path) -> None:
+    """Add generation_config.json's eos ids (chat models list their end-of-turn token there)."""
+    path = out / "generation_config.json"
+    if not path.is_file():
+        return
+    try:
+        eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"generation_config.json is not valid JSON: {exc}") from exc
+    extra = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    model.eos_token_ids = list(dict.fromkeys([*model.eos_token_ids, *extra]))
+
+
+def _counted(items: Iterable[tuple[str, Any]], step: Callable[[], None]) -> Iterator[tuple[str, Any]]:
+    for item in items:
+        yield item
+        step()
+
+
+def _write_packed_weights(
+    tensors: Iterable[tuple[str, Any]],
+    model: ModelConfig,
+    out: Path,
+    dtype: Any,
+    max_shard_bytes: int,
+) -> dict[str, int]:
+    """Pack, convert and write the weights in shards; returns {file name: size} of the files written.
+
+    Checks the packed tensors against `expected_packed_shapes` so a checkpoint that does not fit its
+    own config fails here, at build time, not when the engine loads.
+    """
+    from safetensors.torch import save_file
+
+    from kiln.models.weights import expected_packed_shapes, pack_hf_state_dict
+
+    expected = expected_packed_shapes(model)
+    shard: dict[str, Any] = {}
+    shard_bytes = 0
+    shard_files: list[Path] = []
+    weight_map: dict[str, int] = {}  # tensor name -> shard number
+
+    def flush() -> None:
+        nonlocal shard, shard_bytes
+        path = out / f".shard-{len(shard_files):05d}.safetensors"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        shard_files.append(path)
+        shard, shard_bytes = {}, 0
+
+    for name, tensor in pack_hf_state_dict(tensors, model):
+        want = expected.pop(name, None)
+        if want is None:
+            raise CheckpointError(f"tensor {name!r} does not belong to this model's config")
+        if tuple(tensor.shape) != want:
+            raise CheckpointError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {want}"
+            )
+        converted = tensor.to(dtype).contiguous()
+        nbytes = converted.numel() * converted.element_size()
+        if shard and shard_bytes + nbytes > max_shard_bytes:
+            flush()
+        shard[name] = converted
+        shard_bytes += nbytes
+        weight_map[name] = len(shard_files)
+    if expected:
+        raise CheckpointError(f"checkpoint is missing tensors: {sorted(expected)[:8]}")
+    if shard:
+        flush()
+
+    total = len(shard_files)
+    names = (
+        [WEIGHTS_NAME]
+        if total == 1
+        else [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+    )
+    sizes: dict[str, int] = {}
+    for path, name in zip(shard_files, names, strict=True):
+        os.replace(path, out / name)
+        sizes[name] = (out / name).stat().st_size
+    if total > 1:
+        index = {
+            "metadata": {"total_size": sum(sizes.values())},
+            "weight_map": {tensor: names[i] for tensor, i in sorted(weight_map.items())},
+        }
+        (out / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        sizes[WEIGHTS_INDEX_NAME] = (out / WEIGHTS_INDEX_NAME).stat().st_size
+    return sizes
+
+
+def _move_into_place(staging: Path, output_dir: Path) -> None:
+    """Rename the finished staging dir to output_dir, replacing an old one only now that the new is whole."""
+    if not output_dir.exists():
+        os.replace(staging, output_dir)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+    os.replace(output_dir, retired / "engine")
+    os.replace(staging, output_dir)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+__all__ = ["MANIFEST_NAME", "build_engine", "build_tiny_engine"]
