@@ -1,0 +1,131 @@
+"""`create_app`: the FastAPI app serving one engine through the OpenAI API.
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}] (API key checked when
+keys are configured); GET /health (liveness: the process answers), GET /ready (readiness: 503 until
+the engine has started and once draining begins), GET /metrics (Prometheus), GET /version.
+
+Lifecycle: the app's lifespan starts the engine, marks the server ready, and on shutdown stops
+accepting work and (unless told otherwise) shuts the engine down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from kiln.engine.protocol import EngineClient
+from kiln.serve.admission import Admission
+from kiln.serve.auth import require_api_key
+from kiln.serve.chat import create_chat_completion
+from kiln.serve.completions import create_completion
+from kiln.serve.errors import install_error_handlers
+from kiln.serve.metrics import ServerMetrics
+from kiln.serve.middleware import RequestContextMiddleware
+from kiln.serve.protocol import ModelCard, ModelList
+from kiln.serve.settings import ServerSettings
+from kiln.serve.state import ServerState, server_state
+from kiln.version import __version__
+
+
+def _model_card(state: ServerState) -> ModelCard:
+    info = state.engine.model_info
+    return ModelCard(id=state.model_name, max_model_len=info.max_model_len, backend=info.backend)
+
+
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[_model_card(server_state(request))])
+
+
+async def get_model(model_id: str, request: Request) -> ModelCard:
+    state = server_state(request)
+    state.check_model(model_id)
+    return _model_card(state)
+
+
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+async def ready(request: Request) -> JSONResponse:
+    admission = server_state(request).admission
+    if admission.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    if not admission.ready:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+async def metrics(request: Request) -> Response:
+    body, content_type = server_state(request).metrics.render()
+    return Response(body, media_type=content_type)
+
+
+async def version(request: Request) -> dict[str, str]:
+    state = server_state(request)
+    info = state.engine.model_info
+    return {"version": __version__, "model": state.model_name, "backend": info.backend, "dtype": info.dtype}
+
+
+def create_app(engine: EngineClient, settings: ServerSettings, *, shutdown_engine: bool = True) -> FastAPI:
+    """Build the app for `engine`. `shutdown_engine=False` leaves the engine running when the app
+    stops (for an engine shared by several apps, as in tests)."""
+    admission = Admission(
+        max_waiting_requests=settings.max_waiting_requests,
+        max_waiting_tokens=settings.max_waiting_tokens,
+        retry_after_seconds=settings.retry_after_seconds,
+    )
+    server_metrics = ServerMetrics(engine.stats, lambda: admission.waiting_requests)
+    state = ServerState(
+        engine=engine,
+        settings=settings,
+        admission=admission,
+        metrics=server_metrics,
+        model_name=settings.served_model_name or engine.model_info.name,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        admission.ready = True
+        try:
+            yield
+        finally:
+            admission.draining = True
+            if shutdown_engine:
+                await engine.shutdown()
+
+    app = FastAPI(
+        title="Kiln",
+        version=__version__,
+        lifespan=lifespan,
+        max_body_size=settings.max_body_bytes,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.kiln = state
+    install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-Id", "Retry-After"],
+        )
+    app.add_middleware(RequestContextMiddleware, metrics=server_metrics)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+    v1.add_api_route("/chat/completions", create_chat_completion, methods=["POST"], response_model=None)
+    v1.add_api_route("/completions", create_completion, methods=["POST"], response_model=None)
+    v1.add_api_route("/models", list_models, methods=["GET"])
+    v1.add_api_route("/models/{model_id:path}", get_model, methods=["GET"])
+    app.include_router(v1)
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/ready", ready, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/version", version, methods=["GET"])
+    return app

@@ -1,0 +1,163 @@
+"""`POST /v1/completions`: the legacy text API — prompt(s) in, text out, stream or not.
+
+Rules:
+- `prompt` may be a string, a list of strings, token ids, or a list of token-id lists; prompt i's
+  choices have indices i*n .. i*n+n-1.
+- `echo` puts the prompt text before the completion (in the first chunk when streaming); token-id
+  prompts are echoed decoded. `echo` with `logprobs` is refused: the engine does not score prompts.
+- `logprobs: k` returns the legacy shape; `text_offset` counts characters of the returned text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request, Response
+
+from kiln.serve.errors import InvalidRequestError
+from kiln.serve.generation import Generation, Prompt
+from kiln.serve.logprobs import completion_logprobs, merge_completion_logprobs
+from kiln.serve.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from kiln.serve.sampling import check_token_ids, log_unknown_fields, resolve_max_tokens, to_sampling_params
+from kiln.serve.sse import ClientDisconnected, cancel_on_disconnect, sse_response
+from kiln.serve.state import ServerState, server_state
+from kiln.serve.usage import UsageCounter, token_text_fn
+
+
+def _prompts(body: CompletionRequest, tokenizer: object, vocab_size: int) -> list[Prompt]:
+    raw = body.prompt
+    if isinstance(raw, str):
+        items: list[str | list[int]] = [raw]
+    elif raw and all(isinstance(x, int) for x in raw):
+        items = [list(raw)]  # type: ignore[arg-type]
+    else:
+        items = list(raw)  # type: ignore[arg-type]
+    if not items:
+        raise InvalidRequestError("prompt must not be empty", param="prompt")
+    prompts = []
+    for item in items:
+        if isinstance(item, str):
+            prompts.append(Prompt(list(tokenizer.encode(item)), item))  # type: ignore[attr-defined]
+        else:
+            if not item:
+                raise InvalidRequestError("a tokenized prompt must not be empty", param="prompt")
+            check_token_ids(item, vocab_size=vocab_size, param="prompt")
+            prompts.append(Prompt(item, None))
+    return prompts
+
+
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    state = server_state(request)
+    request_id = f"cmpl-{request.state.request_id}"
+    state.admission.check_accepting()
+    state.check_model(body.model)
+    log_unknown_fields(body, request_id)
+    tokenizer = state.engine.tokenizer
+    if body.echo and body.logprobs is not None:
+        raise InvalidRequestError("echo with logprobs is not supported (prompt logprobs)", param="echo")
+    prompts = _prompts(body, tokenizer, tokenizer.vocab_size)
+    longest = max(len(p.token_ids) for p in prompts)
+    max_tokens = resolve_max_tokens(
+        body.max_tokens,
+        param="max_tokens",
+        prompt_tokens=longest,
+        max_model_len=state.engine.model_info.max_model_len,
+        prompt_param="prompt",
+    )
+    params = to_sampling_params(
+        body,
+        max_tokens=max_tokens,
+        logprobs=body.logprobs,
+        vocab_size=tokenizer.vocab_size,
+        logprobs_param="logprobs",
+    )
+    ticket = state.admission.admit(sum(len(p.token_ids) for p in prompts))
+    generation = Generation(
+        state,
+        request_id=request_id,
+        endpoint="completions",
+        prompts=prompts,
+        params=params,
+        priority=body.priority,
+        ticket=ticket,
+        stream=body.stream,
+    )
+    if body.stream:
+        chunks = _stream(generation, body, state)
+        return sse_response(chunks, settings=state.settings, request_id=request_id, on_close=ticket.release)
+    try:
+        result = await cancel_on_disconnect(request, _collect(generation, body, state))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    return Response(result.model_dump_json(), media_type="application/json")
+
+
+def _echo_text(prompt: Prompt, tokenizer: object) -> str:
+    return prompt.text if prompt.text is not None else tokenizer.decode(prompt.token_ids)  # type: ignore[attr-defined]
+
+
+async def _collect(generation: Generation, body: CompletionRequest, state: ServerState) -> CompletionResponse:
+    tokenizer = state.engine.tokenizer
+    token_text = token_text_fn(tokenizer)
+    n = body.n
+    count = len(generation.prompts) * n
+    texts = [_echo_text(generation.prompts[i // n], tokenizer) if body.echo else "" for i in range(count)]
+    logprobs = [CompletionLogprobs() for _ in range(count)]
+    offsets = [0] * count
+    choices = [CompletionChoice(index=i, text="") for i in range(count)]
+    usage = UsageCounter()
+    async for prompt_index, out in generation.outputs():
+        usage.add(out)
+        for c in out.outputs:
+            i = prompt_index * n + c.index
+            texts[i] += c.text
+            if body.logprobs is not None:
+                more, offsets[i] = completion_logprobs(
+                    c.token_ids, c.logprobs or [], body.logprobs, token_text, offsets[i]
+                )
+                merge_completion_logprobs(logprobs[i], more)
+            if c.finish_reason is not None:
+                choices[i].finish_reason, choices[i].stop_reason = c.finish_reason, c.stop_reason
+    for i, choice in enumerate(choices):
+        choice.text = texts[i]
+        choice.logprobs = logprobs[i] if body.logprobs is not None else None
+    return CompletionResponse(
+        id=generation.request_id, model=state.model_name, choices=choices, usage=usage.usage()
+    )
+
+
+async def _stream(generation: Generation, body: CompletionRequest, state: ServerState) -> AsyncIterator[str]:
+    tokenizer = state.engine.tokenizer
+    token_text = token_text_fn(tokenizer)
+    created = int(time.time())
+    n = body.n
+    offsets = [0] * (len(generation.prompts) * n)
+    exclude = None if body.include_usage else {"usage"}
+
+    def chunk(choice: CompletionChoice) -> str:
+        return CompletionResponse(
+            id=generation.request_id, created=created, model=state.model_name, choices=[choice]
+        ).model_dump_json(exclude=exclude)
+
+    if body.echo:
+        for i in range(len(offsets)):
+            yield chunk(CompletionChoice(index=i, text=_echo_text(generation.prompts[i // n], tokenizer)))
+    usage = UsageCounter()
+    async for prompt_index, out in generation.outputs():
+        usage.add(out)
+        for c in out.outputs:
+            i = prompt_index * n + c.index
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs, offsets[i] = completion_logprobs(
+                    c.token_ids, c.logprobs or [], body.logprobs, token_text, offsets[i]
+                )
+            if c.text or c.token_ids or c.finish_reason is not None:
+                yield chunk(
+                    CompletionChoice(index=i, text=c.text, logprobs=logprobs, finish_reason=c.finish_reason)
+                )
+    if body.include_usage:
+        yield CompletionResponse(
+            id=generation.request_id, created=created, model=state.model_name, choices=[], usage=usage.usage()
+        ).model_dump_json()

@@ -1,0 +1,147 @@
+"""Every error the server returns, as OpenAI error JSON: `{"error": {"message", "type", "param", "code"}}`.
+
+Rules:
+- Handlers raise an `APIError` subclass; this module is the only place that turns exceptions into
+  responses (`install_error_handlers`).
+- Validation errors (pydantic, or `SamplingParams.validate()`'s ValueError) are 400 with `param` set
+  to the offending field's dotted path; malformed JSON is 400 with code `invalid_json`.
+- Anything unexpected is 500 with the request id in the message and no stack trace for the client
+  (the trace goes to the server log).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kiln.serve.protocol import ErrorBody, ErrorResponse
+
+logger = logging.getLogger("kiln.serve")
+
+
+class APIError(Exception):
+    """An error the client is meant to see."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+        self.headers = headers
+
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(
+            error=ErrorBody(message=self.message, type=self.error_type, param=self.param, code=self.code)
+        )
+
+
+class InvalidRequestError(APIError):
+    status_code = 400
+
+
+class AuthenticationError(APIError):
+    status_code = 401
+    default_code = "invalid_api_key"
+
+
+class NotFoundError(APIError):
+    status_code = 404
+    default_code = "not_found"
+
+
+class OverloadedError(APIError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "queue_full"
+
+
+class UnavailableError(APIError):
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class InternalError(APIError):
+    status_code = 500
+    error_type = "server_error"
+    default_code = "internal_error"
+
+
+def request_id_of(request: Request) -> str:
+    return getattr(request.state, "request_id", None) or "unknown"
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body().to_dict(), status_code=error.status_code, headers=error.headers)
+
+
+# Union members show up in pydantic's error location as type names ("str", "list[int]", ...); they
+# say which alternative failed, not where in the request, so `param` leaves them out.
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _param_path(loc: tuple[int | str, ...]) -> str | None:
+    parts = [str(p) for p in loc[1:] if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p))]
+    return ".".join(parts) or None
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        detail = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
+        return InvalidRequestError(f"malformed JSON body: {detail}".rstrip(": "), code="invalid_json")
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = tuple(first.get("loc", ()))
+    param = _param_path(loc)
+    if first.get("type") == "missing" and param is None:
+        return InvalidRequestError("request body is required (JSON object)", code="invalid_json")
+    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    return InvalidRequestError(message, param=param, code="invalid_value")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every exception the app can raise to OpenAI error JSON."""
+
+    async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, APIError)
+        return error_response(exc)
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(validation_error(exc))
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette's own errors: unknown route (404), wrong method (405), body over the limit (413).
+        assert isinstance(exc, StarletteHTTPException)
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}"
+        error = APIError(message, code={404: "not_found", 413: "body_too_large"}.get(exc.status_code))
+        error.status_code = exc.status_code
+        return error_response(error)
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        request_id = request_id_of(request)
+        logger.error("request %s failed", request_id, exc_info=exc)
+        return error_response(
+            InternalError(f"internal server error (request id {request_id}); see the server log")
+        )
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)

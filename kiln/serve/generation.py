@@ -1,0 +1,185 @@
+"""`Generation`: one HTTP request's run through the engine, for the chat and completions handlers.
+
+Rules:
+- `outputs()` yields `(prompt_index, RequestOutput delta)` for every prompt of the request (a
+  completions request may batch several; each runs as its own engine request `<id>-<i>`).
+- However it ends — finished, client gone (the iterator is closed or cancelled), or failed — every
+  engine request that has not finished is closed and aborted, so its KV blocks return to the pool.
+  Cleanup awaits run shielded: an anyio cancel scope (sse-starlette's, on disconnect) would
+  otherwise cancel them too.
+- It owns the request's bookkeeping: the admission ticket, latency/token metrics, the log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from kiln.engine.outputs import RequestOutput
+from kiln.engine.sampling_params import SamplingParams
+from kiln.serve.admission import Ticket
+from kiln.serve.request_log import RequestRecord, log_request
+from kiln.serve.state import ServerState
+
+
+@dataclass(slots=True)
+class Prompt:
+    token_ids: list[int]
+    text: str | None = None  # the prompt as text, when the client sent text (echo, logs)
+
+
+class Generation:
+    def __init__(
+        self,
+        state: ServerState,
+        *,
+        request_id: str,
+        endpoint: str,
+        prompts: list[Prompt],
+        params: SamplingParams,
+        priority: int,
+        ticket: Ticket,
+        stream: bool,
+    ) -> None:
+        self.state = state
+        self.request_id = request_id
+        self.endpoint = endpoint
+        self.prompts = prompts
+        self.params = params
+        self.priority = priority
+        self.ticket = ticket
+        self.arrival = time.monotonic()
+        self.record = RequestRecord(
+            request_id=request_id,
+            endpoint=endpoint,
+            model=state.model_name,
+            stream=stream,
+            n=params.n,
+            prompt_tokens=sum(len(p.token_ids) for p in prompts),
+        )
+        self._log_text = state.settings.log_prompts
+        if self._log_text:
+            self.record.prompt = [p.text if p.text is not None else p.token_ids for p in prompts]
+            self.record.output = [""] * (len(prompts) * params.n)
+        self._last_output_time: dict[int, float] = {}
+        self._cached_tokens: dict[int, int] = {}
+        self._finish_reasons: list[str] = []
+
+    def sub_request_id(self, prompt_index: int) -> str:
+        return self.request_id if len(self.prompts) == 1 else f"{self.request_id}-{prompt_index}"
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        outcome = "cancelled"
+        source = self._one(0) if len(self.prompts) == 1 else self._merged()
+        try:
+            async for prompt_index, out in source:
+                self._observe(prompt_index, out)
+                yield prompt_index, out
+            outcome = self._outcome()
+        except (GeneratorExit, asyncio.CancelledError):
+            outcome = "cancelled"
+            raise
+        except Exception:
+            outcome = "error"
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await source.aclose()
+            self._finish(outcome)
+
+    async def _one(self, prompt_index: int) -> AsyncIterator[tuple[int, RequestOutput]]:
+        prompt = self.prompts[prompt_index]
+        request_id = self.sub_request_id(prompt_index)
+        stream = self.state.engine.generate(
+            prompt.token_ids, self.params, request_id, prompt=prompt.text, priority=self.priority
+        )
+        finished = False
+        try:
+            async for out in stream:
+                finished = out.finished
+                yield prompt_index, out
+        finally:
+            with anyio.CancelScope(shield=True):
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+                if not finished:
+                    await self.state.engine.abort(request_id)
+
+    async def _merged(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+        async def pump(prompt_index: int) -> None:
+            source = self._one(prompt_index)
+            try:
+                async for item in source:
+                    queue.put_nowait(("item", item))
+                queue.put_nowait(("done", None))
+            except Exception as exc:
+                queue.put_nowait(("error", exc))
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await source.aclose()
+
+        tasks = [asyncio.ensure_future(pump(i)) for i in range(len(self.prompts))]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                kind, value = await queue.get()
+                if kind == "item":
+                    yield value
+                elif kind == "done":
+                    remaining -= 1
+                else:
+                    raise value
+        finally:
+            for task in tasks:
+                task.cancel()
+            with anyio.CancelScope(shield=True), contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _observe(self, prompt_index: int, out: RequestOutput) -> None:
+        now = time.monotonic()
+        new_tokens = sum(len(c.token_ids) for c in out.outputs)
+        previous = self._last_output_time.get(prompt_index)
+        if self.record.ttft_seconds is None:
+            self.record.ttft_seconds = now - self.arrival
+            self.ticket.started()
+        if previous is not None:
+            self.state.metrics.observe_inter_token(now - previous, new_tokens)
+        self._last_output_time[prompt_index] = now
+        self.record.completion_tokens += new_tokens
+        self._cached_tokens[prompt_index] = out.num_cached_tokens
+        for c in out.outputs:
+            if c.finish_reason is not None:
+                self._finish_reasons.append(c.finish_reason)
+            if self._log_text and self.record.output is not None:
+                self.record.output[prompt_index * self.params.n + c.index] += c.text
+
+    def _outcome(self) -> str:
+        for reason in ("abort", "length"):
+            if reason in self._finish_reasons:
+                return reason
+        return "stop"
+
+    def _finish(self, outcome: str) -> None:
+        self.ticket.release()
+        record = self.record
+        record.outcome = outcome
+        record.e2e_seconds = time.monotonic() - self.arrival
+        record.cached_tokens = sum(self._cached_tokens.values())
+        self.state.metrics.observe_finished(
+            endpoint=self.endpoint,
+            outcome=outcome,
+            prompt_tokens=record.prompt_tokens,
+            generated_tokens=record.completion_tokens,
+            ttft=record.ttft_seconds,
+            e2e=record.e2e_seconds,
+        )
+        log_request(record, include_prompt=self._log_text)

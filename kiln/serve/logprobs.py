@@ -1,0 +1,83 @@
+"""Engine logprobs -> OpenAI's two logprob shapes.
+
+The engine gives, per generated token, `{token_id: Logprob}` holding the sampled token and the top-k
+alternatives (rank 1 = most likely). OpenAI wants:
+- chat: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}`
+- completions: `{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}`
+`top_logprobs` lists the `top_n` best-ranked entries, best first (the sampled token is among them
+only if it ranks there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kiln.engine.outputs import Logprob, TokenLogprobs
+from kiln.serve.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+
+# The server's token -> text function (Logprob.decoded when the engine filled it in).
+TokenText = Callable[[int], str]
+
+
+def _text(token_id: int, logprob: Logprob | None, token_text: TokenText) -> str:
+    if logprob is not None and logprob.decoded is not None:
+        return logprob.decoded
+    return token_text(token_id)
+
+
+def _top(entry: TokenLogprobs, top_n: int) -> list[tuple[int, Logprob]]:
+    return sorted(entry.items(), key=lambda item: item[1].rank)[:top_n]
+
+
+def _sampled_logprob(token_id: int, entry: TokenLogprobs) -> Logprob:
+    found = entry.get(token_id)
+    # An engine always includes the sampled token; a missing one is -inf rather than a crash.
+    return found if found is not None else Logprob(logprob=float("-inf"), rank=0)
+
+
+def chat_logprobs(
+    token_ids: list[int], entries: list[TokenLogprobs], top_n: int, token_text: TokenText
+) -> ChatLogprobs:
+    content = []
+    for token_id, entry in zip(token_ids, entries, strict=False):
+        sampled = _sampled_logprob(token_id, entry)
+        text = _text(token_id, sampled, token_text)
+        tops = [
+            TopLogprob(token=(t := _text(tid, lp, token_text)), logprob=lp.logprob, bytes=list(t.encode()))
+            for tid, lp in _top(entry, top_n)
+        ]
+        content.append(
+            ChatTokenLogprob(
+                token=text, logprob=sampled.logprob, bytes=list(text.encode()), top_logprobs=tops
+            )
+        )
+    return ChatLogprobs(content=content)
+
+
+def completion_logprobs(
+    token_ids: list[int],
+    entries: list[TokenLogprobs],
+    top_n: int,
+    token_text: TokenText,
+    text_offset: int,
+) -> tuple[CompletionLogprobs, int]:
+    """The legacy shape for these tokens, their text starting at `text_offset`; also the next offset."""
+    result = CompletionLogprobs()
+    for token_id, entry in zip(token_ids, entries, strict=False):
+        sampled = _sampled_logprob(token_id, entry)
+        text = _text(token_id, sampled, token_text)
+        result.tokens.append(text)
+        result.token_logprobs.append(sampled.logprob)
+        result.top_logprobs.append(
+            {_text(tid, lp, token_text): lp.logprob for tid, lp in _top(entry, top_n)} if top_n else None
+        )
+        result.text_offset.append(text_offset)
+        text_offset += len(text)
+    return result, text_offset
+
+
+def merge_completion_logprobs(into: CompletionLogprobs, more: CompletionLogprobs) -> None:
+    into.tokens.extend(more.tokens)
+    into.token_logprobs.extend(more.token_logprobs)
+    into.top_logprobs.extend(more.top_logprobs)
+    into.text_offset.extend(more.text_offset)

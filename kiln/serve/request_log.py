@@ -1,0 +1,49 @@
+"""One structured JSON log line per generation request (logger `kiln.request`, level INFO).
+
+Rules: the line always carries id, endpoint, token counts, timings and outcome; prompts and outputs
+appear only when `log_prompts` is set (they may hold personal data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger("kiln.request")
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    request_id: str
+    endpoint: str
+    model: str
+    stream: bool
+    n: int
+    prompt_tokens: int
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    outcome: str = "unknown"  # stop | length | abort | cancelled | error
+    ttft_seconds: float | None = None  # arrival -> first output
+    e2e_seconds: float = 0.0
+    prompt: Any = None
+    output: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def log_request(record: RequestRecord, *, include_prompt: bool) -> str:
+    """Emit the record as one JSON line and return the line (tests read it)."""
+    data = dataclasses.asdict(record)
+    if not include_prompt:
+        data.pop("prompt")
+        data.pop("output")
+    if not data["extra"]:
+        data.pop("extra")
+    for key in ("ttft_seconds", "e2e_seconds"):
+        if data[key] is not None:
+            data[key] = round(data[key], 6)
+    line = json.dumps({"event": "request", **data}, ensure_ascii=False, default=str)
+    logger.info(line)
+    return line

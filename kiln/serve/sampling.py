@@ -1,0 +1,125 @@
+"""Request fields -> `SamplingParams`, with the checks that need the model (context, vocabulary).
+
+Rules:
+- `max_tokens` omitted fills the context: max_model_len - prompt tokens.
+- prompt + max_tokens over max_model_len is a 400 that states both numbers (code
+  `context_length_exceeded`), as OpenAI does.
+- `SamplingParams.validate()` owns value ranges; its ValueError names the field first, which
+  becomes `param`.
+- `logit_bias` keys are token ids written as strings; token ids must be inside the vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from kiln.engine.sampling_params import SamplingParams
+from kiln.serve.errors import InvalidRequestError
+from kiln.serve.protocol import SamplingRequest
+
+logger = logging.getLogger("kiln.serve")
+
+
+def resolve_max_tokens(
+    requested: int | None, *, param: str, prompt_tokens: int, max_model_len: int, prompt_param: str
+) -> int:
+    room = max_model_len - prompt_tokens
+    if requested is None:
+        if room < 1:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {max_model_len} tokens, but the prompt has "
+                f"{prompt_tokens} tokens, which leaves no room for a completion.",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
+        return room
+    if requested < 1:
+        raise InvalidRequestError(f"{param} must be >= 1, got {requested}", param=param, code="invalid_value")
+    if requested > room:
+        raise InvalidRequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, {requested} for the "
+            f"completion). Please reduce the prompt or {param}.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    return requested
+
+
+def check_token_ids(token_ids: list[int], *, vocab_size: int, param: str) -> None:
+    for token_id in token_ids:
+        if not 0 <= token_id < vocab_size:
+            raise InvalidRequestError(
+                f"token id {token_id} is outside the vocabulary [0, {vocab_size})", param=param
+            )
+
+
+def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
+    if not raw:
+        return None
+    bias: dict[int, float] = {}
+    for key, value in raw.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise InvalidRequestError(
+                f"logit_bias keys must be token ids, got {key!r}", param="logit_bias"
+            ) from None
+        check_token_ids([token_id], vocab_size=vocab_size, param="logit_bias")
+        bias[token_id] = value
+    return bias
+
+
+_FIELDS = {
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "max_tokens",
+    "min_tokens",
+    "logprobs",
+    "logit_bias",
+}
+
+
+def to_sampling_params(
+    body: SamplingRequest, *, max_tokens: int, logprobs: int | None, vocab_size: int, logprobs_param: str
+) -> SamplingParams:
+    """Build the engine's params; any invalid value raises a 400 naming its field."""
+    check_token_ids(body.stop_token_ids or [], vocab_size=vocab_size, param="stop_token_ids")
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    try:
+        return SamplingParams(
+            n=body.n,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            # -1 is vLLM's spelling of "no top-k"; Kiln's Python API says None.
+            top_k=None if body.top_k in (None, -1) else body.top_k,
+            min_p=body.min_p or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            seed=body.seed,
+            max_tokens=max_tokens,
+            min_tokens=body.min_tokens,
+            stop=stop,
+            stop_token_ids=list(body.stop_token_ids or []),
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
+            logit_bias=_logit_bias(body.logit_bias, vocab_size),
+        )
+    except ValueError as exc:
+        field = str(exc).split(" ", 1)[0]
+        param = logprobs_param if field == "logprobs" else field
+        raise InvalidRequestError(str(exc), param=param if field in _FIELDS else None) from None
+
+
+def log_unknown_fields(body: SamplingRequest, request_id: str) -> None:
+    """Unknown fields are ignored, not rejected; say so once per request so a typo is findable."""
+    extra = sorted((body.model_extra or {}).keys())
+    if extra:
+        logger.info("request %s: ignoring unknown fields %s", request_id, extra)

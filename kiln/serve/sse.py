@@ -1,0 +1,98 @@
+"""Server-sent events in OpenAI's framing, through sse-starlette, and disconnect handling.
+
+Rules:
+- Each chunk is one `data: <json>` event; the stream ends with `data: [DONE]`.
+- An error after the stream has started cannot change the HTTP status any more: it is sent as one
+  `data: {"error": {...}}` event (what the openai client raises on), then `[DONE]`.
+- Keep-alive comments (`: keep-alive`) go out every `keepalive_interval_seconds`, so proxies keep a
+  stream that waits in the queue open.
+- A client that disconnects makes sse-starlette cancel the stream; the chunk iterator is closed, which
+  closes the engine request (see `Generation`).
+- On SIGTERM sse-starlette would cut streams at once; `shutdown_grace_period` lets them run for the
+  drain timeout instead.
+- Non-streaming requests are raced against the client's disconnect (`cancel_on_disconnect`), so a
+  client that gives up frees its engine request too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+from fastapi import Request
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.background import BackgroundTask
+
+from kiln.serve.errors import APIError, InternalError
+from kiln.serve.settings import ServerSettings
+
+logger = logging.getLogger("kiln.serve")
+
+T = TypeVar("T")
+
+
+def _keepalive() -> ServerSentEvent:
+    return ServerSentEvent(comment="keep-alive")
+
+
+async def _events(chunks: AsyncIterator[str], request_id: str) -> AsyncIterator[ServerSentEvent]:
+    async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+        try:
+            async for data in chunks:
+                yield ServerSentEvent(data=data)
+        except APIError as exc:
+            yield ServerSentEvent(data=exc.body().model_dump_json())
+        except Exception:
+            logger.exception("request %s failed mid-stream", request_id)
+            error = InternalError(f"internal server error (request id {request_id}); see the server log")
+            yield ServerSentEvent(data=error.body().model_dump_json())
+    yield ServerSentEvent(data="[DONE]")
+
+
+def sse_response(
+    chunks: AsyncIterator[str],
+    *,
+    settings: ServerSettings,
+    request_id: str,
+    on_close: Callable[[], None],
+) -> EventSourceResponse:
+    """Stream `chunks` (JSON strings) as OpenAI SSE; `on_close` runs once the response is done."""
+    return EventSourceResponse(
+        _events(chunks, request_id),
+        ping=settings.keepalive_interval_seconds,
+        ping_message_factory=_keepalive,
+        sep="\n",
+        headers={"X-Request-Id": request_id},
+        background=BackgroundTask(on_close),
+        shutdown_grace_period=settings.drain_timeout_seconds,
+    )
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its response was ready."""
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and raising ClientDisconnected) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def wait_disconnect() -> None:
+        # The body has been read, so the next ASGI message is the disconnect (or the end of the response).
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(wait_disconnect())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise ClientDisconnected
