@@ -1,0 +1,149 @@
+"""`Tokenizer`: the one wrapper Kiln uses around a Hugging Face tokenizer (encode, decode, chat template).
+
+Rules of the interface:
+- Loaded with `AutoTokenizer.from_pretrained` from a directory holding tokenizer files (an engine
+  directory and an HF checkpoint both do), or from a GGUF file (`path/to/model.gguf`, or a directory plus
+  `gguf_file=`), whose embedded tokenizer transformers converts.
+- `decode` never applies transformers' `clean_up_tokenization_spaces` (it rewrites " ." to "." for
+  word-piece tokenizers): with it, the text streamed delta by delta would differ from the final text.
+- `eos_token_ids` is the tokenizer's eos id followed by the ids `generation_config.json` lists (chat
+  models end turns with a token that is not the tokenizer's eos), without duplicates.
+- Thread safety: the server's event-loop thread and the engine's step thread may call any method at the
+  same time. Hugging Face fast tokenizers (Rust `tokenizers`) encode and decode without shared mutable
+  state, and transformers compiles a chat template once and then only renders it. Kiln never calls the
+  mutating methods (add_tokens, truncation/padding setters) after loading. Slow (pure Python)
+  tokenizers give no such promise, so loading one is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path, *, gguf_file: str | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        if gguf_file is None and path.is_file() and path.suffix == ".gguf":
+            path, gguf_file = path.parent, path.name
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        self.hf = AutoTokenizer.from_pretrained(str(path), **kwargs)
+        if not getattr(self.hf, "is_fast", False):
+            raise ValueError(
+                f"{path}: only fast (Rust) tokenizers are supported, got {type(self.hf).__name__}"
+            )
+        self._path = path
+        self._eos_token_ids = self._read_eos_token_ids(path)
+
+    @property
+    def name_or_path(self) -> str:
+        return str(self.hf.name_or_path)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer can produce, added tokens included. A model's embedding may
+        have more rows (padded for speed); those ids decode to nothing."""
+        return len(self.hf)
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        """Sorted ids of every special token: the named ones (bos, eos, pad, ...) and every added token
+        flagged special (e.g. <|im_start|>), which transformers' own list can leave out but
+        `decode(skip_special_tokens=True)` skips."""
+        ids = set(self.hf.all_special_ids)
+        ids.update(i for i, tok in self.hf.added_tokens_decoder.items() if tok.special)
+        return sorted(ids)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return list(self._eos_token_ids)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.hf.bos_token_id
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.hf.decode(
+            list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+        )
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return list(self.hf.convert_ids_to_tokens(list(ids)))
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of the conversation rendered with the tokenizer's chat template.
+
+        Raises ValueError when the tokenizer has no chat template, or a message holds a non-text part.
+        A message whose content is a list of OpenAI text parts has them joined with newlines.
+        """
+        ids = self.hf.apply_chat_template(
+            self._normalize(messages), add_generation_prompt=add_generation_prompt, tokenize=True
+        )
+        # transformers 5 returns a BatchEncoding by default, 4.x a plain list.
+        if isinstance(ids, Mapping):
+            ids = ids["input_ids"]
+        ids = list(ids)
+        if ids and isinstance(ids[0], list):  # a batch of one conversation
+            ids = ids[0]
+        return [int(i) for i in ids]
+
+    def render_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The prompt text `apply_chat_template` tokenizes (for logs and `RequestOutput.prompt`)."""
+        text = self.hf.apply_chat_template(
+            self._normalize(messages), add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+        return str(text)
+
+    def _normalize(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not self.has_chat_template:
+            raise ValueError(
+                f"the tokenizer of {self.name_or_path} has no chat template; send a plain completion "
+                "request (/v1/completions) or use a chat model"
+            )
+        return [{**m, "content": _content_text(m.get("content"))} for m in messages]
+
+    def _read_eos_token_ids(self, path: Path) -> list[int]:
+        ids: list[int] = []
+        if self.hf.eos_token_id is not None:
+            ids.append(int(self.hf.eos_token_id))
+        config = path / "generation_config.json"
+        if path.is_dir() and config.is_file():
+            eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token_id")
+            for token in [eos] if isinstance(eos, int) else (eos or []):
+                if int(token) not in ids:
+                    ids.append(int(token))
+        return ids
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name_or_path!r}, vocab_size={self.vocab_size})"
+
+
+def _content_text(content: Any) -> str:
+    """A message's content as text: a string as is, None as "", a list of text parts joined by newlines."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        if isinstance(part, str):
+            parts.append(part)
+        elif isinstance(part, Mapping) and part.get("type", "text") == "text":
+            parts.append(str(part.get("text", "")))
+        else:
+            kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+            raise ValueError(f"message content part of type {kind!r} is not supported; only text parts are")
+    return "\n".join(parts)
