@@ -105,16 +105,16 @@ def test_logprobs_zero_asks_for_one_and_needs_gathered_logits():
     assert kwargs(SamplingParams(logprobs=0))["logprobs"] == 1
     assert kwargs(SamplingParams(logprobs=5))["logprobs"] == 5
     no_logits = TrtLlmRequestLimits(128, 8, 100, [2], gather_generation_logits=False)
-    with pytest.raises(ValueError, match="^logprobs .*--trtllm-gather-logits"):
+    with pytest.raises(ValueError, match=r"^logprobs .*--trtllm-gather-logits"):
         kwargs(SamplingParams(logprobs=1), limits=no_logits)
 
 
 def test_refusals_name_the_field():
-    with pytest.raises(ValueError, match="^n "):
+    with pytest.raises(ValueError, match=r"^n "):
         kwargs(SamplingParams(n=9, temperature=1.0))
-    with pytest.raises(ValueError, match="^n > 1 with temperature 0"):
+    with pytest.raises(ValueError, match=r"^n > 1 with temperature 0"):
         kwargs(SamplingParams(n=2, temperature=0.0))
-    with pytest.raises(ValueError, match="^logit_bias"):
+    with pytest.raises(ValueError, match=r"^logit_bias"):
         kwargs(SamplingParams(logit_bias={100: 1.0}))
 
 
@@ -138,5 +138,5 @@ def test_make_params_refuses_keywords_the_library_lacks_naming_the_kiln_field():
         presence_penalty: float | None = None
 
     kw = {"max_tokens": 4, "presence_penalty": 0.5, "prompt_ignore_length": 3}
-    with pytest.raises(ValueError, match="^presence_penalty cannot be honoured"):
+    with pytest.raises(ValueError, match=r"^presence_penalty cannot be honoured"):
         make_trtllm_sampling_params(OldSamplingParams, kw, vocab_size=10)
