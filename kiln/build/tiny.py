@@ -185,7 +185,8 @@ def write_tiny_checkpoint(
         head_dim=hidden_size // num_attention_heads,
         max_position_embeddings=max_position_embeddings,
         rms_norm_eps=1e-6,
-        rope_scaling=rope_scaling,
+        # A copy: transformers adds rope_theta to the dict it is given, and the caller's is not ours.
+        rope_scaling=dict(rope_scaling) if rope_scaling is not None else None,
         tie_word_embeddings=tie_word_embeddings,
         initializer_range=INITIALIZER_RANGE,
         bos_token_id=BOS_TOKEN_ID,
