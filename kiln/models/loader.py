@@ -42,9 +42,7 @@ def load_model(
         manifest = EngineManifest.load(path)
         config = manifest.model
         dtype = dtype or DTYPES[canonical_dtype(manifest.dtype)]
-        weights: Iterator[tuple[str, torch.Tensor]] = _read_safetensors(
-            [path / name for name in manifest.weight_files]
-        )
+        weights: Iterator[tuple[str, torch.Tensor]] = _read_safetensors(manifest.weight_paths(path))
     else:
         hf_config = _read_hf_config(path)
         config = ModelConfig.from_hf(hf_config)

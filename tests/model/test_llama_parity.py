@@ -276,3 +276,19 @@ def test_load_model_reads_shards_in_a_chosen_dtype(tiny_gqa_dir: Path, tmp_path:
     confident = margin > 0.5
     assert confident.any()
     assert torch.equal(got.argmax(-1)[confident], want.argmax(-1)[confident])
+
+
+def test_engine_directory_loads_the_same_model(tiny_gqa_dir: Path, tmp_path: Path) -> None:
+    from kiln.build.native import build_engine
+
+    engine_dir = tmp_path / "engine"
+    build_engine(tiny_gqa_dir, engine_dir, dtype="float32", progress=False)
+    from_engine, config = load_model(engine_dir)
+    from_hf, _ = load_model(tiny_gqa_dir)
+    # The build also merges generation_config.json's eos ids into the config; the rest is the same.
+    engine_fields, hf_fields = config.to_dict(), from_hf.config.to_dict()
+    engine_fields.pop("eos_token_ids"), hf_fields.pop("eos_token_ids")
+    assert engine_fields == hf_fields
+    engine_params = dict(from_engine.named_parameters())
+    for name, param in from_hf.named_parameters():
+        assert torch.equal(engine_params[name], param), name
