@@ -1,0 +1,82 @@
+"""Run the app under uvicorn, with a graceful drain on SIGTERM / SIGINT.
+
+Drain, in order: the server stops accepting connections and new requests get 503 (readiness too);
+requests in flight — streams included — may run for `drain_timeout_seconds`; then the engine shuts
+down and the process exits 0. A second Ctrl-C forces the exit (uvicorn's rule).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+
+import uvicorn
+
+from kiln.engine.protocol import EngineClient
+from kiln.serve.admission import Admission
+from kiln.serve.app import create_app
+from kiln.serve.settings import ServerSettings
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's Server that also flips the app's drain flag when asked to exit."""
+
+    def __init__(self, config: uvicorn.Config, admission: Admission) -> None:
+        super().__init__(config)
+        self.admission = admission
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.admission.draining = True
+        super().handle_exit(sig, frame)
+
+
+def configure_logging(level: str) -> None:
+    """Kiln's logs to stderr; the per-request JSON lines bare, so log shippers can parse them."""
+    numeric = getattr(logging, level.upper())
+    kiln_logger = logging.getLogger("kiln")
+    if not kiln_logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        kiln_logger.addHandler(handler)
+    kiln_logger.setLevel(numeric)
+    request_logger = logging.getLogger("kiln.request")
+    if not request_logger.handlers:
+        bare = logging.StreamHandler(sys.stderr)
+        bare.setFormatter(logging.Formatter("%(message)s"))
+        request_logger.addHandler(bare)
+        request_logger.propagate = False
+
+
+def make_server(
+    engine: EngineClient, settings: ServerSettings, *, shutdown_engine: bool = True
+) -> DrainingServer:
+    """The uvicorn server for `engine` (not started): `.run()` blocks, `.serve()` is its coroutine."""
+    app = create_app(engine, settings, shutdown_engine=shutdown_engine)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        timeout_keep_alive=settings.keep_alive_timeout_seconds,
+        # A little past the streams' own grace period, so they end cleanly before uvicorn cancels tasks.
+        timeout_graceful_shutdown=int(settings.drain_timeout_seconds) + 1,
+        lifespan="on",
+    )
+    return DrainingServer(config, app.state.kiln.admission)
+
+
+def run_server(engine: EngineClient, settings: ServerSettings) -> None:
+    """Serve until SIGTERM/SIGINT, drain, and return (the caller then exits 0)."""
+    configure_logging(settings.log_level)
+    server = make_server(engine, settings)
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn re-raises the signal it caught once it has shut down, under the handler that was
+        # installed before it; with the default handler that kills the process (exit -15) after a
+        # perfectly clean drain. A no-op handler there makes the drained exit a normal return.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
+    server.run()
