@@ -1,16 +1,110 @@
 """Kernel dispatch: the model calls these names; each picks the Triton kernel on CUDA and the
 PyTorch reference (kiln.engine.kernels.reference) elsewhere.
 
-Rule: every function here has a reference with the same signature and semantics, and a GPU test
-comparing the two on random shapes (tests/gpu).
+Rules:
+- Every function here has a reference with the same signature and semantics, and a GPU test
+  comparing the two on random shapes (tests/gpu).
+- The choice follows the device of the first tensor argument, so CPU code never imports Triton.
+- KILN_KERNELS=reference forces the references on CUDA too (to compare or to bisect a bug);
+  read once at import.
+- `rotary_store_kv` is apply_rotary + store_kv in one launch on CUDA (and exactly those two
+  calls elsewhere); it returns only the rotated query, since attention reads keys from the cache.
 """
 
-from kiln.engine.kernels.reference import (
-    apply_rotary,
-    paged_attention,
-    rms_norm,
-    silu_and_mul,
-    store_kv,
-)
+from __future__ import annotations
 
-__all__ = ["apply_rotary", "paged_attention", "rms_norm", "silu_and_mul", "store_kv"]
+import functools
+import os
+from types import ModuleType
+
+import torch
+
+from kiln.engine.attention_metadata import AttentionMetadata
+from kiln.engine.kernels import reference
+
+_FORCE_REFERENCE = os.environ.get("KILN_KERNELS", "").lower() == "reference"
+
+
+@functools.cache
+def _triton(name: str) -> ModuleType:
+    import importlib
+
+    return importlib.import_module(f"kiln.engine.kernels.triton_{name}")
+
+
+def _use_triton(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda and not _FORCE_REFERENCE
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    if _use_triton(key):
+        return _triton("cache").store_kv(key, value, k_cache, v_cache, slot_mapping)
+    return reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    if _use_triton(query):
+        return _triton("attention").paged_attention(query, k_cache, v_cache, meta, scale)
+    return reference.paged_attention(query, k_cache, v_cache, meta, scale)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if _use_triton(x):
+        return _triton("norm").rms_norm(x, weight, eps, residual)
+    return reference.rms_norm(x, weight, eps, residual)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if _use_triton(x):
+        return _triton("activation").silu_and_mul(x)
+    return reference.silu_and_mul(x)
+
+
+def apply_rotary(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use_triton(query):
+        return _triton("cache").apply_rotary(positions, query, key, cos_sin_cache)
+    return reference.apply_rotary(positions, query, key, cos_sin_cache)
+
+
+def rotary_store_kv(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    if _use_triton(query):
+        return _triton("cache").rotary_store_kv(
+            positions, query, key, value, cos_sin_cache, k_cache, v_cache, slot_mapping
+        )
+    query, key = reference.apply_rotary(positions, query, key, cos_sin_cache)
+    reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
+    return query
+
+
+__all__ = ["apply_rotary", "paged_attention", "rms_norm", "rotary_store_kv", "silu_and_mul", "store_kv"]

@@ -1,0 +1,332 @@
+"""Paged attention in Triton: one kernel for prefill, chunked prefill and decode, split along the sequence.
+
+Rules (the same as `kiln.engine.kernels.reference.paged_attention`):
+- `query` is the ragged batch [T, num_heads, head_dim]; request i owns rows
+  query_start_loc[i]:query_start_loc[i+1] and its new tokens sit at positions seq_lens[i]-q_len_i ..
+  seq_lens[i]-1. Its keys and values (cached prefix and the new tokens, already stored) are read
+  straight from the paged caches [num_blocks, block_size, num_kv_heads, head_dim] through its block
+  table: nothing is gathered into contiguous memory.
+- Causal: the query at position p attends to keys 0..p.
+- Grouped-query attention: query head h reads KV head h // (num_heads // num_kv_heads).
+
+How the work is cut: a program owns one KV head and a tile of BLOCK_M rows, each row one (query
+token, query head of that KV head's group) pair, so the group's heads share every K/V load. For
+decode a tile is one token's whole group. Tiles never straddle requests; their owner is found by a
+binary search over `query_start_loc`, so the grid depends only on tensor shapes (CUDA-graph safe).
+Long contexts with few query tiles are split along the sequence into `num_splits` ranges whose
+partial results (output and log-sum-exp) a second kernel merges, so a batch-1 decode still fills
+the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.engine.attention_metadata import AttentionMetadata
+
+_LOG2E = 1.4426950408889634
+_NUM_SMS_CACHE: dict[int, int] = {}
+
+
+@triton.jit
+def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """The request owning global tile `tile`: request i's tiles start at query_start_loc[i] // BLOCK_Q + i."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if start <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    num_seqs,
+    scale_log2,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    NUM_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_P2: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq = _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    q_tile = tile - (q_start // BLOCK_Q + seq)
+    if q_tile * BLOCK_Q >= q_len:
+        return  # a spare program: the grid is sized for the worst case
+    kv_len = tl.load(seq_lens_ptr + seq)
+    context_len = kv_len - q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    q_tok = q_tile * BLOCK_Q + rows // GROUP_P2
+    head_in_group = rows % GROUP_P2
+    row_valid = (q_tok < q_len) & (head_in_group < GROUP) & (rows < BLOCK_Q * GROUP_P2)
+    head = kv_head * GROUP + head_in_group
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    d_valid = offs_d < HEAD_DIM
+
+    token = (q_start + q_tok).to(tl.int64)
+    q = tl.load(
+        q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    )
+    q_pos = context_len + q_tok  # absolute position of each row's query token
+
+    # Keys this tile may see: up to its last query's position; this split covers one slice of them.
+    last_tok = tl.minimum(q_tile * BLOCK_Q + BLOCK_Q, q_len) - 1
+    kv_end = context_len + last_tok + 1
+    split_len = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, kv_end)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P2], dtype=tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    k_head = k_cache_ptr + kv_head * stride_kh
+    v_head = v_cache_ptr + kv_head * stride_vh
+
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < hi
+        block_id = tl.load(table_row + offs_n // BLOCK_SIZE, mask=n_valid, other=0).to(tl.int64)
+        in_block = offs_n % BLOCK_SIZE
+        k = tl.load(
+            k_head + block_id[:, None] * stride_kb + in_block[:, None] * stride_ks + offs_d[None, :],
+            mask=n_valid[:, None] & d_valid[None, :],
+            other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(
+            v_head + block_id[:, None] * stride_vb + in_block[:, None] * stride_vs + offs_d[None, :],
+            mask=n_valid[:, None] & d_valid[None, :],
+            other=0.0,
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    store_mask = row_valid[:, None] & d_valid[None, :]
+    if NUM_SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(
+            out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=store_mask,
+        )
+    else:
+        # Partials are [T, num_heads, NUM_SPLITS, (HEAD_DIM_P2)] fp32; an empty split stores lse = -inf.
+        part_row = (token * NUM_HEADS + head) * NUM_SPLITS + split
+        safe_l = tl.where(l_i > 0, l_i, 1.0)
+        tl.store(
+            part_out_ptr + part_row[:, None] * HEAD_DIM_P2 + offs_d[None, :],
+            acc / safe_l[:, None],
+            mask=store_mask,
+        )
+        lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
+        tl.store(part_lse_ptr + part_row, lse, mask=row_valid)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    stride_ot,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    NUM_SPLITS_P2: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, NUM_SPLITS_P2)
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    base = (token * NUM_HEADS + head) * NUM_SPLITS
+    lse = tl.load(part_lse_ptr + base + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    weight = tl.exp2(lse - lse_max)  # padding tokens have no valid split: their output is never read
+    weight = weight / tl.sum(weight, axis=0)
+    parts = tl.load(
+        part_out_ptr + (base + offs_s[:, None]) * HEAD_DIM_P2 + offs_d[None, :],
+        mask=(offs_s[:, None] < NUM_SPLITS) & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    out = tl.sum(parts * weight[:, None], axis=0)
+    tl.store(
+        out_ptr + token * stride_ot + head * stride_oh + offs_d,
+        out.to(out_ptr.dtype.element_ty),
+        mask=offs_d < HEAD_DIM,
+    )
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # Triton's CPU interpreter (debugging): pretend to be an H100
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NUM_SMS_CACHE:
+        _NUM_SMS_CACHE[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _NUM_SMS_CACHE[index]
+
+
+def choose_num_splits(num_tiles: int, num_kv_heads: int, max_kv_len: int, num_sms: int) -> int:
+    """How many sequence slices to cut each tile's keys into.
+
+    Split only when the tiles alone leave the GPU under-filled (fewer than two programs per SM) and
+    each slice would still hold at least 256 keys; at most 16 slices.
+    """
+    programs = num_tiles * num_kv_heads
+    if programs >= 2 * num_sms:
+        return 1
+    wanted = triton.cdiv(2 * num_sms, max(programs, 1))
+    by_length = max_kv_len // 256
+    return int(max(1, min(wanted, by_length, 16)))
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Attention of the ragged `query` [T, H, D] over the paged caches; returns [T, H, D] in query's dtype.
+
+    `num_splits` fixes the sequence split (CUDA-graph capture wants one value per graph); None picks
+    it from the batch shape. Rows of padding tokens (beyond query_start_loc[-1]) are zeros, as in the
+    reference; the zeroing follows the host copy of query_start_loc, so a replayed CUDA graph leaves
+    a different number of padding rows unspecified (nothing reads them).
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    block_size = k_cache.shape[1]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads do not divide into {num_kv_heads} KV heads")
+    if query.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("paged_attention needs the head dimension contiguous")
+    group = num_heads // num_kv_heads
+    group_p2 = triton.next_power_of_2(group)
+    head_dim_p2 = triton.next_power_of_2(head_dim)
+    num_seqs = meta.num_seqs
+    out = torch.empty_like(query)
+    num_real_tokens = meta.query_start_loc_cpu[-1] if num_seqs else 0
+    if num_real_tokens < num_tokens:
+        out[num_real_tokens:].zero_()
+    if num_seqs == 0 or num_tokens == 0:
+        return out
+
+    if meta.max_query_len == 1:
+        block_q = 1
+        block_n = 64 if head_dim_p2 <= 128 else 32
+    else:
+        block_q = max(1, 64 // group_p2) if head_dim_p2 <= 128 else max(1, 32 // group_p2)
+        block_n = 64 if head_dim_p2 <= 128 else 32
+    block_m = max(16, block_q * group_p2)
+    num_tiles = num_tokens // block_q + num_seqs  # an upper bound on every request's ceil(q_len / block_q)
+    if num_splits is None:
+        real_tiles = num_seqs if meta.max_query_len == 1 else num_tiles
+        num_splits = choose_num_splits(real_tiles, num_kv_heads, meta.max_seq_len, _num_sms(query.device))
+    if num_splits > 1:
+        part_out = torch.empty(
+            (num_tokens, num_heads, num_splits, head_dim_p2), dtype=torch.float32, device=query.device
+        )
+        part_lse = torch.empty((num_tokens, num_heads, num_splits), dtype=torch.float32, device=query.device)
+    else:
+        part_out = part_lse = out  # unused by the kernel when NUM_SPLITS == 1
+
+    _paged_attention_kernel[(num_tiles, num_kv_heads, num_splits)](
+        query,
+        k_cache,
+        v_cache,
+        out,
+        part_out,
+        part_lse,
+        meta.query_start_loc,
+        meta.seq_lens,
+        meta.block_tables,
+        num_seqs,
+        scale * _LOG2E,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        meta.block_tables.stride(0),
+        NUM_HEADS=num_heads,
+        GROUP=group,
+        GROUP_P2=group_p2,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_P2=head_dim_p2,
+        BLOCK_SIZE=block_size,
+        BLOCK_Q=block_q,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        num_warps=4,
+        num_stages=2,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            part_out,
+            part_lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim,
+            HEAD_DIM_P2=head_dim_p2,
+            NUM_SPLITS=num_splits,
+            NUM_SPLITS_P2=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
+    return out

@@ -1,0 +1,109 @@
+"""Shared pieces of the GPU kernel tests: the kernel device, error measure and random paged batches."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from kiln.engine.attention_metadata import AttentionMetadata
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Triton 3.6's CPU interpreter truncates float32 -> bf16 (GPUs round to nearest) and miscomputes bf16
+# tl.dot, so bf16 is checked on a real GPU only.
+DTYPES = [
+    torch.float16,
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(INTERPRET, reason="bf16 is checked on a GPU only")),
+]
+
+
+def kernel_device() -> torch.device | None:
+    """CUDA when present; the CPU under Triton's interpreter; otherwise None (the tests skip)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if INTERPRET:
+        return torch.device("cpu")
+    return None
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64 (NaN anywhere gives NaN, which fails every bound)."""
+    out64, ref64 = out.double(), ref.double()
+    return ((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30)).item()
+
+
+@dataclass(slots=True)
+class PagedBatch:
+    query: torch.Tensor  # [T, Hq, D]
+    key: torch.Tensor  # [T, Hkv, D] the new tokens' keys (already stored in k_cache)
+    value: torch.Tensor
+    k_cache: torch.Tensor  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor
+    meta: AttentionMetadata
+
+
+def make_paged_batch(
+    q_lens: list[int],
+    context_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+    num_padding_tokens: int = 0,
+) -> PagedBatch:
+    """A ragged batch whose requests own shuffled, non-contiguous cache blocks filled with random K/V.
+
+    Request i has context_lens[i] cached tokens and q_lens[i] new ones (seq_len = their sum); the
+    new tokens' K/V are written into the cache too, as the model does before attention. Block 0
+    is never owned (block tables are padded with 0, so reading it by mistake shows up as an error),
+    and `num_padding_tokens` rows with slot -1 are appended to the query.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [c + q for c, q in zip(context_lens, q_lens, strict=True)]
+    blocks_per_seq = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 1
+    order = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    tables = torch.zeros(len(seq_lens), max(blocks_per_seq), dtype=torch.int32)
+    slots: list[int] = []
+    used = 0
+    for i, n in enumerate(blocks_per_seq):
+        own = order[used : used + n]
+        used += n
+        tables[i, :n] = torch.tensor(own, dtype=torch.int32)
+        for pos in range(context_lens[i], seq_lens[i]):
+            slots.append(own[pos // block_size] * block_size + pos % block_size)
+    slots += [-1] * num_padding_tokens
+    num_tokens = len(slots)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype).to(device)
+
+    k_cache = randn(num_blocks, block_size, num_kv_heads, head_dim)
+    v_cache = randn(num_blocks, block_size, num_kv_heads, head_dim)
+    query = randn(num_tokens, num_heads, head_dim)
+    key = randn(num_tokens, num_kv_heads, head_dim)
+    value = randn(num_tokens, num_kv_heads, head_dim)
+    slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
+    real = slot_mapping >= 0
+    k_cache.view(-1, num_kv_heads, head_dim)[slot_mapping[real]] = key[real]
+    v_cache.view(-1, num_kv_heads, head_dim)[slot_mapping[real]] = value[real]
+    starts = [0]
+    for q_len in q_lens:
+        starts.append(starts[-1] + q_len)
+    meta = AttentionMetadata(
+        slot_mapping=slot_mapping,
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=tables.to(device),
+        max_query_len=max(q_lens),
+        max_seq_len=max(seq_lens),
+        query_start_loc_cpu=starts,
+        seq_lens_cpu=seq_lens,
+        block_size=block_size,
+    )
+    return PagedBatch(query, key, value, k_cache, v_cache, meta)

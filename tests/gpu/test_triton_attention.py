@@ -1,0 +1,101 @@
+"""Triton paged attention against the PyTorch reference: decode (split and unsplit), prefill,
+chunked prefill over cached prefixes, mixed batches, GQA, block sizes, fp16 and bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_cases import DTYPES, INTERPRET, make_paged_batch, rel_error
+
+from kiln.engine.kernels import reference
+
+pytestmark = pytest.mark.gpu
+
+# Relative Frobenius error bounds: the kernel rounds probabilities to the input dtype before P @ V.
+BOUNDS = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+HEAD_SHAPES = [(64, 1), (64, 4), (64, 8), (128, 1), (128, 4), (128, 8)]  # (head_dim, query heads per KV head)
+
+
+def _triton_attention():
+    from kiln.engine.kernels import triton_attention
+
+    return triton_attention
+
+
+def _check(batch, dtype, num_splits=None):
+    head_dim = batch.query.shape[-1]
+    scale = head_dim**-0.5
+    out = _triton_attention().paged_attention(
+        batch.query, batch.k_cache, batch.v_cache, batch.meta, scale, num_splits=num_splits
+    )
+    ref = reference.paged_attention(batch.query, batch.k_cache, batch.v_cache, batch.meta, scale)
+    assert out.dtype == batch.query.dtype and out.shape == batch.query.shape
+    err = rel_error(out, ref)
+    assert err < BOUNDS[dtype], f"relative error {err:.2e}"
+    return out
+
+
+def _long(n: int) -> int:
+    return min(n, 300) if INTERPRET else n
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize(("head_dim", "group"), HEAD_SHAPES)
+def test_decode_long_contexts(device, head_dim, group, block_size, dtype):
+    num_kv_heads = 2 if group == 8 else 4
+    contexts = [_long(4100), 0, 37, _long(1999), 16, _long(777)]
+    batch = make_paged_batch(
+        [1] * len(contexts), contexts, num_kv_heads * group, num_kv_heads, head_dim, block_size, dtype, device
+    )
+    _check(batch, dtype)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_batch_one_every_split_count(device, num_splits, dtype):
+    # Batch 1 is where the split pays; every count must give the same answer as no split.
+    batch = make_paged_batch([1], [_long(6000)], 32, 8, 128, 16, dtype, device, seed=1)
+    _check(batch, dtype, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize(("head_dim", "group"), HEAD_SHAPES)
+def test_prefill_chunks_and_decodes_mixed(device, head_dim, group, block_size, dtype):
+    # Full prefills, chunks after a cached prefix (aligned and not), and decodes in one ragged step.
+    q_lens = [37, 64, 5, 1, 130, 1]
+    contexts = [0, 96, 40, _long(1500), 17, 0]
+    num_kv_heads = 2
+    batch = make_paged_batch(
+        q_lens, contexts, num_kv_heads * group, num_kv_heads, head_dim, block_size, dtype, device, seed=2
+    )
+    _check(batch, dtype)
+
+
+@pytest.mark.parametrize(("head_dim", "group"), [(64, 4), (128, 8)])
+def test_block_size_one(device, head_dim, group):
+    batch = make_paged_batch([9, 1, 1], [3, 50, 0], 2 * group, 2, head_dim, 1, torch.float16, device, seed=3)
+    _check(batch, torch.float16)
+
+
+def test_long_prefill_split(device):
+    # A long chunk attending to a long prefix, forced through the split path too.
+    batch = make_paged_batch([_long(700)], [_long(2000)], 8, 2, 128, 16, torch.bfloat16, device, seed=4)
+    unsplit = _check(batch, torch.bfloat16, num_splits=1)
+    split = _check(batch, torch.bfloat16, num_splits=4)
+    assert rel_error(split, unsplit) < 1e-2
+
+
+def test_padding_rows_are_zero_and_caches_untouched(device):
+    batch = make_paged_batch([3, 1], [5, 20], 8, 2, 64, 16, torch.float16, device, num_padding_tokens=4)
+    k_before, v_before = batch.k_cache.clone(), batch.v_cache.clone()
+    out = _check(batch, torch.float16)
+    assert torch.equal(out[4:], torch.zeros_like(out[4:]))
+    assert torch.equal(batch.k_cache, k_before) and torch.equal(batch.v_cache, v_before)
+
+
+def test_odd_head_dim_and_group(device):
+    # Not a Llama shape, but the masks must hold: head_dim 96 (padded to 128), 3 query heads per KV head.
+    batch = make_paged_batch([4, 1], [10, 70], 6, 2, 96, 16, torch.float16, device, seed=5)
+    _check(batch, torch.float16)
