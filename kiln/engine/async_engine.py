@@ -1,0 +1,189 @@
+"""`AsyncEngine`: the native engine behind the `EngineClient` interface.
+
+The step loop runs on one background thread (torch releases the GIL while it computes, so the
+event loop stays responsive). Callers talk to it through a command queue; outputs come back to each
+request's asyncio.Queue through `loop.call_soon_threadsafe`. Only the step thread touches the
+`LLMEngine`, so it needs no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kiln.engine.llm_engine import LLMEngine
+from kiln.engine.options import EngineOptions
+from kiln.engine.outputs import RequestOutput
+from kiln.engine.protocol import EngineStats, ModelInfo
+from kiln.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop failed; the request could not be completed."""
+
+
+@dataclass(slots=True)
+class _Add:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int
+    sink: Callable[[RequestOutput | BaseException], None]
+
+
+@dataclass(slots=True)
+class _Abort:
+    request_id: str
+    done: Callable[[], None]
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._sinks: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._stats = engine.stats()
+
+    @classmethod
+    def from_path(cls, path: str | Path, options: EngineOptions | None = None) -> AsyncEngine:
+        return cls(LLMEngine.from_path(path, options))
+
+    # -- EngineClient ---------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self.engine.model_info
+
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    async def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
+            self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Abort whatever is still running and stop the step thread."""
+        if self._thread is None:
+            return
+        self._stopping = True
+        self._commands.put(None)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        *,
+        prompt: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        self.engine.validate(prompt_token_ids, params)  # raises before anything is queued
+        if request_id in self._sinks:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        await self.start()
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+        def sink(item: RequestOutput | BaseException) -> None:
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
+
+        self._sinks[request_id] = sink
+        self._commands.put(_Add(request_id, prompt, list(prompt_token_ids), params, priority, sink))
+        finished = False
+        try:
+            while True:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            # Closed early (client gone, task cancelled) or failed: give the blocks back now.
+            if not finished:
+                await self.abort(request_id)
+            self._sinks.pop(request_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request; returns once its KV blocks are back in the pool (within one step)."""
+        if self._thread is None or not self._thread.is_alive():
+            return
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        self._commands.put(_Abort(request_id, lambda: loop.call_soon_threadsafe(done.set)))
+        await done.wait()
+
+    # -- the step thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            # Block while idle; otherwise take whatever commands arrived during the last step.
+            block = not engine.has_unfinished_requests()
+            try:
+                while True:
+                    command = self._commands.get(block=block)
+                    block = False
+                    if command is None:
+                        self._abort_all(EngineDeadError("the engine is shutting down"))
+                        self._stats = engine.stats()
+                        return
+                    self._apply(command)
+            except queue.Empty:
+                pass
+            if not engine.has_unfinished_requests():
+                self._stats = engine.stats()
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as exc:  # one bad step must not leave requests hanging or blocks leaked
+                logger.exception("engine step failed; aborting the requests in flight")
+                self._abort_all(EngineDeadError(f"engine step failed: {exc!r}"))
+                continue
+            self._stats = engine.stats()
+            for output in outputs:
+                sink = self._sinks.get(output.request_id)
+                if sink is not None:
+                    sink(output)
+
+    def _apply(self, command: _Add | _Abort) -> None:
+        if isinstance(command, _Abort):
+            self.engine.abort_request(command.request_id)
+            self._stats = self.engine.stats()
+            command.done()
+            return
+        try:
+            self.engine.add_request(
+                command.request_id,
+                command.prompt,
+                command.params,
+                prompt_token_ids=command.prompt_token_ids,
+                priority=command.priority,
+            )
+        except Exception as exc:
+            command.sink(exc)
+
+    def _abort_all(self, error: BaseException) -> None:
+        for request_id in list(self.engine.outputs.request_ids()):
+            self.engine.abort_request(request_id)
+            sink = self._sinks.get(request_id)
+            if sink is not None:
+                sink(error)

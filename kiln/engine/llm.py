@@ -1,0 +1,98 @@
+"""`LLM`: offline batch generation, shaped like vLLM's `LLM` class."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kiln.engine.llm_engine import LLMEngine
+from kiln.engine.options import EngineOptions
+from kiln.engine.outputs import CompletionOutput, RequestOutput
+from kiln.engine.sampling_params import SamplingParams
+
+Prompt = str | dict[str, Any]  # "text" or {"prompt_token_ids": [...]} (vLLM's TokensPrompt)
+
+
+class LLM:
+    """Load a model and generate for a batch of prompts, all run together with in-flight batching.
+
+    `model`: an engine directory, a Hugging Face checkpoint directory, or None for the embedded default
+    model (built once into the cache). Keyword arguments are `EngineOptions` fields.
+    """
+
+    def __init__(self, model: str | Path | None = None, **options: Any) -> None:
+        if model is None:
+            from kiln.build.default_model import ensure_default_engine
+
+            model = ensure_default_engine()
+        self.engine = LLMEngine.from_path(model, EngineOptions(**options))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """One finished `RequestOutput` per prompt, in order, each completion holding its whole text."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params_list = (
+            list(sampling_params)
+            if isinstance(sampling_params, Sequence)
+            else [sampling_params or SamplingParams()] * len(prompts)
+        )
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        ids = []
+        for prompt, params in zip(prompts, params_list, strict=True):
+            if isinstance(prompt, dict):
+                if "prompt_token_ids" not in prompt:
+                    raise ValueError("a dict prompt needs 'prompt_token_ids'")
+                ids.append(
+                    self.engine.add_request(
+                        None, prompt.get("prompt"), params, prompt_token_ids=list(prompt["prompt_token_ids"])
+                    )
+                )
+            else:
+                ids.append(self.engine.add_request(None, prompt, params))
+        results = {rid: None for rid in ids}
+        while self.engine.has_unfinished_requests():
+            for delta in self.engine.step():
+                results[delta.request_id] = accumulate(results[delta.request_id], delta)
+        return [results[rid] for rid in ids]
+
+    def chat(
+        self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None
+    ) -> RequestOutput:
+        """Generate one reply to a conversation, formatted with the tokenizer's chat template."""
+        token_ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.generate({"prompt_token_ids": token_ids}, sampling_params)[0]
+
+
+def accumulate(total: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """Fold a step's delta into the running whole of a request's output."""
+    if total is None:
+        total = dataclasses.replace(delta, outputs=[])
+    by_index = {c.index: c for c in total.outputs}
+    for piece in delta.outputs:
+        whole = by_index.get(piece.index)
+        if whole is None:
+            whole = CompletionOutput(index=piece.index, logprobs=[] if piece.logprobs is not None else None)
+            by_index[piece.index] = whole
+        whole.text += piece.text
+        whole.token_ids.extend(piece.token_ids)
+        if piece.logprobs is not None and whole.logprobs is not None:
+            whole.logprobs.extend(piece.logprobs)
+        whole.cumulative_logprob = piece.cumulative_logprob
+        whole.finish_reason = piece.finish_reason
+        whole.stop_reason = piece.stop_reason
+    total.outputs = [by_index[i] for i in sorted(by_index)]
+    total.finished = delta.finished
+    total.metrics = delta.metrics
+    total.num_cached_tokens = delta.num_cached_tokens
+    return total

@@ -1,0 +1,245 @@
+"""`LLMEngine`: the synchronous engine. One `step()` = schedule, run the model, process outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from kiln.config import DTYPES, EngineLimits, ModelConfig, canonical_dtype
+from kiln.engine.model_runner import ModelRunner
+from kiln.engine.options import EngineOptions
+from kiln.engine.output_processor import OutputProcessor
+from kiln.engine.outputs import RequestOutput
+from kiln.engine.protocol import EngineStats, ModelInfo
+from kiln.engine.request import Request, RequestStatus
+from kiln.engine.sampling_params import SamplingParams
+from kiln.engine.scheduler import Scheduler, SchedulerConfig
+from kiln.kvcache.manager import KVCacheManager
+from kiln.kvcache.tensors import allocate_kv_cache, num_blocks_for_budget
+from kiln.models.llama import LlamaForCausalLM
+from kiln.models.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+CPU_KV_BUDGET_BYTES = 1 << 30
+
+
+class LLMEngine:
+    """Rules: `add_request` validates and raises ValueError before anything is queued; `step` returns the
+    deltas of every request that produced tokens; `abort_request` frees the request's blocks at once."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        model_config: ModelConfig,
+        tokenizer: Tokenizer,
+        *,
+        limits: EngineLimits | None = None,
+        options: EngineOptions | None = None,
+        model_name: str = "model",
+        dtype: str = "float32",
+        engine_dir: str | None = None,
+    ) -> None:
+        options = options or EngineOptions()
+        limits = limits or EngineLimits()
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.dtype = dtype
+        block_size = options.block_size or limits.block_size
+        self.max_model_len = min(
+            options.max_model_len or limits.resolved_max_seq_len(model_config),
+            model_config.max_position_embeddings,
+        )
+        max_num_seqs = options.max_num_seqs or limits.max_batch_size
+        max_tokens_per_step = options.max_num_batched_tokens or limits.max_num_tokens
+        blocks_per_seq = -(-self.max_model_len // block_size)
+        num_blocks = options.num_kv_blocks or self._num_blocks_from_memory(
+            options, block_size, cap=max_num_seqs * blocks_per_seq
+        )
+        if num_blocks < blocks_per_seq:
+            # Allowed (tests force preemption this way), but then a request may not use the whole context.
+            self.max_model_len = num_blocks * block_size
+        kv_dtype = DTYPES[dtype]
+        self.kv_cache = KVCacheManager(
+            num_blocks, block_size, enable_prefix_caching=options.enable_prefix_caching, hash_salt=model_name
+        )
+        kv_tensors = allocate_kv_cache(model_config, num_blocks, block_size, kv_dtype, self.device)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_tokens_per_step,
+                max_model_len=self.max_model_len,
+            ),
+            self.kv_cache,
+        )
+        self.runner = ModelRunner(model, kv_tensors, block_size, self.device, model_config.vocab_size)
+        self.outputs = OutputProcessor(tokenizer)
+        eos = list(model_config.eos_token_ids) + list(tokenizer.eos_token_ids)
+        self.eos_token_ids = tuple(dict.fromkeys(eos))
+        self.model_info = ModelInfo(
+            name=model_name,
+            backend="native",
+            max_model_len=self.max_model_len,
+            dtype=dtype,
+            engine_dir=engine_dir,
+            extra={"num_kv_blocks": num_blocks, "block_size": block_size, "device": str(self.device)},
+        )
+        self._ids = itertools.count()
+        torch.manual_seed(options.seed)
+
+    @classmethod
+    def from_path(cls, path: str | Path, options: EngineOptions | None = None) -> LLMEngine:
+        """Load an engine directory (engine.json) or a Hugging Face checkpoint directory."""
+        from kiln.build.manifest import EngineManifest, is_engine_dir
+        from kiln.models.loader import load_model
+
+        options = options or EngineOptions()
+        path = Path(path)
+        device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        limits: EngineLimits | None = None
+        name = options.served_model_name or path.name
+        if is_engine_dir(path):
+            manifest = EngineManifest.load(path)
+            if manifest.backend != "native":
+                raise ValueError(f"{path} holds a {manifest.backend!r} engine; open it with kiln.engine.open")
+            dtype = canonical_dtype(options.dtype or manifest.dtype)
+            limits = manifest.limits
+            name = options.served_model_name or manifest.served_model_name
+        else:
+            dtype = canonical_dtype(options.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+        model, config = load_model(path, dtype=DTYPES[dtype], device=device)
+        tokenizer = Tokenizer(path)
+        return cls(
+            model,
+            config,
+            tokenizer,
+            limits=limits,
+            options=options,
+            model_name=name,
+            dtype=dtype,
+            engine_dir=str(path),
+        )
+
+    # -- requests ------------------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        n_prompt = len(prompt_token_ids)
+        if n_prompt >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {n_prompt} tokens; this model's context is {self.max_model_len} tokens, "
+                "which must also hold at least one generated token"
+            )
+        if params.max_tokens is not None and n_prompt + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({n_prompt} tokens) plus max_tokens ({params.max_tokens}) exceeds the context "
+                f"length of {self.max_model_len} tokens"
+            )
+        for tid in list(params.logit_bias or {}) + list(params.stop_token_ids):
+            if not 0 <= tid < vocab:
+                raise ValueError(f"token id {tid} is out of range [0, {vocab})")
+
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt: str | list[int] | None = None,
+        params: SamplingParams | None = None,
+        *,
+        prompt_token_ids: list[int] | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> str:
+        params = params or SamplingParams()
+        if isinstance(prompt, list):
+            prompt, prompt_token_ids = None, prompt
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("give a prompt or prompt_token_ids")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        self.validate(prompt_token_ids, params)
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.outputs:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        max_out = self.max_model_len - len(prompt_token_ids)
+        if params.max_tokens is not None:
+            max_out = min(max_out, params.max_tokens)
+        sequences: list[Request] = []
+        for index in range(params.n):
+            seq_params = params
+            if params.n > 1:
+                seed = None if params.seed is None else params.seed + index
+                seq_params = dataclasses.replace(params, n=1, seed=seed)
+            sequences.append(
+                Request(
+                    request_id=request_id if params.n == 1 else f"{request_id}#{index}",
+                    prompt_token_ids=list(prompt_token_ids),
+                    params=seq_params,
+                    eos_token_ids=self.eos_token_ids,
+                    max_output_tokens=max_out,
+                    arrival_time=arrival,
+                    priority=priority,
+                    group_id=request_id,
+                    index=index,
+                    wait_for=sequences[0] if index else None,
+                )
+            )
+        self.outputs.add(request_id, prompt, sequences)
+        for seq in sequences:
+            self.scheduler.add_request(seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        """Abort a caller request (all its n sequences); blocks are back in the pool when this returns."""
+        self.scheduler.finish_requests(self.outputs.remove(request_id), RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # -- the step ------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        sampled = self.runner.execute(scheduled)
+        outputs, stopped = self.outputs.process(self.scheduler.update(scheduled, sampled.token_ids), sampled)
+        self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        return outputs
+
+    def stats(self) -> EngineStats:
+        kv = self.kv_cache.stats()
+        waiting = self.scheduler.waiting
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(waiting),
+            num_waiting_tokens=sum(r.num_tokens - r.num_computed_tokens for r in waiting),
+            kv_blocks_total=kv.num_blocks,
+            kv_blocks_used=kv.num_used_blocks,
+            prefix_cache_queries=kv.prefix_queries,
+            prefix_cache_hits=kv.prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    # -- sizing --------------------------------------------------------------------------------------
+    def _num_blocks_from_memory(self, options: EngineOptions, block_size: int, cap: int) -> int:
+        kv_dtype = DTYPES[self.dtype]
+        if options.kv_cache_memory_bytes is not None:
+            budget = options.kv_cache_memory_bytes
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            # Leave (1 - utilization) of the card to others, and 10% of what remains for activations.
+            budget = int(min(free - (1 - options.gpu_memory_utilization) * total, free) * 0.9)
+        else:
+            budget = CPU_KV_BUDGET_BYTES
+        num_blocks = num_blocks_for_budget(budget, self.model_config, block_size, kv_dtype)
+        if num_blocks < 1:
+            raise ValueError(f"no memory left for the KV cache (budget {budget} bytes)")
+        return min(num_blocks, cap) if self.device.type == "cpu" else num_blocks

@@ -1,0 +1,127 @@
+"""`ModelRunner`: the one place a `SchedulerOutput` becomes tensors, a forward pass and sampled tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kiln.engine.attention_metadata import AttentionMetadata
+from kiln.engine.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow, make_generator
+from kiln.engine.scheduler import SchedulerOutput
+from kiln.models.llama import LlamaForCausalLM
+
+
+@dataclass(slots=True)
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    metadata: AttentionMetadata
+    logits_indices: torch.Tensor  # rows of the hidden states to sample from (last token of sampling requests)
+    sample_ids: list[str]  # request ids, one per logits row
+
+
+@dataclass(slots=True)
+class SampledTokens:
+    """Host-side result of one step: the sampled token and its logprobs per request id."""
+
+    token_ids: dict[str, int]
+    output: SamplerOutput | None
+    row_of: dict[str, int]  # request id -> row in `output`
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        device: torch.device,
+        vocab_size: int,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.vocab_size = vocab_size
+        self.sampler = Sampler()
+        # Seeded requests keep their own RNG across steps (and across preemption), so their samples do not
+        # depend on what else is in the batch.
+        self._generators: dict[str, torch.Generator | None] = {}
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput) -> SampledTokens:
+        for request_id in output.finished_ids:
+            self._generators.pop(request_id, None)
+        if output.is_empty:
+            return SampledTokens(token_ids={}, output=None, row_of={})
+        inputs = self.prepare_inputs(output)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
+        if not inputs.sample_ids:
+            return SampledTokens(token_ids={}, output=None, row_of={})
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        rows = [self._sampling_row(item.request) for item in output.scheduled if item.sample]
+        batch = SamplingBatch.build(rows, self.vocab_size, self.device)
+        sampled = self.sampler(logits, batch)
+        token_ids = sampled.token_ids.tolist()  # the step's one device -> host transfer of tokens
+        return SampledTokens(
+            token_ids=dict(zip(inputs.sample_ids, token_ids, strict=True)),
+            output=sampled,
+            row_of={rid: i for i, rid in enumerate(inputs.sample_ids)},
+        )
+
+    def prepare_inputs(self, output: SchedulerOutput) -> StepInputs:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        seq_lens: list[int] = []
+        logits_indices: list[int] = []
+        sample_ids: list[str] = []
+        max_blocks = max(len(item.block_ids) for item in output.scheduled)
+        block_tables = torch.zeros((len(output.scheduled), max_blocks), dtype=torch.int32)
+        for row, item in enumerate(output.scheduled):
+            end = item.start + item.num_new_tokens
+            input_ids.extend(item.token_ids)
+            span = range(item.start, end)
+            positions.extend(span)
+            blocks = item.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in span)
+            block_tables[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            query_start.append(query_start[-1] + item.num_new_tokens)
+            seq_lens.append(end)
+            if item.sample:
+                logits_indices.append(query_start[-1] - 1)
+                sample_ids.append(item.request.request_id)
+        dev = self.device
+        metadata = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+            block_tables=block_tables.to(dev),
+            max_query_len=max(item.num_new_tokens for item in output.scheduled),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=query_start,
+            seq_lens_cpu=seq_lens,
+            block_size=bs,
+        )
+        return StepInputs(
+            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            metadata=metadata,
+            logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=dev),
+            sample_ids=sample_ids,
+        )
+
+    def _sampling_row(self, request) -> SamplingRow:
+        request_id = request.request_id
+        if request_id not in self._generators:
+            self._generators[request_id] = make_generator(request.params.seed, self.device)
+        return SamplingRow(
+            params=request.params,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=request.output_token_ids,
+            generator=self._generators[request_id],
+            eos_token_ids=request.eos_token_ids,
+        )

@@ -1,0 +1,137 @@
+"""Engine behaviour on the tiny model: LLM API, seeds, stop strings, n > 1, abort, validation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kiln import LLM, SamplingParams
+from kiln.engine.async_engine import AsyncEngine
+from kiln.engine.llm_engine import LLMEngine
+from kiln.engine.options import EngineOptions
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_gqa_dir):
+    return LLM(tiny_gqa_dir, device="cpu", block_size=4)
+
+
+def test_llm_generate_shapes(llm):
+    token_prompt = {"prompt_token_ids": llm.tokenizer.encode("hello world")}
+    outs = llm.generate(["Once upon a time", token_prompt], SamplingParams(temperature=0, max_tokens=5))
+    assert [o.prompt for o in outs] == ["Once upon a time", None]
+    for out in outs:
+        assert out.finished
+        (completion,) = out.outputs
+        assert len(completion.token_ids) <= 5
+        assert completion.finish_reason in ("length", "stop")
+        assert completion.text == llm.tokenizer.decode(completion.token_ids)
+    assert outs[1].prompt_token_ids == token_prompt["prompt_token_ids"]
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, seed=1234)
+    alone = llm.generate(["a seeded prompt"], params)[0].outputs[0].token_ids
+    neighbours = SamplingParams(temperature=1.0, max_tokens=20)
+    crowd = llm.generate(["other", "a seeded prompt", "more"], [neighbours, params, neighbours])
+    assert crowd[1].outputs[0].token_ids == alone
+    other_seed = llm.generate(["a seeded prompt"], SamplingParams(temperature=1.0, max_tokens=12, seed=99))
+    assert other_seed[0].outputs[0].token_ids != alone
+
+
+def test_stop_string_spanning_tokens_is_cut_from_the_text(llm):
+    base = llm.generate(["The stop test"], SamplingParams(temperature=0, max_tokens=24, min_tokens=24))[0]
+    ids = base.outputs[0].token_ids
+    # A stop string made of the tail of token 5 and the head of token 6 crosses a token boundary.
+    left = llm.tokenizer.decode(ids[:6])
+    right = llm.tokenizer.decode(ids[:7])
+    assert len(right) > len(left) >= 2
+    stop = left[-2:] + right[len(left) : len(left) + 1]
+    expected = base.outputs[0].text[: base.outputs[0].text.index(stop)]
+    got = llm.generate(["The stop test"], SamplingParams(temperature=0, max_tokens=24, stop=[stop]))[0]
+    assert got.outputs[0].text == expected
+    assert got.outputs[0].finish_reason == "stop"
+    assert got.outputs[0].stop_reason == stop
+
+
+def test_n_samples_share_the_prompt_blocks(tiny_gqa_dir):
+    engine = LLMEngine.from_path(tiny_gqa_dir, EngineOptions(device="cpu", block_size=4))
+    prompt = list(range(5, 5 + 33))  # 8 full blocks + 1 token
+    engine.add_request(
+        "x", params=SamplingParams(n=4, temperature=1.0, max_tokens=3, seed=0), prompt_token_ids=prompt
+    )
+    finished = {}
+    usage_with_all_four = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        if len(engine.scheduler.running) == 4:
+            usage_with_all_four.append(engine.stats().kv_blocks_used)
+        for out in engine.scheduler.running:
+            finished.setdefault(out.request_id, out.num_cached_tokens)
+    assert sorted(finished) == ["x#0", "x#1", "x#2", "x#3"]
+    assert [finished[f"x#{i}"] for i in range(1, 4)] == [32, 32, 32]
+    # Four sequences share the 8 full prompt blocks; each owns only its last, partial block.
+    assert usage_with_all_four and set(usage_with_all_four) == {8 + 4}
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_n_outputs_are_indexed_and_seeded_siblings_differ(llm):
+    out = llm.generate(["n test"], SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=5))[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prompt_token_ids": []}, "empty"),
+        ({"prompt_token_ids": [10**9]}, "out of range"),
+        ({"prompt_token_ids": [1] * 5000}, "context"),
+        ({"prompt_token_ids": [1, 2], "params": SamplingParams(max_tokens=5000)}, "exceeds the context"),
+    ],
+)
+def test_bad_requests_are_refused_before_queueing(llm, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        llm.engine.add_request(None, **kwargs)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_async_abort_returns_every_block(tiny_gqa_dir):
+    async def main():
+        engine = AsyncEngine.from_path(tiny_gqa_dir, EngineOptions(device="cpu", block_size=4))
+        await engine.start()
+        stream = engine.generate(list(range(3, 40)), SamplingParams(max_tokens=200, ignore_eos=True), "r1")
+        got = [await anext(stream) for _ in range(3)]
+        assert engine.stats().kv_blocks_used > 0
+        await stream.aclose()  # the client went away
+        assert engine.stats().kv_blocks_used == 0
+        assert sum(len(o.outputs[0].token_ids) for o in got) == 3
+        # The engine keeps serving afterwards.
+        outs = [
+            o async for o in engine.generate([5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True), "r2")
+        ]
+        assert outs[-1].finished and sum(len(o.outputs[0].token_ids) for o in outs) == 4
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_async_concurrent_streams_complete(tiny_gqa_dir):
+    async def one(engine, i):
+        text, tokens = "", 0
+        async for out in engine.generate(
+            [3 + i, 4, 5], SamplingParams(max_tokens=6, ignore_eos=True), f"c{i}"
+        ):
+            text += out.outputs[0].text
+            tokens += len(out.outputs[0].token_ids)
+        return tokens
+
+    async def main():
+        engine = AsyncEngine.from_path(tiny_gqa_dir, EngineOptions(device="cpu"))
+        counts = await asyncio.gather(*(one(engine, i) for i in range(16)))
+        assert counts == [6] * 16
+        assert engine.stats().kv_blocks_used == 0
+        await engine.shutdown()
+
+    asyncio.run(main())
