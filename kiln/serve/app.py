@@ -24,7 +24,7 @@ from kiln.serve.chat import create_chat_completion
 from kiln.serve.completions import create_completion
 from kiln.serve.errors import install_error_handlers
 from kiln.serve.metrics import ServerMetrics
-from kiln.serve.middleware import RequestContextMiddleware
+from kiln.serve.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from kiln.serve.protocol import ModelCard, ModelList
 from kiln.serve.settings import ServerSettings
 from kiln.serve.state import ServerState, server_state
@@ -102,7 +102,6 @@ def create_app(engine: EngineClient, settings: ServerSettings, *, shutdown_engin
         title="Kiln",
         version=__version__,
         lifespan=lifespan,
-        max_body_size=settings.max_body_bytes,
         docs_url="/docs",
         redoc_url=None,
     )
@@ -116,6 +115,7 @@ def create_app(engine: EngineClient, settings: ServerSettings, *, shutdown_engin
             allow_headers=["*"],
             expose_headers=["X-Request-Id", "Retry-After"],
         )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=server_metrics)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])

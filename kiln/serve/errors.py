@@ -37,8 +37,11 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        status_code: int | None = None,
     ) -> None:
         super().__init__(message)
+        if status_code is not None:
+            self.status_code = status_code
         self.message = message
         self.param = param
         self.code = code or self.default_code
@@ -62,6 +65,11 @@ class AuthenticationError(APIError):
 class NotFoundError(APIError):
     status_code = 404
     default_code = "not_found"
+
+
+class PayloadTooLargeError(APIError):
+    status_code = 413
+    default_code = "body_too_large"
 
 
 class OverloadedError(APIError):
@@ -130,9 +138,8 @@ def install_error_handlers(app: FastAPI) -> None:
         message = str(exc.detail)
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
-        error = APIError(message, code={404: "not_found", 413: "body_too_large"}.get(exc.status_code))
-        error.status_code = exc.status_code
-        return error_response(error)
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code)
+        return error_response(APIError(message, code=code, status_code=exc.status_code))
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         request_id = request_id_of(request)

@@ -1,0 +1,85 @@
+"""Engine doubles, only where the real engine cannot be made to behave so on demand.
+
+Both wrap the real tiny engine (same tokenizer, model info and stats) and change one thing:
+- `FailingEngine`: every request fails inside the engine (the 500 path, before and mid-stream).
+- `GatedEngine`: requests wait at a gate before reaching the engine, so they stay "waiting" as long
+  as a test needs (queue limits, keep-alive pings, drain).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+from kiln.engine.outputs import RequestOutput
+from kiln.engine.protocol import EngineStats, ModelInfo
+from kiln.engine.sampling_params import SamplingParams
+
+
+class _Wrapper:
+    def __init__(self, engine: Any) -> None:
+        self.inner = engine
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.inner.tokenizer
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self.inner.model_info
+
+    def stats(self) -> EngineStats:
+        return self.inner.stats()
+
+    async def abort(self, request_id: str) -> None:
+        await self.inner.abort(request_id)
+
+    async def start(self) -> None:
+        await self.inner.start()
+
+    async def shutdown(self) -> None:
+        pass  # the wrapped engine is shared by the session
+
+
+class FailingEngine(_Wrapper):
+    """Fails after `fail_after` outputs of each request (0: before the first)."""
+
+    def __init__(self, engine: Any, fail_after: int = 0) -> None:
+        super().__init__(engine)
+        self.fail_after = fail_after
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, **kw: Any
+    ) -> AsyncIterator[RequestOutput]:
+        count = 0
+        async for out in self.inner.generate(prompt_token_ids, params, request_id, **kw):
+            if count == self.fail_after:
+                raise RuntimeError("simulated engine failure (secret internal detail)")
+            count += 1
+            yield out
+        if count == self.fail_after:
+            raise RuntimeError("simulated engine failure (secret internal detail)")
+
+
+class GatedEngine(_Wrapper):
+    """Holds every request before the engine until `open()`; counts requests that reached the gate."""
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__(engine)
+        # A threading.Event: the test thread opens it while the server's loop (another thread) waits.
+        self._gate = threading.Event()
+        self.arrived = 0
+
+    def open(self) -> None:
+        self._gate.set()
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, **kw: Any
+    ) -> AsyncIterator[RequestOutput]:
+        self.arrived += 1
+        while not self._gate.is_set():
+            await asyncio.sleep(0.01)
+        async for out in self.inner.generate(prompt_token_ids, params, request_id, **kw):
+            yield out
