@@ -1,0 +1,91 @@
+"""`IncrementalDetokenizer`: a request's output tokens to text, one step at a time, never broken UTF-8.
+
+The technique (TGI's and vLLM's prefix/read offsets): keep two offsets into prompt + output ids.
+`read_offset` is where the tokens not yet turned into text begin; `prefix_offset` a few tokens before
+it. Each step decodes only ids[prefix_offset:] and ids[prefix_offset:read_offset] and emits the
+difference. Decoding that short window of preceding tokens matters for SentencePiece-style tokenizers,
+whose decoder drops the leading space of the first token it sees: in the window, a token's space is
+kept. The cost per step is the window, not the whole sequence.
+
+Rules of the interface:
+- `add` returns only text that is stable: when the window's text ends in U+FFFD, a token ended in the
+  middle of a multi-byte character (byte-level BPE and byte-fallback split emoji and CJK across tokens),
+  so the new text is held back until the character completes. A genuinely invalid byte is released
+  (as U+FFFD) as soon as any valid text follows it.
+- `text` is the concatenation of everything `add` returned. At the end it equals
+  decode(window + output) minus decode(window), window being the prompt's last few tokens (see
+  `_prompt_context`): for
+  byte-level tokenizers exactly `tokenizer.decode(output_ids)`; for SentencePiece-style ones the same
+  plus the leading space the first output token carries after the prompt (so prompt + text reads right).
+  An incomplete character at the very end is never released. A prompt whose last tokens end inside a
+  character gives no context (its bytes never fuse with the output's).
+- Invalid UTF-8 is decoded as the tokenizer decodes it; note that transformers' ByteFallback decoder
+  (Llama-style) replaces every byte of an invalid run, so text already released before an invalid
+  byte run can differ from a later full decode. Byte-level BPE decoding has no such effect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from kiln.models.tokenizer import Tokenizer
+
+# How many prompt tokens give the first output token its context (vLLM uses the same number).
+PROMPT_CONTEXT_TOKENS = 5
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], skip_special_tokens: bool = True
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self._ids = self._prompt_context(list(prompt_token_ids))
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self._text = ""
+
+    @property
+    def text(self) -> str:
+        """All text released so far."""
+        return self._text
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        """Append generated tokens; returns the text that became stable with them (possibly "")."""
+        if not token_ids:
+            return ""
+        self._ids.extend(token_ids)
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
+            # Nothing visible yet (a skipped special token) or an incomplete character: wait for more.
+            return ""
+        delta = new_text[len(prefix_text) :]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        # Drop ids before the window: they are never decoded again.
+        if self._prefix_offset > 0:
+            del self._ids[: self._prefix_offset]
+            self._read_offset -= self._prefix_offset
+            self._prefix_offset = 0
+        self._text += delta
+        return delta
+
+    def _prompt_context(self, prompt: list[int]) -> list[int]:
+        """The prompt's last tokens, starting at a character's first byte and ending at a character's end.
+
+        A window that starts inside a character makes a ByteFallback decoder (Llama-style) replace the
+        whole byte run, its end included, so step back up to 3 tokens (a character has at most 4 bytes)
+        until the window's text ends cleanly. A prompt that itself ends inside a character gives no
+        context: its bytes must not fuse with the output's, whose text would not start where it ends.
+        """
+        start = max(0, len(prompt) - PROMPT_CONTEXT_TOKENS)
+        while self._decode(prompt[start:]).endswith(REPLACEMENT_CHAR):
+            if start == 0 or len(prompt) - start >= PROMPT_CONTEXT_TOKENS + 3:
+                return []
+            start -= 1
+        return prompt[start:]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)

@@ -1,0 +1,184 @@
+"""Incremental detokenizer: deltas add up to the full decode, split characters are held, windows stay short."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kiln.models.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
+from kiln.models.tokenizer import Tokenizer
+
+MULTIBYTE = "Emoji 😀🚀👍 and CJK 今天天气很好 世界, accents café, family 👨‍👩‍👧‍👦 done."
+SETTINGS = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_gqa_dir: Path) -> Tokenizer:
+    return Tokenizer(tiny_gqa_dir)
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf: Path) -> Tokenizer:
+    return Tokenizer(smollm2_gguf)
+
+
+@pytest.fixture(scope="module")
+def llama_style(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    """A SentencePiece-style tokenizer laid out like Llama 2's tokenizer.json: Metaspace "▁" words, byte
+    fallback for characters outside the vocabulary, and a decoder that strips the first leading space."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [
+        "Hello world. The quick brown fox jumps over the lazy dog.",
+        "Say hi to the world, hello again.",
+    ]
+    rust = RustTokenizer(models.BPE(unk_token="<unk>"))
+    # Trained split into words (merges never cross a "▁"), then run unsplit, as Llama's tokenizer.json does.
+    rust.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    rust.train_from_iterator(corpus * 3, trainer=trainer)
+    spec = json.loads(rust.to_str())
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):  # byte-fallback tokens are ordinary vocabulary entries, as in Llama's
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    spec["model"]["byte_fallback"] = True
+    spec["pre_tokenizer"]["split"] = False
+    spec["decoder"] = {
+        "type": "Sequence",
+        "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+        ],
+    }
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=RustTokenizer.from_str(json.dumps(spec)),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
+    )
+    out = tmp_path_factory.mktemp("llama-style-tokenizer")
+    wrapped.save_pretrained(out)
+    return Tokenizer(out)
+
+
+def stream(tok: Tokenizer, prompt: list[int], output: list[int], chunk: int = 1, **kw) -> list[str]:
+    detok = IncrementalDetokenizer(tok, prompt, **kw)
+    deltas = [detok.add(output[i : i + chunk]) for i in range(0, len(output), chunk)]
+    assert "".join(deltas) == detok.text
+    return deltas
+
+
+def assert_matches_full_decode(tok: Tokenizer, output: list[int], text: str, skip: bool) -> None:
+    full = tok.decode(output, skip_special_tokens=skip)
+    assert full.startswith(text)
+    rest = full[len(text) :]
+    assert rest == "" or rest.endswith(REPLACEMENT_CHAR)  # only a final incomplete character is held
+
+
+@SETTINGS
+@given(data=st.data(), skip=st.booleans(), chunk=st.integers(1, 4))
+def test_random_ids_deltas_equal_full_decode_byte_level(tiny: Tokenizer, data, skip: bool, chunk: int):
+    ids = st.integers(0, tiny.vocab_size - 1)
+    prompt = data.draw(st.lists(ids, max_size=8))
+    output = data.draw(st.lists(ids, max_size=40))
+    deltas = stream(tiny, prompt, output, chunk, skip_special_tokens=skip)
+    assert_matches_full_decode(tiny, output, "".join(deltas), skip)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_random_ids_deltas_equal_full_decode_smollm2(smollm2: Tokenizer, data):
+    ids = st.integers(0, smollm2.vocab_size - 1)
+    output = data.draw(st.lists(ids, max_size=30))
+    deltas = stream(smollm2, data.draw(st.lists(ids, max_size=5)), output)
+    assert_matches_full_decode(smollm2, output, "".join(deltas), True)
+
+
+@pytest.mark.parametrize("name", ["tiny", "smollm2", "llama_style"])
+def test_split_characters_never_yield_replacement_mid_stream(name: str, request: pytest.FixtureRequest):
+    tok: Tokenizer = request.getfixturevalue(name)
+    output = tok.encode(MULTIBYTE, add_special_tokens=False)
+    # The test means something only if some token really ends inside a character.
+    assert any(REPLACEMENT_CHAR in tok.decode([i]) for i in output)
+    deltas = stream(tok, tok.encode("Say hi"), output)
+    assert not any(REPLACEMENT_CHAR in d for d in deltas)
+    text = "".join(deltas)
+    assert text.strip() == MULTIBYTE
+    if name != "llama_style":
+        assert text == tok.decode(output)
+
+
+def test_sentencepiece_keeps_the_space_the_prompt_context_gives(llama_style: Tokenizer):
+    prompt = llama_style.encode("Say hi to the")
+    output = llama_style.encode(" world again", add_special_tokens=False)
+    assert llama_style.convert_ids_to_tokens(output)[0] == "▁world"
+    # Decoded alone, the first word loses its "▁" space; after the prompt it keeps it.
+    assert llama_style.decode(output) == "world again"
+    deltas = stream(llama_style, prompt, output)
+    assert "".join(deltas) == " world again"
+    assert deltas[0] == " world"
+    assert "".join(stream(llama_style, [], output)) == "world again"  # no prompt: plain decode
+
+
+@SETTINGS
+@given(data=st.data())
+def test_random_sentencepiece_streams_match_windowed_decode(llama_style: Tokenizer, data):
+    # Byte-fallback tokens appear only as valid UTF-8 (encoded text): transformers' ByteFallback decoder
+    # turns *every* byte of an invalid run into U+FFFD, so invalid bytes are not prefix-stable there.
+    words = [
+        i
+        for i in range(llama_style.vocab_size)
+        if not llama_style.convert_ids_to_tokens([i])[0].startswith("<")
+    ]
+    segment = st.one_of(
+        st.lists(st.sampled_from(words), min_size=1, max_size=3),
+        st.text(alphabet="ab 😀世é", min_size=1, max_size=4).map(lambda t: llama_style.encode(t)),
+    )
+    prompt = [i for seg in data.draw(st.lists(segment, max_size=3)) for i in seg]
+    output = [i for seg in data.draw(st.lists(segment, max_size=8)) for i in seg]
+    text = "".join(stream(llama_style, prompt, output, data.draw(st.integers(1, 3))))
+    # The prompt is valid text, so a short window of it gives the same text as the whole prompt.
+    assert text == llama_style.decode(prompt + output)[len(llama_style.decode(prompt)) :]
+
+
+def test_skip_special_tokens(tiny: Tokenizer):
+    output = [*tiny.encode("Hi"), 2, *tiny.encode(" there"), 1]
+    assert "".join(stream(tiny, [], output)) == "Hi there"
+    assert "".join(stream(tiny, [], output, skip_special_tokens=False)) == "Hi<|im_end|> there<|im_start|>"
+
+
+def test_invalid_bytes_are_released_once_valid_text_follows(tiny: Tokenizer):
+    lone_continuation = next(i for i in range(3, tiny.vocab_size) if tiny.decode([i]) == REPLACEMENT_CHAR)
+    output = [lone_continuation, *tiny.encode("ok")]
+    deltas = stream(tiny, [], output)
+    assert deltas[0] == ""  # might still complete a character
+    assert "".join(deltas) == REPLACEMENT_CHAR + "ok" == tiny.decode(output)
+
+
+def test_decode_window_stays_short(tiny: Tokenizer):
+    lengths: list[int] = []
+
+    class Recording(Tokenizer):
+        def decode(self, ids, skip_special_tokens=True):
+            lengths.append(len(ids))
+            return super().decode(ids, skip_special_tokens)
+
+    recording = Recording.__new__(Recording)
+    recording.hf, recording._path, recording._eos_token_ids = tiny.hf, tiny._path, tiny._eos_token_ids
+    output = tiny.encode("The quick brown fox jumps over the lazy dog. " * 20)
+    text = "".join(stream(recording, tiny.encode("prompt " * 50), output))
+    assert text == tiny.decode(output)
+    assert max(lengths) <= 8
