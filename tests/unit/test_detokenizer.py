@@ -171,13 +171,12 @@ def test_invalid_bytes_are_released_once_valid_text_follows(tiny: Tokenizer):
 def test_decode_window_stays_short(tiny: Tokenizer):
     lengths: list[int] = []
 
-    class Recording(Tokenizer):
+    class Recording:  # the detokenizer only calls decode
         def decode(self, ids, skip_special_tokens=True):
             lengths.append(len(ids))
-            return super().decode(ids, skip_special_tokens)
+            return tiny.decode(ids, skip_special_tokens)
 
-    recording = Recording.__new__(Recording)
-    recording.hf, recording._path, recording._eos_token_ids = tiny.hf, tiny._path, tiny._eos_token_ids
+    recording = Recording()
     output = tiny.encode("The quick brown fox jumps over the lazy dog. " * 20)
     text = "".join(stream(recording, tiny.encode("prompt " * 50), output))
     assert text == tiny.decode(output)
