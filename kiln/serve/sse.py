@@ -33,23 +33,25 @@ logger = logging.getLogger("kiln.serve")
 
 T = TypeVar("T")
 
+_SEP = "\n"  # OpenAI ends lines with a bare LF
+
 
 def _keepalive() -> ServerSentEvent:
-    return ServerSentEvent(comment="keep-alive")
+    return ServerSentEvent(comment="keep-alive", sep=_SEP)
 
 
 async def _events(chunks: AsyncIterator[str], request_id: str) -> AsyncIterator[ServerSentEvent]:
     async with contextlib.aclosing(chunks):  # type: ignore[type-var]
         try:
             async for data in chunks:
-                yield ServerSentEvent(data=data)
+                yield ServerSentEvent(data=data, sep=_SEP)
         except APIError as exc:
-            yield ServerSentEvent(data=exc.body().model_dump_json())
+            yield ServerSentEvent(data=exc.body().model_dump_json(), sep=_SEP)
         except Exception:
             logger.exception("request %s failed mid-stream", request_id)
             error = InternalError(f"internal server error (request id {request_id}); see the server log")
-            yield ServerSentEvent(data=error.body().model_dump_json())
-    yield ServerSentEvent(data="[DONE]")
+            yield ServerSentEvent(data=error.body().model_dump_json(), sep=_SEP)
+    yield ServerSentEvent(data="[DONE]", sep=_SEP)
 
 
 def sse_response(
@@ -64,7 +66,7 @@ def sse_response(
         _events(chunks, request_id),
         ping=settings.keepalive_interval_seconds,
         ping_message_factory=_keepalive,
-        sep="\n",
+        sep=_SEP,
         headers={"X-Request-Id": request_id},
         background=BackgroundTask(on_close),
         shutdown_grace_period=settings.drain_timeout_seconds,

@@ -1,0 +1,83 @@
+"""A client that goes away has its engine request aborted and its KV blocks returned."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from server_harness import LiveServer, open_tiny_engine, run_live_server, wait_for
+
+LONG = {
+    "model": "tiny",
+    "messages": [{"role": "user", "content": "Tell me a long story"}],
+    "max_tokens": 900,
+    "ignore_eos": True,
+}
+
+
+def cancelled_count(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("kiln_requests_total") and 'outcome="cancelled"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def read_content_chunks(lines: object, count: int) -> None:
+    seen = 0
+    for line in lines:  # type: ignore[attr-defined]
+        if line.startswith("data: ") and line != "data: [DONE]":
+            delta = json.loads(line[6:])["choices"][0]["delta"]
+            seen += bool(delta.get("content"))
+            if seen >= count:
+                return
+    raise AssertionError("stream ended early")
+
+
+def test_disconnect_mid_stream_frees_blocks(server: LiveServer) -> None:
+    engine = server.engine
+    before = cancelled_count(server.url)
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json={**LONG, "stream": True}, timeout=30
+    ) as r:
+        lines = r.iter_lines()  # referenced: httpx closes a response when its iterator is collected
+        read_content_chunks(lines, 3)
+        assert engine.stats().kv_blocks_used > 0
+    # closed mid-stream: aborted within a step, blocks back, nothing left running
+    assert wait_for(lambda: engine.stats().kv_blocks_used == 0 and engine.stats().num_running == 0)
+    assert wait_for(lambda: cancelled_count(server.url) == before + 1)
+
+
+def test_disconnect_of_non_stream_request_frees_blocks(server: LiveServer) -> None:
+    engine = server.engine
+    before = cancelled_count(server.url)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/chat/completions", json=LONG, timeout=httpx.Timeout(30, read=0.3))
+    assert wait_for(lambda: engine.stats().kv_blocks_used == 0 and engine.stats().num_running == 0)
+    assert wait_for(lambda: cancelled_count(server.url) == before + 1)
+
+
+def test_disconnect_before_first_token_removes_the_queued_request(tiny_gqa_dir: Path) -> None:
+    # One running slot: a blocker holds it, so the second request is still queued, tokenless.
+    engine = open_tiny_engine(tiny_gqa_dir, max_num_seqs=1)
+    try:
+        with run_live_server(engine, served_model_name="tiny") as live:
+            url = f"{live.url}/v1/chat/completions"
+            # Keep the line iterators referenced: httpx closes a response when its iterator is collected.
+            with httpx.stream("POST", url, json={**LONG, "stream": True}, timeout=30) as blocker:
+                blocker_lines = blocker.iter_lines()
+                read_content_chunks(blocker_lines, 1)
+                with httpx.stream("POST", url, json={**LONG, "stream": True}, timeout=30) as queued:
+                    queued_lines = queued.iter_lines()
+                    first = next(line for line in queued_lines if line.startswith("data: "))
+                    assert json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
+                    assert wait_for(lambda: engine.stats().num_waiting == 1)
+                # gone before its first token: out of the queue while the blocker still runs
+                assert wait_for(lambda: engine.stats().num_waiting == 0)
+                assert engine.stats().num_running == 1
+            assert wait_for(lambda: engine.stats().kv_blocks_used == 0 and engine.stats().num_running == 0)
+            assert wait_for(lambda: cancelled_count(live.url) == 2)
+    finally:
+        asyncio.run(engine.shutdown())
