@@ -1,0 +1,97 @@
+"""Prometheus metrics, the per-request JSON log line, and the info endpoints."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import httpx
+import pytest
+from server_harness import LiveServer, run_live_server
+
+from kiln.engine.async_engine import AsyncEngine
+from kiln.version import __version__
+
+CHAT = {
+    "model": "tiny",
+    "messages": [{"role": "user", "content": "secret prompt"}],
+    "max_tokens": 3,
+    "ignore_eos": True,
+}
+
+
+def request_lines(caplog: pytest.LogCaptureFixture) -> list[dict]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "kiln.request"]
+
+
+def test_metrics_cover_the_issue_list(server: LiveServer) -> None:
+    assert httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, "stream": True}).status_code == 200
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in (
+        'kiln_requests_total{endpoint="chat",outcome="length"}',
+        "kiln_time_to_first_token_seconds_count",
+        "kiln_inter_token_latency_seconds_count",
+        "kiln_e2e_request_latency_seconds_count",
+        "kiln_prompt_tokens_total",
+        "kiln_generation_tokens_total",
+        "kiln_num_requests_running",
+        "kiln_num_requests_waiting",
+        "kiln_kv_cache_usage_ratio",
+        "kiln_prefix_cache_hit_rate",
+        "kiln_num_preemptions_total",
+        'kiln_http_requests_total{route="/v1/chat/completions",status="200"}',
+    ):
+        assert name in text, name
+    values = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if not line.startswith("#")
+    }
+    assert values["kiln_generation_tokens_total"] >= 3
+    assert values["kiln_kv_cache_blocks_total"] == server.engine.stats().kv_blocks_total
+
+
+def test_one_json_log_line_per_request_without_the_prompt(
+    server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="kiln")
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "log-1"})
+    assert r.status_code == 200
+    lines = [x for x in request_lines(caplog) if x["request_id"] == "chatcmpl-log-1"]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["outcome"] == "length" and line["completion_tokens"] == 3
+    assert line["prompt_tokens"] == r.json()["usage"]["prompt_tokens"]
+    assert line["ttft_seconds"] is not None and line["e2e_seconds"] >= line["ttft_seconds"]
+    assert "secret prompt" not in json.dumps(line)
+
+
+def test_log_prompts_when_asked(tiny_engine: AsyncEngine, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="kiln")
+    with run_live_server(tiny_engine, served_model_name="tiny", log_prompts=True) as live:
+        r = httpx.post(f"{live.url}/v1/completions", json={"prompt": "secret prompt", "max_tokens": 2})
+    line = request_lines(caplog)[-1]
+    assert line["prompt"] == ["secret prompt"]
+    assert line["output"] == [r.json()["choices"][0]["text"]]
+
+
+def test_unknown_fields_are_logged(server: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="kiln")
+    assert httpx.post(f"{server.url}/v1/chat/completions", json={**CHAT, "frobnicate": 1}).status_code == 200
+    assert any("frobnicate" in r.getMessage() for r in caplog.records if r.name == "kiln.serve")
+
+
+def test_info_endpoints(server: LiveServer) -> None:
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/ready").json() == {"status": "ready"}
+    version = httpx.get(f"{server.url}/version").json()
+    assert version["version"] == __version__ and version["model"] == "tiny" and version["backend"] == "native"
+
+
+def test_cors_when_origins_configured(tiny_engine: AsyncEngine) -> None:
+    with run_live_server(tiny_engine, served_model_name="tiny", cors_origins=["http://ui.example"]) as live:
+        r = httpx.options(
+            f"{live.url}/v1/chat/completions",
+            headers={"Origin": "http://ui.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert r.headers["access-control-allow-origin"] == "http://ui.example"
