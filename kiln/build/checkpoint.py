@@ -141,6 +141,9 @@ def hf_weight_files(checkpoint_dir: Path) -> list[Path]:
                 f"{checkpoint_dir} is missing shards listed in {SAFETENSORS_INDEX}: {missing}"
             )
         return [checkpoint_dir / n for n in names]
+    if (checkpoint_dir / "model.safetensors").is_file():
+        # Some repos also carry other *.safetensors (e.g. Mistral's consolidated file) beside it.
+        return [checkpoint_dir / "model.safetensors"]
     files = sorted(checkpoint_dir.glob("*.safetensors"))
     if files:
         return files

@@ -36,8 +36,10 @@ class GGUFCheckpoint:
 
 
 def read_gguf_config(path: Path) -> dict[str, Any]:
-    """The HF config dict of a GGUF file (metadata only, no tensors); CheckpointError if unreadable."""
+    """The HF config dict of a Llama-family GGUF (metadata only); CheckpointError if unreadable or not Llama."""
     from transformers import AutoConfig
+
+    from kiln.build.checkpoint import model_config_from_hf
 
     path = Path(path)
     try:
@@ -46,22 +48,30 @@ def read_gguf_config(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read GGUF {path}: {exc}") from exc
     hf = config.to_dict()
     hf["architectures"] = hf.get("architectures") or ["LlamaForCausalLM"]
+    model_config_from_hf(hf, where=str(path))  # refuse non-Llama files before the slow part
     return hf
 
 
-def gguf_file_type(path: Path) -> str | None:
-    """llama.cpp's `general.file_type` as a name ("MOSTLY_Q4_1", "ALL_F32", ...), or None."""
-    from gguf import GGUFReader, LlamaFileType
+def _file_type_name(value: Any) -> str | None:
+    """llama.cpp's `general.file_type` number as a name ("MOSTLY_Q4_1", "ALL_F32", ...), or None."""
+    from gguf import LlamaFileType
 
-    reader = GGUFReader(str(path))
-    field = reader.fields.get("general.file_type")
-    if field is None or not field.data:
+    if value is None:
         return None
-    value = int(field.parts[field.data[0]][0])
     try:
-        return LlamaFileType(value).name
+        return LlamaFileType(int(value)).name
     except ValueError:
         return f"file_type_{value}"
+
+
+def expected_tensor_count(hf_config: dict[str, Any]) -> int:
+    """Tensors a llama.cpp Llama GGUF holds for this config: token_embd, output_norm, [output], 9 per layer.
+
+    For progress bars only (saves parsing the file once more); a file with extras (rope_freqs)
+    just runs one past the total.
+    """
+    untied_output = 0 if hf_config.get("tie_word_embeddings") else 1
+    return 2 + untied_output + 9 * int(hf_config["num_hidden_layers"])
 
 
 @contextmanager
@@ -91,41 +101,44 @@ def _tensor_progress(on_tensor: Callable[[], None] | None) -> Iterator[None]:
         gguf_utils.tqdm = original
 
 
-def gguf_tensor_count(path: Path) -> int:
-    """Number of tensors in the GGUF file (header only); for progress bars."""
-    from gguf import GGUFReader
-
-    return len(GGUFReader(str(path)).tensors)
-
-
-def load_gguf(path: Path, *, on_tensor: Callable[[], None] | None = None) -> GGUFCheckpoint:
+def load_gguf(
+    path: Path,
+    *,
+    hf_config: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+    on_tensor: Callable[[], None] | None = None,
+) -> GGUFCheckpoint:
     """Read config and all tensors of a Llama-family GGUF (dequantized to fp32, HF names).
 
-    on_tensor is called once per GGUF tensor converted (gguf_tensor_count gives the total).
+    hf_config: read_gguf_config(path) when the caller already has it (each parse of a GGUF's
+    metadata costs seconds: the vocabulary is in it). on_tensor is called once per GGUF tensor
+    converted (about expected_tensor_count(hf_config) times). dtype: convert each tensor right after
+    dequantizing it (same values as converting later; a 7B model then never sits in memory as fp32).
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    from kiln.build.checkpoint import model_config_from_hf
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     path = Path(path)
-    hf = read_gguf_config(path)
-    model_config_from_hf(hf, where=str(path))  # refuse non-Llama files before the slow part
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    hf = hf_config if hf_config is not None else read_gguf_config(path)
+    config = CONFIG_MAPPING[hf["model_type"]].from_dict(hf)
     # transformers maps GGUF names to HF names through a model instance; on the meta device it costs
     # nothing (no memory is allocated for its parameters).
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     try:
         with _tensor_progress(on_tensor):
-            parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)
+            parsed = load_gguf_checkpoint(
+                str(path), return_tensors=True, model_to_load=skeleton, torch_dtype=dtype
+            )
     except (ValueError, NotImplementedError) as exc:
         raise CheckpointError(f"cannot convert GGUF {path}: {exc}") from exc
     tensors: dict[str, torch.Tensor] = parsed["tensors"]
     if hf.get("tie_word_embeddings"):
         tensors.pop("lm_head.weight", None)
-    return GGUFCheckpoint(hf_config=hf, tensors=tensors, file_type=gguf_file_type(path))
+    file_type = _file_type_name(parsed.get("ignore", {}).get("file_type"))
+    return GGUFCheckpoint(hf_config=hf, tensors=tensors, file_type=file_type)
 
 
 def save_gguf_tokenizer(path: Path, out_dir: Path) -> list[str]:

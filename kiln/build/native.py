@@ -133,13 +133,19 @@ def _build_into(
     extra: dict[str, Any] = {}
     with build_progress(enabled=progress) as bar:
         if resolved.kind == "gguf":
-            from kiln.build.gguf import gguf_file_type, gguf_tensor_count, load_gguf, save_gguf_tokenizer
+            from kiln.build.gguf import (
+                expected_tensor_count,
+                load_gguf,
+                read_gguf_config,
+                save_gguf_tokenizer,
+            )
 
-            step = bar.step("dequantizing GGUF", gguf_tensor_count(resolved.path))
-            gguf = load_gguf(resolved.path, on_tensor=step)
-            hf, tensors, count = gguf.hf_config, gguf.tensors.items(), len(gguf.tensors)
+            hf = read_gguf_config(resolved.path)
+            step = bar.step("dequantizing GGUF", expected_tensor_count(hf))
+            gguf = load_gguf(resolved.path, hf_config=hf, dtype=DTYPES[dtype], on_tensor=step)
+            tensors, count = _drain(gguf.tensors), len(gguf.tensors)
             tokenizer_files = save_gguf_tokenizer(resolved.path, out)
-            extra["gguf_file_type"] = gguf.file_type or gguf_file_type(resolved.path)
+            extra["gguf_file_type"] = gguf.file_type
             default_name = resolved.path.stem
         else:
             hf = read_hf_config(resolved.path)
@@ -193,6 +199,13 @@ def _merge_generation_eos(model: ModelConfig, out: Path) -> None:
         raise CheckpointError(f"generation_config.json is not valid JSON: {exc}") from exc
     extra = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     model.eos_token_ids = list(dict.fromkeys([*model.eos_token_ids, *extra]))
+
+
+def _drain(tensors: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """Yield and forget each tensor, so the dict does not keep packed-away tensors alive."""
+    while tensors:
+        name = next(iter(tensors))
+        yield name, tensors.pop(name)
 
 
 def _counted(items: Iterable[tuple[str, Any]], step: Callable[[], None]) -> Iterator[tuple[str, Any]]:
