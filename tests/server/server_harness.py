@@ -1,12 +1,7 @@
-"""Helpers for the server tests: a real uvicorn server in a thread, the tiny native engine, polling.
-
-`run_live_server(engine, **settings)` runs `kiln.serve.runner.make_server` (the server `kiln serve`
-runs) on a free loopback port in a thread with its own event loop, and always tears it down.
-"""
+"""Helpers for the server tests: a real uvicorn server in a thread, the tiny native engine, polling."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,7 +12,8 @@ from typing import Any
 from kiln.engine.async_engine import AsyncEngine
 from kiln.engine.options import EngineOptions
 from kiln.engine.protocol import EngineClient
-from kiln.serve.runner import DrainingServer, make_server
+from kiln.serve.background import serve_in_background
+from kiln.serve.runner import DrainingServer
 from kiln.serve.settings import ServerSettings
 
 
@@ -34,22 +30,10 @@ class LiveServer:
 
 @contextmanager
 def run_live_server(engine: EngineClient, **settings: Any) -> Iterator[LiveServer]:
+    """`kiln serve`'s server over `engine` on a free loopback port; the engine outlives it."""
     config = ServerSettings(**{"host": "127.0.0.1", "port": 0, "log_level": "warning", **settings})
-    server = make_server(engine, config, shutdown_engine=False)
-    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield LiveServer(url=f"http://127.0.0.1:{port}", server=server, engine=engine)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "uvicorn did not stop"
+    with serve_in_background(engine, config, shutdown_engine=False) as (url, server):
+        yield LiveServer(url=url, server=server, engine=engine)
 
 
 def open_tiny_engine(checkpoint: Path, **options: Any) -> AsyncEngine:

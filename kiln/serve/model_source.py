@@ -1,0 +1,55 @@
+"""What `kiln serve [MODEL]` (and `kiln chat` / `kiln complete` in-process) serves, as a directory.
+
+Rules:
+- MODEL is an engine directory, a Hugging Face checkpoint directory (both open directly), or a hub
+  id (`org/name`, downloaded once into the Hugging Face cache).
+- No MODEL: the embedded default (SmolLM2-135M-Instruct), built into Kiln's cache the first time;
+  without network that raises OfflineError, whose message the CLI prints with a hint to use --tiny.
+- `tiny`: a tiny random-weight model built into Kiln's cache (no download; output is gibberish,
+  for trying the plumbing).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kiln.engine.options import EngineOptions
+from kiln.engine.protocol import EngineClient
+
+TINY_ENGINE_NAME = "tiny"
+
+
+def tiny_engine_dir(cache_dir: Path | None = None) -> Path:
+    """Build (once) and return the tiny random model's engine directory in Kiln's cache."""
+    from kiln.build import build_tiny_engine, is_engine_dir
+    from kiln.build.default_model import default_cache_dir
+
+    engine_dir = (cache_dir or default_cache_dir()) / "engines" / TINY_ENGINE_NAME
+    if not is_engine_dir(engine_dir):
+        build_tiny_engine(engine_dir, served_model_name=TINY_ENGINE_NAME, overwrite=True)
+    return engine_dir
+
+
+def resolve_model_dir(model: str | None, *, tiny: bool = False, progress: bool = True) -> Path:
+    """The directory to open for MODEL (see the module rules). May build or download."""
+    if tiny:
+        if model is not None:
+            raise ValueError("give either MODEL or --tiny, not both")
+        return tiny_engine_dir()
+    if model is None:
+        from kiln.build.default_model import ensure_default_engine
+
+        return ensure_default_engine(progress=progress)
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    from kiln.build.checkpoint import resolve_checkpoint
+
+    return resolve_checkpoint(model).path  # a hub id: CheckpointError / OfflineError when it cannot
+
+
+def open_model(model: str | None, options: EngineOptions, *, tiny: bool = False) -> EngineClient:
+    """Resolve MODEL and open it with the backend its directory was built for."""
+    from kiln.engine.open import open_engine
+
+    return open_engine(resolve_model_dir(model, tiny=tiny), options)
