@@ -21,7 +21,8 @@ import json
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from kiln.engine.options import EngineOptions
 from kiln.engine.outputs import CompletionOutput, FinishReason, Logprob, RequestMetrics, RequestOutput
 from kiln.engine.protocol import EngineStats, ModelInfo
 from kiln.engine.sampling_params import SamplingParams
+from kiln.engine.stop import StopChecker
 from kiln.errors import InvalidEngineError
 from kiln.trtllm.params import TrtLlmRequestLimits, make_trtllm_sampling_params, trtllm_sampling_kwargs
 
@@ -60,8 +62,24 @@ def translate_logprobs(entries: Iterable[Any], token_ids: list[int], top_k: int)
     return out
 
 
+@dataclass(slots=True)
+class _Sequence:
+    """Text-side state of one completion: what the library produced and how much of it was sent."""
+
+    stop_checker: StopChecker | None
+    text: str = ""
+    sent_chars: int = 0
+
+
 class OutputTranslator:
-    """Turns one request's stream of library RequestOutputs into Kiln RequestOutput deltas."""
+    """Turns one request's stream of library RequestOutputs into Kiln RequestOutput deltas.
+
+    Rules (the native engine's): text handed out is never retracted, so a possible stop-string prefix is
+    held back until it resolves; a stop string is cut from the text (kept with include_stop_str_in_output)
+    and wins over a length finish in the same step; a completion is reported finished once. The request is
+    finished when the library says so or when every completion has finished (stop strings finish
+    completions the library knows nothing about: the caller then aborts the library request).
+    """
 
     def __init__(
         self,
@@ -70,6 +88,8 @@ class OutputTranslator:
         prompt_token_ids: list[int],
         *,
         logprobs: int | None,
+        stop: Sequence[str] = (),
+        include_stop_str_in_output: bool = False,
         eos_token_ids: Iterable[int] = (),
         user_stop_token_ids: Iterable[int] = (),
     ) -> None:
@@ -77,25 +97,44 @@ class OutputTranslator:
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
         self.logprobs = logprobs
+        self._stop = list(stop)
+        self._include_stop = include_stop_str_in_output
         # EOS ids Kiln added as stop ids report stop_reason None, like an EOS stop.
         self._eos_only = set(eos_token_ids) - set(user_stop_token_ids)
+        self._sequences: dict[int, _Sequence] = {}
         self._finished: set[int] = set()
         self.metrics = RequestMetrics(arrival_time=time.monotonic())
 
     def _completion(self, c: Any, *, force_finish: bool) -> CompletionOutput | None:
+        seq = self._sequences.get(c.index)
+        if seq is None:
+            checker = StopChecker(self._stop, self._include_stop) if self._stop else None
+            seq = self._sequences[c.index] = _Sequence(checker)
         token_ids = list(c.token_ids_diff)
-        text = c.text_diff
+        new_text = c.text_diff
+        seq.text += new_text
         finish = _FINISH_REASONS.get(c.finish_reason) if c.finish_reason else None
         if finish is None and force_finish:
             finish = "abort"
+        stop_reason = c.stop_reason if finish == "stop" else None
+        if isinstance(stop_reason, int) and stop_reason in self._eos_only:
+            stop_reason = None
+        release_to = len(seq.text) if finish else None
+        if seq.stop_checker is not None:
+            result = seq.stop_checker.check(seq.text, len(new_text))
+            if result.stopped:
+                finish, stop_reason, release_to = "stop", result.stop, result.cut
+            elif release_to is None:
+                release_to = result.safe_len
+        if release_to is None:
+            release_to = len(seq.text)
+        text = seq.text[seq.sent_chars : max(release_to, seq.sent_chars)]
+        seq.sent_chars = max(release_to, seq.sent_chars)
         if not token_ids and not text and finish is None:
             return None
         logprobs = None
         if self.logprobs is not None:
             logprobs = translate_logprobs(c.logprobs_diff, token_ids, self.logprobs)
-        stop_reason = c.stop_reason if finish == "stop" else None
-        if isinstance(stop_reason, int) and stop_reason in self._eos_only:
-            stop_reason = None
         return CompletionOutput(
             index=c.index,
             text=text,
@@ -108,17 +147,18 @@ class OutputTranslator:
 
     def step(self, out: Any) -> RequestOutput | None:
         """The delta of one library output; None when it holds nothing new (not even a finish)."""
-        finished = bool(out.finished)
+        library_done = bool(out.finished)
         completions = []
         for c in out.outputs:
             if c.index in self._finished:
                 continue
-            completion = self._completion(c, force_finish=finished)
+            completion = self._completion(c, force_finish=library_done)
             if completion is None:
                 continue
             if completion.finished:
                 self._finished.add(c.index)
             completions.append(completion)
+        finished = library_done or len(self._finished) >= len(out.outputs)
         if not completions and not finished:
             return None
         now = time.monotonic()
@@ -360,22 +400,25 @@ class TrtLlmEngine:
             prompt,
             prompt_token_ids,
             logprobs=params.logprobs,
+            stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output,
             eos_token_ids=self._limits.eos_token_ids,
             user_stop_token_ids=params.stop_token_ids,
         )
-        finished = False
+        library_done = False
         try:
             async for out in result:
+                library_done = bool(out.finished)
                 delta = translator.step(out)
                 if delta is None:
                     continue
-                finished = delta.finished
                 yield delta
-                if finished:
+                if delta.finished:
                     return
         finally:
-            # Client gone, task cancelled or failed: free the sequence's KV blocks now (unless abort() did).
-            if self._requests.pop(request_id, None) is not None and not finished:
+            # Client gone, task cancelled, failed, or finished by a stop string the library does not know:
+            # free the sequence's KV blocks now (unless abort() already did).
+            if self._requests.pop(request_id, None) is not None and not library_done:
                 result.abort()
 
     # -- internals ------------------------------------------------------------------------------------

@@ -18,6 +18,10 @@ Semantics relied on (tensorrt_llm/sampling_params.py, 1.x):
   Kiln's unseeded requests are random, so the caller passes a fresh `fallback_seed`.
 - `logprobs` on a TensorRT engine are computed from generation logits, which the runtime only returns when
   the LLM was created with gather_generation_logits=True (llmapi/llm.py `_check_arguments`).
+- Stop *strings* are not passed on: the library matches them as token sequences of the encoded string
+  (missing matches that tokenize differently) and trims them only after they were streamed. Kiln matches
+  them on the text in `kiln.trtllm.backend.OutputTranslator` with the native engine's StopChecker, and
+  aborts the library request when one matches. Stop token ids are passed on.
 """
 
 from __future__ import annotations
@@ -55,8 +59,6 @@ KILN_FIELD_OF: dict[str, str] = {
     "seed": "seed",
     "max_tokens": "max_tokens",
     "min_tokens": "min_tokens",
-    "stop": "stop",
-    "include_stop_str_in_output": "include_stop_str_in_output",
     "stop_token_ids": "stop_token_ids",
     "end_id": "ignore_eos",
     "ignore_eos": "ignore_eos",
@@ -123,7 +125,6 @@ def trtllm_sampling_kwargs(
         "seed": params.seed if params.seed is not None else fallback_seed,
         "skip_special_tokens": params.skip_special_tokens,
         "detokenize": True,
-        "include_stop_str_in_output": params.include_stop_str_in_output,
         "ignore_eos": params.ignore_eos,
     }
     if params.greedy:
@@ -152,8 +153,6 @@ def trtllm_sampling_kwargs(
             stop_token_ids += [t for t in limits.eos_token_ids[1:] if t not in stop_token_ids]
     if stop_token_ids:
         kw["stop_token_ids"] = stop_token_ids
-    if params.stop:
-        kw["stop"] = list(params.stop)
 
     if params.logprobs is not None:
         # Kiln's 0 means "the sampled token only"; the library treats 0 as "none", so ask for one

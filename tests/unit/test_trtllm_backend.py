@@ -385,6 +385,30 @@ def test_n_completions_finish_once_each_and_eos_stop_reason_is_none(engine: TrtL
     assert outs[2].outputs[0].stop_reason == "!" and outs[2].finished
 
 
+@pytest.mark.parametrize(("include", "second_text"), [(False, ""), (True, "\n\n")])
+def test_stop_strings_are_matched_on_text_held_back_and_abort_the_library_request(
+    engine: TrtLlmEngine, include: bool, second_text: str
+):
+    llm = FakeLLM.instances[-1]
+    llm.next_outputs = script(1, [[(0, [5], "Hello\n", None, None)], [(0, [6], "\nWorld", None, None)]])
+    params = SamplingParams(max_tokens=10, stop=["\n\n"], include_stop_str_in_output=include)
+    outs = collect(engine, params)
+    assert [o.outputs[0].text for o in outs] == ["Hello", second_text]  # the "\n" waited for the next step
+    assert [o.outputs[0].token_ids for o in outs] == [[5], [6]]
+    last = outs[-1]
+    assert last.finished and last.outputs[0].finish_reason == "stop" and last.outputs[0].stop_reason == "\n\n"
+    assert llm.results[0].aborted == 1  # the library was still generating: its KV blocks are freed now
+    assert "stop" not in {k for k, v in vars(llm.calls[0][1]).items() if v is not None}
+
+
+def test_held_back_text_is_released_when_the_request_ends_otherwise(engine: TrtLlmEngine):
+    llm = FakeLLM.instances[-1]
+    llm.next_outputs = script(1, [[(0, [5], "xa", None, None)], [(0, [6], "", "length", None)]])
+    outs = collect(engine, SamplingParams(max_tokens=2, stop=["ab"]))
+    assert [o.outputs[0].text for o in outs] == ["x", "a"] and outs[-1].outputs[0].finish_reason == "length"
+    assert llm.results[0].aborted == 0  # the library finished by itself
+
+
 def test_closing_the_stream_aborts_the_request(engine: TrtLlmEngine):
     llm = FakeLLM.instances[-1]
     llm.next_outputs, llm.hang = script(1, [[(0, [5], "a", None, None)]]), True
