@@ -138,3 +138,13 @@ def test_hub_id_offline_raises_offline_error(tmp_path: Path) -> None:
     assert "OFFLINE:" in result.stdout
     assert "offline or unreachable" in result.stdout
     assert "kiln build --tiny" in result.stdout
+
+
+def test_model_safetensors_wins_over_stray_files(tiny_gqa_dir: Path, tmp_path: Path) -> None:
+    # Mistral-style repos carry consolidated.safetensors beside the HF weights; reading both would duplicate.
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_gqa_dir, repo)
+    shutil.copyfile(repo / "model.safetensors", repo / "consolidated.safetensors")
+    assert hf_weight_files(repo) == [repo / "model.safetensors"]
+    (repo / "model.safetensors").rename(repo / "weights.safetensors")
+    assert [p.name for p in hf_weight_files(repo)] == ["consolidated.safetensors", "weights.safetensors"]
