@@ -64,7 +64,8 @@ COPY --from=engine-build /engine /
 
 # ---------------------------------------------------------------------------------------------------
 FROM trtllm-base AS trtllm
-RUN useradd --uid 10001 --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin kiln
+# A home directory: tensorrt_llm, triton and torch write caches under $HOME.
+RUN useradd --uid 10001 --user-group --create-home --home-dir /home/kiln --shell /usr/sbin/nologin kiln
 COPY --from=engine --chown=10001:10001 / /engine
 ENV KILN_MODEL=/engine \
     KILN_HOST=0.0.0.0 \
@@ -106,7 +107,8 @@ RUN --mount=type=secret,id=hf_token,required=false \
     docker/build-engine.sh native /engine
 
 FROM native-base AS native
-RUN useradd --uid 10001 --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin kiln
+# A home directory: tensorrt_llm, triton and torch write caches under $HOME.
+RUN useradd --uid 10001 --user-group --create-home --home-dir /home/kiln --shell /usr/sbin/nologin kiln
 COPY --from=native-build --chown=10001:10001 /engine /engine
 ENV KILN_MODEL=/engine \
     KILN_HOST=0.0.0.0 \
