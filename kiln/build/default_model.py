@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -139,20 +141,38 @@ def ensure_default_engine(
 
     dtype = canonical_dtype(dtype)
     engine_dir = default_engine_dir(cache_dir)
-    try:
-        manifest = EngineManifest.load(engine_dir)
-        if manifest.dtype == dtype:
-            return engine_dir
-    except InvalidEngineError:
-        pass
-    gguf_path = fetch_default_gguf(cache_dir)
-    build_engine(
-        gguf_path,
-        engine_dir,
-        dtype=dtype,
-        limits=limits,
-        served_model_name=DEFAULT_MODEL_NAME,
-        progress=progress,
-        overwrite=True,
-    )
+    engine_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Parallel test workers and servers may all ask at once: one builds, the others wait and reuse.
+    with _exclusive(engine_dir.parent / f".{DEFAULT_MODEL_NAME}.lock"):
+        try:
+            if EngineManifest.load(engine_dir).dtype == dtype:
+                return engine_dir
+        except InvalidEngineError:
+            pass
+        gguf_path = fetch_default_gguf(cache_dir)
+        build_engine(
+            gguf_path,
+            engine_dir,
+            dtype=dtype,
+            limits=limits,
+            served_model_name=DEFAULT_MODEL_NAME,
+            progress=progress,
+            overwrite=True,
+        )
     return engine_dir
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on lock_path (POSIX flock; no locking where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock, so two first-time builds at once may collide
+        yield
+        return
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -114,3 +114,20 @@ def test_missing_engine_offline_raises_offline_error(tmp_path: Path, monkeypatch
     monkeypatch.setattr(default_model, "fetch_default_gguf", offline)
     with pytest.raises(OfflineError):
         ensure_default_engine(tmp_path)
+
+
+def test_build_happens_under_an_exclusive_lock(tmp_path: Path, monkeypatch) -> None:
+    fcntl = pytest.importorskip("fcntl")
+    lock = default_engine_dir(tmp_path).parent / f".{DEFAULT_MODEL_NAME}.lock"
+
+    def fetch_checking_the_lock(cache_dir=None) -> Path:
+        # A second open file description, as another process would have.
+        with lock.open("a") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        raise OfflineError("stop here")
+
+    monkeypatch.setattr(default_model, "fetch_default_gguf", fetch_checking_the_lock)
+    with pytest.raises(OfflineError, match="stop here"):
+        ensure_default_engine(tmp_path)
+    with lock.open("a") as other:  # released afterwards
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
