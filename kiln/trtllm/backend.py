@@ -206,8 +206,8 @@ def runtime_llm_kwargs(manifest: Any, options: EngineOptions) -> dict[str, Any]:
     """`LLM(...)` keywords for serving `manifest`'s engine with `options`; ValueError for what it cannot do.
 
     Returns {"kv_cache_config": {KvCacheConfig keywords}, "max_batch_size", "max_num_tokens", "max_seq_len",
-    "enable_chunked_prefill", "gather_generation_logits"}. EngineOptions.gpu_memory_utilization becomes
-    KvCacheConfig.free_gpu_memory_fraction: the share of GPU memory *left after loading the engine* that
+    "tensor_parallel_size", "enable_chunked_prefill", "gather_generation_logits"}.
+    EngineOptions.gpu_memory_utilization becomes KvCacheConfig.free_gpu_memory_fraction: the share of GPU memory *left after loading the engine* that
     the KV cache takes (TensorRT-LLM's meaning), which is close to but not the native engine's meaning.
     """
     limits = manifest.limits
@@ -252,6 +252,7 @@ def runtime_llm_kwargs(manifest: Any, options: EngineOptions) -> dict[str, Any]:
             "max_num_batched_tokens", options.max_num_batched_tokens, limits.max_num_tokens
         ),
         "max_seq_len": capped("max_model_len", options.max_model_len, built_seq_len),
+        "tensor_parallel_size": tp,  # must match the engine's mapping: one rank<N>.engine per GPU
         "enable_chunked_prefill": True,  # the engine is built with paged context FMHA, which allows it
         "gather_generation_logits": bool(extra.get("gather_generation_logits", False)),
     }

@@ -296,6 +296,7 @@ def test_from_engine_dir_loads_with_runtime_settings(engine_dir: Path):
     kv = llm.kwargs["kv_cache_config"]
     assert kv.free_gpu_memory_fraction == 0.8 and kv.enable_block_reuse is False
     assert llm.kwargs["max_batch_size"] == 4 and llm.kwargs["max_seq_len"] == 64
+    assert llm.kwargs["tensor_parallel_size"] == 1 and llm.kwargs["gather_generation_logits"] is True
     info = engine.model_info
     assert (
         info.backend == "trtllm"
