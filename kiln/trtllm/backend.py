@@ -207,8 +207,9 @@ def runtime_llm_kwargs(manifest: Any, options: EngineOptions) -> dict[str, Any]:
 
     Returns {"kv_cache_config": {KvCacheConfig keywords}, "max_batch_size", "max_num_tokens", "max_seq_len",
     "tensor_parallel_size", "enable_chunked_prefill", "gather_generation_logits"}.
-    EngineOptions.gpu_memory_utilization becomes KvCacheConfig.free_gpu_memory_fraction: the share of GPU memory *left after loading the engine* that
-    the KV cache takes (TensorRT-LLM's meaning), which is close to but not the native engine's meaning.
+    EngineOptions.gpu_memory_utilization becomes KvCacheConfig.free_gpu_memory_fraction: the share of GPU
+    memory *left after loading the engine* that the KV cache takes (TensorRT-LLM's meaning), which is close
+    to but not the native engine's meaning.
     """
     limits = manifest.limits
     extra = manifest.extra
