@@ -329,7 +329,9 @@ class TrtLlmEngine:
         from tensorrt_llm.llmapi import KvCacheConfig
 
         LLM = compat.import_trt_engine_llm()
-        kwargs = {k: v for k, v in runtime.items() if k != "kv_cache_config"}
+        # max_seq_len stays Kiln's to enforce: TrtLlmArgs resets a runtime max_seq_len to the engine's
+        # (llmapi/llm_args.py validate_build_config_with_runtime_params); batch and token caps may be lower.
+        kwargs = {k: v for k, v in runtime.items() if k not in ("kv_cache_config", "max_seq_len")}
         llm = LLM(
             model=str(path / manifest.extra.get("engine_subdir", "trtllm")),
             tokenizer=str(path),

@@ -295,8 +295,15 @@ def test_from_engine_dir_loads_with_runtime_settings(engine_dir: Path):
     assert llm.model == str(engine_dir / "trtllm") and llm.tokenizer == str(engine_dir)
     kv = llm.kwargs["kv_cache_config"]
     assert kv.free_gpu_memory_fraction == 0.8 and kv.enable_block_reuse is False
-    assert llm.kwargs["max_batch_size"] == 4 and llm.kwargs["max_seq_len"] == 64
+    assert llm.kwargs["max_batch_size"] == 4 and "max_seq_len" not in llm.kwargs  # Kiln enforces it
     assert llm.kwargs["tensor_parallel_size"] == 1 and llm.kwargs["gather_generation_logits"] is True
+    info = TrtLlmEngine.from_engine_dir(engine_dir, EngineOptions(max_model_len=32)).model_info
+    assert info.max_model_len == 32
+    with pytest.raises(ValueError, match="max_tokens"):
+        collect(
+            TrtLlmEngine.from_engine_dir(engine_dir, EngineOptions(max_model_len=32)),
+            SamplingParams(max_tokens=30),
+        )
     info = engine.model_info
     assert (
         info.backend == "trtllm"
