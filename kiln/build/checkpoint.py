@@ -40,6 +40,7 @@ class ResolvedCheckpoint:
     kind: Literal["hf", "gguf"]
     path: Path
     source: str  # what the user gave (path or hub id), for the manifest
+    from_hub: bool = False  # path is a hub snapshot downloaded for `source`
 
 
 def resolve_checkpoint(checkpoint: str | Path) -> ResolvedCheckpoint:
@@ -56,7 +57,7 @@ def resolve_checkpoint(checkpoint: str | Path) -> ResolvedCheckpoint:
         hf_weight_files(path)  # fail now, with a clear message, rather than mid-build
         return ResolvedCheckpoint("hf", path, source)
     if isinstance(checkpoint, str) and _HUB_ID.match(checkpoint) and not checkpoint.startswith("."):
-        return ResolvedCheckpoint("hf", download_from_hub(checkpoint), source)
+        return ResolvedCheckpoint("hf", download_from_hub(checkpoint), source, from_hub=True)
     raise CheckpointError(
         f"checkpoint {source!r} not found: no such file or directory, and not a hub id (org/name)"
     )

@@ -65,8 +65,12 @@ def build_engine(
     progress: bool = True,
     overwrite: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    source: str | None = None,
 ) -> EngineManifest:
     """Build a native engine from a HF directory, a .gguf file or a hub id; returns its manifest.
+
+    source: what engine.json records as the origin (default: checkpoint as given). max_shard_bytes:
+    weight files are split when larger (HF-style shards + model.safetensors.index.json).
 
     Raises CheckpointError / OfflineError for the checkpoint, ValueError for a bad dtype or limits,
     and FileExistsError when output_dir exists and is not empty, unless overwrite=True (the old
@@ -79,6 +83,8 @@ def build_engine(
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite)")
     resolved = resolve_checkpoint(checkpoint)
+    if source is not None:
+        resolved.source = source
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.building-", dir=output_dir.parent))
     try:
@@ -104,6 +110,7 @@ def build_tiny_engine(
     """Build an engine from `write_tiny_checkpoint(seed=seed, **tiny_options)`: `kiln build --tiny`."""
     from kiln.build.tiny import write_tiny_checkpoint
 
+    options = "".join(f", {k}={v!r}" for k, v in sorted(tiny_options.items()))
     with tempfile.TemporaryDirectory(prefix="kiln-tiny-") as tmp:
         checkpoint = write_tiny_checkpoint(Path(tmp), seed=seed, **tiny_options)
         manifest = build_engine(
@@ -114,10 +121,8 @@ def build_tiny_engine(
             served_model_name=served_model_name,
             progress=progress,
             overwrite=overwrite,
+            source=f"tiny(seed={seed}{options})",
         )
-    options = "".join(f", {k}={v!r}" for k, v in sorted(tiny_options.items()))
-    manifest.source = f"tiny(seed={seed}{options})"
-    manifest.save(Path(output_dir))
     return manifest
 
 
@@ -151,7 +156,8 @@ def _build_into(
             hf = read_hf_config(resolved.path)
             tensors, count = iter_hf_tensors(resolved.path), hf_tensor_count(resolved.path)
             tokenizer_files = _copy_tokenizer_files(resolved.path, out)
-            default_name = resolved.source if not Path(resolved.source).exists() else resolved.path.name
+            # A hub id names the model ("org/name"); for a local directory its name does.
+            default_name = resolved.source if resolved.from_hub else resolved.path.name
         model = model_config_from_hf(hf, where=resolved.source)
         _merge_generation_eos(model, out)
         step = bar.step(f"packing weights ({dtype})", count)

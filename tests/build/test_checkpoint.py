@@ -148,3 +148,45 @@ def test_model_safetensors_wins_over_stray_files(tiny_gqa_dir: Path, tmp_path: P
     assert hf_weight_files(repo) == [repo / "model.safetensors"]
     (repo / "model.safetensors").rename(repo / "weights.safetensors")
     assert [p.name for p in hf_weight_files(repo)] == ["consolidated.safetensors", "weights.safetensors"]
+
+
+def test_hub_id_downloads_only_what_a_build_needs(tiny_gqa_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub
+
+    from kiln.build import EngineManifest, build_engine
+
+    calls = []
+
+    def fake_snapshot_download(repo_id: str, **kwargs) -> str:
+        calls.append((repo_id, kwargs))
+        return str(tiny_gqa_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.chdir(tmp_path)  # so "org/tiny" is not a local path
+    resolved = resolve_checkpoint("org/tiny")
+    assert (resolved.kind, resolved.path, resolved.from_hub) == ("hf", tiny_gqa_dir, True)
+    [(repo_id, kwargs)] = calls
+    assert repo_id == "org/tiny"
+    assert "*.safetensors" in kwargs["allow_patterns"] and "*.bin" not in kwargs["allow_patterns"]
+    build_engine("org/tiny", tmp_path / "e", dtype="float32", progress=False)
+    manifest = EngineManifest.load(tmp_path / "e")
+    assert manifest.source == manifest.served_model_name == "org/tiny"
+
+
+@pytest.mark.parametrize(
+    ("error", "message"), [("RepositoryNotFoundError", "not found"), ("GatedRepoError", "gated")]
+)
+def test_hub_errors_become_checkpoint_errors(tmp_path: Path, monkeypatch, error: str, message: str) -> None:
+    import httpx
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    response = httpx.Response(404, request=httpx.Request("GET", "https://huggingface.co/api/models/org/x"))
+
+    def fail(repo_id: str, **kwargs) -> str:
+        raise getattr(errors, error)("hub says no", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=message):
+        resolve_checkpoint("org/x")
