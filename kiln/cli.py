@@ -1,0 +1,379 @@
+"""The `kiln` command: build, serve, chat, complete, models.
+
+The commands only parse flags, show progress and print results; the work lives in `kiln.build`,
+`kiln.serve` and the engine. `kiln serve`'s flags are generated from `ServerSettings`, one per field
+(`max_waiting_requests` -> `--max-waiting-requests`), with the field's description as help, so the
+settings model, the `KILN_*` variables and the flags cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from kiln.serve.settings import ServerSettings
+
+app = typer.Typer(
+    help="Kiln: build Llama-family checkpoints into engines and serve them through an OpenAI-compatible API.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+# Settings that are not `kiln serve` flags: MODEL is the positional argument.
+_NOT_FLAGS = {"model"}
+SETTINGS_FLAGS = [name for name in ServerSettings.model_fields if name not in _NOT_FLAGS]
+
+
+def _fail(message: str, hint: str | None = None, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    if hint:
+        err.print(hint, highlight=False)
+    return typer.Exit(code)
+
+
+def _flag_parameter(name: str) -> inspect.Parameter:
+    field = ServerSettings.model_fields[name]
+    annotation: Any = field.annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    # Parentheses, not brackets: rich help would read "[...]" as markup and drop it.
+    option: dict[str, Any] = {"help": f"{field.description} (env: KILN_{name.upper()})"}
+    if typing.get_origin(annotation) is typing.Annotated:  # list[str] marked NoDecode
+        annotation = typing.get_args(annotation)[0]
+    elif args and typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = args[0]
+    if annotation == list[str]:
+        option["help"] += " Repeat the flag for several."
+    default = field.get_default(call_default_factory=True)
+    if default not in (None, []):
+        option["help"] += f" (default: {default})"
+    # Every flag defaults to None = "not given", so KILN_* variables still apply beneath the flags.
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[Optional[annotation], typer.Option(show_default=False, **option)],  # noqa: UP045
+    )
+
+
+def with_settings_flags(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add one flag per `ServerSettings` field to a command taking `settings: ServerSettings`."""
+    own = [p for p in inspect.signature(func, eval_str=True).parameters.values() if p.name != "settings"]
+    parameters = own + [_flag_parameter(name) for name in SETTINGS_FLAGS]
+
+    @functools.wraps(func)
+    def command(**kwargs: Any) -> Any:
+        given = {name: kwargs.pop(name) for name in SETTINGS_FLAGS}
+        given = {k: v for k, v in given.items() if v is not None and v != []}
+        try:
+            settings = ServerSettings(**given)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()
+            )
+            raise _fail(f"invalid settings: {problems}", code=2) from None
+        return func(settings=settings, **kwargs)
+
+    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in parameters}
+    del command.__wrapped__  # typer must read the generated signature, not the original one
+    return command
+
+
+def _resolve(model: str | None, tiny: bool) -> Path:
+    from kiln.errors import KilnError, OfflineError
+    from kiln.serve.model_source import resolve_model_dir
+
+    try:
+        return resolve_model_dir(model, tiny=tiny)
+    except OfflineError as exc:
+        raise _fail(
+            str(exc), "No network? [bold]kiln serve --tiny[/bold] serves a tiny random model built locally."
+        ) from None
+    except (KilnError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+
+
+def _load(model: str | None, tiny: bool, settings: ServerSettings) -> Any:
+    from kiln.engine.open import open_engine
+    from kiln.errors import KilnError
+
+    path = _resolve(model, tiny)
+    try:
+        with err.status(f"Loading {path} ..."):
+            return open_engine(path, settings.engine_options())
+    except (KilnError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+
+
+ModelArg = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Argument(
+        help="Engine directory, Hugging Face checkpoint directory or hub id (org/name). "
+        "Omitted: the embedded default model (SmolLM2-135M-Instruct), built once into ~/.cache/kiln.",
+        envvar="KILN_MODEL",
+        show_default=False,
+    ),
+]
+TinyOpt = Annotated[
+    bool, typer.Option("--tiny", help="Use a tiny random-weight model built locally (no download).")
+]
+
+
+@app.command()
+@with_settings_flags
+def serve(model: ModelArg = None, tiny: TinyOpt = False, *, settings: ServerSettings) -> None:
+    """Serve a model through the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    from kiln.serve.runner import configure_logging, run_server
+
+    configure_logging(settings.log_level)
+    engine = _load(model, tiny, settings)
+    name = settings.served_model_name or engine.model_info.name
+    where = f"http://{settings.host}:{settings.port}/v1" if settings.port else f"http://{settings.host}/v1"
+    err.print(
+        f"Serving [bold]{name}[/bold] at {where} (OpenAI-compatible). Stop with Ctrl-C.", highlight=False
+    )
+    run_server(engine, settings)
+
+
+@app.command()
+def build(
+    checkpoint: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Argument(help="Hugging Face checkpoint directory, .gguf file or hub id.", show_default=False),
+    ] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Engine directory to write.")] = ...,  # type: ignore[assignment]
+    dtype: Annotated[str, typer.Option(help="Weight dtype: float16, bfloat16 or float32.")] = "float16",
+    max_batch_size: Annotated[int, typer.Option(help="Most requests running at once.")] = 64,
+    max_num_tokens: Annotated[int, typer.Option(help="Most tokens computed in one step.")] = 2048,
+    max_seq_len: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            help="Prompt + generated tokens per request (default: the model's context).", show_default=False
+        ),
+    ] = None,
+    block_size: Annotated[int, typer.Option(help="Tokens per KV-cache block.")] = 16,
+    tiny: Annotated[
+        bool, typer.Option("--tiny", help="Build a tiny random-weight model (no checkpoint).")
+    ] = False,
+    backend: Annotated[
+        Literal["native", "trtllm"], typer.Option(help="native, or trtllm (TensorRT-LLM 1.2 on a GPU).")
+    ] = "native",
+    served_model_name: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="Name clients send as `model` (default: from the checkpoint).", show_default=False),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+    quantization: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="trtllm only: quantization (e.g. fp8, int4_awq).", show_default=False),
+    ] = None,
+    tp_size: Annotated[int, typer.Option(help="trtllm only: tensor-parallel GPUs.")] = 1,
+    calib_dataset: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(help="trtllm only: calibration dataset for quantization.", show_default=False),
+    ] = None,
+) -> None:
+    """Build a checkpoint into an engine directory that `kiln serve` loads."""
+    from kiln.config import EngineLimits
+    from kiln.errors import KilnError
+
+    limits = EngineLimits(
+        max_batch_size=max_batch_size,
+        max_num_tokens=max_num_tokens,
+        max_seq_len=max_seq_len,
+        block_size=block_size,
+    )
+    if tiny == (checkpoint is not None):
+        raise _fail("give a CHECKPOINT or --tiny (exactly one)", code=2)
+    if backend == "native" and (quantization or tp_size != 1 or calib_dataset):
+        raise _fail("--quantization, --tp-size and --calib-dataset need --backend trtllm", code=2)
+    try:
+        if tiny:
+            from kiln.build import build_tiny_engine
+
+            manifest = build_tiny_engine(
+                output,
+                dtype=dtype if dtype != "float16" else "float32",  # tiny's default: exact on CPU
+                limits=limits,
+                served_model_name=served_model_name or "tiny",
+                progress=True,
+                overwrite=overwrite,
+            )
+        elif backend == "trtllm":
+            from kiln.trtllm.build import build_trtllm_engine
+
+            manifest = build_trtllm_engine(
+                checkpoint,  # type: ignore[arg-type]
+                output,
+                dtype=dtype,
+                limits=limits,
+                quantization=quantization,
+                tp_size=tp_size,
+                calib_dataset=calib_dataset,
+                served_model_name=served_model_name,
+                overwrite=overwrite,
+            )
+        else:
+            from kiln.build import build_engine
+
+            manifest = build_engine(
+                checkpoint,  # type: ignore[arg-type]
+                output,
+                dtype=dtype,
+                limits=limits,
+                served_model_name=served_model_name,
+                progress=True,
+                overwrite=overwrite,
+            )
+    except (KilnError, ValueError, FileExistsError) as exc:
+        raise _fail(str(exc)) from None
+    err.print(
+        f"Built [bold]{manifest.served_model_name}[/bold] ({manifest.backend}, {manifest.dtype}) in {output}. "
+        f"Serve it: kiln serve {output}",
+        highlight=False,
+    )
+
+
+UrlOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        help="Server to talk to (e.g. http://127.0.0.1:8000); omitted: serve MODEL in-process.",
+        show_default=False,
+    ),
+]
+ApiKeyOpt = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(help="API key for --url.", envvar="KILN_API_KEY", show_default=False),
+]
+MaxTokensOpt = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(help="Most tokens per reply (default: up to the context).", show_default=False),
+]
+TemperatureOpt = Annotated[
+    Optional[float],  # noqa: UP045
+    typer.Option(help="Sampling temperature (0: greedy; default 1).", show_default=False),
+]
+
+
+def _run_client(
+    url: str | None, model: str | None, tiny: bool, api_key: str | None, use: Callable[[Any, str], None]
+) -> None:
+    """Call `use(client, model_name)` against --url, or against MODEL served in a background thread."""
+    from kiln.errors import KilnError
+    from kiln.serve.terminal import make_client, served_model
+
+    try:
+        if url is not None:
+            if model is not None or tiny:
+                raise _fail("give --url or MODEL/--tiny, not both", code=2)
+            client = make_client(url, api_key)
+            use(client, served_model(client))
+            return
+        from kiln.serve.background import serve_in_background
+
+        settings = ServerSettings(port=0, log_level="warning")
+        engine = _load(model, tiny, settings)
+        with serve_in_background(engine, settings) as (local_url, _server):
+            client = make_client(local_url)
+            use(client, served_model(client))
+    except KilnError as exc:
+        raise _fail(str(exc)) from None
+    except Exception as exc:  # the openai client's connection and API errors
+        if type(exc).__module__.startswith("openai"):
+            raise _fail(f"{type(exc).__name__}: {exc}") from None
+        raise
+
+
+def _params(max_tokens: int | None, temperature: float | None) -> dict[str, Any]:
+    return {k: v for k, v in {"max_tokens": max_tokens, "temperature": temperature}.items() if v is not None}
+
+
+@app.command()
+def chat(
+    model: ModelArg = None,
+    url: UrlOpt = None,
+    tiny: TinyOpt = False,
+    api_key: ApiKeyOpt = None,
+    system: Annotated[Optional[str], typer.Option(help="System prompt.", show_default=False)] = None,  # noqa: UP045
+    max_tokens: MaxTokensOpt = None,
+    temperature: TemperatureOpt = None,
+) -> None:
+    """Chat in the terminal, replies streaming as they are generated (/reset clears, /exit quits)."""
+    from kiln.serve.terminal import chat_repl
+
+    def use(client: Any, name: str) -> None:
+        err.print(
+            f"Chatting with [bold]{name}[/bold]. /reset clears the conversation, /exit quits.",
+            highlight=False,
+        )
+        chat_repl(client, name, out=sys.stdout, system=system, **_params(max_tokens, temperature))
+
+    _run_client(url, model, tiny, api_key, use)
+
+
+@app.command()
+def complete(
+    prompt: Annotated[str, typer.Argument(help="Text to continue.")],
+    model: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--model", "-m", help="Model to load in-process (as for `kiln serve`).", show_default=False
+        ),
+    ] = None,
+    url: UrlOpt = None,
+    tiny: TinyOpt = False,
+    api_key: ApiKeyOpt = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 128,
+    temperature: TemperatureOpt = None,
+) -> None:
+    """Continue PROMPT, streaming the text to stdout."""
+    from kiln.serve.terminal import stream_completion, write_stream
+
+    def use(client: Any, name: str) -> None:
+        write_stream(stream_completion(client, name, prompt, **_params(max_tokens, temperature)), sys.stdout)
+
+    _run_client(url, model, tiny, api_key, use)
+
+
+@app.command()
+def models(
+    url: Annotated[
+        str, typer.Option(help="Server to ask (e.g. http://127.0.0.1:8000).")
+    ] = "http://127.0.0.1:8000",
+    api_key: ApiKeyOpt = None,
+) -> None:
+    """List the models a server serves."""
+    from kiln.serve.terminal import make_client
+
+    def use(client: Any, _name: str) -> None:
+        for card in client.models.list().data:
+            extra = getattr(card, "model_extra", None) or {}
+            details = ", ".join(f"{k}={v}" for k, v in extra.items())
+            sys.stdout.write(f"{card.id}\t{details}\n")
+
+    try:
+        use(make_client(url, api_key), "")
+    except Exception as exc:
+        if type(exc).__module__.startswith("openai"):
+            raise _fail(f"{type(exc).__name__}: {exc}") from None
+        raise
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
