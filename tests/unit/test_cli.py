@@ -1,0 +1,118 @@
+"""The `kiln` CLI: generated serve flags, precedence, help for every flag, build --tiny, error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer.core
+import typer.main
+from typer.testing import CliRunner
+
+import kiln.cli
+import kiln.serve.model_source
+import kiln.serve.runner
+from kiln.engine.protocol import ModelInfo
+from kiln.errors import OfflineError
+from kiln.serve.settings import ServerSettings
+
+runner = CliRunner()
+
+
+def command(name: str) -> Any:
+    return typer.main.get_command(kiln.cli.app).commands[name]  # type: ignore[attr-defined]
+
+
+def test_serve_has_one_flag_per_setting() -> None:
+    flags = {p.name for p in command("serve").params if isinstance(p, typer.core.TyperOption)}
+    assert flags == set(kiln.cli.SETTINGS_FLAGS) | {"tiny"}
+    assert set(kiln.cli.SETTINGS_FLAGS) == set(ServerSettings.model_fields) - {"model"}
+
+
+@pytest.mark.parametrize("name", ["serve", "build", "chat", "complete", "models"])
+def test_every_flag_has_help(name: str) -> None:
+    for param in command(name).params:
+        if isinstance(param, typer.core.TyperOption):
+            assert param.help, f"kiln {name} {param.opts} has no help"
+    result = runner.invoke(kiln.cli.app, [name, "--help"])
+    assert result.exit_code == 0, result.output
+
+
+class _FakeEngine:
+    model_info = ModelInfo(name="fake", backend="native", max_model_len=64, dtype="float32")
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+
+    def load(model: str | None, tiny: bool, settings: ServerSettings) -> _FakeEngine:
+        seen.update(model=model, tiny=tiny)
+        return _FakeEngine()
+
+    monkeypatch.setattr(kiln.cli, "_load", load)
+    monkeypatch.setattr(
+        kiln.serve.runner, "run_server", lambda engine, settings: seen.update(settings=settings)
+    )
+    monkeypatch.setattr(kiln.serve.runner, "configure_logging", lambda level: None)
+    return seen
+
+
+def test_serve_flags_override_environment(captured: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KILN_PORT", "9000")
+    monkeypatch.setenv("KILN_HOST", "0.0.0.0")
+    args = ["serve", "some/model", "--port", "9100", "--api-keys", "a", "--api-keys", "b", "--log-prompts"]
+    args += ["--max-waiting-tokens", "77", "--log-level", "debug", "--no-enable-prefix-caching"]
+    result = runner.invoke(kiln.cli.app, args)
+    assert result.exit_code == 0, result.output
+    s = captured["settings"]
+    assert captured["model"] == "some/model"
+    assert s.port == 9100  # flag beats KILN_PORT
+    assert s.host == "0.0.0.0"  # no flag: KILN_HOST applies
+    assert s.api_keys == ["a", "b"]
+    assert s.log_prompts is True and s.log_level == "debug"
+    assert s.max_waiting_tokens == 77
+    assert s.enable_prefix_caching is False
+    assert s.max_waiting_requests == ServerSettings.model_fields["max_waiting_requests"].default
+
+
+def test_serve_invalid_flag_value_exits_2(captured: dict[str, Any]) -> None:
+    result = runner.invoke(kiln.cli.app, ["serve", "--port", "70000"])
+    assert result.exit_code == 2
+    assert "--port" in result.output
+
+
+def test_serve_offline_suggests_tiny(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(model: str | None, *, tiny: bool = False, progress: bool = True) -> Path:
+        raise OfflineError("could not download the default model: network unreachable")
+
+    monkeypatch.setattr(kiln.serve.model_source, "resolve_model_dir", offline)
+    result = runner.invoke(kiln.cli.app, ["serve"])
+    assert result.exit_code == 1
+    assert "network unreachable" in result.output
+    assert "kiln serve --tiny" in result.output
+
+
+def test_build_tiny_writes_an_engine(tmp_path: Path) -> None:
+    from kiln.build.manifest import EngineManifest
+
+    out = tmp_path / "engine"
+    result = runner.invoke(kiln.cli.app, ["build", "--tiny", "-o", str(out), "--max-seq-len", "256"])
+    assert result.exit_code == 0, result.output
+    manifest = EngineManifest.load(out)
+    assert manifest.served_model_name == "tiny" and manifest.limits.max_seq_len == 256
+    again = runner.invoke(kiln.cli.app, ["build", "--tiny", "-o", str(out)])
+    assert again.exit_code == 1 and "overwrite" in again.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["build", "-o", "x"],
+        ["build", "ckpt", "--tiny", "-o", "x"],
+        ["build", "ckpt", "-o", "x", "--tp-size", "2"],
+    ],
+)
+def test_build_rejects_contradictory_flags(args: list[str]) -> None:
+    assert runner.invoke(kiln.cli.app, args).exit_code == 2
