@@ -4,8 +4,8 @@ We lean on transformers' own GGUF support, so a GGUF converted by Kiln is exactl
 `AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)` loads (tests/build/test_gguf.py checks it):
 - `AutoConfig.from_pretrained(..., gguf_file=)` maps GGUF metadata to an HF config dict;
 - `load_gguf_checkpoint(..., return_tensors=True)` dequantizes every tensor through the `gguf` package
-  and undoes llama.cpp's Q/K row permutation, returning HF tensor names (fp32). Tied embeddings show
-  as the absence of `lm_head.weight`;
+  and undoes llama.cpp's Q/K row permutation, returning HF tensor names (fp32, or the dtype asked).
+  Tied embeddings show as the absence of `lm_head.weight`;
 - `AutoTokenizer.from_pretrained(..., gguf_file=)` rebuilds the tokenizer and chat template.
 
 Quantized GGUFs are dequantized: the engine stores plain `dtype` weights. The GGUF's file type
@@ -14,6 +14,7 @@ Quantized GGUFs are dequantized: the engine stores plain `dtype` weights. The GG
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ def read_gguf_config(path: Path) -> dict[str, Any]:
     path = Path(path)
     try:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    except (ValueError, OSError, KeyError) as exc:
+    except (ValueError, OSError, KeyError, struct.error) as exc:  # struct.error: a truncated header
         raise CheckpointError(f"cannot read GGUF {path}: {exc}") from exc
     hf = config.to_dict()
     hf["architectures"] = hf.get("architectures") or ["LlamaForCausalLM"]
