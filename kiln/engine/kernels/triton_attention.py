@@ -20,6 +20,8 @@ the GPU.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -43,6 +45,65 @@ def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
         else:
             hi = mid
     return lo - 1
+
+
+@triton.jit
+def _attend_keys(
+    acc,
+    l_i,
+    m_i,
+    q,
+    q_pos,
+    start_n,
+    hi,
+    table_row,
+    k_head,
+    v_head,
+    stride_kb,
+    stride_ks,
+    stride_vb,
+    stride_vs,
+    scale_log2,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """One online-softmax step over keys start_n .. start_n+BLOCK_N-1, read through the block table.
+
+    MASKED=False is for key tiles that lie wholly below `hi` and before every row's position.
+    """
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    in_block = offs_n % BLOCK_SIZE
+    n_valid = offs_n < hi
+    if MASKED:
+        block_id = tl.load(table_row + offs_n // BLOCK_SIZE, mask=n_valid, other=0).to(tl.int64)
+    else:
+        block_id = tl.load(table_row + offs_n // BLOCK_SIZE).to(tl.int64)
+    k_ptrs = k_head + block_id[:, None] * stride_kb + in_block[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = v_head + block_id[:, None] * stride_vb + in_block[:, None] * stride_vs + offs_d[None, :]
+    kv_mask = n_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    # Unmasked loads when nothing can be out of range: they vectorise best.
+    if MASKED or HEAD_DIM != HEAD_DIM_P2:  # noqa: SIM108 (a constexpr branch)
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    s = tl.dot(q, tl.trans(k)) * scale_log2
+    if MASKED:
+        visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if MASKED or HEAD_DIM != HEAD_DIM_P2:  # noqa: SIM108 (a constexpr branch)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -123,30 +184,22 @@ def _paged_attention_kernel(
     k_head = k_cache_ptr + kv_head * stride_kh
     v_head = v_cache_ptr + kv_head * stride_vh
 
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < hi
-        block_id = tl.load(table_row + offs_n // BLOCK_SIZE, mask=n_valid, other=0).to(tl.int64)
-        in_block = offs_n % BLOCK_SIZE
-        k = tl.load(
-            k_head + block_id[:, None] * stride_kb + in_block[:, None] * stride_ks + offs_d[None, :],
-            mask=n_valid[:, None] & d_valid[None, :],
-            other=0.0,
-        )
-        s = tl.dot(q, tl.trans(k)) * scale_log2
-        visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(
-            v_head + block_id[:, None] * stride_vb + in_block[:, None] * stride_vs + offs_d[None, :],
-            mask=n_valid[:, None] & d_valid[None, :],
-            other=0.0,
-        )
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    # Keys every row of the tile may see come first, in whole tiles, without masks; the rest (the
+    # causal diagonal and the ragged end) go through the masked path.
+    first_pos = context_len + q_tile * BLOCK_Q
+    unmasked_end = lo + tl.maximum(tl.minimum(hi, first_pos + 1) - lo, 0) // BLOCK_N * BLOCK_N
+    for start_n in range(lo, unmasked_end, BLOCK_N):
+        acc, l_i, m_i = _attend_keys(
+            acc, l_i, m_i, q, q_pos, start_n, hi, table_row, k_head, v_head,
+            stride_kb, stride_ks, stride_vb, stride_vs, scale_log2,
+            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, BLOCK_N, False,
+        )  # fmt: skip
+    for start_n in range(unmasked_end, hi, BLOCK_N):
+        acc, l_i, m_i = _attend_keys(
+            acc, l_i, m_i, q, q_pos, start_n, hi, table_row, k_head, v_head,
+            stride_kb, stride_ks, stride_vb, stride_vs, scale_log2,
+            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, BLOCK_N, True,
+        )  # fmt: skip
 
     store_mask = row_valid[:, None] & d_valid[None, :]
     if NUM_SPLITS == 1:
@@ -213,6 +266,29 @@ def _num_sms(device: torch.device) -> int:
     return _NUM_SMS_CACHE[index]
 
 
+@dataclass(frozen=True, slots=True)
+class AttentionConfig:
+    """Tile shape and pipelining of one launch. block_m: rows (query token x head) per prefill tile
+    (decode tiles are one token's query-head group); block_n: keys per inner step."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def default_config(decode: bool, head_dim_p2: int) -> AttentionConfig:
+    """The tile shape used unless the caller passes one (chosen from sweeps on an H100, see
+    docs/benchmarks.md)."""
+    if decode:
+        return AttentionConfig(
+            block_m=16, block_n=64 if head_dim_p2 <= 128 else 32, num_warps=4, num_stages=2
+        )
+    if head_dim_p2 <= 128:
+        return AttentionConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+    return AttentionConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
+
+
 def choose_num_splits(num_tiles: int, num_kv_heads: int, max_kv_len: int, num_sms: int) -> int:
     """How many sequence slices to cut each tile's keys into.
 
@@ -234,11 +310,12 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     num_splits: int | None = None,
+    config: AttentionConfig | None = None,
 ) -> torch.Tensor:
     """Attention of the ragged `query` [T, H, D] over the paged caches; returns [T, H, D] in query's dtype.
 
     `num_splits` fixes the sequence split (CUDA-graph capture wants one value per graph); None picks
-    it from the batch shape. Rows of padding tokens (beyond query_start_loc[-1]) are zeros, as in the
+    it from the batch shape. `config` overrides the tile shape (for tuning sweeps). Rows of padding tokens (beyond query_start_loc[-1]) are zeros, as in the
     reference; the zeroing follows the host copy of query_start_loc, so a replayed CUDA graph leaves
     a different number of padding rows unspecified (nothing reads them).
     """
@@ -260,13 +337,12 @@ def paged_attention(
     if num_seqs == 0 or num_tokens == 0:
         return out
 
-    if meta.max_query_len == 1:
-        block_q = 1
-        block_n = 64 if head_dim_p2 <= 128 else 32
-    else:
-        block_q = max(1, 64 // group_p2) if head_dim_p2 <= 128 else max(1, 32 // group_p2)
-        block_n = 64 if head_dim_p2 <= 128 else 32
+    decode = meta.max_query_len == 1
+    config = config or default_config(decode, head_dim_p2)
+    # Decode tiles hold one token's group; prefill tiles as many tokens as fill config.block_m rows.
+    block_q = 1 if decode else max(1, config.block_m // group_p2)
     block_m = max(16, block_q * group_p2)
+    block_n = config.block_n
     num_tiles = num_tokens // block_q + num_seqs  # an upper bound on every request's ceil(q_len / block_q)
     if num_splits is None:
         real_tiles = num_seqs if meta.max_query_len == 1 else num_tiles
@@ -312,8 +388,8 @@ def paged_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
-        num_warps=4,
-        num_stages=2,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](

@@ -1,0 +1,39 @@
+"""Kiln's native engine on the issue's workloads, each in its own process (a fresh GPU per shape):
+
+- llama2-7b fp16: batch-1 decode, 128 in / 128 out (ms per token, TTFT);
+- llama3.1-8b bf16: offline throughput, 1024 requests of 128 in / 128 out, then batch-1 latency.
+
+Run: `python -m bench.engine --out bench/results/results.json` (each run appends its rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+RUNS = [
+    ["--random", "llama2-7b", "--latency-only", "--input-len", "128", "--output-len", "128"],
+    ["--random", "llama3.1-8b", "--num-requests", "1024", "--input-len", "128", "--output-len", "128"],
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/results.json"))
+    parser.add_argument("--num-requests", type=int, help="override the throughput run's request count")
+    args = parser.parse_args(argv)
+    status = 0
+    for run in RUNS:
+        run = list(run)
+        if args.num_requests and "--num-requests" in run:
+            run[run.index("--num-requests") + 1] = str(args.num_requests)
+        command = [sys.executable, "-m", "kiln.bench", *run, "--json", str(args.out)]
+        print("$", " ".join(command), flush=True)
+        status |= subprocess.call(command)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""`kiln bench`: offline throughput and batch-1 latency of the native engine.
+
+    kiln bench MODEL_OR_ENGINE_DIR [--num-requests 1024 --input-len 128 --output-len 128]
+    kiln bench --random llama3.1-8b                # random weights at a preset shape, built on the GPU
+    kiln bench --random llama2-7b --latency-only   # batch-1 ms per token and time to first token
+
+Rules of the measurements:
+- Prompts are random token ids (fixed seed), so results do not depend on a tokenizer or a dataset;
+  with --input-len-range / --output-len-range each request draws its lengths uniformly.
+- Every request is greedy with `ignore_eos`, so it produces exactly its output length.
+- Throughput: all requests are added at once and the engine is stepped until none is left; output
+  tokens per second = generated tokens / wall time from the first step to the last (a warm-up
+  request runs first, so one-off compilation is not counted).
+- Latency: one request alone; TTFT = time from add_request to the step that returns its first
+  token; ms per token = (end - first token) / (output_len - 1).
+- `--json PATH` appends the figures, with the device and the exact command, to a results file
+  (the format of bench/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.config import DTYPES, EngineLimits, ModelConfig, canonical_dtype
+from kiln.engine.options import EngineOptions
+from kiln.engine.sampling_params import SamplingParams
+
+# Hugging Face config.json fields of the preset shapes (the weights are random; the speed is not).
+RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama2-7b": (
+        "float16",
+        {
+            "vocab_size": 32000,
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+        },
+    ),
+    "llama3.1-8b": (
+        "bfloat16",
+        {
+            "vocab_size": 128256,
+            "hidden_size": 4096,
+            "intermediate_size": 14336,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "max_position_embeddings": 131072,
+            "rms_norm_eps": 1e-5,
+            "rope_parameters": {
+                "rope_theta": 500000.0,
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+            "bos_token_id": 128000,
+            "eos_token_id": 128001,
+        },
+    ),
+}
+
+
+@dataclass(slots=True)
+class ThroughputResult:
+    num_requests: int
+    input_tokens: int
+    output_tokens: int
+    elapsed_s: float
+
+    @property
+    def output_tok_per_s(self) -> float:
+        return self.output_tokens / self.elapsed_s
+
+    @property
+    def total_tok_per_s(self) -> float:
+        return (self.input_tokens + self.output_tokens) / self.elapsed_s
+
+
+@dataclass(slots=True)
+class LatencyResult:
+    input_len: int
+    output_len: int
+    ttft_ms: float
+    ms_per_token: float
+
+
+def build_random_engine(shape: str, options: EngineOptions, limits: EngineLimits | None = None):
+    """An LLMEngine over random weights at a preset shape, made directly on the device (no disk
+    but a throw-away tokenizer: the engine needs one to detokenize, and any will do for ids)."""
+    from kiln.build.tiny import write_tiny_checkpoint
+    from kiln.engine.llm_engine import LLMEngine
+    from kiln.models.loader import build_empty_model
+    from kiln.models.tokenizer import Tokenizer
+    from kiln.models.weights import expected_packed_shapes
+
+    if shape not in RANDOM_SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(RANDOM_SHAPES)}")
+    default_dtype, hf_config = RANDOM_SHAPES[shape]
+    dtype = canonical_dtype(options.dtype or default_dtype)
+    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = ModelConfig.from_hf({"model_type": "llama", **hf_config})
+    model = build_empty_model(config, dtype=DTYPES[dtype], device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def random_weights():
+        for name, size in expected_packed_shapes(config).items():
+            if len(size) == 1:  # norms
+                yield name, torch.ones(size, device=device)
+            else:  # std 0.02 keeps activations finite through 32 layers in half precision
+                yield name, torch.randn(size, device=device, generator=generator).mul_(0.02)
+
+    model.load_weights(random_weights())
+    tokenizer_dir = Path(tempfile.mkdtemp(prefix="kiln-bench-tok-"))
+    write_tiny_checkpoint(tokenizer_dir, num_hidden_layers=1)
+    return LLMEngine(
+        model.eval(),
+        config,
+        Tokenizer(tokenizer_dir),
+        limits=limits,
+        options=options,
+        model_name=f"random-{shape}",
+        dtype=dtype,
+    )
+
+
+def _prompts(n: int, lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    # Skip the lowest ids: special tokens there could change nothing here, but keep prompts "plain".
+    return [[rng.randrange(10, vocab) for _ in range(lengths[i])] for i in range(n)]
+
+
+def _lengths(n: int, fixed: int, span: tuple[int, int] | None, seed: int) -> list[int]:
+    if span is None:
+        return [fixed] * n
+    rng = random.Random(seed)
+    return [rng.randint(span[0], span[1]) for _ in range(n)]
+
+
+def _sync(engine) -> None:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)
+
+
+def run_throughput(
+    engine,
+    num_requests: int,
+    input_lens: list[int],
+    output_lens: list[int],
+    seed: int = 0,
+) -> ThroughputResult:
+    """Add every request at once, step until all finish; see the module doc for the rules."""
+    vocab = engine.model_config.vocab_size
+    prompts = _prompts(num_requests, input_lens, vocab, seed)
+    # Warm-up: one short request compiles/initialises whatever the first step needs.
+    engine.add_request("warmup", prompt_token_ids=prompts[0][:16], params=_greedy(4))
+    while engine.has_unfinished_requests():
+        engine.step()
+    _sync(engine)
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt_token_ids=prompt, params=_greedy(output_lens[i]))
+    generated = 0
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            generated += sum(len(c.token_ids) for c in delta.outputs)
+    _sync(engine)
+    elapsed = time.perf_counter() - start
+    return ThroughputResult(num_requests, sum(input_lens), generated, elapsed)
+
+
+def run_latency(engine, input_len: int, output_len: int, seed: int = 0, repeats: int = 3) -> LatencyResult:
+    """One request at a time (after a warm-up); the best of `repeats` runs, as the engine allows."""
+    vocab = engine.model_config.vocab_size
+    best: LatencyResult | None = None
+    for rep in range(repeats + 1):
+        prompt = _prompts(1, [input_len], vocab, seed + rep)[0]
+        _sync(engine)
+        start = time.perf_counter()
+        engine.add_request(f"lat{rep}", prompt_token_ids=prompt, params=_greedy(output_len))
+        first = None
+        count = 0
+        while engine.has_unfinished_requests():
+            for delta in engine.step():
+                new = sum(len(c.token_ids) for c in delta.outputs)
+                if new and first is None:
+                    first = time.perf_counter()
+                count += new
+        end = time.perf_counter()
+        if rep == 0 or first is None:
+            continue  # the first run warms up
+        result = LatencyResult(
+            input_len, count, 1000 * (first - start), 1000 * (end - first) / max(count - 1, 1)
+        )
+        if best is None or result.ms_per_token < best.ms_per_token:
+            best = result
+    assert best is not None
+    return best
+
+
+def _greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def _span(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    low, _, high = text.partition(":")
+    return int(low), int(high)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", nargs="?", help="engine or Hugging Face directory (or use --random)")
+    parser.add_argument("--random", choices=sorted(RANDOM_SHAPES), help="random weights at a preset shape")
+    parser.add_argument("--num-requests", type=int, default=1024)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--input-len-range", help="LOW:HIGH, sample input lengths uniformly")
+    parser.add_argument("--output-len-range", help="LOW:HIGH, sample output lengths uniformly")
+    parser.add_argument("--latency-only", action="store_true", help="skip the throughput run")
+    parser.add_argument("--throughput-only", action="store_true", help="skip the latency run")
+    parser.add_argument("--dtype", help="float16 | bfloat16 | float32 (default: the model's)")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="append the results to this JSON file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `kiln bench` (also `python -m kiln.bench`); returns the exit status."""
+    args = _parser().parse_args(argv)
+    if (args.model is None) == (args.random is None):
+        print("kiln bench: give a MODEL directory or --random SHAPE (one of them)", file=sys.stderr)
+        return 2
+    options = EngineOptions(
+        dtype=args.dtype,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        seed=args.seed,
+    )
+    if args.random:
+        limits = EngineLimits(max_seq_len=4096)
+        engine = build_random_engine(args.random, options, limits)
+        label = args.random
+    else:
+        from kiln.engine.llm_engine import LLMEngine
+
+        engine = LLMEngine.from_path(args.model, options)
+        label = Path(args.model).name
+    rows: list[dict[str, Any]] = []
+    params = {"dtype": engine.dtype, "max_num_seqs": args.max_num_seqs, "block_size": args.block_size}
+    if not args.latency_only:
+        inputs = _lengths(args.num_requests, args.input_len, _span(args.input_len_range), args.seed)
+        outputs = _lengths(args.num_requests, args.output_len, _span(args.output_len_range), args.seed + 1)
+        tp = run_throughput(engine, args.num_requests, inputs, outputs, args.seed)
+        workload = f"{args.num_requests} req {args.input_len_range or args.input_len} in / {args.output_len_range or args.output_len} out"
+        print(
+            f"{label}: {workload}: {tp.output_tok_per_s:,.0f} output tok/s ({tp.total_tok_per_s:,.0f} total) in {tp.elapsed_s:.1f} s"
+        )
+        rows.append(
+            _row(
+                label,
+                "offline_throughput",
+                "output_tok_per_s",
+                tp.output_tok_per_s,
+                workload,
+                params | asdict(tp),
+            )
+        )
+    if not args.throughput_only:
+        lat = run_latency(engine, args.input_len, args.output_len, args.seed)
+        workload = f"batch 1, {lat.input_len} in / {lat.output_len} out"
+        print(f"{label}: {workload}: {lat.ms_per_token:.2f} ms/token, TTFT {lat.ttft_ms:.1f} ms")
+        rows.append(_row(label, "batch1_decode", "ms_per_token", lat.ms_per_token, workload, params))
+        rows.append(_row(label, "ttft", "ms", lat.ttft_ms, workload, params))
+    if args.json:
+        _append_json(args.json, rows, argv)
+    return 0
+
+
+def _row(
+    shape: str, name: str, metric: str, value: float, workload: str, params: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "suite": "kiln",
+        "name": f"kiln/{name}",
+        "shape": f"{shape} {workload}",
+        "metric": metric,
+        "value": value,
+        "params": params,
+        "note": "",
+    }
+
+
+def _append_json(path: Path, rows: list[dict[str, Any]], argv: list[str] | None) -> None:
+    data: dict[str, Any] = {"device": {}, "results": []}
+    if path.exists():
+        data = json.loads(path.read_text())
+    if torch.cuda.is_available():
+        data["device"].setdefault("gpu", torch.cuda.get_device_name(0))
+    command = "kiln bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    for row in rows:
+        row["note"] = command
+    data["results"].extend(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

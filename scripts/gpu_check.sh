@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The one command for the GPU machine: kernel tests against the references, then the benchmarks.
+#   scripts/gpu_check.sh [STAGE...]    stages: env tests kernels tune kiln hf report
+#                                     (default: all but tune, the tile-shape sweep)
+# Results (results.json, results.md, plots, run.log) go to $OUT if set (the device tool's folder), else
+# bench/results; each stage appends to results.json and run.log.
+# Run from the repository root; needs a CUDA GPU, torch, triton and transformers (matplotlib for plots).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
+RESULTS="${OUT:-bench/results}"
+mkdir -p "$RESULTS"
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(env tests kernels kiln hf report)
+status=0
+
+for stage in "${STAGES[@]}"; do
+  echo "=== $stage ($(date -u +%H:%M:%S))"
+  case "$stage" in
+    env)
+      nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv || status=1
+      python3 - <<'PY'
+import importlib
+for name in ("torch", "triton", "transformers", "matplotlib", "flash_attn", "fastapi", "uvicorn"):
+    try:
+        print(f"{name:14s}", getattr(importlib.import_module(name), "__version__", "?"))
+    except ImportError:
+        print(f"{name:14s} missing")
+PY
+      ;;
+    tests)
+      python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
+    kernels)
+      python3 -m bench.kernels --out "$RESULTS/results.json" --suites decode prefill elementwise 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
+    hf)
+      python3 -m bench.hf_baselines --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
+    tune)
+      python3 -m bench.kernels --out "$RESULTS/results.json" --suites tune 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
+    kiln)
+      python3 -m bench.engine --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
+    report)
+      python3 -m bench.report "$RESULTS/results.json" --md "$RESULTS/results.md" --png "$RESULTS" || status=1 ;;
+    *)
+      echo "unknown stage $stage"; status=2 ;;
+  esac
+done
+exit $status

@@ -1,0 +1,77 @@
+"""`kiln bench` (kiln.bench) on the CPU with the tiny checkpoint: the harness's own logic, not speed.
+
+These run everywhere (no GPU needed): they check request counts, token accounting, the JSON rows
+and the preset shapes, so a broken harness is caught before it costs GPU time.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kiln import bench
+from kiln.config import ModelConfig
+from kiln.engine.llm_engine import LLMEngine
+from kiln.engine.options import EngineOptions
+from kiln.models.weights import expected_packed_shapes
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_gqa_dir):
+    return LLMEngine.from_path(tiny_gqa_dir, EngineOptions(device="cpu", max_num_seqs=8))
+
+
+def test_throughput_counts_every_generated_token(tiny_engine):
+    result = bench.run_throughput(tiny_engine, 5, [7, 3, 12, 5, 9], [4, 6, 2, 5, 3])
+    assert result.num_requests == 5
+    assert result.input_tokens == 36
+    assert result.output_tokens == 20  # ignore_eos: each request makes exactly its output length
+    assert result.output_tok_per_s == pytest.approx(20 / result.elapsed_s)
+    assert not tiny_engine.has_unfinished_requests()
+
+
+def test_latency_measures_one_request(tiny_engine):
+    result = bench.run_latency(tiny_engine, input_len=10, output_len=6, repeats=2)
+    assert result.output_len == 6
+    assert result.ttft_ms > 0 and result.ms_per_token > 0
+
+
+def test_sampled_lengths_stay_in_range():
+    lengths = bench._lengths(50, 128, (3, 9), seed=1)
+    assert len(lengths) == 50 and min(lengths) >= 3 and max(lengths) <= 9 and len(set(lengths)) > 1
+    assert bench._lengths(3, 128, None, seed=1) == [128, 128, 128]
+
+
+def test_main_writes_json_rows(tiny_gqa_dir, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    argv = [str(tiny_gqa_dir), "--num-requests", "4", "--input-len", "6", "--output-len", "3"]
+    assert bench.main([*argv, "--max-num-seqs", "4", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["name"] for r in rows] == ["kiln/offline_throughput", "kiln/batch1_decode", "kiln/ttft"]
+    assert rows[0]["params"]["output_tokens"] == 12
+    assert rows[0]["note"].startswith("kiln bench ")
+    assert "output tok/s" in capsys.readouterr().out
+
+
+def test_main_needs_exactly_one_model_source(tiny_gqa_dir):
+    assert bench.main([]) == 2
+    assert bench.main([str(tiny_gqa_dir), "--random", "llama2-7b"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("shape", "params_billion", "kv_heads"), [("llama2-7b", 6.74, 32), ("llama3.1-8b", 8.03, 8)]
+)
+def test_random_shapes_are_the_real_architectures(shape, params_billion, kv_heads):
+    _, hf = bench.RANDOM_SHAPES[shape]
+    config = ModelConfig.from_hf({"model_type": "llama", **hf})
+    total = sum(_numel(s) for s in expected_packed_shapes(config).values())
+    assert total / 1e9 == pytest.approx(params_billion, abs=0.01)
+    assert config.num_key_value_heads == kv_heads
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n
