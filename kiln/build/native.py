@@ -89,7 +89,7 @@ def build_engine(
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.building-", dir=output_dir.parent))
     try:
         manifest = _build_into(resolved, staging, dtype, limits, served_model_name, progress, max_shard_bytes)
-        _move_into_place(staging, output_dir)
+        move_into_place(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -155,11 +155,11 @@ def _build_into(
         else:
             hf = read_hf_config(resolved.path)
             tensors, count = iter_hf_tensors(resolved.path), hf_tensor_count(resolved.path)
-            tokenizer_files = _copy_tokenizer_files(resolved.path, out)
+            tokenizer_files = copy_tokenizer_files(resolved.path, out)
             # A hub id names the model ("org/name"); for a local directory its name does.
             default_name = resolved.source if resolved.from_hub else resolved.path.name
         model = model_config_from_hf(hf, where=resolved.source)
-        _merge_generation_eos(model, out)
+        merge_generation_eos(model, out)
         step = bar.step(f"packing weights ({dtype})", count)
         sizes = _write_packed_weights(_counted(tensors, step), model, out, DTYPES[dtype], max_shard_bytes)
 
@@ -183,7 +183,7 @@ def _build_into(
     return manifest
 
 
-def _copy_tokenizer_files(checkpoint_dir: Path, out: Path) -> list[str]:
+def copy_tokenizer_files(checkpoint_dir: Path, out: Path) -> list[str]:
     present = [name for name in TOKENIZER_FILES if (checkpoint_dir / name).is_file()]
     if not {"tokenizer.json", "tokenizer.model", "vocab.json"} & set(present):
         raise CheckpointError(
@@ -194,7 +194,7 @@ def _copy_tokenizer_files(checkpoint_dir: Path, out: Path) -> list[str]:
     return present
 
 
-def _merge_generation_eos(model: ModelConfig, out: Path) -> None:
+def merge_generation_eos(model: ModelConfig, out: Path) -> None:
     """Add generation_config.json's eos ids (chat models list their end-of-turn token there)."""
     path = out / "generation_config.json"
     if not path.is_file():
@@ -289,7 +289,7 @@ def _write_packed_weights(
     return sizes
 
 
-def _move_into_place(staging: Path, output_dir: Path) -> None:
+def move_into_place(staging: Path, output_dir: Path) -> None:
     """Rename the finished staging dir to output_dir, replacing an old one only now that the new is whole."""
     if not output_dir.exists():
         os.replace(staging, output_dir)

@@ -200,7 +200,7 @@ def build_trtllm_engine(
     into a sibling staging directory renamed into place at the end, engine.json last.
     """
     from kiln.build.checkpoint import model_config_from_hf, read_hf_config, resolve_checkpoint
-    from kiln.build.native import _copy_tokenizer_files, _merge_generation_eos, _move_into_place
+    from kiln.build.native import copy_tokenizer_files, merge_generation_eos, move_into_place
 
     limits = limits or EngineLimits()
     output_dir = Path(output_dir)
@@ -230,14 +230,14 @@ def build_trtllm_engine(
         manifest = _build_into(
             resolved.path, resolved.source, staging, model, plan, limits, served_model_name
         )
-        tokenizer_files = _copy_tokenizer_files(resolved.path, staging)
-        _merge_generation_eos(model, staging)
+        tokenizer_files = copy_tokenizer_files(resolved.path, staging)
+        merge_generation_eos(model, staging)
         shutil.copyfile(resolved.path / "config.json", staging / "config.json")  # tensorrt_llm reads it
         manifest.tokenizer_files = [*tokenizer_files, "config.json"]
         for name in manifest.tokenizer_files:
             manifest.file_sizes[name] = (staging / name).stat().st_size
         manifest.save(staging)  # last: its presence marks the directory complete
-        _move_into_place(staging, output_dir)
+        move_into_place(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
