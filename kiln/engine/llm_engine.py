@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from kiln.config import DTYPES, EngineLimits, ModelConfig, canonical_dtype
-from kiln.engine.model_runner import ModelRunner
+from kiln.engine.model_runner import ModelRunner, profile_activation_bytes
 from kiln.engine.options import EngineOptions
 from kiln.engine.output_processor import OutputProcessor
 from kiln.engine.outputs import RequestOutput
@@ -60,7 +60,7 @@ class LLMEngine:
         max_tokens_per_step = options.max_num_batched_tokens or limits.max_num_tokens
         blocks_per_seq = -(-self.max_model_len // block_size)
         num_blocks = options.num_kv_blocks or self._num_blocks_from_memory(
-            options, block_size, cap=max_num_seqs * blocks_per_seq
+            model, options, block_size, max_tokens_per_step, max_num_seqs, cap=max_num_seqs * blocks_per_seq
         )
         if num_blocks < blocks_per_seq:
             # Allowed (tests force preemption this way), but then a request may not use the whole context.
@@ -79,6 +79,8 @@ class LLMEngine:
             self.kv_cache,
         )
         self.runner = ModelRunner(model, kv_tensors, block_size, self.device, model_config.vocab_size)
+        if self.device.type == "cuda" and not options.enforce_eager:
+            self.runner.capture_decode_graphs(max_num_seqs, self.max_model_len)
         self.outputs = OutputProcessor(tokenizer)
         eos = list(model_config.eos_token_ids) + list(tokenizer.eos_token_ids)
         self.eos_token_ids = tuple(dict.fromkeys(eos))
@@ -229,14 +231,27 @@ class LLMEngine:
         )
 
     # -- sizing --------------------------------------------------------------------------------------
-    def _num_blocks_from_memory(self, options: EngineOptions, block_size: int, cap: int) -> int:
+    def _num_blocks_from_memory(
+        self,
+        model: LlamaForCausalLM,
+        options: EngineOptions,
+        block_size: int,
+        max_tokens_per_step: int,
+        max_num_seqs: int,
+        cap: int,
+    ) -> int:
         kv_dtype = DTYPES[self.dtype]
         if options.kv_cache_memory_bytes is not None:
             budget = options.kv_cache_memory_bytes
         elif self.device.type == "cuda":
+            # Profile the largest step, then give the KV cache what is left of our share of the card
+            # (gpu_memory_utilization of the total), keeping 5% of that share for CUDA graphs and slack.
+            activations = profile_activation_bytes(model, max_tokens_per_step, max_num_seqs, block_size)
             free, total = torch.cuda.mem_get_info(self.device)
-            # Leave (1 - utilization) of the card to others, and 10% of what remains for activations.
-            budget = int(min(free - (1 - options.gpu_memory_utilization) * total, free) * 0.9)
+            share = options.gpu_memory_utilization * total
+            used_by_others = total - free - torch.cuda.memory_allocated(self.device)
+            weights = torch.cuda.memory_allocated(self.device)
+            budget = int(min(share - used_by_others - weights - activations, free - activations) * 0.95)
         else:
             budget = CPU_KV_BUDGET_BYTES
         num_blocks = num_blocks_for_budget(budget, self.model_config, block_size, kv_dtype)

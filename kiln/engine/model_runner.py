@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from kiln.engine.attention_metadata import AttentionMetadata
+from kiln.engine.cuda_graphs import DecodeGraphs
+from kiln.engine.request import Request
 from kiln.engine.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow, make_generator
 from kiln.engine.scheduler import SchedulerOutput
 from kiln.models.llama import LlamaForCausalLM
@@ -45,6 +47,7 @@ class ModelRunner:
         self.device = device
         self.vocab_size = vocab_size
         self.sampler = Sampler()
+        self.graphs: DecodeGraphs | None = None  # set by capture_decode_graphs on CUDA
         # Seeded requests keep their own RNG across steps (and across preemption), so their samples do not
         # depend on what else is in the batch.
         self._generators: dict[str, torch.Generator | None] = {}
@@ -56,7 +59,7 @@ class ModelRunner:
         if output.is_empty:
             return SampledTokens(token_ids={}, output=None, row_of={})
         inputs = self.prepare_inputs(output)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
+        hidden = self._forward(inputs)
         if not inputs.sample_ids:
             return SampledTokens(token_ids={}, output=None, row_of={})
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
@@ -69,6 +72,23 @@ class ModelRunner:
             output=sampled,
             row_of={rid: i for i, rid in enumerate(inputs.sample_ids)},
         )
+
+    def capture_decode_graphs(self, max_batch_size: int, max_model_len: int) -> None:
+        self.graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            max_batch_size=max_batch_size,
+            max_model_len=max_model_len,
+            block_size=self.block_size,
+            device=self.device,
+        )
+        self.graphs.capture()
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        meta = inputs.metadata
+        if self.graphs is not None and meta.is_pure_decode and self.graphs.bucket_for(meta.num_seqs):
+            return self.graphs.run(inputs.input_ids, inputs.positions, meta)
+        return self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
 
     def prepare_inputs(self, output: SchedulerOutput) -> StepInputs:
         bs = self.block_size
@@ -114,7 +134,7 @@ class ModelRunner:
             sample_ids=sample_ids,
         )
 
-    def _sampling_row(self, request) -> SamplingRow:
+    def _sampling_row(self, request: Request) -> SamplingRow:
         request_id = request.request_id
         if request_id not in self._generators:
             self._generators[request_id] = make_generator(request.params.seed, self.device)
@@ -125,3 +145,40 @@ class ModelRunner:
             generator=self._generators[request_id],
             eos_token_ids=request.eos_token_ids,
         )
+
+
+@torch.inference_mode()
+def profile_activation_bytes(
+    model: LlamaForCausalLM, num_tokens: int, num_logits: int, block_size: int
+) -> int:
+    """Peak CUDA memory a step of `num_tokens` prefill tokens needs beyond the weights (one sequence,
+    a throwaway KV cache just large enough), so the real KV cache can take the rest."""
+    from kiln.kvcache.tensors import allocate_kv_cache
+
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    num_tokens = min(num_tokens, model.max_positions)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    num_blocks = -(-num_tokens // block_size)
+    kv = allocate_kv_cache(model.config, num_blocks, block_size, dtype, device)
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(num_tokens, device=device),
+        query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
+        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
+        max_query_len=num_tokens,
+        max_seq_len=num_tokens,
+        query_start_loc_cpu=[0, num_tokens],
+        seq_lens_cpu=[num_tokens],
+        block_size=block_size,
+    )
+    ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    hidden = model(ids, torch.arange(num_tokens, device=device), kv, meta)
+    model.compute_logits(hidden[: min(num_logits, num_tokens)])
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del kv, hidden
+    torch.cuda.empty_cache()
+    return peak

@@ -20,5 +20,6 @@ class EngineOptions:
     kv_cache_memory_bytes: int | None = None  # KV budget (CPU default: 1 GiB)
     gpu_memory_utilization: float = 0.90  # on CUDA: fraction of GPU memory for weights + activations + KV
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False  # on CUDA: skip capturing decode CUDA graphs
     served_model_name: str | None = None
     seed: int = 0  # global RNG seed for requests without their own

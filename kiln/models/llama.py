@@ -63,9 +63,9 @@ class LlamaAttention(nn.Module):
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = kernels.apply_rotary(positions, q, k, cos_sin_cache)
         k_cache, v_cache = kv_cache
-        kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        # Rotate q and k, write k and v into the paged cache (one fused launch on CUDA).
+        q = kernels.rotary_store_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, meta.slot_mapping)
         attended = kernels.paged_attention(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(attended.reshape(num_tokens, self.q_size))
 

@@ -1,0 +1,115 @@
+"""CUDA graphs for decode steps: the whole model forward replayed as one launch per step.
+
+Decode at small batch is bound by launch overhead and memory bandwidth; a graph removes the ~10
+Python-side kernel launches per layer. One graph is captured per bucketed batch size; a step of n
+decodes runs the smallest bucket >= n, the extra rows padded as harmless dummy decodes (slot -1: no
+KV is written; context length 1 over block 0).
+
+Rules: graphs only run pure-decode steps (every request computes one token); the static input
+buffers are the only way in, the captured output tensor the only way out; capture happens once,
+after the KV cache is allocated, and the attention split count is fixed per graph (chosen for the
+longest context, so a graph is valid for every context length).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kiln.engine.attention_metadata import AttentionMetadata
+from kiln.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """1, 2, 4, 8, then every 16 up to max_batch_size (which is always included)."""
+    sizes = [s for s in (1, 2, 4, 8) if s < max_batch_size]
+    sizes += list(range(16, max_batch_size, 16))
+    return sorted(set(sizes) | {max_batch_size})
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        *,
+        max_batch_size: int,
+        max_model_len: int,
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.buckets = batch_buckets(max_batch_size)
+        n = self.buckets[-1]
+        max_blocks = -(-max_model_len // block_size)
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros((n, max_blocks), dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def _metadata(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:size],
+            query_start_loc=self.query_start_loc[: size + 1],
+            seq_lens=self.seq_lens[:size],
+            block_tables=self.block_tables[:size],
+            max_query_len=1,
+            max_seq_len=self.max_model_len,  # fixes the split count for the longest context
+            query_start_loc_cpu=list(range(size + 1)),
+            seq_lens_cpu=[self.max_model_len] * size,
+            block_size=self.block_size,
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        # Largest first, so smaller graphs reuse the memory pool the largest one reserved.
+        for size in reversed(self.buckets):
+            meta = self._metadata(size)
+            args = (self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile/warm every kernel outside the capture
+                    self.model(*args)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden = self.model(*args)
+            self._graphs[size] = (graph, hidden)
+        torch.cuda.synchronize()
+        logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
+
+    def bucket_for(self, num_seqs: int) -> int | None:
+        for size in self.buckets:
+            if size >= num_seqs:
+                return size if size in self._graphs else None
+        return None
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Replay the graph for this pure-decode step; returns hidden states [n, H] (a view of the
+        graph's output, valid until the next replay)."""
+        n = input_ids.shape[0]
+        size = self.bucket_for(n)
+        if size is None or meta.max_query_len != 1:
+            raise ValueError(f"no decode graph for a step of {n} tokens (max query {meta.max_query_len})")
+        width = meta.block_tables.shape[1]
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        self.slot_mapping[n:size].fill_(-1)
+        self.seq_lens[:n].copy_(meta.seq_lens)
+        self.seq_lens[n:size].fill_(1)
+        self.block_tables[:n, :width].copy_(meta.block_tables)
+        graph, hidden = self._graphs[size]
+        graph.replay()
+        return hidden[:n]

@@ -1,0 +1,11 @@
+from kiln.engine.cuda_graphs import batch_buckets
+
+
+def test_batch_buckets_cover_every_size_up_to_the_max():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(40) == [1, 2, 4, 8, 16, 32, 40]
+    buckets = batch_buckets(256)
+    assert buckets[-1] == 256 and len(buckets) == 4 + 15 + 1
+    for n in range(1, 257):  # every batch size has a bucket at most 16 above it
+        assert 0 <= min(b for b in buckets if b >= n) - n < 16
