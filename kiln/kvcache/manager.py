@@ -27,7 +27,7 @@ class KVCacheStats:
     num_blocks: int
     num_used_blocks: int  # ref_cnt > 0
     num_free_blocks: int
-    prefix_queries: int  # prompt tokens looked up via get_computed_blocks (cumulative)
+    prefix_queries: int  # tokens of admitted requests looked up in the prefix cache (cumulative)
     prefix_hits: int  # of those, tokens found in cache (cumulative)
 
     @property
@@ -64,8 +64,8 @@ class KVCacheManager:
         """Longest chain of cached FULL blocks that is a prefix of token_ids, as (block_ids, num_tokens).
 
         Never covers the last token (at most (len-1)//block_size blocks) so there are logits to sample.
-        Takes no references (allocate_slots does). Counts len(token_ids) queries and num_tokens hits.
-        Returns ([], 0), counting nothing, when prefix caching is off. Verifies the stored token ids
+        Takes no references and counts nothing (allocate_slots does both, once the request is admitted,
+        so a request that waits several steps for room is counted once). Returns ([], 0) when prefix caching is off. Verifies the stored token ids
         (and parent hash) on every hit, so a hash collision is a miss, never wrong KV.
         """
         if not self.enable_prefix_caching:
@@ -80,10 +80,7 @@ class KVCacheManager:
                 break
             hits.append(block.block_id)
             parent = block_hash
-        num_tokens = len(hits) * bs
-        self._prefix_queries += len(token_ids)
-        self._prefix_hits += num_tokens
-        return hits, num_tokens
+        return hits, len(hits) * bs
 
     def allocate_slots(
         self,
@@ -127,6 +124,9 @@ class KVCacheManager:
 
         if request is None:
             request = self._requests[request_id] = _RequestBlocks()
+            if self.enable_prefix_caching:  # a request's lookup counts when it is admitted
+                self._prefix_queries += len(token_ids)
+                self._prefix_hits += len(hit_blocks) * bs
         # Touch before allocating, or the allocation could evict the very blocks just hit.
         self.pool.touch(hit_blocks)
         request.block_ids.extend(new_computed_blocks)

@@ -261,6 +261,7 @@ def test_stats_count_queries_and_hits() -> None:
     )
     assert stats.prefix_hit_rate == pytest.approx(4 / 15)
     assert m.allocate_slots("x", list(range(100)), 0, 100) is None  # a failed allocation counts nothing
+    assert m.get_computed_blocks(PROMPT) == ([0, 1], 8)  # nor does a lookup before admission
     assert m.stats() == stats
 
 
