@@ -371,6 +371,17 @@ def models(
         raise
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def bench(ctx: typer.Context) -> None:
+    """Offline throughput and latency of the native engine (all flags: kiln bench --help)."""
+    from kiln.bench import main as bench_main
+
+    raise typer.Exit(bench_main(list(ctx.args)))
+
+
 def main() -> None:
     app()
 

@@ -103,6 +103,9 @@ class ServerSettings(BaseSettings):
         0.90, gt=0, le=1, description="On CUDA: fraction of GPU memory for weights, activations and KV."
     )
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
+    enforce_eager: bool = Field(
+        False, description="On CUDA: run decode eagerly, without capturing CUDA graphs."
+    )
     seed: int = Field(0, description="Global sampling seed for requests that send none.")
 
     @field_validator("api_keys", "cors_origins", mode="before")

@@ -30,7 +30,7 @@ def test_serve_has_one_flag_per_setting() -> None:
     assert set(kiln.cli.SETTINGS_FLAGS) == set(ServerSettings.model_fields) - {"model"}
 
 
-@pytest.mark.parametrize("name", ["serve", "build", "chat", "complete", "models"])
+@pytest.mark.parametrize("name", ["serve", "build", "chat", "complete", "models"])  # bench: argparse help
 def test_every_flag_has_help(name: str) -> None:
     for param in command(name).params:
         if isinstance(param, typer.core.TyperOption):
@@ -116,3 +116,13 @@ def test_build_tiny_writes_an_engine(tmp_path: Path) -> None:
 )
 def test_build_rejects_contradictory_flags(args: list[str]) -> None:
     assert runner.invoke(kiln.cli.app, args).exit_code == 2
+
+
+def test_bench_passes_its_arguments_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kiln.bench
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(kiln.bench, "main", lambda argv: seen.append(argv) or 3)
+    result = runner.invoke(kiln.cli.app, ["bench", "--random", "llama2-7b", "--latency-only", "--help"])
+    assert result.exit_code == 3
+    assert seen == [["--random", "llama2-7b", "--latency-only", "--help"]]
