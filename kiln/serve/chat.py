@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request, Response
 
 from kiln.serve.errors import InvalidRequestError
-from kiln.serve.generation import Generation, Prompt
+from kiln.serve.generation import Generation, Prompt, new_completion_id
 from kiln.serve.logprobs import chat_logprobs
 from kiln.serve.protocol import (
     AssistantMessage,
@@ -46,12 +46,16 @@ def _top_logprobs(body: ChatCompletionRequest) -> int | None:
 
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     state = server_state(request)
-    request_id = f"chatcmpl-{request.state.request_id}"
+    http_request_id = request.state.request_id
+    request_id = new_completion_id("chatcmpl")
     state.admission.check_accepting()
     state.check_model(body.model)
-    log_unknown_fields(body, request_id)
+    log_unknown_fields(body, http_request_id)
     tokenizer = state.engine.tokenizer
-    prompt_ids = list(tokenizer.apply_chat_template(_messages(body)))
+    try:
+        prompt_ids = list(tokenizer.apply_chat_template(_messages(body)))
+    except ValueError as exc:  # no chat template, or a message it cannot render
+        raise InvalidRequestError(str(exc), param="messages") from None
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = resolve_max_tokens(
         requested,
@@ -72,6 +76,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     generation = Generation(
         state,
         request_id=request_id,
+        http_request_id=http_request_id,
         endpoint="chat",
         prompts=[Prompt(prompt_ids)],
         params=params,
@@ -81,7 +86,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     )
     if body.stream:
         chunks = _stream(generation, body, top_n, state)
-        return sse_response(chunks, settings=state.settings, request_id=request_id, on_close=ticket.release)
+        return sse_response(
+            chunks, settings=state.settings, request_id=http_request_id, on_close=ticket.release
+        )
     try:
         result = await cancel_on_disconnect(request, _collect(generation, body, top_n, state))
     except ClientDisconnected:

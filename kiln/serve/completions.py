@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request, Response
 
 from kiln.serve.errors import InvalidRequestError
-from kiln.serve.generation import Generation, Prompt
+from kiln.serve.generation import Generation, Prompt, new_completion_id
 from kiln.serve.logprobs import completion_logprobs, merge_completion_logprobs
 from kiln.serve.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from kiln.serve.sampling import check_token_ids, log_unknown_fields, resolve_max_tokens, to_sampling_params
@@ -49,10 +49,11 @@ def _prompts(body: CompletionRequest, tokenizer: object, vocab_size: int) -> lis
 
 async def create_completion(body: CompletionRequest, request: Request) -> Response:
     state = server_state(request)
-    request_id = f"cmpl-{request.state.request_id}"
+    http_request_id = request.state.request_id
+    request_id = new_completion_id("cmpl")
     state.admission.check_accepting()
     state.check_model(body.model)
-    log_unknown_fields(body, request_id)
+    log_unknown_fields(body, http_request_id)
     tokenizer = state.engine.tokenizer
     if body.echo and body.logprobs is not None:
         raise InvalidRequestError("echo with logprobs is not supported (prompt logprobs)", param="echo")
@@ -76,6 +77,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     generation = Generation(
         state,
         request_id=request_id,
+        http_request_id=http_request_id,
         endpoint="completions",
         prompts=prompts,
         params=params,
@@ -85,7 +87,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     )
     if body.stream:
         chunks = _stream(generation, body, state)
-        return sse_response(chunks, settings=state.settings, request_id=request_id, on_close=ticket.release)
+        return sse_response(
+            chunks, settings=state.settings, request_id=http_request_id, on_close=ticket.release
+        )
     try:
         result = await cancel_on_disconnect(request, _collect(generation, body, state))
     except ClientDisconnected:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +25,15 @@ import anyio
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import SamplingParams
 from kiln.serve.admission import Ticket
+from kiln.serve.errors import InvalidRequestError
 from kiln.serve.request_log import RequestRecord, log_request
 from kiln.serve.state import ServerState
+
+
+def new_completion_id(prefix: str) -> str:
+    """A fresh response id, also the engine request id. Never derived from the client's X-Request-Id:
+    two requests sending the same header must not collide in the engine."""
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 @dataclass(slots=True)
@@ -40,6 +48,7 @@ class Generation:
         state: ServerState,
         *,
         request_id: str,
+        http_request_id: str,
         endpoint: str,
         prompts: list[Prompt],
         params: SamplingParams,
@@ -57,6 +66,7 @@ class Generation:
         self.arrival = time.monotonic()
         self.record = RequestRecord(
             request_id=request_id,
+            http_request_id=http_request_id,
             endpoint=endpoint,
             model=state.model_name,
             stream=stream,
@@ -99,11 +109,16 @@ class Generation:
         stream = self.state.engine.generate(
             prompt.token_ids, self.params, request_id, prompt=prompt.text, priority=self.priority
         )
-        finished = False
+        finished = produced = False
         try:
             async for out in stream:
-                finished = out.finished
+                finished, produced = out.finished, True
                 yield prompt_index, out
+        except ValueError as exc:
+            if produced:
+                raise
+            # EngineClient rule: a request the engine can never run fails before its first output.
+            raise InvalidRequestError(str(exc)) from None
         finally:
             with anyio.CancelScope(shield=True):
                 aclose = getattr(stream, "aclose", None)

@@ -17,7 +17,8 @@ logger = logging.getLogger("kiln.request")
 
 @dataclass(slots=True)
 class RequestRecord:
-    request_id: str
+    request_id: str  # the response id (`chatcmpl-...`), also the engine's request id
+    http_request_id: str  # the X-Request-Id header: the client's, or one the server made
     endpoint: str
     model: str
     stream: bool

@@ -4,6 +4,7 @@ Both wrap the real tiny engine (same tokenizer, model info and stats) and change
 - `FailingEngine`: every request fails inside the engine (the 500 path, before and mid-stream).
 - `GatedEngine`: requests wait at a gate before reaching the engine, so they stay "waiting" as long
   as a test needs (queue limits, keep-alive pings, drain).
+- `RecordingEngine`: records what each request hands the engine (params, priority, ids).
 """
 
 from __future__ import annotations
@@ -81,5 +82,20 @@ class GatedEngine(_Wrapper):
         self.arrived += 1
         while not self._gate.is_set():
             await asyncio.sleep(0.01)
+        async for out in self.inner.generate(prompt_token_ids, params, request_id, **kw):
+            yield out
+
+
+class RecordingEngine(_Wrapper):
+    def __init__(self, engine: Any) -> None:
+        super().__init__(engine)
+        self.calls: list[dict[str, Any]] = []
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, **kw: Any
+    ) -> AsyncIterator[RequestOutput]:
+        self.calls.append(
+            {"prompt_token_ids": prompt_token_ids, "params": params, "request_id": request_id, **kw}
+        )
         async for out in self.inner.generate(prompt_token_ids, params, request_id, **kw):
             yield out

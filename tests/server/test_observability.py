@@ -57,8 +57,9 @@ def test_one_json_log_line_per_request_without_the_prompt(
     caplog.set_level(logging.INFO, logger="kiln")
     r = httpx.post(f"{server.url}/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "log-1"})
     assert r.status_code == 200
-    lines = [x for x in request_lines(caplog) if x["request_id"] == "chatcmpl-log-1"]
+    lines = [x for x in request_lines(caplog) if x["http_request_id"] == "log-1"]
     assert len(lines) == 1
+    assert lines[0]["request_id"] == r.json()["id"]
     line = lines[0]
     assert line["outcome"] == "length" and line["completion_tokens"] == 3
     assert line["prompt_tokens"] == r.json()["usage"]["prompt_tokens"]
