@@ -140,7 +140,7 @@ def serve(model: ModelArg = None, tiny: TinyOpt = False, *, settings: ServerSett
     configure_logging(settings.log_level)
     engine = _load(model, tiny, settings)
     name = settings.served_model_name or engine.model_info.name
-    where = f"http://{settings.host}:{settings.port}/v1" if settings.port else f"http://{settings.host}/v1"
+    where = f"http://{settings.host}:{settings.port}/v1" if settings.port else "a free port (see below)"
     err.print(
         f"Serving [bold]{name}[/bold] at {where} (OpenAI-compatible). Stop with Ctrl-C.", highlight=False
     )
