@@ -8,19 +8,15 @@ settings model, the `KILN_*` variables and the flags cannot drift apart.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import sys
-import types
-import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 
+from kiln.serve.flags import SettingsFlagError, with_settings_flags
 from kiln.serve.settings import ServerSettings
 
 app = typer.Typer(
@@ -31,64 +27,12 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 
-# Settings that are not `kiln serve` flags: MODEL is the positional argument.
-_NOT_FLAGS = {"model"}
-SETTINGS_FLAGS = [name for name in ServerSettings.model_fields if name not in _NOT_FLAGS]
-
 
 def _fail(message: str, hint: str | None = None, code: int = 1) -> typer.Exit:
     err.print(f"[red]error:[/red] {message}", highlight=False)
     if hint:
         err.print(hint, highlight=False)
     return typer.Exit(code)
-
-
-def _flag_parameter(name: str) -> inspect.Parameter:
-    field = ServerSettings.model_fields[name]
-    annotation: Any = field.annotation
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    # Parentheses, not brackets: rich help would read "[...]" as markup and drop it.
-    option: dict[str, Any] = {"help": f"{field.description} (env: KILN_{name.upper()})"}
-    if typing.get_origin(annotation) is typing.Annotated:  # list[str] marked NoDecode
-        annotation = typing.get_args(annotation)[0]
-    elif args and typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        annotation = args[0]
-    if annotation == list[str]:
-        option["help"] += " Repeat the flag for several."
-    default = field.get_default(call_default_factory=True)
-    if default not in (None, []):
-        option["help"] += f" (default: {default})"
-    # Every flag defaults to None = "not given", so KILN_* variables still apply beneath the flags.
-    return inspect.Parameter(
-        name,
-        inspect.Parameter.KEYWORD_ONLY,
-        default=None,
-        annotation=Annotated[Optional[annotation], typer.Option(show_default=False, **option)],  # noqa: UP045
-    )
-
-
-def with_settings_flags(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Add one flag per `ServerSettings` field to a command taking `settings: ServerSettings`."""
-    own = [p for p in inspect.signature(func, eval_str=True).parameters.values() if p.name != "settings"]
-    parameters = own + [_flag_parameter(name) for name in SETTINGS_FLAGS]
-
-    @functools.wraps(func)
-    def command(**kwargs: Any) -> Any:
-        given = {name: kwargs.pop(name) for name in SETTINGS_FLAGS}
-        given = {k: v for k, v in given.items() if v is not None and v != []}
-        try:
-            settings = ServerSettings(**given)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()
-            )
-            raise _fail(f"invalid settings: {problems}", code=2) from None
-        return func(settings=settings, **kwargs)
-
-    command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
-    command.__annotations__ = {p.name: p.annotation for p in parameters}
-    del command.__wrapped__  # typer must read the generated signature, not the original one
-    return command
 
 
 def _resolve(model: str | None, tiny: bool) -> Path:
@@ -131,8 +75,12 @@ TinyOpt = Annotated[
 ]
 
 
+def _settings_error(exc: SettingsFlagError) -> typer.Exit:
+    return _fail(str(exc), code=2)
+
+
 @app.command()
-@with_settings_flags
+@with_settings_flags(on_error=_settings_error)
 def serve(model: ModelArg = None, tiny: TinyOpt = False, *, settings: ServerSettings) -> None:
     """Serve a model through the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models)."""
     from kiln.serve.runner import configure_logging, run_server

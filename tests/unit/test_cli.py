@@ -15,6 +15,7 @@ import kiln.serve.model_source
 import kiln.serve.runner
 from kiln.engine.protocol import ModelInfo
 from kiln.errors import OfflineError
+from kiln.serve.flags import SETTINGS_FLAGS
 from kiln.serve.settings import ServerSettings
 
 runner = CliRunner()
@@ -26,8 +27,8 @@ def command(name: str) -> Any:
 
 def test_serve_has_one_flag_per_setting() -> None:
     flags = {p.name for p in command("serve").params if isinstance(p, typer.core.TyperOption)}
-    assert flags == set(kiln.cli.SETTINGS_FLAGS) | {"tiny"}
-    assert set(kiln.cli.SETTINGS_FLAGS) == set(ServerSettings.model_fields) - {"model"}
+    assert flags == set(SETTINGS_FLAGS) | {"tiny"}
+    assert set(SETTINGS_FLAGS) == set(ServerSettings.model_fields) - {"model"}
 
 
 @pytest.mark.parametrize("name", ["serve", "build", "chat", "complete", "models"])  # bench: argparse help
