@@ -5,8 +5,10 @@ Rules:
   completions request may batch several; each runs as its own engine request `<id>-<i>`).
 - However it ends — finished, client gone (the iterator is closed or cancelled), or failed — every
   engine request that has not finished is closed and aborted, so its KV blocks return to the pool.
-  Cleanup awaits run shielded: an anyio cancel scope (sse-starlette's, on disconnect) would
-  otherwise cancel them too.
+  Each engine stream is consumed by its own asyncio task, even for one prompt: a disconnect then
+  reaches the engine as one plain task cancellation, never as sse-starlette's anyio cancel scope,
+  which re-cancels every await and would cut short the engine's own cleanup (its abort). Our
+  cleanup awaits run shielded for the same reason.
 - It owns the request's bookkeeping: the admission ticket, latency/token metrics, the log line.
 """
 
@@ -86,7 +88,7 @@ class Generation:
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         outcome = "cancelled"
-        source = self._one(0) if len(self.prompts) == 1 else self._merged()
+        source = self._merged()
         try:
             async for prompt_index, out in source:
                 self._observe(prompt_index, out)
