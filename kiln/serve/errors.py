@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kiln.serve.protocol import ErrorBody, ErrorResponse
+from kiln.serve.request_log import log_rejection
 
 logger = logging.getLogger("kiln.serve")
 
@@ -55,6 +56,7 @@ class APIError(Exception):
 
 class InvalidRequestError(APIError):
     status_code = 400
+    default_code = "invalid_value"
 
 
 class AuthenticationError(APIError):
@@ -97,6 +99,17 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body().to_dict(), status_code=error.status_code, headers=error.headers)
 
 
+def _logged_response(request: Request, error: APIError) -> JSONResponse:
+    log_rejection(
+        http_request_id=request_id_of(request),
+        method=request.method,
+        path=request.url.path,
+        status=error.status_code,
+        code=error.code,
+    )
+    return error_response(error)
+
+
 # Union members show up in pydantic's error location as type names ("str", "list[int]", ...); they
 # say which alternative failed, not where in the request, so `param` leaves them out.
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -126,11 +139,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, APIError)
-        return error_response(exc)
+        return _logged_response(request, exc)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return error_response(validation_error(exc))
+        return _logged_response(request, validation_error(exc))
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         # Starlette's own errors: unknown route (404), wrong method (405), body over the limit (413).
@@ -139,13 +152,13 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code)
-        return error_response(APIError(message, code=code, status_code=exc.status_code))
+        return _logged_response(request, APIError(message, code=code, status_code=exc.status_code))
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         request_id = request_id_of(request)
         logger.error("request %s failed", request_id, exc_info=exc)
-        return error_response(
-            InternalError(f"internal server error (request id {request_id}); see the server log")
+        return _logged_response(
+            request, InternalError(f"internal server error (request id {request_id}); see the server log")
         )
 
     app.add_exception_handler(APIError, on_api_error)

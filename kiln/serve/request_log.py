@@ -1,7 +1,9 @@
-"""One structured JSON log line per generation request (logger `kiln.request`, level INFO).
+"""One structured JSON log line per request (logger `kiln.request`, level INFO).
 
-Rules: the line always carries id, endpoint, token counts, timings and outcome; prompts and outputs
-appear only when `log_prompts` is set (they may hold personal data).
+Rules: a generation request logs `event: "request"` when it ends, with ids, endpoint, token counts,
+timings and outcome; prompts and outputs appear only when `log_prompts` is set (they may hold
+personal data). A request answered with an error before it reached the engine logs
+`event: "rejected"` with its status and error code instead.
 """
 
 from __future__ import annotations
@@ -46,5 +48,20 @@ def log_request(record: RequestRecord, *, include_prompt: bool) -> str:
         if data[key] is not None:
             data[key] = round(data[key], 6)
     line = json.dumps({"event": "request", **data}, ensure_ascii=False, default=str)
+    logger.info(line)
+    return line
+
+
+def log_rejection(*, http_request_id: str, method: str, path: str, status: int, code: str | None) -> str:
+    """Emit the line of a request refused with an error response; return it."""
+    data = {
+        "event": "rejected",
+        "http_request_id": http_request_id,
+        "method": method,
+        "path": path,
+        "status": status,
+        "code": code,
+    }
+    line = json.dumps(data)
     logger.info(line)
     return line

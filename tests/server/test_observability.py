@@ -20,8 +20,9 @@ CHAT = {
 }
 
 
-def request_lines(caplog: pytest.LogCaptureFixture) -> list[dict]:
-    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "kiln.request"]
+def request_lines(caplog: pytest.LogCaptureFixture, event: str = "request") -> list[dict]:
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "kiln.request"]
+    return [line for line in lines if line["event"] == event]
 
 
 def test_metrics_cover_the_issue_list(server: LiveServer) -> None:
@@ -65,6 +66,25 @@ def test_one_json_log_line_per_request_without_the_prompt(
     assert line["prompt_tokens"] == r.json()["usage"]["prompt_tokens"]
     assert line["ttft_seconds"] is not None and line["e2e_seconds"] >= line["ttft_seconds"]
     assert "secret prompt" not in json.dumps(line)
+
+
+def test_rejected_requests_log_one_line_too(server: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="kiln")
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions", json={**CHAT, "top_p": 7}, headers={"X-Request-Id": "bad-1"}
+    )
+    assert r.status_code == 400
+    lines = [x for x in request_lines(caplog, "rejected") if x["http_request_id"] == "bad-1"]
+    assert lines == [
+        {
+            "event": "rejected",
+            "http_request_id": "bad-1",
+            "method": "POST",
+            "path": "/v1/chat/completions",
+            "status": 400,
+            "code": "invalid_value",
+        }
+    ]
 
 
 def test_log_prompts_when_asked(tiny_engine: AsyncEngine, caplog: pytest.LogCaptureFixture) -> None:
