@@ -88,7 +88,7 @@ class Generation:
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         outcome = "cancelled"
-        source = self._merged()
+        source = self._engine_streams()
         try:
             async for prompt_index, out in source:
                 self._observe(prompt_index, out)
@@ -106,6 +106,7 @@ class Generation:
             self._finish(outcome)
 
     async def _one(self, prompt_index: int) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """One prompt's engine stream; aborted in the engine unless it finished."""
         prompt = self.prompts[prompt_index]
         request_id = self.sub_request_id(prompt_index)
         stream = self.state.engine.generate(
@@ -129,7 +130,8 @@ class Generation:
                 if not finished:
                     await self.state.engine.abort(request_id)
 
-    async def _merged(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def _engine_streams(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """All prompts' outputs as they come, each engine stream pumped by its own task."""
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
         async def pump(prompt_index: int) -> None:
