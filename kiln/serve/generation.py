@@ -28,6 +28,7 @@ from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import SamplingParams
 from kiln.serve.admission import Ticket
 from kiln.serve.errors import InvalidRequestError
+from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest
 from kiln.serve.request_log import RequestRecord, log_request
 from kiln.serve.state import ServerState
 
@@ -36,6 +37,10 @@ def new_completion_id(prefix: str) -> str:
     """A fresh response id, also the engine request id. Never derived from the client's X-Request-Id:
     two requests sending the same header must not collide in the engine."""
     return f"{prefix}-{uuid.uuid4().hex}"
+
+
+# Request fields an engine's refusal may name (its message starts with the field).
+REQUEST_FIELDS = frozenset(ChatCompletionRequest.model_fields) | frozenset(CompletionRequest.model_fields)
 
 
 @dataclass(slots=True)
@@ -109,19 +114,22 @@ class Generation:
         """One prompt's engine stream; aborted in the engine unless it finished."""
         prompt = self.prompts[prompt_index]
         request_id = self.sub_request_id(prompt_index)
-        stream = self.state.engine.generate(
-            prompt.token_ids, self.params, request_id, prompt=prompt.text, priority=self.priority
-        )
+        stream: AsyncIterator[RequestOutput] | None = None
         finished = produced = False
         try:
+            stream = self.state.engine.generate(
+                prompt.token_ids, self.params, request_id, prompt=prompt.text, priority=self.priority
+            )
             async for out in stream:
                 finished, produced = out.finished, True
                 yield prompt_index, out
         except ValueError as exc:
             if produced:
                 raise
-            # EngineClient rule: a request the engine can never run fails before its first output.
-            raise InvalidRequestError(str(exc)) from None
+            # EngineClient rule: a request the engine can never run fails before its first output,
+            # its message naming the field first (as SamplingParams.validate does).
+            field = str(exc).split(" ", 1)[0]
+            raise InvalidRequestError(str(exc), param=field if field in REQUEST_FIELDS else None) from None
         finally:
             with anyio.CancelScope(shield=True):
                 aclose = getattr(stream, "aclose", None)

@@ -33,21 +33,40 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is at the time (test runners swap it), not the one at setup."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
+def _not_request_lines(record: logging.LogRecord) -> bool:
+    return not record.name.startswith("kiln.request")
+
+
 def configure_logging(level: str) -> None:
-    """Kiln's logs to stderr; the per-request JSON lines bare, so log shippers can parse them."""
+    """Kiln's logs to stderr; the per-request JSON lines bare (no prefix), so log shippers parse them.
+
+    Idempotent. Records still propagate to the root logger (pytest's caplog, an app's own handlers).
+    """
     numeric = getattr(logging, level.upper())
     kiln_logger = logging.getLogger("kiln")
-    if not kiln_logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        kiln_logger.addHandler(handler)
     kiln_logger.setLevel(numeric)
+    if not any(isinstance(h, _StderrHandler) for h in kiln_logger.handlers):
+        prefixed = _StderrHandler()
+        prefixed.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        prefixed.addFilter(_not_request_lines)
+        kiln_logger.addHandler(prefixed)
     request_logger = logging.getLogger("kiln.request")
-    if not request_logger.handlers:
-        bare = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in request_logger.handlers):
+        bare = _StderrHandler()
         bare.setFormatter(logging.Formatter("%(message)s"))
         request_logger.addHandler(bare)
-        request_logger.propagate = False
 
 
 def make_server(

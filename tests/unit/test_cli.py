@@ -89,6 +89,7 @@ def test_serve_offline_suggests_tiny(monkeypatch: pytest.MonkeyPatch) -> None:
         raise OfflineError("could not download the default model: network unreachable")
 
     monkeypatch.setattr(kiln.serve.model_source, "resolve_model_dir", offline)
+    monkeypatch.setattr(kiln.serve.runner, "configure_logging", lambda level: None)
     result = runner.invoke(kiln.cli.app, ["serve"])
     assert result.exit_code == 1
     assert "network unreachable" in result.output
