@@ -5,6 +5,7 @@ Both wrap the real tiny engine (same tokenizer, model info and stats) and change
 - `GatedEngine`: requests wait at a gate before reaching the engine, so they stay "waiting" as long
   as a test needs (queue limits, keep-alive pings, drain).
 - `RecordingEngine`: records what each request hands the engine (params, priority, ids).
+- `RefusingEngine`: `generate()` itself raises ValueError, as a backend that cannot honour a field does.
 """
 
 from __future__ import annotations
@@ -99,3 +100,12 @@ class RecordingEngine(_Wrapper):
         )
         async for out in self.inner.generate(prompt_token_ids, params, request_id, **kw):
             yield out
+
+
+class RefusingEngine(_Wrapper):
+    def __init__(self, engine: Any, message: str) -> None:
+        super().__init__(engine)
+        self.message = message
+
+    def generate(self, *args: Any, **kw: Any) -> AsyncIterator[RequestOutput]:
+        raise ValueError(self.message)

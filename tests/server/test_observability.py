@@ -116,3 +116,20 @@ def test_cors_when_origins_configured(tiny_engine: AsyncEngine) -> None:
             headers={"Origin": "http://ui.example", "Access-Control-Request-Method": "POST"},
         )
         assert r.headers["access-control-allow-origin"] == "http://ui.example"
+
+
+def test_configure_logging_writes_bare_request_lines_once(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kiln.serve.runner import configure_logging
+
+    configure_logging("info")
+    configure_logging("info")  # idempotent
+    caplog.set_level(logging.INFO, logger="kiln")
+    logging.getLogger("kiln.request").info('{"event": "request", "x": 1}')
+    logging.getLogger("kiln.serve").warning("plain")
+    err = capsys.readouterr().err
+    assert err.count('{"event": "request", "x": 1}') == 1
+    assert '\n{"event": "request", "x": 1}\n' in "\n" + err  # bare: no prefix
+    assert "WARNING kiln.serve: plain" in err
+    assert any(r.name == "kiln.request" for r in caplog.records)  # still reaches the root logger

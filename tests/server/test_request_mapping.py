@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import httpx
-from fakes import RecordingEngine
+from fakes import RecordingEngine, RefusingEngine
 from server_harness import LiveServer, run_live_server
 
 from kiln.engine.async_engine import AsyncEngine
@@ -79,3 +79,15 @@ def test_engine_refusal_is_400(server: LiveServer) -> None:
         else:
             assert r.status_code == 400, r.text
             assert "empty" in r.json()["error"]["message"]
+
+
+def test_backend_refusal_names_the_field(tiny_engine: AsyncEngine) -> None:
+    refusing = RefusingEngine(tiny_engine, "logprobs are not available from this engine")
+    with run_live_server(refusing, served_model_name="tiny") as live:
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 2, "logprobs": 1}
+        r = httpx.post(f"{live.url}/v1/completions", json=body)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "logprobs"
+        refusing.message = "this request cannot run"
+        r = httpx.post(f"{live.url}/v1/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] is None
