@@ -34,16 +34,24 @@ def served_model(client: Any) -> str:
 
 
 def stream_chat(client: Any, model: str, messages: list[dict[str, str]], **params: Any) -> Iterator[str]:
-    """Yield the assistant's reply piece by piece."""
-    for chunk in client.chat.completions.create(model=model, messages=messages, stream=True, **params):
-        if chunk.choices and chunk.choices[0].delta.content:
-            yield chunk.choices[0].delta.content
+    """Yield the assistant's reply piece by piece; closing the generator closes the HTTP stream."""
+    stream = client.chat.completions.create(model=model, messages=messages, stream=True, **params)
+    try:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                yield chunk.choices[0].delta.content
+    finally:
+        stream.close()  # the server sees the disconnect and aborts the request
 
 
 def stream_completion(client: Any, model: str, prompt: str, **params: Any) -> Iterator[str]:
-    for chunk in client.completions.create(model=model, prompt=prompt, stream=True, **params):
-        if chunk.choices and chunk.choices[0].text:
-            yield chunk.choices[0].text
+    stream = client.completions.create(model=model, prompt=prompt, stream=True, **params)
+    try:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                yield chunk.choices[0].text
+    finally:
+        stream.close()
 
 
 def write_stream(pieces: Iterator[str], out: TextIO) -> str:
@@ -67,7 +75,8 @@ def chat_repl(
     system: str | None = None,
     **params: Any,
 ) -> list[dict[str, str]]:
-    """Chat until EOF or /exit; `/reset` forgets the conversation. Returns the final history."""
+    """Chat until EOF or /exit; `/reset` forgets the conversation; Ctrl-C during a reply stops that
+    reply. Returns the final history."""
     base = [{"role": "system", "content": system}] if system else []
     history = list(base)
     while True:
@@ -86,5 +95,14 @@ def chat_repl(
             continue
         history.append({"role": "user", "content": line})
         out.write(f"{model}> ")
-        reply = write_stream(stream_chat(client, model, history, **params), out)
+        pieces = stream_chat(client, model, history, **params)
+        try:
+            reply = write_stream(pieces, out)
+        except KeyboardInterrupt:
+            # Ctrl-C stops this reply, not the session: closing the stream closes the HTTP response,
+            # which aborts the request in the engine. The partial reply is dropped from the history.
+            pieces.close()
+            out.write(" (interrupted)\n")
+            history.pop()
+            continue
         history.append({"role": "assistant", "content": reply})

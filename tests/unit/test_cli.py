@@ -128,3 +128,50 @@ def test_bench_passes_its_arguments_through(monkeypatch: pytest.MonkeyPatch) -> 
     result = runner.invoke(kiln.cli.app, ["bench", "--random", "llama2-7b", "--latency-only", "--help"])
     assert result.exit_code == 3
     assert seen == [["--random", "llama2-7b", "--latency-only", "--help"]]
+
+
+class _Chunk:
+    def __init__(self, text: str) -> None:
+        delta = type("Delta", (), {"content": text})()
+        self.choices = [type("Choice", (), {"delta": delta})()]
+
+
+class _FakeChatClient:
+    """Enough of openai.OpenAI for chat_repl: replies "echo:<last user message>" in two pieces."""
+
+    def __init__(self, interrupt_on: str | None = None) -> None:
+        self.requests: list[list[dict[str, str]]] = []
+        self.interrupt_on = interrupt_on
+        self.chat = type("Chat", (), {"completions": self})()
+
+    def create(self, *, model: str, messages: list[dict[str, str]], stream: bool, **params: Any) -> Any:
+        self.requests.append([dict(m) for m in messages])
+        last = messages[-1]["content"]
+        yield _Chunk("echo:")
+        if last == self.interrupt_on:
+            raise KeyboardInterrupt
+        yield _Chunk(last)
+
+
+def test_chat_repl_history_reset_and_interrupt() -> None:
+    import io
+
+    from kiln.serve.terminal import chat_repl
+
+    client = _FakeChatClient(interrupt_on="stop me")
+    lines = iter(["hi", "stop me", "again", "/reset", "fresh", "/exit"])
+    out = io.StringIO()
+    history = chat_repl(client, "m", out=out, read_line=lambda _prompt: next(lines), system="be nice")
+    assert "m> echo:hi\n" in out.getvalue() and "(interrupted)" in out.getvalue()
+    # the interrupted turn is not in the history the next request carries
+    assert client.requests[2] == [
+        {"role": "system", "content": "be nice"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "echo:hi"},
+        {"role": "user", "content": "again"},
+    ]
+    assert client.requests[3][:2] == [
+        {"role": "system", "content": "be nice"},
+        {"role": "user", "content": "fresh"},
+    ]
+    assert history[-1] == {"role": "assistant", "content": "echo:fresh"}
