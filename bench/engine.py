@@ -3,6 +3,8 @@
 - llama2-7b fp16: batch-1 decode, 128 in / 128 out (ms per token, TTFT);
 - llama3.1-8b bf16: offline throughput, 1024 requests of 128 in / 128 out, then batch-1 latency.
 
+Each run also profiles 30 engine steps (profile_<shape>.txt beside the JSON: GPU-busy vs wall time
+per step, host time per engine phase, top kernels).
 Run: `python -m bench.engine --out bench/results/results.json` (each run appends its rows).
 """
 
@@ -29,7 +31,17 @@ def main(argv: list[str] | None = None) -> int:
         run = list(run)
         if args.num_requests and "--num-requests" in run:
             run[run.index("--num-requests") + 1] = str(args.num_requests)
-        command = [sys.executable, "-m", "kiln.bench", *run, "--json", str(args.out)]
+        profile = args.out.parent / f"profile_{run[1]}.txt"
+        command = [
+            sys.executable,
+            "-m",
+            "kiln.bench",
+            *run,
+            "--json",
+            str(args.out),
+            "--profile",
+            str(profile),
+        ]
         print("$", " ".join(command), flush=True)
         status |= subprocess.call(command)
     return status

@@ -216,6 +216,65 @@ def run_latency(engine, input_len: int, output_len: int, seed: int = 0, repeats:
     return best
 
 
+def profile_steps(
+    engine, num_requests: int, input_len: int, output_len: int, num_steps: int, path: Path, seed: int = 0
+) -> dict[str, float]:
+    """Profile `num_steps` engine steps of a throughput-shaped run; writes a text report to `path`.
+
+    The report says how much of each step's wall time the GPU was busy (the rest is host work the
+    GPU waits for), the host time of each engine phase, and the top kernels. Returns the summary.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    def labelled(name, fn):
+        def wrapper(*args, **kwargs):
+            with record_function(name):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    # Label the phases on this engine instance only (the profile needs names, the engine has none).
+    engine.scheduler.schedule = labelled("phase: schedule", engine.scheduler.schedule)
+    engine.scheduler.update = labelled("phase: scheduler.update", engine.scheduler.update)
+    engine.runner.prepare_inputs = labelled("phase: prepare_inputs", engine.runner.prepare_inputs)
+    engine.runner.model.forward = labelled("phase: model.forward", engine.runner.model.forward)
+    engine.runner.sampler.__class__.__call__ = labelled(
+        "phase: sampler", engine.runner.sampler.__class__.__call__
+    )
+    engine.outputs.process = labelled("phase: outputs.process", engine.outputs.process)
+    vocab = engine.model_config.vocab_size
+    for i, prompt in enumerate(_prompts(num_requests, [input_len] * num_requests, vocab, seed)):
+        engine.add_request(f"p{i}", prompt_token_ids=prompt, params=_greedy(output_len))
+    for _ in range(3):  # past the first prefill-heavy steps
+        engine.step()
+    _sync(engine)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(num_steps):
+            engine.step()
+        _sync(engine)
+        wall = time.perf_counter() - start
+    while engine.has_unfinished_requests():
+        engine.step()
+    events = prof.key_averages()
+    gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+    phases = {e.key: e.cpu_time_total / 1000 / num_steps for e in events if e.key.startswith("phase: ")}
+    summary = {"step_ms": 1000 * wall / num_steps, "gpu_busy_ms_per_step": gpu_us / 1000 / num_steps}
+    lines = [
+        f"{num_steps} steps, {num_requests} requests of {input_len} in / {output_len} out",
+        f"wall per step: {summary['step_ms']:.2f} ms; GPU kernels per step: {summary['gpu_busy_ms_per_step']:.2f} ms",
+        "host time per step by phase (ms, inclusive):",
+        *(f"  {name[7:]:24s} {ms:8.2f}" for name, ms in sorted(phases.items(), key=lambda kv: -kv[1])),
+        "",
+        events.table(sort_by="self_device_time_total", row_limit=25),
+        events.table(sort_by="self_cpu_time_total", row_limit=25),
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return summary | {f"host_ms_{k[7:]}": v for k, v in phases.items()}
+
+
 def _greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
@@ -245,6 +304,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="append the results to this JSON file")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="also profile 30 steps (at batch 1 with --latency-only); text report here",
+    )
     return parser
 
 
@@ -297,6 +361,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label}: {workload}: {lat.ms_per_token:.2f} ms/token, TTFT {lat.ttft_ms:.1f} ms")
         rows.append(_row(label, "batch1_decode", "ms_per_token", lat.ms_per_token, workload, params))
         rows.append(_row(label, "ttft", "ms", lat.ttft_ms, workload, params))
+    if args.profile:
+        batch = 1 if args.latency_only else min(args.num_requests, args.max_num_seqs)
+        summary = profile_steps(engine, batch, args.input_len, args.output_len, 30, args.profile, args.seed)
+        print(
+            f"{label}: profile of 30 steps at batch {batch}: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in summary.items())
+        )
+        rows.append(_row(label, "profile_step", "ms", summary["step_ms"], f"batch {batch}", params | summary))
     if args.json:
         _append_json(args.json, rows, argv)
     return 0

@@ -75,3 +75,14 @@ def _numel(shape: tuple[int, ...]) -> int:
     for dim in shape:
         n *= dim
     return n
+
+
+def test_profile_reports_phases(tiny_gqa_dir, tmp_path):
+    engine = LLMEngine.from_path(tiny_gqa_dir, EngineOptions(device="cpu", max_num_seqs=4))
+    report = tmp_path / "profile.txt"
+    summary = bench.profile_steps(engine, 4, 8, 12, num_steps=5, path=report)
+    assert summary["step_ms"] > 0
+    assert {"host_ms_schedule", "host_ms_model.forward", "host_ms_outputs.process"} <= set(summary)
+    text = report.read_text()
+    assert "wall per step" in text and "model.forward" in text
+    assert not engine.has_unfinished_requests()
