@@ -175,3 +175,23 @@ def test_chat_repl_history_reset_and_interrupt() -> None:
         {"role": "user", "content": "fresh"},
     ]
     assert history[-1] == {"role": "assistant", "content": "echo:fresh"}
+
+
+def test_build_trtllm_passes_its_flags_through(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import kiln.trtllm.build
+    from kiln.config import EngineLimits
+
+    seen: dict[str, Any] = {}
+
+    def fake_build(checkpoint: str, output_dir: Path, **kwargs: Any) -> Any:
+        seen.update(checkpoint=checkpoint, output_dir=output_dir, **kwargs)
+        return type("Manifest", (), {"served_model_name": "m", "backend": "trtllm", "dtype": "float16"})()
+
+    monkeypatch.setattr(kiln.trtllm.build, "build_trtllm_engine", fake_build)
+    args = ["build", "org/model", "-o", str(tmp_path / "e"), "--backend", "trtllm", "--quantization", "fp8"]
+    args += ["--tp-size", "2", "--calib-dataset", "cnn", "--max-batch-size", "8", "--overwrite"]
+    result = runner.invoke(kiln.cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert seen["checkpoint"] == "org/model" and seen["output_dir"] == tmp_path / "e"
+    assert (seen["quantization"], seen["tp_size"], seen["calib_dataset"]) == ("fp8", 2, "cnn")
+    assert seen["limits"] == EngineLimits(max_batch_size=8) and seen["overwrite"] is True
