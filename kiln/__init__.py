@@ -1,8 +1,8 @@
 """Kiln: build Llama-family checkpoints into engines and serve them with an OpenAI-compatible API.
 
-    >>> from kiln import LLM, SamplingParams
-    >>> llm = LLM("path/to/engine-or-hf-dir")
-    >>> llm.generate(["Hello"], SamplingParams(max_tokens=8))[0].outputs[0].text
+>>> from kiln import LLM, SamplingParams
+>>> llm = LLM("path/to/engine-or-hf-dir")
+>>> llm.generate(["Hello"], SamplingParams(max_tokens=8))[0].outputs[0].text
 """
 
 from kiln.engine.outputs import CompletionOutput, RequestOutput
