@@ -83,16 +83,22 @@ def _settings_error(exc: SettingsFlagError) -> typer.Exit:
 @with_settings_flags(on_error=_settings_error)
 def serve(model: ModelArg = None, tiny: TinyOpt = False, *, settings: ServerSettings) -> None:
     """Serve a model through the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    from kiln.engine.open import open_engine
+    from kiln.errors import KilnError
+    from kiln.serve.loading_engine import LoadingEngine
     from kiln.serve.runner import configure_logging, run_server
 
     configure_logging(settings.log_level)
-    engine = _load(model, tiny, settings)
-    name = settings.served_model_name or engine.model_info.name
+    path = _resolve(model, tiny)  # builds or downloads first, with progress bars
+    options = settings.engine_options()
+    # The port opens before the weights load: /health answers at once, /ready once the model runs.
+    engine = LoadingEngine(lambda: open_engine(path, options))
     where = f"http://{settings.host}:{settings.port}/v1" if settings.port else "a free port (see below)"
-    err.print(
-        f"Serving [bold]{name}[/bold] at {where} (OpenAI-compatible). Stop with Ctrl-C.", highlight=False
-    )
-    run_server(engine, settings)
+    err.print(f"Loading {path}; serving it at {where} once loaded. Stop with Ctrl-C.", highlight=False)
+    try:
+        run_server(engine, settings)
+    except (KilnError, ValueError) as exc:
+        raise _fail(f"could not load {path}: {exc}") from None
 
 
 @app.command()

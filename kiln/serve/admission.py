@@ -44,9 +44,12 @@ class Admission:
         self.waiting_tokens = 0
         self.ready = False
         self.draining = False
+        self.failed: str | None = None  # why the engine could not start
 
     def check_accepting(self) -> None:
         """Raise 503 unless the server takes new work."""
+        if self.failed is not None:
+            raise UnavailableError(f"the engine failed to start: {self.failed}", code="engine_failed")
         if self.draining:
             raise UnavailableError("the server is shutting down; retry on another replica", code="draining")
         if not self.ready:

@@ -4,12 +4,17 @@ Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}] (
 keys are configured); GET /health (liveness: the process answers), GET /ready (readiness: 503 until
 the engine has started and once draining begins), GET /metrics (Prometheus), GET /version.
 
-Lifecycle: the app's lifespan starts the engine, marks the server ready, and on shutdown stops
-accepting work and (unless told otherwise) shuts the engine down.
+Lifecycle: the app's startup begins starting the engine (for a `LoadingEngine`: loading it) in the
+background and returns at once, so the port answers /health while a big model loads; the server is
+ready when the engine runs. If it cannot start, /ready says "failed" and `on_start_failure` is told.
+On shutdown the app stops accepting work and (unless told otherwise) shuts the engine down.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -29,6 +34,8 @@ from kiln.serve.protocol import ModelCard, ModelList
 from kiln.serve.settings import ServerSettings
 from kiln.serve.state import ServerState, server_state
 from kiln.version import __version__
+
+logger = logging.getLogger("kiln.serve")
 
 
 def _model_card(state: ServerState) -> ModelCard:
@@ -52,6 +59,8 @@ async def health() -> dict[str, str]:
 
 async def ready(request: Request) -> JSONResponse:
     admission = server_state(request).admission
+    if admission.failed is not None:
+        return JSONResponse({"status": "failed", "error": admission.failed}, status_code=503)
     if admission.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
     if not admission.ready:
@@ -84,17 +93,32 @@ def create_app(engine: EngineClient, settings: ServerSettings, *, shutdown_engin
         settings=settings,
         admission=admission,
         metrics=server_metrics,
-        model_name=settings.served_model_name or engine.model_info.name,
     )
+
+    async def start_engine() -> None:
+        try:
+            await engine.start()
+        except Exception as exc:
+            logger.exception("the engine failed to start")
+            admission.failed = str(exc) or type(exc).__name__
+            if state.on_start_failure is not None:
+                state.on_start_failure(exc)
+            return
+        admission.ready = True
+        info = engine.model_info
+        logger.info("ready: serving %s (%s, %s)", state.model_name, info.backend, info.dtype)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await engine.start()
-        admission.ready = True
+        starting = asyncio.ensure_future(start_engine())
         try:
             yield
         finally:
             admission.draining = True
+            if not starting.done():
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
             if shutdown_engine:
                 await engine.shutdown()
 

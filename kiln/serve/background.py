@@ -21,7 +21,8 @@ def serve_in_background(
     shutdown_engine: bool = True,
     start_timeout: float = 60.0,
 ) -> Iterator[tuple[str, DrainingServer]]:
-    """Yield (base URL, server) once the server accepts connections; stop it (and join) on exit.
+    """Yield (base URL, server) once the server accepts connections and its engine runs; stop it
+    (and join) on exit. Raises the engine's error if it cannot start.
 
     `settings.port` 0 picks a free port. The server thread has its own event loop and no signal
     handlers (uvicorn installs them only on the main thread).
@@ -29,8 +30,12 @@ def serve_in_background(
     server = make_server(engine, settings, shutdown_engine=shutdown_engine)
     thread = threading.Thread(target=server.run, name="kiln-server", daemon=True)
     thread.start()
+    admission = server.admission
     deadline = time.monotonic() + start_timeout
-    while not server.started:
+    while not (server.started and admission.ready):
+        if server.start_error is not None:
+            thread.join(timeout=settings.drain_timeout_seconds + 10)
+            raise server.start_error
         if not thread.is_alive():
             raise RuntimeError("the in-process server failed to start; see the log above")
         if time.monotonic() > deadline:

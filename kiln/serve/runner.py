@@ -22,15 +22,21 @@ from kiln.serve.settings import ServerSettings
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's Server that also flips the app's drain flag when asked to exit."""
+    """uvicorn's Server that also flips the app's drain flag when asked to exit, and stops (keeping
+    the error in `start_error`) when the engine cannot start."""
 
     def __init__(self, config: uvicorn.Config, admission: Admission) -> None:
         super().__init__(config)
         self.admission = admission
+        self.start_error: BaseException | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.admission.draining = True
         super().handle_exit(sig, frame)
+
+    def engine_failed(self, error: BaseException) -> None:
+        self.start_error = error
+        self.should_exit = True
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -85,11 +91,16 @@ def make_server(
         timeout_graceful_shutdown=int(settings.drain_timeout_seconds) + 1,
         lifespan="on",
     )
-    return DrainingServer(config, app.state.kiln.admission)
+    server = DrainingServer(config, app.state.kiln.admission)
+    app.state.kiln.on_start_failure = server.engine_failed
+    return server
 
 
 def run_server(engine: EngineClient, settings: ServerSettings) -> None:
-    """Serve until SIGTERM/SIGINT, drain, and return (the caller then exits 0)."""
+    """Serve until SIGTERM/SIGINT, drain, and return (the caller then exits 0).
+
+    Raises the engine's error when it could not start (a `LoadingEngine` that failed to load).
+    """
     configure_logging(settings.log_level)
     server = make_server(engine, settings)
     if threading.current_thread() is threading.main_thread():
@@ -99,3 +110,5 @@ def run_server(engine: EngineClient, settings: ServerSettings) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: None)
     server.run()
+    if server.start_error is not None:
+        raise server.start_error

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
@@ -19,7 +20,13 @@ class ServerState:
     settings: ServerSettings
     admission: Admission
     metrics: ServerMetrics
-    model_name: str
+    # Called when the engine fails to start (the runner stops the server and reports the error).
+    on_start_failure: Callable[[BaseException], None] | None = field(default=None)
+
+    @property
+    def model_name(self) -> str:
+        """The name clients send as `model` (503 while the engine is still loading)."""
+        return self.settings.served_model_name or self.engine.model_info.name
 
     def check_model(self, requested: str | None) -> None:
         """404 unless `requested` names the served model (omitted: the served model)."""

@@ -47,7 +47,18 @@ def start_server(checkpoint: Path) -> tuple[subprocess.Popen[str], str, list[str
     if not found.wait(timeout=120):
         proc.kill()
         raise AssertionError("server did not start:\n" + "".join(log))
+    # The port opens before the weights load; wait until the model is ready.
+    if not wait_for(lambda: _ready(url[0]), timeout=120):
+        proc.kill()
+        raise AssertionError("server never became ready:\n" + "".join(log))
     return proc, url[0], log
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/ready", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def test_sigterm_finishes_the_in_flight_stream_then_exits_0(tiny_gqa_dir: Path) -> None:

@@ -13,7 +13,6 @@ from typer.testing import CliRunner
 import kiln.cli
 import kiln.serve.model_source
 import kiln.serve.runner
-from kiln.engine.protocol import ModelInfo
 from kiln.errors import OfflineError
 from kiln.serve.flags import SETTINGS_FLAGS
 from kiln.serve.settings import ServerSettings
@@ -40,21 +39,19 @@ def test_every_flag_has_help(name: str) -> None:
     assert result.exit_code == 0, result.output
 
 
-class _FakeEngine:
-    model_info = ModelInfo(name="fake", backend="native", max_model_len=64, dtype="float32")
-
-
 @pytest.fixture
 def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     seen: dict[str, Any] = {}
 
-    def load(model: str | None, tiny: bool, settings: ServerSettings) -> _FakeEngine:
+    def resolve(model: str | None, tiny: bool) -> Path:
         seen.update(model=model, tiny=tiny)
-        return _FakeEngine()
+        return Path("/nonexistent/engine")
 
-    monkeypatch.setattr(kiln.cli, "_load", load)
+    monkeypatch.setattr(kiln.cli, "_resolve", resolve)
     monkeypatch.setattr(
-        kiln.serve.runner, "run_server", lambda engine, settings: seen.update(settings=settings)
+        kiln.serve.runner,
+        "run_server",
+        lambda engine, settings: seen.update(engine=engine, settings=settings),
     )
     monkeypatch.setattr(kiln.serve.runner, "configure_logging", lambda level: None)
     return seen
@@ -76,6 +73,10 @@ def test_serve_flags_override_environment(captured: dict[str, Any], monkeypatch:
     assert s.max_waiting_tokens == 77
     assert s.enable_prefix_caching is False
     assert s.max_waiting_requests == ServerSettings.model_fields["max_waiting_requests"].default
+    # the weights load inside the server (so /health answers meanwhile), not before it starts
+    from kiln.serve.loading_engine import LoadingEngine
+
+    assert isinstance(captured["engine"], LoadingEngine)
 
 
 def test_serve_invalid_flag_value_exits_2(captured: dict[str, Any]) -> None:
@@ -195,3 +196,17 @@ def test_build_trtllm_passes_its_flags_through(monkeypatch: pytest.MonkeyPatch, 
     assert seen["checkpoint"] == "org/model" and seen["output_dir"] == tmp_path / "e"
     assert (seen["quantization"], seen["tp_size"], seen["calib_dataset"]) == ("fp8", 2, "cnn")
     assert seen["limits"] == EngineLimits(max_batch_size=8) and seen["overwrite"] is True
+
+
+def test_serve_reports_a_model_that_cannot_load(
+    captured: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kiln.errors import InvalidEngineError
+
+    def fail(engine: Any, settings: ServerSettings) -> None:
+        raise InvalidEngineError("engine.json is corrupt")
+
+    monkeypatch.setattr(kiln.serve.runner, "run_server", fail)
+    result = runner.invoke(kiln.cli.app, ["serve", "some/engine"])
+    assert result.exit_code == 1
+    assert "could not load" in result.output and "engine.json is corrupt" in result.output
