@@ -118,10 +118,11 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            # Closed early (client gone, task cancelled) or failed: give the blocks back now.
-            if not finished:
-                await self.abort(request_id)
             self._sinks.pop(request_id, None)
+            # Closed early (client gone, task cancelled) or failed: give the blocks back now. Shielded, so a
+            # second cancellation (servers cancel a disconnected stream's task) cannot skip the abort.
+            if not finished:
+                await asyncio.shield(self.abort(request_id))
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; returns once its KV blocks are back in the pool (within one step)."""

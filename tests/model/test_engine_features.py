@@ -135,3 +135,33 @@ def test_async_concurrent_streams_complete(tiny_gqa_dir):
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_cancelled_twice_consumer_still_frees_its_request(tiny_gqa_dir):
+    """Servers cancel a disconnected stream's task, sometimes again while it cleans up."""
+
+    async def main():
+        engine = AsyncEngine.from_path(tiny_gqa_dir, EngineOptions(device="cpu", block_size=4))
+        started = asyncio.Event()
+
+        async def consume():
+            params = SamplingParams(max_tokens=500, ignore_eos=True)
+            async for _ in engine.generate(list(range(3, 40)), params, "c"):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        task.cancel()
+        await asyncio.sleep(0)  # let the cleanup start awaiting the abort ...
+        task.cancel()  # ... and cancel it again there
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(200):
+            if engine.stats().kv_blocks_used == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.stats().kv_blocks_used == 0
+        assert not engine._sinks
+        await engine.shutdown()
+
+    asyncio.run(main())

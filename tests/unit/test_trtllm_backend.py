@@ -564,11 +564,6 @@ def test_openai_server_streams_from_the_trtllm_backend(served):
     assert llm.calls[0][1].max_tokens == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kiln.serve answers a ValueError raised by engine.generate with 500; it should be a 400 whose param "
-    "is the message's first word (the field), as for SamplingParams.validate. Remove this mark once it does.",
-)
 def test_openai_server_answers_an_unhonourable_parameter_with_400(served):
     client, _ = served
     body = {"model": "tiny-trt", "prompt": "hello", "max_tokens": 2, "logprobs": 1}
