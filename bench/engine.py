@@ -1,7 +1,8 @@
 """Kiln's native engine on the issue's workloads, each in its own process (a fresh GPU per shape):
 
 - llama2-7b fp16: batch-1 decode, 128 in / 128 out (ms per token, TTFT);
-- llama3.1-8b bf16: offline throughput, 1024 requests of 128 in / 128 out, then batch-1 latency.
+- llama3.1-8b bf16: offline throughput, 1024 requests of 128 in / 128 out, then batch-1 latency;
+  the throughput again with up to 512 requests running (256 is the default).
 
 Each run also profiles 30 engine steps (profile_<shape>.txt beside the JSON: GPU-busy vs wall time
 per step, host time per engine phase, top kernels).
@@ -18,6 +19,20 @@ from pathlib import Path
 RUNS = [
     ["--random", "llama2-7b", "--latency-only", "--input-len", "128", "--output-len", "128"],
     ["--random", "llama3.1-8b", "--num-requests", "1024", "--input-len", "128", "--output-len", "128"],
+    # The same workload with twice the running requests: does a larger decode batch pay?
+    [
+        "--random",
+        "llama3.1-8b",
+        "--num-requests",
+        "1024",
+        "--input-len",
+        "128",
+        "--output-len",
+        "128",
+        "--max-num-seqs",
+        "512",
+        "--throughput-only",
+    ],
 ]
 
 

@@ -341,7 +341,10 @@ def main(argv: list[str] | None = None) -> int:
         inputs = _lengths(args.num_requests, args.input_len, _span(args.input_len_range), args.seed)
         outputs = _lengths(args.num_requests, args.output_len, _span(args.output_len_range), args.seed + 1)
         tp = run_throughput(engine, args.num_requests, inputs, outputs, args.seed)
-        workload = f"{args.num_requests} req {args.input_len_range or args.input_len} in / {args.output_len_range or args.output_len} out"
+        workload = (
+            f"{args.num_requests} req {args.input_len_range or args.input_len} in / "
+            f"{args.output_len_range or args.output_len} out, <= {args.max_num_seqs} running"
+        )
         print(
             f"{label}: {workload}: {tp.output_tok_per_s:,.0f} output tok/s ({tp.total_tok_per_s:,.0f} total) in {tp.elapsed_s:.1f} s"
         )
