@@ -131,13 +131,24 @@ def build(
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
     quantization: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option(help="trtllm only: quantization (e.g. fp8, int4_awq).", show_default=False),
+        typer.Option(help="trtllm only: int8_wo, fp8 or int8_sq.", show_default=False),
     ] = None,
     tp_size: Annotated[int, typer.Option(help="trtllm only: tensor-parallel GPUs.")] = 1,
     calib_dataset: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(help="trtllm only: calibration dataset for quantization.", show_default=False),
     ] = None,
+    calib_size: Annotated[int, typer.Option(help="trtllm only: calibration samples.")] = 512,
+    max_input_len: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(help="trtllm only: longest prompt (default: --max-seq-len - 1).", show_default=False),
+    ] = None,
+    gather_logits: Annotated[
+        bool, typer.Option(help="trtllm only: keep generation logits, so requests may ask for logprobs.")
+    ] = False,
+    multiple_profiles: Annotated[
+        bool, typer.Option(help="trtllm only: build several TensorRT optimization profiles.")
+    ] = True,
 ) -> None:
     """Build a checkpoint into an engine directory that `kiln serve` loads."""
     from kiln.config import EngineLimits
@@ -151,8 +162,13 @@ def build(
     )
     if tiny == (checkpoint is not None):
         raise _fail("give a CHECKPOINT or --tiny (exactly one)", code=2)
-    if backend == "native" and (quantization or tp_size != 1 or calib_dataset):
-        raise _fail("--quantization, --tp-size and --calib-dataset need --backend trtllm", code=2)
+    trtllm_only = quantization or tp_size != 1 or calib_dataset or max_input_len or gather_logits
+    if backend == "native" and (trtllm_only or calib_size != 512 or not multiple_profiles):
+        raise _fail(
+            "--quantization, --tp-size, --calib-*, --max-input-len, --gather-logits and "
+            "--no-multiple-profiles need --backend trtllm",
+            code=2,
+        )
     try:
         if tiny:
             from kiln.build import build_tiny_engine
@@ -176,6 +192,10 @@ def build(
                 quantization=quantization,
                 tp_size=tp_size,
                 calib_dataset=calib_dataset,
+                calib_size=calib_size,
+                max_input_len=max_input_len,
+                gather_logits=gather_logits,
+                multiple_profiles=multiple_profiles,
                 served_model_name=served_model_name,
                 overwrite=overwrite,
             )

@@ -191,10 +191,13 @@ def test_build_trtllm_passes_its_flags_through(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr(kiln.trtllm.build, "build_trtllm_engine", fake_build)
     args = ["build", "org/model", "-o", str(tmp_path / "e"), "--backend", "trtllm", "--quantization", "fp8"]
     args += ["--tp-size", "2", "--calib-dataset", "cnn", "--max-batch-size", "8", "--overwrite"]
+    args += ["--calib-size", "64", "--max-input-len", "100", "--gather-logits", "--no-multiple-profiles"]
     result = runner.invoke(kiln.cli.app, args)
     assert result.exit_code == 0, result.output
     assert seen["checkpoint"] == "org/model" and seen["output_dir"] == tmp_path / "e"
     assert (seen["quantization"], seen["tp_size"], seen["calib_dataset"]) == ("fp8", 2, "cnn")
+    assert (seen["calib_size"], seen["max_input_len"]) == (64, 100)
+    assert seen["gather_logits"] is True and seen["multiple_profiles"] is False
     assert seen["limits"] == EngineLimits(max_batch_size=8) and seen["overwrite"] is True
 
 
@@ -210,3 +213,9 @@ def test_serve_reports_a_model_that_cannot_load(
     result = runner.invoke(kiln.cli.app, ["serve", "some/engine"])
     assert result.exit_code == 1
     assert "could not load" in result.output and "engine.json is corrupt" in result.output
+
+
+def test_trtllm_only_build_flags_are_refused_for_the_native_backend(tmp_path: Path) -> None:
+    result = runner.invoke(kiln.cli.app, ["build", "--tiny", "-o", str(tmp_path / "e"), "--gather-logits"])
+    assert result.exit_code == 2
+    assert "need --backend trtllm" in result.output
