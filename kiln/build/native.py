@@ -32,9 +32,9 @@ from kiln.build.checkpoint import (
     resolve_checkpoint,
 )
 from kiln.build.manifest import MANIFEST_NAME, EngineManifest, sha256_file
-from kiln.build.progress import build_progress
 from kiln.config import DTYPES, EngineLimits, ModelConfig, canonical_dtype
 from kiln.errors import CheckpointError
+from kiln.progress import build_progress
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"

@@ -115,7 +115,7 @@ class LLMEngine:
             name = options.served_model_name or manifest.served_model_name
         else:
             dtype = canonical_dtype(options.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
-        model, config = load_model(path, dtype=DTYPES[dtype], device=device)
+        model, config = load_model(path, dtype=DTYPES[dtype], device=device, progress=options.load_progress)
         tokenizer = Tokenizer(path)
         return cls(
             model,

@@ -23,3 +23,4 @@ class EngineOptions:
     enforce_eager: bool = False  # on CUDA: skip capturing decode CUDA graphs
     served_model_name: str | None = None
     seed: int = 0  # global RNG seed for requests without their own
+    load_progress: bool = False  # show a progress bar while the weights load

@@ -8,7 +8,7 @@ from safetensors. The host never holds a float32 copy of the model, nor two copi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -16,7 +16,8 @@ import torch
 from kiln.config import DTYPES, ModelConfig, canonical_dtype
 from kiln.errors import CheckpointError
 from kiln.models.llama import LlamaForCausalLM
-from kiln.models.weights import pack_hf_state_dict
+from kiln.models.weights import expected_packed_shapes, pack_hf_state_dict
+from kiln.progress import build_progress
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 ENGINE_MANIFEST = "engine.json"
@@ -27,8 +28,9 @@ def load_model(
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
-    """Load the model at `path` in eval mode on `device`.
+    """Load the model at `path` in eval mode on `device` (a progress bar on the console if `progress`).
 
     `path` is an engine directory (engine.json; packed weights listed in the manifest) or a Hugging
     Face directory (config.json + *.safetensors, one file or sharded with an index; packed on the
@@ -49,8 +51,18 @@ def load_model(
         dtype = dtype or _hf_dtype(hf_config)
         weights = pack_hf_state_dict(_read_safetensors(hf_safetensors_files(path)), config)
     model = build_empty_model(config, dtype=dtype, device=device)
-    model.load_weights(weights)
+    with build_progress(enabled=progress) as bars:
+        advance = bars.step(f"loading weights ({device})", total=len(expected_packed_shapes(config)))
+        model.load_weights(_counted(weights, advance))
     return model.eval(), config
+
+
+def _counted(
+    weights: Iterator[tuple[str, torch.Tensor]], advance: Callable[[], None]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for item in weights:
+        yield item
+        advance()
 
 
 def build_empty_model(

@@ -107,6 +107,7 @@ class ServerSettings(BaseSettings):
         False, description="On CUDA: run decode eagerly, without capturing CUDA graphs."
     )
     seed: int = Field(0, description="Global sampling seed for requests that send none.")
+    load_progress: bool = Field(True, description="Show a progress bar while the weights load.")
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod

@@ -1,4 +1,4 @@
-"""Progress bars for the build stage (rich), with one switch to silence them for tests and libraries."""
+"""Progress bars (rich) for building and loading, with one switch to silence them for tests and libraries."""
 
 from __future__ import annotations
 
