@@ -56,5 +56,10 @@ def test_engine_options_carry_every_engine_field() -> None:
     )
     options = s.engine_options()
     assert options == EngineOptions(
-        max_num_seqs=3, num_kv_blocks=99, enable_prefix_caching=False, served_model_name="m", seed=5
+        max_num_seqs=3,
+        num_kv_blocks=99,
+        enable_prefix_caching=False,
+        served_model_name="m",
+        seed=5,
+        load_progress=True,  # the server shows it; the Python API does not by default
     )
