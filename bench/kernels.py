@@ -8,6 +8,7 @@ for the memory-bound ones, TFLOP/s for prefill attention). Run: `python -m bench
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from functools import partial
 from pathlib import Path
 
@@ -123,8 +124,9 @@ def _causal_flops(q_lens, ctx_lens, hq, d) -> float:
 
 
 def bench_prefill_attention(results: list[Result]) -> None:
-    from kiln.engine.kernels.triton_attention import paged_attention
+    from kiln.engine.kernels.triton_attention import default_config, paged_attention
 
+    transposed = dataclasses.replace(default_config(False, 128), keys_transposed=True)
     cases = [
         ("4x1024 prefill", [1024] * 4, [0] * 4),
         ("1x4096 prefill", [4096], [0]),
@@ -137,6 +139,17 @@ def bench_prefill_attention(results: list[Result]) -> None:
             case = f"{label} {name}"
             us = bench_us(partial(paged_attention, q, kc, vc, meta, d**-0.5))
             results.append(Result("kernels", "prefill_attention/triton", case, "us", us))
+            # A/B of the key-tile layout (the default loads [block_n, head_dim] and transposes).
+            us_t = bench_us(partial(paged_attention, q, kc, vc, meta, d**-0.5, config=transposed))
+            results.append(
+                Result(
+                    "kernels",
+                    "prefill_attention/triton_keys_transposed",
+                    case,
+                    "TFLOP_per_s",
+                    flops / us_t / 1e6,
+                )
+            )
             results.append(
                 Result("kernels", "prefill_attention/triton", case, "TFLOP_per_s", flops / us / 1e6)
             )

@@ -103,15 +103,25 @@ def test_odd_head_dim_and_group(device):
 
 
 @pytest.mark.parametrize(
-    ("block_m", "block_n", "num_warps", "num_stages"), [(128, 32, 8, 3), (32, 128, 4, 2), (64, 16, 2, 4)]
+    ("block_m", "block_n", "num_warps", "num_stages", "keys_transposed"),
+    [
+        (128, 32, 8, 3, False),
+        (32, 128, 4, 2, False),
+        (64, 16, 2, 4, False),
+        (128, 64, 4, 3, True),
+        (16, 64, 4, 2, True),
+    ],
 )
-def test_every_tuning_config_is_correct(device, block_m, block_n, num_warps, num_stages):
+def test_every_tuning_config_is_correct(device, block_m, block_n, num_warps, num_stages, keys_transposed):
     # The tuning sweep may pick any of these shapes, so each must compute the same function.
     from kiln.engine.kernels.triton_attention import AttentionConfig
 
-    config = AttentionConfig(block_m, block_n, num_warps, num_stages)
-    batch = make_paged_batch([70, 1, 33], [50, _long(900), 0], 32, 8, 128, 16, torch.float16, device, seed=6)
-    head_dim = batch.query.shape[-1]
+    config = AttentionConfig(block_m, block_n, num_warps, num_stages, keys_transposed)
+    # A ragged head dim too (96, padded to 128), so the masked transposed-key load is exercised.
+    head_dim = 96 if block_m == 16 else 128
+    batch = make_paged_batch(
+        [70, 1, 33], [50, _long(900), 0], 32, 8, head_dim, 16, torch.float16, device, seed=6
+    )
     out = _triton_attention().paged_attention(
         batch.query, batch.k_cache, batch.v_cache, batch.meta, head_dim**-0.5, config=config
     )

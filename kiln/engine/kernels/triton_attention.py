@@ -69,10 +69,13 @@ def _attend_keys(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
+    KEYS_TRANSPOSED: tl.constexpr,
 ):
     """One online-softmax step over keys start_n .. start_n+BLOCK_N-1, read through the block table.
 
     MASKED=False is for key tiles that lie wholly below `hi` and before every row's position.
+    KEYS_TRANSPOSED loads the key tile as [HEAD_DIM, BLOCK_N] instead of transposing it in registers
+    (a tuning choice: the same numbers either way).
     """
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_P2)
@@ -82,15 +85,24 @@ def _attend_keys(
         block_id = tl.load(table_row + offs_n // BLOCK_SIZE, mask=n_valid, other=0).to(tl.int64)
     else:
         block_id = tl.load(table_row + offs_n // BLOCK_SIZE).to(tl.int64)
-    k_ptrs = k_head + block_id[:, None] * stride_kb + in_block[:, None] * stride_ks + offs_d[None, :]
+    key_rows = block_id * stride_kb + in_block * stride_ks
     v_ptrs = v_head + block_id[:, None] * stride_vb + in_block[:, None] * stride_vs + offs_d[None, :]
     kv_mask = n_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
     # Unmasked loads when nothing can be out of range: they vectorise best.
-    if MASKED or HEAD_DIM != HEAD_DIM_P2:  # noqa: SIM108 (a constexpr branch)
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    if KEYS_TRANSPOSED:
+        k_t_ptrs = k_head + offs_d[:, None] + key_rows[None, :]
+        if MASKED or HEAD_DIM != HEAD_DIM_P2:
+            k_t_mask = (offs_d[:, None] < HEAD_DIM) & n_valid[None, :]
+            k_t = tl.load(k_t_ptrs, mask=k_t_mask, other=0.0)
+        else:
+            k_t = tl.load(k_t_ptrs)
     else:
-        k = tl.load(k_ptrs)
-    s = tl.dot(q, tl.trans(k)) * scale_log2
+        k_ptrs = k_head + key_rows[:, None] + offs_d[None, :]
+        if MASKED or HEAD_DIM != HEAD_DIM_P2:
+            k_t = tl.trans(tl.load(k_ptrs, mask=kv_mask, other=0.0))
+        else:
+            k_t = tl.trans(tl.load(k_ptrs))
+    s = tl.dot(q, k_t) * scale_log2
     if MASKED:
         visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -140,6 +152,7 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    KEYS_TRANSPOSED: tl.constexpr,
 ):
     # Last tiles first: under the causal mask they see the most keys, so starting them early
     # shortens the tail of the launch.
@@ -194,13 +207,13 @@ def _paged_attention_kernel(
         acc, l_i, m_i = _attend_keys(
             acc, l_i, m_i, q, q_pos, start_n, hi, table_row, k_head, v_head,
             stride_kb, stride_ks, stride_vb, stride_vs, scale_log2,
-            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, BLOCK_N, False,
+            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, BLOCK_N, False, KEYS_TRANSPOSED,
         )  # fmt: skip
     for start_n in range(unmasked_end, hi, BLOCK_N):
         acc, l_i, m_i = _attend_keys(
             acc, l_i, m_i, q, q_pos, start_n, hi, table_row, k_head, v_head,
             stride_kb, stride_ks, stride_vb, stride_vs, scale_log2,
-            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, BLOCK_N, True,
+            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, BLOCK_N, True, KEYS_TRANSPOSED,
         )  # fmt: skip
 
     store_mask = row_valid[:, None] & d_valid[None, :]
@@ -277,6 +290,7 @@ class AttentionConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    keys_transposed: bool = False  # load key tiles as [head_dim, block_n] (see _attend_keys)
 
 
 def default_config(decode: bool, head_dim_p2: int) -> AttentionConfig:
@@ -392,6 +406,7 @@ def paged_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
+        KEYS_TRANSPOSED=config.keys_transposed,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
