@@ -26,14 +26,9 @@ from kiln.engine.protocol import EngineClient
 from kiln.engine.sampling_params import SamplingParams
 from kiln.errors import InvalidEngineError
 from kiln.trtllm import compat
-from kiln.trtllm.backend import (
-    OutputTranslator,
-    TrtLlmEngine,
-    engine_stats_from_trtllm,
-    runtime_llm_kwargs,
-    translate_logprobs,
-)
+from kiln.trtllm.backend import TrtLlmEngine, runtime_llm_kwargs
 from kiln.trtllm.build import build_trtllm_engine
+from kiln.trtllm.outputs import OutputTranslator, engine_stats_from_trtllm, translate_logprobs
 
 # -- fakes shaped like tensorrt_llm 1.2 --------------------------------------------------------------
 
