@@ -4,7 +4,7 @@
 - llama3.1-8b bf16: offline throughput, 1024 requests of 128 in / 128 out, then batch-1 latency;
   the throughput again with up to 512 requests running (256 is the default).
 
-Each run also profiles 30 engine steps (profile_<shape>.txt beside the JSON: GPU-busy vs wall time
+Each run also profiles 30 engine steps (profile_<shape>_b<batch>.txt beside the JSON: GPU-busy vs wall time
 per step, host time per engine phase, top kernels).
 Run: `python -m bench.engine --out bench/results/results.json` (each run appends its rows).
 """
@@ -16,23 +16,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-RUNS = [
-    ["--random", "llama2-7b", "--latency-only", "--input-len", "128", "--output-len", "128"],
-    ["--random", "llama3.1-8b", "--num-requests", "1024", "--input-len", "128", "--output-len", "128"],
+WORKLOAD = ["--num-requests", "1024", "--input-len", "128", "--output-len", "128"]
+# (kiln bench arguments, profile file name or None)
+RUNS: list[tuple[list[str], str | None]] = [
+    (
+        ["--random", "llama2-7b", "--latency-only", "--input-len", "128", "--output-len", "128"],
+        "llama2-7b_b1",
+    ),
+    (["--random", "llama3.1-8b", *WORKLOAD], "llama3.1-8b_b256"),
     # The same workload with twice the running requests: does a larger decode batch pay?
-    [
-        "--random",
-        "llama3.1-8b",
-        "--num-requests",
-        "1024",
-        "--input-len",
-        "128",
-        "--output-len",
-        "128",
-        "--max-num-seqs",
-        "512",
-        "--throughput-only",
-    ],
+    (
+        ["--random", "llama3.1-8b", *WORKLOAD, "--max-num-seqs", "512", "--throughput-only"],
+        "llama3.1-8b_b512",
+    ),
 ]
 
 
@@ -42,21 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-requests", type=int, help="override the throughput run's request count")
     args = parser.parse_args(argv)
     status = 0
-    for run in RUNS:
+    for run, profile in RUNS:
         run = list(run)
         if args.num_requests and "--num-requests" in run:
             run[run.index("--num-requests") + 1] = str(args.num_requests)
-        profile = args.out.parent / f"profile_{run[1]}.txt"
-        command = [
-            sys.executable,
-            "-m",
-            "kiln.bench",
-            *run,
-            "--json",
-            str(args.out),
-            "--profile",
-            str(profile),
-        ]
+        command = [sys.executable, "-m", "kiln.bench", *run, "--json", str(args.out)]
+        if profile:
+            command += ["--profile", str(args.out.parent / f"profile_{profile}.txt")]
         print("$", " ".join(command), flush=True)
         status |= subprocess.call(command)
     return status

@@ -5,6 +5,9 @@
 # Results (results.json, results.md, plots, run.log) go to $OUT if set (the device tool's folder), else
 # bench/results; each stage appends to results.json and run.log.
 # Run from the repository root; needs a CUDA GPU, torch, triton and transformers (matplotlib for plots).
+# The whole default run takes about 12 minutes on an H100 (tests 4.5, kernels 1, kiln 2.5, hf 4); under
+# the device tool's 10-minute limit run it as two calls, `env tests kernels kiln report` then `hf report`,
+# and merge the two results.json files with `python -m bench.report A.json B.json --md ... --png ...`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
