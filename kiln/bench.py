@@ -259,7 +259,7 @@ def profile_steps(
     while engine.has_unfinished_requests():
         engine.step()
     events = prof.key_averages()
-    gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in events)
+    gpu_us = sum(e.self_device_time_total for e in events if _is_device_work(e))
     phases: dict[str, float] = {}
     for e in events:  # a label appears twice: its host range and its (host-time-free) GPU range
         if e.key.startswith("phase: "):
@@ -277,6 +277,15 @@ def profile_steps(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return summary | {f"host_ms_{k[7:]}": v for k, v in phases.items()}
+
+
+def _is_device_work(event) -> bool:
+    """Kernels, copies and memsets: the events whose own time is GPU time. CPU ops (aten::mm) also
+    carry their kernels' time, and a record_function label has a GPU range spanning its kernels;
+    counting either would count those kernels twice."""
+    from torch.autograd import DeviceType
+
+    return getattr(event, "device_type", None) == DeviceType.CUDA and not event.key.startswith("phase: ")
 
 
 def _greedy(max_tokens: int) -> SamplingParams:
