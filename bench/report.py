@@ -180,8 +180,10 @@ def plot(rows, path: Path) -> bool:
         ),
     ]:
         picked = [r for r in rows if r["name"] in names and r["metric"] == metric]
-        labels = [f"{r['name']}\n{r['shape'][:34]}" for r in picked]
-        ax.barh(labels, [r["value"] for r in picked])
+        # Full workload names: two runs of one shape differ only at the end (e.g. the batch cap).
+        labels = [r["name"] + "\n" + r["shape"].replace(", ", ",\n") for r in picked]
+        ax.barh(range(len(picked)), [r["value"] for r in picked])
+        ax.set_yticks(range(len(picked)), labels)
         for i, r in enumerate(picked):
             ax.text(r["value"], i, f" {_fmt(r['value'])}", va="center", fontsize=8)
         ax.set_title(title)

@@ -6,7 +6,9 @@ and the preset shapes, so a broken harness is caught before it costs GPU time.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +90,38 @@ def test_profile_reports_phases(tiny_gqa_dir, tmp_path):
     text = report.read_text()
     assert "wall per step" in text and "model.forward" in text
     assert not engine.has_unfinished_requests()
+
+
+def _load_bench_report():
+    # bench/ is a folder of scripts run from the repository root, not an installed package.
+    path = Path(__file__).resolve().parents[2] / "bench" / "report.py"
+    spec = importlib.util.spec_from_file_location("bench_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_shows_only_measured_rows(tmp_path):
+    report = _load_bench_report()
+
+    rows = [
+        {"suite": "kiln", "name": "kiln/batch1_decode", "shape": "llama2-7b batch 1, 128 in / 128 out",
+         "metric": "ms_per_token", "value": 6.5, "params": {}, "note": ""},
+        {"suite": "hf", "name": "hf/generate_eager", "shape": "llama2-7b batch 1, 128 in / 64 out",
+         "metric": "ms_per_token", "value": 30.0, "params": {}, "note": ""},
+        {"suite": "kernels", "name": "decode_attention/triton_graph", "shape": "B=1", "metric": "us",
+         "value": 13.0, "params": {}, "note": ""},
+        {"suite": "kernels", "name": "decode_attention/torch_sdpa_contiguous_graph", "shape": "B=1",
+         "metric": "us", "value": 12.5, "params": {}, "note": ""},
+    ]  # fmt: skip
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"device": {"gpu": "Test GPU"}, "results": rows}))
+    loaded, devices = report.load([path])
+    text = report.markdown(loaded, devices)
+    assert "Test GPU" in text
+    assert "| batch-1 decode, Llama-2-7B fp16, ms/token | 6.50 | generate_eager 30.00 | <= 5.0 | no |" in text
+    assert "| offline, Llama-3.1-8B bf16, 1024 x 128/128, output tok/s | not measured | – |" in text
+    assert "| B=1 | 13.00 | 12.50 |" in text
+    pytest.importorskip("matplotlib")
+    assert report.plot(loaded, tmp_path / "plots.png")
+    assert (tmp_path / "plots.png").stat().st_size > 1000
