@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ class ModelRunner:
         self.vocab_size = vocab_size
         self.sampler = Sampler()
         self.graphs: DecodeGraphs | None = None  # set by capture_decode_graphs on CUDA
+        self._staging = HostStaging(device)
         # Seeded requests keep their own RNG across steps (and across preemption), so their samples do not
         # depend on what else is in the batch.
         self._generators: dict[str, torch.Generator | None] = {}
@@ -100,26 +102,35 @@ class ModelRunner:
         logits_indices: list[int] = []
         sample_ids: list[str] = []
         max_blocks = max(len(item.block_ids) for item in output.scheduled)
-        block_tables = torch.zeros((len(output.scheduled), max_blocks), dtype=torch.int32)
-        for row, item in enumerate(output.scheduled):
-            end = item.start + item.num_new_tokens
-            input_ids.extend(item.token_ids)
-            span = range(item.start, end)
-            positions.extend(span)
+        block_rows: list[int] = []
+        for item in output.scheduled:
+            start, num_new = item.start, item.num_new_tokens
+            end = start + num_new
             blocks = item.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in span)
-            block_tables[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-            query_start.append(query_start[-1] + item.num_new_tokens)
+            if num_new == 1:  # decode: the common case, kept free of per-token generators
+                input_ids.append(item.request.all_token_ids[start])
+                positions.append(start)
+                slots.append(blocks[start // bs] * bs + start % bs)
+            else:
+                input_ids.extend(item.token_ids)
+                span = range(start, end)
+                positions.extend(span)
+                slots.extend(blocks[p // bs] * bs + p % bs for p in span)
+            block_rows.extend(blocks)
+            block_rows.extend([0] * (max_blocks - len(blocks)))
+            query_start.append(query_start[-1] + num_new)
             seq_lens.append(end)
             if item.sample:
                 logits_indices.append(query_start[-1] - 1)
                 sample_ids.append(item.request.request_id)
-        dev = self.device
+        ids_d, pos_d, slots_d, logits_d, qsl_d, lens_d, tables_d = self._staging.to_device(
+            [input_ids, positions, slots, logits_indices, query_start, seq_lens, block_rows]
+        )
         metadata = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=block_tables.to(dev),
+            slot_mapping=slots_d,
+            query_start_loc=qsl_d.to(torch.int32),
+            seq_lens=lens_d.to(torch.int32),
+            block_tables=tables_d.to(torch.int32).view(len(seq_lens), max_blocks),
             max_query_len=max(item.num_new_tokens for item in output.scheduled),
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=query_start,
@@ -127,10 +138,10 @@ class ModelRunner:
             block_size=bs,
         )
         return StepInputs(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            input_ids=ids_d,
+            positions=pos_d,
             metadata=metadata,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=dev),
+            logits_indices=logits_d,
             sample_ids=sample_ids,
         )
 
@@ -145,6 +156,32 @@ class ModelRunner:
             generator=self._generators[request_id],
             eos_token_ids=request.eos_token_ids,
         )
+
+
+class HostStaging:
+    """Moves a step's integer inputs to the device in ONE copy.
+
+    On CUDA the lists are written into a persistent pinned buffer and copied with non_blocking=True, so
+    the host does not wait for the GPU to drain (a copy from pageable memory would). Safe to reuse the
+    buffer every step because each step ends by reading its sampled tokens, which waits for the copy.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._pinned = torch.empty(0, dtype=torch.int64)
+
+    def to_device(self, parts: list[list[int]]) -> list[torch.Tensor]:
+        sizes = [len(part) for part in parts]
+        flat = torch.tensor(list(itertools.chain.from_iterable(parts)), dtype=torch.int64)
+        if self.device.type != "cuda":
+            return list(flat.to(self.device).split(sizes))
+        if self._pinned.numel() < flat.numel():
+            self._pinned = torch.empty(
+                max(flat.numel(), 2 * self._pinned.numel()), dtype=torch.int64
+            ).pin_memory()
+        staged = self._pinned[: flat.numel()]
+        staged.copy_(flat)
+        return list(staged.to(self.device, non_blocking=True).split(sizes))
 
 
 @torch.inference_mode()

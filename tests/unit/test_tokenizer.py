@@ -116,3 +116,17 @@ def test_smollm2_gguf_tokenizer(smollm2: Tokenizer):
     assert ids[0] == 1 and all(isinstance(i, int) for i in ids)  # <|im_start|>
     assert smollm2.decode(ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
     assert smollm2.decode(smollm2.encode(TEXT, add_special_tokens=False)) == TEXT
+
+
+def test_fast_decode_equals_transformers_decode(tiny_gqa_dir, smollm2_gguf) -> None:
+    import random
+
+    rng = random.Random(0)
+    for tok in (Tokenizer(tiny_gqa_dir), Tokenizer(smollm2_gguf)):
+        assert tok._rust is not None
+        for _ in range(50):
+            ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 12))] + [0, 1, 2]
+            rng.shuffle(ids)
+            for skip in (True, False):
+                expected = tok.hf.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+                assert tok.decode(ids, skip_special_tokens=skip) == expected
