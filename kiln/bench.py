@@ -107,7 +107,6 @@ class LatencyResult:
 def build_random_engine(shape: str, options: EngineOptions, limits: EngineLimits | None = None):
     """An LLMEngine over random weights at a preset shape, made directly on the device (no disk
     but a throw-away tokenizer: the engine needs one to detokenize, and any will do for ids)."""
-    from kiln.build.tiny import write_tiny_checkpoint
     from kiln.engine.llm_engine import LLMEngine
     from kiln.models.loader import build_empty_model
     from kiln.models.tokenizer import Tokenizer
@@ -130,8 +129,9 @@ def build_random_engine(shape: str, options: EngineOptions, limits: EngineLimits
                 yield name, torch.randn(size, device=device, generator=generator).mul_(0.02)
 
     model.load_weights(random_weights())
-    tokenizer_dir = Path(tempfile.mkdtemp(prefix="kiln-bench-tok-"))
-    write_tiny_checkpoint(tokenizer_dir, num_hidden_layers=1)
+    tokenizer_dir = write_wordlevel_tokenizer(
+        Path(tempfile.mkdtemp(prefix="kiln-bench-tok-")), config.vocab_size
+    )
     return LLMEngine(
         model.eval(),
         config,
@@ -141,6 +141,21 @@ def build_random_engine(shape: str, options: EngineOptions, limits: EngineLimits
         model_name=f"random-{shape}",
         dtype=dtype,
     )
+
+
+def write_wordlevel_tokenizer(out_dir: Path, vocab_size: int) -> Path:
+    """A tokenizer with one word per id of the whole vocabulary, so every random token id detokenizes
+    to text (the streaming server sends text, and the detokenizer's cost is part of what is measured)."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    rust = RustTokenizer(models.WordLevel(vocab, unk_token="w0"))
+    rust.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    rust.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    PreTrainedTokenizerFast(tokenizer_object=rust, unk_token="w0").save_pretrained(out_dir)
+    return out_dir
 
 
 def _prompts(n: int, lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
