@@ -47,13 +47,13 @@ class _Abort:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: LLMEngine | None, *, initial_stats: EngineStats | None = None) -> None:
+        self.engine = engine  # None in ProcessEngine, whose engine lives in a child process
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._sinks: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._stats = engine.stats()
+        self._stats = initial_stats if initial_stats is not None else engine.stats()  # type: ignore[union-attr]
 
     @classmethod
     def from_path(cls, path: str | Path, options: EngineOptions | None = None) -> AsyncEngine:
@@ -70,6 +70,9 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         return self._stats
+
+    def _validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.engine.validate(prompt_token_ids, params)
 
     async def start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -95,7 +98,7 @@ class AsyncEngine:
         prompt: str | None = None,
         priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
-        self.engine.validate(prompt_token_ids, params)  # raises before anything is queued
+        self._validate(prompt_token_ids, params)  # raises before anything is queued
         if request_id in self._sinks:
             raise ValueError(f"request id {request_id!r} is already in use")
         await self.start()

@@ -130,26 +130,12 @@ class LLMEngine:
 
     # -- requests ------------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty: give at least one token")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
-        n_prompt = len(prompt_token_ids)
-        if n_prompt >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {n_prompt} tokens; this model's context is {self.max_model_len} tokens, "
-                "which must also hold at least one generated token"
-            )
-        if params.max_tokens is not None and n_prompt + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt ({n_prompt} tokens) plus max_tokens ({params.max_tokens}) exceeds the context "
-                f"length of {self.max_model_len} tokens"
-            )
-        for tid in list(params.logit_bias or {}) + list(params.stop_token_ids):
-            if not 0 <= tid < vocab:
-                raise ValueError(f"token id {tid} is out of range [0, {vocab})")
+        validate_request(
+            prompt_token_ids,
+            params,
+            vocab_size=self.model_config.vocab_size,
+            max_model_len=self.max_model_len,
+        )
 
     def add_request(
         self,
@@ -258,3 +244,29 @@ class LLMEngine:
         if num_blocks < 1:
             raise ValueError(f"no memory left for the KV cache (budget {budget} bytes)")
         return min(num_blocks, cap) if self.device.type == "cpu" else num_blocks
+
+
+def validate_request(
+    prompt_token_ids: list[int], params: SamplingParams, *, vocab_size: int, max_model_len: int
+) -> None:
+    """Raise ValueError (message starting with the offending field where there is one) for a request the
+    engine could never run; shared by every front end so they refuse the same things the same way."""
+    if not prompt_token_ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids out of range [0, {vocab_size}): {bad[:5]}")
+    n_prompt = len(prompt_token_ids)
+    if n_prompt >= max_model_len:
+        raise ValueError(
+            f"the prompt has {n_prompt} tokens; this model's context is {max_model_len} tokens, "
+            "which must also hold at least one generated token"
+        )
+    if params.max_tokens is not None and n_prompt + params.max_tokens > max_model_len:
+        raise ValueError(
+            f"prompt ({n_prompt} tokens) plus max_tokens ({params.max_tokens}) exceeds the context "
+            f"length of {max_model_len} tokens"
+        )
+    for tid in list(params.logit_bias or {}) + list(params.stop_token_ids):
+        if not 0 <= tid < vocab_size:
+            raise ValueError(f"token id {tid} is out of range [0, {vocab_size})")

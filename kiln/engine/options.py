@@ -24,3 +24,6 @@ class EngineOptions:
     served_model_name: str | None = None
     seed: int = 0  # global RNG seed for requests without their own
     load_progress: bool = False  # show a progress bar while the weights load
+    # Run the engine's step loop in a child process (ProcessEngine), so a server's HTTP work does not
+    # share the GIL with it. Only open_engine (kiln serve) looks at it.
+    engine_process: bool = False

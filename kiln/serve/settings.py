@@ -108,6 +108,11 @@ class ServerSettings(BaseSettings):
     )
     seed: int = Field(0, description="Global sampling seed for requests that send none.")
     load_progress: bool = Field(True, description="Show a progress bar while the weights load.")
+    engine_process: bool = Field(
+        True,
+        description="Run the native engine's step loop in its own process, so streaming many responses "
+        "does not slow it down (off: one process, engine on a thread).",
+    )
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod

@@ -62,4 +62,5 @@ def test_engine_options_carry_every_engine_field() -> None:
         served_model_name="m",
         seed=5,
         load_progress=True,  # the server shows it; the Python API does not by default
+        engine_process=True,  # the server runs the engine in its own process; the Python API in-process
     )

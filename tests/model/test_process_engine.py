@@ -1,0 +1,100 @@
+"""ProcessEngine: the native engine in a child process gives the same tokens and keeps the same rules."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kiln.engine.async_engine import AsyncEngine, EngineDeadError
+from kiln.engine.open import open_engine
+from kiln.engine.options import EngineOptions
+from kiln.engine.process_engine import ProcessEngine
+from kiln.engine.sampling_params import SamplingParams
+
+OPTIONS = EngineOptions(device="cpu", block_size=4)
+PROMPTS = [[5, 6, 7], list(range(3, 40)), [100, 7, 9, 250, 11]]
+
+
+async def _tokens(engine, prompt: list[int], rid: str, params: SamplingParams) -> list[int]:
+    tokens: list[int] = []
+    async for out in engine.generate(prompt, params, rid):
+        tokens.extend(out.outputs[0].token_ids)
+    return tokens
+
+
+def _run_all(engine) -> list[list[int]]:
+    async def main():
+        greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        seeded = SamplingParams(temperature=1.0, max_tokens=8, seed=3)
+        try:
+            return await asyncio.gather(
+                *(_tokens(engine, p, f"g{i}", greedy) for i, p in enumerate(PROMPTS)),
+                _tokens(engine, PROMPTS[1], "s", seeded),
+            )
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def process_engine(tiny_gqa_dir):
+    engine = ProcessEngine.from_path(tiny_gqa_dir, OPTIONS)
+    yield engine
+    asyncio.run(engine.shutdown())
+
+
+def test_same_tokens_as_the_in_process_engine(tiny_gqa_dir):
+    expected = _run_all(AsyncEngine.from_path(tiny_gqa_dir, OPTIONS))
+    assert _run_all(ProcessEngine.from_path(tiny_gqa_dir, OPTIONS)) == expected
+
+
+def test_abort_frees_blocks_in_the_child_and_bad_requests_fail_in_the_parent(process_engine):
+    async def main():
+        with pytest.raises(ValueError, match="empty"):
+            await anext(process_engine.generate([], SamplingParams(), "bad"))
+        stream = process_engine.generate(
+            list(range(3, 40)), SamplingParams(max_tokens=300, ignore_eos=True), "r"
+        )
+        for _ in range(3):
+            await anext(stream)
+        assert process_engine.stats().kv_blocks_used > 0
+        await stream.aclose()  # the abort returns once the child has freed the blocks
+        assert process_engine.stats().kv_blocks_used == 0
+        assert process_engine.model_info.backend == "native"
+        assert process_engine.tokenizer.decode([5, 6]) != ""
+
+    asyncio.run(main())
+
+
+def _failing_factory():
+    raise RuntimeError("no weights here")
+
+
+def test_a_child_that_cannot_load_reports_why():
+    with pytest.raises(RuntimeError, match="no weights here"):
+        ProcessEngine(_failing_factory)
+
+
+def test_shutdown_ends_open_streams(tiny_gqa_dir):
+    async def main():
+        engine = ProcessEngine.from_path(tiny_gqa_dir, OPTIONS)
+        stream = engine.generate([5, 6], SamplingParams(max_tokens=10_00, ignore_eos=True), "long")
+        await anext(stream)
+        await engine.shutdown()
+        with pytest.raises(EngineDeadError):
+            async for _ in stream:
+                pass
+        assert not engine._process.is_alive()
+
+    asyncio.run(main())
+
+
+def test_open_engine_picks_the_process_engine_when_asked(tiny_gqa_dir):
+    engine = open_engine(tiny_gqa_dir, EngineOptions(device="cpu", engine_process=True))
+    try:
+        assert isinstance(engine, ProcessEngine)
+    finally:
+        asyncio.run(engine.shutdown())
+    assert isinstance(open_engine(tiny_gqa_dir, OPTIONS), AsyncEngine)
