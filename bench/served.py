@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import random
 import statistics
@@ -125,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=256)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="serve from a ProcessEngine (engine loop in a child process, as kiln serve does); the offline "
+        "engine stays loaded beside it, so both get --gpu-memory-utilization (default 0.42 then)",
+    )
+    p.add_argument("--gpu-memory-utilization", type=float)
     p.add_argument("--out", type=Path)
     p.add_argument("--client", help=argparse.SUPPRESS)  # URL: run as the load-generating child process
     p.add_argument("--served-model", help=argparse.SUPPRESS)
@@ -144,17 +152,23 @@ def main(argv: list[str] | None = None) -> int:
     from kiln.engine.async_engine import AsyncEngine
     from kiln.engine.llm_engine import LLMEngine
     from kiln.engine.options import EngineOptions
+    from kiln.engine.process_engine import ProcessEngine
     from kiln.serve.background import serve_in_background
     from kiln.serve.settings import ServerSettings
 
     if (args.random is None) == (args.model is None):
         p.error("give exactly one of --random SHAPE or --model DIR")
+    utilization = args.gpu_memory_utilization or (0.42 if args.engine_process else 0.9)
     options = EngineOptions(
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        gpu_memory_utilization=utilization,
     )
-    engine = (
-        build_random_engine(args.random, options) if args.random else LLMEngine.from_path(args.model, options)
-    )
+    if args.random:
+        factory = functools.partial(build_random_engine, args.random, options)
+    else:
+        factory = functools.partial(LLMEngine.from_path, args.model, options)
+    engine = factory()
     vocab = engine.model_config.vocab_size
     n, inp, out = args.num_requests, args.input_len, args.output_len
     offline = run_throughput(engine, n, [inp] * n, [out] * n, seed=prompts_seed)
@@ -162,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"offline: {offline_tok_s:,.0f} output tok/s", flush=True)
 
     settings = ServerSettings(port=0, log_level="warning", max_waiting_requests=None, max_waiting_tokens=None)
-    with serve_in_background(AsyncEngine(engine), settings) as (url, _server):
+    server_engine = ProcessEngine(factory) if args.engine_process else AsyncEngine(engine)
+    with serve_in_background(server_engine, settings) as (url, _server):
         name = engine.model_info.name
         cmd = [
             sys.executable,
@@ -190,7 +205,11 @@ def _append(path: Path, args: argparse.Namespace, served: dict[str, Any]) -> Non
     import torch
 
     shape = f"{args.random or args.model} {args.num_requests}x{args.input_len}/{args.output_len}"
-    params = {"concurrency": args.concurrency, "max_num_seqs": args.max_num_seqs}
+    params = {
+        "concurrency": args.concurrency,
+        "max_num_seqs": args.max_num_seqs,
+        "engine_process": args.engine_process,
+    }
     rows = [
         ("served_output_tok_s", served["output_tok_s"]),
         ("offline_output_tok_s", served["offline_output_tok_s"]),

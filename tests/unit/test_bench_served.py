@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from bench import served
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -16,15 +18,20 @@ def test_percentiles_pick_order_statistics():
     assert served.percentiles(values) == {"p50": 51.0, "p90": 91.0, "p99": 100.0}
 
 
-def test_served_run_counts_every_token_and_writes_rows(tiny_gqa_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("engine_process", [False, True])
+def test_served_run_counts_every_token_and_writes_rows(
+    tiny_gqa_dir, tmp_path, monkeypatch, capsys, engine_process
+):
     monkeypatch.chdir(ROOT)  # the client child runs `python -m bench.served`
     monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     out = tmp_path / "results.json"
     args = ["--model", str(tiny_gqa_dir), "--num-requests", "12", "--input-len", "10", "--output-len", "6"]
-    assert served.main([*args, "--concurrency", "4", "--max-num-seqs", "4", "--out", str(out)]) == 0
+    args += ["--concurrency", "4", "--max-num-seqs", "4", "--out", str(out)]
+    assert served.main(args + (["--engine-process"] if engine_process else [])) == 0
     report = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert report["requests"] == 12 and report["completion_tokens"] == 12 * 6
     assert report["ttft_ms"]["p50"] <= report["e2e_ms"]["p50"]
     rows = {row["metric"]: row for row in json.loads(out.read_text())["results"]}
     assert rows["served_output_tok_s"]["value"] == report["output_tok_s"]
     assert {"offline_output_tok_s", "served_over_offline", "idle_ttft_ms", "itl_ms_p99"} <= set(rows)
+    assert rows["served_output_tok_s"]["params"]["engine_process"] is engine_process
