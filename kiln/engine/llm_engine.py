@@ -230,14 +230,14 @@ class LLMEngine:
         if options.kv_cache_memory_bytes is not None:
             budget = options.kv_cache_memory_bytes
         elif self.device.type == "cuda":
-            # Profile the largest step, then give the KV cache what is left of our share of the card
-            # (gpu_memory_utilization of the total), keeping 5% of that share for CUDA graphs and slack.
+            # Profile the largest step, then give the KV cache what is left of this engine's share of the
+            # card (gpu_memory_utilization of the total, as in vLLM: other processes' memory is not
+            # counted against it), never more than is free; 5% stays back for CUDA graphs and slack.
             activations = profile_activation_bytes(model, max_tokens_per_step, max_num_seqs, block_size)
             free, total = torch.cuda.mem_get_info(self.device)
             share = options.gpu_memory_utilization * total
-            used_by_others = total - free - torch.cuda.memory_allocated(self.device)
             weights = torch.cuda.memory_allocated(self.device)
-            budget = int(min(share - used_by_others - weights - activations, free - activations) * 0.95)
+            budget = int(min(share - weights - activations, free - activations) * 0.95)
         else:
             budget = CPU_KV_BUDGET_BYTES
         num_blocks = num_blocks_for_budget(budget, self.model_config, block_size, kv_dtype)
