@@ -196,25 +196,18 @@ def _child_main(factory: EngineFactory, commands: Connection, out: Connection) -
         errors: list[tuple[str, BaseException]] = []
         # Block while idle; otherwise take whatever arrived during the last step.
         wait = None if not engine.has_unfinished_requests() else 0
-        while commands.poll(wait):
-            wait = 0
-            command = commands.recv()
-            if command is None:
-                for request_id in engine.outputs.request_ids():
-                    engine.abort_request(request_id)
-                out.send(("bye", engine.stats()))
-                return
-            if command[0] == "abort":
-                engine.abort_request(command[1])
-                acks.append(command[2])
-                continue
-            _, request_id, prompt, prompt_token_ids, params, priority = command
-            try:
-                engine.add_request(
-                    request_id, prompt, params, prompt_token_ids=prompt_token_ids, priority=priority
-                )
-            except Exception as exc:
-                errors.append((request_id, exc))
+        try:
+            while commands.poll(wait):
+                wait = 0
+                command = commands.recv()
+                if command is None:
+                    for request_id in engine.outputs.request_ids():
+                        engine.abort_request(request_id)
+                    out.send(("bye", engine.stats()))
+                    return
+                _apply(engine, command, acks, errors)
+        except (EOFError, OSError):  # the parent is gone: nobody left to serve
+            return
         outputs = []
         if engine.has_unfinished_requests():
             try:
@@ -225,3 +218,17 @@ def _child_main(factory: EngineFactory, commands: Connection, out: Connection) -
                     engine.abort_request(request_id)
                     errors.append((request_id, EngineDeadError(f"engine step failed: {exc!r}")))
         out.send(("step", outputs, engine.stats(), acks, errors))
+
+
+def _apply(
+    engine: LLMEngine, command: tuple[Any, ...], acks: list[int], errors: list[tuple[str, BaseException]]
+) -> None:
+    if command[0] == "abort":
+        engine.abort_request(command[1])
+        acks.append(command[2])
+        return
+    _, request_id, prompt, prompt_token_ids, params, priority = command
+    try:
+        engine.add_request(request_id, prompt, params, prompt_token_ids=prompt_token_ids, priority=priority)
+    except Exception as exc:  # reported to that request's caller; the engine goes on
+        errors.append((request_id, exc))
