@@ -98,3 +98,32 @@ def test_open_engine_picks_the_process_engine_when_asked(tiny_gqa_dir):
     finally:
         asyncio.run(engine.shutdown())
     assert isinstance(open_engine(tiny_gqa_dir, OPTIONS), AsyncEngine)
+
+
+def test_concurrent_streams_and_a_refused_add_do_not_disturb_each_other(process_engine):
+    async def main():
+        params = SamplingParams(max_tokens=6, ignore_eos=True)
+        counts = await asyncio.gather(
+            *(_count(process_engine, [3 + i, 4, 5], f"c{i}", params) for i in range(16))
+        )
+        assert counts == [6] * 16
+        # A duplicate of an open request id is refused before it reaches the child; the rest goes on.
+        first = process_engine.generate([5, 6], SamplingParams(max_tokens=50, ignore_eos=True), "dup")
+        await anext(first)
+        with pytest.raises(ValueError, match="already"):
+            async for _ in _dup(process_engine):
+                pass
+        await first.aclose()
+        assert process_engine.stats().kv_blocks_used == 0
+
+    asyncio.run(main())
+
+
+async def _count(engine, prompt, rid, params) -> int:
+    return len(await _tokens(engine, prompt, rid, params))
+
+
+async def _dup(engine):
+    # Same request id as the stream still open: AsyncEngine's bookkeeping refuses it in the parent.
+    async for out in engine.generate([7, 8], SamplingParams(max_tokens=2), "dup"):
+        yield out
