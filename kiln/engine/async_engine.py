@@ -9,10 +9,11 @@ request's asyncio.Queue through `loop.call_soon_threadsafe`. Only the step threa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,6 @@ class _Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: int
-    sink: Callable[[RequestOutput | BaseException], None]
 
 
 @dataclass(slots=True)
@@ -46,11 +46,22 @@ class _Abort:
     done: Callable[[], None]
 
 
+@dataclass(slots=True)
+class _Sink:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -> None:
+    for target, item in batch:
+        target.put_nowait(item)
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine | None, *, initial_stats: EngineStats | None = None) -> None:
         self.engine = engine  # None in ProcessEngine, whose engine lives in a child process
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
-        self._sinks: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
+        self._sinks: dict[str, _Sink] = {}  # request id -> where its outputs go
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._stats = initial_stats if initial_stats is not None else engine.stats()  # type: ignore[union-attr]
@@ -102,14 +113,9 @@ class AsyncEngine:
         if request_id in self._sinks:
             raise ValueError(f"request id {request_id!r} is already in use")
         await self.start()
-        loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-
-        def sink(item: RequestOutput | BaseException) -> None:
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
-
-        self._sinks[request_id] = sink
-        self._commands.put(_Add(request_id, prompt, list(prompt_token_ids), params, priority, sink))
+        self._sinks[request_id] = _Sink(asyncio.get_running_loop(), outputs)
+        self._commands.put(_Add(request_id, prompt, list(prompt_token_ids), params, priority))
         finished = False
         try:
             while True:
@@ -163,10 +169,7 @@ class AsyncEngine:
                 self._abort_all(EngineDeadError(f"engine step failed: {exc!r}"))
                 continue
             self._stats = engine.stats()
-            for output in outputs:
-                sink = self._sinks.get(output.request_id)
-                if sink is not None:
-                    sink(output)
+            self._deliver((output.request_id, output) for output in outputs)
 
     def _apply(self, command: _Add | _Abort) -> None:
         if isinstance(command, _Abort):
@@ -183,11 +186,23 @@ class AsyncEngine:
                 priority=command.priority,
             )
         except Exception as exc:
-            command.sink(exc)
+            self._deliver([(command.request_id, exc)])
+
+    def _deliver(self, items: Iterable[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand items to their requests' queues with one wake-up per event loop per call, not one per
+        request: with hundreds of streams, per-request wake-ups were a large share of the front end's work."""
+        batches: dict[
+            asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput | BaseException]]
+        ] = {}
+        for request_id, item in items:
+            sink = self._sinks.get(request_id)
+            if sink is not None:
+                batches.setdefault(sink.loop, []).append((sink.queue, item))
+        for loop, batch in batches.items():
+            with contextlib.suppress(RuntimeError):  # that caller's loop has closed: nobody to tell
+                loop.call_soon_threadsafe(_put_all, batch)
 
     def _abort_all(self, error: BaseException) -> None:
         for request_id in list(self.engine.outputs.request_ids()):
             self.engine.abort_request(request_id)
-            sink = self._sinks.get(request_id)
-            if sink is not None:
-                sink(error)
+            self._deliver([(request_id, error)])

@@ -138,14 +138,7 @@ class ProcessEngine(AsyncEngine):
             if kind == "step":
                 _, outputs, stats, acks, errors = message
                 self._stats = stats
-                for output in outputs:
-                    sink = self._sinks.get(output.request_id)
-                    if sink is not None:
-                        sink(output)
-                for request_id, error in errors:
-                    sink = self._sinks.get(request_id)
-                    if sink is not None:
-                        sink(error)
+                self._deliver([*((output.request_id, output) for output in outputs), *errors])
                 for token in acks:
                     done = self._pending_aborts.pop(token, None)
                     if done is not None:
@@ -156,8 +149,7 @@ class ProcessEngine(AsyncEngine):
                 return
 
     def _fail_all(self, error: BaseException) -> None:
-        for sink in list(self._sinks.values()):
-            sink(error)
+        self._deliver([(request_id, error) for request_id in list(self._sinks)])
         for done in list(self._pending_aborts.values()):
             done()
         self._pending_aborts.clear()
