@@ -69,6 +69,20 @@ class ModelRunner:
         batch = SamplingBatch.build(rows, self.vocab_size, self.device)
         sampled = self.sampler(logits, batch)
         token_ids = sampled.token_ids.tolist()  # the step's one device -> host transfer of tokens
+        if sampled.logprobs is not None:  # (on CPU, .cpu() returns the tensors as they are)
+            # Logprobs cross once per step here, not once per request in the output processor.
+            sampled = SamplerOutput(
+                token_ids=sampled.token_ids,
+                **{
+                    name: None if tensor is None else tensor.cpu()
+                    for name, tensor in (
+                        ("logprobs", sampled.logprobs),
+                        ("topk_token_ids", sampled.topk_token_ids),
+                        ("topk_logprobs", sampled.topk_logprobs),
+                        ("ranks", sampled.ranks),
+                    )
+                },
+            )
         return SampledTokens(
             token_ids=dict(zip(inputs.sample_ids, token_ids, strict=True)),
             output=sampled,
