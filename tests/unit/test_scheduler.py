@@ -182,3 +182,16 @@ def test_abort_waiting_and_running_returns_every_block():
     assert not sched.has_unfinished_requests()
     assert sched.kv_cache.num_free_blocks() == 10
     assert set(sched.schedule().finished_ids) == {"a", "b"}
+
+
+def test_a_request_waiting_for_room_is_counted_once_in_prefix_stats():
+    sched = make_scheduler(num_blocks=4, block_size=4, budget=64)
+    sched.add_request(make_request("a", range(12), t=0, max_tokens=4))  # 3 of the 4 blocks
+    sched.add_request(make_request("b", range(100, 112), t=1, max_tokens=4))  # needs 3: must wait
+    for _ in range(3):
+        out = run_step(sched)
+        assert [i.request.request_id for i in out.scheduled] == ["a"]
+    assert sched.kv_cache.stats().prefix_queries == 12  # a's lookup only, not b's three attempts
+    while sched.has_unfinished_requests():
+        run_step(sched)
+    assert sched.kv_cache.stats().prefix_queries == 12 + 12
