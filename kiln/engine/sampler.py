@@ -3,7 +3,9 @@
 Rules of the interface:
 - `SamplingBatch.build` runs on the host once per step and decides which stages are needed (host bools),
   so `Sampler.__call__` never asks the device a question: no `.item()`, no `.any()`; the only sync is the
-  caller reading `SamplerOutput.token_ids`.
+  caller reading `SamplerOutput.token_ids`. Its tensors reach the device by non-blocking copies from
+  pinned memory (the per-row parameters in one copy, none at all for a batch of plain greedy rows), so
+  building the batch never waits for the GPU to finish the forward pass it follows.
 - Stage order, per row: logit_bias -> min_tokens suppression of stop/EOS ids -> penalties (repetition,
   CTRL/HF style over prompt + output tokens; presence/frequency, OpenAI style over output tokens) ->
   logprobs -> greedy rows take the argmax -> temperature -> top-k -> top-p -> min-p -> sample.
@@ -40,6 +42,9 @@ class SamplingRow:
     output_token_ids: Sequence[int]
     generator: torch.Generator | None  # the request's own RNG (seeded requests); None: the global RNG
     eos_token_ids: Sequence[int]
+    # Tokens this row already sampled whose ids are not on the host yet (overlapped steps): they count
+    # towards min_tokens. A row with a penalty must have none, as penalties need every output id.
+    num_pending_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -50,13 +55,9 @@ class SamplingBatch:
     scattered into a [B, V + 1] table whose last column is dropped.
     """
 
-    temperature: Tensor  # [B] float32, 0 = greedy
-    top_k: Tensor  # [B] int64, 0 = off
-    top_p: Tensor  # [B] float32, 1 = off
-    min_p: Tensor  # [B] float32, 0 = off
-    presence_penalty: Tensor  # [B] float32
-    frequency_penalty: Tensor  # [B] float32
-    repetition_penalty: Tensor  # [B] float32, 1 = off
+    # [7, B] float32, one row per knob (see the properties below); None when every row is greedy
+    # without penalties, as then no stage reads them.
+    params: Tensor | None
     generators: list[torch.Generator | None]
     max_num_logprobs: int | None  # max over rows of params.logprobs; None: no row asked
     vocab_size: int
@@ -77,27 +78,41 @@ class SamplingBatch:
     do_top_p: bool = False
     do_min_p: bool = False
 
+    temperature = property(lambda self: self.params[0])  # [B], 0 = greedy
+    top_k = property(lambda self: self.params[1].to(torch.int64))  # [B], 0 = off
+    top_p = property(lambda self: self.params[2])  # [B], 1 = off
+    min_p = property(lambda self: self.params[3])  # [B], 0 = off
+    presence_penalty = property(lambda self: self.params[4])
+    frequency_penalty = property(lambda self: self.params[5])
+    repetition_penalty = property(lambda self: self.params[6])  # 1 = off
+
     @classmethod
     def build(cls, rows: Sequence[SamplingRow], vocab_size: int, device: torch.device | str) -> SamplingBatch:
         """Raises ValueError for a logit_bias token id outside [0, vocab_size)."""
         params = [row.params for row in rows]
-
-        def column(values: list[float], dtype: torch.dtype = torch.float32) -> Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
-
         greedy = [p.temperature == 0.0 for p in params]
         random_rows = [p for p in params if p.temperature != 0.0]
         asked = [p.logprobs for p in params if p.logprobs is not None]
         do_rep = any(p.repetition_penalty != 1.0 for p in params)
         do_pen = do_rep or any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
+        if any(row.num_pending_tokens and row.params.needs_output_ids for row in rows):
+            raise RuntimeError("penalties need every output token id on the host (no pending tokens)")
+        knobs = None
+        if random_rows or do_pen:  # top_k < 2**24, so float32 holds it exactly
+            knobs = [
+                [
+                    p.temperature,
+                    p.top_k or 0,
+                    p.top_p,
+                    p.min_p,
+                    p.presence_penalty,
+                    p.frequency_penalty,
+                    p.repetition_penalty,
+                ]
+                for p in params
+            ]
         batch = cls(
-            temperature=column([p.temperature for p in params]),
-            top_k=column([p.top_k or 0 for p in params], torch.int64),
-            top_p=column([p.top_p for p in params]),
-            min_p=column([p.min_p for p in params]),
-            presence_penalty=column([p.presence_penalty for p in params]),
-            frequency_penalty=column([p.frequency_penalty for p in params]),
-            repetition_penalty=column([p.repetition_penalty for p in params]),
+            params=None if knobs is None else to_device(knobs, torch.float32, device).T,
             generators=[row.generator for row in rows],
             max_num_logprobs=max(asked) if asked else None,
             vocab_size=vocab_size,
@@ -127,18 +142,18 @@ class SamplingBatch:
                 bias_tokens.append(token)
                 bias_values.append(float(bias))
         if bias_rows:
-            batch.logit_bias_index = torch.tensor([bias_rows, bias_tokens], dtype=torch.int64, device=device)
-            batch.logit_bias_values = column(bias_values)
+            batch.logit_bias_index = to_device([bias_rows, bias_tokens], torch.int64, device)
+            batch.logit_bias_values = to_device(bias_values, torch.float32, device)
 
         pairs = [
             (i, token)
             for i, row in enumerate(rows)
-            if len(row.output_token_ids) < row.params.min_tokens
+            if len(row.output_token_ids) + row.num_pending_tokens < row.params.min_tokens
             for token in _stop_ids(row)
             if 0 <= token < vocab_size
         ]
         if pairs:
-            batch.suppress_index = torch.tensor(pairs, dtype=torch.int64, device=device).T.contiguous()
+            batch.suppress_index = to_device(pairs, torch.int64, device).T.contiguous()
         return batch
 
 
@@ -269,4 +284,13 @@ def _stop_ids(row: SamplingRow) -> list[int]:
 def _pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str) -> Tensor:
     width = max((len(s) for s in seqs), default=0)
     padded = [list(s) + [pad_id] * (width - len(s)) for s in seqs]
-    return torch.tensor(padded, dtype=torch.int64, device=device).reshape(len(seqs), width)
+    return to_device(padded, torch.int64, device).reshape(len(seqs), width)
+
+
+def to_device(data: list, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """A host list as a tensor on `device`. To a GPU it goes through pinned memory with a non-blocking
+    copy: from pageable memory the copy would first wait for everything queued on the stream."""
+    tensor = torch.tensor(data, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)

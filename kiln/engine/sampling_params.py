@@ -69,3 +69,9 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def needs_output_ids(self) -> bool:
+        """Sampling reads the ids of the tokens generated so far (penalties), so a step cannot be
+        prepared before the previous step's token has reached the host."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
