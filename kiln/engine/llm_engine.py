@@ -1,4 +1,12 @@
-"""`LLMEngine`: the synchronous engine. One `step()` = schedule, run the model, process outputs."""
+"""`LLMEngine`: the synchronous engine. One `step()` = schedule, run the model, process outputs.
+
+With overlapped steps (`EngineOptions.async_scheduling`, on by default on CUDA) a step schedules and
+launches step N+1 on the GPU before it reads step N's tokens and turns them into outputs, so the
+host's per-step work (scheduling, input preparation, detokenizing, stop checks) runs while the GPU
+computes instead of between its steps. The price: a request that stops at step N has been scheduled
+once more in step N+1, whose token is dropped. Steps fall back to running one at a time when a
+request in the next step samples with penalties (they need the previous token's id on the host).
+"""
 
 from __future__ import annotations
 
@@ -11,14 +19,14 @@ from pathlib import Path
 import torch
 
 from kiln.config import DTYPES, EngineLimits, ModelConfig, canonical_dtype
-from kiln.engine.model_runner import ModelRunner, profile_activation_bytes
+from kiln.engine.model_runner import LaunchedStep, ModelRunner, profile_activation_bytes
 from kiln.engine.options import EngineOptions
 from kiln.engine.output_processor import OutputProcessor
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.protocol import EngineStats, ModelInfo
 from kiln.engine.request import Request, RequestStatus
 from kiln.engine.sampling_params import SamplingParams
-from kiln.engine.scheduler import Scheduler, SchedulerConfig
+from kiln.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from kiln.kvcache.manager import KVCacheManager
 from kiln.kvcache.tensors import allocate_kv_cache, num_blocks_for_budget
 from kiln.models.llama import LlamaForCausalLM
@@ -93,6 +101,10 @@ class LLMEngine:
             extra={"num_kv_blocks": num_blocks, "block_size": block_size, "device": str(self.device)},
         )
         self._ids = itertools.count()
+        self.async_scheduling = (
+            options.async_scheduling if options.async_scheduling is not None else self.device.type == "cuda"
+        )
+        self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
         torch.manual_seed(options.seed)
 
     @classmethod
@@ -192,15 +204,40 @@ class LLMEngine:
         self.scheduler.finish_requests(self.outputs.remove(request_id), RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     # -- the step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one step; returns the outputs of the step whose tokens reached the host (with
+        overlapped steps, the one launched by the previous call)."""
         scheduled = self.scheduler.schedule()
-        sampled = self.runner.execute(scheduled)
+        if not self.async_scheduling:
+            return self._finish_step(scheduled, self.runner.launch(scheduled))
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None and (scheduled.is_empty or self._needs_host_tokens(scheduled)):
+            outputs = self._finish_step(*self._in_flight)
+            self._in_flight = None
+        launched = None if scheduled.is_empty else (scheduled, self.runner.launch(scheduled))
+        if self._in_flight is not None:
+            outputs = self._finish_step(*self._in_flight)
+        self._in_flight = launched
+        return outputs
+
+    def _finish_step(self, scheduled: SchedulerOutput, launched: LaunchedStep) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and turn them into outputs."""
+        sampled = self.runner.collect(launched)
         outputs, stopped = self.outputs.process(self.scheduler.update(scheduled, sampled.token_ids), sampled)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         return outputs
+
+    @staticmethod
+    def _needs_host_tokens(scheduled: SchedulerOutput) -> bool:
+        """Whether a request sampling in `scheduled` needs an earlier token still in flight (the
+        count includes the one this step samples)."""
+        return any(
+            item.sample and item.request.num_pending_tokens > 1 and item.request.params.needs_output_ids
+            for item in scheduled.scheduled
+        )
 
     def stats(self) -> EngineStats:
         kv = self.kv_cache.stats()

@@ -1,4 +1,12 @@
-"""`ModelRunner`: the one place a `SchedulerOutput` becomes tensors, a forward pass and sampled tokens."""
+"""`ModelRunner`: the one place a `SchedulerOutput` becomes tensors, a forward pass and sampled tokens.
+
+A step is `launch` then `collect`. `launch` queues the whole step on the device (inputs, forward,
+sampling, and the copy of the sampled tokens to pinned host memory) and returns without waiting;
+`collect` waits for that copy. Between the two the host may schedule and launch the next step: a
+decode whose input token was sampled by the step before it and is not on the host yet reads it
+straight from that step's device tensor. Rules: only the most recently launched step's tokens can
+be read that way, and steps must be collected in launch order.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +30,15 @@ class StepInputs:
     metadata: AttentionMetadata
     logits_indices: torch.Tensor  # rows of the hidden states to sample from (last token of sampling requests)
     sample_ids: list[str]  # request ids, one per logits row
+
+
+@dataclass(slots=True)
+class LaunchedStep:
+    """A step queued on the device; `ModelRunner.collect` turns it into `SampledTokens`."""
+
+    sample_ids: list[str]  # request ids, one per sampled row
+    output: SamplerOutput | None  # host tensors (pinned on CUDA) being filled by non-blocking copies
+    done: torch.cuda.Event | None  # recorded after those copies (CUDA only)
 
 
 @dataclass(slots=True)
@@ -50,43 +67,65 @@ class ModelRunner:
         self.sampler = Sampler()
         self.graphs: DecodeGraphs | None = None  # set by capture_decode_graphs on CUDA
         self._staging = HostStaging(device)
+        # The last launched step's sampled tokens, on the device, and the row of each request in them:
+        # the next step's decodes read their input token from there when its id is not on the host yet.
+        self._last_tokens: torch.Tensor | None = None
+        self._last_rows: dict[str, int] = {}
         # Seeded requests keep their own RNG across steps (and across preemption), so their samples do not
         # depend on what else is in the batch.
         self._generators: dict[str, torch.Generator | None] = {}
 
-    @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> SampledTokens:
+        """Run one step and wait for its tokens."""
+        return self.collect(self.launch(output))
+
+    @torch.inference_mode()
+    def launch(self, output: SchedulerOutput) -> LaunchedStep:
+        """Queue the step on the device; returns as soon as it is queued (on CUDA)."""
         for request_id in output.finished_ids:
             self._generators.pop(request_id, None)
         if output.is_empty:
-            return SampledTokens(token_ids={}, output=None, row_of={})
+            return LaunchedStep(sample_ids=[], output=None, done=None)
         inputs = self.prepare_inputs(output)
         hidden = self._forward(inputs)
         if not inputs.sample_ids:
-            return SampledTokens(token_ids={}, output=None, row_of={})
+            return LaunchedStep(sample_ids=[], output=None, done=None)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         rows = [self._sampling_row(item.request) for item in output.scheduled if item.sample]
         batch = SamplingBatch.build(rows, self.vocab_size, self.device)
         sampled = self.sampler(logits, batch)
-        token_ids = sampled.token_ids.tolist()  # the step's one device -> host transfer of tokens
-        if sampled.logprobs is not None:  # (on CPU, .cpu() returns the tensors as they are)
-            # Logprobs cross once per step here, not once per request in the output processor.
-            sampled = SamplerOutput(
-                token_ids=sampled.token_ids,
-                **{
-                    name: None if tensor is None else tensor.cpu()
-                    for name, tensor in (
-                        ("logprobs", sampled.logprobs),
-                        ("topk_token_ids", sampled.topk_token_ids),
-                        ("topk_logprobs", sampled.topk_logprobs),
-                        ("ranks", sampled.ranks),
-                    )
-                },
-            )
+        self._last_tokens = sampled.token_ids
+        self._last_rows = {rid: i for i, rid in enumerate(inputs.sample_ids)}
+        # One copy per tensor to host memory for the whole step (never one per request), queued now.
+        host = SamplerOutput(
+            **{
+                name: None if tensor is None else _to_host(tensor)
+                for name, tensor in (
+                    ("token_ids", sampled.token_ids),
+                    ("logprobs", sampled.logprobs),
+                    ("topk_token_ids", sampled.topk_token_ids),
+                    ("topk_logprobs", sampled.topk_logprobs),
+                    ("ranks", sampled.ranks),
+                )
+            }
+        )
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return LaunchedStep(sample_ids=inputs.sample_ids, output=host, done=done)
+
+    def collect(self, step: LaunchedStep) -> SampledTokens:
+        """Wait for a launched step's tokens (and logprobs) to reach the host."""
+        if step.output is None:
+            return SampledTokens(token_ids={}, output=None, row_of={})
+        if step.done is not None:
+            step.done.synchronize()
+        token_ids = step.output.token_ids.tolist()
         return SampledTokens(
-            token_ids=dict(zip(inputs.sample_ids, token_ids, strict=True)),
-            output=sampled,
-            row_of={rid: i for i, rid in enumerate(inputs.sample_ids)},
+            token_ids=dict(zip(step.sample_ids, token_ids, strict=True)),
+            output=step.output,
+            row_of={rid: i for i, rid in enumerate(step.sample_ids)},
         )
 
     def capture_decode_graphs(self, max_batch_size: int, max_model_len: int) -> None:
@@ -117,12 +156,21 @@ class ModelRunner:
         sample_ids: list[str] = []
         max_blocks = max(len(item.block_ids) for item in output.scheduled)
         block_rows: list[int] = []
+        # Decodes whose input token the last launched step sampled and the host has not read yet.
+        gather_to: list[int] = []  # index in this step's input_ids
+        gather_from: list[int] = []  # row in self._last_tokens
         for item in output.scheduled:
             start, num_new = item.start, item.num_new_tokens
             end = start + num_new
             blocks = item.block_ids
             if num_new == 1:  # decode: the common case, kept free of per-token generators
-                input_ids.append(item.request.all_token_ids[start])
+                known = item.request.all_token_ids
+                if start < len(known):
+                    input_ids.append(known[start])
+                else:
+                    gather_to.append(len(input_ids))
+                    gather_from.append(self._last_rows[item.request.request_id])
+                    input_ids.append(0)
                 positions.append(start)
                 slots.append(blocks[start // bs] * bs + start % bs)
             else:
@@ -137,9 +185,22 @@ class ModelRunner:
             if item.sample:
                 logits_indices.append(query_start[-1] - 1)
                 sample_ids.append(item.request.request_id)
-        ids_d, pos_d, slots_d, logits_d, qsl_d, lens_d, tables_d = self._staging.to_device(
-            [input_ids, positions, slots, logits_indices, query_start, seq_lens, block_rows]
+        ids_d, pos_d, slots_d, logits_d, qsl_d, lens_d, tables_d, to_d, from_d = self._staging.to_device(
+            [
+                input_ids,
+                positions,
+                slots,
+                logits_indices,
+                query_start,
+                seq_lens,
+                block_rows,
+                gather_to,
+                gather_from,
+            ]
         )
+        if gather_to:
+            assert self._last_tokens is not None
+            ids_d.index_copy_(0, to_d, self._last_tokens.index_select(0, from_d))
         metadata = AttentionMetadata(
             slot_mapping=slots_d,
             query_start_loc=qsl_d.to(torch.int32),
@@ -169,33 +230,39 @@ class ModelRunner:
             output_token_ids=request.output_token_ids,
             generator=self._generators[request_id],
             eos_token_ids=request.eos_token_ids,
+            # schedule() already counted the token this step samples as pending; the row wants the
+            # ones before it.
+            num_pending_tokens=request.num_pending_tokens - 1,
         )
 
 
 class HostStaging:
     """Moves a step's integer inputs to the device in ONE copy.
 
-    On CUDA the lists are written into a persistent pinned buffer and copied with non_blocking=True, so
-    the host does not wait for the GPU to drain (a copy from pageable memory would). Safe to reuse the
-    buffer every step because each step ends by reading its sampled tokens, which waits for the copy.
+    On CUDA the lists go through pinned memory with non_blocking=True, so the host does not wait for
+    the GPU to drain (a copy from pageable memory would). The pinned buffer comes from torch's caching
+    host allocator, which does not hand it out again until the copy has run: with overlapped steps the
+    host fills the next step's inputs while the previous copy may still be queued.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._pinned = torch.empty(0, dtype=torch.int64)
 
     def to_device(self, parts: list[list[int]]) -> list[torch.Tensor]:
         sizes = [len(part) for part in parts]
         flat = torch.tensor(list(itertools.chain.from_iterable(parts)), dtype=torch.int64)
         if self.device.type != "cuda":
             return list(flat.to(self.device).split(sizes))
-        if self._pinned.numel() < flat.numel():
-            self._pinned = torch.empty(
-                max(flat.numel(), 2 * self._pinned.numel()), dtype=torch.int64
-            ).pin_memory()
-        staged = self._pinned[: flat.numel()]
-        staged.copy_(flat)
-        return list(staged.to(self.device, non_blocking=True).split(sizes))
+        return list(flat.pin_memory().to(self.device, non_blocking=True).split(sizes))
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy of a device tensor, queued (non-blocking, into pinned memory) on CUDA."""
+    if tensor.device.type != "cuda":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
 
 
 @torch.inference_mode()

@@ -21,6 +21,10 @@ class EngineOptions:
     gpu_memory_utilization: float = 0.90  # on CUDA: fraction of GPU memory for weights + activations + KV
     enable_prefix_caching: bool = True
     enforce_eager: bool = False  # on CUDA: skip capturing decode CUDA graphs
+    # Schedule and launch step N+1 before reading step N's tokens (overlaps host work with the GPU).
+    # None: on for CUDA, off on CPU (where nothing runs asynchronously, so it would only cost the
+    # extra step a stopping request takes).
+    async_scheduling: bool | None = None
     served_model_name: str | None = None
     seed: int = 0  # global RNG seed for requests without their own
     load_progress: bool = False  # show a progress bar while the weights load

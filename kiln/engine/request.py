@@ -33,8 +33,11 @@ class RequestStatus(enum.Enum):
 class Request:
     """One sequence. For `n > 1` the engine makes n Requests that share a `group_id`.
 
-    Invariant: `all_token_ids == prompt_token_ids + output_token_ids`, and the first
-    `num_computed_tokens` of them have their K/V in the request's KV blocks.
+    Invariant: `all_token_ids == prompt_token_ids + output_token_ids`, followed by
+    `num_pending_tokens` tokens sampled on the device whose ids the host has not read yet (with
+    overlapped steps, the next step is scheduled before the current one's tokens arrive). The first
+    `num_computed_tokens` of them have their K/V in the request's KV blocks, or will once the steps
+    already launched have run.
     """
 
     request_id: str
@@ -53,6 +56,7 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_pending_tokens: int = 0
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first schedule
     num_preemptions: int = 0
     stop_reason: str | int | None = None
@@ -65,6 +69,10 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        return len(self.all_token_ids) + self.num_pending_tokens
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -6,6 +6,12 @@ admitted first-come-first-served within priority, each taking a prefill chunk of
 (chunked prefill). Prefix-cache hits count as computed. When the KV pool runs dry the lowest-priority,
 newest running request is preempted: its blocks are freed and it waits to be recomputed. Pure
 bookkeeping, no torch: `SchedulerOutput` is the only product, tested with exact block ids.
+
+`schedule()` counts the scheduled tokens as computed at once and each sampling request as owing one
+pending token, so the next step can be scheduled before this one's tokens reach the host (overlapped
+steps); `update()` later hands over the sampled ids. A request whose sampled tokens are still pending
+is not scheduled past its max_tokens or the context, and is not (re)admitted from the waiting queue:
+a prefill needs every token id on the host.
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ from kiln.kvcache.manager import KVCacheManager
 @dataclass(slots=True, frozen=True)
 class ScheduledRequest:
     request: Request
-    start: int  # first position computed this step (== num_computed_tokens when scheduled)
+    start: int  # first position computed this step (num_computed_tokens before this step)
     num_new_tokens: int
     block_ids: tuple[int, ...]  # the request's whole block table
-    sample: bool  # this chunk reaches the last known token, so a new token is sampled
+    sample: bool  # this chunk reaches the request's last token, so a new token is sampled
 
     @property
     def token_ids(self) -> list[int]:
+        """The input ids known on the host; shorter than num_new_tokens when the last one is pending."""
         return self.request.all_token_ids[self.start : self.start + self.num_new_tokens]
 
 
@@ -96,10 +103,17 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.num_pending_tokens and self._at_limit(request):
+                index += 1  # its pending token is its last: it finishes when that token arrives
+                continue
+            num_new = min(request.num_tokens_with_pending - request.num_computed_tokens, budget)
             while (
                 self.kv_cache.allocate_slots(
-                    request.request_id, request.all_token_ids, request.num_computed_tokens, num_new
+                    request.request_id,
+                    request.all_token_ids,
+                    request.num_computed_tokens,
+                    num_new,
+                    num_unknown_tokens=request.num_pending_tokens,
                 )
                 is None
             ):
@@ -118,6 +132,8 @@ class Scheduler:
             for request in list(self.waiting):
                 if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                     break
+                if request.num_pending_tokens:
+                    continue  # preempted with a token in flight: its ids are needed to recompute
                 if request.wait_for is not None and not self._ready_after(request.wait_for):
                     continue
                 hit_blocks, num_hit = self.kv_cache.get_computed_blocks(request.all_token_ids)
@@ -139,6 +155,10 @@ class Scheduler:
                 scheduled.append(self._scheduled(request, num_new))
                 budget -= num_new
 
+        for item in scheduled:
+            item.request.num_computed_tokens += item.num_new_tokens
+            if item.sample:
+                item.request.num_pending_tokens += 1
         finished, self._finished_since_step = tuple(self._finished_since_step), []
         return SchedulerOutput(
             scheduled=tuple(scheduled),
@@ -148,19 +168,20 @@ class Scheduler:
         )
 
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance each scheduled request by its computed tokens and append its sampled token.
+        """Append each sampling request's token from the step `output` describes.
 
         Finishes requests that hit a stop token, EOS, max_tokens or the context limit, and returns
-        every request that received a token (finished or not), in scheduling order.
+        every request that received a token (finished or not), in scheduling order. A request that
+        finished or was aborted since that step was scheduled gets nothing: its token is dropped (with
+        overlapped steps it may have been scheduled once more before its stop was known). One that was
+        preempted meanwhile still gets its token: it is valid, and its recompute needs it.
         """
         advanced = []
         for item in output.scheduled:
             request = item.request
-            if request.status != RequestStatus.RUNNING:
-                continue  # preempted after being scheduled cannot happen, but an abort can race a step
-            request.num_computed_tokens += item.num_new_tokens
-            if not item.sample:
+            if not item.sample or request.status.finished or request.request_id not in self.requests:
                 continue
+            request.num_pending_tokens -= 1
             request.append_output_token(sampled[request.request_id])
             advanced.append(request)
             status = self._stop_status(request)
@@ -176,7 +197,7 @@ class Scheduler:
             start=start,
             num_new_tokens=num_new,
             block_ids=tuple(self.kv_cache.block_ids(request.request_id)),
-            sample=start + num_new == request.num_tokens,
+            sample=start + num_new == request.num_tokens_with_pending,
         )
 
     def _preempt(self, request: Request) -> None:
@@ -192,6 +213,13 @@ class Scheduler:
 
     def _ready_after(self, leader: Request) -> bool:
         return leader.status.finished or leader.request_id not in self.requests or leader.prompt_computed
+
+    def _at_limit(self, request: Request) -> bool:
+        """Whether the request may not grow any further: max_tokens or the context is reached."""
+        return (
+            request.num_output_tokens + request.num_pending_tokens >= request.max_output_tokens
+            or request.num_tokens_with_pending >= self.config.max_model_len
+        )
 
     def _stop_status(self, request: Request) -> RequestStatus | None:
         token = request.output_token_ids[-1]

@@ -89,6 +89,8 @@ class KVCacheManager:
         num_computed_tokens: int,
         num_new_tokens: int,
         new_computed_blocks: Sequence[int] = (),
+        *,
+        num_unknown_tokens: int = 0,
     ) -> list[int] | None:
         """Give request_id room for num_new_tokens tokens after its computed ones.
 
@@ -101,6 +103,10 @@ class KVCacheManager:
         blocks to the request's block table, and (prefix caching on) registers the hash of every block
         that becomes full with the tokens token_ids[:num_computed+hits+num_new] so later requests can
         hit it. Raises ValueError for arguments that break these rules (e.g. stale hit blocks).
+
+        num_unknown_tokens: how many of the tokens to allocate come after token_ids, sampled by a step
+        still running on the device (overlapped steps). They get slots, but a block holding one is
+        registered for reuse only by a later call whose token_ids include it.
         """
         bs = self.block_size
         request = self._requests.get(request_id)
@@ -113,8 +119,11 @@ class KVCacheManager:
         if hit_blocks:
             self._check_hits(hit_blocks, token_ids, num_held)
         num_total = num_computed_tokens + len(hit_blocks) * bs + num_new_tokens
-        if len(token_ids) < num_total:
-            raise ValueError(f"token_ids has {len(token_ids)} tokens, the allocation covers {num_total}")
+        if len(token_ids) + num_unknown_tokens < num_total:
+            raise ValueError(
+                f"token_ids has {len(token_ids)} tokens (+{num_unknown_tokens} unknown), "
+                f"the allocation covers {num_total}"
+            )
 
         num_new_blocks = max(0, self.num_blocks_needed(num_total) - num_held - len(hit_blocks))
         # Hits on free blocks leave the free queue too, so they count against what is free.
@@ -135,7 +144,7 @@ class KVCacheManager:
         new_blocks = self.pool.allocate(num_new_blocks)
         request.block_ids.extend(block.block_id for block in new_blocks)
         if self.enable_prefix_caching:
-            self._register_full_blocks(request, token_ids, num_total)
+            self._register_full_blocks(request, token_ids, min(num_total, len(token_ids)))
         return [block.block_id for block in new_blocks]
 
     def free(self, request_id: str) -> None:

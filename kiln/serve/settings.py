@@ -106,6 +106,11 @@ class ServerSettings(BaseSettings):
     enforce_eager: bool = Field(
         False, description="On CUDA: run decode eagerly, without capturing CUDA graphs."
     )
+    async_scheduling: bool | None = Field(
+        None,
+        description="Prepare each step while the GPU runs the previous one (default: on with CUDA, "
+        "off on CPU).",
+    )
     seed: int = Field(0, description="Global sampling seed for requests that send none.")
     load_progress: bool = Field(True, description="Show a progress bar while the weights load.")
     engine_process: bool = Field(

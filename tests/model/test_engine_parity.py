@@ -1,7 +1,8 @@
 """The native engine against Hugging Face transformers on the same weights (CPU, fp32).
 
 Greedy tokens must be identical with requests joining mid-flight, prefix-cache hits and forced
-preemption, for an MHA and a GQA model.
+preemption, for an MHA and a GQA model, with steps run one at a time and overlapped (the next step
+scheduled and launched before the previous one's tokens are read).
 """
 
 from __future__ import annotations
@@ -71,21 +72,26 @@ def hf_model(model_dir):
     return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
+@pytest.fixture(params=[False, True], ids=["sync", "overlap"])
+def overlap(request) -> bool:
+    return request.param
+
+
 def make_engine(model_dir, **opts) -> LLMEngine:
     opts.setdefault("device", "cpu")
     return LLMEngine.from_path(model_dir, EngineOptions(**opts))
 
 
-def test_greedy_matches_transformers_with_requests_joining_mid_flight(model_dir, hf_model):
-    engine = make_engine(model_dir, block_size=4, max_num_batched_tokens=24)
+def test_greedy_matches_transformers_with_requests_joining_mid_flight(model_dir, hf_model, overlap):
+    engine = make_engine(model_dir, block_size=4, max_num_batched_tokens=24, async_scheduling=overlap)
     prompts = prompts_of(hf_model.config.vocab_size, [1, 3, 7, 16, 17, 30, 45, 64, 5])
     got = run_staggered(engine, prompts, greedy())
     assert got == [hf_greedy(hf_model, p) for p in prompts]
     assert engine.stats().kv_blocks_used == 0
 
 
-def test_greedy_matches_with_prefix_cache_hits(model_dir, hf_model):
-    engine = make_engine(model_dir, block_size=4)
+def test_greedy_matches_with_prefix_cache_hits(model_dir, hf_model, overlap):
+    engine = make_engine(model_dir, block_size=4, async_scheduling=overlap)
     shared = prompts_of(hf_model.config.vocab_size, [24], seed=7)[0]
     prompts = prompts_of(hf_model.config.vocab_size, [1, 6, 9, 13], seed=3, shared_prefix=shared)
     got = run_staggered(engine, prompts, greedy(), every=3)
@@ -94,9 +100,11 @@ def test_greedy_matches_with_prefix_cache_hits(model_dir, hf_model):
     assert got == [hf_greedy(hf_model, p) for p in prompts]
 
 
-def test_greedy_matches_under_preemption(model_dir, hf_model):
+def test_greedy_matches_under_preemption(model_dir, hf_model, overlap):
     # 14 blocks of 4 tokens cannot hold 8 requests of ~20-40 tokens: the scheduler must preempt.
-    engine = make_engine(model_dir, block_size=4, num_kv_blocks=14, max_num_batched_tokens=32)
+    engine = make_engine(
+        model_dir, block_size=4, num_kv_blocks=14, max_num_batched_tokens=32, async_scheduling=overlap
+    )
     prompts = prompts_of(hf_model.config.vocab_size, [9, 14, 20, 11, 25, 8, 17, 12], seed=5)
     got = run_staggered(engine, prompts, greedy(max_new=16), every=1)
     assert engine.stats().num_preemptions > 0
@@ -104,8 +112,8 @@ def test_greedy_matches_under_preemption(model_dir, hf_model):
     assert engine.stats().kv_blocks_used == 0
 
 
-def test_logprobs_match_transformers(model_dir, hf_model):
-    engine = make_engine(model_dir)
+def test_logprobs_match_transformers(model_dir, hf_model, overlap):
+    engine = make_engine(model_dir, async_scheduling=overlap)
     prompt = prompts_of(hf_model.config.vocab_size, [10], seed=11)[0]
     engine.add_request("r", params=greedy(max_new=4, logprobs=3), prompt_token_ids=prompt)
     total = None

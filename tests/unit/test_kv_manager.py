@@ -353,3 +353,18 @@ def test_random_allocate_free_sequences_never_leak_blocks(operations) -> None:
     assert m.num_free_blocks() == m.num_blocks
     assert m.stats().num_used_blocks == 0
     assert all(b.ref_cnt == 0 for b in m.pool.blocks)
+
+
+def test_unknown_tokens_get_slots_but_their_block_is_hashed_only_once_known() -> None:
+    m = _manager()
+    prompt = [11, 12, 13, 14, 21, 22, 23]  # one full block, three tokens of the second
+    assert m.allocate_slots("a", prompt, 0, 7) == [0, 1]
+    # Overlapped steps: token 8 (position 7) was sampled on the device, its id not yet known here.
+    assert m.allocate_slots("a", prompt, 7, 1, num_unknown_tokens=1) == []
+    assert m.pool.blocks[1].block_hash is None  # full now, but one of its ids is unknown
+    with pytest.raises(ValueError):
+        m.allocate_slots("a", prompt, 8, 1, num_unknown_tokens=1)  # 2 past the known ids, 1 unknown
+    known = [*prompt, 24]
+    assert m.allocate_slots("a", known, 8, 1, num_unknown_tokens=1) == [2]
+    assert m.pool.blocks[1].token_ids == (21, 22, 23, 24)  # registered once its ids are all known
+    assert m.get_computed_blocks([*known, 5]) == ([0, 1], 8)

@@ -195,3 +195,63 @@ def test_a_request_waiting_for_room_is_counted_once_in_prefix_stats():
     while sched.has_unfinished_requests():
         run_step(sched)
     assert sched.kv_cache.stats().prefix_queries == 12 + 12
+
+
+# --- overlapped steps: the next step is scheduled before this one's tokens reach the host ------------
+
+
+def test_a_decode_is_scheduled_again_before_its_token_arrives():
+    sched = make_scheduler()
+    sched.add_request(make_request("a", [1, 2, 3], t=0))
+    first = sched.schedule()
+    second = sched.schedule()  # step 1 still in flight: its token is pending
+    assert summary(first) == [("a", 0, 3, (0,), True)]
+    assert summary(second) == [("a", 3, 1, (0,), True)]
+    request = sched.requests["a"]
+    assert request.num_pending_tokens == 2 and request.num_computed_tokens == 4
+    assert sched.update(first, {"a": 7}) == [request]
+    assert request.output_token_ids == [7] and request.num_pending_tokens == 1
+    sched.update(second, {"a": 8})
+    assert request.all_token_ids == [1, 2, 3, 7, 8] and request.num_pending_tokens == 0
+
+
+def test_a_request_whose_pending_token_is_its_last_is_not_scheduled_again():
+    sched = make_scheduler()
+    sched.add_request(make_request("a", [1, 2, 3], t=0, max_tokens=1))
+    sched.add_request(make_request("b", [4, 5, 6], t=1, max_tokens=5))
+    first = sched.schedule()
+    assert [i.request.request_id for i in sched.schedule().scheduled] == ["b"]
+    sched.update(first, {"a": 7, "b": 7})
+    assert "a" not in sched.requests and sched.kv_cache.block_ids("a") == []
+    assert sched.requests["b"].num_pending_tokens == 1
+
+
+def test_a_stop_seen_late_drops_the_extra_token_and_frees_the_blocks():
+    sched = make_scheduler()
+    sched.add_request(make_request("a", [1, 2, 3], t=0))
+    first = sched.schedule()
+    second = sched.schedule()  # schedules "a" again: its EOS is not known yet
+    (request,) = sched.update(first, {"a": EOS})
+    assert request.status == RequestStatus.FINISHED_STOPPED
+    assert sched.update(second, {"a": 7}) == []  # the extra step's token is dropped
+    assert request.output_token_ids == [EOS]
+    assert sched.kv_cache.num_free_blocks() == 10 and not sched.has_unfinished_requests()
+
+
+def test_a_request_preempted_with_a_token_in_flight_waits_for_it_before_recompute():
+    sched = make_scheduler(num_blocks=2, budget=16)
+    sched.add_request(make_request("a", [1, 2, 3, 4], t=0))
+    sched.add_request(make_request("b", [5, 6, 7], t=1))
+    first = sched.schedule()  # a: 1 block, b: 1 block; the pool is full
+    second = sched.schedule()  # a needs a second block for its 5th token: b is preempted
+    assert [i.request.request_id for i in second.scheduled] == ["a"]
+    assert second.preempted_ids == ("b",)
+    b = sched.requests["b"]
+    assert b.status == RequestStatus.WAITING and b.num_pending_tokens == 1
+    # Not readmitted while its sampled token is unknown: a prefill needs every id on the host.
+    sched.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)
+    assert sched.schedule().scheduled == ()
+    sched.update(first, {"a": 8, "b": 9})
+    assert b.all_token_ids == [5, 6, 7, 9] and b.num_pending_tokens == 0
+    (item,) = sched.schedule().scheduled
+    assert (item.request.request_id, item.start, item.num_new_tokens, item.sample) == ("b", 0, 4, True)
