@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from kiln.config import DTYPES, EngineLimits, ModelConfig, canonical_dtype
+from kiln.engine.gc_tuning import settle_garbage_collector
 from kiln.engine.model_runner import LaunchedStep, ModelRunner, profile_activation_bytes
 from kiln.engine.options import EngineOptions
 from kiln.engine.output_processor import OutputProcessor
@@ -106,6 +107,7 @@ class LLMEngine:
         )
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
         torch.manual_seed(options.seed)
+        settle_garbage_collector()
 
     @classmethod
     def from_path(cls, path: str | Path, options: EngineOptions | None = None) -> LLMEngine:
