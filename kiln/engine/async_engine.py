@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -20,7 +21,7 @@ from typing import Any
 
 from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.options import EngineOptions
-from kiln.engine.outputs import RequestOutput
+from kiln.engine.outputs import RequestOutput, accumulate
 from kiln.engine.protocol import EngineStats, ModelInfo
 from kiln.engine.sampling_params import SamplingParams
 
@@ -117,11 +118,23 @@ class AsyncEngine:
         self._sinks[request_id] = _Sink(asyncio.get_running_loop(), outputs)
         self._commands.put(_Add(request_id, prompt, list(prompt_token_ids), params, priority))
         finished = False
+        error: BaseException | None = None
         try:
             while True:
-                item = await outputs.get()
+                item = error or await outputs.get()
                 if isinstance(item, BaseException):
                     raise item
+                # A consumer that fell behind gets everything already queued as one delta: a slow
+                # stream then costs one chunk per wake-up, not one per token, and catches up.
+                pieces = [item]
+                while not pieces[-1].finished and not outputs.empty():
+                    queued = outputs.get_nowait()
+                    if isinstance(queued, BaseException):
+                        error = queued  # raised once what came before it has been handed over
+                        break
+                    pieces.append(queued)
+                if len(pieces) > 1:
+                    item = functools.reduce(accumulate, pieces, None)
                 finished = item.finished
                 yield item
                 if finished:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.options import EngineOptions
-from kiln.engine.outputs import CompletionOutput, RequestOutput
+from kiln.engine.outputs import RequestOutput, accumulate
 from kiln.engine.sampling_params import SamplingParams
 
 Prompt = str | dict[str, Any]  # "text" or {"prompt_token_ids": [...]} (vLLM's TokensPrompt)
@@ -72,27 +71,3 @@ class LLM:
         """Generate one reply to a conversation, formatted with the tokenizer's chat template."""
         token_ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.generate({"prompt_token_ids": token_ids}, sampling_params)[0]
-
-
-def accumulate(total: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
-    """Fold a step's delta into the running whole of a request's output."""
-    if total is None:
-        total = dataclasses.replace(delta, outputs=[])
-    by_index = {c.index: c for c in total.outputs}
-    for piece in delta.outputs:
-        whole = by_index.get(piece.index)
-        if whole is None:
-            whole = CompletionOutput(index=piece.index, logprobs=[] if piece.logprobs is not None else None)
-            by_index[piece.index] = whole
-        whole.text += piece.text
-        whole.token_ids.extend(piece.token_ids)
-        if piece.logprobs is not None and whole.logprobs is not None:
-            whole.logprobs.extend(piece.logprobs)
-        whole.cumulative_logprob = piece.cumulative_logprob
-        whole.finish_reason = piece.finish_reason
-        whole.stop_reason = piece.stop_reason
-    total.outputs = [by_index[i] for i in sorted(by_index)]
-    total.finished = delta.finished
-    total.metrics = delta.metrics
-    total.num_cached_tokens = delta.num_cached_tokens
-    return total

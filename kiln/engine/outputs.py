@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -68,3 +69,28 @@ class RequestOutput:
     finished: bool = False
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
+
+
+def accumulate(total: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """Fold a step's delta into the running whole of a request's output (`LLM.generate`); folding
+    consecutive deltas gives one delta that stands for all of them (a stream catching up)."""
+    if total is None:
+        total = dataclasses.replace(delta, outputs=[])
+    by_index = {c.index: c for c in total.outputs}
+    for piece in delta.outputs:
+        whole = by_index.get(piece.index)
+        if whole is None:
+            whole = CompletionOutput(index=piece.index, logprobs=[] if piece.logprobs is not None else None)
+            by_index[piece.index] = whole
+        whole.text += piece.text
+        whole.token_ids.extend(piece.token_ids)
+        if piece.logprobs is not None and whole.logprobs is not None:
+            whole.logprobs.extend(piece.logprobs)
+        whole.cumulative_logprob = piece.cumulative_logprob
+        whole.finish_reason = piece.finish_reason
+        whole.stop_reason = piece.stop_reason
+    total.outputs = [by_index[i] for i in sorted(by_index)]
+    total.finished = delta.finished
+    total.metrics = delta.metrics
+    total.num_cached_tokens = delta.num_cached_tokens
+    return total

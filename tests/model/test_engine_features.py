@@ -165,3 +165,52 @@ def test_cancelled_twice_consumer_still_frees_its_request(tiny_gqa_dir):
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_slow_stream_gets_what_queued_up_as_one_delta(tiny_gqa_dir):
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+    async def consume(engine, request_id, pause):
+        chunks = []
+        async for out in engine.generate(list(range(3, 20)), params, request_id):
+            chunks.append(out.outputs[0])
+            await asyncio.sleep(pause)
+        return chunks
+
+    async def main():
+        engine = AsyncEngine.from_path(tiny_gqa_dir, EngineOptions(device="cpu"))
+        fast = await consume(engine, "fast", 0)
+        slow = await consume(engine, "slow", 0.05)
+        await engine.shutdown()
+        return fast, slow
+
+    fast, slow = asyncio.run(main())
+    assert [len(c.token_ids) for c in fast] == [1] * 40
+    assert len(slow) < 20 and max(len(c.token_ids) for c in slow) > 1
+    assert [t for c in slow for t in c.token_ids] == [t for c in fast for t in c.token_ids]
+    assert "".join(c.text for c in slow) == "".join(c.text for c in fast)
+    assert slow[-1].finish_reason == "length" and all(c.finish_reason is None for c in slow[:-1])
+
+
+def test_a_slow_stream_gets_its_tokens_before_the_engine_failure(tiny_gqa_dir, monkeypatch):
+    async def main():
+        engine = AsyncEngine.from_path(tiny_gqa_dir, EngineOptions(device="cpu"))
+        real_step, steps = engine.engine.step, []
+
+        def failing_step():
+            if len(steps) == 6:
+                raise RuntimeError("device lost")
+            steps.append(1)
+            return real_step()
+
+        monkeypatch.setattr(engine.engine, "step", failing_step)
+        tokens = []
+        with pytest.raises(Exception, match="device lost"):
+            params = SamplingParams(max_tokens=40, ignore_eos=True)
+            async for out in engine.generate(list(range(3, 20)), params, "r"):
+                tokens += out.outputs[0].token_ids
+                await asyncio.sleep(0.2)  # every output and the error queue up meanwhile
+        await engine.shutdown()
+        return tokens
+
+    assert len(asyncio.run(main())) == 6  # six steps ran, each gave a token (CPU: steps one at a time)
