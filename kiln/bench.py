@@ -294,6 +294,36 @@ def profile_steps(
     return summary | {f"host_ms_{k[7:]}": v for k, v in phases.items()}
 
 
+def profile_first_token(engine, input_len: int, path: Path, seed: int = 0) -> dict[str, float]:
+    """Profile one prompt from add_request to its first token on an idle engine (after a warm-up);
+    writes the host and GPU op tables to `path`. Returns wall and GPU-busy milliseconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    vocab = engine.model_config.vocab_size
+    prompts = _prompts(2, [input_len] * 2, vocab, seed + 99)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
+    for i, prompt in enumerate(prompts):  # the first one warms up
+        _sync(engine)
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            engine.add_request(f"ttft{i}", prompt_token_ids=prompt, params=_greedy(1))
+            while engine.has_unfinished_requests():
+                engine.step()
+            wall = time.perf_counter() - start
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events if _is_device_work(e))
+    summary = {"wall_ms": 1000 * wall, "gpu_busy_ms": gpu_us / 1000}
+    lines = [
+        f"one prompt of {input_len} tokens, add_request -> first token: wall {summary['wall_ms']:.2f} ms, "
+        f"GPU kernels {summary['gpu_busy_ms']:.2f} ms",
+        events.table(sort_by="self_cpu_time_total", row_limit=30),
+        events.table(sort_by="self_device_time_total", row_limit=20),
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return summary
+
+
 def _is_device_work(event) -> bool:
     """Kernels, copies and memsets: the events whose own time is GPU time. CPU ops (aten::mm) also
     carry their kernels' time, and a record_function label has a GPU range spanning its kernels;
@@ -407,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{k} {v:.2f}" for k, v in summary.items())
         )
         rows.append(_row(label, "profile_step", "ms", summary["step_ms"], f"batch {batch}", params | summary))
+        if not args.throughput_only:
+            ttft_path = args.profile.with_name(args.profile.stem + "_ttft.txt")
+            ttft = profile_first_token(engine, args.input_len, ttft_path, args.seed)
+            print(f"{label}: profile of one {args.input_len}-token prompt to its first token: {ttft}")
     if args.json:
         _append_json(args.json, rows, argv)
     return 0

@@ -92,6 +92,16 @@ def test_profile_reports_phases(tiny_gqa_dir, tmp_path):
     assert not engine.has_unfinished_requests()
 
 
+def test_profile_first_token_reports_one_prompt(tiny_gqa_dir, tmp_path):
+    engine = LLMEngine.from_path(tiny_gqa_dir, EngineOptions(device="cpu", async_scheduling=True))
+    report = tmp_path / "ttft.txt"
+    summary = bench.profile_first_token(engine, 16, report)
+    assert summary["wall_ms"] > 0 and summary["gpu_busy_ms"] == 0  # CPU: no kernels on a device
+    text = report.read_text()
+    assert text.startswith("one prompt of 16 tokens") and "aten::" in text
+    assert not engine.has_unfinished_requests()
+
+
 def _load_bench_report():
     # bench/ is a folder of scripts run from the repository root, not an installed package.
     path = Path(__file__).resolve().parents[2] / "bench" / "report.py"
