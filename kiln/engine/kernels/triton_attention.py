@@ -20,13 +20,12 @@ the GPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from kiln.engine.attention_metadata import AttentionMetadata
+from kiln.engine.kernels.tuning import AttentionConfig, tuned_config
 
 _LOG2E = 1.4426950408889634
 _NUM_SMS_CACHE: dict[int, int] = {}
@@ -281,21 +280,14 @@ def _num_sms(device: torch.device) -> int:
     return _NUM_SMS_CACHE[index]
 
 
-@dataclass(frozen=True, slots=True)
-class AttentionConfig:
-    """Tile shape and pipelining of one launch. block_m: rows (query token x head) per prefill tile
-    (decode tiles are one token's query-head group); block_n: keys per inner step."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-    keys_transposed: bool = False  # load key tiles as [head_dim, block_n] (see _attend_keys)
-
-
 def default_config(decode: bool, head_dim_p2: int) -> AttentionConfig:
-    """The tile shape used unless the caller passes one (chosen from sweeps on an H100, see
-    docs/benchmarks.md)."""
+    """The tile shape used unless the caller passes one: the engine directory's tuned choice when
+    `kiln.engine.kernels.tuning.apply_profile` installed one for this head size, else `builtin_config`."""
+    return tuned_config(decode, head_dim_p2) or builtin_config(decode, head_dim_p2)
+
+
+def builtin_config(decode: bool, head_dim_p2: int) -> AttentionConfig:
+    """The untuned tile shape (chosen from sweeps on an H100, see docs/benchmarks.md)."""
     if decode:
         return AttentionConfig(
             block_m=16, block_n=64 if head_dim_p2 <= 128 else 32, num_warps=4, num_stages=2
