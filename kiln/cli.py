@@ -1,4 +1,4 @@
-"""The `kiln` command: build, serve, chat, complete, models.
+"""The `kiln` command: build, tune, serve, chat, complete, models.
 
 The commands only parse flags, show progress and print results; the work lives in `kiln.build`,
 `kiln.serve` and the engine. `kiln serve`'s flags are generated from `ServerSettings`, one per field
@@ -149,6 +149,15 @@ def build(
     multiple_profiles: Annotated[
         bool, typer.Option(help="trtllm only: build several TensorRT optimization profiles.")
     ] = True,
+    tune_kernels: Annotated[
+        Optional[bool],  # noqa: UP045
+        typer.Option(
+            "--tune-kernels/--no-tune-kernels",
+            help="native only: tune the attention kernels for this machine's GPU and save every Triton kernel "
+            "compiled into the engine, so a server starts without compiling (default: when a CUDA GPU is visible).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Build a checkpoint into an engine directory that `kiln serve` loads."""
     from kiln.config import EngineLimits
@@ -169,6 +178,16 @@ def build(
             "--no-multiple-profiles need --backend trtllm",
             code=2,
         )
+    if tune_kernels and backend != "native":
+        raise _fail("--tune-kernels is for the native backend (TensorRT-LLM picks its own kernels)", code=2)
+    if tune_kernels and not _cuda_available():
+        raise _fail(
+            "--tune-kernels needs a CUDA GPU and none is visible here",
+            "Build without it, then run [bold]kiln tune ENGINE_DIR[/bold] on the GPU machine that serves it.",
+            code=2,
+        )
+    if tune_kernels is None:
+        tune_kernels = backend == "native" and _cuda_available()
     try:
         if tiny:
             from kiln.build import build_tiny_engine
@@ -218,6 +237,56 @@ def build(
         f"Serve it: kiln serve {output}",
         highlight=False,
     )
+    if tune_kernels:
+        _tune(output, "cuda", after_build=True)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _tune(engine_dir: Path, device: str, *, after_build: bool = False) -> None:
+    from kiln.build.kernels import tune_engine_kernels
+    from kiln.errors import KilnError
+
+    err.print(f"Tuning and compiling the kernels of {engine_dir} for this GPU ...", highlight=False)
+    try:
+        summary = tune_engine_kernels(engine_dir, device=device, progress=True)
+    except (KilnError, OSError) as exc:
+        hint = f"The engine itself is fine: serve it as it is, or retry with: kiln tune {engine_dir}"
+        raise _fail(f"tuning kernels failed: {exc}", hint if after_build else None) from None
+
+    def tiles(c: Any) -> str:
+        return f"{c.block_m}x{c.block_n}, {c.num_warps} warps, {c.num_stages} stages" + (
+            ", keys transposed" if c.keys_transposed else ""
+        )
+
+    err.print(
+        f"Saved {summary.num_kernels} compiled kernels and the tuned attention tiles (decode {tiles(summary.decode)}; "
+        f"prefill {tiles(summary.prefill)}) in {summary.kernels_dir} ({summary.seconds:.0f} s).",
+        highlight=False,
+    )
+
+
+@app.command()
+def tune(
+    engine_dir: Annotated[Path, typer.Argument(help="Native engine directory.", show_default=False)],
+    device: Annotated[str, typer.Option(help="CUDA device to tune on.")] = "cuda",
+) -> None:
+    """Tune a native engine's kernels for this machine's GPU and save them compiled in ENGINE_DIR/kernels
+    (for an engine built on another machine; `kiln build` does this itself where it sees a GPU)."""
+    from kiln.build.kernels import check_tunable
+    from kiln.errors import BackendUnavailableError, KilnError
+
+    try:
+        check_tunable(engine_dir, device)
+    except BackendUnavailableError as exc:
+        raise _fail(str(exc), code=2) from None
+    except KilnError as exc:
+        raise _fail(str(exc)) from None
+    _tune(engine_dir, device)
 
 
 UrlOpt = Annotated[
