@@ -3,19 +3,24 @@
     python -m bench.startup --random llama2-7b --dir /tmp/kiln-llama2-7b --out results.json
 
 Writes (once) an engine directory of random weights at a preset shape (sharded safetensors, checksums,
-a word-level tokenizer, engine.json), then starts a fresh Python process that opens it with
+a word-level tokenizer, engine.json), then starts fresh Python processes that open it with
 `LLMEngine.from_path` (imports, loading the weights, the memory profile, the KV cache, CUDA-graph
-capture) and runs one 128-token request. Reported: seconds from the process start to the engine being
-ready, and to its first token. The weight files were just written, so they come from the page cache: a
-cold disk adds its read time (13 GB for Llama-2-7B fp16).
+capture) and run one 128-token request. Each child gets an EMPTY Triton cache (TRITON_CACHE_DIR set to a
+new directory), as on a fresh machine, and runs twice per repeat: without the engine directory's
+`kernels/` (KILN_ENGINE_KERNELS=off: every Triton kernel compiles) and with it (written once by
+`kiln.build.kernels.tune_engine_kernels`, whose time is reported too). Reported: seconds from the
+process start to the engine being ready, and to its first token. The weight files were just written,
+so they come from the page cache: a cold disk adds its read time (13 GB for Llama-2-7B fp16).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,16 +89,37 @@ def write_random_engine(shape: str, out: Path, max_shard_bytes: int = 2 << 30) -
     ).save(out)
 
 
-def measure(engine_dir: Path) -> dict[str, float]:
-    start = time.time()
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(engine_dir)], capture_output=True, text=True, check=True
-    )
+def measure(engine_dir: Path, *, empty_cache: bool = False, engine_kernels: bool = True) -> dict[str, float]:
+    """Times of one fresh child; `empty_cache` gives it a new empty Triton cache, `engine_kernels=False`
+    makes it ignore the engine directory's kernels/."""
+    env = dict(os.environ)
+    if not engine_kernels:
+        env["KILN_ENGINE_KERNELS"] = "off"
+    with tempfile.TemporaryDirectory(prefix="kiln-startup-triton-") as cache:
+        if empty_cache:
+            env["TRITON_CACHE_DIR"] = cache
+        start = time.time()
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD, str(engine_dir)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
     marks = json.loads(done.stdout.strip().splitlines()[-1])
     return {
         "start_to_ready_s": marks["ready"] - start,
         "start_to_first_token_s": marks["first_token"] - start,
     }
+
+
+def tune_once(engine_dir: Path) -> float | None:
+    """Write the engine directory's kernels/ unless it has one; the seconds it took (None: it had one)."""
+    from kiln.build.kernels import tune_engine_kernels
+
+    if (engine_dir / "kernels" / "profile.json").is_file():
+        return None
+    return tune_engine_kernels(engine_dir, progress=True).seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,19 +135,32 @@ def main(argv: list[str] | None = None) -> int:
         t = time.time()
         write_random_engine(args.random, args.dir)
         print(f"wrote {args.dir} in {time.time() - t:.1f} s", flush=True)
-    runs = [measure(args.dir) for _ in range(args.repeats)]
-    for run in runs:
-        print(json.dumps(run), flush=True)
+    import torch
+
+    variants = [("kiln/startup_empty_cache", False)]
+    rows: list[tuple[str, str, dict[str, float]]] = []  # (name, shape, metrics)
+    if torch.cuda.is_available():  # kernels/ holds CUDA kernels only
+        torch.cuda.empty_cache()  # what writing the random weights reserved: the children need the memory
+        variants.append(("kiln/startup_engine_kernels", True))
+        tune_s = tune_once(args.dir)
+        if tune_s is not None:
+            print(json.dumps({"tune_kernels_s": tune_s}), flush=True)
+            rows.append(("kiln/tune_kernels", args.random, {"seconds": tune_s}))
+    for i in range(args.repeats):
+        for name, kernels in variants:
+            run = measure(args.dir, empty_cache=True, engine_kernels=kernels)
+            print(json.dumps({"name": name, **run}), flush=True)
+            rows.append((name, f"{args.random} run {i + 1}", run))
     if args.out:
         data = json.loads(args.out.read_text()) if args.out.exists() else {"device": {}, "results": []}
         note = "python -m bench.startup " + " ".join(sys.argv[1:] if argv is None else argv)
-        for i, run in enumerate(runs):
-            for metric, value in run.items():
+        for name, shape, metrics in rows:
+            for metric, value in metrics.items():
                 data["results"].append(
                     {
                         "suite": "startup",
-                        "name": "kiln/startup",
-                        "shape": f"{args.random} run {i + 1}",
+                        "name": name,
+                        "shape": shape,
                         "metric": metric,
                         "value": value,
                         "params": {},
