@@ -20,6 +20,7 @@ import torch
 
 from kiln.config import DTYPES, EngineLimits, ModelConfig, canonical_dtype
 from kiln.engine.gc_tuning import settle_garbage_collector
+from kiln.engine.kernels.kernel_cache import prepare_engine_kernels
 from kiln.engine.model_runner import LaunchedStep, ModelRunner, profile_activation_bytes
 from kiln.engine.options import EngineOptions
 from kiln.engine.output_processor import OutputProcessor
@@ -124,6 +125,8 @@ class LLMEngine:
             manifest = EngineManifest.load(path)
             if manifest.backend != "native":
                 raise ValueError(f"{path} holds a {manifest.backend!r} engine; open it with kiln.engine.open")
+            # Before anything compiles: the engine's compiled kernels and tuned tiles (kiln tune), if any.
+            prepare_engine_kernels(path, device)
             dtype = canonical_dtype(options.dtype or manifest.dtype)
             limits = manifest.limits
             name = options.served_model_name or manifest.served_model_name

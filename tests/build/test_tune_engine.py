@@ -219,3 +219,21 @@ def test_the_child_tunes_before_loading_and_reports_the_profile(
     )
     assert (seen["max_context"], seen["max_tokens"]) == (256, 64)  # the engine's limits bound the sweep
     assert data["warm_seconds"] > 0
+
+
+def test_opening_an_engine_dir_prepares_its_kernels_before_the_model_loads(
+    tiny_engine_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kiln.engine.llm_engine as llm_engine
+    import kiln.models.loader as loader
+    from kiln.engine.options import EngineOptions
+
+    calls: list[tuple[str, Any]] = []
+    real_load = loader.load_model
+    monkeypatch.setattr(
+        llm_engine, "prepare_engine_kernels", lambda path, device: calls.append(("prep", path, device))
+    )
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: calls.append(("load",)) or real_load(*a, **k))
+    llm_engine.LLMEngine.from_path(tiny_engine_dir, EngineOptions(device="cpu"))
+    assert calls[0] == ("prep", tiny_engine_dir, llm_engine.torch.device("cpu"))
+    assert calls[1] == ("load",)
