@@ -1,14 +1,20 @@
-"""CUDA graphs for decode steps: the whole model forward replayed as one launch per step.
+"""CUDA graphs: the whole model forward replayed as one launch per step.
 
-Decode at small batch is bound by launch overhead and memory bandwidth; a graph removes the ~10
-Python-side kernel launches per layer. One graph is captured per bucketed batch size; a step of n
-decodes runs the smallest bucket >= n, the extra rows padded as harmless dummy decodes (slot -1: no
-KV is written; context length 1 over block 0).
+A forward pass launches ~10 kernels per layer from Python, each costing the host far more than the GPU
+needs for it at small sizes (Triton's launcher alone tens of microseconds): eager, a 7B model's batch-1
+decode step or 128-token prefill takes ~25 ms of host time for ~6 ms of GPU work. Two kinds of graphs:
 
-Rules: graphs only run pure-decode steps (every request computes one token); the static input
-buffers are the only way in, the captured output tensor the only way out; capture happens once,
-after the KV cache is allocated, and the attention split count is fixed per graph (chosen for the
-longest context, so a graph is valid for every context length).
+- `DecodeGraphs`, one per bucketed batch size: a step of n decodes runs the smallest bucket >= n, the
+  extra rows padded as harmless dummy decodes (slot -1: no KV is written; context length 1 over block 0).
+- `PrefillGraphs`, one per bucketed token count, for a step that computes T > 1 tokens of ONE request
+  (a prompt arriving at an idle engine: its time to first token). The T real tokens run in the
+  smallest bucket >= T, the padding tokens after them with slot -1 (not stored) and outside the
+  request's query range (query_start_loc[1] == T), so attention gives them zeros and no one reads them.
+
+Rules: the static input buffers are the only way in, the captured output tensor the only way out;
+capture happens once, after the KV cache is allocated; the attention split count and the host-side
+shapes (the bucket's token count, the longest context) are fixed per graph, so a graph is valid for
+every context length up to max_model_len, cached prefix or not.
 """
 
 from __future__ import annotations
@@ -70,8 +76,9 @@ class DecodeGraphs:
         )
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        pool = torch.cuda.graph_pool_handle()
+    def capture(self, pool: tuple[int, int] | None = None) -> None:
+        """Capture every bucket; `pool`: a graph memory pool to share (one is made if None)."""
+        pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         # Largest first, so smaller graphs reuse the memory pool the largest one reserved.
         for size in reversed(self.buckets):
@@ -110,6 +117,102 @@ class DecodeGraphs:
         self.seq_lens[:n].copy_(meta.seq_lens)
         self.seq_lens[n:size].fill_(1)
         self.block_tables[:n, :width].copy_(meta.block_tables)
+        graph, hidden = self._graphs[size]
+        graph.replay()
+        return hidden[:n]
+
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """Powers of two from 16 up to max_tokens (included, whatever it is)."""
+    sizes = [16 << i for i in range(12) if 16 << i < max_tokens]
+    return sorted(set(sizes) | {max_tokens})
+
+
+class PrefillGraphs:
+    """Graphs for single-request steps of 2..max_tokens tokens (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        *,
+        max_tokens: int,
+        max_model_len: int,
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.buckets = token_buckets(max_tokens)
+        n = self.buckets[-1]
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.query_start_loc = torch.zeros(2, dtype=torch.int32, device=device)
+        self.seq_lens = torch.ones(1, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(
+            (1, -(-max_model_len // block_size)), dtype=torch.int32, device=device
+        )
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def _metadata(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:size],
+            query_start_loc=self.query_start_loc,
+            seq_lens=self.seq_lens,
+            block_tables=self.block_tables,
+            max_query_len=size,  # the tiles of the whole bucket; those past the real tokens exit at once
+            max_seq_len=self.max_model_len,
+            query_start_loc_cpu=[0, size],
+            seq_lens_cpu=[self.max_model_len],
+            block_size=self.block_size,
+        )
+
+    @torch.inference_mode()
+    def capture(self, pool: tuple[int, int] | None = None) -> None:
+        pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        for size in reversed(self.buckets):
+            # Capture as a prompt of `size` tokens with no cache (slots -1: nothing is written).
+            self.query_start_loc[1] = size
+            self.seq_lens[0] = size
+            meta = self._metadata(size)
+            args = (self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self.model(*args)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden = self.model(*args)
+            self._graphs[size] = (graph, hidden)
+        torch.cuda.synchronize()
+        logger.info("captured single-request prefill CUDA graphs for %s tokens", self.buckets)
+
+    def bucket_for(self, num_tokens: int) -> int | None:
+        for size in self.buckets:
+            if size >= num_tokens:
+                return size if size in self._graphs else None
+        return None
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Replay the graph for this one-request step; returns hidden states [T, H] (a view of the
+        graph's output, valid until the next replay)."""
+        n = input_ids.shape[0]
+        size = self.bucket_for(n)
+        if size is None or meta.num_seqs != 1:
+            raise ValueError(f"no prefill graph for a step of {meta.num_seqs} requests and {n} tokens")
+        width = meta.block_tables.shape[1]
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(meta.slot_mapping)
+        self.slot_mapping[n:size].fill_(-1)
+        self.query_start_loc.copy_(meta.query_start_loc)
+        self.seq_lens.copy_(meta.seq_lens)
+        self.block_tables[:, :width].copy_(meta.block_tables)
         graph, hidden = self._graphs[size]
         graph.replay()
         return hidden[:n]

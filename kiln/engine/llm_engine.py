@@ -37,6 +37,9 @@ from kiln.models.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 CPU_KV_BUDGET_BYTES = 1 << 30
+# Prompts up to this many tokens arriving alone run as one CUDA graph (their time to first token);
+# longer ones are computed eagerly, where launch overhead is a small share of the work.
+MAX_PREFILL_GRAPH_TOKENS = 512
 
 
 class LLMEngine:
@@ -90,7 +93,8 @@ class LLMEngine:
         )
         self.runner = ModelRunner(model, kv_tensors, block_size, self.device, model_config.vocab_size)
         if self.device.type == "cuda" and not options.enforce_eager:
-            self.runner.capture_decode_graphs(max_num_seqs, self.max_model_len)
+            max_prefill = min(MAX_PREFILL_GRAPH_TOKENS, max_tokens_per_step, self.max_model_len - 1)
+            self.runner.capture_graphs(max_num_seqs, self.max_model_len, max_prefill)
         self.outputs = OutputProcessor(tokenizer)
         eos = list(model_config.eos_token_ids) + list(tokenizer.eos_token_ids)
         self.eos_token_ids = tuple(dict.fromkeys(eos))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from kiln.engine.attention_metadata import AttentionMetadata
-from kiln.engine.cuda_graphs import DecodeGraphs
+from kiln.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from kiln.engine.request import Request
 from kiln.engine.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow, make_generator
 from kiln.engine.scheduler import SchedulerOutput
@@ -65,7 +65,8 @@ class ModelRunner:
         self.device = device
         self.vocab_size = vocab_size
         self.sampler = Sampler()
-        self.graphs: DecodeGraphs | None = None  # set by capture_decode_graphs on CUDA
+        self.graphs: DecodeGraphs | None = None  # set by capture_graphs on CUDA
+        self.prefill_graphs: PrefillGraphs | None = None
         self._staging = HostStaging(device)
         # The last launched step's sampled tokens, on the device, and the row of each request in them:
         # the next step's decodes read their input token from there when its id is not on the host yet.
@@ -128,21 +129,30 @@ class ModelRunner:
             row_of={rid: i for i, rid in enumerate(step.sample_ids)},
         )
 
-    def capture_decode_graphs(self, max_batch_size: int, max_model_len: int) -> None:
-        self.graphs = DecodeGraphs(
-            self.model,
-            self.kv_caches,
-            max_batch_size=max_batch_size,
-            max_model_len=max_model_len,
-            block_size=self.block_size,
-            device=self.device,
-        )
-        self.graphs.capture()
+    def capture_graphs(self, max_batch_size: int, max_model_len: int, max_prefill_tokens: int) -> None:
+        """Decode graphs up to max_batch_size requests and, when max_prefill_tokens > 1, single-request
+        prefill graphs up to that many tokens; both in one memory pool."""
+        pool = torch.cuda.graph_pool_handle()
+        shapes = {"max_model_len": max_model_len, "block_size": self.block_size, "device": self.device}
+        if max_prefill_tokens > 1:
+            self.prefill_graphs = PrefillGraphs(
+                self.model, self.kv_caches, max_tokens=max_prefill_tokens, **shapes
+            )
+            self.prefill_graphs.capture(pool)
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, max_batch_size=max_batch_size, **shapes)
+        self.graphs.capture(pool)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         meta = inputs.metadata
         if self.graphs is not None and meta.is_pure_decode and self.graphs.bucket_for(meta.num_seqs):
             return self.graphs.run(inputs.input_ids, inputs.positions, meta)
+        num_tokens = inputs.input_ids.shape[0]
+        if (
+            self.prefill_graphs is not None
+            and meta.num_seqs == 1
+            and self.prefill_graphs.bucket_for(num_tokens)
+        ):
+            return self.prefill_graphs.run(inputs.input_ids, inputs.positions, meta)
         return self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
 
     def prepare_inputs(self, output: SchedulerOutput) -> StepInputs:

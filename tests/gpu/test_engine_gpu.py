@@ -105,3 +105,32 @@ def test_overlapped_steps_give_the_same_outputs_as_one_at_a_time(tiny_gqa_dir):
         results.append([[t for chunk in outputs[str(i)] for t in chunk[0]] for i in range(len(batch))])
         results.append([outputs[str(i)][-1][1:] for i in range(len(batch))])
     assert results[0] == results[2] and results[1] == results[3]
+
+
+def test_prefill_graphs_give_the_same_tokens_as_eager(tiny_gqa_dir):
+    """Prompts arriving alone run their prefill as a graph (padded to a bucket); the second of each
+    pair hits the first one's cached blocks, so the graph also attends over a cached prefix."""
+    shared = prompts(512, [40], seed=9)[0]
+    lengths = [2, 5, 16, 17, 100, 128, 300, 511, 512, 513, 700]
+    singles = prompts(512, lengths, seed=8)
+    greedy = SamplingParams(temperature=0, max_tokens=8, min_tokens=8)
+    results = []
+    for eager in (True, False):
+        engine = LLMEngine.from_path(
+            tiny_gqa_dir,
+            EngineOptions(device="cuda", dtype="float16", enforce_eager=eager, max_model_len=1024),
+        )
+        replays = []
+        if not eager:
+            assert engine.runner.prefill_graphs is not None
+            real_run = engine.runner.prefill_graphs.run
+            engine.runner.prefill_graphs.run = lambda ids, *a, real=real_run, seen=replays: (
+                seen.append(ids.shape[0]) or real(ids, *a)
+            )
+        got = [run(engine, [p], greedy)[0] for p in singles]
+        got += [run(engine, [shared + p[:7]], greedy)[0] for p in singles[:3]]
+        results.append(got)
+        if not eager:
+            # Every prompt of 2..512 tokens; then 42 tokens, and 13 and 15 after a 32-token prefix hit.
+            assert set(replays) == {n for n in lengths if n <= 512} | {42, 13, 15}
+    assert results[0] == results[1]

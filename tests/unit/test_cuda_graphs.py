@@ -9,3 +9,12 @@ def test_batch_buckets_cover_every_size_up_to_the_max():
     assert buckets[-1] == 256 and len(buckets) == 4 + 15 + 1
     for n in range(1, 257):  # every batch size has a bucket at most 16 above it
         assert 0 <= min(b for b in buckets if b >= n) - n < 16
+
+
+def test_token_buckets_are_powers_of_two_from_16_and_the_max():
+    from kiln.engine.cuda_graphs import token_buckets
+
+    assert token_buckets(2) == [2]
+    assert token_buckets(16) == [16]
+    assert token_buckets(100) == [16, 32, 64, 100]
+    assert token_buckets(512) == [16, 32, 64, 128, 256, 512]
