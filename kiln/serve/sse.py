@@ -2,6 +2,9 @@
 
 Rules:
 - Each chunk is one `data: <json>` event; the stream ends with `data: [DONE]`.
+- Inside the JSON, U+0085, U+2028 and U+2029 are written as escapes: JSON allows them raw, but
+  clients that split the stream with Python's str.splitlines (httpx's `aiter_lines`, for one) take
+  them for line ends and cut a chunk in two. (Control characters are escaped by JSON itself.)
 - An error after the stream has started cannot change the HTTP status any more: it is sent as one
   `data: {"error": {...}}` event (what the openai client raises on), then `[DONE]`.
 - Keep-alive comments (`: keep-alive`) go out every `keepalive_interval_seconds`, so proxies keep a
@@ -34,6 +37,7 @@ logger = logging.getLogger("kiln.serve")
 T = TypeVar("T")
 
 _SEP = "\n"  # OpenAI ends lines with a bare LF
+_LINE_BREAKS_ESCAPED = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
 def _keepalive() -> ServerSentEvent:
@@ -44,7 +48,7 @@ async def _events(chunks: AsyncIterator[str], request_id: str) -> AsyncIterator[
     async with contextlib.aclosing(chunks):  # type: ignore[type-var]
         try:
             async for data in chunks:
-                yield ServerSentEvent(data=data, sep=_SEP)
+                yield ServerSentEvent(data=data.translate(_LINE_BREAKS_ESCAPED), sep=_SEP)
         except APIError as exc:
             yield ServerSentEvent(data=exc.body().model_dump_json(), sep=_SEP)
         except Exception:

@@ -6,6 +6,8 @@ Both wrap the real tiny engine (same tokenizer, model info and stats) and change
   as a test needs (queue limits, keep-alive pings, drain).
 - `RecordingEngine`: records what each request hands the engine (params, priority, ids).
 - `RefusingEngine`: `generate()` itself raises ValueError, as a backend that cannot honour a field does.
+- `TextEngine`: every delta's text is replaced by a given string (characters the tiny model cannot be
+  steered to produce, such as U+2028).
 """
 
 from __future__ import annotations
@@ -109,3 +111,19 @@ class RefusingEngine(_Wrapper):
 
     def generate(self, *args: Any, **kw: Any) -> AsyncIterator[RequestOutput]:
         raise ValueError(self.message)
+
+
+class TextEngine(_Wrapper):
+    """The real engine's outputs with each completion delta's text replaced by `text`."""
+
+    def __init__(self, engine: Any, text: str) -> None:
+        super().__init__(engine)
+        self.text = text
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, **kw: Any
+    ) -> AsyncIterator[RequestOutput]:
+        async for out in self.inner.generate(prompt_token_ids, params, request_id, **kw):
+            for completion in out.outputs:
+                completion.text = self.text
+            yield out

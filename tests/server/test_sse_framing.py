@@ -6,7 +6,7 @@ import json
 import threading
 
 import httpx
-from fakes import FailingEngine, GatedEngine
+from fakes import FailingEngine, GatedEngine, TextEngine
 from server_harness import LiveServer, run_live_server, wait_for
 
 from kiln.engine.async_engine import AsyncEngine
@@ -115,3 +115,18 @@ def test_concurrent_failure_does_not_touch_other_streams(tiny_engine: AsyncEngin
             t.join(timeout=30)
         assert results == {"bad": 500, "good": 200}
         assert wait_for(lambda: tiny_engine.stats().kv_blocks_used == 0)
+
+
+def test_unicode_line_separators_never_split_a_chunk(tiny_engine: AsyncEngine) -> None:
+    # JSON may carry U+2028 raw, but httpx's iter_lines (str.splitlines) ends a line there.
+    text = "a\u2028b\x85c\u2029d\x1ce\n"
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 3, "ignore_eos": True, "stream": True}
+    with (
+        run_live_server(TextEngine(tiny_engine, text), served_model_name="tiny") as live,
+        httpx.stream("POST", f"{live.url}/v1/completions", json=body, timeout=30) as r,
+    ):
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines), lines
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text * 3
