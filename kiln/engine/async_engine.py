@@ -51,6 +51,8 @@ class _Abort:
 class _Sink:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    prompt: str | None = None  # the request's prompt, for relays that do not carry it (ProcessEngine)
+    prompt_token_ids: list[int] | None = None
 
 
 def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -> None:
@@ -115,8 +117,9 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         await self.start()
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-        self._sinks[request_id] = _Sink(asyncio.get_running_loop(), outputs)
-        self._commands.put(_Add(request_id, prompt, list(prompt_token_ids), params, priority))
+        prompt_token_ids = list(prompt_token_ids)
+        self._sinks[request_id] = _Sink(asyncio.get_running_loop(), outputs, prompt, prompt_token_ids)
+        self._commands.put(_Add(request_id, prompt, prompt_token_ids, params, priority))
         finished = False
         error: BaseException | None = None
         try:

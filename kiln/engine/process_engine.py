@@ -26,10 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from kiln.engine.async_engine import AsyncEngine, EngineDeadError, _Abort, _Add
+from kiln.engine.gc_tuning import settle_garbage_collector
 from kiln.engine.llm_engine import LLMEngine, validate_request
 from kiln.engine.options import EngineOptions
+from kiln.engine.outputs import RequestOutput
 from kiln.engine.protocol import EngineStats, ModelInfo
 from kiln.engine.sampling_params import SamplingParams
+from kiln.engine.wire import WireOutput, decode_output, encode_output
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,7 @@ class ProcessEngine(AsyncEngine):
         self._abort_ids = itertools.count()
         self._receiver: threading.Thread | None = None
         super().__init__(None, initial_stats=ready.stats)
+        settle_garbage_collector()  # the front end's per-chunk garbage, as the child does for its steps
 
     @classmethod
     def from_path(cls, path: str | Path, options: EngineOptions | None = None) -> ProcessEngine:
@@ -138,7 +142,7 @@ class ProcessEngine(AsyncEngine):
             if kind == "step":
                 _, outputs, stats, acks, errors = message
                 self._stats = stats
-                self._deliver([*((output.request_id, output) for output in outputs), *errors])
+                self._deliver([*self._decode(outputs), *errors])
                 for token in acks:
                     done = self._pending_aborts.pop(token, None)
                     if done is not None:
@@ -147,6 +151,14 @@ class ProcessEngine(AsyncEngine):
                 self._stats = message[1]
                 self._fail_all(EngineDeadError("the engine is shutting down"))
                 return
+
+    def _decode(self, outputs: list[WireOutput]) -> list[tuple[str, RequestOutput]]:
+        decoded = []
+        for wire in outputs:
+            sink = self._sinks.get(wire[0])
+            if sink is not None:  # else the request is gone (aborted, closed): nobody to tell
+                decoded.append((wire[0], decode_output(wire, sink.prompt, sink.prompt_token_ids or [])))
+        return decoded
 
     def _fail_all(self, error: BaseException) -> None:
         self._deliver([(request_id, error) for request_id in list(self._sinks)])
@@ -209,7 +221,7 @@ def _child_main(factory: EngineFactory, commands: Connection, out: Connection) -
                 for request_id in engine.outputs.request_ids():
                     engine.abort_request(request_id)
                     errors.append((request_id, EngineDeadError(f"engine step failed: {exc!r}")))
-        out.send(("step", outputs, engine.stats(), acks, errors))
+        out.send(("step", [encode_output(o) for o in outputs], engine.stats(), acks, errors))
 
 
 def _apply(

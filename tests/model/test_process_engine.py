@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import pytest
 
 from kiln.engine.async_engine import AsyncEngine, EngineDeadError
 from kiln.engine.open import open_engine
 from kiln.engine.options import EngineOptions
+from kiln.engine.outputs import accumulate
 from kiln.engine.process_engine import ProcessEngine
 from kiln.engine.sampling_params import SamplingParams
 
@@ -127,3 +129,28 @@ async def _dup(engine):
     # Same request id as the stream still open: AsyncEngine's bookkeeping refuses it in the parent.
     async for out in engine.generate([7, 8], SamplingParams(max_tokens=2), "dup"):
         yield out
+
+
+def test_outputs_cross_the_process_boundary_whole(tiny_gqa_dir):
+    """Text, logprobs, n > 1, finish reasons and the prompt (restored in the parent) as in-process.
+    How deltas group into outputs depends on timing (a consumer that lags gets them merged), so the
+    whole of each completion is compared."""
+
+    def collect(engine):
+        async def main():
+            params = SamplingParams(temperature=0.7, max_tokens=6, seed=5, n=2, logprobs=2, ignore_eos=True)
+            outs = [o async for o in engine.generate(PROMPTS[2], params, "w", prompt="some text")]
+            await engine.shutdown()
+            assert all((o.prompt, o.prompt_token_ids) == ("some text", PROMPTS[2]) for o in outs)
+            assert all(o.metrics is not None for o in outs) and outs[-1].finished
+            total = functools.reduce(accumulate, outs, None)
+            return [
+                (c.index, c.text, c.token_ids, c.logprobs, c.cumulative_logprob, c.finish_reason)
+                for c in total.outputs
+            ]
+
+        return asyncio.run(main())
+
+    expected = collect(AsyncEngine.from_path(tiny_gqa_dir, OPTIONS))
+    assert len(expected) == 2 and all(len(c[2]) == 6 and len(c[3]) == 6 for c in expected)
+    assert collect(ProcessEngine.from_path(tiny_gqa_dir, OPTIONS)) == expected

@@ -35,3 +35,20 @@ def test_building_an_engine_settles_the_collector(tiny_gqa_dir):
     finally:
         gc.unfreeze()
         gc.set_threshold(*saved)
+
+
+def test_a_process_engine_settles_the_front_end_too(tiny_gqa_dir):
+    import asyncio
+
+    from kiln.engine.options import EngineOptions
+    from kiln.engine.process_engine import ProcessEngine
+
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        engine = ProcessEngine.from_path(tiny_gqa_dir, EngineOptions(device="cpu"))
+        assert gc.get_threshold()[0] == YOUNG_THRESHOLD
+        asyncio.run(engine.shutdown())
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*saved)
