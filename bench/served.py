@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine stays loaded beside it, so both get --gpu-memory-utilization (default 0.42 then)",
     )
     p.add_argument("--gpu-memory-utilization", type=float)
+    p.add_argument("--admission-interval", type=int, default=1, help="admit new requests every N steps")
     p.add_argument("--out", type=Path)
     p.add_argument("--client", help=argparse.SUPPRESS)  # URL: run as the load-generating child process
     p.add_argument("--served-model", help=argparse.SUPPRESS)
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=utilization,
+        admission_interval=args.admission_interval,
     )
     if args.random:
         factory = functools.partial(build_random_engine, args.random, options)
@@ -209,6 +211,7 @@ def _append(path: Path, args: argparse.Namespace, served: dict[str, Any]) -> Non
         "concurrency": args.concurrency,
         "max_num_seqs": args.max_num_seqs,
         "engine_process": args.engine_process,
+        "admission_interval": args.admission_interval,
     }
     rows = [
         ("served_output_tok_s", served["output_tok_s"]),

@@ -361,6 +361,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--enforce-eager", action="store_true", help="no decode CUDA graphs (to compare)")
+    parser.add_argument("--admission-interval", type=int, default=1, help="admit new requests every N steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="append the results to this JSON file")
     parser.add_argument(
@@ -384,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         block_size=args.block_size,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
+        admission_interval=args.admission_interval,
         seed=args.seed,
     )
     if args.random:
@@ -401,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_num_seqs": args.max_num_seqs,
         "block_size": args.block_size,
         "enforce_eager": args.enforce_eager,
+        "admission_interval": args.admission_interval,
     }
     if not args.latency_only:
         inputs = _lengths(args.num_requests, args.input_len, _span(args.input_len_range), args.seed)

@@ -88,6 +88,7 @@ class LLMEngine:
                 max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_tokens_per_step,
                 max_model_len=self.max_model_len,
+                admission_interval=options.admission_interval,
             ),
             self.kv_cache,
         )

@@ -20,6 +20,8 @@ class EngineOptions:
     kv_cache_memory_bytes: int | None = None  # KV budget (CPU default: 1 GiB)
     gpu_memory_utilization: float = 0.90  # on CUDA: fraction of GPU memory for weights + activations + KV
     enable_prefix_caching: bool = True
+    # While requests run, admit waiting ones every this many steps (see SchedulerConfig).
+    admission_interval: int = 1
     enforce_eager: bool = False  # on CUDA: skip capturing decode CUDA graphs
     # Schedule and launch step N+1 before reading step N's tokens (overlaps host work with the GPU).
     # None: on for CUDA, off on CPU (where nothing runs asynchronously, so it would only cost the

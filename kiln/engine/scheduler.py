@@ -56,6 +56,11 @@ class SchedulerConfig:
     max_num_seqs: int  # running requests at once
     max_num_batched_tokens: int  # token budget per step
     max_model_len: int  # prompt + output tokens
+    # While requests run, waiting ones are admitted every this many steps (1: every step), together.
+    # A step that prefills runs eagerly while a pure-decode step replays a CUDA graph, so under a steady
+    # stream of arrivals, admitting them in batches keeps most steps graphed; each arrival waits at most
+    # this many steps longer for its first token. An idle engine admits at once.
+    admission_interval: int = 1
 
 
 class Scheduler:
@@ -67,6 +72,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished_since_step: list[str] = []
         self.num_preemptions = 0
+        self._steps_since_admission = 0
 
     # -- requests in and out -------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -127,8 +133,11 @@ class Scheduler:
                 budget -= num_new
                 index += 1
 
-        # Admit waiting requests only when nothing had to be preempted: otherwise the pool is too tight.
-        if not preempted:
+        # Admit waiting requests only when nothing had to be preempted (otherwise the pool is too tight),
+        # and, while others run, once every admission_interval steps.
+        self._steps_since_admission += 1
+        due = not self.running or self._steps_since_admission >= self.config.admission_interval
+        if not preempted and due:
             for request in list(self.waiting):
                 if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                     break
@@ -154,6 +163,7 @@ class Scheduler:
                 bisect.insort(self.running, request, key=Request.sort_key)
                 scheduled.append(self._scheduled(request, num_new))
                 budget -= num_new
+                self._steps_since_admission = 0
 
         for item in scheduled:
             item.request.num_computed_tokens += item.num_new_tokens

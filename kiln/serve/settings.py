@@ -103,6 +103,13 @@ class ServerSettings(BaseSettings):
         0.90, gt=0, le=1, description="On CUDA: fraction of GPU memory for weights, activations and KV."
     )
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
+    admission_interval: int = Field(
+        1,
+        ge=1,
+        description="While requests run, admit new ones every this many steps, together: fewer steps "
+        "mix prefills into decodes (those run without CUDA graphs), each arrival waits up to that many "
+        "steps more.",
+    )
     enforce_eager: bool = Field(
         False, description="On CUDA: run decode eagerly, without capturing CUDA graphs."
     )

@@ -255,3 +255,22 @@ def test_a_request_preempted_with_a_token_in_flight_waits_for_it_before_recomput
     assert b.all_token_ids == [5, 6, 7, 9] and b.num_pending_tokens == 0
     (item,) = sched.schedule().scheduled
     assert (item.request.request_id, item.start, item.num_new_tokens, item.sample) == ("b", 0, 4, True)
+
+
+def test_arrivals_are_admitted_together_every_admission_interval_steps():
+    kv = KVCacheManager(40, 4)
+    sched = Scheduler(SchedulerConfig(8, 64, 64, admission_interval=3), kv)
+    sched.add_request(make_request("a", [1, 2, 3], t=0, max_tokens=20))
+    assert [i.request.request_id for i in run_step(sched).scheduled] == ["a"]  # idle: admitted at once
+    sched.add_request(make_request("b", [4, 5], t=1))
+    assert [i.request.request_id for i in run_step(sched).scheduled] == ["a"]
+    sched.add_request(make_request("c", [6, 7], t=2))
+    assert [i.request.request_id for i in run_step(sched).scheduled] == ["a"]
+    # The third step since "a" was admitted takes both arrivals in one step.
+    assert [i.request.request_id for i in run_step(sched).scheduled] == ["a", "b", "c"]
+    sched.add_request(make_request("d", [8, 9], t=3))
+    assert [[i.request.request_id for i in run_step(sched).scheduled] for _ in range(3)] == [
+        ["a", "b", "c"],
+        ["a", "b", "c"],
+        ["a", "b", "c", "d"],
+    ]
