@@ -1,0 +1,30 @@
+"""bench.frontend: the model-free engine keeps every engine rule but the model, and the run completes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from bench import frontend
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_model_free_engine_takes_its_step_time_and_makes_every_token(tiny_gqa_dir):
+    engine = frontend.model_free_engine(str(tiny_gqa_dir), step_s=0.02, max_num_seqs=4)
+    tokens, seconds = frontend.offline(engine, frontend.prompts(4, 8), output_len=5)
+    assert tokens == 4 * 5  # every request made its 5 tokens
+    assert seconds >= 5 * 0.02  # one prefill step then 4 decode steps, each sleeping its step time
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_frontend_run_reports_served_beside_offline(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)  # the client child runs `python -m bench.served`
+    monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    out = tmp_path / "frontend.json"
+    args = ["--step-ms", "1", "--num-requests", "8", "--input-len", "6", "--output-len", "4"]
+    assert frontend.main([*args, "--concurrency", "4", "--thread", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["engine"] == "thread" and row["served_output_tok_s"] > 0
+    assert row["served_over_offline"] == row["served_output_tok_s"] / row["offline_output_tok_s"]
