@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one command for the GPU machine: kernel tests against the references, then the benchmarks.
-#   scripts/gpu_check.sh [STAGE...]    stages: env tests kernels tune kiln hf served startup report
+#   scripts/gpu_check.sh [STAGE...]    stages: env tests kernels tune kiln hf served startup smollm2 report
 #                                     (default: all but tune, the tile-shape sweep)
 # Results (results.json, results.md, plots, run.log) go to $OUT if set (the device tool's folder), else
 # bench/results; each stage appends to results.json and run.log.
@@ -47,6 +47,8 @@ PY
     startup)
       python3 -m bench.startup --random llama2-7b --dir /tmp/kiln-llama2-7b --repeats 2 \
         --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
+    smollm2)  # the default model in fp16/bf16: needs its GGUF in $KILN_CACHE_DIR/gguf (see bench/README.md)
+      python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_default_model_gpu.py 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     report)
       python3 -m bench.report "$RESULTS/results.json" --md "$RESULTS/results.md" --png "$RESULTS" || status=1 ;;
     *)
