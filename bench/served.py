@@ -8,11 +8,9 @@ Rules of the measurements:
 - The engine (native, random weights at a preset shape or a model dir) first runs the workload offline
   (`kiln.bench.run_throughput`), then serves it: the OpenAI server runs in this process and the load
   comes from a separate client process, so the load generator never competes with the engine for the GIL.
-- The client streams `/v1/completions` with token-id prompts, greedy, `ignore_eos`, `include_usage`, at
-  most `--concurrency` requests in flight. Throughput = completion tokens (from usage) / wall time of the
-  whole load. TTFT = request sent -> first non-empty text chunk; inter-token latency = gaps between text
-  chunks; end-to-end = request sent -> `[DONE]`; reported as p50/p90/p99 in milliseconds.
-- Idle TTFT: a 128-token prompt on the otherwise idle server, the median of 5 after a warm-up.
+- The client is `kiln.bench_client` (its docstring has the rules of the measurement): streamed
+  completions, at most `--concurrency` in flight, arriving all at once or at `--request-rate` per
+  second (Poisson); throughput, TTFT, inter-token and end-to-end p50/p90/p99, idle TTFT.
 """
 
 from __future__ import annotations
@@ -21,96 +19,18 @@ import argparse
 import asyncio
 import functools
 import json
+import math
 import random
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+from kiln.bench_client import percentiles, run_client
 
-def percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
-    ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-    return {"p50": at(0.50), "p90": at(0.90), "p99": at(0.99)}
+__all__ = ["main", "percentiles", "run_client"]
 
 
-# -- the client process ------------------------------------------------------------------------------
-async def _one(client, url: str, model: str, prompt: list[int], max_tokens: int) -> dict[str, Any]:
-    body = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    sent = time.perf_counter()
-    chunk_times: list[float] = []
-    tokens = 0
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line[6:]
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if any(choice.get("text") for choice in chunk.get("choices", [])):
-                chunk_times.append(time.perf_counter())
-    done = time.perf_counter()
-    return {"sent": sent, "chunks": chunk_times, "done": done, "tokens": tokens}
-
-
-async def run_client(
-    url: str, model: str, prompts: list[list[int]], output_len: int, concurrency: int
-) -> dict[str, Any]:
-    import httpx
-
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
-        # Idle time to first token: a 128-token prompt alone, after one warm-up request.
-        idle = []
-        for i in range(6):
-            r = await _one(client, url, model, prompts[i % len(prompts)][:128], 2)
-            if i and r["chunks"]:
-                idle.append(1000 * (r["chunks"][0] - r["sent"]))
-        gate = asyncio.Semaphore(concurrency)
-
-        async def limited(prompt: list[int]) -> dict[str, Any]:
-            async with gate:
-                return await _one(client, url, model, prompt, output_len)
-
-        start = time.perf_counter()
-        results = await asyncio.gather(*(limited(p) for p in prompts))
-        wall = time.perf_counter() - start
-    ttft = [1000 * (r["chunks"][0] - r["sent"]) for r in results if r["chunks"]]
-    itl = [1000 * (b - a) for r in results for a, b in zip(r["chunks"], r["chunks"][1:], strict=False)]
-    e2e = [1000 * (r["done"] - r["sent"]) for r in results]
-    tokens = sum(r["tokens"] for r in results)
-    return {
-        "requests": len(results),
-        "completion_tokens": tokens,
-        "wall_s": wall,
-        "output_tok_s": tokens / wall,
-        "ttft_ms": percentiles(ttft),
-        "itl_ms": percentiles(itl),
-        "e2e_ms": percentiles(e2e),
-        "idle_ttft_ms": statistics.median(idle) if idle else float("nan"),
-    }
-
-
-# -- the server process ------------------------------------------------------------------------------
 def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(10, vocab) for _ in range(length)] for _ in range(n)]
@@ -124,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=256)
+    p.add_argument(
+        "--request-rate", type=float, default=math.inf, help="Poisson arrivals per second (inf: all at once)"
+    )
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument(
@@ -144,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.client:
         prompts = _prompts(args.num_requests, args.input_len, args.vocab, prompts_seed)
         result = asyncio.run(
-            run_client(args.client, args.served_model, prompts, args.output_len, args.concurrency)
+            run_client(
+                args.client, args.served_model, prompts, args.output_len, args.concurrency, args.request_rate
+            )
         )
         print(json.dumps(result))
         return 0
@@ -193,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             str(vocab),
         ]
         cmd += ["--num-requests", str(n), "--input-len", str(inp), "--output-len", str(out)]
-        cmd += ["--concurrency", str(args.concurrency)]
+        cmd += ["--concurrency", str(args.concurrency), "--request-rate", str(args.request_rate)]
         served = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     served["offline_output_tok_s"] = offline_tok_s
     served["served_over_offline"] = served["output_tok_s"] / offline_tok_s
@@ -212,6 +137,7 @@ def _append(path: Path, args: argparse.Namespace, served: dict[str, Any]) -> Non
         "max_num_seqs": args.max_num_seqs,
         "engine_process": args.engine_process,
         "admission_interval": args.admission_interval,
+        "request_rate": None if math.isinf(args.request_rate) else args.request_rate,
     }
     rows = [
         ("served_output_tok_s", served["output_tok_s"]),

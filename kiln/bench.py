@@ -4,6 +4,7 @@
     kiln bench --random llama3.1-8b                # random weights at a preset shape, built on the GPU
     kiln bench --random llama2-7b --latency-only   # batch-1 ms per token and time to first token
     kiln bench --random llama2-7b --latency-only --enforce-eager   # the same without decode CUDA graphs
+    kiln bench --url http://127.0.0.1:8000 --concurrency 64 --request-rate 20   # a running server
 
 Rules of the measurements:
 - Prompts are random token ids (fixed seed), so results do not depend on a tokenizer or a dataset;
@@ -14,6 +15,8 @@ Rules of the measurements:
   request runs first, so one-off compilation is not counted).
 - Latency: one request alone; TTFT = time from add_request to the step that returns its first
   token; ms per token = (end - first token) / (output_len - 1).
+- Served (`--url`): the load goes to a running OpenAI-compatible server (Kiln's or any other) from
+  this process, with the rules of `kiln.bench_client`; prompts are random ids in [10, 500).
 - `--json PATH` appends the figures, with the device and the exact command, to a results file
   (the format of bench/README.md).
 """
@@ -363,6 +366,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--enforce-eager", action="store_true", help="no decode CUDA graphs (to compare)")
     parser.add_argument("--admission-interval", type=int, default=1, help="admit new requests every N steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--url", help="measure a running OpenAI-compatible server at this base URL instead")
+    parser.add_argument("--served-model", help="with --url: the model name to send (default: its first)")
+    parser.add_argument("--concurrency", type=int, default=64, help="with --url: requests in flight at most")
+    parser.add_argument(
+        "--request-rate", type=float, default=float("inf"), help="with --url: Poisson arrivals per second"
+    )
     parser.add_argument("--json", type=Path, help="append the results to this JSON file")
     parser.add_argument(
         "--profile",
@@ -375,9 +384,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `kiln bench` (also `python -m kiln.bench`); returns the exit status."""
     args = _parser().parse_args(argv)
-    if (args.model is None) == (args.random is None):
-        print("kiln bench: give a MODEL directory or --random SHAPE (one of them)", file=sys.stderr)
+    if (args.model is not None) + (args.random is not None) + (args.url is not None) != 1:
+        print(
+            "kiln bench: give a MODEL directory, --random SHAPE or --url URL (one of them)", file=sys.stderr
+        )
         return 2
+    if args.url:
+        return _bench_server(args, argv)
     options = EngineOptions(
         dtype=args.dtype,
         max_num_seqs=args.max_num_seqs,
@@ -445,6 +458,45 @@ def main(argv: list[str] | None = None) -> int:
             ttft = profile_first_token(engine, args.input_len, ttft_path, args.seed)
             print(f"{label}: profile of one {args.input_len}-token prompt to its first token: {ttft}")
     if args.json:
+        _append_json(args.json, rows, argv)
+    return 0
+
+
+def _bench_server(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """`kiln bench --url`: the served workload against a running server."""
+    import asyncio
+
+    import httpx
+
+    from kiln.bench_client import run_client
+
+    url = args.url.rstrip("/").removesuffix("/v1")
+    model = args.served_model
+    try:
+        if model is None:
+            model = httpx.get(f"{url}/v1/models", timeout=30).raise_for_status().json()["data"][0]["id"]
+        inputs = _lengths(args.num_requests, args.input_len, _span(args.input_len_range), args.seed)
+        prompts = _prompts(len(inputs), inputs, 500, args.seed)  # ids every vocabulary has
+        result = asyncio.run(
+            run_client(url, model, prompts, args.output_len, args.concurrency, args.request_rate, args.seed)
+        )
+    except (httpx.HTTPError, KeyError, IndexError) as exc:
+        print(f"kiln bench: the server at {url} did not answer as an OpenAI API: {exc}", file=sys.stderr)
+        return 1
+    rate = "all at once" if result["request_rate"] is None else f"{result['request_rate']:g} req/s"
+    workload = f"{args.num_requests} req {args.input_len} in / {args.output_len} out, {rate}, <= {args.concurrency} in flight"
+    print(f"{model} at {url}: {workload}: {result['output_tok_s']:,.0f} output tok/s")
+    for name in ("ttft_ms", "itl_ms", "e2e_ms"):
+        print(f"  {name[:-3]:4s} ms p50/p90/p99: " + " / ".join(f"{v:,.1f}" for v in result[name].values()))
+    print(f"  idle TTFT {result['idle_ttft_ms']:.1f} ms")
+    if args.json:
+        params = {"url": url, "concurrency": args.concurrency, "request_rate": result["request_rate"]}
+        rows = [_row(model, "served", "output_tok_per_s", result["output_tok_s"], workload, params)]
+        rows += [
+            _row(model, "served", f"{name}_{q}", value, workload, params)
+            for name in ("ttft_ms", "itl_ms", "e2e_ms")
+            for q, value in result[name].items()
+        ]
         _append_json(args.json, rows, argv)
     return 0
 

@@ -1,0 +1,48 @@
+"""The load generator (`kiln.bench_client`, `kiln bench --url`) against a live server on the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import pytest
+from server_harness import LiveServer
+
+from kiln.bench import main as bench_main
+from kiln.bench_client import arrival_times, run_client
+
+
+def test_arrival_times_are_a_seeded_poisson_process():
+    assert arrival_times(4, math.inf) == [0.0] * 4
+    times = arrival_times(2000, 50.0, seed=3)
+    assert times == arrival_times(2000, 50.0, seed=3) and times != arrival_times(2000, 50.0, seed=4)
+    assert times[0] == 0.0 and times == sorted(set(times))
+    assert times[-1] / 1999 == pytest.approx(1 / 50.0, rel=0.1)  # mean gap 1/rate
+    with pytest.raises(ValueError):
+        arrival_times(3, 0.0)
+
+
+def test_a_request_rate_spreads_the_load(server: LiveServer):
+    prompts = [[10 + i, 11, 12] for i in range(8)]
+    result = asyncio.run(run_client(server.url, "tiny", prompts, 3, concurrency=4, request_rate=20.0, seed=1))
+    assert result["completion_tokens"] == 8 * 3 and result["request_rate"] == 20.0
+    assert result["wall_s"] >= arrival_times(8, 20.0, seed=1)[-1]  # the last one left no earlier
+    assert result["ttft_ms"]["p50"] > 0 and result["idle_ttft_ms"] > 0
+
+
+def test_kiln_bench_url_measures_a_running_server(server: LiveServer, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    args = ["--url", f"{server.url}/v1", "--num-requests", "6", "--input-len", "5", "--output-len", "4"]
+    assert bench_main([*args, "--concurrency", "3", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("tiny at ") and "output tok/s" in printed and "idle TTFT" in printed
+    rows = json.loads(out.read_text())["results"]
+    metrics = {r["metric"] for r in rows}
+    assert {"output_tok_per_s", "ttft_ms_p50", "itl_ms_p99", "e2e_ms_p90"} <= metrics
+    assert all(r["params"]["request_rate"] is None for r in rows)
+
+
+def test_kiln_bench_url_reports_a_server_that_is_not_there(capsys):
+    assert bench_main(["--url", "http://127.0.0.1:9", "--num-requests", "1"]) == 1
+    assert "did not answer as an OpenAI API" in capsys.readouterr().err
