@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--gpu-memory-utilization", type=float)
     p.add_argument("--admission-interval", type=int, default=1, help="admit new requests every N steps")
+    p.add_argument("--piecewise-graphs", action="store_true", help="graph mixed steps piece by piece")
     p.add_argument("--out", type=Path)
     p.add_argument("--client", help=argparse.SUPPRESS)  # URL: run as the load-generating child process
     p.add_argument("--served-model", help=argparse.SUPPRESS)
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=utilization,
         admission_interval=args.admission_interval,
+        piecewise_graphs=args.piecewise_graphs,
     )
     if args.random:
         factory = functools.partial(build_random_engine, args.random, options)
@@ -137,6 +139,7 @@ def _append(path: Path, args: argparse.Namespace, served: dict[str, Any]) -> Non
         "max_num_seqs": args.max_num_seqs,
         "engine_process": args.engine_process,
         "admission_interval": args.admission_interval,
+        "piecewise_graphs": args.piecewise_graphs,
         "request_rate": None if math.isinf(args.request_rate) else args.request_rate,
     }
     rows = [

@@ -365,6 +365,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--enforce-eager", action="store_true", help="no decode CUDA graphs (to compare)")
     parser.add_argument("--admission-interval", type=int, default=1, help="admit new requests every N steps")
+    parser.add_argument("--piecewise-graphs", action="store_true", help="graph mixed steps piece by piece")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--url", help="measure a running OpenAI-compatible server at this base URL instead")
     parser.add_argument("--served-model", help="with --url: the model name to send (default: its first)")
@@ -399,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
         admission_interval=args.admission_interval,
+        piecewise_graphs=args.piecewise_graphs,
         seed=args.seed,
     )
     if args.random:
@@ -417,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         "block_size": args.block_size,
         "enforce_eager": args.enforce_eager,
         "admission_interval": args.admission_interval,
+        "piecewise_graphs": args.piecewise_graphs,
     }
     if not args.latency_only:
         inputs = _lengths(args.num_requests, args.input_len, _span(args.input_len_range), args.seed)

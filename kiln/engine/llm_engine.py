@@ -95,7 +95,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, kv_tensors, block_size, self.device, model_config.vocab_size)
         if self.device.type == "cuda" and not options.enforce_eager:
             max_prefill = min(MAX_PREFILL_GRAPH_TOKENS, max_tokens_per_step, self.max_model_len - 1)
-            self.runner.capture_graphs(max_num_seqs, self.max_model_len, max_prefill)
+            max_mixed = max_tokens_per_step if options.piecewise_graphs else 0
+            self.runner.capture_graphs(max_num_seqs, self.max_model_len, max_prefill, max_mixed)
         self.outputs = OutputProcessor(tokenizer)
         eos = list(model_config.eos_token_ids) + list(tokenizer.eos_token_ids)
         self.eos_token_ids = tuple(dict.fromkeys(eos))

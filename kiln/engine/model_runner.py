@@ -17,6 +17,7 @@ import torch
 
 from kiln.engine.attention_metadata import AttentionMetadata
 from kiln.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
+from kiln.engine.piecewise_graphs import PiecewiseGraphs
 from kiln.engine.request import Request
 from kiln.engine.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow, make_generator
 from kiln.engine.scheduler import SchedulerOutput
@@ -67,6 +68,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.graphs: DecodeGraphs | None = None  # set by capture_graphs on CUDA
         self.prefill_graphs: PrefillGraphs | None = None
+        self.piecewise_graphs: PiecewiseGraphs | None = None
         self._staging = HostStaging(device)
         # The last launched step's sampled tokens, on the device, and the row of each request in them:
         # the next step's decodes read their input token from there when its id is not on the host yet.
@@ -129,10 +131,18 @@ class ModelRunner:
             row_of={rid: i for i, rid in enumerate(step.sample_ids)},
         )
 
-    def capture_graphs(self, max_batch_size: int, max_model_len: int, max_prefill_tokens: int) -> None:
-        """Decode graphs up to max_batch_size requests and, when max_prefill_tokens > 1, single-request
-        prefill graphs up to that many tokens; both in one memory pool."""
+    def capture_graphs(
+        self, max_batch_size: int, max_model_len: int, max_prefill_tokens: int, max_mixed_tokens: int = 0
+    ) -> None:
+        """Decode graphs up to max_batch_size requests; when max_prefill_tokens > 1, single-request
+        prefill graphs up to that many tokens; when max_mixed_tokens > 0, piecewise graphs for any
+        step up to that many tokens. All in one memory pool."""
         pool = torch.cuda.graph_pool_handle()
+        if max_mixed_tokens > 0:
+            self.piecewise_graphs = PiecewiseGraphs(
+                self.model, self.kv_caches, max_tokens=max_mixed_tokens, device=self.device
+            )
+            self.piecewise_graphs.capture(pool)
         shapes = {"max_model_len": max_model_len, "block_size": self.block_size, "device": self.device}
         if max_prefill_tokens > 1:
             self.prefill_graphs = PrefillGraphs(
@@ -153,6 +163,8 @@ class ModelRunner:
             and self.prefill_graphs.bucket_for(num_tokens)
         ):
             return self.prefill_graphs.run(inputs.input_ids, inputs.positions, meta)
+        if self.piecewise_graphs is not None and self.piecewise_graphs.bucket_for(num_tokens):
+            return self.piecewise_graphs.run(inputs.input_ids, inputs.positions, meta)
         return self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
 
     def prepare_inputs(self, output: SchedulerOutput) -> StepInputs:

@@ -6,6 +6,13 @@ Parameter names are the packed checkpoint names of kiln.models.weights (fused `q
 
 The model is stateless between calls: the KV cache and the AttentionMetadata describing where a
 step's tokens live are passed into `forward` by the model runner.
+
+`forward` is written as pieces around attention: piece 0 embeds and projects layer 0's query (storing
+its K/V), piece i finishes layer i-1 (output projection, MLP) and projects layer i's query, piece L
+finishes the last layer and the final norm. Attention is the only operation that reads per-request
+metadata (query ranges, context lengths, block tables); every piece works token by token with the
+slot mapping and positions alone, which is what lets the model runner replay the pieces as CUDA graphs
+for any mix of requests (`kiln.engine.piecewise_graphs`).
 """
 
 from __future__ import annotations
@@ -50,14 +57,15 @@ class LlamaAttention(nn.Module):
         )
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
 
-    def forward(
+    def project(
         self,
         positions: torch.Tensor,
         hidden: torch.Tensor,
         kv_cache: KVCache,
-        meta: AttentionMetadata,
+        slot_mapping: torch.Tensor,
         cos_sin_cache: torch.Tensor,
     ) -> torch.Tensor:
+        """The rotated query [T, heads, head_dim]; K and V are rotated and written into the cache."""
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
@@ -65,9 +73,11 @@ class LlamaAttention(nn.Module):
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
         # Rotate q and k, write k and v into the paged cache (one fused launch on CUDA).
-        q = kernels.rotary_store_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, meta.slot_mapping)
-        attended = kernels.paged_attention(q, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(attended.reshape(num_tokens, self.q_size))
+        return kernels.rotary_store_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping)
+
+    def attend(self, query: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention of the rotated query over the cache: [T, heads, head_dim]."""
+        return kernels.paged_attention(query, kv_cache[0], kv_cache[1], meta, self.scale)
 
 
 class LlamaMLP(nn.Module):
@@ -89,26 +99,28 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(
+    # The residual add is deferred into the next norm (fused add + RMSNorm), so the stream is
+    # `hidden + residual` between layers; the first layer's input has no residual yet.
+    def begin(
         self,
         positions: torch.Tensor,
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
         kv_cache: KVCache,
-        meta: AttentionMetadata,
+        slot_mapping: torch.Tensor,
         cos_sin_cache: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (this layer's output delta, the residual stream before it).
-
-        The residual add is deferred into the next norm (fused add + RMSNorm), so the stream
-        is `hidden + residual` between layers; the first layer gets residual None.
-        """
+        """Up to attention: returns (rotated query, residual stream)."""
         if residual is None:
             residual = hidden
             normed, _ = self.input_layernorm(hidden)
         else:
             normed, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, normed, kv_cache, meta, cos_sin_cache)
+        return self.self_attn.project(positions, normed, kv_cache, slot_mapping, cos_sin_cache), residual
+
+    def finish(self, attended: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """After attention: returns (this layer's output delta, the residual stream before it)."""
+        hidden = self.self_attn.o_proj(attended.reshape(attended.shape[0], -1))
         normed, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(normed), residual
 
@@ -164,12 +176,44 @@ class LlamaForCausalLM(nn.Module):
         layers = self.model.layers
         if len(kv_caches) != len(layers):
             raise ValueError(f"got {len(kv_caches)} KV caches for {len(layers)} layers")
-        hidden = self.model.embed_tokens(input_ids)
-        residual: torch.Tensor | None = None
-        for layer, kv_cache in zip(layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, meta, self.cos_sin_cache)
-        hidden, _ = self.model.norm(hidden, residual)
-        return hidden
+        query, residual = self.piece(0, positions, kv_caches, meta.slot_mapping, input_ids=input_ids)
+        for index, layer in enumerate(layers, start=1):
+            attended = layer.self_attn.attend(query, kv_caches[index - 1], meta)
+            query, residual = self.piece(index, positions, kv_caches, meta.slot_mapping, attended, residual)
+        return query
+
+    @property
+    def num_pieces(self) -> int:
+        return len(self.model.layers) + 1
+
+    def piece(
+        self,
+        index: int,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        slot_mapping: torch.Tensor,
+        attended: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Piece `index` of the forward (see the module docstring). Piece 0 takes input_ids; piece i > 0
+        takes layer i-1's attention output and the residual stream. Returns (layer i's rotated query,
+        residual stream), or for the last piece (final hidden states [T, H], residual)."""
+        layers = self.model.layers
+        if index == 0:
+            assert input_ids is not None
+            hidden, residual = self.model.embed_tokens(input_ids), None
+        else:
+            assert attended is not None and residual is not None
+            hidden, residual = layers[index - 1].finish(attended, residual)
+        if index == len(layers):
+            hidden, residual = self.model.norm(hidden, residual)
+            assert residual is not None
+            return hidden, residual
+        return layers[index].begin(
+            positions, hidden, residual, kv_caches[index], slot_mapping, self.cos_sin_cache
+        )
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -113,6 +113,11 @@ class ServerSettings(BaseSettings):
     enforce_eager: bool = Field(
         False, description="On CUDA: run decode eagerly, without capturing CUDA graphs."
     )
+    piecewise_graphs: bool = Field(
+        False,
+        description="On CUDA: also run steps that mix prompts and decodes as CUDA graphs, piece by piece "
+        "around attention (not yet measured on a GPU).",
+    )
     async_scheduling: bool | None = Field(
         None,
         description="Prepare each step while the GPU runs the previous one (default: on with CUDA, "
