@@ -40,6 +40,14 @@ _SEP = "\n"  # OpenAI ends lines with a bare LF
 _LINE_BREAKS_ESCAPED = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
+def _escape_line_breaks(data: str) -> str:
+    # str.translate looks every character up in a dict (2 us for a 200-character chunk, 0.1 us for
+    # these three searches): only call it when one of them is there.
+    if "\u2028" in data or "\u2029" in data or "\x85" in data:
+        return data.translate(_LINE_BREAKS_ESCAPED)
+    return data
+
+
 def _keepalive() -> ServerSentEvent:
     return ServerSentEvent(comment="keep-alive", sep=_SEP)
 
@@ -48,7 +56,7 @@ async def _events(chunks: AsyncIterator[str], request_id: str) -> AsyncIterator[
     async with contextlib.aclosing(chunks):  # type: ignore[type-var]
         try:
             async for data in chunks:
-                yield ServerSentEvent(data=data.translate(_LINE_BREAKS_ESCAPED), sep=_SEP)
+                yield ServerSentEvent(data=_escape_line_breaks(data), sep=_SEP)
         except APIError as exc:
             yield ServerSentEvent(data=exc.body().model_dump_json(), sep=_SEP)
         except Exception:
