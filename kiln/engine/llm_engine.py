@@ -21,7 +21,8 @@ import torch
 from kiln.config import DTYPES, EngineLimits, ModelConfig, canonical_dtype
 from kiln.engine.gc_tuning import settle_garbage_collector
 from kiln.engine.kernels.kernel_cache import prepare_engine_kernels
-from kiln.engine.model_runner import LaunchedStep, ModelRunner, profile_activation_bytes
+from kiln.engine.memory_profile import profile_activation_bytes
+from kiln.engine.model_runner import LaunchedStep, ModelRunner
 from kiln.engine.options import EngineOptions
 from kiln.engine.output_processor import OutputProcessor
 from kiln.engine.outputs import RequestOutput
@@ -29,6 +30,7 @@ from kiln.engine.protocol import EngineStats, ModelInfo
 from kiln.engine.request import Request, RequestStatus
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from kiln.engine.validation import validate_request
 from kiln.kvcache.manager import KVCacheManager
 from kiln.kvcache.tensors import allocate_kv_cache, num_blocks_for_budget
 from kiln.models.llama import LlamaForCausalLM
@@ -292,29 +294,3 @@ class LLMEngine:
         if num_blocks < 1:
             raise ValueError(f"no memory left for the KV cache (budget {budget} bytes)")
         return min(num_blocks, cap) if self.device.type == "cpu" else num_blocks
-
-
-def validate_request(
-    prompt_token_ids: list[int], params: SamplingParams, *, vocab_size: int, max_model_len: int
-) -> None:
-    """Raise ValueError (message starting with the offending field where there is one) for a request the
-    engine could never run; shared by every front end so they refuse the same things the same way."""
-    if not prompt_token_ids:
-        raise ValueError("the prompt is empty: give at least one token")
-    bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"prompt token ids out of range [0, {vocab_size}): {bad[:5]}")
-    n_prompt = len(prompt_token_ids)
-    if n_prompt >= max_model_len:
-        raise ValueError(
-            f"the prompt has {n_prompt} tokens; this model's context is {max_model_len} tokens, "
-            "which must also hold at least one generated token"
-        )
-    if params.max_tokens is not None and n_prompt + params.max_tokens > max_model_len:
-        raise ValueError(
-            f"prompt ({n_prompt} tokens) plus max_tokens ({params.max_tokens}) exceeds the context "
-            f"length of {max_model_len} tokens"
-        )
-    for tid in list(params.logit_bias or {}) + list(params.stop_token_ids):
-        if not 0 <= tid < vocab_size:
-            raise ValueError(f"token id {tid} is out of range [0, {vocab_size})")

@@ -10,13 +10,13 @@ be read that way, and steps must be collected in launch order.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
 
 from kiln.engine.attention_metadata import AttentionMetadata
 from kiln.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
+from kiln.engine.host_transfer import HostStaging, to_host
 from kiln.engine.piecewise_graphs import PiecewiseGraphs
 from kiln.engine.request import Request
 from kiln.engine.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow, make_generator
@@ -102,7 +102,7 @@ class ModelRunner:
         # One copy per tensor to host memory for the whole step (never one per request), queued now.
         host = SamplerOutput(
             **{
-                name: None if tensor is None else _to_host(tensor)
+                name: None if tensor is None else to_host(tensor)
                 for name, tensor in (
                     ("token_ids", sampled.token_ids),
                     ("logprobs", sampled.logprobs),
@@ -256,69 +256,3 @@ class ModelRunner:
             # ones before it.
             num_pending_tokens=request.num_pending_tokens - 1,
         )
-
-
-class HostStaging:
-    """Moves a step's integer inputs to the device in ONE copy.
-
-    On CUDA the lists go through pinned memory with non_blocking=True, so the host does not wait for
-    the GPU to drain (a copy from pageable memory would). The pinned buffer comes from torch's caching
-    host allocator, which does not hand it out again until the copy has run: with overlapped steps the
-    host fills the next step's inputs while the previous copy may still be queued.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def to_device(self, parts: list[list[int]]) -> list[torch.Tensor]:
-        sizes = [len(part) for part in parts]
-        flat = torch.tensor(list(itertools.chain.from_iterable(parts)), dtype=torch.int64)
-        if self.device.type != "cuda":
-            return list(flat.to(self.device).split(sizes))
-        return list(flat.pin_memory().to(self.device, non_blocking=True).split(sizes))
-
-
-def _to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """A host copy of a device tensor, queued (non-blocking, into pinned memory) on CUDA."""
-    if tensor.device.type != "cuda":
-        return tensor
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
-    return host
-
-
-@torch.inference_mode()
-def profile_activation_bytes(
-    model: LlamaForCausalLM, num_tokens: int, num_logits: int, block_size: int
-) -> int:
-    """Peak CUDA memory a step of `num_tokens` prefill tokens needs beyond the weights (one sequence,
-    a throwaway KV cache just large enough), so the real KV cache can take the rest."""
-    from kiln.kvcache.tensors import allocate_kv_cache
-
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    num_tokens = min(num_tokens, model.max_positions)
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    num_blocks = -(-num_tokens // block_size)
-    kv = allocate_kv_cache(model.config, num_blocks, block_size, dtype, device)
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(num_tokens, device=device),
-        query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
-        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
-        max_query_len=num_tokens,
-        max_seq_len=num_tokens,
-        query_start_loc_cpu=[0, num_tokens],
-        seq_lens_cpu=[num_tokens],
-        block_size=block_size,
-    )
-    ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
-    hidden = model(ids, torch.arange(num_tokens, device=device), kv, meta)
-    model.compute_logits(hidden[: min(num_logits, num_tokens)])
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - before
-    del kv, hidden
-    torch.cuda.empty_cache()
-    return peak

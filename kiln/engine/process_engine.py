@@ -27,11 +27,12 @@ from typing import Any
 
 from kiln.engine.async_engine import AsyncEngine, EngineDeadError, _Abort, _Add
 from kiln.engine.gc_tuning import settle_garbage_collector
-from kiln.engine.llm_engine import LLMEngine, validate_request
+from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.options import EngineOptions
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.protocol import EngineStats, ModelInfo
 from kiln.engine.sampling_params import SamplingParams
+from kiln.engine.validation import validate_request
 from kiln.engine.wire import WireOutput, decode_output, encode_output
 
 logger = logging.getLogger(__name__)
