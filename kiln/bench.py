@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,52 +33,30 @@ from typing import Any
 
 import torch
 
-from kiln.config import DTYPES, EngineLimits, ModelConfig, canonical_dtype
+from kiln.bench_profile import profile_first_token, profile_steps
+from kiln.bench_workload import (
+    RANDOM_SHAPES,
+    build_random_engine,
+    greedy,
+    random_prompts,
+    request_lengths,
+    sync,
+    write_wordlevel_tokenizer,
+)
+from kiln.config import EngineLimits
 from kiln.engine.options import EngineOptions
-from kiln.engine.sampling_params import SamplingParams
 
-# Hugging Face config.json fields of the preset shapes (the weights are random; the speed is not).
-RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama2-7b": (
-        "float16",
-        {
-            "vocab_size": 32000,
-            "hidden_size": 4096,
-            "intermediate_size": 11008,
-            "num_hidden_layers": 32,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 32,
-            "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-5,
-            "rope_theta": 10000.0,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-        },
-    ),
-    "llama3.1-8b": (
-        "bfloat16",
-        {
-            "vocab_size": 128256,
-            "hidden_size": 4096,
-            "intermediate_size": 14336,
-            "num_hidden_layers": 32,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-            "max_position_embeddings": 131072,
-            "rms_norm_eps": 1e-5,
-            "rope_parameters": {
-                "rope_theta": 500000.0,
-                "rope_type": "llama3",
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192,
-            },
-            "bos_token_id": 128000,
-            "eos_token_id": 128001,
-        },
-    ),
-}
+# Re-exported: the scripts in bench/ and the tests take them from here.
+__all__ = [
+    "RANDOM_SHAPES",
+    "build_random_engine",
+    "main",
+    "profile_first_token",
+    "profile_steps",
+    "run_latency",
+    "run_throughput",
+    "write_wordlevel_tokenizer",
+]
 
 
 @dataclass(slots=True)
@@ -107,78 +83,6 @@ class LatencyResult:
     ms_per_token: float
 
 
-def build_random_engine(shape: str, options: EngineOptions, limits: EngineLimits | None = None):
-    """An LLMEngine over random weights at a preset shape, made directly on the device (no disk
-    but a throw-away tokenizer: the engine needs one to detokenize, and any will do for ids)."""
-    from kiln.engine.llm_engine import LLMEngine
-    from kiln.models.loader import build_empty_model
-    from kiln.models.tokenizer import Tokenizer
-    from kiln.models.weights import expected_packed_shapes
-
-    if shape not in RANDOM_SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(RANDOM_SHAPES)}")
-    default_dtype, hf_config = RANDOM_SHAPES[shape]
-    dtype = canonical_dtype(options.dtype or default_dtype)
-    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    config = ModelConfig.from_hf({"model_type": "llama", **hf_config})
-    model = build_empty_model(config, dtype=DTYPES[dtype], device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
-
-    def random_weights():
-        for name, size in expected_packed_shapes(config).items():
-            if len(size) == 1:  # norms
-                yield name, torch.ones(size, device=device)
-            else:  # std 0.02 keeps activations finite through 32 layers in half precision
-                yield name, torch.randn(size, device=device, generator=generator).mul_(0.02)
-
-    model.load_weights(random_weights())
-    tokenizer_dir = write_wordlevel_tokenizer(
-        Path(tempfile.mkdtemp(prefix="kiln-bench-tok-")), config.vocab_size
-    )
-    return LLMEngine(
-        model.eval(),
-        config,
-        Tokenizer(tokenizer_dir),
-        limits=limits,
-        options=options,
-        model_name=f"random-{shape}",
-        dtype=dtype,
-    )
-
-
-def write_wordlevel_tokenizer(out_dir: Path, vocab_size: int) -> Path:
-    """A tokenizer with one word per id of the whole vocabulary, so every random token id detokenizes
-    to text (the streaming server sends text, and the detokenizer's cost is part of what is measured)."""
-    from tokenizers import Tokenizer as RustTokenizer
-    from tokenizers import decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(vocab_size)}
-    rust = RustTokenizer(models.WordLevel(vocab, unk_token="w0"))
-    rust.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    rust.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    PreTrainedTokenizerFast(tokenizer_object=rust, unk_token="w0").save_pretrained(out_dir)
-    return out_dir
-
-
-def _prompts(n: int, lengths: list[int], vocab: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    # Skip the lowest ids: special tokens there could change nothing here, but keep prompts "plain".
-    return [[rng.randrange(10, vocab) for _ in range(lengths[i])] for i in range(n)]
-
-
-def _lengths(n: int, fixed: int, span: tuple[int, int] | None, seed: int) -> list[int]:
-    if span is None:
-        return [fixed] * n
-    rng = random.Random(seed)
-    return [rng.randint(span[0], span[1]) for _ in range(n)]
-
-
-def _sync(engine) -> None:
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize(engine.device)
-
-
 def run_throughput(
     engine,
     num_requests: int,
@@ -188,20 +92,20 @@ def run_throughput(
 ) -> ThroughputResult:
     """Add every request at once, step until all finish; see the module doc for the rules."""
     vocab = engine.model_config.vocab_size
-    prompts = _prompts(num_requests, input_lens, vocab, seed)
+    prompts = random_prompts(num_requests, input_lens, vocab, seed)
     # Warm-up: one short request compiles/initialises whatever the first step needs.
-    engine.add_request("warmup", prompt_token_ids=prompts[0][:16], params=_greedy(4))
+    engine.add_request("warmup", prompt_token_ids=prompts[0][:16], params=greedy(4))
     while engine.has_unfinished_requests():
         engine.step()
-    _sync(engine)
+    sync(engine)
     start = time.perf_counter()
     for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}", prompt_token_ids=prompt, params=_greedy(output_lens[i]))
+        engine.add_request(f"r{i}", prompt_token_ids=prompt, params=greedy(output_lens[i]))
     generated = 0
     while engine.has_unfinished_requests():
         for delta in engine.step():
             generated += sum(len(c.token_ids) for c in delta.outputs)
-    _sync(engine)
+    sync(engine)
     elapsed = time.perf_counter() - start
     return ThroughputResult(num_requests, sum(input_lens), generated, elapsed)
 
@@ -211,10 +115,10 @@ def run_latency(engine, input_len: int, output_len: int, seed: int = 0, repeats:
     vocab = engine.model_config.vocab_size
     best: LatencyResult | None = None
     for rep in range(repeats + 1):
-        prompt = _prompts(1, [input_len], vocab, seed + rep)[0]
-        _sync(engine)
+        prompt = random_prompts(1, [input_len], vocab, seed + rep)[0]
+        sync(engine)
         start = time.perf_counter()
-        engine.add_request(f"lat{rep}", prompt_token_ids=prompt, params=_greedy(output_len))
+        engine.add_request(f"lat{rep}", prompt_token_ids=prompt, params=greedy(output_len))
         first = None
         count = 0
         while engine.has_unfinished_requests():
@@ -233,111 +137,6 @@ def run_latency(engine, input_len: int, output_len: int, seed: int = 0, repeats:
             best = result
     assert best is not None
     return best
-
-
-def profile_steps(
-    engine, num_requests: int, input_len: int, output_len: int, num_steps: int, path: Path, seed: int = 0
-) -> dict[str, float]:
-    """Profile `num_steps` engine steps of a throughput-shaped run; writes a text report to `path`.
-
-    The report says how much of each step's wall time the GPU was busy (the rest is host work the
-    GPU waits for), the host time of each engine phase, and the top kernels. Returns the summary.
-    """
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    def labelled(name, fn):
-        def wrapper(*args, **kwargs):
-            with record_function(name):
-                return fn(*args, **kwargs)
-
-        return wrapper
-
-    # Label the phases on this engine instance only (the profile needs names, the engine has none).
-    engine.scheduler.schedule = labelled("phase: schedule", engine.scheduler.schedule)
-    engine.scheduler.update = labelled("phase: scheduler.update", engine.scheduler.update)
-    engine.runner.prepare_inputs = labelled("phase: prepare_inputs", engine.runner.prepare_inputs)
-    engine.runner.model.forward = labelled("phase: model.forward", engine.runner.model.forward)
-    engine.runner.sampler.__class__.__call__ = labelled(
-        "phase: sampler", engine.runner.sampler.__class__.__call__
-    )
-    engine.outputs.process = labelled("phase: outputs.process", engine.outputs.process)
-    vocab = engine.model_config.vocab_size
-    for i, prompt in enumerate(_prompts(num_requests, [input_len] * num_requests, vocab, seed)):
-        engine.add_request(f"p{i}", prompt_token_ids=prompt, params=_greedy(output_len))
-    for _ in range(3):  # past the first prefill-heavy steps
-        engine.step()
-    _sync(engine)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for _ in range(num_steps):
-            engine.step()
-        _sync(engine)
-        wall = time.perf_counter() - start
-    while engine.has_unfinished_requests():
-        engine.step()
-    events = prof.key_averages()
-    gpu_us = sum(e.self_device_time_total for e in events if _is_device_work(e))
-    phases: dict[str, float] = {}
-    for e in events:  # a label appears twice: its host range and its (host-time-free) GPU range
-        if e.key.startswith("phase: "):
-            phases[e.key] = max(phases.get(e.key, 0.0), e.cpu_time_total / 1000 / num_steps)
-    summary = {"step_ms": 1000 * wall / num_steps, "gpu_busy_ms_per_step": gpu_us / 1000 / num_steps}
-    lines = [
-        f"{num_steps} steps, {num_requests} requests of {input_len} in / {output_len} out",
-        f"wall per step: {summary['step_ms']:.2f} ms; GPU kernels per step: {summary['gpu_busy_ms_per_step']:.2f} ms",
-        "host time per step by phase (ms, inclusive):",
-        *(f"  {name[7:]:24s} {ms:8.2f}" for name, ms in sorted(phases.items(), key=lambda kv: -kv[1])),
-        "",
-        events.table(sort_by="self_device_time_total", row_limit=25),
-        events.table(sort_by="self_cpu_time_total", row_limit=25),
-    ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return summary | {f"host_ms_{k[7:]}": v for k, v in phases.items()}
-
-
-def profile_first_token(engine, input_len: int, path: Path, seed: int = 0) -> dict[str, float]:
-    """Profile one prompt from add_request to its first token on an idle engine (after a warm-up);
-    writes the host and GPU op tables to `path`. Returns wall and GPU-busy milliseconds."""
-    from torch.profiler import ProfilerActivity, profile
-
-    vocab = engine.model_config.vocab_size
-    prompts = _prompts(2, [input_len] * 2, vocab, seed + 99)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
-    for i, prompt in enumerate(prompts):  # the first one warms up
-        _sync(engine)
-        with profile(activities=activities) as prof:
-            start = time.perf_counter()
-            engine.add_request(f"ttft{i}", prompt_token_ids=prompt, params=_greedy(1))
-            while engine.has_unfinished_requests():
-                engine.step()
-            wall = time.perf_counter() - start
-    events = prof.key_averages()
-    gpu_us = sum(e.self_device_time_total for e in events if _is_device_work(e))
-    summary = {"wall_ms": 1000 * wall, "gpu_busy_ms": gpu_us / 1000}
-    lines = [
-        f"one prompt of {input_len} tokens, add_request -> first token: wall {summary['wall_ms']:.2f} ms, "
-        f"GPU kernels {summary['gpu_busy_ms']:.2f} ms",
-        events.table(sort_by="self_cpu_time_total", row_limit=30),
-        events.table(sort_by="self_device_time_total", row_limit=20),
-    ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return summary
-
-
-def _is_device_work(event) -> bool:
-    """Kernels, copies and memsets: the events whose own time is GPU time. CPU ops (aten::mm) also
-    carry their kernels' time, and a record_function label has a GPU range spanning its kernels;
-    counting either would count those kernels twice."""
-    from torch.autograd import DeviceType
-
-    return getattr(event, "device_type", None) == DeviceType.CUDA and not event.key.startswith("phase: ")
-
-
-def _greedy(max_tokens: int) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
 def _span(text: str | None) -> tuple[int, int] | None:
@@ -422,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         "piecewise_graphs": args.piecewise_graphs,
     }
     if not args.latency_only:
-        inputs = _lengths(args.num_requests, args.input_len, _span(args.input_len_range), args.seed)
-        outputs = _lengths(args.num_requests, args.output_len, _span(args.output_len_range), args.seed + 1)
+        inputs = request_lengths(args.num_requests, args.input_len, _span(args.input_len_range), args.seed)
+        outputs = request_lengths(
+            args.num_requests, args.output_len, _span(args.output_len_range), args.seed + 1
+        )
         tp = run_throughput(engine, args.num_requests, inputs, outputs, args.seed)
         workload = (
             f"{args.num_requests} req {args.input_len_range or args.input_len} in / "
@@ -478,8 +279,8 @@ def _bench_server(args: argparse.Namespace, argv: list[str] | None) -> int:
     try:
         if model is None:
             model = httpx.get(f"{url}/v1/models", timeout=30).raise_for_status().json()["data"][0]["id"]
-        inputs = _lengths(args.num_requests, args.input_len, _span(args.input_len_range), args.seed)
-        prompts = _prompts(len(inputs), inputs, 500, args.seed)  # ids every vocabulary has
+        inputs = request_lengths(args.num_requests, args.input_len, _span(args.input_len_range), args.seed)
+        prompts = random_prompts(len(inputs), inputs, 500, args.seed)  # ids every vocabulary has
         result = asyncio.run(
             run_client(url, model, prompts, args.output_len, args.concurrency, args.request_rate, args.seed)
         )

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from kiln import bench
+from kiln.bench_workload import request_lengths
 from kiln.config import ModelConfig
 from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.options import EngineOptions
@@ -40,9 +41,9 @@ def test_latency_measures_one_request(tiny_engine):
 
 
 def test_sampled_lengths_stay_in_range():
-    lengths = bench._lengths(50, 128, (3, 9), seed=1)
+    lengths = request_lengths(50, 128, (3, 9), seed=1)
     assert len(lengths) == 50 and min(lengths) >= 3 and max(lengths) <= 9 and len(set(lengths)) > 1
-    assert bench._lengths(3, 128, None, seed=1) == [128, 128, 128]
+    assert request_lengths(3, 128, None, seed=1) == [128, 128, 128]
 
 
 def test_main_writes_json_rows(tiny_gqa_dir, tmp_path, capsys):
