@@ -19,7 +19,9 @@ every context length up to max_model_len, cached prefix or not.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable, Container
 
 import torch
 
@@ -34,6 +36,30 @@ def batch_buckets(max_batch_size: int) -> list[int]:
     sizes = [s for s in (1, 2, 4, 8) if s < max_batch_size]
     sizes += list(range(16, max_batch_size, 16))
     return sorted(set(sizes) | {max_batch_size})
+
+
+def capture_graph(
+    forward: Callable[[], torch.Tensor], pool: tuple[int, int], stream: torch.cuda.Stream
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Run `forward` twice on the side `stream` (every kernel compiled and warmed outside the capture),
+    then capture one call of it into the memory `pool`; returns the graph and its output tensor."""
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            forward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = forward()
+    return graph, output
+
+
+def smallest_bucket(buckets: list[int], captured: Container[int], size: int) -> int | None:
+    """The smallest bucket >= size, if its graph was captured."""
+    for bucket in buckets:
+        if bucket >= size:
+            return bucket if bucket in captured else None
+    return None
 
 
 class DecodeGraphs:
@@ -82,25 +108,13 @@ class DecodeGraphs:
         stream = torch.cuda.Stream()
         # Largest first, so smaller graphs reuse the memory pool the largest one reserved.
         for size in reversed(self.buckets):
-            meta = self._metadata(size)
-            args = (self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # compile/warm every kernel outside the capture
-                    self.model(*args)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                hidden = self.model(*args)
-            self._graphs[size] = (graph, hidden)
+            args = (self.input_ids[:size], self.positions[:size], self.kv_caches, self._metadata(size))
+            self._graphs[size] = capture_graph(functools.partial(self.model, *args), pool, stream)
         torch.cuda.synchronize()
         logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
     def bucket_for(self, num_seqs: int) -> int | None:
-        for size in self.buckets:
-            if size >= num_seqs:
-                return size if size in self._graphs else None
-        return None
+        return smallest_bucket(self.buckets, self._graphs, num_seqs)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Replay the graph for this pure-decode step; returns hidden states [n, H] (a view of the
@@ -178,25 +192,13 @@ class PrefillGraphs:
             # Capture as a prompt of `size` tokens with no cache (slots -1: nothing is written).
             self.query_start_loc[1] = size
             self.seq_lens[0] = size
-            meta = self._metadata(size)
-            args = (self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self.model(*args)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                hidden = self.model(*args)
-            self._graphs[size] = (graph, hidden)
+            args = (self.input_ids[:size], self.positions[:size], self.kv_caches, self._metadata(size))
+            self._graphs[size] = capture_graph(functools.partial(self.model, *args), pool, stream)
         torch.cuda.synchronize()
         logger.info("captured single-request prefill CUDA graphs for %s tokens", self.buckets)
 
     def bucket_for(self, num_tokens: int) -> int | None:
-        for size in self.buckets:
-            if size >= num_tokens:
-                return size if size in self._graphs else None
-        return None
+        return smallest_bucket(self.buckets, self._graphs, num_tokens)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Replay the graph for this one-request step; returns hidden states [T, H] (a view of the

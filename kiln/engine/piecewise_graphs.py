@@ -18,12 +18,13 @@ so the pieces may share one memory pool.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 
 from kiln.engine.attention_metadata import AttentionMetadata
-from kiln.engine.cuda_graphs import token_buckets
+from kiln.engine.cuda_graphs import capture_graph, smallest_bucket, token_buckets
 from kiln.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -76,26 +77,16 @@ class PiecewiseGraphs:
         pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         for size in reversed(self.buckets):  # largest first: smaller ones reuse its pool memory
-            graphs, output = [], None
-            for index in range(self.model.num_pieces):
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    self._piece(index, size)  # compile and warm every kernel outside the capture
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    output = self._piece(index, size)
-                graphs.append(graph)
-            assert output is not None
-            self._graphs[size] = (graphs, output)
+            pieces = [
+                capture_graph(functools.partial(self._piece, index, size), pool, stream)
+                for index in range(self.model.num_pieces)
+            ]
+            self._graphs[size] = ([graph for graph, _ in pieces], pieces[-1][1])
         torch.cuda.synchronize()
         logger.info("captured piecewise CUDA graphs for %s tokens", self.buckets)
 
     def bucket_for(self, num_tokens: int) -> int | None:
-        for size in self.buckets:
-            if size >= num_tokens:
-                return size if size in self._graphs else None
-        return None
+        return smallest_bucket(self.buckets, self._graphs, num_tokens)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The forward of any step of at most the largest bucket's tokens; returns hidden states [T, H]

@@ -18,3 +18,12 @@ def test_token_buckets_are_powers_of_two_from_16_and_the_max():
     assert token_buckets(16) == [16]
     assert token_buckets(100) == [16, 32, 64, 100]
     assert token_buckets(512) == [16, 32, 64, 128, 256, 512]
+
+
+def test_a_step_runs_in_the_smallest_captured_bucket_that_holds_it():
+    from kiln.engine.cuda_graphs import smallest_bucket
+
+    buckets = [1, 2, 4, 8, 16]
+    assert [smallest_bucket(buckets, set(buckets), n) for n in (1, 3, 8, 9, 16)] == [1, 4, 8, 16, 16]
+    assert smallest_bucket(buckets, set(buckets), 17) is None  # larger than every bucket: eager
+    assert smallest_bucket(buckets, {1, 2, 16}, 3) is None  # its bucket was not captured: eager
