@@ -78,10 +78,6 @@ class ModelRunner:
         # depend on what else is in the batch.
         self._generators: dict[str, torch.Generator | None] = {}
 
-    def execute(self, output: SchedulerOutput) -> SampledTokens:
-        """Run one step and wait for its tokens."""
-        return self.collect(self.launch(output))
-
     @torch.inference_mode()
     def launch(self, output: SchedulerOutput) -> LaunchedStep:
         """Queue the step on the device; returns as soon as it is queued (on CUDA)."""
