@@ -62,6 +62,26 @@ def smallest_bucket(buckets: list[int], captured: Container[int], size: int) -> 
     return None
 
 
+class TokenBuffers:
+    """A graph's per-token static inputs: token ids, positions and KV-cache slots. Padding tokens past
+    the real ones get slot -1, so their K/V is never stored; they keep the ids and positions of an
+    earlier step (valid values, and nothing reads what they compute)."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.input_ids = torch.zeros(size, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(size, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((size,), -1, dtype=torch.int64, device=device)
+
+    def load(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor, bucket: int
+    ) -> None:
+        n = input_ids.shape[0]
+        self.input_ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
+        self.slot_mapping[:n].copy_(slot_mapping)
+        self.slot_mapping[n:bucket].fill_(-1)
+
+
 class DecodeGraphs:
     def __init__(
         self,
@@ -80,9 +100,7 @@ class DecodeGraphs:
         self.buckets = batch_buckets(max_batch_size)
         n = self.buckets[-1]
         max_blocks = -(-max_model_len // block_size)
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.tokens = TokenBuffers(n, device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros((n, max_blocks), dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
@@ -90,7 +108,7 @@ class DecodeGraphs:
 
     def _metadata(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:size],
+            slot_mapping=self.tokens.slot_mapping[:size],
             query_start_loc=self.query_start_loc[: size + 1],
             seq_lens=self.seq_lens[:size],
             block_tables=self.block_tables[:size],
@@ -108,7 +126,12 @@ class DecodeGraphs:
         stream = torch.cuda.Stream()
         # Largest first, so smaller graphs reuse the memory pool the largest one reserved.
         for size in reversed(self.buckets):
-            args = (self.input_ids[:size], self.positions[:size], self.kv_caches, self._metadata(size))
+            args = (
+                self.tokens.input_ids[:size],
+                self.tokens.positions[:size],
+                self.kv_caches,
+                self._metadata(size),
+            )
             self._graphs[size] = capture_graph(functools.partial(self.model, *args), pool, stream)
         torch.cuda.synchronize()
         logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
@@ -124,10 +147,7 @@ class DecodeGraphs:
         if size is None or meta.max_query_len != 1:
             raise ValueError(f"no decode graph for a step of {n} tokens (max query {meta.max_query_len})")
         width = meta.block_tables.shape[1]
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
-        self.slot_mapping[n:size].fill_(-1)
+        self.tokens.load(input_ids, positions, meta.slot_mapping, size)
         self.seq_lens[:n].copy_(meta.seq_lens)
         self.seq_lens[n:size].fill_(1)
         self.block_tables[:n, :width].copy_(meta.block_tables)
@@ -161,9 +181,7 @@ class PrefillGraphs:
         self.max_model_len = max_model_len
         self.buckets = token_buckets(max_tokens)
         n = self.buckets[-1]
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.tokens = TokenBuffers(n, device)
         self.query_start_loc = torch.zeros(2, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(
@@ -173,7 +191,7 @@ class PrefillGraphs:
 
     def _metadata(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:size],
+            slot_mapping=self.tokens.slot_mapping[:size],
             query_start_loc=self.query_start_loc,
             seq_lens=self.seq_lens,
             block_tables=self.block_tables,
@@ -192,7 +210,12 @@ class PrefillGraphs:
             # Capture as a prompt of `size` tokens with no cache (slots -1: nothing is written).
             self.query_start_loc[1] = size
             self.seq_lens[0] = size
-            args = (self.input_ids[:size], self.positions[:size], self.kv_caches, self._metadata(size))
+            args = (
+                self.tokens.input_ids[:size],
+                self.tokens.positions[:size],
+                self.kv_caches,
+                self._metadata(size),
+            )
             self._graphs[size] = capture_graph(functools.partial(self.model, *args), pool, stream)
         torch.cuda.synchronize()
         logger.info("captured single-request prefill CUDA graphs for %s tokens", self.buckets)
@@ -208,10 +231,7 @@ class PrefillGraphs:
         if size is None or meta.num_seqs != 1:
             raise ValueError(f"no prefill graph for a step of {meta.num_seqs} requests and {n} tokens")
         width = meta.block_tables.shape[1]
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
-        self.slot_mapping[n:size].fill_(-1)
+        self.tokens.load(input_ids, positions, meta.slot_mapping, size)
         self.query_start_loc.copy_(meta.query_start_loc)
         self.seq_lens.copy_(meta.seq_lens)
         self.block_tables[:, :width].copy_(meta.block_tables)

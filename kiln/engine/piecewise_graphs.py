@@ -9,8 +9,8 @@ block tables, and a grid sized from them); everything between two attentions wor
 replays L + 1 graphs with L eager attention launches between them.
 
 Rules: the T real tokens run in the smallest bucket >= T; padding tokens have slot -1 (their K/V is not
-stored), position 0 and token id 0, and attention gives them zeros, so nothing a real token computes
-depends on them. Pieces pass data through static buffers only (the query, the attention output and the
+stored, see `TokenBuffers`) and attention gives them zeros, so nothing a real token computes depends
+on them. Pieces pass data through static buffers only (the query, the attention output and the
 residual stream), each piece writing its results into them at its end; the last piece's output tensor
 is the step's hidden states. Replays of one bucket run in piece order, which is also the capture order,
 so the pieces may share one memory pool.
@@ -24,7 +24,7 @@ import logging
 import torch
 
 from kiln.engine.attention_metadata import AttentionMetadata
-from kiln.engine.cuda_graphs import capture_graph, smallest_bucket, token_buckets
+from kiln.engine.cuda_graphs import TokenBuffers, capture_graph, smallest_bucket, token_buckets
 from kiln.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -45,9 +45,7 @@ class PiecewiseGraphs:
         n = self.buckets[-1]
         config = model.config
         dtype = next(model.parameters()).dtype
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.tokens = TokenBuffers(n, device)
         heads = (n, config.num_attention_heads, config.head_dim)
         self.query = torch.zeros(heads, dtype=dtype, device=device)
         self.attended = torch.zeros(heads, dtype=dtype, device=device)
@@ -60,12 +58,12 @@ class PiecewiseGraphs:
         leaves the query and the residual stream in their buffers for what follows."""
         output, residual = self.model.piece(
             index,
-            self.positions[:size],
+            self.tokens.positions[:size],
             self.kv_caches,
-            self.slot_mapping[:size],
+            self.tokens.slot_mapping[:size],
             self.attended[:size] if index else None,
             self.residual[:size] if index else None,
-            input_ids=self.input_ids[:size] if index == 0 else None,
+            input_ids=self.tokens.input_ids[:size] if index == 0 else None,
         )
         if index < self.model.num_pieces - 1:
             self.query[:size].copy_(output)
@@ -95,12 +93,7 @@ class PiecewiseGraphs:
         size = self.bucket_for(n)
         if size is None:
             raise ValueError(f"no piecewise graph for a step of {n} tokens")
-        self.input_ids[:n].copy_(input_ids)
-        self.input_ids[n:size].zero_()
-        self.positions[:n].copy_(positions)
-        self.positions[n:size].zero_()
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
-        self.slot_mapping[n:size].fill_(-1)
+        self.tokens.load(input_ids, positions, meta.slot_mapping, size)
         graphs, output = self._graphs[size]
         layers = self.model.model.layers
         for index, graph in enumerate(graphs):
