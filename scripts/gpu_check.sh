@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command for the GPU machine: kernel tests against the references, then the benchmarks.
-#   scripts/gpu_check.sh [STAGE...]    stages: env tests kernels tune kiln hf served served-graphs startup
-#                                     smollm2 report
+#   scripts/gpu_check.sh [STAGE...]    stages: env tests kernels gemv tune kiln hf served served-graphs
+#                                     startup smollm2 report
 #                                     (default: all but tune, the tile-shape sweep)
 # Results (results.json, results.md, plots, run.log) go to $OUT if set (the device tool's folder), else
 # bench/results; each stage appends to results.json and run.log.
@@ -38,6 +38,8 @@ PY
       python3 -m bench.kernels --out "$RESULTS/results.json" --suites decode prefill elementwise 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     hf)
       python3 -m bench.hf_baselines --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
+    gemv)  # batch-1 GEMVs: cuBLAS against the Triton GEMV over a sweep of tiles (7B shapes)
+      python3 -m bench.gemv --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     tune)
       python3 -m bench.kernels --out "$RESULTS/results.json" --suites tune 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     kiln)
@@ -45,9 +47,9 @@ PY
     served)  # needs fastapi/uvicorn/sse-starlette/pydantic: carry .whl (see ../shared/device/README.md)
       python3 -m bench.served --random llama3.1-8b --num-requests 1024 --input-len 128 --output-len 128 \
         --concurrency 256 --max-num-seqs 256 --engine-process --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
-    served-graphs)  # the same with mixed steps graphed piecewise and arrivals admitted every 4 steps
+    served-graphs)  # the same with mixed steps graphed piecewise
       python3 -m bench.served --random llama3.1-8b --num-requests 1024 --input-len 128 --output-len 128 \
-        --concurrency 256 --max-num-seqs 256 --engine-process --piecewise-graphs --admission-interval 4 \
+        --concurrency 256 --max-num-seqs 256 --engine-process --piecewise-graphs \
         --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     startup)
       python3 -m bench.startup --random llama2-7b --dir /tmp/kiln-llama2-7b --repeats 2 \

@@ -135,3 +135,25 @@ def apply_rotary(
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
     return rotate(query), rotate(key)
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+    silu_mul: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """weight @ f(x) (+ residual) for x [T, K] (or [T, 2K] with silu_mul) -> [T, N], the unfused steps
+    in order: f is RMSNorm with `norm_weight`, or SiLU-and-mul, or nothing; the residual is added to
+    the projection in the model dtype."""
+    if norm_weight is not None and silu_mul:
+        raise ValueError("gemv applies one prologue at most")
+    if norm_weight is not None:
+        x, _ = rms_norm(x, norm_weight, eps)
+    if silu_mul:
+        x = silu_and_mul(x)
+    out = F.linear(x, weight)
+    return out if residual is None else out + residual
