@@ -26,6 +26,7 @@ from kiln.engine.model_runner import LaunchedStep, ModelRunner
 from kiln.engine.options import EngineOptions
 from kiln.engine.output_processor import OutputProcessor
 from kiln.engine.outputs import RequestOutput
+from kiln.engine.piecewise_graphs import MAX_PIECEWISE_GRAPH_TOKENS
 from kiln.engine.protocol import EngineStats, ModelInfo
 from kiln.engine.request import Request, RequestStatus
 from kiln.engine.sampling_params import SamplingParams
@@ -62,6 +63,9 @@ class LLMEngine:
     ) -> None:
         options = options or EngineOptions()
         limits = limits or EngineLimits()
+        phase_start = time.perf_counter()
+        # Seconds per start-up phase, logged once ready (from_path adds its loading phases first).
+        self.startup_seconds: dict[str, float] = {}
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -85,6 +89,7 @@ class LLMEngine:
             num_blocks, block_size, enable_prefix_caching=options.enable_prefix_caching, hash_salt=model_name
         )
         kv_tensors = allocate_kv_cache(model_config, num_blocks, block_size, kv_dtype, self.device)
+        self.startup_seconds["kv_cache"] = time.perf_counter() - phase_start
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=max_num_seqs,
@@ -97,8 +102,12 @@ class LLMEngine:
         self.runner = ModelRunner(model, kv_tensors, block_size, self.device, model_config.vocab_size)
         if self.device.type == "cuda" and not options.enforce_eager:
             max_prefill = min(MAX_PREFILL_GRAPH_TOKENS, max_tokens_per_step, self.max_model_len - 1)
-            max_mixed = max_tokens_per_step if options.piecewise_graphs else 0
+            max_mixed = (
+                min(MAX_PIECEWISE_GRAPH_TOKENS, max_tokens_per_step) if options.piecewise_graphs else 0
+            )
+            phase_start = time.perf_counter()
             self.runner.capture_graphs(max_num_seqs, self.max_model_len, max_prefill, max_mixed)
+            self.startup_seconds["cuda_graphs"] = time.perf_counter() - phase_start
         self.outputs = OutputProcessor(tokenizer)
         eos = list(model_config.eos_token_ids) + list(tokenizer.eos_token_ids)
         self.eos_token_ids = tuple(dict.fromkeys(eos))
@@ -128,21 +137,26 @@ class LLMEngine:
         path = Path(path)
         device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         limits: EngineLimits | None = None
+        loading: dict[str, float] = {}
         name = options.served_model_name or path.name
         if is_engine_dir(path):
             manifest = EngineManifest.load(path)
             if manifest.backend != "native":
                 raise ValueError(f"{path} holds a {manifest.backend!r} engine; open it with kiln.engine.open")
             # Before anything compiles: the engine's compiled kernels and tuned tiles (kiln tune), if any.
+            phase_start = time.perf_counter()
             prepare_engine_kernels(path, device)
+            loading["engine_kernels"] = time.perf_counter() - phase_start
             dtype = canonical_dtype(options.dtype or manifest.dtype)
             limits = manifest.limits
             name = options.served_model_name or manifest.served_model_name
         else:
             dtype = canonical_dtype(options.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+        phase_start = time.perf_counter()
         model, config = load_model(path, dtype=DTYPES[dtype], device=device, progress=options.load_progress)
         tokenizer = Tokenizer(path)
-        return cls(
+        loading["weights"] = time.perf_counter() - phase_start
+        engine = cls(
             model,
             config,
             tokenizer,
@@ -152,6 +166,12 @@ class LLMEngine:
             dtype=dtype,
             engine_dir=str(path),
         )
+        engine.startup_seconds = loading | engine.startup_seconds
+        logger.info(
+            "engine ready; start-up seconds: %s",
+            ", ".join(f"{phase} {seconds:.2f}" for phase, seconds in engine.startup_seconds.items()),
+        )
+        return engine
 
     # -- requests ------------------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:

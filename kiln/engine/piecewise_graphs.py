@@ -5,8 +5,9 @@ and eagerly it launches ~10 kernels per layer from Python: ~25 ms of host time o
 ~10 ms of GPU work for 256 decodes. Under a steady stream of arrivals nearly every step is such a step.
 Attention is the only operation that reads per-request metadata (query ranges, context lengths,
 block tables, and a grid sized from them); everything between two attentions works token by token
-(`LlamaForCausalLM.piece`). So each piece is captured once per power-of-two token bucket, and a step
-replays L + 1 graphs with L eager attention launches between them.
+(`LlamaForCausalLM.piece`). So each piece is captured once per token bucket, and a step
+replays L + 1 graphs with L eager attention launches between them. Steps of more than
+`MAX_PIECEWISE_GRAPH_TOKENS` run eagerly.
 
 Rules: the T real tokens run in the smallest bucket >= T; padding tokens have slot -1 (their K/V is not
 stored, see `TokenBuffers`) and attention gives them zeros, so nothing a real token computes depends
@@ -24,10 +25,22 @@ import logging
 import torch
 
 from kiln.engine.attention_metadata import AttentionMetadata
-from kiln.engine.cuda_graphs import TokenBuffers, capture_graph, smallest_bucket, token_buckets
+from kiln.engine.cuda_graphs import TokenBuffers, capture_graph, smallest_bucket
 from kiln.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
+
+# Steps of more tokens than this run eagerly: their GPU work (~30 ms for 1,024 tokens of an 8B model)
+# outlasts the ~25 ms the host needs to launch them, so a graph would save nothing.
+MAX_PIECEWISE_GRAPH_TOKENS = 1024
+
+
+def mixed_buckets(max_tokens: int) -> list[int]:
+    """16, 32, 64, 128, then every 64 up to max_tokens (included). A mixed step is the running
+    decodes plus a few prompt chunks, any count in between, so the buckets are fine-grained where the
+    padding would otherwise be a large share of a step."""
+    sizes = [s for s in (16, 32, 64) if s < max_tokens] + list(range(128, max_tokens, 64))
+    return sorted(set(sizes) | {max_tokens})
 
 
 class PiecewiseGraphs:
@@ -41,7 +54,7 @@ class PiecewiseGraphs:
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
-        self.buckets = token_buckets(max_tokens)
+        self.buckets = mixed_buckets(max_tokens)
         n = self.buckets[-1]
         config = model.config
         dtype = next(model.parameters()).dtype

@@ -27,3 +27,13 @@ def test_a_step_runs_in_the_smallest_captured_bucket_that_holds_it():
     assert [smallest_bucket(buckets, set(buckets), n) for n in (1, 3, 8, 9, 16)] == [1, 4, 8, 16, 16]
     assert smallest_bucket(buckets, set(buckets), 17) is None  # larger than every bucket: eager
     assert smallest_bucket(buckets, {1, 2, 16}, 3) is None  # its bucket was not captured: eager
+
+
+def test_mixed_buckets_are_fine_grained_past_128_tokens():
+    from kiln.engine.piecewise_graphs import mixed_buckets
+
+    assert mixed_buckets(16) == [16]
+    assert mixed_buckets(100) == [16, 32, 64, 100]
+    assert mixed_buckets(256) == [16, 32, 64, 128, 192, 256]
+    assert mixed_buckets(300) == [16, 32, 64, 128, 192, 256, 300]
+    assert mixed_buckets(1024)[-3:] == [896, 960, 1024]
