@@ -5,8 +5,8 @@
     python -m bench.served --model ENGINE_OR_HF_DIR ...      # a real model instead of random weights
 
 Rules of the measurements:
-- The engine (native, random weights at a preset shape or a model dir) first runs the workload offline
-  (`kiln.bench.run_throughput`), then serves it: the OpenAI server runs in this process and the load
+- The engine (native, random weights at a preset shape or a model dir) first runs a warm-up at the
+  workload's shapes, then the workload offline (`kiln.bench.run_throughput`), then serves it: the OpenAI server runs in this process and the load
   comes from a separate client process, so the load generator never competes with the engine for the GIL.
 - The client is `kiln.bench_client` (its docstring has the rules of the measurement): streamed
   completions, at most `--concurrency` in flight, arriving all at once or at `--request-rate` per
@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     engine = factory()
     vocab = engine.model_config.vocab_size
     n, inp, out = args.num_requests, args.input_len, args.output_len
+    # Warm-up at the workload's own shapes (a full batch of prompts, then decodes as it drains), so a
+    # machine whose Triton cache is cold compiles here rather than inside the timed offline pass.
+    warm = min(n, args.max_num_seqs)
+    run_throughput(engine, warm, [inp] * warm, [min(out, 16)] * warm, seed=prompts_seed + 1)
     offline = run_throughput(engine, n, [inp] * n, [out] * n, seed=prompts_seed)
     offline_tok_s = offline.output_tokens / offline.elapsed_s
     print(f"offline: {offline_tok_s:,.0f} output tok/s", flush=True)

@@ -9,7 +9,8 @@ capture) and run one 128-token request. Each child gets an EMPTY Triton cache (T
 new directory), as on a fresh machine, and runs twice per repeat: without the engine directory's
 `kernels/` (KILN_ENGINE_KERNELS=off: every Triton kernel compiles) and with it (written once by
 `kiln.build.kernels.tune_engine_kernels`, whose time is reported too). Reported: seconds from the
-process start to the engine being ready, and to its first token. The weight files were just written,
+process start to the engine being ready, and to its first token, and the phases between (imports,
+then `LLMEngine.startup_seconds`: the engine's kernels, the weights, the KV cache, CUDA graphs). The weight files were just written,
 so they come from the page cache: a cold disk adds its read time (13 GB for Llama-2-7B fp16).
 """
 
@@ -27,13 +28,14 @@ from pathlib import Path
 CHILD = """
 import json, sys, time
 from kiln.engine.llm_engine import LLMEngine
+imported = time.time()
 from kiln.engine.sampling_params import SamplingParams
 engine = LLMEngine.from_path(sys.argv[1])
 ready = time.time()
 engine.add_request("r", params=SamplingParams(temperature=0, max_tokens=1), prompt_token_ids=list(range(10, 138)))
 while engine.has_unfinished_requests():
     engine.step()
-print(json.dumps({"ready": ready, "first_token": time.time()}))
+print(json.dumps({"imported": imported, "ready": ready, "first_token": time.time(), "phases": engine.startup_seconds}))
 """
 
 
@@ -110,6 +112,8 @@ def measure(engine_dir: Path, *, empty_cache: bool = False, engine_kernels: bool
     return {
         "start_to_ready_s": marks["ready"] - start,
         "start_to_first_token_s": marks["first_token"] - start,
+        "imports_s": marks["imported"] - start,
+        **{f"{phase}_s": seconds for phase, seconds in marks["phases"].items()},
     }
 
 

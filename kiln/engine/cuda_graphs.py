@@ -41,12 +41,11 @@ def batch_buckets(max_batch_size: int) -> list[int]:
 def capture_graph(
     forward: Callable[[], torch.Tensor], pool: tuple[int, int], stream: torch.cuda.Stream
 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-    """Run `forward` twice on the side `stream` (every kernel compiled and warmed outside the capture),
+    """Run `forward` once on the side `stream` (every kernel compiled and warmed outside the capture),
     then capture one call of it into the memory `pool`; returns the graph and its output tensor."""
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(2):
-            forward()
+        forward()  # one warm-up is enough: later calls of a kernel allocate and compile nothing
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):

@@ -214,3 +214,12 @@ def test_a_slow_stream_gets_its_tokens_before_the_engine_failure(tiny_gqa_dir, m
         return tokens
 
     assert len(asyncio.run(main())) == 6  # six steps ran, each gave a token (CPU: steps one at a time)
+
+
+def test_from_path_reports_its_start_up_phases(tiny_gqa_dir, caplog):
+    with caplog.at_level("INFO", logger="kiln.engine.llm_engine"):
+        engine = LLMEngine.from_path(tiny_gqa_dir, EngineOptions(num_kv_blocks=16))
+    # No CUDA graphs on CPU, and a Hugging Face dir has no engine kernels to seed.
+    assert list(engine.startup_seconds) == ["weights", "kv_cache"]
+    assert all(seconds >= 0 for seconds in engine.startup_seconds.values())
+    assert "start-up seconds: weights" in caplog.text
