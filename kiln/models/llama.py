@@ -32,6 +32,11 @@ from kiln.models.weights import expected_packed_shapes
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, Hkv, D]
 
 
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    # Through the kernel dispatch rather than nn.Linear: one token takes the Triton GEMV on CUDA.
+    return kernels.linear(x, layer.weight, layer.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
@@ -67,7 +72,7 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         """The rotated query [T, heads, head_dim]; K and V are rotated and written into the cache."""
         num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = _linear(self.qkv_proj, hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
@@ -88,7 +93,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(inter, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(hidden)))
+        return _linear(self.down_proj, kernels.silu_and_mul(_linear(self.gate_up_proj, hidden)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -120,7 +125,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def finish(self, attended: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """After attention: returns (this layer's output delta, the residual stream before it)."""
-        hidden = self.self_attn.o_proj(attended.reshape(attended.shape[0], -1))
+        hidden = _linear(self.self_attn.o_proj, attended.reshape(attended.shape[0], -1))
         normed, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(normed), residual
 
@@ -217,7 +222,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, head).float()
+        return kernels.linear(hidden, head).float()
 
     @torch.no_grad()
     def load_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:

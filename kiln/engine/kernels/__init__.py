@@ -7,6 +7,8 @@ Rules:
 - The choice follows the device of the first tensor argument, so CPU code never imports Triton.
 - KILN_KERNELS=reference forces the references on CUDA too (to compare or to bisect a bug);
   read once at import.
+- `linear` runs the Triton GEMV only for one token without bias (batch-1 decode) and torch's
+  linear (cuBLAS) otherwise: at any larger batch cuBLAS's GEMMs are the faster kernel.
 - `rotary_store_kv` is apply_rotary + store_kv in one launch on CUDA (and exactly those two
   calls elsewhere); it returns only the rotated query, since attention reads keys from the cache.
 """
@@ -77,6 +79,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return reference.silu_and_mul(x)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ weight.T (+ bias). One token without bias takes the Triton GEMV on CUDA (the batch-1
+    decode step's projections); everything else is torch's linear (cuBLAS)."""
+    if bias is None and x.shape[0] == 1 and x.dim() == 2 and _use_triton(x) and weight.stride(1) == 1:
+        return _triton("gemv").gemv(x, weight)
+    return reference.linear(x, weight, bias)
+
+
 def apply_rotary(
     positions: torch.Tensor,
     query: torch.Tensor,
@@ -107,4 +117,12 @@ def rotary_store_kv(
     return query
 
 
-__all__ = ["apply_rotary", "paged_attention", "rms_norm", "rotary_store_kv", "silu_and_mul", "store_kv"]
+__all__ = [
+    "apply_rotary",
+    "linear",
+    "paged_attention",
+    "rms_norm",
+    "rotary_store_kv",
+    "silu_and_mul",
+    "store_kv",
+]

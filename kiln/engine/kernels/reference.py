@@ -137,23 +137,6 @@ def apply_rotary(
     return rotate(query), rotate(key)
 
 
-def gemv(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    *,
-    norm_weight: torch.Tensor | None = None,
-    eps: float = 0.0,
-    silu_mul: bool = False,
-    residual: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """weight @ f(x) (+ residual) for x [T, K] (or [T, 2K] with silu_mul) -> [T, N], the unfused steps
-    in order: f is RMSNorm with `norm_weight`, or SiLU-and-mul, or nothing; the residual is added to
-    the projection in the model dtype."""
-    if norm_weight is not None and silu_mul:
-        raise ValueError("gemv applies one prologue at most")
-    if norm_weight is not None:
-        x, _ = rms_norm(x, norm_weight, eps)
-    if silu_mul:
-        x = silu_and_mul(x)
-    out = F.linear(x, weight)
-    return out if residual is None else out + residual
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ weight [N, K].T (+ bias) -> [T, N]: torch's own linear layer."""
+    return F.linear(x, weight, bias)
