@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import json
 import math
 import random
@@ -52,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--engine-process",
         action="store_true",
-        help="serve from a ProcessEngine (engine loop in a child process, as kiln serve does); the offline "
-        "engine stays loaded beside it, so both get --gpu-memory-utilization (default 0.42 then)",
+        help="serve from a ProcessEngine (engine loop in a child process, as kiln serve does), built with the "
+        "same options once the offline engine is freed",
     )
     p.add_argument("--gpu-memory-utilization", type=float)
     p.add_argument("--admission-interval", type=int, default=1, help="admit new requests every N steps")
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
 
+    import torch
+
     from kiln.bench import build_random_engine, run_throughput
     from kiln.engine.async_engine import AsyncEngine
     from kiln.engine.llm_engine import LLMEngine
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if (args.random is None) == (args.model is None):
         p.error("give exactly one of --random SHAPE or --model DIR")
-    utilization = args.gpu_memory_utilization or (0.42 if args.engine_process else 0.9)
+    utilization = args.gpu_memory_utilization or 0.9
     options = EngineOptions(
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -106,12 +109,20 @@ def main(argv: list[str] | None = None) -> int:
     run_throughput(engine, warm, [inp] * warm, [min(out, 16)] * warm, seed=prompts_seed + 1)
     offline = run_throughput(engine, n, [inp] * n, [out] * n, seed=prompts_seed)
     offline_tok_s = offline.output_tokens / offline.elapsed_s
-    print(f"offline: {offline_tok_s:,.0f} output tok/s", flush=True)
+    kv_blocks = engine.model_info.extra["num_kv_blocks"]
+    print(f"offline: {offline_tok_s:,.0f} output tok/s ({kv_blocks} KV blocks)", flush=True)
 
+    name = engine.model_info.name
+    if args.engine_process:
+        # The child builds its own engine with the same options: give it the memory the offline one held.
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+        server_engine = ProcessEngine(factory)
+    else:
+        server_engine = AsyncEngine(engine)
     settings = ServerSettings(port=0, log_level="warning", max_waiting_requests=None, max_waiting_tokens=None)
-    server_engine = ProcessEngine(factory) if args.engine_process else AsyncEngine(engine)
     with serve_in_background(server_engine, settings) as (url, _server):
-        name = engine.model_info.name
         cmd = [
             sys.executable,
             "-m",
@@ -127,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--concurrency", str(args.concurrency), "--request-rate", str(args.request_rate)]
         served = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     served["offline_output_tok_s"] = offline_tok_s
+    served["kv_blocks"] = kv_blocks
     served["served_over_offline"] = served["output_tok_s"] / offline_tok_s
     print(json.dumps(served, indent=1))
     if args.out:
