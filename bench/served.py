@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     # machine whose Triton cache is cold compiles here rather than inside the timed offline pass.
     warm = min(n, args.max_num_seqs)
     run_throughput(engine, warm, [inp] * warm, [min(out, 16)] * warm, seed=prompts_seed + 1)
+    before = engine.stats()
     offline = run_throughput(engine, n, [inp] * n, [out] * n, seed=prompts_seed)
+    offline_steps = _step_totals(before, engine.stats(), offline.elapsed_s)
     offline_tok_s = offline.output_tokens / offline.elapsed_s
     kv_blocks = engine.model_info.extra["num_kv_blocks"]
     print(f"offline: {offline_tok_s:,.0f} output tok/s ({kv_blocks} KV blocks)", flush=True)
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         server_engine = AsyncEngine(engine)
     settings = ServerSettings(port=0, log_level="warning", max_waiting_requests=None, max_waiting_tokens=None)
     with serve_in_background(server_engine, settings) as (url, _server):
+        before = server_engine.stats()
         cmd = [
             sys.executable,
             "-m",
@@ -137,13 +140,26 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--num-requests", str(n), "--input-len", str(inp), "--output-len", str(out)]
         cmd += ["--concurrency", str(args.concurrency), "--request-rate", str(args.request_rate)]
         served = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        # The engine's own view: how many steps it ran and at what batch (the client's wall clock).
+        served["engine_steps"] = _step_totals(before, server_engine.stats(), served["wall_s"])
     served["offline_output_tok_s"] = offline_tok_s
     served["kv_blocks"] = kv_blocks
+    served["offline_engine_steps"] = offline_steps
     served["served_over_offline"] = served["output_tok_s"] / offline_tok_s
     print(json.dumps(served, indent=1))
     if args.out:
         _append(args.out, args, served)
     return 0
+
+
+def _step_totals(before: Any, after: Any, seconds: float) -> dict[str, float]:
+    """Steps per second, mean sequences and tokens per step between two EngineStats."""
+    steps = max(1, after.num_steps - before.num_steps)
+    return {
+        "steps_per_s": steps / seconds,
+        "mean_seqs": (after.num_step_seqs - before.num_step_seqs) / steps,
+        "mean_tokens": (after.num_step_tokens - before.num_step_tokens) / steps,
+    }
 
 
 def _append(path: Path, args: argparse.Namespace, served: dict[str, Any]) -> None:

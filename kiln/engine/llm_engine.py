@@ -284,6 +284,9 @@ class LLMEngine:
             prefix_cache_queries=kv.prefix_queries,
             prefix_cache_hits=kv.prefix_hits,
             num_preemptions=self.scheduler.num_preemptions,
+            num_steps=self.scheduler.num_steps,
+            num_step_seqs=self.scheduler.num_step_seqs,
+            num_step_tokens=self.scheduler.num_step_tokens,
         )
 
     # -- sizing --------------------------------------------------------------------------------------

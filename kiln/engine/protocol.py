@@ -37,6 +37,9 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found
     num_preemptions: int = 0  # since start
+    num_steps: int = 0  # model steps run since start
+    num_step_seqs: int = 0  # sequences computed in those steps, summed over steps
+    num_step_tokens: int = 0  # tokens computed in those steps, summed over steps
 
     @property
     def kv_usage(self) -> float:

@@ -72,6 +72,10 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished_since_step: list[str] = []
         self.num_preemptions = 0
+        # Totals over the non-empty steps scheduled since start: the mean batch a load really ran at.
+        self.num_steps = 0
+        self.num_step_seqs = 0
+        self.num_step_tokens = 0
         self._steps_since_admission = 0
 
     # -- requests in and out -------------------------------------------------------------------------
@@ -170,6 +174,10 @@ class Scheduler:
             if item.sample:
                 item.request.num_pending_tokens += 1
         finished, self._finished_since_step = tuple(self._finished_since_step), []
+        if scheduled:
+            self.num_steps += 1
+            self.num_step_seqs += len(scheduled)
+            self.num_step_tokens += self.config.max_num_batched_tokens - budget
         return SchedulerOutput(
             scheduled=tuple(scheduled),
             preempted_ids=tuple(preempted),

@@ -56,6 +56,15 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily(
             "kiln_num_preemptions", "Requests preempted since start.", s.num_preemptions
         )
+        yield CounterMetricFamily("kiln_engine_steps", "Model steps run since start.", s.num_steps)
+        yield CounterMetricFamily(
+            "kiln_engine_step_sequences",
+            "Sequences computed, summed over steps (divided by kiln_engine_steps: the mean batch).",
+            s.num_step_seqs,
+        )
+        yield CounterMetricFamily(
+            "kiln_engine_step_tokens", "Tokens computed, summed over steps.", s.num_step_tokens
+        )
 
 
 class ServerMetrics:

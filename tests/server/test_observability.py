@@ -40,6 +40,9 @@ def test_metrics_cover_the_issue_list(server: LiveServer) -> None:
         "kiln_kv_cache_usage_ratio",
         "kiln_prefix_cache_hit_rate",
         "kiln_num_preemptions_total",
+        "kiln_engine_steps_total",
+        "kiln_engine_step_sequences_total",
+        "kiln_engine_step_tokens_total",
         'kiln_http_requests_total{route="/v1/chat/completions",status="200"}',
     ):
         assert name in text, name
@@ -50,6 +53,8 @@ def test_metrics_cover_the_issue_list(server: LiveServer) -> None:
     }
     assert values["kiln_generation_tokens_total"] >= 3
     assert values["kiln_kv_cache_blocks_total"] == server.engine.stats().kv_blocks_total
+    assert values["kiln_engine_steps_total"] >= 3  # the prompt, then a decode per token after the first
+    assert values["kiln_engine_step_sequences_total"] >= values["kiln_engine_steps_total"]
 
 
 def test_one_json_log_line_per_request_without_the_prompt(

@@ -274,3 +274,13 @@ def test_arrivals_are_admitted_together_every_admission_interval_steps():
         ["a", "b", "c"],
         ["a", "b", "c", "d"],
     ]
+
+
+def test_step_totals_count_non_empty_steps_their_sequences_and_tokens():
+    sched = make_scheduler(budget=16)
+    run_step(sched)  # nothing to run: not a step
+    sched.add_request(make_request("a", range(10), 0.0))
+    sched.add_request(make_request("b", range(20, 30), 1.0))
+    run_step(sched)  # a's 10 prompt tokens, then 6 of b's
+    run_step(sched)  # a decodes, b's last 4 prompt tokens
+    assert (sched.num_steps, sched.num_step_seqs, sched.num_step_tokens) == (2, 4, 21)
