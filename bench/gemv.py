@@ -88,16 +88,6 @@ def bench_shape(
     t = timed(lambda i: gemv(x, weights[i]), copies)
     results.append(Result("gemv", f"{name}/triton_default", f"{n}x{k}", "us", t, {"tb_s": nbytes / t / 1e6}))
     print(f"{name:13s} {'triton default':28s} {t:8.1f} us {nbytes / t / 1e6:5.2f} TB/s", flush=True)
-    if name == "gate_up_proj":  # SwiGLU folded into the GEMV, against the GEMV then the activation kernel
-        from kiln.engine.kernels.triton_activation import silu_and_mul
-
-        for label, fn in (
-            ("triton_gated", lambda i: gemv(x, weights[i], gated=True)),
-            ("triton_then_silu_and_mul", lambda i: silu_and_mul(gemv(x, weights[i]))),
-        ):
-            t = timed(fn, copies)
-            results.append(Result("gemv", f"{name}/{label}", f"{n}x{k}", "us", t, {"tb_s": nbytes / t / 1e6}))
-            print(f"{name:13s} {label:28s} {t:8.1f} us {nbytes / t / 1e6:5.2f} TB/s", flush=True)
     return min(t_linear, t_mv), best
 
 

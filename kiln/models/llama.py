@@ -93,9 +93,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(inter, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj.bias is not None:
-            return _linear(self.down_proj, kernels.silu_and_mul(_linear(self.gate_up_proj, hidden)))
-        return _linear(self.down_proj, kernels.gated_linear(hidden, self.gate_up_proj.weight))
+        return _linear(self.down_proj, kernels.silu_and_mul(_linear(self.gate_up_proj, hidden)))
 
 
 class LlamaDecoderLayer(nn.Module):

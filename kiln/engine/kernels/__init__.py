@@ -9,8 +9,6 @@ Rules:
   read once at import.
 - `linear` runs the Triton GEMV only for one token without bias (batch-1 decode) and torch's
   linear (cuBLAS) otherwise: at any larger batch cuBLAS's GEMMs are the faster kernel.
-  `gated_linear` (the MLP's gate/up projection and SwiGLU) likewise, its reference being the two
-  steps composed.
 - `rotary_store_kv` is apply_rotary + store_kv in one launch on CUDA (and exactly those two
   calls elsewhere); it returns only the rotated query, since attention reads keys from the cache.
 """
@@ -89,14 +87,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return reference.linear(x, weight, bias)
 
 
-def gated_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """silu_and_mul(linear(x, weight)) for a fused [gate; up] weight: the Triton GEMV does both in one
-    kernel for one token on CUDA; otherwise the two steps as they are."""
-    if x.shape[0] == 1 and x.dim() == 2 and _use_triton(x) and weight.stride(1) == 1:
-        return _triton("gemv").gemv(x, weight, gated=True)
-    return silu_and_mul(linear(x, weight))
-
-
 def apply_rotary(
     positions: torch.Tensor,
     query: torch.Tensor,
@@ -129,7 +119,6 @@ def rotary_store_kv(
 
 __all__ = [
     "apply_rotary",
-    "gated_linear",
     "linear",
     "paged_attention",
     "rms_norm",
