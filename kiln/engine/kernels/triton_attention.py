@@ -117,7 +117,10 @@ def _attend_keys(
     return acc, l_i, m_new
 
 
-@triton.jit
+# num_seqs and the block-table width change from step to step: specialising on them (Triton compiles a
+# variant per value class, == 1 or a multiple of 16) had a serving engine compiling for seconds
+# mid-load whenever a batch crossed into a new class.
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
@@ -301,7 +304,9 @@ def choose_num_splits(num_tiles: int, num_kv_heads: int, max_kv_len: int, num_sm
     """How many sequence slices to cut each tile's keys into.
 
     Split only when the tiles alone leave the GPU under-filled (fewer than two programs per SM),
-    into enough slices to fill it, each of at least 64 keys, at most 32 slices. (On an H100,
+    into enough slices to fill it, each of at least 64 keys, at most 32 slices, rounded down to a
+    power of two: the count is a compile-time constant of the kernel, so each distinct value is a
+    compile, and a load whose batch shape drifts would otherwise meet new ones for a long time. (On an H100,
     Llama-3.1-8B heads, batch 1: 4096 keys take 123 us unsplit, 21 us in 32 slices; 512 keys take
     23 us unsplit, 13 us in 8; at batch 64 splitting only costs, see docs/benchmarks.md.)
     """
@@ -310,7 +315,7 @@ def choose_num_splits(num_tiles: int, num_kv_heads: int, max_kv_len: int, num_sm
         return 1
     wanted = triton.cdiv(2 * num_sms, max(programs, 1))
     by_length = max_kv_len // 64
-    return int(max(1, min(wanted, by_length, 32)))
+    return 1 << (int(max(1, min(wanted, by_length, 32))).bit_length() - 1)
 
 
 def paged_attention(
