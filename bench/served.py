@@ -58,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--gpu-memory-utilization", type=float)
     p.add_argument("--admission-interval", type=int, default=1, help="admit new requests every N steps")
-    p.add_argument("--piecewise-graphs", action="store_true", help="graph mixed steps piece by piece")
+    p.add_argument(
+        "--piecewise-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="graph mixed steps piece by piece (default: on)",
+    )
     p.add_argument("--out", type=Path)
     p.add_argument("--client", help=argparse.SUPPRESS)  # URL: run as the load-generating child process
     p.add_argument("--served-model", help=argparse.SUPPRESS)

@@ -164,7 +164,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--enforce-eager", action="store_true", help="no decode CUDA graphs (to compare)")
     parser.add_argument("--admission-interval", type=int, default=1, help="admit new requests every N steps")
-    parser.add_argument("--piecewise-graphs", action="store_true", help="graph mixed steps piece by piece")
+    parser.add_argument(
+        "--piecewise-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="graph mixed steps piece by piece (default: on)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--url", help="measure a running OpenAI-compatible server at this base URL instead")
     parser.add_argument("--served-model", help="with --url: the model name to send (default: its first)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command for the GPU machine: kernel tests against the references, then the benchmarks.
-#   scripts/gpu_check.sh [STAGE...]    stages: env tests kernels gemv tune kiln hf served served-graphs
-#                                     startup smollm2 report
+#   scripts/gpu_check.sh [STAGE...]    stages: env tests kernels gemv tune kiln hf served
+#                                     served-eager-mixed startup smollm2 report
 #                                     (default: all but tune, the tile-shape sweep)
 # Results (results.json, results.md, plots, run.log) go to $OUT if set (the device tool's folder), else
 # bench/results; each stage appends to results.json and run.log.
@@ -47,9 +47,9 @@ PY
     served)  # needs fastapi/uvicorn/sse-starlette/pydantic: carry .whl (see ../shared/device/README.md)
       python3 -m bench.served --random llama3.1-8b --num-requests 1024 --input-len 128 --output-len 128 \
         --concurrency 256 --max-num-seqs 256 --engine-process --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
-    served-graphs)  # the same with mixed steps graphed piecewise
+    served-eager-mixed)  # the same with mixed steps run eagerly (no piecewise graphs)
       python3 -m bench.served --random llama3.1-8b --num-requests 1024 --input-len 128 --output-len 128 \
-        --concurrency 256 --max-num-seqs 256 --engine-process --piecewise-graphs \
+        --concurrency 256 --max-num-seqs 256 --engine-process --no-piecewise-graphs \
         --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     startup)
       python3 -m bench.startup --random llama2-7b --dir /tmp/kiln-llama2-7b --repeats 2 \
