@@ -21,7 +21,7 @@ import torch
 from kiln.config import DTYPES, EngineLimits, ModelConfig, canonical_dtype
 from kiln.engine.gc_tuning import settle_garbage_collector
 from kiln.engine.kernels.kernel_cache import prepare_engine_kernels
-from kiln.engine.memory_profile import profile_activation_bytes
+from kiln.engine.memory_profile import num_kv_blocks_from_memory
 from kiln.engine.model_runner import LaunchedStep, ModelRunner
 from kiln.engine.options import EngineOptions
 from kiln.engine.output_processor import OutputProcessor
@@ -33,13 +33,12 @@ from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from kiln.engine.validation import validate_request
 from kiln.kvcache.manager import KVCacheManager
-from kiln.kvcache.tensors import allocate_kv_cache, num_blocks_for_budget
+from kiln.kvcache.tensors import allocate_kv_cache
 from kiln.models.llama import LlamaForCausalLM
 from kiln.models.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-CPU_KV_BUDGET_BYTES = 1 << 30
 # Prompts up to this many tokens arriving alone run as one CUDA graph (their time to first token);
 # longer ones are computed eagerly, where launch overhead is a small share of the work.
 MAX_PREFILL_GRAPH_TOKENS = 512
@@ -78,8 +77,13 @@ class LLMEngine:
         max_num_seqs = options.max_num_seqs or limits.max_batch_size
         max_tokens_per_step = options.max_num_batched_tokens or limits.max_num_tokens
         blocks_per_seq = -(-self.max_model_len // block_size)
-        num_blocks = options.num_kv_blocks or self._num_blocks_from_memory(
-            model, options, block_size, max_tokens_per_step, max_num_seqs, cap=max_num_seqs * blocks_per_seq
+        num_blocks = options.num_kv_blocks or num_kv_blocks_from_memory(
+            model,
+            options,
+            block_size,
+            max_tokens_per_step,
+            max_num_seqs,
+            cap=max_num_seqs * blocks_per_seq,
         )
         if num_blocks < blocks_per_seq:
             # Allowed (tests force preemption this way), but then a request may not use the whole context.
@@ -288,32 +292,3 @@ class LLMEngine:
             num_step_seqs=self.scheduler.num_step_seqs,
             num_step_tokens=self.scheduler.num_step_tokens,
         )
-
-    # -- sizing --------------------------------------------------------------------------------------
-    def _num_blocks_from_memory(
-        self,
-        model: LlamaForCausalLM,
-        options: EngineOptions,
-        block_size: int,
-        max_tokens_per_step: int,
-        max_num_seqs: int,
-        cap: int,
-    ) -> int:
-        kv_dtype = DTYPES[self.dtype]
-        if options.kv_cache_memory_bytes is not None:
-            budget = options.kv_cache_memory_bytes
-        elif self.device.type == "cuda":
-            # Profile the largest step, then give the KV cache what is left of this engine's share of the
-            # card (gpu_memory_utilization of the total, as in vLLM: other processes' memory is not
-            # counted against it), never more than is free; 5% stays back for CUDA graphs and slack.
-            activations = profile_activation_bytes(model, max_tokens_per_step, max_num_seqs, block_size)
-            free, total = torch.cuda.mem_get_info(self.device)
-            share = options.gpu_memory_utilization * total
-            weights = torch.cuda.memory_allocated(self.device)
-            budget = int(min(share - weights - activations, free - activations) * 0.95)
-        else:
-            budget = CPU_KV_BUDGET_BYTES
-        num_blocks = num_blocks_for_budget(budget, self.model_config, block_size, kv_dtype)
-        if num_blocks < 1:
-            raise ValueError(f"no memory left for the KV cache (budget {budget} bytes)")
-        return min(num_blocks, cap) if self.device.type == "cpu" else num_blocks

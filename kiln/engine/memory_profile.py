@@ -1,11 +1,16 @@
-"""How much GPU memory a step needs beyond the weights, measured once before the KV cache is sized."""
+"""The KV cache's size: how much GPU memory a step needs beyond the weights, measured once, and the
+number of blocks that leaves room for."""
 
 from __future__ import annotations
 
 import torch
 
 from kiln.engine.attention_metadata import AttentionMetadata
+from kiln.engine.options import EngineOptions
+from kiln.kvcache.tensors import num_blocks_for_budget
 from kiln.models.llama import LlamaForCausalLM
+
+CPU_KV_BUDGET_BYTES = 1 << 30
 
 
 @torch.inference_mode()
@@ -43,3 +48,35 @@ def profile_activation_bytes(
     del kv, hidden
     torch.cuda.empty_cache()
     return peak
+
+
+def num_kv_blocks_from_memory(
+    model: LlamaForCausalLM,
+    options: EngineOptions,
+    block_size: int,
+    max_tokens_per_step: int,
+    max_num_seqs: int,
+    cap: int,
+) -> int:
+    """KV blocks for `options`' memory budget: kv_cache_memory_bytes if given; on CUDA what is left of
+    gpu_memory_utilization of the card after the weights and the largest step's activations; on CPU
+    1 GiB, at most `cap` blocks. Raises ValueError when not even one block fits."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    if options.kv_cache_memory_bytes is not None:
+        budget = options.kv_cache_memory_bytes
+    elif device.type == "cuda":
+        # Profile the largest step, then give the KV cache what is left of this engine's share of the
+        # card (gpu_memory_utilization of the total, as in vLLM: other processes' memory is not
+        # counted against it), never more than is free; 5% stays back for CUDA graphs and slack.
+        activations = profile_activation_bytes(model, max_tokens_per_step, max_num_seqs, block_size)
+        free, total = torch.cuda.mem_get_info(device)
+        share = options.gpu_memory_utilization * total
+        weights = torch.cuda.memory_allocated(device)
+        budget = int(min(share - weights - activations, free - activations) * 0.95)
+    else:
+        budget = CPU_KV_BUDGET_BYTES
+    num_blocks = num_blocks_for_budget(budget, model.config, block_size, dtype)
+    if num_blocks < 1:
+        raise ValueError(f"no memory left for the KV cache (budget {budget} bytes)")
+    return min(num_blocks, cap) if device.type == "cpu" else num_blocks

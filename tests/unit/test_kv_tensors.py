@@ -83,3 +83,19 @@ def test_allocate_kv_cache_rejects_empty_sizes() -> None:
         allocate_kv_cache(_config(), 0, 4, torch.float16, "cpu")
     with pytest.raises(ValueError):
         allocate_kv_cache(_config(), 4, 0, torch.float16, "cpu")
+
+
+def test_kv_blocks_from_memory_on_cpu_follow_the_budget_and_the_cap() -> None:
+    from kiln.engine.memory_profile import CPU_KV_BUDGET_BYTES, num_kv_blocks_from_memory
+    from kiln.engine.options import EngineOptions
+    from kiln.models.llama import LlamaForCausalLM
+
+    model = LlamaForCausalLM(_config())  # float32 on CPU
+    per_block = kv_bytes_per_block(model.config, 4, torch.float32)
+    given = EngineOptions(kv_cache_memory_bytes=7 * per_block + 1)
+    assert num_kv_blocks_from_memory(model, given, 4, 64, 8, cap=100) == 7
+    assert num_kv_blocks_from_memory(model, given, 4, 64, 8, cap=5) == 5
+    default = num_kv_blocks_from_memory(model, EngineOptions(), 4, 64, 8, cap=10**9)
+    assert default == CPU_KV_BUDGET_BYTES // per_block
+    with pytest.raises(ValueError, match="no memory left"):
+        num_kv_blocks_from_memory(model, EngineOptions(kv_cache_memory_bytes=per_block - 1), 4, 64, 8, cap=9)
