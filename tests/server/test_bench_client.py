@@ -46,3 +46,30 @@ def test_kiln_bench_url_measures_a_running_server(server: LiveServer, tmp_path, 
 def test_kiln_bench_url_reports_a_server_that_is_not_there(capsys):
     assert bench_main(["--url", "http://127.0.0.1:9", "--num-requests", "1"]) == 1
     assert "did not answer as an OpenAI API" in capsys.readouterr().err
+
+
+def test_served_bench_reports_both_passes_and_the_engines_steps(tiny_gqa_dir, tmp_path, capsys):
+    """bench.served end to end on the tiny model (CPU): warm-up, offline, then the same workload served
+    by an engine process to a client process; its JSON row and the engine's step totals."""
+    from bench.served import main as served_main
+
+    out = tmp_path / "results.json"
+    args = ["--model", str(tiny_gqa_dir), "--num-requests", "6", "--input-len", "8", "--output-len", "4"]
+    assert (
+        served_main(
+            [*args, "--concurrency", "3", "--max-num-seqs", "4", "--engine-process", "--out", str(out)]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    served = json.loads(printed[printed.index("{") :])
+    assert served["completion_tokens"] == 6 * 4
+    for key in ("engine_steps", "offline_engine_steps"):
+        steps = served[key]
+        assert steps["steps_per_s"] > 0 and 1 <= steps["mean_seqs"] <= 4 and steps["mean_tokens"] >= 1
+    rows = json.loads(out.read_text())["results"]
+    assert {r["metric"] for r in rows} >= {
+        "served_output_tok_s",
+        "offline_output_tok_s",
+        "served_over_offline",
+    }
