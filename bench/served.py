@@ -25,9 +25,13 @@ import random
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln.bench_client import percentiles, run_client
+from kiln.bench_workload import add_engine_arguments, engine_options
+
+if TYPE_CHECKING:
+    from kiln.engine.protocol import EngineStats
 
 __all__ = ["main", "percentiles", "run_client"]
 
@@ -48,21 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--request-rate", type=float, default=math.inf, help="Poisson arrivals per second (inf: all at once)"
     )
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    add_engine_arguments(p)
     p.add_argument(
         "--engine-process",
         action="store_true",
         help="serve from a ProcessEngine (engine loop in a child process, as kiln serve does), built with the "
         "same options once the offline engine is freed",
-    )
-    p.add_argument("--gpu-memory-utilization", type=float)
-    p.add_argument("--admission-interval", type=int, default=1, help="admit new requests every N steps")
-    p.add_argument(
-        "--piecewise-graphs",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="graph mixed steps piece by piece (default: on)",
     )
     p.add_argument("--out", type=Path)
     p.add_argument("--client", help=argparse.SUPPRESS)  # URL: run as the load-generating child process
@@ -86,21 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     from kiln.bench import build_random_engine, run_throughput
     from kiln.engine.async_engine import AsyncEngine
     from kiln.engine.llm_engine import LLMEngine
-    from kiln.engine.options import EngineOptions
     from kiln.engine.process_engine import ProcessEngine
     from kiln.serve.background import serve_in_background
     from kiln.serve.settings import ServerSettings
 
     if (args.random is None) == (args.model is None):
         p.error("give exactly one of --random SHAPE or --model DIR")
-    utilization = args.gpu_memory_utilization or 0.9
-    options = EngineOptions(
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        gpu_memory_utilization=utilization,
-        admission_interval=args.admission_interval,
-        piecewise_graphs=args.piecewise_graphs,
-    )
+    options = engine_options(args)
     if args.random:
         factory = functools.partial(build_random_engine, args.random, options)
     else:
@@ -157,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _step_totals(before: Any, after: Any, seconds: float) -> dict[str, float]:
+def _step_totals(before: EngineStats, after: EngineStats, seconds: float) -> dict[str, float]:
     """Steps per second, mean sequences and tokens per step between two EngineStats."""
     steps = max(1, after.num_steps - before.num_steps)
     return {

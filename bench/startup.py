@@ -10,8 +10,9 @@ new directory), as on a fresh machine, and runs twice per repeat: without the en
 `kernels/` (KILN_ENGINE_KERNELS=off: every Triton kernel compiles) and with it (written once by
 `kiln.build.kernels.tune_engine_kernels`, whose time is reported too). Reported: seconds from the
 process start to the engine being ready, and to its first token, and the phases between (imports,
-then `LLMEngine.startup_seconds`: the engine's kernels, the weights, the KV cache, CUDA graphs). The weight files were just written,
-so they come from the page cache: a cold disk adds its read time (13 GB for Llama-2-7B fp16).
+then `LLMEngine.startup_seconds`: the engine's kernels, the weights, the KV cache, CUDA graphs). The
+weight files were just written, so they come from the page cache: a cold disk adds its read time (13 GB
+for Llama-2-7B fp16).
 """
 
 from __future__ import annotations

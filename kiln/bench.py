@@ -36,7 +36,9 @@ import torch
 from kiln.bench_profile import profile_first_token, profile_steps
 from kiln.bench_workload import (
     RANDOM_SHAPES,
+    add_engine_arguments,
     build_random_engine,
+    engine_options,
     greedy,
     random_prompts,
     request_lengths,
@@ -44,7 +46,6 @@ from kiln.bench_workload import (
     write_wordlevel_tokenizer,
 )
 from kiln.config import EngineLimits
-from kiln.engine.options import EngineOptions
 
 # Re-exported: the scripts in bench/ and the tests take them from here.
 __all__ = [
@@ -158,18 +159,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--latency-only", action="store_true", help="skip the throughput run")
     parser.add_argument("--throughput-only", action="store_true", help="skip the latency run")
     parser.add_argument("--dtype", help="float16 | bfloat16 | float32 (default: the model's)")
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    add_engine_arguments(parser)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--enforce-eager", action="store_true", help="no decode CUDA graphs (to compare)")
-    parser.add_argument("--admission-interval", type=int, default=1, help="admit new requests every N steps")
-    parser.add_argument(
-        "--piecewise-graphs",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="graph mixed steps piece by piece (default: on)",
-    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--url", help="measure a running OpenAI-compatible server at this base URL instead")
     parser.add_argument("--served-model", help="with --url: the model name to send (default: its first)")
@@ -196,16 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.url:
         return _bench_server(args, argv)
-    options = EngineOptions(
-        dtype=args.dtype,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager,
-        admission_interval=args.admission_interval,
-        piecewise_graphs=args.piecewise_graphs,
-        seed=args.seed,
+    options = engine_options(
+        args, dtype=args.dtype, block_size=args.block_size, enforce_eager=args.enforce_eager, seed=args.seed
     )
     if args.random:
         limits = EngineLimits(max_seq_len=4096)

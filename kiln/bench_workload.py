@@ -5,6 +5,7 @@ Shared by `kiln bench`, its profilers (`kiln.bench_profile`) and the scripts in 
 
 from __future__ import annotations
 
+import argparse
 import random
 import tempfile
 from pathlib import Path
@@ -58,6 +59,34 @@ RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
 }
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine options every benchmark takes (read back by `engine_options`)."""
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument(
+        "--gpu-memory-utilization", type=float, default=EngineOptions().gpu_memory_utilization
+    )
+    parser.add_argument("--admission-interval", type=int, default=1, help="admit new requests every N steps")
+    parser.add_argument(
+        "--piecewise-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="graph mixed steps piece by piece (default: on)",
+    )
+
+
+def engine_options(args: argparse.Namespace, **more: Any) -> EngineOptions:
+    """EngineOptions from the arguments `add_engine_arguments` added, plus `more`."""
+    return EngineOptions(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        admission_interval=args.admission_interval,
+        piecewise_graphs=args.piecewise_graphs,
+        **more,
+    )
 
 
 def build_random_engine(shape: str, options: EngineOptions, limits: EngineLimits | None = None):

@@ -174,15 +174,16 @@ class Scheduler:
             if item.sample:
                 item.request.num_pending_tokens += 1
         finished, self._finished_since_step = tuple(self._finished_since_step), []
+        num_batched_tokens = self.config.max_num_batched_tokens - budget
         if scheduled:
             self.num_steps += 1
             self.num_step_seqs += len(scheduled)
-            self.num_step_tokens += self.config.max_num_batched_tokens - budget
+            self.num_step_tokens += num_batched_tokens
         return SchedulerOutput(
             scheduled=tuple(scheduled),
             preempted_ids=tuple(preempted),
             finished_ids=finished,
-            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+            num_batched_tokens=num_batched_tokens,
         )
 
     def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
