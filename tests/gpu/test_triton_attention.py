@@ -79,6 +79,19 @@ def test_block_size_one(device, head_dim, group):
     _check(batch, torch.float16)
 
 
+def test_split_merge_leaves_its_counters_at_zero_and_repeats_exactly(device):
+    # The last split of each tile merges and resets the tile's counter: a second launch (a CUDA-graph
+    # replay is the same) must find every counter at zero and give the same output bit for bit.
+    attention = _triton_attention()
+    batch = make_paged_batch([1, 1, 5], [_long(900), 40, _long(300)], 16, 4, 64, 16, torch.float16, device)
+    first = _check(batch, torch.float16, num_splits=8)
+    counters = attention._COUNTERS[batch.query.device]
+    assert int(counters.count_nonzero()) == 0
+    second = _check(batch, torch.float16, num_splits=8)
+    assert torch.equal(first, second)
+    assert int(counters.count_nonzero()) == 0
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_long_prefill_split(device, dtype):
     # A long chunk attending to a long prefix, forced through the split path too.

@@ -13,9 +13,12 @@ How the work is cut: a program owns one KV head and a tile of BLOCK_M rows, each
 token, query head of that KV head's group) pair, so the group's heads share every K/V load. For
 decode a tile is one token's whole group. Tiles never straddle requests; their owner is found by a
 binary search over `query_start_loc`, so the grid depends only on tensor shapes (CUDA-graph safe).
-Long contexts with few query tiles are split along the sequence into `num_splits` ranges whose
-partial results (output and log-sum-exp) a second kernel merges, so a batch-1 decode still fills
-the GPU.
+Long contexts with few query tiles are split along the sequence into `num_splits` ranges, so a
+batch-1 decode still fills the GPU. Each split writes its partial result (output and log-sum-exp)
+and bumps a per-tile counter; the split that finds itself last merges them, in the same launch
+(a separate merge kernel cost a launch per layer, ~1.5 us of a ~5 ms batch-1 step each). The
+counters live in a zeroed workspace that the merging program resets, so every launch, and every
+CUDA-graph replay, finds them at zero.
 """
 
 from __future__ import annotations
@@ -25,10 +28,16 @@ import triton
 import triton.language as tl
 
 from kiln.engine.attention_metadata import AttentionMetadata
+from kiln.engine.kernels.pdl import pdl_enabled
 from kiln.engine.kernels.tuning import AttentionConfig, tuned_config
 
 _LOG2E = 1.4426950408889634
 _NUM_SMS_CACHE: dict[int, int] = {}
+_MIN_COUNTERS = 1 << 14
+# Split counters per device: grow-only, and a replaced workspace is kept alive, because captured CUDA
+# graphs hold its address.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED_COUNTERS: list[torch.Tensor] = []
 
 
 @triton.jit
@@ -128,6 +137,7 @@ def _paged_attention_kernel(
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
+    split_counters_ptr,
     query_start_loc_ptr,
     seq_lens_ptr,
     block_tables_ptr,
@@ -155,7 +165,10 @@ def _paged_attention_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     KEYS_TRANSPOSED: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,  # PDL: the next kernel may start now (kiln.engine.kernels.pdl)
 ):
+    if LAUNCH_DEPENDENTS:
+        tl.extra.cuda.gdc_launch_dependents()
     # Last tiles first: under the causal mask they see the most keys, so starting them early
     # shortens the tail of the launch.
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -219,59 +232,64 @@ def _paged_attention_kernel(
         )  # fmt: skip
 
     store_mask = row_valid[:, None] & d_valid[None, :]
+    out_ptrs = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     if NUM_SPLITS == 1:
-        out = acc / l_i[:, None]
-        tl.store(
-            out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-            out.to(out_ptr.dtype.element_ty),
-            mask=store_mask,
-        )
+        tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=store_mask)
     else:
         # Partials are [T, num_heads, NUM_SPLITS, (HEAD_DIM_P2)] fp32; an empty split stores lse = -inf.
-        part_row = (token * NUM_HEADS + head) * NUM_SPLITS + split
+        rows_base = (token * NUM_HEADS + head) * NUM_SPLITS
         safe_l = tl.where(l_i > 0, l_i, 1.0)
         tl.store(
-            part_out_ptr + part_row[:, None] * HEAD_DIM_P2 + offs_d[None, :],
+            part_out_ptr + (rows_base + split)[:, None] * HEAD_DIM_P2 + offs_d[None, :],
             acc / safe_l[:, None],
             mask=store_mask,
         )
         lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
-        tl.store(part_lse_ptr + part_row, lse, mask=row_valid)
+        tl.store(part_lse_ptr + rows_base + split, lse, mask=row_valid)
+        # Every thread's partial is written before the count says so (a barrier, then the counter's
+        # release); the program that counts last sees all of them (acquire) and merges.
+        tl.debug_barrier()
+        counter = split_counters_ptr + tile * tl.num_programs(1) + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+            out = _merge_splits(part_out_ptr, part_lse_ptr, rows_base, offs_d, store_mask, row_valid,
+                                HEAD_DIM_P2, NUM_SPLITS)  # fmt: skip
+            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=store_mask)
 
 
 @triton.jit
-def _merge_splits_kernel(
+def _merge_splits(
     part_out_ptr,
     part_lse_ptr,
-    out_ptr,
-    stride_ot,
-    stride_oh,
-    NUM_HEADS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
+    rows_base,
+    offs_d,
+    store_mask,
+    row_valid,
     HEAD_DIM_P2: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    NUM_SPLITS_P2: tl.constexpr,
 ):
-    token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    offs_s = tl.arange(0, NUM_SPLITS_P2)
-    offs_d = tl.arange(0, HEAD_DIM_P2)
-    base = (token * NUM_HEADS + head) * NUM_SPLITS
-    lse = tl.load(part_lse_ptr + base + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
-    lse_max = tl.max(lse, axis=0)
-    weight = tl.exp2(lse - lse_max)  # padding tokens have no valid split: their output is never read
-    weight = weight / tl.sum(weight, axis=0)
-    parts = tl.load(
-        part_out_ptr + (base + offs_s[:, None]) * HEAD_DIM_P2 + offs_d[None, :],
-        mask=(offs_s[:, None] < NUM_SPLITS) & (offs_d[None, :] < HEAD_DIM),
-        other=0.0,
-    )
-    out = tl.sum(parts * weight[:, None], axis=0)
-    tl.store(
-        out_ptr + token * stride_ot + head * stride_oh + offs_d,
-        out.to(out_ptr.dtype.element_ty),
-        mask=offs_d < HEAD_DIM,
-    )
+    """The splits' partial outputs weighted by their share of the softmax mass, rows [BLOCK_M, D].
+
+    The loads bypass L1 (.cg): the partials were written by other programs of this launch."""
+    lse_max = tl.full(rows_base.shape, float("-inf"), dtype=tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        lse = tl.load(part_lse_ptr + rows_base + s, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
+        lse_max = tl.maximum(lse_max, lse)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # rows that are not real
+    total = tl.zeros(rows_base.shape, dtype=tl.float32)
+    out = tl.zeros(store_mask.shape, dtype=tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        lse = tl.load(part_lse_ptr + rows_base + s, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
+        weight = tl.exp2(lse - lse_max)  # an empty split weighs 0
+        part = tl.load(
+            part_out_ptr + (rows_base + s)[:, None] * HEAD_DIM_P2 + offs_d[None, :],
+            mask=store_mask,
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        out += part * weight[:, None]
+        total += weight
+    return out / tl.where(total > 0, total, 1.0)[:, None]
 
 
 def _num_sms(device: torch.device) -> int:
@@ -316,6 +334,17 @@ def choose_num_splits(num_tiles: int, num_kv_heads: int, max_kv_len: int, num_sm
     wanted = triton.cdiv(2 * num_sms, max(programs, 1))
     by_length = max_kv_len // 64
     return 1 << (int(max(1, min(wanted, by_length, 32))).bit_length() - 1)
+
+
+def _split_counters(device: torch.device, size: int) -> torch.Tensor:
+    """A zeroed int32 workspace of at least `size` counters on `device` (see the module docstring)."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < size:
+        if counters is not None:
+            _RETIRED_COUNTERS.append(counters)
+        counters = torch.zeros(max(size, _MIN_COUNTERS), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
 
 
 def paged_attention(
@@ -367,8 +396,9 @@ def paged_attention(
             (num_tokens, num_heads, num_splits, head_dim_p2), dtype=torch.float32, device=query.device
         )
         part_lse = torch.empty((num_tokens, num_heads, num_splits), dtype=torch.float32, device=query.device)
+        counters = _split_counters(query.device, num_tiles * num_kv_heads)
     else:
-        part_out = part_lse = out  # unused by the kernel when NUM_SPLITS == 1
+        part_out = part_lse = counters = out  # unused by the kernel when NUM_SPLITS == 1
 
     _paged_attention_kernel[(num_tiles, num_kv_heads, num_splits)](
         query,
@@ -377,6 +407,7 @@ def paged_attention(
         out,
         part_out,
         part_lse,
+        counters,
         meta.query_start_loc,
         meta.seq_lens,
         meta.block_tables,
@@ -404,21 +435,8 @@ def paged_attention(
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
         KEYS_TRANSPOSED=config.keys_transposed,
+        LAUNCH_DEPENDENTS=pdl_enabled(query.device),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    if num_splits > 1:
-        _merge_splits_kernel[(num_tokens, num_heads)](
-            part_out,
-            part_lse,
-            out,
-            out.stride(0),
-            out.stride(1),
-            NUM_HEADS=num_heads,
-            HEAD_DIM=head_dim,
-            HEAD_DIM_P2=head_dim_p2,
-            NUM_SPLITS=num_splits,
-            NUM_SPLITS_P2=triton.next_power_of_2(num_splits),
-            num_warps=4,
-        )
     return out
