@@ -72,3 +72,11 @@ def test_cuda_tensors_take_the_triton_path(monkeypatch):
         "rms_norm",
         "silu_and_mul",
     ]
+
+
+def test_pdl_is_off_on_the_cpu_and_when_disabled(monkeypatch):
+    from kiln.engine.kernels import pdl
+
+    assert not pdl.pdl_enabled(torch.device("cpu"))
+    monkeypatch.setattr(pdl, "_DISABLED", True)
+    assert not pdl.pdl_enabled(torch.device("cuda", 0))  # decided before asking the driver

@@ -8,6 +8,7 @@ import torch
 from kernel_cases import DTYPES, INTERPRET, rel_error
 
 from kiln.engine import kernels
+from kiln.engine.kernels import reference
 
 pytestmark = pytest.mark.gpu
 
@@ -57,3 +58,42 @@ def test_linear_dispatch_takes_the_gemv_for_one_token_only(device, monkeypatch):
         assert rel_error(got, torch.nn.functional.linear(x.double(), weight.double())) < 2e-3
     kernels.linear(torch.randn(1, 32, device=device, dtype=torch.float16), weight, bias)  # bias: cuBLAS
     assert calls == [torch.Size([1, 32])]
+
+
+@pytest.mark.skipif(INTERPRET, reason="programmatic dependent launch needs a GPU")
+def test_gemv_waits_for_the_kernel_that_writes_its_input(device):
+    # On Hopper the GEMV starts before its producer ends and streams weights meanwhile; it must still
+    # read the input the producer writes, never the stale one. Chain RMSNorm -> GEMV -> RMSNorm ... in
+    # one CUDA graph (as a decode step does), each norm's input the GEMV before it, and check every link.
+    from kiln.engine.kernels import pdl, triton_norm
+    from kiln.engine.kernels.triton_gemv import gemv
+
+    if not pdl.pdl_enabled(device):
+        pytest.skip("this GPU has no programmatic dependent launch")
+    gen = torch.Generator(device=device).manual_seed(3)
+    weights = [(torch.randn(4096, 4096, device=device, generator=gen) / 64).half() for _ in range(6)]
+    norm_weight = torch.ones(4096, device=device, dtype=torch.float16)
+    x = torch.randn(1, 4096, device=device, generator=gen).half()
+
+    def chain():
+        links, h = [], x
+        for w in weights:
+            normed, _ = triton_norm.rms_norm(h, norm_weight, 1e-6)
+            h = gemv(normed, w)
+            links.append((normed, h))
+        return links
+
+    chain()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        links = chain()
+    for step in range(20):
+        x.copy_(torch.randn(1, 4096, device=device, generator=gen).half())
+        graph.replay()
+        previous = x
+        for i, (normed, out) in enumerate(links):
+            norm_ref, _ = reference.rms_norm(previous, norm_weight, 1e-6)
+            assert rel_error(normed, norm_ref) < 2e-3, f"replay {step}, norm {i}"
+            expected = torch.nn.functional.linear(normed.double(), weights[i].double())
+            assert rel_error(out, expected) < 2e-3, f"replay {step}, GEMV {i}"
+            previous = out

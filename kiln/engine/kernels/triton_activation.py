@@ -11,9 +11,21 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.engine.kernels.pdl import pdl_enabled
+
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, inter, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(
+    x_ptr,
+    out_ptr,
+    stride_x,
+    stride_o,
+    inter,
+    BLOCK: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,  # PDL: the next kernel may start now (kiln.engine.kernels.pdl)
+):
+    if LAUNCH_DEPENDENTS:
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < inter
@@ -35,6 +47,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0]:
         block = min(1024, triton.next_power_of_2(inter))
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(inter, block))](
-            x2, out, x2.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4
+            x2,
+            out,
+            x2.stride(0),
+            out.stride(0),
+            inter,
+            BLOCK=block,
+            LAUNCH_DEPENDENTS=pdl_enabled(x.device),
+            num_warps=4,
         )
     return out.view(*x.shape[:-1], inter)

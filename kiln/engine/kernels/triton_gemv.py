@@ -22,6 +22,27 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.engine.kernels.pdl import pdl_enabled
+
+
+@triton.jit
+def _weight_chunk(w_rows, row_ok, k0, K, EVEN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows [BLOCK_N, BLOCK_K] of the weight from column k0; read once, so evicted first."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    if EVEN:
+        return tl.load(w_rows + cols[None, :], eviction_policy="evict_first")
+    mask = row_ok[:, None] & (cols < K)[None, :]
+    return tl.load(w_rows + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _input_chunk(x_ptr, k0, K, EVEN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x[k0 : k0 + BLOCK_K] in float32; every program re-reads it, so it is kept in cache."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    if EVEN:
+        return tl.load(x_ptr + cols, eviction_policy="evict_last").to(tl.float32)
+    return tl.load(x_ptr + cols, mask=cols < K, other=0.0, eviction_policy="evict_last").to(tl.float32)
+
 
 @triton.jit
 def _gemv_kernel(
@@ -34,27 +55,24 @@ def _gemv_kernel(
     EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K % BLOCK_K == 0: no masks
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (kiln.engine.kernels.pdl)
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        # The weight is read once (evict first); the input vector is re-read by every program.
-        if EVEN:
-            x = tl.load(x_ptr + cols, eviction_policy="evict_last")
-            w = tl.load(w_rows + cols[None, :], eviction_policy="evict_first")
-        else:
-            col_ok = cols < K
-            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0, eviction_policy="evict_last")
-            w = tl.load(
-                w_rows + cols[None, :],
-                mask=row_ok[:, None] & col_ok[None, :],
-                other=0.0,
-                eviction_policy="evict_first",
-            )
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    if PDL:
+        # The first weight chunk streams in while the kernel before this one finishes; the input
+        # vector is that kernel's output, so it is read only after the wait.
+        w = _weight_chunk(w_rows, row_ok, 0, K, EVEN, BLOCK_K)
+        tl.extra.cuda.gdc_wait()
+        acc = w.to(tl.float32) * _input_chunk(x_ptr, 0, K, EVEN, BLOCK_K)[None, :]
+        first = BLOCK_K
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        first = 0
+    for k0 in range(first, K, BLOCK_K):
+        w = _weight_chunk(w_rows, row_ok, k0, K, EVEN, BLOCK_K)
+        acc += w.to(tl.float32) * _input_chunk(x_ptr, k0, K, EVEN, BLOCK_K)[None, :]
     tl.store(out_ptr + rows, tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
@@ -78,6 +96,7 @@ def gemv(
     x = x.contiguous()
     out = torch.empty((1, n), dtype=weight.dtype, device=weight.device)
     block_n, block_k, num_warps, num_stages = config or default_config(n, k)
+    pdl = pdl_enabled(weight.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x,
         weight,
@@ -88,7 +107,9 @@ def gemv(
         EVEN=n % block_n == 0 and k % block_k == 0,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        PDL=pdl,
         num_warps=num_warps,
         num_stages=num_stages,
+        launch_pdl=pdl,
     )
     return out

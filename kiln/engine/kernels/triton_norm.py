@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.engine.kernels.pdl import pdl_enabled
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -30,7 +32,10 @@ def _rms_norm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,  # PDL: the next kernel may start now (kiln.engine.kernels.pdl)
 ):
+    if LAUNCH_DEPENDENTS:
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     valid = offs < hidden
@@ -84,6 +89,7 @@ def rms_norm(
             eps,
             HAS_RESIDUAL=residual is not None,
             BLOCK=block,
+            LAUNCH_DEPENDENTS=pdl_enabled(x.device),
             num_warps=min(16, max(1, block // 512)),
         )
     out = out.view(x.shape)
