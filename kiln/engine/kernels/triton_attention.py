@@ -16,7 +16,7 @@ binary search over `query_start_loc`, so the grid depends only on tensor shapes 
 Long contexts with few query tiles are split along the sequence into `num_splits` ranges, so a
 batch-1 decode still fills the GPU. Each split writes its partial result (output and log-sum-exp)
 and bumps a per-tile counter; the split that finds itself last merges them, in the same launch
-(a separate merge kernel cost a launch per layer, ~1.5 us of a ~5 ms batch-1 step each). The
+(a separate merge kernel cost a launch per layer: 1.7 us of GPU time each in a 7B batch-1 step). The
 counters live in a zeroed workspace that the merging program resets, so every launch, and every
 CUDA-graph replay, finds them at zero.
 """
@@ -28,16 +28,17 @@ import triton
 import triton.language as tl
 
 from kiln.engine.attention_metadata import AttentionMetadata
+from kiln.engine.kernels.attention_plan import (
+    builtin_config,
+    choose_num_splits,
+    default_config,
+    num_sms,
+    split_counters,
+)
 from kiln.engine.kernels.pdl import pdl_enabled
-from kiln.engine.kernels.tuning import AttentionConfig, tuned_config
+from kiln.engine.kernels.tuning import AttentionConfig
 
 _LOG2E = 1.4426950408889634
-_NUM_SMS_CACHE: dict[int, int] = {}
-_MIN_COUNTERS = 1 << 14
-# Split counters per device: grow-only, and a replaced workspace is kept alive, because captured CUDA
-# graphs hold its address.
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_RETIRED_COUNTERS: list[torch.Tensor] = []
 
 
 @triton.jit
@@ -292,61 +293,6 @@ def _merge_splits(
     return out / tl.where(total > 0, total, 1.0)[:, None]
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # Triton's CPU interpreter (debugging): pretend to be an H100
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _NUM_SMS_CACHE:
-        _NUM_SMS_CACHE[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _NUM_SMS_CACHE[index]
-
-
-def default_config(decode: bool, head_dim_p2: int) -> AttentionConfig:
-    """The tile shape used unless the caller passes one: the engine directory's tuned choice when
-    `kiln.engine.kernels.tuning.apply_profile` installed one for this head size, else `builtin_config`."""
-    return tuned_config(decode, head_dim_p2) or builtin_config(decode, head_dim_p2)
-
-
-def builtin_config(decode: bool, head_dim_p2: int) -> AttentionConfig:
-    """The untuned tile shape (chosen from sweeps on an H100, see docs/benchmarks.md)."""
-    if decode:
-        return AttentionConfig(
-            block_m=16, block_n=64 if head_dim_p2 <= 128 else 32, num_warps=4, num_stages=2
-        )
-    if head_dim_p2 <= 128:
-        return AttentionConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
-    return AttentionConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
-
-
-def choose_num_splits(num_tiles: int, num_kv_heads: int, max_kv_len: int, num_sms: int) -> int:
-    """How many sequence slices to cut each tile's keys into.
-
-    Split only when the tiles alone leave the GPU under-filled (fewer than two programs per SM),
-    into enough slices to fill it, each of at least 64 keys, at most 32 slices, rounded down to a
-    power of two: the count is a compile-time constant of the kernel, so each distinct value is a
-    compile, and a load whose batch shape drifts would otherwise meet new ones for a long time. (On an H100,
-    Llama-3.1-8B heads, batch 1: 4096 keys take 123 us unsplit, 21 us in 32 slices; 512 keys take
-    23 us unsplit, 13 us in 8; at batch 64 splitting only costs, see docs/benchmarks.md.)
-    """
-    programs = num_tiles * num_kv_heads
-    if programs >= 2 * num_sms:
-        return 1
-    wanted = triton.cdiv(2 * num_sms, max(programs, 1))
-    by_length = max_kv_len // 64
-    return 1 << (int(max(1, min(wanted, by_length, 32))).bit_length() - 1)
-
-
-def _split_counters(device: torch.device, size: int) -> torch.Tensor:
-    """A zeroed int32 workspace of at least `size` counters on `device` (see the module docstring)."""
-    counters = _COUNTERS.get(device)
-    if counters is None or counters.numel() < size:
-        if counters is not None:
-            _RETIRED_COUNTERS.append(counters)
-        counters = torch.zeros(max(size, _MIN_COUNTERS), dtype=torch.int32, device=device)
-        _COUNTERS[device] = counters
-    return counters
-
-
 def paged_attention(
     query: torch.Tensor,
     k_cache: torch.Tensor,
@@ -390,13 +336,13 @@ def paged_attention(
     num_tiles = num_tokens // block_q + num_seqs  # an upper bound on every request's ceil(q_len / block_q)
     if num_splits is None:
         real_tiles = num_seqs if meta.max_query_len == 1 else num_tiles
-        num_splits = choose_num_splits(real_tiles, num_kv_heads, meta.max_seq_len, _num_sms(query.device))
+        num_splits = choose_num_splits(real_tiles, num_kv_heads, meta.max_seq_len, num_sms(query.device))
     if num_splits > 1:
         part_out = torch.empty(
             (num_tokens, num_heads, num_splits, head_dim_p2), dtype=torch.float32, device=query.device
         )
         part_lse = torch.empty((num_tokens, num_heads, num_splits), dtype=torch.float32, device=query.device)
-        counters = _split_counters(query.device, num_tiles * num_kv_heads)
+        counters = split_counters(query.device, num_tiles * num_kv_heads)
     else:
         part_out = part_lse = counters = out  # unused by the kernel when NUM_SPLITS == 1
 
@@ -440,3 +386,6 @@ def paged_attention(
         num_stages=config.num_stages,
     )
     return out
+
+
+__all__ = ["builtin_config", "choose_num_splits", "default_config", "paged_attention"]
