@@ -10,8 +10,8 @@ The small kernels say at their very start that their dependents may launch
 
 Rules: a PDL-launched kernel must wait before it reads anything an earlier kernel writes, and before it
 writes anything (its output may reuse memory an earlier kernel still reads). KILN_PDL=0 turns PDL off
-(to compare, or to bisect); it is off off CUDA, before compute capability 9.0 and under Triton's
-interpreter, where the instructions do not exist.
+(to compare, or to bisect). It is also off for non-CUDA devices, before compute capability 9.0 and
+under Triton's interpreter (TRITON_INTERPRET=1), where the instructions do not exist.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 
 import torch
 
-_DISABLED = os.environ.get("KILN_PDL", "1") == "0"
+_DISABLED = os.environ.get("KILN_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache
