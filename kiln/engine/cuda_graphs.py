@@ -80,6 +80,16 @@ class TokenBuffers:
         self.slot_mapping[:n].copy_(slot_mapping)
         self.slot_mapping[n:bucket].fill_(-1)
 
+    def forward(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        size: int,
+    ) -> Callable[[], torch.Tensor]:
+        """The model's forward over the first `size` buffered tokens, as a call to capture."""
+        return functools.partial(model, self.input_ids[:size], self.positions[:size], kv_caches, meta)
+
 
 class DecodeGraphs:
     def __init__(
@@ -125,13 +135,8 @@ class DecodeGraphs:
         stream = torch.cuda.Stream()
         # Largest first, so smaller graphs reuse the memory pool the largest one reserved.
         for size in reversed(self.buckets):
-            args = (
-                self.tokens.input_ids[:size],
-                self.tokens.positions[:size],
-                self.kv_caches,
-                self._metadata(size),
-            )
-            self._graphs[size] = capture_graph(functools.partial(self.model, *args), pool, stream)
+            forward = self.tokens.forward(self.model, self.kv_caches, self._metadata(size), size)
+            self._graphs[size] = capture_graph(forward, pool, stream)
         torch.cuda.synchronize()
         logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
@@ -209,13 +214,8 @@ class PrefillGraphs:
             # Capture as a prompt of `size` tokens with no cache (slots -1: nothing is written).
             self.query_start_loc[1] = size
             self.seq_lens[0] = size
-            args = (
-                self.tokens.input_ids[:size],
-                self.tokens.positions[:size],
-                self.kv_caches,
-                self._metadata(size),
-            )
-            self._graphs[size] = capture_graph(functools.partial(self.model, *args), pool, stream)
+            forward = self.tokens.forward(self.model, self.kv_caches, self._metadata(size), size)
+            self._graphs[size] = capture_graph(forward, pool, stream)
         torch.cuda.synchronize()
         logger.info("captured single-request prefill CUDA graphs for %s tokens", self.buckets)
 
