@@ -16,7 +16,6 @@ Rules of the measurements:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import gc
 import json
@@ -27,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kiln.bench_client import percentiles, run_client
+from kiln.bench_client import percentiles, run_client, run_load
 from kiln.bench_workload import add_engine_arguments, engine_options
 
 if TYPE_CHECKING:
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.client:
         prompts = _prompts(args.num_requests, args.input_len, args.vocab, prompts_seed)
-        result = asyncio.run(
+        result = run_load(
             run_client(
                 args.client, args.served_model, prompts, args.output_len, args.concurrency, args.request_rate
             )

@@ -257,11 +257,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _bench_server(args: argparse.Namespace, argv: list[str] | None) -> int:
     """`kiln bench --url`: the served workload against a running server."""
-    import asyncio
-
+    import aiohttp
     import httpx
 
-    from kiln.bench_client import run_client
+    from kiln.bench_client import run_client, run_load
 
     url = args.url.rstrip("/").removesuffix("/v1")
     model = args.served_model
@@ -270,10 +269,10 @@ def _bench_server(args: argparse.Namespace, argv: list[str] | None) -> int:
             model = httpx.get(f"{url}/v1/models", timeout=30).raise_for_status().json()["data"][0]["id"]
         inputs = request_lengths(args.num_requests, args.input_len, _span(args.input_len_range), args.seed)
         prompts = random_prompts(len(inputs), inputs, 500, args.seed)  # ids every vocabulary has
-        result = asyncio.run(
+        result = run_load(
             run_client(url, model, prompts, args.output_len, args.concurrency, args.request_rate, args.seed)
         )
-    except (httpx.HTTPError, KeyError, IndexError) as exc:
+    except (httpx.HTTPError, aiohttp.ClientError, KeyError, IndexError) as exc:
         print(f"kiln bench: the server at {url} did not answer as an OpenAI API: {exc}", file=sys.stderr)
         return 1
     rate = "all at once" if result["request_rate"] is None else f"{result['request_rate']:g} req/s"

@@ -10,7 +10,7 @@ import pytest
 from server_harness import LiveServer
 
 from kiln.bench import main as bench_main
-from kiln.bench_client import arrival_times, run_client
+from kiln.bench_client import arrival_times, run_client, run_load
 
 
 def test_arrival_times_are_a_seeded_poisson_process():
@@ -25,10 +25,43 @@ def test_arrival_times_are_a_seeded_poisson_process():
 
 def test_a_request_rate_spreads_the_load(server: LiveServer):
     prompts = [[10 + i, 11, 12] for i in range(8)]
-    result = asyncio.run(run_client(server.url, "tiny", prompts, 3, concurrency=4, request_rate=20.0, seed=1))
+    result = run_load(run_client(server.url, "tiny", prompts, 3, concurrency=4, request_rate=20.0, seed=1))
     assert result["completion_tokens"] == 8 * 3 and result["request_rate"] == 20.0
     assert result["wall_s"] >= arrival_times(8, 20.0, seed=1)[-1]  # the last one left no earlier
     assert result["ttft_ms"]["p50"] > 0 and result["idle_ttft_ms"] > 0
+
+
+def test_the_client_reads_each_stream_to_its_end_and_reuses_the_connection():
+    """A server that ends the body a moment after [DONE] (as a loaded one does): a client that stopped
+    reading at [DONE] would drop the connection and open one per request, timing the server's accept."""
+    from aiohttp import web
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [{"text": "a"}]}\n\n')
+        await response.write(b'data: {"choices": [], "usage": {"completion_tokens": 1}}\n\ndata: [DONE]\n\n')
+        await asyncio.sleep(0.05)
+        await response.write_eof()
+        return response
+
+    async def load() -> dict:
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            return await run_client(f"http://127.0.0.1:{port}", "m", [[1, 2]] * 8, 1, concurrency=2)
+        finally:
+            await runner.cleanup()
+
+    result = run_load(load())
+    assert result["completion_tokens"] == 8
+    assert result["connections"] <= 2  # 6 probes one at a time, then 8 requests at most 2 at a time
+    assert result["e2e_ms"]["p50"] < 50  # the end of the stream is [DONE], not the end of the body
 
 
 def test_kiln_bench_url_measures_a_running_server(server: LiveServer, tmp_path, capsys):

@@ -45,3 +45,10 @@ def test_64_concurrent_streams_complete_with_correct_usage(server: LiveServer) -
         messages = [{"role": "user", "content": f"Request number {i}"}]
         assert prompt_tokens == len(tokenizer.apply_chat_template(messages))
     assert wait_for(lambda: server.engine.stats().kv_blocks_used == 0)
+
+
+def test_the_server_runs_on_uvloop_and_httptools(server: LiveServer) -> None:
+    # Kiln depends on both and uvicorn picks them up by itself; on asyncio's loop and h11 the front end
+    # costs about twice the CPU per streamed token (docs/benchmarks.md).
+    assert type(server.server.servers[0]).__module__.startswith("uvloop")
+    assert server.server.config.http_protocol_class.__name__ == "HttpToolsProtocol"
