@@ -130,3 +130,33 @@ def test_unicode_line_separators_never_split_a_chunk(tiny_engine: AsyncEngine) -
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
     assert "".join(c["choices"][0]["text"] for c in chunks) == text * 3
+
+
+def test_on_close_runs_on_the_event_loop_thread() -> None:
+    """`on_close` (the admission ticket's release) runs on the loop that streamed, not in Starlette's
+    thread pool: no thread hop per request, and no second thread changing the admission counters."""
+    from fastapi import FastAPI
+    from starlette.testclient import TestClient
+
+    from kiln.serve.settings import ServerSettings
+    from kiln.serve.sse import sse_response
+
+    threads: dict[str, int] = {}
+
+    async def chunks():
+        threads["stream"] = threading.get_ident()
+        yield '{"n": 1}'
+
+    app = FastAPI()
+
+    @app.get("/stream")
+    async def stream():
+        def on_close() -> None:
+            threads["on_close"] = threading.get_ident()
+
+        return sse_response(chunks(), settings=ServerSettings(), request_id="r1", on_close=on_close)
+
+    with TestClient(app) as client:
+        body = client.get("/stream").text
+    assert data_of(events(body)) == ['{"n": 1}', "[DONE]"]
+    assert threads["on_close"] == threads["stream"]
