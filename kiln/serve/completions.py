@@ -29,7 +29,7 @@ def _prompts(body: CompletionRequest, tokenizer: object, vocab_size: int) -> lis
     raw = body.prompt
     if isinstance(raw, str):
         items: list[str | list[int]] = [raw]
-    elif raw and all(isinstance(x, int) for x in raw):
+    elif raw and isinstance(raw[0], int):  # the model's validation made the list all ints or no ints
         items = [list(raw)]  # type: ignore[arg-type]
     else:
         items = list(raw)  # type: ignore[arg-type]

@@ -63,6 +63,10 @@ def test_completion_prompt_errors(http: httpx.Client) -> None:
     assert error_of(http.post("/v1/completions", json={**base, "prompt": [10**9]}), 400)["param"] == "prompt"
     assert error_of(http.post("/v1/completions", json={**base, "prompt": []}), 400)["param"] == "prompt"
     assert error_of(http.post("/v1/completions", json={**base, "prompt": 12}), 400)["param"] == "prompt"
+    for mixed in ([5, "x"], [5, [6]], ["x", 5]):  # one list holds one kind of prompt
+        assert (
+            error_of(http.post("/v1/completions", json={**base, "prompt": mixed}), 400)["param"] == "prompt"
+        )
     assert error_of(http.post("/v1/completions", json=base), 400)["param"] == "prompt"
     echo = {**base, "prompt": "x", "echo": True, "logprobs": 1}
     assert error_of(http.post("/v1/completions", json=echo), 400)["param"] == "echo"

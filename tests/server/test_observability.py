@@ -138,3 +138,23 @@ def test_configure_logging_writes_bare_request_lines_once(
     assert '\n{"event": "request", "x": 1}\n' in "\n" + err  # bare: no prefix
     assert "WARNING kiln.serve: plain" in err
     assert any(r.name == "kiln.request" for r in caplog.records)  # still reaches the root logger
+
+
+def test_the_request_line_is_built_only_when_info_is_on(caplog: pytest.LogCaptureFixture) -> None:
+    from kiln.serve.request_log import RequestRecord, log_request
+
+    record = RequestRecord("cmpl-1", "h1", "completions", "tiny", True, 1, 5, prompt=[[1, 2]], output=["x"])
+    record.ttft_seconds, record.e2e_seconds = 0.0123456789, 0.5
+    with caplog.at_level(logging.WARNING, logger="kiln.request"):
+        assert log_request(record, include_prompt=False) is None
+    with caplog.at_level(logging.INFO, logger="kiln.request"):
+        line = log_request(record, include_prompt=False)
+        with_prompt = json.loads(log_request(record, include_prompt=True) or "")
+    data = json.loads(line or "")
+    assert data["event"] == "request" and data["request_id"] == "cmpl-1" and data["ttft_seconds"] == 0.012346
+    assert "prompt" not in data and "output" not in data and "extra" not in data
+    assert with_prompt["prompt"] == [[1, 2]] and with_prompt["output"] == ["x"]
+    assert [r.getMessage() for r in caplog.records if r.name == "kiln.request"] == [
+        line,
+        json.dumps(with_prompt),
+    ]
