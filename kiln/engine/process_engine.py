@@ -7,7 +7,7 @@ offline on an H100). In its own process the engine steps while the front end str
 How: the child builds the `LLMEngine` from a picklable factory and runs the step loop; the parent
 keeps `AsyncEngine`'s request bookkeeping (`generate`, `abort`, sinks) and swaps its step thread for
 two relay threads over a pipe pair: commands go down, each step's outputs and stats come up in one
-message. Rules: the child is the only owner of the engine; an abort is acknowledged after the child
+message (commands go down in batches too). Rules: the child is the only owner of the engine; an abort is acknowledged after the child
 freed the blocks; if the child dies, every open request fails with EngineDeadError.
 """
 
@@ -17,6 +17,7 @@ import functools
 import itertools
 import logging
 import multiprocessing as mp
+import queue
 import signal
 import threading
 from collections.abc import Callable
@@ -114,19 +115,34 @@ class ProcessEngine(AsyncEngine):
 
     # -- relay threads --------------------------------------------------------------------------------
     def _run(self) -> None:
-        """Sender: forward commands to the child, in order."""
-        while True:
+        """Sender: forward commands to the child, in order, as one message per batch that queued up.
+
+        Why batches: every pipe write releases the GIL, and getting it back from the busy event loop
+        can take a switch interval (5 ms). One command per write let a burst of arrivals (a wave of
+        streams ending and their clients' next requests) trickle into the engine."""
+        stopping = False
+        while not stopping:
+            batch: list[tuple[Any, ...]] = []
             command = self._commands.get()
-            try:
+            while True:
                 if command is None:
-                    self._cmd_send.send(None)
-                    return
+                    stopping = True
+                    break
                 if isinstance(command, _Abort):
                     token = next(self._abort_ids)
                     self._pending_aborts[token] = command.done
-                    self._cmd_send.send(("abort", command.request_id, token))
+                    batch.append(("abort", command.request_id, token))
                 else:
-                    self._cmd_send.send(_wire_add(command))
+                    batch.append(_wire_add(command))
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+            try:
+                if batch:
+                    self._cmd_send.send(batch)
+                if stopping:
+                    self._cmd_send.send(None)
             except (BrokenPipeError, EOFError, OSError):
                 self._fail_all(EngineDeadError("the engine process is gone"))
                 return
@@ -204,13 +220,14 @@ def _child_main(factory: EngineFactory, commands: Connection, out: Connection) -
         try:
             while commands.poll(wait):
                 wait = 0
-                command = commands.recv()
-                if command is None:
+                batch = commands.recv()
+                if batch is None:
                     for request_id in engine.outputs.request_ids():
                         engine.abort_request(request_id)
                     out.send(("bye", engine.stats()))
                     return
-                _apply(engine, command, acks, errors)
+                for command in batch:
+                    _apply(engine, command, acks, errors)
         except (EOFError, OSError):  # the parent is gone: nobody left to serve
             return
         outputs = []

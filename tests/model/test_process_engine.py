@@ -154,3 +154,37 @@ def test_outputs_cross_the_process_boundary_whole(tiny_gqa_dir):
     expected = collect(AsyncEngine.from_path(tiny_gqa_dir, OPTIONS))
     assert len(expected) == 2 and all(len(c[2]) == 6 and len(c[3]) == 6 for c in expected)
     assert collect(ProcessEngine.from_path(tiny_gqa_dir, OPTIONS)) == expected
+
+
+def test_commands_that_queued_together_go_down_as_one_message():
+    """The sender drains its queue into one pipe message (a burst costs one write), keeping the order,
+    and forwards the stop after what came before it."""
+    import itertools
+    import queue
+
+    from kiln.engine.async_engine import _Abort, _Add
+
+    class Pipe:
+        def __init__(self) -> None:
+            self.sent: list[object] = []
+
+        def send(self, message: object) -> None:
+            self.sent.append(message)
+
+    sender = object.__new__(ProcessEngine)  # the relay alone: no child process
+    sender._commands, sender._cmd_send = queue.SimpleQueue(), Pipe()
+    sender._abort_ids, sender._pending_aborts = itertools.count(), {}
+    params = SamplingParams(max_tokens=2)
+    for command in (
+        _Add("a", None, [1], params, 0),
+        _Abort("x", print),
+        _Add("b", "hi", [2, 3], params, 1),
+        None,
+    ):
+        sender._commands.put(command)
+    sender._run()
+    assert sender._cmd_send.sent == [
+        [("add", "a", None, [1], params, 0), ("abort", "x", 0), ("add", "b", "hi", [2, 3], params, 1)],
+        None,
+    ]
+    assert sender._pending_aborts == {0: print}
