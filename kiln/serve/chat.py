@@ -84,10 +84,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         ticket=ticket,
         stream=body.stream,
     )
+    generation.start()  # the engine gets the request now, not when the response first reads
     if body.stream:
         chunks = _stream(generation, body, top_n, state)
         return sse_response(
-            chunks, settings=state.settings, request_id=http_request_id, on_close=ticket.release
+            chunks, settings=state.settings, request_id=http_request_id, on_close=generation.aclose
         )
     try:
         result = await cancel_on_disconnect(request, _collect(generation, body, top_n, state))

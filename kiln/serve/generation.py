@@ -9,6 +9,13 @@ Rules:
   reaches the engine as one plain task cancellation, never as sse-starlette's anyio cancel scope,
   which re-cancels every await and would cut short the engine's own cleanup (its abort). Our
   cleanup awaits run shielded for the same reason.
+- `start()` submits the prompts at once (the handlers call it before they return): the engine then
+  gets a request one loop iteration after its handler ran. Submitted lazily, from inside the response
+  (sse-starlette's tasks, several iterations later), a burst of arrivals reached the engine only once
+  every handler of the burst had run: ~130 ms per wave of 256 streams on the H100 host.
+- `aclose()` (the response's on_close) ends it whatever happened, even when the response never read
+  an output (a client gone before its stream began): pumps cancelled, engine requests aborted, ticket
+  released, the request logged once.
 - It owns the request's bookkeeping: the admission ticket, latency/token metrics, the log line.
 """
 
@@ -87,9 +94,23 @@ class Generation:
         self._last_output_time: dict[int, float] = {}
         self._cached_tokens: dict[int, int] = {}
         self._finish_reasons: list[str] = []
+        self._items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._pumps: list[asyncio.Future[None]] | None = None
+        self._finished = False
 
     def sub_request_id(self, prompt_index: int) -> str:
         return self.request_id if len(self.prompts) == 1 else f"{self.request_id}-{prompt_index}"
+
+    def start(self) -> None:
+        """Submit every prompt to the engine, each pumped by its own task (idempotent)."""
+        if self._pumps is None:
+            self._pumps = [asyncio.ensure_future(self._pump(i)) for i in range(len(self.prompts))]
+
+    async def aclose(self) -> None:
+        """End the request (idempotent): its engine requests are aborted unless finished; see the rules."""
+        await self._stop_pumps()
+        if not self._finished:
+            self._finish("cancelled")
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         outcome = "cancelled"
@@ -138,27 +159,25 @@ class Generation:
                 if not finished:
                     await self.state.engine.abort(request_id)
 
-    async def _engine_streams(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """All prompts' outputs as they come, each engine stream pumped by its own task."""
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-
-        async def pump(prompt_index: int) -> None:
-            source = self._one(prompt_index)
-            try:
-                async for item in source:
-                    queue.put_nowait(("item", item))
-                queue.put_nowait(("done", None))
-            except Exception as exc:
-                queue.put_nowait(("error", exc))
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await source.aclose()
-
-        tasks = [asyncio.ensure_future(pump(i)) for i in range(len(self.prompts))]
+    async def _pump(self, prompt_index: int) -> None:
+        source = self._one(prompt_index)
         try:
-            remaining = len(tasks)
+            async for item in source:
+                self._items.put_nowait(("item", item))
+            self._items.put_nowait(("done", None))
+        except Exception as exc:
+            self._items.put_nowait(("error", exc))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await source.aclose()
+
+    async def _engine_streams(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """All prompts' outputs as they come (starting the pumps if the handler did not)."""
+        self.start()
+        try:
+            remaining = len(self.prompts)
             while remaining:
-                kind, value = await queue.get()
+                kind, value = await self._items.get()
                 if kind == "item":
                     yield value
                 elif kind == "done":
@@ -166,10 +185,14 @@ class Generation:
                 else:
                     raise value
         finally:
-            for task in tasks:
-                task.cancel()
-            with anyio.CancelScope(shield=True), contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(*tasks, return_exceptions=True)
+            await self._stop_pumps()
+
+    async def _stop_pumps(self) -> None:
+        pumps = self._pumps or []
+        for task in pumps:
+            task.cancel()
+        with anyio.CancelScope(shield=True), contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*pumps, return_exceptions=True)
 
     def _observe(self, prompt_index: int, out: RequestOutput) -> None:
         now = time.monotonic()
@@ -196,6 +219,7 @@ class Generation:
         return "stop"
 
     def _finish(self, outcome: str) -> None:
+        self._finished = True
         self.ticket.release()
         record = self.record
         record.outcome = outcome

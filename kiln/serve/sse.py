@@ -73,28 +73,20 @@ def sse_response(
     *,
     settings: ServerSettings,
     request_id: str,
-    on_close: Callable[[], None],
+    on_close: Callable[[], Awaitable[None]],
 ) -> EventSourceResponse:
-    """Stream `chunks` (JSON strings) as OpenAI SSE; `on_close` runs once the response is done."""
+    """Stream `chunks` (JSON strings) as OpenAI SSE; `on_close` runs once the response is done, however
+    it ended, on the event loop (a coroutine function: Starlette would run a plain one in its thread
+    pool, a thread hop per request, measured 1.45 against 1.1 ms of server CPU per short request)."""
     return EventSourceResponse(
         _events(chunks, request_id),
         ping=settings.keepalive_interval_seconds,
         ping_message_factory=_keepalive,
         sep=_SEP,
         headers={"X-Request-Id": request_id},
-        background=BackgroundTask(_run_on_the_loop(on_close)),
+        background=BackgroundTask(on_close),
         shutdown_grace_period=settings.drain_timeout_seconds,
     )
-
-
-def _run_on_the_loop(callback: Callable[[], None]) -> Callable[[], Awaitable[None]]:
-    # Starlette runs a plain function given as a background task in its thread pool: a thread hop per
-    # request (the server's CPU per short streamed request measured 1.1 ms with this, 1.45 ms without),
-    # and `on_close` would then change the admission counters from another thread than the loop's.
-    async def run() -> None:
-        callback()
-
-    return run
 
 
 class ClientDisconnected(Exception):

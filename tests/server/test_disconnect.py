@@ -19,10 +19,13 @@ LONG = {
 
 
 def cancelled_count(url: str) -> float:
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith("kiln_requests_total") and 'outcome="cancelled"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    """Cancelled requests over every endpoint."""
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in lines
+        if line.startswith("kiln_requests_total") and 'outcome="cancelled"' in line
+    )
 
 
 def read_content_chunks(lines: object, count: int) -> None:
@@ -84,3 +87,40 @@ def test_disconnect_before_first_token_removes_the_queued_request(tiny_gqa_dir: 
             assert wait_for(lambda: cancelled_count(live.url) == 2)
     finally:
         asyncio.run(engine.shutdown())
+
+
+def test_a_generation_reaches_the_engine_at_start_and_aclose_ends_one_never_read(server: LiveServer) -> None:
+    """The handler's `start()` hands the request to the engine within one loop iteration, without the
+    response reading anything; `aclose()` (the response's on_close) ends a request whose stream never
+    began (a client gone first): aborted, blocks back, ticket released, counted once as cancelled."""
+    from kiln.engine.sampling_params import SamplingParams
+    from kiln.serve.generation import Generation, Prompt
+
+    state, engine = server.state, server.engine
+    before = cancelled_count(server.url)
+
+    async def scenario() -> None:
+        generation = Generation(
+            state,
+            request_id="gen-never-read",
+            http_request_id="h1",
+            endpoint="completions",
+            prompts=[Prompt([5, 6, 7])],
+            params=SamplingParams(max_tokens=900, ignore_eos=True),
+            priority=0,
+            ticket=state.admission.admit(3),
+            stream=True,
+        )
+        generation.start()
+        await asyncio.sleep(0)  # one iteration: the pump has handed the request to the engine
+        assert "gen-never-read" in engine._sinks  # type: ignore[attr-defined]
+        await asyncio.sleep(0.2)
+        assert engine.stats().num_running == 1
+        await generation.aclose()
+        await generation.aclose()  # idempotent
+        assert "gen-never-read" not in engine._sinks  # type: ignore[attr-defined]
+        assert state.admission.waiting_requests == 0
+
+    asyncio.run(scenario())
+    assert wait_for(lambda: engine.stats().kv_blocks_used == 0 and engine.stats().num_running == 0)
+    assert cancelled_count(server.url) == before + 1

@@ -133,8 +133,8 @@ def test_unicode_line_separators_never_split_a_chunk(tiny_engine: AsyncEngine) -
 
 
 def test_on_close_runs_on_the_event_loop_thread() -> None:
-    """`on_close` (the admission ticket's release) runs on the loop that streamed, not in Starlette's
-    thread pool: no thread hop per request, and no second thread changing the admission counters."""
+    """`on_close` (the request's end: ticket, aborts, log) runs on the loop that streamed, not in
+    Starlette's thread pool: no thread hop per request, no second thread changing the admission counts."""
     from fastapi import FastAPI
     from starlette.testclient import TestClient
 
@@ -151,7 +151,7 @@ def test_on_close_runs_on_the_event_loop_thread() -> None:
 
     @app.get("/stream")
     async def stream():
-        def on_close() -> None:
+        async def on_close() -> None:
             threads["on_close"] = threading.get_ident()
 
         return sse_response(chunks(), settings=ServerSettings(), request_id="r1", on_close=on_close)
