@@ -2,9 +2,10 @@
 
     python -m bench.report RESULTS.json [MORE.json ...] --md results.md --png DIR
 
-Rules: only rows present in the files are shown (nothing is filled in); where several files hold
-the same (name, shape, metric), the last one read wins; the markdown names the device and date of
-each file. The plots need matplotlib; without it the markdown is still written.
+Rules: only rows present in the files are shown (nothing is filled in); where several rows hold the
+same (name, shape, metric), the tables show the last one read, and the targets table every one of
+them in the order read (repeated runs stay visible); the markdown names the device and date of each
+file. The plots need matplotlib; without it the markdown is still written.
 """
 
 from __future__ import annotations
@@ -15,28 +16,52 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-# Issue 4's targets: (label, kiln row, peer rows, goal text, goal test)
+# Issue 4's targets: (label, kiln row, peer rows, goal text, goal test); a row is (name, shape prefix, metric)
 TARGETS = [
     (
         "batch-1 decode, Llama-2-7B fp16, ms/token",
-        ("kiln/batch1_decode", "llama2-7b"),
-        [("hf/generate_eager", "llama2-7b"), ("hf/generate_static_compiled", "llama2-7b")],
+        ("kiln/batch1_decode", "llama2-7b", "ms_per_token"),
+        [
+            ("hf/generate_eager", "llama2-7b", "ms_per_token"),
+            ("hf/generate_static_compiled", "llama2-7b", "ms_per_token"),
+        ],
         "<= 5.0",
         lambda v: v <= 5.0,
     ),
     (
         "offline, Llama-3.1-8B bf16, 1024 x 128/128, output tok/s",
-        ("kiln/offline_throughput", "llama3.1-8b 1024"),
-        [("hf/generate_batch", "llama3.1-8b")],
+        ("kiln/offline_throughput", "llama3.1-8b 1024", "output_tok_per_s"),
+        [("hf/generate_batch", "llama3.1-8b", "output_tok_per_s")],
         ">= 16,000",
         lambda v: v >= 16000,
     ),
     (
-        "time to first token, 128-token prompt, engine (not yet through HTTP), ms",
-        ("kiln/ttft", "llama2-7b"),
+        "served over HTTP/SSE / offline, same workload (bench.served)",
+        ("kiln/served", "llama3.1-8b", "served_over_offline"),
+        [],
+        ">= 0.90",
+        lambda v: v >= 0.90,
+    ),
+    (
+        "time to first token, 128-token prompt, engine (kiln bench), ms",
+        ("kiln/ttft", "llama2-7b", "ms"),
         [],
         "<= 15",
         lambda v: v <= 15,
+    ),
+    (
+        "time to first token through an idle server (bench.served), ms",
+        ("kiln/served", "llama3.1-8b", "idle_ttft_ms"),
+        [],
+        "<= 15",
+        lambda v: v <= 15,
+    ),
+    (
+        "start-to-ready, Llama-2-7B engine dir with kernels/, s",
+        ("kiln/startup_engine_kernels", "llama2-7b", "start_to_ready_s"),
+        [],
+        "<= 20",
+        lambda v: v <= 20,
     ),
 ]
 
@@ -48,19 +73,23 @@ def load(paths: list[Path]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
         data = json.loads(path.read_text())
         devices.append({"file": path.name, **data.get("device", {})})
         for row in data["results"]:
-            rows[(row["name"], row["shape"], row["metric"])] = row
+            key = (row["name"], row["shape"], row["metric"])
+            runs = [*rows[key]["runs"], row["value"]] if key in rows else [row["value"]]
+            rows[key] = {**row, "runs": runs}
     return list(rows.values()), devices
 
 
-def _find(rows, name: str, shape_prefix: str) -> dict[str, Any] | None:
+def _find(rows, name: str, shape_prefix: str, metric: str) -> dict[str, Any] | None:
     for row in rows:
-        if row["name"] == name and row["shape"].startswith(shape_prefix):
+        if row["name"] == name and row["shape"].startswith(shape_prefix) and row["metric"] == metric:
             return row
     return None
 
 
 def _fmt(value: float) -> str:
-    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.3f}" if abs(value) < 1 else f"{value:.2f}"
 
 
 def pivot(rows, prefix: str, metric: str) -> list[str]:
@@ -96,17 +125,21 @@ def markdown(rows, devices) -> str:
         "| target | Kiln | peers (same shapes, same GPU) | goal | met |",
         "|---|---|---|---|---|",
     ]
-    for label, (name, shape), peers, goal, test in TARGETS:
-        kiln = _find(rows, name, shape)
+    for label, (name, shape, metric), peers, goal, test in TARGETS:
+        kiln = _find(rows, name, shape, metric)
         peer_text = ", ".join(
             f"{p[0].split('/')[1]} {_fmt(r['value'])}" for p in peers if (r := _find(rows, *p)) is not None
         )
-        value = _fmt(kiln["value"]) if kiln else "not measured"
-        met = ("yes" if test(kiln["value"]) else "no") if kiln else "–"
+        value = ", ".join(_fmt(v) for v in kiln["runs"]) if kiln else "not measured"
+        verdicts = {test(v) for v in kiln["runs"]} if kiln else set()
+        met = {frozenset({True}): "yes", frozenset({False}): "no"}.get(
+            frozenset(verdicts), "not in every run"
+        )
+        met = met if kiln else "–"
         out.append(f"| {label} | {value} | {peer_text or '–'} | {goal} | {met} |")
     out += ["", "## End to end", "", "| what | workload | metric | value |", "|---|---|---|---|"]
     for row in rows:
-        if row["suite"] in ("kiln", "hf"):
+        if row["suite"] in ("kiln", "hf", "served", "startup"):
             out.append(f"| {row['name']} | {row['shape']} | {row['metric']} | {_fmt(row['value'])} |")
     out += ["", "## Kernels", ""]
     for prefix, metric in [
@@ -121,7 +154,14 @@ def markdown(rows, devices) -> str:
     return "\n".join(out) + "\n"
 
 
+def _bar_label(row: dict[str, Any], run: int) -> str:
+    shape = row["shape"].replace(", ", ",\n")
+    label = f"{row['name']} {row['metric']}\n{shape}"
+    return label + (f" (run {run + 1})" if len(row["runs"]) > 1 else "")
+
+
 def plot(rows, path: Path) -> bool:
+    """One PNG with a panel per kind of result present in `rows` (panels without data are left out)."""
     try:
         import matplotlib
 
@@ -129,24 +169,29 @@ def plot(rows, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(2, 2, figsize=(15, 10))
-    panels = [
-        (
-            axes[0][0],
-            "decode_attention",
-            "us",
-            ["triton_graph", "torch_sdpa_contiguous_graph"],
-            "decode attention (us, lower is better)",
-        ),
-        (
-            axes[0][1],
-            "prefill_attention",
-            "TFLOP_per_s",
-            ["triton", "torch_sdpa_contiguous"],
-            "prefill attention (TFLOP/s)",
-        ),
+    kernel_panels = [
+        ("decode_attention", "us", ["triton_graph", "torch_sdpa_contiguous_graph"], "decode attention (us, lower is better)"),
+        ("prefill_attention", "TFLOP_per_s", ["triton", "torch_sdpa_contiguous"], "prefill attention (TFLOP/s)"),
+    ]  # fmt: skip
+    bar_panels = [
+        (["kiln/batch1_decode", "hf/generate_eager", "hf/generate_static_compiled"], ["ms_per_token"],
+         "batch-1 decode, ms/token (lower is better)"),
+        (["kiln/offline_throughput", "hf/generate_batch"], ["output_tok_per_s"], "offline throughput, output tok/s"),
+        (["kiln/served"], ["served_output_tok_s", "offline_output_tok_s"],
+         "served over HTTP/SSE against offline, output tok/s (one pair per run)"),
+    ]  # fmt: skip
+    kernels = [
+        k
+        for k in kernel_panels
+        if any(r["name"].startswith(k[0] + "/") and r["metric"] == k[1] for r in rows)
     ]
-    for ax, prefix, metric, columns, title in panels:
+    bars = [b for b in bar_panels if any(r["name"] in b[0] and r["metric"] in b[1] for r in rows)]
+    count = len(kernels) + len(bars)
+    if not count:
+        return False
+    fig, axes = plt.subplots((count + 1) // 2, 2, figsize=(15, 5 * ((count + 1) // 2)), squeeze=False)
+    cells = [ax for row in axes for ax in row]
+    for ax, (prefix, metric, columns, title) in zip(cells, kernels, strict=False):
         shapes = [r["shape"] for r in rows if r["name"] == f"{prefix}/{columns[0]}" and r["metric"] == metric]
         for i, column in enumerate(columns):
             values = {
@@ -165,29 +210,23 @@ def plot(rows, path: Path) -> bool:
         ax.legend(fontsize=8)
         if metric == "us":  # the cases span three orders of magnitude
             ax.set_yscale("log")
-    for ax, names, metric, title in [
-        (
-            axes[1][0],
-            ["kiln/batch1_decode", "hf/generate_eager", "hf/generate_static_compiled"],
-            "ms_per_token",
-            "batch-1 decode, ms/token (lower is better)",
-        ),
-        (
-            axes[1][1],
-            ["kiln/offline_throughput", "hf/generate_batch"],
-            "output_tok_per_s",
-            "offline throughput, output tok/s",
-        ),
-    ]:
-        picked = [r for r in rows if r["name"] in names and r["metric"] == metric]
-        # Full workload names: two runs of one shape differ only at the end (e.g. the batch cap).
-        labels = [r["name"] + "\n" + r["shape"].replace(", ", ",\n") for r in picked]
-        ax.barh(range(len(picked)), [r["value"] for r in picked])
-        ax.set_yticks(range(len(picked)), labels)
-        for i, r in enumerate(picked):
-            ax.text(r["value"], i, f" {_fmt(r['value'])}", va="center", fontsize=8)
+    for ax, (names, metrics, title) in zip(cells[len(kernels) :], bars, strict=False):
+        # Every run of a row is a bar; full workload names, as two runs of one shape may differ only at the end.
+        picked = [
+            (_bar_label(r, i), v)
+            for r in rows
+            for m in metrics
+            if r["name"] in names and r["metric"] == m
+            for i, v in enumerate(r["runs"])
+        ]
+        ax.barh(range(len(picked)), [v for _, v in picked])
+        ax.set_yticks(range(len(picked)), [label for label, _ in picked])
+        for i, (_, v) in enumerate(picked):
+            ax.text(v, i, f" {_fmt(v)}", va="center", fontsize=8)
         ax.set_title(title)
         ax.tick_params(axis="y", labelsize=7)
+    for ax in cells[count:]:
+        ax.set_visible(False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -125,10 +125,26 @@ def test_report_shows_only_measured_rows(tmp_path):
         {"suite": "kernels", "name": "decode_attention/torch_sdpa_contiguous_graph", "shape": "B=1",
          "metric": "us", "value": 12.5, "params": {}, "note": ""},
     ]  # fmt: skip
+    served = [
+        {"suite": "served", "name": "kiln/served", "shape": "llama3.1-8b 1024x128/128",
+         "metric": "served_over_offline", "value": value, "params": {}, "note": ""}
+        for value in (0.95, 0.85)
+    ] + [
+        {"suite": "startup", "name": "kiln/startup_engine_kernels", "shape": "llama2-7b run 1",
+         "metric": "start_to_ready_s", "value": 19.0, "params": {}, "note": ""},
+    ]  # fmt: skip
     path = tmp_path / "r.json"
-    path.write_text(json.dumps({"device": {"gpu": "Test GPU"}, "results": rows}))
-    loaded, devices = report.load([path])
+    path.write_text(json.dumps({"device": {"gpu": "Test GPU"}, "results": rows + served[:1]}))
+    second = tmp_path / "r2.json"  # a second run: both of its figures stay in the targets table
+    second.write_text(json.dumps({"device": {"gpu": "Test GPU"}, "results": served[1:]}))
+    loaded, devices = report.load([path, second])
     text = report.markdown(loaded, devices)
+    assert (
+        "| served over HTTP/SSE / offline, same workload (bench.served) | 0.950, 0.850 | – | >= 0.90 | not in every run |"
+        in text
+    )
+    assert "| start-to-ready, Llama-2-7B engine dir with kernels/, s | 19.00 | – | <= 20 | yes |" in text
+    assert "| kiln/served | llama3.1-8b 1024x128/128 | served_over_offline | 0.850 |" in text  # the last run
     assert "Test GPU" in text
     assert "| batch-1 decode, Llama-2-7B fp16, ms/token | 6.50 | generate_eager 30.00 | <= 5.0 | no |" in text
     assert "| offline, Llama-3.1-8B bf16, 1024 x 128/128, output tok/s | not measured | – |" in text
