@@ -25,7 +25,7 @@ for stage in "${STAGES[@]}"; do
       nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv || status=1
       python3 - <<'PY'
 import importlib
-for name in ("torch", "triton", "transformers", "matplotlib", "flash_attn", "fastapi", "uvicorn"):
+for name in ("torch", "triton", "transformers", "matplotlib", "flash_attn", "fastapi", "uvicorn", "uvloop", "httptools", "aiohttp"):
     try:
         print(f"{name:14s}", getattr(importlib.import_module(name), "__version__", "?"))
     except ImportError:
