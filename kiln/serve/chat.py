@@ -94,6 +94,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         result = await cancel_on_disconnect(request, _collect(generation, body, top_n, state))
     except ClientDisconnected:
         return Response(status_code=499)
+    finally:
+        await generation.aclose()  # also when _collect never ran: the handler was cancelled first
     return Response(result.model_dump_json(), media_type="application/json")
 
 

@@ -95,6 +95,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         result = await cancel_on_disconnect(request, _collect(generation, body, state))
     except ClientDisconnected:
         return Response(status_code=499)
+    finally:
+        await generation.aclose()  # also when _collect never ran: the handler was cancelled first
     return Response(result.model_dump_json(), media_type="application/json")
 
 

@@ -124,3 +124,39 @@ def test_a_generation_reaches_the_engine_at_start_and_aclose_ends_one_never_read
     asyncio.run(scenario())
     assert wait_for(lambda: engine.stats().kv_blocks_used == 0 and engine.stats().num_running == 0)
     assert cancelled_count(server.url) == before + 1
+
+
+def test_a_non_streaming_handler_cancelled_before_it_reads_aborts_its_request(server: LiveServer) -> None:
+    """The handler submits the request itself, so if it is cancelled before `_collect` ever ran (server
+    shutdown, a disconnect in the same loop iteration), its `finally` must still end the request."""
+    from starlette.requests import Request
+
+    from kiln.serve.completions import create_completion
+    from kiln.serve.protocol import CompletionRequest
+
+    engine = server.engine
+    scope = {
+        "type": "http",
+        "app": server.server.config.app,
+        "method": "POST",
+        "path": "/v1/completions",
+        "headers": [],
+        "state": {"request_id": "h-cancelled"},
+    }
+
+    async def never() -> dict:
+        await asyncio.Event().wait()
+        return {}
+
+    async def scenario() -> None:
+        body = CompletionRequest(model="tiny", prompt=[5, 6, 7], max_tokens=900, ignore_eos=True)
+        handler = asyncio.ensure_future(create_completion(body, Request(scope, never)))
+        await asyncio.sleep(0)  # the handler has submitted and waits on _collect, which has not run yet
+        handler.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await handler
+        assert not [rid for rid in engine._sinks if rid.startswith("cmpl-")]  # type: ignore[attr-defined]
+        assert server.state.admission.waiting_requests == 0
+
+    asyncio.run(scenario())
+    assert wait_for(lambda: engine.stats().kv_blocks_used == 0 and engine.stats().num_running == 0)
