@@ -130,12 +130,12 @@ def markdown(rows, devices) -> str:
         peer_text = ", ".join(
             f"{p[0].split('/')[1]} {_fmt(r['value'])}" for p in peers if (r := _find(rows, *p)) is not None
         )
-        value = ", ".join(_fmt(v) for v in kiln["runs"]) if kiln else "not measured"
-        verdicts = {test(v) for v in kiln["runs"]} if kiln else set()
-        met = {frozenset({True}): "yes", frozenset({False}): "no"}.get(
-            frozenset(verdicts), "not in every run"
-        )
-        met = met if kiln else "–"
+        if kiln is None:
+            value, met = "not measured", "–"
+        else:
+            value = ", ".join(_fmt(v) for v in kiln["runs"])
+            verdicts = {test(v) for v in kiln["runs"]}
+            met = "yes" if verdicts == {True} else "no" if verdicts == {False} else "not in every run"
         out.append(f"| {label} | {value} | {peer_text or '–'} | {goal} | {met} |")
     out += ["", "## End to end", "", "| what | workload | metric | value |", "|---|---|---|---|"]
     for row in rows:

