@@ -15,11 +15,11 @@ __all__ = ["LLM", "AsyncEngine", "CompletionOutput", "RequestOutput", "SamplingP
 def __getattr__(name: str):
     # Import the engine lazily: `import kiln` stays cheap for the CLI's --help and for the server's workers.
     if name == "LLM":
-        from kiln.engine.llm import LLM
+        from kiln.llm import LLM
 
         return LLM
     if name == "AsyncEngine":
-        from kiln.engine.async_engine import AsyncEngine
+        from kiln.clients.thread import AsyncEngine
 
         return AsyncEngine
     raise AttributeError(f"module 'kiln' has no attribute {name!r}")

@@ -50,7 +50,7 @@ def _resolve(model: str | None, tiny: bool) -> Path:
 
 
 def _load(model: str | None, tiny: bool, settings: ServerSettings) -> Any:
-    from kiln.engine.open import open_engine
+    from kiln.clients.open import open_engine
     from kiln.errors import KilnError
 
     path = _resolve(model, tiny)
@@ -83,7 +83,7 @@ def _settings_error(exc: SettingsFlagError) -> typer.Exit:
 @with_settings_flags(on_error=_settings_error)
 def serve(model: ModelArg = None, tiny: TinyOpt = False, *, settings: ServerSettings) -> None:
     """Serve a model through the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models)."""
-    from kiln.engine.open import open_engine
+    from kiln.clients.open import open_engine
     from kiln.errors import KilnError
     from kiln.serve.loading_engine import LoadingEngine
     from kiln.serve.runner import configure_logging, run_server
@@ -201,7 +201,7 @@ def build(
                 overwrite=overwrite,
             )
         elif backend == "trtllm":
-            from kiln.trtllm.build import build_trtllm_engine
+            from kiln.build.trtllm import build_trtllm_engine
 
             manifest = build_trtllm_engine(
                 checkpoint,  # type: ignore[arg-type]
@@ -420,7 +420,7 @@ def models(
 )
 def bench(ctx: typer.Context) -> None:
     """Offline throughput and latency of the native engine (all flags: kiln bench --help)."""
-    from kiln.bench import main as bench_main
+    from kiln.bench.cli import main as bench_main
 
     raise typer.Exit(bench_main(list(ctx.args)))
 

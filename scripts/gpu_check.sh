@@ -4,15 +4,15 @@
 #                                     served-eager-mixed startup smollm2 report
 #                                     (default: all but tune, the tile-shape sweep)
 # Results (results.json, results.md, plots, run.log) go to $OUT if set (the device tool's folder), else
-# bench/results; each stage appends to results.json and run.log.
+# benchmarks/results; each stage appends to results.json and run.log.
 # Run from the repository root; needs a CUDA GPU, torch, triton and transformers (matplotlib for plots).
 # The whole default run takes about 12 minutes on an H100 (tests 4.5, kernels 1, kiln 2.5, hf 4); under
 # the device tool's 10-minute limit run it as two calls, `env tests kernels kiln report` then `hf report`,
-# and merge the two results.json files with `python -m bench.report A.json B.json --md ... --png ...`.
+# and merge the two results.json files with `python -m benchmarks.report A.json B.json --md ... --png ...`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
-RESULTS="${OUT:-bench/results}"
+RESULTS="${OUT:-benchmarks/results}"
 mkdir -p "$RESULTS"
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(env tests kernels kiln hf report)
@@ -35,29 +35,29 @@ PY
     tests)
       python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     kernels)
-      python3 -m bench.kernels --out "$RESULTS/results.json" --suites decode prefill elementwise 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
+      python3 -m benchmarks.kernels --out "$RESULTS/results.json" --suites decode prefill elementwise 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     hf)
-      python3 -m bench.hf_baselines --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
+      python3 -m benchmarks.hf_baselines --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     gemv)  # batch-1 GEMVs: cuBLAS against the Triton GEMV over a sweep of tiles (7B shapes)
-      python3 -m bench.gemv --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
+      python3 -m benchmarks.gemv --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     tune)
-      python3 -m bench.kernels --out "$RESULTS/results.json" --suites tune 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
+      python3 -m benchmarks.kernels --out "$RESULTS/results.json" --suites tune 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     kiln)
-      python3 -m bench.engine --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
+      python3 -m benchmarks.engine --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     served)  # needs fastapi/uvicorn/sse-starlette/pydantic: carry .whl (see ../shared/device/README.md)
-      python3 -m bench.served --random llama3.1-8b --num-requests 1024 --input-len 128 --output-len 128 \
+      python3 -m benchmarks.served --random llama3.1-8b --num-requests 1024 --input-len 128 --output-len 128 \
         --concurrency 256 --max-num-seqs 256 --engine-process --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     served-eager-mixed)  # the same with mixed steps run eagerly (no piecewise graphs)
-      python3 -m bench.served --random llama3.1-8b --num-requests 1024 --input-len 128 --output-len 128 \
+      python3 -m benchmarks.served --random llama3.1-8b --num-requests 1024 --input-len 128 --output-len 128 \
         --concurrency 256 --max-num-seqs 256 --engine-process --no-piecewise-graphs \
         --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     startup)
-      python3 -m bench.startup --random llama2-7b --dir /tmp/kiln-llama2-7b --repeats 2 \
+      python3 -m benchmarks.startup --random llama2-7b --dir /tmp/kiln-llama2-7b --repeats 2 \
         --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
-    smollm2)  # the default model in fp16/bf16: needs its GGUF in $KILN_CACHE_DIR/gguf (see bench/README.md)
+    smollm2)  # the default model in fp16/bf16: needs its GGUF in $KILN_CACHE_DIR/gguf (see benchmarks/README.md)
       python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_default_model_gpu.py 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     report)
-      python3 -m bench.report "$RESULTS/results.json" --md "$RESULTS/results.md" --png "$RESULTS" || status=1 ;;
+      python3 -m benchmarks.report "$RESULTS/results.json" --md "$RESULTS/results.md" --png "$RESULTS" || status=1 ;;
     *)
       echo "unknown stage $stage"; status=2 ;;
   esac

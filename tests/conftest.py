@@ -1,10 +1,39 @@
-"""Shared fixtures: tiny random-weight Llama checkpoints (made here, deterministic) and the default model."""
+"""Shared fixtures: tiny random-weight Llama checkpoints (made here, deterministic) and the default model.
+
+Also the collection check: a run over the configured test paths (plain `pytest`, as the README and CI
+run it) fails when a `test_*.py` file under tests/ was never collected — a folder that a `norecursedirs`
+pattern hides (pytest's default list has `build`) would otherwise pass in silence.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+
+_collected_files: set[str] = set()
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    path = report.nodeid.split("::")[0]
+    if path.endswith(".py"):
+        _collected_files.add(path)  # skipped and failed modules count: they were found
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    config = session.config
+    if config.args_source is not pytest.Config.ArgsSource.TESTPATHS or config.option.deselect:
+        return  # a chosen subset: nothing to compare
+    if session.testsfailed:
+        return  # collection errors (reported as such) may have stopped it early
+    root = config.rootpath
+    on_disk = {p.relative_to(root).as_posix() for p in (root / "tests").rglob("test_*.py")}
+    missing = sorted(on_disk - _collected_files)
+    if missing:
+        raise pytest.UsageError(
+            "test files under tests/ that pytest did not collect (check norecursedirs and "
+            "collect_ignore): " + ", ".join(missing)
+        )
 
 
 @pytest.fixture(scope="session")

@@ -12,14 +12,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from kiln.build.manifest import EngineManifest, is_engine_dir
     from kiln.build.native import build_engine, build_tiny_engine
+    from kiln.engine_dir import EngineManifest, is_engine_dir
 
 __all__ = ["EngineManifest", "build_engine", "build_tiny_engine", "is_engine_dir"]
 
 _HOMES = {
-    "EngineManifest": "kiln.build.manifest",
-    "is_engine_dir": "kiln.build.manifest",
+    "EngineManifest": "kiln.engine_dir",
+    "is_engine_dir": "kiln.engine_dir",
     "build_engine": "kiln.build.native",
     "build_tiny_engine": "kiln.build.native",
 }

@@ -27,6 +27,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kiln.build.native import build_engine
+from kiln.config import canonical_dtype
+from kiln.engine_dir import EngineManifest
 from kiln.errors import InvalidEngineError, OfflineError
 
 if TYPE_CHECKING:
@@ -135,10 +138,6 @@ def ensure_default_engine(
     An existing directory is reused when its `engine.json` loads (cheap checks: presence and sizes,
     not checksums) and has the requested dtype; otherwise it is rebuilt in place.
     """
-    from kiln.build.manifest import EngineManifest
-    from kiln.build.native import build_engine
-    from kiln.config import canonical_dtype
-
     dtype = canonical_dtype(dtype)
     engine_dir = default_engine_dir(cache_dir)
     engine_dir.parent.mkdir(parents=True, exist_ok=True)

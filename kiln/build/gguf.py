@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiln.build.checkpoint import model_config_from_hf
 from kiln.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -39,8 +40,6 @@ class GGUFCheckpoint:
 def read_gguf_config(path: Path) -> dict[str, Any]:
     """The HF config dict of a Llama-family GGUF (metadata only); CheckpointError if unreadable or not Llama."""
     from transformers import AutoConfig
-
-    from kiln.build.checkpoint import model_config_from_hf
 
     path = Path(path)
     try:

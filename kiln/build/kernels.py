@@ -12,7 +12,7 @@ Rules:
 - The child tunes first and applies the result before the engine loads, so the memory profile, the CUDA
   graph capture and the warm-up steps (`warm_steps`) compile the tuned variants. It runs with
   KILN_ENGINE_KERNELS=off so an older kernels/ in the directory is not used meanwhile.
-- The kernels match this GPU architecture and Triton build only (see kiln.engine.kernels.kernel_cache).
+- The kernels match this GPU architecture and Triton build only (see kiln.kernels.kernel_cache).
 """
 
 from __future__ import annotations
@@ -28,18 +28,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from kiln.build.manifest import EngineManifest
-from kiln.engine.kernels.kernel_cache import cache_entries, count_compiled_kernels, write_kernels_dir
-from kiln.engine.kernels.tuning import AttentionConfig, KernelProfile
+from kiln.config import DTYPES, EngineConfig
+from kiln.engine.llm_engine import LLMEngine
+from kiln.engine.sampling_params import SamplingParams
+from kiln.engine_dir import EngineManifest
 from kiln.errors import BackendUnavailableError, InvalidEngineError, KilnError
+from kiln.kernels import tile_sweep
+from kiln.kernels.kernel_cache import cache_entries, count_compiled_kernels, write_kernels_dir
+from kiln.kernels.tiles import AttentionConfig, KernelProfile, apply_profile, current_target
 from kiln.version import __version__
-
-if TYPE_CHECKING:
-    from kiln.engine.llm_engine import LLMEngine
 
 MAX_TUNE_CONTEXT = 2048  # decode contexts and prefill lengths of the sweep (at most the engine's limits)
 
@@ -117,17 +118,13 @@ def tune_engine_kernels(
 def tune_and_warm(engine_dir: Path, device: str, say: Callable[[str], None] = print) -> dict[str, Any]:
     """The child's work (Triton's cache dir already set): tune, apply, load the engine, warm it up.
     Returns the profile and the warm-up time as JSON-ready data."""
-    from kiln.config import DTYPES
-    from kiln.engine.kernels.tuning import apply_profile, current_target, tune_attention
-    from kiln.engine.llm_engine import LLMEngine
-    from kiln.engine.options import EngineOptions
 
     manifest = check_tunable(engine_dir, device)
     config, limits = manifest.model, manifest.limits
     max_len = min(limits.resolved_max_seq_len(config), config.max_position_embeddings)
     target = current_target(device)
     say(f"tuning attention tiles on {target.name} ...")
-    result = tune_attention(
+    result = tile_sweep.tune_attention(
         num_heads=config.num_attention_heads,
         num_kv_heads=config.num_key_value_heads,
         head_dim=config.head_dim,
@@ -159,7 +156,7 @@ def tune_and_warm(engine_dir: Path, device: str, say: Callable[[str], None] = pr
     apply_profile(profile, target)
     start = time.perf_counter()
     say("loading the engine (memory profile, CUDA graph capture) and compiling every step's kernels ...")
-    engine = LLMEngine.from_path(engine_dir, EngineOptions(device=device))
+    engine = LLMEngine.from_path(engine_dir, EngineConfig(device=device))
     steps = warm_steps(engine, max_num_tokens=limits.max_num_tokens, max_num_seqs=limits.max_batch_size)
     torch.cuda.synchronize()
     warm_seconds = time.perf_counter() - start
@@ -174,7 +171,6 @@ def warm_steps(engine: LLMEngine, *, max_num_tokens: int, max_num_seqs: int, see
     then, with the decode CUDA graphs set aside, eager decode at odd batch sizes and at each context
     length where the attention split count changes (what an `enforce_eager` server and mixed steps run).
     Greedy, EOS ignored, random token ids. Returns the number of steps run."""
-    from kiln.engine.sampling_params import SamplingParams
 
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
@@ -231,7 +227,7 @@ def split_change_lengths(engine: LLMEngine) -> list[int]:
     off CUDA, where no Triton kernel runs)."""
     if engine.device.type != "cuda":
         return []
-    from kiln.engine.kernels.triton_attention import choose_num_splits
+    from kiln.kernels.triton_attention import choose_num_splits  # Triton: CUDA machines only
 
     sms = torch.cuda.get_device_properties(engine.device).multi_processor_count
     kv_heads = engine.model_config.num_key_value_heads

@@ -31,9 +31,12 @@ from kiln.build.checkpoint import (
     read_hf_config,
     resolve_checkpoint,
 )
-from kiln.build.manifest import MANIFEST_NAME, EngineManifest, sha256_file
+from kiln.build.gguf import expected_tensor_count, load_gguf, read_gguf_config, save_gguf_tokenizer
+from kiln.build.tiny import write_tiny_checkpoint
 from kiln.config import DTYPES, EngineLimits, ModelConfig, canonical_dtype
+from kiln.engine_dir import MANIFEST_NAME, EngineManifest, move_into_place, sha256_file
 from kiln.errors import CheckpointError
+from kiln.models.weights import expected_packed_shapes, pack_hf_state_dict
 from kiln.progress import build_progress
 
 WEIGHTS_NAME = "model.safetensors"
@@ -108,8 +111,6 @@ def build_tiny_engine(
     **tiny_options: Any,
 ) -> EngineManifest:
     """Build an engine from `write_tiny_checkpoint(seed=seed, **tiny_options)`: `kiln build --tiny`."""
-    from kiln.build.tiny import write_tiny_checkpoint
-
     options = "".join(f", {k}={v!r}" for k, v in sorted(tiny_options.items()))
     with tempfile.TemporaryDirectory(prefix="kiln-tiny-") as tmp:
         checkpoint = write_tiny_checkpoint(Path(tmp), seed=seed, **tiny_options)
@@ -138,13 +139,6 @@ def _build_into(
     extra: dict[str, Any] = {}
     with build_progress(enabled=progress) as bar:
         if resolved.kind == "gguf":
-            from kiln.build.gguf import (
-                expected_tensor_count,
-                load_gguf,
-                read_gguf_config,
-                save_gguf_tokenizer,
-            )
-
             hf = read_gguf_config(resolved.path)
             step = bar.step("dequantizing GGUF", expected_tensor_count(hf))
             gguf = load_gguf(resolved.path, hf_config=hf, dtype=DTYPES[dtype], on_tensor=step)
@@ -234,8 +228,6 @@ def _write_packed_weights(
     """
     from safetensors.torch import save_file
 
-    from kiln.models.weights import expected_packed_shapes, pack_hf_state_dict
-
     expected = expected_packed_shapes(model)
     shard: dict[str, Any] = {}
     shard_bytes = 0
@@ -287,17 +279,6 @@ def _write_packed_weights(
         (out / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         sizes[WEIGHTS_INDEX_NAME] = (out / WEIGHTS_INDEX_NAME).stat().st_size
     return sizes
-
-
-def move_into_place(staging: Path, output_dir: Path) -> None:
-    """Rename the finished staging dir to output_dir, replacing an old one only now that the new is whole."""
-    if not output_dir.exists():
-        os.replace(staging, output_dir)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-    os.replace(output_dir, retired / "engine")
-    os.replace(staging, output_dir)
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 __all__ = ["MANIFEST_NAME", "build_engine", "build_tiny_engine"]

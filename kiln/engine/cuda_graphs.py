@@ -25,7 +25,7 @@ from collections.abc import Callable, Container
 
 import torch
 
-from kiln.engine.attention_metadata import AttentionMetadata
+from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)

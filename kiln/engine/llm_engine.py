@@ -1,6 +1,6 @@
 """`LLMEngine`: the synchronous engine. One `step()` = schedule, run the model, process outputs.
 
-With overlapped steps (`EngineOptions.async_scheduling`, on by default on CUDA) a step schedules and
+With overlapped steps (`EngineConfig.async_scheduling`, on by default on CUDA) a step schedules and
 launches step N+1 on the GPU before it reads step N's tokens and turns them into outputs, so the
 host's per-step work (scheduling, input preparation, detokenizing, stop checks) runs while the GPU
 computes instead of between its steps. The price: a request that stops at step N has been scheduled
@@ -18,20 +18,19 @@ from pathlib import Path
 
 import torch
 
-from kiln.config import DTYPES, EngineLimits, ModelConfig, canonical_dtype
+from kiln.config import DTYPES, EngineConfig, EngineLimits, ModelConfig, canonical_dtype
 from kiln.engine.gc_tuning import settle_garbage_collector
-from kiln.engine.kernels.kernel_cache import prepare_engine_kernels
+from kiln.engine.info import EngineStats, ModelInfo
 from kiln.engine.memory_profile import num_kv_blocks_from_memory
 from kiln.engine.model_runner import LaunchedStep, ModelRunner
-from kiln.engine.options import EngineOptions
 from kiln.engine.output_processor import OutputProcessor
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.piecewise_graphs import MAX_PIECEWISE_GRAPH_TOKENS
-from kiln.engine.protocol import EngineStats, ModelInfo
 from kiln.engine.request import Request, RequestStatus
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from kiln.engine.validation import validate_request
+from kiln.kernels.kernel_cache import prepare_engine_kernels
 from kiln.kvcache.manager import KVCacheManager
 from kiln.kvcache.tensors import allocate_kv_cache
 from kiln.models.llama import LlamaForCausalLM
@@ -55,12 +54,12 @@ class LLMEngine:
         tokenizer: Tokenizer,
         *,
         limits: EngineLimits | None = None,
-        options: EngineOptions | None = None,
+        options: EngineConfig | None = None,
         model_name: str = "model",
         dtype: str = "float32",
         engine_dir: str | None = None,
     ) -> None:
-        options = options or EngineOptions()
+        options = options or EngineConfig()
         limits = limits or EngineLimits()
         phase_start = time.perf_counter()
         # Seconds per start-up phase, logged once ready (from_path adds its loading phases first).
@@ -132,12 +131,12 @@ class LLMEngine:
         settle_garbage_collector()
 
     @classmethod
-    def from_path(cls, path: str | Path, options: EngineOptions | None = None) -> LLMEngine:
+    def from_path(cls, path: str | Path, options: EngineConfig | None = None) -> LLMEngine:
         """Load an engine directory (engine.json) or a Hugging Face checkpoint directory."""
-        from kiln.build.manifest import EngineManifest, is_engine_dir
+        from kiln.engine_dir import EngineManifest, is_engine_dir
         from kiln.models.loader import load_model
 
-        options = options or EngineOptions()
+        options = options or EngineConfig()
         path = Path(path)
         device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         limits: EngineLimits | None = None
@@ -146,7 +145,7 @@ class LLMEngine:
         if is_engine_dir(path):
             manifest = EngineManifest.load(path)
             if manifest.backend != "native":
-                raise ValueError(f"{path} holds a {manifest.backend!r} engine; open it with kiln.engine.open")
+                raise ValueError(f"{path} holds a {manifest.backend!r} engine; open it with kiln.clients.open")
             # Before anything compiles: the engine's compiled kernels and tuned tiles (kiln tune), if any.
             phase_start = time.perf_counter()
             prepare_engine_kernels(path, device)

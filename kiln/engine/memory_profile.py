@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from kiln.engine.attention_metadata import AttentionMetadata
-from kiln.engine.options import EngineOptions
-from kiln.kvcache.tensors import num_blocks_for_budget
+from kiln.config import EngineConfig
+from kiln.kernels.attention_metadata import AttentionMetadata
+from kiln.kvcache.tensors import allocate_kv_cache, num_blocks_for_budget
 from kiln.models.llama import LlamaForCausalLM
 
 CPU_KV_BUDGET_BYTES = 1 << 30
@@ -19,8 +19,6 @@ def profile_activation_bytes(
 ) -> int:
     """Peak CUDA memory a step of `num_tokens` prefill tokens needs beyond the weights (one sequence,
     a throwaway KV cache just large enough), so the real KV cache can take the rest."""
-    from kiln.kvcache.tensors import allocate_kv_cache
-
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     num_tokens = min(num_tokens, model.max_positions)
@@ -52,7 +50,7 @@ def profile_activation_bytes(
 
 def num_kv_blocks_from_memory(
     model: LlamaForCausalLM,
-    options: EngineOptions,
+    options: EngineConfig,
     block_size: int,
     max_tokens_per_step: int,
     max_num_seqs: int,

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.engine.attention_metadata import AttentionMetadata
 from kiln.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from kiln.engine.host_transfer import HostStaging, to_host
 from kiln.engine.piecewise_graphs import PiecewiseGraphs
 from kiln.engine.request import Request
 from kiln.engine.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow, make_generator
 from kiln.engine.scheduler import SchedulerOutput
+from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.models.llama import LlamaForCausalLM
 
 

@@ -24,8 +24,8 @@ import logging
 
 import torch
 
-from kiln.engine.attention_metadata import AttentionMetadata
 from kiln.engine.cuda_graphs import TokenBuffers, capture_graph, smallest_bucket
+from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 Parameter names are the packed checkpoint names of kiln.models.weights (fused `qkv_proj` and
 `gate_up_proj`), so an engine directory loads with no renaming. Every kernel goes through
-`kiln.engine.kernels`, which picks Triton on CUDA and the PyTorch references elsewhere.
+`kiln.kernels`, which picks Triton on CUDA and the PyTorch references elsewhere.
 
 The model is stateless between calls: the KV cache and the AttentionMetadata describing where a
 step's tokens live are passed into `forward` by the model runner.
@@ -22,10 +22,10 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from kiln import kernels
 from kiln.config import ModelConfig
-from kiln.engine import kernels
-from kiln.engine.attention_metadata import AttentionMetadata
 from kiln.errors import CheckpointError
+from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.models.rope import build_cos_sin_cache
 from kiln.models.weights import expected_packed_shapes
 

@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 
 from kiln.config import DTYPES, ModelConfig, canonical_dtype
+from kiln.engine_dir import MANIFEST_NAME, EngineManifest
 from kiln.errors import CheckpointError
 from kiln.models.llama import LlamaForCausalLM
 from kiln.models.weights import expected_packed_shapes, pack_hf_state_dict
 from kiln.progress import build_progress
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-ENGINE_MANIFEST = "engine.json"
 
 
 def load_model(
@@ -38,9 +38,7 @@ def load_model(
     when it names none). Raises CheckpointError / InvalidEngineError for unreadable input.
     """
     path = Path(path)
-    if (path / ENGINE_MANIFEST).is_file():
-        from kiln.build.manifest import EngineManifest
-
+    if (path / MANIFEST_NAME).is_file():
         manifest = EngineManifest.load(path)
         config = manifest.model
         dtype = dtype or DTYPES[canonical_dtype(manifest.dtype)]

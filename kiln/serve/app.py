@@ -22,7 +22,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
-from kiln.engine.protocol import EngineClient
+from kiln.clients.protocol import EngineClient
 from kiln.serve.admission import Admission
 from kiln.serve.auth import require_api_key
 from kiln.serve.chat import create_chat_completion

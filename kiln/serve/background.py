@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from kiln.engine.protocol import EngineClient
+from kiln.clients.protocol import EngineClient
 from kiln.serve.runner import DrainingServer, make_server
 from kiln.serve.settings import ServerSettings
 

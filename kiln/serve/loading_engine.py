@@ -15,8 +15,9 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from kiln.clients.protocol import EngineClient
+from kiln.engine.info import EngineStats, ModelInfo
 from kiln.engine.outputs import RequestOutput
-from kiln.engine.protocol import EngineClient, EngineStats, ModelInfo
 from kiln.engine.sampling_params import SamplingParams
 from kiln.serve.errors import UnavailableError
 

@@ -13,17 +13,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kiln.engine.options import EngineOptions
-from kiln.engine.protocol import EngineClient
+from kiln.build.checkpoint import resolve_checkpoint
+from kiln.build.default_model import default_cache_dir, ensure_default_engine
+from kiln.build.native import build_tiny_engine
+from kiln.clients.open import open_engine
+from kiln.clients.protocol import EngineClient
+from kiln.config import EngineConfig
+from kiln.engine_dir import is_engine_dir
 
 TINY_ENGINE_NAME = "tiny"
 
 
 def tiny_engine_dir(cache_dir: Path | None = None) -> Path:
     """Build (once) and return the tiny random model's engine directory in Kiln's cache."""
-    from kiln.build import build_tiny_engine, is_engine_dir
-    from kiln.build.default_model import default_cache_dir
-
     engine_dir = (cache_dir or default_cache_dir()) / "engines" / TINY_ENGINE_NAME
     if not is_engine_dir(engine_dir):
         build_tiny_engine(engine_dir, served_model_name=TINY_ENGINE_NAME, overwrite=True)
@@ -37,19 +39,13 @@ def resolve_model_dir(model: str | None, *, tiny: bool = False, progress: bool =
             raise ValueError("give either MODEL or --tiny, not both")
         return tiny_engine_dir()
     if model is None:
-        from kiln.build.default_model import ensure_default_engine
-
         return ensure_default_engine(progress=progress)
     path = Path(model).expanduser()
     if path.exists():
         return path
-    from kiln.build.checkpoint import resolve_checkpoint
-
     return resolve_checkpoint(model).path  # a hub id: CheckpointError / OfflineError when it cannot
 
 
-def open_model(model: str | None, options: EngineOptions, *, tiny: bool = False) -> EngineClient:
+def open_model(model: str | None, options: EngineConfig, *, tiny: bool = False) -> EngineClient:
     """Resolve MODEL and open it with the backend its directory was built for."""
-    from kiln.engine.open import open_engine
-
     return open_engine(resolve_model_dir(model, tiny=tiny), options)

@@ -15,7 +15,7 @@ from types import FrameType
 
 import uvicorn
 
-from kiln.engine.protocol import EngineClient
+from kiln.clients.protocol import EngineClient
 from kiln.serve.admission import Admission
 from kiln.serve.app import create_app
 from kiln.serve.settings import ServerSettings

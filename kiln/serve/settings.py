@@ -5,7 +5,7 @@ Rules:
   the CLI generates one flag per field (`max_waiting_requests` -> `--max-waiting-requests`).
 - Precedence: a flag given on the command line > a `KILN_<FIELD>` environment variable > the default.
   List fields read from the environment as JSON (`KILN_API_KEYS='["k1","k2"]'`) or comma-separated.
-- The engine's runtime knobs (`EngineOptions`) are fields here too, so one flag set configures both;
+- The engine's runtime knobs (`EngineConfig`) are fields here too, so one flag set configures both;
   `engine_options()` hands them to the engine.
 """
 
@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from kiln.engine.options import EngineOptions
+from kiln.config import EngineConfig
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -80,7 +80,7 @@ class ServerSettings(BaseSettings):
     log_prompts: bool = Field(False, description="Include prompts and outputs in the per-request log line.")
     access_log: bool = Field(False, description="Also write uvicorn's access log line per request.")
 
-    # --- engine runtime (EngineOptions) --------------------------------------------------------------
+    # --- engine runtime (EngineConfig) --------------------------------------------------------------
     dtype: str | None = Field(None, description="Weight dtype (default: the engine directory's).")
     device: str | None = Field(None, description="Device, e.g. cuda or cpu (default: cuda if available).")
     max_num_seqs: int | None = Field(
@@ -142,7 +142,7 @@ class ServerSettings(BaseSettings):
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
-    def engine_options(self) -> EngineOptions:
+    def engine_options(self) -> EngineConfig:
         """The engine's share of these settings."""
-        names = [f.name for f in dataclasses.fields(EngineOptions)]
-        return EngineOptions(**{name: getattr(self, name) for name in names})
+        names = [f.name for f in dataclasses.fields(EngineConfig)]
+        return EngineConfig(**{name: getattr(self, name) for name in names})

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from kiln.engine.protocol import EngineClient
+from kiln.clients.protocol import EngineClient
 from kiln.serve.admission import Admission
 from kiln.serve.errors import NotFoundError
 from kiln.serve.metrics import ServerMetrics

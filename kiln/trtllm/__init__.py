@@ -1,11 +1,7 @@
-"""TensorRT-LLM backend: build TensorRT engines (`build`) and serve them behind `EngineClient` (`backend`).
+"""The TensorRT-LLM 1.2 route's translations: Kiln's sampling parameters to TensorRT-LLM's (`params`), its
+outputs and stats back to Kiln's (`outputs`), and the version gate around `tensorrt_llm` (`compat`).
 
-Importing this package never imports `tensorrt_llm`; that happens only when an engine is built or loaded
-(see `compat`), so Kiln installs and runs its native backend without it.
+The build step that uses them is kiln.build.trtllm; the client that serves a TensorRT engine is
+kiln.clients.trtllm. Importing this package never imports `tensorrt_llm`; that happens only when an
+engine is built or loaded (see `compat`), so Kiln installs and runs its native backend without it.
 """
-
-from kiln.trtllm.backend import TrtLlmEngine
-from kiln.trtllm.build import TrtLlmBuildPlan, build_trtllm_engine, plan_trtllm_build
-from kiln.trtllm.compat import is_available
-
-__all__ = ["TrtLlmBuildPlan", "TrtLlmEngine", "build_trtllm_engine", "is_available", "plan_trtllm_build"]

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kiln.engine.info import EngineStats
 from kiln.engine.outputs import CompletionOutput, FinishReason, Logprob, RequestMetrics, RequestOutput
-from kiln.engine.protocol import EngineStats
 from kiln.engine.stop import StopChecker
 
 _FINISH_REASONS: dict[str, FinishReason] = {

@@ -20,7 +20,7 @@ Semantics relied on (tensorrt_llm/sampling_params.py, 1.x):
   the LLM was created with gather_generation_logits=True (llmapi/llm.py `_check_arguments`).
 - Stop *strings* are not passed on: the library matches them as token sequences of the encoded string
   (missing matches that tokenize differently) and trims them only after they were streamed. Kiln matches
-  them on the text in `kiln.trtllm.backend.OutputTranslator` with the native engine's StopChecker, and
+  them on the text in `kiln.clients.trtllm.OutputTranslator` with the native engine's StopChecker, and
   aborts the library request when one matches. Stop token ids are passed on.
 """
 

@@ -1,4 +1,4 @@
-"""Compiled Triton kernels in an engine directory (kiln.engine.kernels.kernel_cache), on the CPU.
+"""Compiled Triton kernels in an engine directory (kiln.kernels.kernel_cache), on the CPU.
 
 Cache entries are laid out as Triton 3.6 writes them (group files listing ABSOLUTE paths); the last test
 compiles a real kernel for sm_90 with Triton (no GPU needed to compile) and checks that Triton's own
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import kiln.engine.kernels.kernel_cache as kc
-from kiln.engine.kernels.tuning import AttentionConfig, GpuTarget, KernelProfile, clear_profile, tuned_config
+import kiln.kernels.kernel_cache as kc
+from kiln.kernels.tiles import AttentionConfig, GpuTarget, KernelProfile, clear_profile, tuned_config
 
 H100 = GpuTarget("NVIDIA H100 80GB HBM3", (9, 0), "3.6.0")
 KERNELS = {"KEYA": "paged_attention", "KEYB": "rms_norm"}

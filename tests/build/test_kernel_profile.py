@@ -1,4 +1,4 @@
-"""The tuned-kernel profile (kiln.engine.kernels.tuning) and the `kiln build --tune-kernels` / `kiln tune` CLI.
+"""The tuned-kernel profile (kiln.kernels.tiles) and the `kiln build --tune-kernels` / `kiln tune` CLI.
 
 What needs a GPU (the sweep, the warm-up, a fresh process compiling nothing) is in
 tests/gpu/test_kernel_tuning.py; here: the profile's round trip, when it is applied, what it changes,
@@ -17,13 +17,13 @@ import pytest
 from typer.testing import CliRunner
 
 import kiln.cli
-from kiln.engine.kernels.tuning import (
+from kiln.kernels.tile_sweep import candidate_configs
+from kiln.kernels.tiles import (
     AttentionConfig,
     CandidateTiming,
     GpuTarget,
     KernelProfile,
     apply_profile,
-    candidate_configs,
     clear_profile,
     tuned_config,
 )
@@ -92,7 +92,7 @@ def test_missing_unreadable_or_newer_profiles_load_as_none(tmp_path: Path, caplo
     ],
 )
 def test_a_profile_from_another_gpu_or_triton_is_not_applied(target: GpuTarget, reason: str, caplog) -> None:
-    with caplog.at_level(logging.INFO, logger="kiln.engine.kernels.tuning"):
+    with caplog.at_level(logging.INFO, logger="kiln.kernels.tiles"):
         assert apply_profile(make_profile(), target) is False
     assert tuned_config(True, 128) is None and tuned_config(False, 128) is None
     assert "not applying the tuned kernel profile" in caplog.text and reason in caplog.text
@@ -110,7 +110,7 @@ def test_a_matching_profile_is_installed_for_its_head_size_only() -> None:
 
 def test_apply_profile_changes_default_config_and_the_builtin_stays_the_fallback() -> None:
     pytest.importorskip("triton")
-    from kiln.engine.kernels.triton_attention import builtin_config, default_config
+    from kiln.kernels.triton_attention import builtin_config, default_config
 
     builtin = {decode: builtin_config(decode, 128) for decode in (True, False)}
     assert default_config(True, 128) == builtin[True] == AttentionConfig(16, 64, 4, 2)
@@ -128,7 +128,7 @@ def test_apply_profile_changes_default_config_and_the_builtin_stays_the_fallback
 @pytest.mark.parametrize("head_dim_p2", [64, 128, 256])
 def test_candidates_start_with_the_builtin_choice_and_are_few(decode: bool, head_dim_p2: int) -> None:
     pytest.importorskip("triton")
-    from kiln.engine.kernels.triton_attention import builtin_config
+    from kiln.kernels.triton_attention import builtin_config
 
     default = builtin_config(decode, head_dim_p2)
     candidates = candidate_configs(default, decode)
@@ -139,7 +139,7 @@ def test_candidates_start_with_the_builtin_choice_and_are_few(decode: bool, head
 
 
 def test_tuning_cases_fit_the_context_and_token_budget() -> None:
-    from kiln.engine.kernels.tuning_shapes import tuning_cases
+    from kiln.kernels.tile_sweep import tuning_cases
 
     decode = tuning_cases(True, max_context=512, max_tokens=256)
     assert [len(q) for _, q, _ in decode] == [1, 32, 256]
@@ -153,8 +153,8 @@ def test_tuning_cases_fit_the_context_and_token_budget() -> None:
 def test_tuning_batches_give_each_replica_its_own_blocks() -> None:
     import torch
 
-    from kiln.engine.kernels import reference
-    from kiln.engine.kernels.tuning_shapes import first_args, paged_batch, rel_error
+    from kiln.kernels import reference
+    from kiln.kernels.tile_sweep import first_args, paged_batch, rel_error
 
     batch = paged_batch(
         [1, 1, 1],
@@ -236,8 +236,8 @@ def test_tune_refuses_a_missing_or_trtllm_engine_and_a_machine_without_a_gpu(
     import torch
 
     from kiln.build import build_tiny_engine
-    from kiln.build.manifest import EngineManifest
     from kiln.config import EngineLimits
+    from kiln.engine_dir import EngineManifest
 
     result = runner.invoke(kiln.cli.app, ["tune", str(tmp_path / "missing")])
     assert result.exit_code == 1 and "does not exist" in said(result)

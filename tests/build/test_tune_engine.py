@@ -17,8 +17,8 @@ import pytest
 import kiln.build.kernels as bk
 from kiln.build import build_tiny_engine
 from kiln.config import EngineLimits
-from kiln.engine.kernels.tuning import AttentionConfig, KernelProfile
 from kiln.errors import BackendUnavailableError
+from kiln.kernels.tiles import AttentionConfig, KernelProfile
 
 LIMITS = EngineLimits(max_batch_size=4, max_num_tokens=64, max_seq_len=256)
 
@@ -31,10 +31,10 @@ def tiny_engine_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_warm_steps_cover_every_kind_of_step(tiny_engine_dir: Path) -> None:
+    from kiln.config import EngineConfig
     from kiln.engine.llm_engine import LLMEngine
-    from kiln.engine.options import EngineOptions
 
-    engine = LLMEngine.from_path(tiny_engine_dir, EngineOptions(device="cpu"))
+    engine = LLMEngine.from_path(tiny_engine_dir, EngineConfig(device="cpu"))
     steps: list[list[tuple[int, int]]] = []  # per step: (start, new tokens) of each request
     launch = engine.runner.launch
 
@@ -137,10 +137,10 @@ def test_the_sweep_picks_the_fastest_candidate_that_matches_the_builtin(
     pytest.importorskip("triton")
     import torch
 
-    import kiln.engine.kernels.triton_attention as ta
-    import kiln.engine.kernels.tuning_shapes as shapes
-    from kiln.engine.kernels import reference
-    from kiln.engine.kernels.tuning import tune_attention
+    import kiln.kernels.tile_sweep as shapes
+    import kiln.kernels.triton_attention as ta
+    from kiln.kernels import reference
+    from kiln.kernels.tile_sweep import tune_attention
 
     wrong, broken, faster = (
         AttentionConfig(16, 32, 4, 2),
@@ -180,10 +180,11 @@ def test_the_child_tunes_before_loading_and_reports_the_profile(
     the engine loads (so its CUDA graphs and warm-up compile them) and come back as a loadable profile."""
     import torch
 
-    import kiln.engine.kernels.tuning as tuning
-    from kiln.build.manifest import EngineManifest
-    from kiln.engine.kernels.tuning import CandidateTiming, GpuTarget, TuneResult, clear_profile, tuned_config
+    import kiln.kernels.tile_sweep as tile_sweep
     from kiln.engine.llm_engine import LLMEngine
+    from kiln.engine_dir import EngineManifest
+    from kiln.kernels.tile_sweep import TuneResult
+    from kiln.kernels.tiles import CandidateTiming, GpuTarget, clear_profile, tuned_config
 
     chosen = AttentionConfig(16, 32, 4, 2), AttentionConfig(64, 64, 4, 3)
     seen: dict[str, Any] = {}
@@ -200,8 +201,8 @@ def test_the_child_tunes_before_loading_and_reports_the_profile(
     monkeypatch.setattr(
         bk, "check_tunable", lambda engine_dir, device="cuda": EngineManifest.load(engine_dir)
     )
-    monkeypatch.setattr(tuning, "current_target", lambda device=None: GpuTarget("GPU", (9, 0), "3.6.0"))
-    monkeypatch.setattr(tuning, "tune_attention", sweep)
+    monkeypatch.setattr(bk, "current_target", lambda device=None: GpuTarget("GPU", (9, 0), "3.6.0"))
+    monkeypatch.setattr(tile_sweep, "tune_attention", sweep)
     monkeypatch.setattr(LLMEngine, "from_path", from_path)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     try:
@@ -226,7 +227,7 @@ def test_opening_an_engine_dir_prepares_its_kernels_before_the_model_loads(
 ) -> None:
     import kiln.engine.llm_engine as llm_engine
     import kiln.models.loader as loader
-    from kiln.engine.options import EngineOptions
+    from kiln.config import EngineConfig
 
     calls: list[tuple[str, Any]] = []
     real_load = loader.load_model
@@ -234,6 +235,6 @@ def test_opening_an_engine_dir_prepares_its_kernels_before_the_model_loads(
         llm_engine, "prepare_engine_kernels", lambda path, device: calls.append(("prep", path, device))
     )
     monkeypatch.setattr(loader, "load_model", lambda *a, **k: calls.append(("load",)) or real_load(*a, **k))
-    llm_engine.LLMEngine.from_path(tiny_engine_dir, EngineOptions(device="cpu"))
+    llm_engine.LLMEngine.from_path(tiny_engine_dir, EngineConfig(device="cpu"))
     assert calls[0] == ("prep", tiny_engine_dir, llm_engine.torch.device("cpu"))
     assert calls[1] == ("load",)

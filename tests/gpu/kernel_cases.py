@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kiln.engine.attention_metadata import AttentionMetadata
+from kiln.kernels.attention_metadata import AttentionMetadata
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Triton 3.6's CPU interpreter truncates float32 -> bf16 (GPUs round to nearest) and miscomputes bf16

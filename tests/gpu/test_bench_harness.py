@@ -12,21 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from kiln import bench
-from kiln.bench_workload import request_lengths
-from kiln.config import ModelConfig
+from kiln.bench import cli, offline, profile, workload
+from kiln.bench.workload import request_lengths
+from kiln.config import EngineConfig, ModelConfig
 from kiln.engine.llm_engine import LLMEngine
-from kiln.engine.options import EngineOptions
 from kiln.models.weights import expected_packed_shapes
 
 
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_gqa_dir):
-    return LLMEngine.from_path(tiny_gqa_dir, EngineOptions(device="cpu", max_num_seqs=8))
+    return LLMEngine.from_path(tiny_gqa_dir, EngineConfig(device="cpu", max_num_seqs=8))
 
 
 def test_throughput_counts_every_generated_token(tiny_engine):
-    result = bench.run_throughput(tiny_engine, 5, [7, 3, 12, 5, 9], [4, 6, 2, 5, 3])
+    result = offline.run_throughput(tiny_engine, 5, [7, 3, 12, 5, 9], [4, 6, 2, 5, 3])
     assert result.num_requests == 5
     assert result.input_tokens == 36
     assert result.output_tokens == 20  # ignore_eos: each request makes exactly its output length
@@ -35,7 +34,7 @@ def test_throughput_counts_every_generated_token(tiny_engine):
 
 
 def test_latency_measures_one_request(tiny_engine):
-    result = bench.run_latency(tiny_engine, input_len=10, output_len=6, repeats=2)
+    result = offline.run_latency(tiny_engine, input_len=10, output_len=6, repeats=2)
     assert result.output_len == 6
     assert result.ttft_ms > 0 and result.ms_per_token > 0
 
@@ -49,7 +48,7 @@ def test_sampled_lengths_stay_in_range():
 def test_main_writes_json_rows(tiny_gqa_dir, tmp_path, capsys):
     out = tmp_path / "results.json"
     argv = [str(tiny_gqa_dir), "--num-requests", "4", "--input-len", "6", "--output-len", "3"]
-    assert bench.main([*argv, "--max-num-seqs", "4", "--json", str(out)]) == 0
+    assert cli.main([*argv, "--max-num-seqs", "4", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
     assert [r["name"] for r in rows] == ["kiln/offline_throughput", "kiln/batch1_decode", "kiln/ttft"]
     assert rows[0]["params"]["output_tokens"] == 12
@@ -58,15 +57,15 @@ def test_main_writes_json_rows(tiny_gqa_dir, tmp_path, capsys):
 
 
 def test_main_needs_exactly_one_model_source(tiny_gqa_dir):
-    assert bench.main([]) == 2
-    assert bench.main([str(tiny_gqa_dir), "--random", "llama2-7b"]) == 2
+    assert cli.main([]) == 2
+    assert cli.main([str(tiny_gqa_dir), "--random", "llama2-7b"]) == 2
 
 
 @pytest.mark.parametrize(
     ("shape", "params_billion", "kv_heads"), [("llama2-7b", 6.74, 32), ("llama3.1-8b", 8.03, 8)]
 )
 def test_random_shapes_are_the_real_architectures(shape, params_billion, kv_heads):
-    _, hf = bench.RANDOM_SHAPES[shape]
+    _, hf = workload.RANDOM_SHAPES[shape]
     config = ModelConfig.from_hf({"model_type": "llama", **hf})
     total = sum(_numel(s) for s in expected_packed_shapes(config).values())
     assert total / 1e9 == pytest.approx(params_billion, abs=0.01)
@@ -81,9 +80,9 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def test_profile_reports_phases(tiny_gqa_dir, tmp_path):
-    engine = LLMEngine.from_path(tiny_gqa_dir, EngineOptions(device="cpu", max_num_seqs=4))
+    engine = LLMEngine.from_path(tiny_gqa_dir, EngineConfig(device="cpu", max_num_seqs=4))
     report = tmp_path / "profile.txt"
-    summary = bench.profile_steps(engine, 4, 8, 12, num_steps=5, path=report)
+    summary = profile.profile_steps(engine, 4, 8, 12, num_steps=5, path=report)
     assert summary["step_ms"] > 0
     phases = {"host_ms_schedule", "host_ms_prepare_inputs", "host_ms_sampler", "host_ms_outputs.process"}
     assert phases <= set(summary)
@@ -94,9 +93,9 @@ def test_profile_reports_phases(tiny_gqa_dir, tmp_path):
 
 
 def test_profile_first_token_reports_one_prompt(tiny_gqa_dir, tmp_path):
-    engine = LLMEngine.from_path(tiny_gqa_dir, EngineOptions(device="cpu", async_scheduling=True))
+    engine = LLMEngine.from_path(tiny_gqa_dir, EngineConfig(device="cpu", async_scheduling=True))
     report = tmp_path / "ttft.txt"
-    summary = bench.profile_first_token(engine, 16, report)
+    summary = profile.profile_first_token(engine, 16, report)
     assert summary["wall_ms"] > 0 and summary["gpu_busy_ms"] == 0  # CPU: no kernels on a device
     text = report.read_text()
     assert text.startswith("one prompt of 16 tokens") and "aten::" in text
@@ -104,8 +103,8 @@ def test_profile_first_token_reports_one_prompt(tiny_gqa_dir, tmp_path):
 
 
 def _load_bench_report():
-    # bench/ is a folder of scripts run from the repository root, not an installed package.
-    path = Path(__file__).resolve().parents[2] / "bench" / "report.py"
+    # benchmarks/ is a folder of scripts run from the repository root, not an installed package.
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "report.py"
     spec = importlib.util.spec_from_file_location("bench_report", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -9,8 +9,8 @@ import pytest
 import torch
 import transformers
 
+from kiln.config import EngineConfig
 from kiln.engine.llm_engine import LLMEngine
-from kiln.engine.options import EngineOptions
 from kiln.engine.sampling_params import SamplingParams
 
 pytestmark = [
@@ -43,7 +43,7 @@ def test_cuda_graphs_give_the_same_tokens_as_eager(tiny_gqa_dir, dtype):
     results = []
     for eager in (True, False):
         engine = LLMEngine.from_path(
-            tiny_gqa_dir, EngineOptions(device="cuda", dtype=dtype, enforce_eager=eager, max_num_seqs=16)
+            tiny_gqa_dir, EngineConfig(device="cuda", dtype=dtype, enforce_eager=eager, max_num_seqs=16)
         )
         assert (engine.runner.graphs is None) == eager
         results.append(run(engine, batch, greedy))
@@ -51,7 +51,7 @@ def test_cuda_graphs_give_the_same_tokens_as_eager(tiny_gqa_dir, dtype):
 
 
 def test_greedy_matches_transformers_in_fp16(tiny_mha_dir):
-    engine = LLMEngine.from_path(tiny_mha_dir, EngineOptions(device="cuda", dtype="float16"))
+    engine = LLMEngine.from_path(tiny_mha_dir, EngineConfig(device="cuda", dtype="float16"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_mha_dir, dtype=torch.float16).cuda().eval()
     batch = prompts(512, [4, 19, 33], seed=3)
     got = run(engine, batch, SamplingParams(temperature=0, max_tokens=12, min_tokens=12))
@@ -68,7 +68,7 @@ def test_greedy_matches_transformers_in_fp16(tiny_mha_dir):
 
 def test_kv_cache_is_sized_from_free_gpu_memory(tiny_gqa_dir):
     engine = LLMEngine.from_path(
-        tiny_gqa_dir, EngineOptions(device="cuda", dtype="float16", gpu_memory_utilization=0.5)
+        tiny_gqa_dir, EngineConfig(device="cuda", dtype="float16", gpu_memory_utilization=0.5)
     )
     total = torch.cuda.mem_get_info()[1]
     # A tiny model leaves nearly all of its half of the card to the KV cache, and nothing beyond it.
@@ -91,7 +91,7 @@ def test_overlapped_steps_give_the_same_outputs_as_one_at_a_time(tiny_gqa_dir):
         # 40 blocks of 16 tokens for 14 requests of up to 124 tokens: some are preempted.
         engine = LLMEngine.from_path(
             tiny_gqa_dir,
-            EngineOptions(device="cuda", dtype="float16", async_scheduling=overlap, num_kv_blocks=40),
+            EngineConfig(device="cuda", dtype="float16", async_scheduling=overlap, num_kv_blocks=40),
         )
         for i, prompt in enumerate(batch):
             engine.add_request(str(i), params=params[i % len(params)], prompt_token_ids=prompt)
@@ -118,7 +118,7 @@ def test_prefill_graphs_give_the_same_tokens_as_eager(tiny_gqa_dir):
     for eager in (True, False):
         engine = LLMEngine.from_path(
             tiny_gqa_dir,
-            EngineOptions(device="cuda", dtype="float16", enforce_eager=eager, max_model_len=1024),
+            EngineConfig(device="cuda", dtype="float16", enforce_eager=eager, max_model_len=1024),
         )
         replays = []
         if not eager:
@@ -143,7 +143,7 @@ def test_piecewise_graphs_give_the_same_tokens_as_eager(tiny_gqa_dir):
     greedy = SamplingParams(temperature=0, max_tokens=MAX_NEW, min_tokens=MAX_NEW)
     results = []
     for eager in (True, False):
-        options = EngineOptions(
+        options = EngineConfig(
             device="cuda",
             dtype="float16",
             enforce_eager=eager,

@@ -1,4 +1,4 @@
-"""`kiln.engine.kernels` picks the Triton kernel for CUDA tensors and the reference elsewhere.
+"""`kiln.kernels` picks the Triton kernel for CUDA tensors and the reference elsewhere.
 
 The CPU half runs everywhere (CI included) and checks the dispatch returns exactly the reference's
 results; the GPU half checks CUDA tensors reach the Triton modules (by patching them).
@@ -10,8 +10,8 @@ import pytest
 import torch
 from kernel_cases import make_paged_batch
 
-from kiln.engine import kernels
-from kiln.engine.kernels import reference
+from kiln import kernels
+from kiln.kernels import reference
 
 
 def test_cpu_tensors_take_the_reference_path():
@@ -44,7 +44,7 @@ def test_rotary_store_kv_fallback_is_rotary_then_store():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_tensors_take_the_triton_path(monkeypatch):
-    from kiln.engine.kernels import triton_activation, triton_attention, triton_cache, triton_norm
+    from kiln.kernels import triton_activation, triton_attention, triton_cache, triton_norm
 
     called: list[str] = []
     for module, name in [
@@ -75,7 +75,7 @@ def test_cuda_tensors_take_the_triton_path(monkeypatch):
 
 
 def test_pdl_is_off_on_the_cpu_and_when_disabled(monkeypatch):
-    from kiln.engine.kernels import pdl
+    from kiln.kernels import pdl
 
     assert not pdl.pdl_enabled(torch.device("cpu"))
     monkeypatch.setattr(pdl, "_DISABLED", True)

@@ -33,17 +33,18 @@ from pathlib import Path
 import torch
 from triton import knobs
 from kiln.build.kernels import warm_steps
-from kiln.build.manifest import EngineManifest
-from kiln.engine.kernels import tuning
-from kiln.engine.kernels.kernel_cache import cache_entries, prepare_engine_kernels, triton_cache_dir
-from kiln.engine.kernels.triton_attention import builtin_config
+from kiln.engine_dir import EngineManifest
+from kiln.kernels import tiles as tuning
+from kiln.kernels.tile_sweep import candidate_configs
+from kiln.kernels.kernel_cache import cache_entries, prepare_engine_kernels, triton_cache_dir
+from kiln.kernels.triton_attention import builtin_config
 from kiln.engine.llm_engine import LLMEngine
-from kiln.engine.options import EngineOptions
+from kiln.config import EngineConfig
 from kiln.engine.sampling_params import SamplingParams
 
 engine_dir = Path(sys.argv[1])
 limits = EngineManifest.load(engine_dir).limits
-options = EngineOptions(device="cuda", gpu_memory_utilization=0.3)
+options = EngineConfig(device="cuda", gpu_memory_utilization=0.3)
 misses = []
 knobs.compilation.listener = lambda **kw: None if kw["cache_hit"] else misses.append(kw["metadata"].get("name", "?"))
 
@@ -85,7 +86,7 @@ os.environ["KILN_ENGINE_KERNELS"] = "off"  # from here on, loads must not re-app
 profile = tuning.KernelProfile.load(engine_dir / "kernels")
 tuning.clear_profile()
 result["builtin"] = greedy()
-other = {decode: tuning.candidate_configs(builtin_config(decode, 128), decode)[1] for decode in (True, False)}
+other = {decode: candidate_configs(builtin_config(decode, 128), decode)[1] for decode in (True, False)}
 tuning.apply_profile(dataclasses.replace(profile, decode=other[True], prefill=other[False]))
 result["other"] = greedy()
 print(json.dumps(result))
@@ -112,9 +113,10 @@ def tuned(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_tune_saves_a_profile_for_this_gpu_and_the_compiled_kernels(tuned) -> None:
-    from kiln.engine.kernels.kernel_cache import GROUP_PREFIX, cache_entries
-    from kiln.engine.kernels.triton_attention import builtin_config
-    from kiln.engine.kernels.tuning import KernelProfile, candidate_configs
+    from kiln.kernels.kernel_cache import GROUP_PREFIX, cache_entries
+    from kiln.kernels.tile_sweep import candidate_configs
+    from kiln.kernels.tiles import KernelProfile
+    from kiln.kernels.triton_attention import builtin_config
 
     engine_dir, summary = tuned
     profile = KernelProfile.load(engine_dir / "kernels")

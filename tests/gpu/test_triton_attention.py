@@ -7,7 +7,7 @@ import pytest
 import torch
 from kernel_cases import DTYPES, INTERPRET, make_paged_batch, rel_error
 
-from kiln.engine.kernels import reference
+from kiln.kernels import reference
 
 pytestmark = pytest.mark.gpu
 
@@ -17,7 +17,7 @@ HEAD_SHAPES = [(64, 1), (64, 4), (64, 8), (128, 1), (128, 4), (128, 8)]  # (head
 
 
 def _triton_attention():
-    from kiln.engine.kernels import triton_attention
+    from kiln.kernels import triton_attention
 
     return triton_attention
 
@@ -82,7 +82,7 @@ def test_block_size_one(device, head_dim, group):
 def test_split_merge_leaves_its_counters_at_zero_and_repeats_exactly(device):
     # The last split of each tile merges and resets the tile's counter: a second launch (a CUDA-graph
     # replay is the same) must find every counter at zero and give the same output bit for bit.
-    from kiln.engine.kernels import attention_plan
+    from kiln.kernels import attention_plan
 
     batch = make_paged_batch([1, 1, 5], [_long(900), 40, _long(300)], 16, 4, 64, 16, torch.float16, device)
     first = _check(batch, torch.float16, num_splits=8)
@@ -128,7 +128,7 @@ def test_odd_head_dim_and_group(device):
 )
 def test_every_tuning_config_is_correct(device, block_m, block_n, num_warps, num_stages, keys_transposed):
     # The tuning sweep may pick any of these shapes, so each must compute the same function.
-    from kiln.engine.kernels.triton_attention import AttentionConfig
+    from kiln.kernels.triton_attention import AttentionConfig
 
     config = AttentionConfig(block_m, block_n, num_warps, num_stages, keys_transposed)
     # A ragged head dim too (96, padded to 128), so the masked transposed-key load is exercised.

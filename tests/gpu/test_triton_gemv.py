@@ -7,8 +7,8 @@ import pytest
 import torch
 from kernel_cases import DTYPES, INTERPRET, rel_error
 
-from kiln.engine import kernels
-from kiln.engine.kernels import reference
+from kiln import kernels
+from kiln.kernels import reference
 
 pytestmark = pytest.mark.gpu
 
@@ -22,7 +22,7 @@ BOUND = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("n", "k", "config"), SHAPES)
 def test_gemv_matches_reference(device, dtype, n, k, config):
-    from kiln.engine.kernels.triton_gemv import gemv
+    from kiln.kernels.triton_gemv import gemv
 
     gen = torch.Generator(device=device).manual_seed(n * k)
     weight = (torch.randn(n, k, device=device, generator=gen) / k**0.5).to(dtype)
@@ -34,7 +34,7 @@ def test_gemv_matches_reference(device, dtype, n, k, config):
 
 
 def test_gemv_refuses_what_it_does_not_compute(device):
-    from kiln.engine.kernels.triton_gemv import gemv
+    from kiln.kernels.triton_gemv import gemv
 
     weight = torch.zeros(8, 16, device=device, dtype=torch.float16)
     with pytest.raises(ValueError, match="one token"):
@@ -45,7 +45,7 @@ def test_gemv_refuses_what_it_does_not_compute(device):
 
 @pytest.mark.skipif(INTERPRET, reason="the dispatch picks Triton on CUDA tensors only")
 def test_linear_dispatch_takes_the_gemv_for_one_token_only(device, monkeypatch):
-    from kiln.engine.kernels import triton_gemv
+    from kiln.kernels import triton_gemv
 
     calls = []
     real = triton_gemv.gemv
@@ -65,8 +65,8 @@ def test_gemv_waits_for_the_kernel_that_writes_its_input(device):
     # On Hopper the GEMV starts before its producer ends and streams weights meanwhile; it must still
     # read the input the producer writes, never the stale one. Chain RMSNorm -> GEMV -> RMSNorm ... in
     # one CUDA graph (as a decode step does), each norm's input the GEMV before it, and check every link.
-    from kiln.engine.kernels import pdl, triton_norm
-    from kiln.engine.kernels.triton_gemv import gemv
+    from kiln.kernels import pdl, triton_norm
+    from kiln.kernels.triton_gemv import gemv
 
     if not pdl.pdl_enabled(device):
         pytest.skip("this GPU has no programmatic dependent launch")

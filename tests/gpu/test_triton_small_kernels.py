@@ -8,7 +8,7 @@ import torch
 from kernel_cases import DTYPES, make_paged_batch, rel_error
 
 from kiln.config import ModelConfig
-from kiln.engine.kernels import reference
+from kiln.kernels import reference
 from kiln.models.rope import build_cos_sin_cache
 
 pytestmark = pytest.mark.gpu
@@ -43,7 +43,7 @@ LLAMA3_SCALING = {
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("head_dim", "num_kv_heads", "block_size"), [(64, 1, 16), (128, 8, 32), (128, 2, 1)])
 def test_store_kv_matches_reference_and_skips_padding(device, dtype, head_dim, num_kv_heads, block_size):
-    from kiln.engine.kernels.triton_cache import store_kv
+    from kiln.kernels.triton_cache import store_kv
 
     batch = make_paged_batch(
         [7, 1, 20],
@@ -74,7 +74,7 @@ def test_store_kv_matches_reference_and_skips_padding(device, dtype, head_dim, n
 @pytest.mark.parametrize(("head_dim", "num_heads", "num_kv_heads"), [(64, 9, 3), (128, 32, 8), (128, 32, 32)])
 @pytest.mark.parametrize("scaling", [None, LLAMA3_SCALING])
 def test_apply_rotary_matches_reference(device, dtype, head_dim, num_heads, num_kv_heads, scaling):
-    from kiln.engine.kernels.triton_cache import apply_rotary
+    from kiln.kernels.triton_cache import apply_rotary
 
     gen = torch.Generator().manual_seed(11)
     num_tokens = 37
@@ -97,7 +97,7 @@ def test_apply_rotary_matches_reference(device, dtype, head_dim, num_heads, num_
 def test_rotary_store_kv_equals_rotary_then_store(
     device, dtype, head_dim, num_heads, num_kv_heads, block_size
 ):
-    from kiln.engine.kernels.triton_cache import rotary_store_kv
+    from kiln.kernels.triton_cache import rotary_store_kv
 
     batch = make_paged_batch(
         [5, 1, 12],
@@ -128,7 +128,7 @@ def test_rotary_store_kv_equals_rotary_then_store(
 @pytest.mark.parametrize("hidden", [576, 4096, 5120])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_rms_norm_matches_reference(device, dtype, hidden, with_residual):
-    from kiln.engine.kernels.triton_norm import rms_norm
+    from kiln.kernels.triton_norm import rms_norm
 
     gen = torch.Generator().manual_seed(hidden)
     x = (3 * torch.randn(19, hidden, generator=gen)).to(dtype).to(device)
@@ -145,7 +145,7 @@ def test_rms_norm_matches_reference(device, dtype, hidden, with_residual):
 
 
 def test_rms_norm_keeps_leading_dims(device):
-    from kiln.engine.kernels.triton_norm import rms_norm
+    from kiln.kernels.triton_norm import rms_norm
 
     x = torch.randn(2, 3, 256).half().to(device)
     weight = torch.rand(256).half().to(device)
@@ -157,7 +157,7 @@ def test_rms_norm_keeps_leading_dims(device):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("rows", "inter"), [(1, 1536), (33, 11008), (7, 14336), (5, 100)])
 def test_silu_and_mul_matches_reference(device, dtype, rows, inter):
-    from kiln.engine.kernels.triton_activation import silu_and_mul
+    from kiln.kernels.triton_activation import silu_and_mul
 
     gen = torch.Generator().manual_seed(inter)
     x = (4 * torch.randn(rows, 2 * inter, generator=gen)).to(dtype).to(device)

@@ -7,9 +7,9 @@ import asyncio
 import pytest
 
 from kiln import LLM, SamplingParams
-from kiln.engine.async_engine import AsyncEngine
+from kiln.clients.thread import AsyncEngine
+from kiln.config import EngineConfig
 from kiln.engine.llm_engine import LLMEngine
-from kiln.engine.options import EngineOptions
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_stop_string_spanning_tokens_is_cut_from_the_text(llm):
 
 
 def test_n_samples_share_the_prompt_blocks(tiny_gqa_dir):
-    engine = LLMEngine.from_path(tiny_gqa_dir, EngineOptions(device="cpu", block_size=4))
+    engine = LLMEngine.from_path(tiny_gqa_dir, EngineConfig(device="cpu", block_size=4))
     prompt = list(range(5, 5 + 33))  # 8 full blocks + 1 token
     engine.add_request(
         "x", params=SamplingParams(n=4, temperature=1.0, max_tokens=3, seed=0), prompt_token_ids=prompt
@@ -99,7 +99,7 @@ def test_bad_requests_are_refused_before_queueing(llm, kwargs, message):
 
 def test_async_abort_returns_every_block(tiny_gqa_dir):
     async def main():
-        engine = AsyncEngine.from_path(tiny_gqa_dir, EngineOptions(device="cpu", block_size=4))
+        engine = AsyncEngine.from_path(tiny_gqa_dir, EngineConfig(device="cpu", block_size=4))
         await engine.start()
         stream = engine.generate(list(range(3, 40)), SamplingParams(max_tokens=200, ignore_eos=True), "r1")
         got = [await anext(stream) for _ in range(3)]
@@ -128,7 +128,7 @@ def test_async_concurrent_streams_complete(tiny_gqa_dir):
         return tokens
 
     async def main():
-        engine = AsyncEngine.from_path(tiny_gqa_dir, EngineOptions(device="cpu"))
+        engine = AsyncEngine.from_path(tiny_gqa_dir, EngineConfig(device="cpu"))
         counts = await asyncio.gather(*(one(engine, i) for i in range(16)))
         assert counts == [6] * 16
         assert engine.stats().kv_blocks_used == 0
@@ -141,7 +141,7 @@ def test_cancelled_twice_consumer_still_frees_its_request(tiny_gqa_dir):
     """Servers cancel a disconnected stream's task, sometimes again while it cleans up."""
 
     async def main():
-        engine = AsyncEngine.from_path(tiny_gqa_dir, EngineOptions(device="cpu", block_size=4))
+        engine = AsyncEngine.from_path(tiny_gqa_dir, EngineConfig(device="cpu", block_size=4))
         started = asyncio.Event()
 
         async def consume():
@@ -178,7 +178,7 @@ def test_a_slow_stream_gets_what_queued_up_as_one_delta(tiny_gqa_dir):
         return chunks
 
     async def main():
-        engine = AsyncEngine.from_path(tiny_gqa_dir, EngineOptions(device="cpu"))
+        engine = AsyncEngine.from_path(tiny_gqa_dir, EngineConfig(device="cpu"))
         fast = await consume(engine, "fast", 0)
         slow = await consume(engine, "slow", 0.05)
         await engine.shutdown()
@@ -194,7 +194,7 @@ def test_a_slow_stream_gets_what_queued_up_as_one_delta(tiny_gqa_dir):
 
 def test_a_slow_stream_gets_its_tokens_before_the_engine_failure(tiny_gqa_dir, monkeypatch):
     async def main():
-        engine = AsyncEngine.from_path(tiny_gqa_dir, EngineOptions(device="cpu"))
+        engine = AsyncEngine.from_path(tiny_gqa_dir, EngineConfig(device="cpu"))
         real_step, steps = engine.engine.step, []
 
         def failing_step():
@@ -218,7 +218,7 @@ def test_a_slow_stream_gets_its_tokens_before_the_engine_failure(tiny_gqa_dir, m
 
 def test_from_path_reports_its_start_up_phases(tiny_gqa_dir, caplog):
     with caplog.at_level("INFO", logger="kiln.engine.llm_engine"):
-        engine = LLMEngine.from_path(tiny_gqa_dir, EngineOptions(num_kv_blocks=16))
+        engine = LLMEngine.from_path(tiny_gqa_dir, EngineConfig(num_kv_blocks=16))
     # No CUDA graphs on CPU, and a Hugging Face dir has no engine kernels to seed.
     assert list(engine.startup_seconds) == ["weights", "kv_cache"]
     assert all(seconds >= 0 for seconds in engine.startup_seconds.values())

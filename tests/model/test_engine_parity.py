@@ -13,10 +13,10 @@ import pytest
 import torch
 import transformers
 
-from kiln.engine.llm import accumulate
+from kiln.config import EngineConfig
 from kiln.engine.llm_engine import LLMEngine
-from kiln.engine.options import EngineOptions
 from kiln.engine.sampling_params import SamplingParams
+from kiln.llm import accumulate
 
 MAX_NEW = 12
 
@@ -79,7 +79,7 @@ def overlap(request) -> bool:
 
 def make_engine(model_dir, **opts) -> LLMEngine:
     opts.setdefault("device", "cpu")
-    return LLMEngine.from_path(model_dir, EngineOptions(**opts))
+    return LLMEngine.from_path(model_dir, EngineConfig(**opts))
 
 
 def test_greedy_matches_transformers_with_requests_joining_mid_flight(model_dir, hf_model, overlap):

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from kiln.build.tiny import write_tiny_checkpoint
 from kiln.config import ModelConfig
-from kiln.engine.attention_metadata import AttentionMetadata
 from kiln.errors import CheckpointError
+from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.models.llama import LlamaForCausalLM
 from kiln.models.loader import load_model
 from kiln.models.weights import expected_packed_shapes, pack_hf_state_dict

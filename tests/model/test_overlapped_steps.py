@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import pytest
 
-from kiln.engine.llm import accumulate
+from kiln.config import EngineConfig
 from kiln.engine.llm_engine import LLMEngine
-from kiln.engine.options import EngineOptions
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import SamplingParams
+from kiln.llm import accumulate
 
 
 def engine_for(model_dir, overlap: bool, **opts) -> LLMEngine:
     return LLMEngine.from_path(
-        model_dir, EngineOptions(device="cpu", block_size=4, async_scheduling=overlap, **opts)
+        model_dir, EngineConfig(device="cpu", block_size=4, async_scheduling=overlap, **opts)
     )
 
 
@@ -119,5 +119,5 @@ def test_a_tight_cache_preempts_requests_with_tokens_in_flight(tiny_gqa_dir):
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
 def test_the_option_follows_the_device_unless_given(tiny_gqa_dir, overlap):
-    assert LLMEngine.from_path(tiny_gqa_dir, EngineOptions(device="cpu")).async_scheduling is False
+    assert LLMEngine.from_path(tiny_gqa_dir, EngineConfig(device="cpu")).async_scheduling is False
     assert engine_for(tiny_gqa_dir, overlap=overlap).async_scheduling is overlap

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from kiln.config import EngineConfig
 from kiln.engine.llm_engine import LLMEngine
-from kiln.engine.options import EngineOptions
 from kiln.engine.piecewise_graphs import PiecewiseGraphs
 from kiln.engine.sampling_params import SamplingParams
 
@@ -51,7 +51,7 @@ def _run(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
 
 def test_pieces_with_attention_between_them_give_the_forward_s_tokens(tiny_gqa_dir):
     prompts = [[5 + i] * (3 + 7 * i) for i in range(6)]
-    options = EngineOptions(device="cpu", block_size=4, max_num_batched_tokens=40)
+    options = EngineConfig(device="cpu", block_size=4, max_num_batched_tokens=40)
     expected = _run(LLMEngine.from_path(tiny_gqa_dir, options), prompts)
 
     engine = LLMEngine.from_path(tiny_gqa_dir, options)

@@ -7,14 +7,14 @@ import functools
 
 import pytest
 
-from kiln.engine.async_engine import AsyncEngine, EngineDeadError
-from kiln.engine.open import open_engine
-from kiln.engine.options import EngineOptions
+from kiln.clients.open import open_engine
+from kiln.clients.process import ProcessEngine
+from kiln.clients.thread import AsyncEngine, EngineDeadError
+from kiln.config import EngineConfig
 from kiln.engine.outputs import accumulate
-from kiln.engine.process_engine import ProcessEngine
 from kiln.engine.sampling_params import SamplingParams
 
-OPTIONS = EngineOptions(device="cpu", block_size=4)
+OPTIONS = EngineConfig(device="cpu", block_size=4)
 PROMPTS = [[5, 6, 7], list(range(3, 40)), [100, 7, 9, 250, 11]]
 
 
@@ -94,7 +94,7 @@ def test_shutdown_ends_open_streams(tiny_gqa_dir):
 
 
 def test_open_engine_picks_the_process_engine_when_asked(tiny_gqa_dir):
-    engine = open_engine(tiny_gqa_dir, EngineOptions(device="cpu", engine_process=True))
+    engine = open_engine(tiny_gqa_dir, EngineConfig(device="cpu", engine_process=True))
     try:
         assert isinstance(engine, ProcessEngine)
     finally:
@@ -162,7 +162,7 @@ def test_commands_that_queued_together_go_down_as_one_message():
     import itertools
     import queue
 
-    from kiln.engine.async_engine import _Abort, _Add
+    from kiln.clients.thread import _Abort, _Add
 
     class Pipe:
         def __init__(self) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from server_harness import LiveServer, open_tiny_engine, run_live_server
 
-from kiln.engine.async_engine import AsyncEngine
+from kiln.clients.thread import AsyncEngine
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,8 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
+from kiln.engine.info import EngineStats, ModelInfo
 from kiln.engine.outputs import RequestOutput
-from kiln.engine.protocol import EngineStats, ModelInfo
 from kiln.engine.sampling_params import SamplingParams
 
 

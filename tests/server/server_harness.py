@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kiln.engine.async_engine import AsyncEngine
-from kiln.engine.options import EngineOptions
-from kiln.engine.protocol import EngineClient
+from kiln.clients.protocol import EngineClient
+from kiln.clients.thread import AsyncEngine
+from kiln.config import EngineConfig
 from kiln.serve.background import serve_in_background
 from kiln.serve.runner import DrainingServer
 from kiln.serve.settings import ServerSettings
@@ -37,7 +37,7 @@ def run_live_server(engine: EngineClient, **settings: Any) -> Iterator[LiveServe
 
 
 def open_tiny_engine(checkpoint: Path, **options: Any) -> AsyncEngine:
-    return AsyncEngine.from_path(checkpoint, EngineOptions(**{"num_kv_blocks": 512, **options}))
+    return AsyncEngine.from_path(checkpoint, EngineConfig(**{"num_kv_blocks": 512, **options}))
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:

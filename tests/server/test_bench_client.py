@@ -1,4 +1,4 @@
-"""The load generator (`kiln.bench_client`, `kiln bench --url`) against a live server on the tiny model."""
+"""The load generator (`kiln.bench.client`, `kiln bench --url`) against a live server on the tiny model."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import math
 import pytest
 from server_harness import LiveServer
 
-from kiln.bench import main as bench_main
-from kiln.bench_client import arrival_times, run_client, run_load
+from kiln.bench.cli import main as bench_main
+from kiln.bench.client import arrival_times, run_client, run_load
 
 
 def test_arrival_times_are_a_seeded_poisson_process():
@@ -82,9 +82,9 @@ def test_kiln_bench_url_reports_a_server_that_is_not_there(capsys):
 
 
 def test_served_bench_reports_both_passes_and_the_engines_steps(tiny_gqa_dir, tmp_path, capsys):
-    """bench.served end to end on the tiny model (CPU): warm-up, offline, then the same workload served
+    """benchmarks.served end to end on the tiny model (CPU): warm-up, offline, then the same workload served
     by an engine process to a client process; its JSON row and the engine's step totals."""
-    from bench.served import main as served_main
+    from benchmarks.served import main as served_main
 
     out = tmp_path / "results.json"
     args = ["--model", str(tiny_gqa_dir), "--num-requests", "6", "--input-len", "8", "--output-len", "4"]

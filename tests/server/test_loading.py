@@ -8,7 +8,7 @@ import httpx
 import pytest
 from server_harness import wait_for
 
-from kiln.engine.async_engine import AsyncEngine
+from kiln.clients.thread import AsyncEngine
 from kiln.errors import InvalidEngineError
 from kiln.serve.background import serve_in_background
 from kiln.serve.loading_engine import LoadingEngine

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from server_harness import LiveServer, run_live_server
 
-from kiln.engine.async_engine import AsyncEngine
+from kiln.clients.thread import AsyncEngine
 from kiln.version import __version__
 
 CHAT = {

@@ -6,7 +6,7 @@ import httpx
 from fakes import RecordingEngine, RefusingEngine
 from server_harness import LiveServer, run_live_server
 
-from kiln.engine.async_engine import AsyncEngine
+from kiln.clients.thread import AsyncEngine
 
 
 def test_every_sampling_field_reaches_the_engine(tiny_engine: AsyncEngine) -> None:

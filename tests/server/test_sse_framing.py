@@ -9,7 +9,7 @@ import httpx
 from fakes import FailingEngine, GatedEngine, TextEngine
 from server_harness import LiveServer, run_live_server, wait_for
 
-from kiln.engine.async_engine import AsyncEngine
+from kiln.clients.thread import AsyncEngine
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "ignore_eos": True}
 

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from kiln.build.manifest import EngineManifest
-from kiln.config import EngineLimits
-from kiln.engine.options import EngineOptions
+from kiln.config import EngineConfig, EngineLimits
 from kiln.engine.sampling_params import SamplingParams
+from kiln.engine_dir import EngineManifest
 from kiln.errors import InvalidEngineError
 from kiln.trtllm import compat
 
@@ -43,7 +42,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine_dir(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from kiln.trtllm.build import build_trtllm_engine
+    from kiln.build.trtllm import build_trtllm_engine
 
     out = tmp_path_factory.mktemp("trt") / "engine"
     build_trtllm_engine(checkpoint, out, dtype="float16", limits=LIMITS, gather_logits=True)
@@ -74,9 +73,9 @@ def test_greedy_tokens_are_transformers_argmax(engine_dir: Path, checkpoint: Pat
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kiln.trtllm.backend import TrtLlmEngine
+    from kiln.clients.trtllm import TrtLlmEngine
 
-    engine = TrtLlmEngine.from_engine_dir(engine_dir, EngineOptions())
+    engine = TrtLlmEngine.from_engine_dir(engine_dir, EngineConfig())
     outs = run(generate(engine, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0)))
     tokens = [t for o in outs for c in o.outputs for t in c.token_ids]
     assert len(tokens) == 8 and outs[-1].finished and outs[-1].outputs[-1].finish_reason == "length"
@@ -94,9 +93,9 @@ def test_greedy_tokens_are_transformers_argmax(engine_dir: Path, checkpoint: Pat
 
 
 def test_closing_the_stream_aborts_and_frees_the_slot(engine_dir: Path):
-    from kiln.trtllm.backend import TrtLlmEngine
+    from kiln.clients.trtllm import TrtLlmEngine
 
-    engine = TrtLlmEngine.from_engine_dir(engine_dir, EngineOptions())
+    engine = TrtLlmEngine.from_engine_dir(engine_dir, EngineConfig())
 
     async def scenario():
         await engine.start()
@@ -113,7 +112,7 @@ def test_closing_the_stream_aborts_and_frees_the_slot(engine_dir: Path):
 def test_another_library_version_is_refused(engine_dir: Path, tmp_path: Path):
     import shutil
 
-    from kiln.trtllm.backend import TrtLlmEngine
+    from kiln.clients.trtllm import TrtLlmEngine
 
     copy = tmp_path / "engine"
     shutil.copytree(engine_dir, copy)
@@ -125,13 +124,13 @@ def test_another_library_version_is_refused(engine_dir: Path, tmp_path: Path):
 
 
 def test_int8_weight_only_engine_generates(checkpoint: Path, tmp_path: Path):
-    from kiln.trtllm.backend import TrtLlmEngine
-    from kiln.trtllm.build import build_trtllm_engine
+    from kiln.build.trtllm import build_trtllm_engine
+    from kiln.clients.trtllm import TrtLlmEngine
 
     manifest = build_trtllm_engine(
         checkpoint, tmp_path / "int8", dtype="float16", limits=LIMITS, quantization="int8_wo"
     )
     assert manifest.quantization == "int8_wo" and manifest.extra["quant_algo"] == "W8A16"
-    engine = TrtLlmEngine.from_engine_dir(tmp_path / "int8", EngineOptions())
+    engine = TrtLlmEngine.from_engine_dir(tmp_path / "int8", EngineConfig())
     outs = run(generate(engine, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)))
     assert sum(len(c.token_ids) for o in outs for c in o.outputs) == 4

@@ -1,4 +1,4 @@
-"""bench.frontend: the model-free engine keeps every engine rule but the model, and the run completes."""
+"""benchmarks.frontend: the model-free engine keeps every engine rule but the model, and the run completes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from bench import frontend
+from benchmarks import frontend
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,7 +20,7 @@ def test_model_free_engine_takes_its_step_time_and_makes_every_token(tiny_gqa_di
 
 
 def test_frontend_run_reports_served_beside_offline(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(ROOT)  # the client child runs `python -m bench.served`
+    monkeypatch.chdir(ROOT)  # the client child runs `python -m benchmarks.served`
     monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     out = tmp_path / "frontend.json"
     args = ["--step-ms", "1", "--num-requests", "8", "--input-len", "6", "--output-len", "4"]

@@ -1,4 +1,4 @@
-"""bench.served on the tiny model: the client process counts every token and the rows are written."""
+"""benchmarks.served on the tiny model: the client process counts every token and the rows are written."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import served
+from benchmarks import served
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,7 +22,7 @@ def test_percentiles_pick_order_statistics():
 def test_served_run_counts_every_token_and_writes_rows(
     tiny_gqa_dir, tmp_path, monkeypatch, capsys, engine_process
 ):
-    monkeypatch.chdir(ROOT)  # the client child runs `python -m bench.served`
+    monkeypatch.chdir(ROOT)  # the client child runs `python -m benchmarks.served`
     monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     out = tmp_path / "results.json"
     args = ["--model", str(tiny_gqa_dir), "--num-requests", "12", "--input-len", "10", "--output-len", "6"]

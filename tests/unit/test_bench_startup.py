@@ -1,12 +1,12 @@
-"""bench.startup on a tiny shape: the random engine directory is valid and the timing child runs."""
+"""benchmarks.startup on a tiny shape: the random engine directory is valid and the timing child runs."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from bench import startup
-from kiln.build.manifest import EngineManifest
+from benchmarks import startup
+from kiln.engine_dir import EngineManifest
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = {
@@ -21,9 +21,9 @@ TINY = {
 
 
 def test_random_engine_dir_is_valid_and_start_is_timed(tmp_path, monkeypatch):
-    import kiln.bench
+    import kiln.bench.workload
 
-    monkeypatch.setitem(kiln.bench.RANDOM_SHAPES, "tiny-test", ("float32", TINY))
+    monkeypatch.setitem(kiln.bench.workload.RANDOM_SHAPES, "tiny-test", ("float32", TINY))
     monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     engine_dir = tmp_path / "engine"
     startup.write_random_engine("tiny-test", engine_dir, max_shard_bytes=20_000)

@@ -98,7 +98,7 @@ def test_serve_offline_suggests_tiny(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_build_tiny_writes_an_engine(tmp_path: Path) -> None:
-    from kiln.build.manifest import EngineManifest
+    from kiln.engine_dir import EngineManifest
 
     out = tmp_path / "engine"
     result = runner.invoke(kiln.cli.app, ["build", "--tiny", "-o", str(out), "--max-seq-len", "256"])
@@ -122,10 +122,10 @@ def test_build_rejects_contradictory_flags(args: list[str]) -> None:
 
 
 def test_bench_passes_its_arguments_through(monkeypatch: pytest.MonkeyPatch) -> None:
-    import kiln.bench
+    import kiln.bench.cli
 
     seen: list[list[str]] = []
-    monkeypatch.setattr(kiln.bench, "main", lambda argv: seen.append(argv) or 3)
+    monkeypatch.setattr(kiln.bench.cli, "main", lambda argv: seen.append(argv) or 3)
     result = runner.invoke(kiln.cli.app, ["bench", "--random", "llama2-7b", "--latency-only", "--help"])
     assert result.exit_code == 3
     assert seen == [["--random", "llama2-7b", "--latency-only", "--help"]]
@@ -179,7 +179,7 @@ def test_chat_repl_history_reset_and_interrupt() -> None:
 
 
 def test_build_trtllm_passes_its_flags_through(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import kiln.trtllm.build
+    import kiln.build.trtllm
     from kiln.config import EngineLimits
 
     seen: dict[str, Any] = {}
@@ -188,7 +188,7 @@ def test_build_trtllm_passes_its_flags_through(monkeypatch: pytest.MonkeyPatch, 
         seen.update(checkpoint=checkpoint, output_dir=output_dir, **kwargs)
         return type("Manifest", (), {"served_model_name": "m", "backend": "trtllm", "dtype": "float16"})()
 
-    monkeypatch.setattr(kiln.trtllm.build, "build_trtllm_engine", fake_build)
+    monkeypatch.setattr(kiln.build.trtllm, "build_trtllm_engine", fake_build)
     args = ["build", "org/model", "-o", str(tmp_path / "e"), "--backend", "trtllm", "--quantization", "fp8"]
     args += ["--tp-size", "2", "--calib-dataset", "cnn", "--max-batch-size", "8", "--overwrite"]
     args += ["--calib-size", "64", "--max-input-len", "100", "--gather-logits", "--no-multiple-profiles"]

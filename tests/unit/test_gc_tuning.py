@@ -23,14 +23,14 @@ def test_thresholds_only_go_up_and_the_heap_is_frozen():
 
 
 def test_building_an_engine_settles_the_collector(tiny_gqa_dir):
+    from kiln.config import EngineConfig
     from kiln.engine.llm_engine import LLMEngine
-    from kiln.engine.options import EngineOptions
 
     saved = gc.get_threshold()
     try:
         gc.set_threshold(700, 10, 10)
         gc.unfreeze()
-        LLMEngine.from_path(tiny_gqa_dir, EngineOptions(device="cpu"))
+        LLMEngine.from_path(tiny_gqa_dir, EngineConfig(device="cpu"))
         assert gc.get_threshold()[0] == YOUNG_THRESHOLD and gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
@@ -40,13 +40,13 @@ def test_building_an_engine_settles_the_collector(tiny_gqa_dir):
 def test_a_process_engine_settles_the_front_end_too(tiny_gqa_dir):
     import asyncio
 
-    from kiln.engine.options import EngineOptions
-    from kiln.engine.process_engine import ProcessEngine
+    from kiln.clients.process import ProcessEngine
+    from kiln.config import EngineConfig
 
     saved = gc.get_threshold()
     try:
         gc.set_threshold(700, 10, 10)
-        engine = ProcessEngine.from_path(tiny_gqa_dir, EngineOptions(device="cpu"))
+        engine = ProcessEngine.from_path(tiny_gqa_dir, EngineConfig(device="cpu"))
         assert gc.get_threshold()[0] == YOUNG_THRESHOLD
         asyncio.run(engine.shutdown())
     finally:

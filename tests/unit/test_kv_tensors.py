@@ -86,16 +86,16 @@ def test_allocate_kv_cache_rejects_empty_sizes() -> None:
 
 
 def test_kv_blocks_from_memory_on_cpu_follow_the_budget_and_the_cap() -> None:
+    from kiln.config import EngineConfig
     from kiln.engine.memory_profile import CPU_KV_BUDGET_BYTES, num_kv_blocks_from_memory
-    from kiln.engine.options import EngineOptions
     from kiln.models.llama import LlamaForCausalLM
 
     model = LlamaForCausalLM(_config())  # float32 on CPU
     per_block = kv_bytes_per_block(model.config, 4, torch.float32)
-    given = EngineOptions(kv_cache_memory_bytes=7 * per_block + 1)
+    given = EngineConfig(kv_cache_memory_bytes=7 * per_block + 1)
     assert num_kv_blocks_from_memory(model, given, 4, 64, 8, cap=100) == 7
     assert num_kv_blocks_from_memory(model, given, 4, 64, 8, cap=5) == 5
-    default = num_kv_blocks_from_memory(model, EngineOptions(), 4, 64, 8, cap=10**9)
+    default = num_kv_blocks_from_memory(model, EngineConfig(), 4, 64, 8, cap=10**9)
     assert default == CPU_KV_BUDGET_BYTES // per_block
     with pytest.raises(ValueError, match="no memory left"):
-        num_kv_blocks_from_memory(model, EngineOptions(kv_cache_memory_bytes=per_block - 1), 4, 64, 8, cap=9)
+        num_kv_blocks_from_memory(model, EngineConfig(kv_cache_memory_bytes=per_block - 1), 4, 64, 8, cap=9)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kiln.build.manifest import MANIFEST_NAME, EngineManifest, is_engine_dir, sha256_file
 from kiln.config import EngineLimits, ModelConfig
+from kiln.engine_dir import MANIFEST_NAME, EngineManifest, is_engine_dir, sha256_file
 from kiln.errors import InvalidEngineError
 from kiln.version import ENGINE_FORMAT_VERSION
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kiln.engine.attention_metadata import AttentionMetadata
-from kiln.engine.kernels import reference as ref
+from kiln.kernels import reference as ref
+from kiln.kernels.attention_metadata import AttentionMetadata
 
 
 def _dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

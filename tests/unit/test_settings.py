@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 from pydantic import ValidationError
 
-from kiln.engine.options import EngineOptions
+from kiln.config import EngineConfig
 from kiln.serve.settings import ServerSettings
 
 
@@ -49,13 +49,13 @@ def test_invalid_values_are_rejected(bad: dict) -> None:
 
 
 def test_engine_options_carry_every_engine_field() -> None:
-    engine_fields = {f.name for f in dataclasses.fields(EngineOptions)}
-    assert engine_fields <= set(ServerSettings.model_fields), "an EngineOptions field has no kiln serve flag"
+    engine_fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    assert engine_fields <= set(ServerSettings.model_fields), "an EngineConfig field has no kiln serve flag"
     s = ServerSettings(
         max_num_seqs=3, num_kv_blocks=99, enable_prefix_caching=False, served_model_name="m", seed=5
     )
     options = s.engine_options()
-    assert options == EngineOptions(
+    assert options == EngineConfig(
         max_num_seqs=3,
         num_kv_blocks=99,
         enable_prefix_caching=False,

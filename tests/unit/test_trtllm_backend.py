@@ -18,16 +18,15 @@ from typing import Any
 
 import pytest
 
-from kiln.build.manifest import EngineManifest
-from kiln.config import EngineLimits
-from kiln.engine.options import EngineOptions
+from kiln.build.trtllm import build_trtllm_engine
+from kiln.clients.protocol import EngineClient
+from kiln.clients.trtllm import TrtLlmEngine, runtime_llm_kwargs
+from kiln.config import EngineConfig, EngineLimits
 from kiln.engine.outputs import Logprob
-from kiln.engine.protocol import EngineClient
 from kiln.engine.sampling_params import SamplingParams
+from kiln.engine_dir import EngineManifest
 from kiln.errors import InvalidEngineError
 from kiln.trtllm import compat
-from kiln.trtllm.backend import TrtLlmEngine, runtime_llm_kwargs
-from kiln.trtllm.build import build_trtllm_engine
 from kiln.trtllm.outputs import OutputTranslator, engine_stats_from_trtllm, translate_logprobs
 
 # -- fakes shaped like tensorrt_llm 1.2 --------------------------------------------------------------
@@ -283,7 +282,7 @@ def test_build_refuses_a_non_empty_output_dir(fake_trtllm, tiny_gqa_dir, tmp_pat
 
 
 def test_from_engine_dir_loads_with_runtime_settings(engine_dir: Path):
-    options = EngineOptions(max_num_seqs=4, gpu_memory_utilization=0.8, enable_prefix_caching=False)
+    options = EngineConfig(max_num_seqs=4, gpu_memory_utilization=0.8, enable_prefix_caching=False)
     engine = TrtLlmEngine.from_engine_dir(engine_dir, options)
     assert isinstance(engine, EngineClient)
     llm = FakeLLM.instances[-1]
@@ -292,11 +291,11 @@ def test_from_engine_dir_loads_with_runtime_settings(engine_dir: Path):
     assert kv.free_gpu_memory_fraction == 0.8 and kv.enable_block_reuse is False
     assert llm.kwargs["max_batch_size"] == 4 and "max_seq_len" not in llm.kwargs  # Kiln enforces it
     assert llm.kwargs["tensor_parallel_size"] == 1 and llm.kwargs["gather_generation_logits"] is True
-    info = TrtLlmEngine.from_engine_dir(engine_dir, EngineOptions(max_model_len=32)).model_info
+    info = TrtLlmEngine.from_engine_dir(engine_dir, EngineConfig(max_model_len=32)).model_info
     assert info.max_model_len == 32
     with pytest.raises(ValueError, match="max_tokens"):
         collect(
-            TrtLlmEngine.from_engine_dir(engine_dir, EngineOptions(max_model_len=32)),
+            TrtLlmEngine.from_engine_dir(engine_dir, EngineConfig(max_model_len=32)),
             SamplingParams(max_tokens=30),
         )
     info = engine.model_info
@@ -324,19 +323,19 @@ def test_from_engine_dir_refuses_a_native_engine(engine_dir: Path):
 def test_runtime_options_may_only_lower_the_built_limits(engine_dir: Path):
     manifest = EngineManifest.load(engine_dir)
     with pytest.raises(ValueError, match="max_model_len 65 exceeds the 64"):
-        runtime_llm_kwargs(manifest, EngineOptions(max_model_len=65))
+        runtime_llm_kwargs(manifest, EngineConfig(max_model_len=65))
     with pytest.raises(ValueError, match="max_num_seqs 9"):
-        runtime_llm_kwargs(manifest, EngineOptions(max_num_seqs=9))
+        runtime_llm_kwargs(manifest, EngineConfig(max_num_seqs=9))
     with pytest.raises(ValueError, match="block_size 32"):
-        runtime_llm_kwargs(manifest, EngineOptions(block_size=32))
+        runtime_llm_kwargs(manifest, EngineConfig(block_size=32))
     with pytest.raises(ValueError, match="compiled for float16"):
-        runtime_llm_kwargs(manifest, EngineOptions(dtype="bfloat16"))
+        runtime_llm_kwargs(manifest, EngineConfig(dtype="bfloat16"))
     assert (
-        runtime_llm_kwargs(manifest, EngineOptions(num_kv_blocks=10))["kv_cache_config"]["max_tokens"] == 160
+        runtime_llm_kwargs(manifest, EngineConfig(num_kv_blocks=10))["kv_cache_config"]["max_tokens"] == 160
     )
     m = manifest.model  # bytes per token: K and V, every layer, the KV heads, 2 bytes each (fp16)
     per_token = 2 * m.num_hidden_layers * m.num_key_value_heads * m.head_dim * 2
-    kv = runtime_llm_kwargs(manifest, EngineOptions(kv_cache_memory_bytes=per_token * 100))["kv_cache_config"]
+    kv = runtime_llm_kwargs(manifest, EngineConfig(kv_cache_memory_bytes=per_token * 100))["kv_cache_config"]
     assert kv["max_tokens"] == 100
 
 
@@ -345,7 +344,7 @@ def test_runtime_options_may_only_lower_the_built_limits(engine_dir: Path):
 
 @pytest.fixture
 def engine(engine_dir: Path) -> TrtLlmEngine:
-    return TrtLlmEngine.from_engine_dir(engine_dir, EngineOptions(seed=0))
+    return TrtLlmEngine.from_engine_dir(engine_dir, EngineConfig(seed=0))
 
 
 def test_stream_diffs_become_kiln_deltas(engine: TrtLlmEngine):
@@ -528,9 +527,9 @@ def test_stats_are_polled_and_shutdown_stops_everything(engine: TrtLlmEngine):
 
 
 def test_open_engine_picks_the_trtllm_backend(engine_dir: Path):
-    from kiln.engine.open import open_engine
+    from kiln.clients.open import open_engine
 
-    assert isinstance(open_engine(engine_dir, EngineOptions()), TrtLlmEngine)
+    assert isinstance(open_engine(engine_dir, EngineConfig()), TrtLlmEngine)
 
 
 @pytest.fixture
@@ -543,7 +542,7 @@ def served(fake_trtllm, tiny_gqa_dir, tmp_path):
 
     out = tmp_path / "no-logits"
     build_trtllm_engine(tiny_gqa_dir, out, limits=LIMITS, served_model_name="tiny-trt")
-    engine = TrtLlmEngine.from_engine_dir(out, EngineOptions())
+    engine = TrtLlmEngine.from_engine_dir(out, EngineConfig())
     with TestClient(create_app(engine, ServerSettings()), raise_server_exceptions=False) as client:
         yield client, FakeLLM.instances[-1]
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from kiln.build.manifest import EngineManifest
+from kiln.build.trtllm import canonical_quantization, plan_trtllm_build, trtllm_manifest_extra
 from kiln.config import EngineLimits, ModelConfig
+from kiln.engine_dir import EngineManifest
 from kiln.errors import InvalidEngineError
-from kiln.trtllm.build import canonical_quantization, plan_trtllm_build, trtllm_manifest_extra
 from kiln.trtllm.compat import GpuInfo, build_environment, check_engine_compatible
 
 LLAMA_7B = ModelConfig(

@@ -17,7 +17,7 @@ def test_importing_kiln_trtllm_does_not_import_the_library():
     # A fresh interpreter with a poisoned `tensorrt_llm`: any module-level import of it would fail.
     code = (
         "import sys; sys.modules['tensorrt_llm'] = None\n"
-        "import kiln.trtllm, kiln.trtllm.backend, kiln.trtllm.build, kiln.trtllm.params\n"
+        "import kiln.trtllm, kiln.clients.trtllm, kiln.build.trtllm, kiln.trtllm.params\n"
         "print('ok')"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pickle
 
+from kiln.clients.wire import decode_output, encode_output
 from kiln.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from kiln.engine.wire import decode_output, encode_output
 
 
 def output(i: int, **kw) -> RequestOutput:

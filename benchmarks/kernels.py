@@ -1,0 +1,335 @@
+"""Kernel microbenchmarks: each Triton kernel against its PyTorch reference and, for attention,
+against torch's fused SDPA on contiguous (non-paged) K/V, at Llama-2-7B / Llama-3.1-8B head shapes.
+
+Reported per case: median microseconds, and the rate that bounds the kernel (GB/s of HBM traffic
+for the memory-bound ones, TFLOP/s for prefill attention). Run: `python -m benchmarks.kernels --out F`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.timing import Result, bench_graph_us, bench_us, write_results
+from kiln.kernels import reference
+from kiln.kernels.attention_metadata import AttentionMetadata
+
+# (label, query heads, KV heads, head dim, dtype)
+ATTENTION_SHAPES = [
+    ("llama2-7b", 32, 32, 128, torch.float16),
+    ("llama3.1-8b", 32, 8, 128, torch.bfloat16),
+]
+BLOCK_SIZE = 16
+MAX_KV_BYTES = 8 << 30  # skip cases whose cache would not leave room for the baselines' copies
+
+
+def paged_batch(q_lens, ctx_lens, num_heads, num_kv_heads, head_dim, dtype, device="cuda"):
+    """Random query/caches and metadata; each request's blocks are scattered through the pool."""
+    bs = BLOCK_SIZE
+    seq_lens = [c + q for c, q in zip(ctx_lens, q_lens, strict=True)]
+    per_seq = [-(-s // bs) for s in seq_lens]
+    num_blocks = sum(per_seq) + 1
+    order = torch.randperm(num_blocks - 1, device=device).to(torch.int32) + 1
+    tables = torch.zeros(len(seq_lens), max(per_seq), dtype=torch.int32, device=device)
+    used = 0
+    for i, n in enumerate(per_seq):
+        tables[i, :n] = order[used : used + n]
+        used += n
+    k_cache = torch.randn(num_blocks, bs, num_kv_heads, head_dim, device=device, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    starts = [0]
+    for q in q_lens:
+        starts.append(starts[-1] + q)
+    query = torch.randn(starts[-1], num_heads, head_dim, device=device, dtype=dtype)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(starts[-1], dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=tables,
+        max_query_len=max(q_lens),
+        max_seq_len=max(seq_lens),
+        query_start_loc_cpu=starts,
+        seq_lens_cpu=seq_lens,
+        block_size=bs,
+    )
+    return query, k_cache, v_cache, meta
+
+
+def bench_decode_attention(results: list[Result]) -> None:
+    from kiln.kernels.triton_attention import paged_attention
+
+    for label, hq, hkv, d, dtype in ATTENTION_SHAPES:
+        for batch in (1, 8, 64, 256):
+            for ctx in (512, 4096):
+                kv_bytes = 2 * batch * (ctx + 1) * hkv * d * 2
+                if kv_bytes > MAX_KV_BYTES:
+                    continue
+                q, kc, vc, meta = paged_batch([1] * batch, [ctx] * batch, hq, hkv, d, dtype)
+                case = f"{label} B={batch} ctx={ctx}"
+                params = {"batch": batch, "context": ctx, "kv_bytes": kv_bytes}
+                us = bench_us(partial(paged_attention, q, kc, vc, meta, d**-0.5))
+                results.append(Result("kernels", "decode_attention/triton", case, "us", us, params))
+                graph_us = bench_graph_us(partial(paged_attention, q, kc, vc, meta, d**-0.5))
+                results.append(
+                    Result("kernels", "decode_attention/triton_graph", case, "us", graph_us, params)
+                )
+                results.append(
+                    Result(
+                        "kernels",
+                        "decode_attention/triton_graph",
+                        case,
+                        "GB_per_s",
+                        kv_bytes / graph_us / 1e3,
+                        params,
+                    )
+                )
+                # torch SDPA on contiguous K/V: what attention costs without paging.
+                k = torch.randn(batch, hkv, ctx + 1, d, device="cuda", dtype=dtype)
+                v = torch.randn_like(k)
+                q4 = q.view(batch, 1, hq, d).transpose(1, 2)
+                sdpa = partial(F.scaled_dot_product_attention, q4, k, v, enable_gqa=hq != hkv)
+                results.append(
+                    Result(
+                        "kernels",
+                        "decode_attention/torch_sdpa_contiguous",
+                        case,
+                        "us",
+                        bench_us(sdpa),
+                        params,
+                    )
+                )
+                results.append(
+                    Result(
+                        "kernels",
+                        "decode_attention/torch_sdpa_contiguous_graph",
+                        case,
+                        "us",
+                        bench_graph_us(sdpa),
+                        params,
+                    )
+                )
+                if batch <= 8:
+                    us = bench_us(partial(reference.paged_attention, q, kc, vc, meta, d**-0.5), rep_ms=50)
+                    results.append(Result("kernels", "decode_attention/reference", case, "us", us, params))
+
+
+def _causal_flops(q_lens, ctx_lens, hq, d) -> float:
+    # QK^T and PV: 2 matmuls x 2 flops per MAC; query j of a chunk sees ctx + j + 1 keys.
+    return sum(4.0 * hq * d * q * (c + (q + 1) / 2) for q, c in zip(q_lens, ctx_lens, strict=True))
+
+
+def bench_prefill_attention(results: list[Result]) -> None:
+    from kiln.kernels.triton_attention import default_config, paged_attention
+
+    transposed = dataclasses.replace(default_config(False, 128), keys_transposed=True)
+    cases = [
+        ("4x1024 prefill", [1024] * 4, [0] * 4),
+        ("1x4096 prefill", [4096], [0]),
+        ("512 after 3584", [512], [3584]),
+    ]
+    for label, hq, hkv, d, dtype in ATTENTION_SHAPES:
+        for name, q_lens, ctx_lens in cases:
+            q, kc, vc, meta = paged_batch(q_lens, ctx_lens, hq, hkv, d, dtype)
+            flops = _causal_flops(q_lens, ctx_lens, hq, d)
+            case = f"{label} {name}"
+            us = bench_us(partial(paged_attention, q, kc, vc, meta, d**-0.5))
+            results.append(Result("kernels", "prefill_attention/triton", case, "us", us))
+            # A/B of the key-tile layout (the default loads [block_n, head_dim] and transposes).
+            us_t = bench_us(partial(paged_attention, q, kc, vc, meta, d**-0.5, config=transposed))
+            results.append(
+                Result(
+                    "kernels",
+                    "prefill_attention/triton_keys_transposed",
+                    case,
+                    "TFLOP_per_s",
+                    flops / us_t / 1e6,
+                )
+            )
+            results.append(
+                Result("kernels", "prefill_attention/triton", case, "TFLOP_per_s", flops / us / 1e6)
+            )
+            if all(c == 0 for c in ctx_lens) and len(set(q_lens)) == 1:
+                b, length = len(q_lens), q_lens[0]
+                q4 = q.view(b, length, hq, d).transpose(1, 2)
+                k = torch.randn(b, hkv, length, d, device="cuda", dtype=dtype)
+                v = torch.randn_like(k)
+                us = bench_us(
+                    partial(F.scaled_dot_product_attention, q4, k, v, is_causal=True, enable_gqa=hq != hkv)
+                )
+                results.append(Result("kernels", "prefill_attention/torch_sdpa_contiguous", case, "us", us))
+                results.append(
+                    Result(
+                        "kernels",
+                        "prefill_attention/torch_sdpa_contiguous",
+                        case,
+                        "TFLOP_per_s",
+                        flops / us / 1e6,
+                    )
+                )
+
+
+def bench_elementwise(results: list[Result]) -> None:
+    from kiln.kernels import triton_activation, triton_cache, triton_norm
+
+    tokens, hidden = 8192, 4096
+    for label, dtype, inter, hq, hkv in [
+        ("llama2-7b", torch.float16, 11008, 32, 32),
+        ("llama3.1-8b", torch.bfloat16, 14336, 32, 8),
+    ]:
+        x = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
+        res = torch.randn_like(x)
+        w = torch.randn(hidden, device="cuda", dtype=dtype)
+        nbytes = 4 * x.numel() * x.element_size()
+        for impl, fn in [("triton", triton_norm.rms_norm), ("reference", reference.rms_norm)]:
+            us = bench_us(partial(fn, x, w, 1e-5, res))
+            results.append(Result("kernels", f"add_rms_norm/{impl}", f"{label} T={tokens}", "us", us))
+            results.append(
+                Result(
+                    "kernels", f"add_rms_norm/{impl}", f"{label} T={tokens}", "GB_per_s", nbytes / us / 1e3
+                )
+            )
+        gate_up = torch.randn(tokens, 2 * inter, device="cuda", dtype=dtype)
+        nbytes = 3 * tokens * inter * gate_up.element_size()
+        for impl, fn in [("triton", triton_activation.silu_and_mul), ("reference", reference.silu_and_mul)]:
+            us = bench_us(partial(fn, gate_up))
+            results.append(Result("kernels", f"silu_and_mul/{impl}", f"{label} T={tokens}", "us", us))
+            results.append(
+                Result(
+                    "kernels", f"silu_and_mul/{impl}", f"{label} T={tokens}", "GB_per_s", nbytes / us / 1e3
+                )
+            )
+        d = 128
+        qkv = torch.randn(tokens, hq + 2 * hkv, d, device="cuda", dtype=dtype)
+        q, k, v = qkv[:, :hq], qkv[:, hq : hq + hkv], qkv[:, hq + hkv :]
+        num_blocks = tokens // BLOCK_SIZE + 1
+        kc = torch.empty(num_blocks, BLOCK_SIZE, hkv, d, device="cuda", dtype=dtype)
+        vc = torch.empty_like(kc)
+        slots = torch.randperm(tokens, device="cuda") + BLOCK_SIZE
+        positions = torch.arange(tokens, device="cuda")
+        table = torch.randn(tokens, d, device="cuda")
+        nbytes = (2 * hq + 4 * hkv) * d * tokens * x.element_size()
+
+        args = (positions, q, k, v, table, kc, vc, slots)
+        for impl, fn in [
+            ("triton_fused", triton_cache.rotary_store_kv),
+            ("reference", _reference_rotary_store),
+        ]:
+            us = bench_us(partial(fn, *args))
+            results.append(Result("kernels", f"rotary_store_kv/{impl}", f"{label} T={tokens}", "us", us))
+            results.append(
+                Result(
+                    "kernels", f"rotary_store_kv/{impl}", f"{label} T={tokens}", "GB_per_s", nbytes / us / 1e3
+                )
+            )
+
+
+def bench_tuning(results: list[Result]) -> None:
+    """Sweep the attention tile shapes and the decode split count (CUDA-graph timing: GPU time only)."""
+    from kiln.kernels.triton_attention import AttentionConfig, paged_attention
+
+    _, hq, hkv, d, dtype = ATTENTION_SHAPES[1]
+    prefill_cases = [("4x1024 prefill", [1024] * 4, [0] * 4), ("512 after 3584", [512], [3584])]
+    for name, q_lens, ctx_lens in prefill_cases:
+        q, kc, vc, meta = paged_batch(q_lens, ctx_lens, hq, hkv, d, dtype)
+        flops = _causal_flops(q_lens, ctx_lens, hq, d)
+        for bm in (64, 128):
+            for bn in (32, 64, 128):
+                for warps in (4, 8):
+                    for stages in (2, 3):
+                        config = AttentionConfig(bm, bn, warps, stages)
+                        try:
+                            us = bench_us(partial(paged_attention, q, kc, vc, meta, d**-0.5, config=config))
+                        except Exception as exc:  # e.g. out of shared memory for this tile shape
+                            print(f"config {config} failed: {type(exc).__name__}")
+                            continue
+                        params = {"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages}
+                        results.append(
+                            Result(
+                                "tuning",
+                                "prefill_attention",
+                                f"llama3.1-8b {name}",
+                                "TFLOP_per_s",
+                                flops / us / 1e6,
+                                params,
+                            )
+                        )
+    for batch, ctx in ((1, 4096), (1, 512), (8, 512), (64, 4096)):
+        q, kc, vc, meta = paged_batch([1] * batch, [ctx] * batch, hq, hkv, d, dtype)
+        kv_bytes = 2 * batch * (ctx + 1) * hkv * d * 2
+        case = f"llama3.1-8b B={batch} ctx={ctx}"
+        for splits in (1, 2, 4, 8, 16, 32):
+            us = bench_graph_us(partial(paged_attention, q, kc, vc, meta, d**-0.5, num_splits=splits))
+            results.append(
+                Result(
+                    "tuning",
+                    "decode_splits",
+                    case,
+                    "us_graph",
+                    us,
+                    {"num_splits": splits, "kv_bytes": kv_bytes},
+                )
+            )
+        for bn in (32, 64, 128):
+            for warps in (2, 4, 8):
+                for stages in (2, 4):
+                    config = AttentionConfig(16, bn, warps, stages)
+                    us = bench_graph_us(partial(paged_attention, q, kc, vc, meta, d**-0.5, config=config))
+                    params = {"block_n": bn, "num_warps": warps, "num_stages": stages}
+                    results.append(Result("tuning", "decode_config", case, "us_graph", us, params))
+        us = bench_us(partial(paged_attention, q, kc, vc, meta, d**-0.5))
+        results.append(Result("tuning", "decode_default_with_launch", case, "us", us))
+        us = bench_graph_us(partial(paged_attention, q, kc, vc, meta, d**-0.5))
+        results.append(Result("tuning", "decode_default", case, "us_graph", us))
+
+
+def _reference_rotary_store(positions, q, k, v, table, k_cache, v_cache, slots):
+    q, k = reference.apply_rotary(positions, q, k, table)
+    reference.store_kv(k, v, k_cache, v_cache, slots)
+    return q
+
+
+def _warm_up_gpu(seconds: float = 1.0) -> None:
+    """Run matmuls for a second so the first measured case does not pay for clocks ramping up."""
+    import time
+
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize()
+
+
+SUITES = {
+    "decode": bench_decode_attention,
+    "prefill": bench_prefill_attention,
+    "elementwise": bench_elementwise,
+    "tune": bench_tuning,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kernels.json"))
+    parser.add_argument(
+        "--suites", nargs="+", choices=sorted(SUITES), default=["decode", "prefill", "elementwise"]
+    )
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    _warm_up_gpu()
+    results: list[Result] = []
+    for name in args.suites:
+        SUITES[name](results)
+        torch.cuda.empty_cache()
+    write_results(args.out, results)
+    for r in results:
+        print(f"{r.name:45s} {r.shape:32s} {r.metric:12s} {r.value:10.1f}")
+
+
+if __name__ == "__main__":
+    main()

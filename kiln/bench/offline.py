@@ -1,0 +1,92 @@
+"""The offline measurements of `kiln bench`: throughput of a batch added at once, and batch-1 latency.
+
+Rules (the module doc of kiln.bench.cli has the whole list): prompts are random token ids, every request
+is greedy with `ignore_eos`, and a warm-up runs before anything is timed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from kiln.bench.workload import greedy, random_prompts, sync
+
+
+@dataclass(slots=True)
+class ThroughputResult:
+    num_requests: int
+    input_tokens: int
+    output_tokens: int
+    elapsed_s: float
+
+    @property
+    def output_tok_per_s(self) -> float:
+        return self.output_tokens / self.elapsed_s
+
+    @property
+    def total_tok_per_s(self) -> float:
+        return (self.input_tokens + self.output_tokens) / self.elapsed_s
+
+
+@dataclass(slots=True)
+class LatencyResult:
+    input_len: int
+    output_len: int
+    ttft_ms: float
+    ms_per_token: float
+
+
+def run_throughput(
+    engine,
+    num_requests: int,
+    input_lens: list[int],
+    output_lens: list[int],
+    seed: int = 0,
+) -> ThroughputResult:
+    """Add every request at once, step until all finish; see the module doc for the rules."""
+    vocab = engine.model_config.vocab_size
+    prompts = random_prompts(num_requests, input_lens, vocab, seed)
+    # Warm-up: one short request compiles/initialises whatever the first step needs.
+    engine.add_request("warmup", prompt_token_ids=prompts[0][:16], params=greedy(4))
+    while engine.has_unfinished_requests():
+        engine.step()
+    sync(engine)
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt_token_ids=prompt, params=greedy(output_lens[i]))
+    generated = 0
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            generated += sum(len(c.token_ids) for c in delta.outputs)
+    sync(engine)
+    elapsed = time.perf_counter() - start
+    return ThroughputResult(num_requests, sum(input_lens), generated, elapsed)
+
+
+def run_latency(engine, input_len: int, output_len: int, seed: int = 0, repeats: int = 3) -> LatencyResult:
+    """One request at a time (after a warm-up); the best of `repeats` runs, as the engine allows."""
+    vocab = engine.model_config.vocab_size
+    best: LatencyResult | None = None
+    for rep in range(repeats + 1):
+        prompt = random_prompts(1, [input_len], vocab, seed + rep)[0]
+        sync(engine)
+        start = time.perf_counter()
+        engine.add_request(f"lat{rep}", prompt_token_ids=prompt, params=greedy(output_len))
+        first = None
+        count = 0
+        while engine.has_unfinished_requests():
+            for delta in engine.step():
+                new = sum(len(c.token_ids) for c in delta.outputs)
+                if new and first is None:
+                    first = time.perf_counter()
+                count += new
+        end = time.perf_counter()
+        if rep == 0 or first is None:
+            continue  # the first run warms up
+        result = LatencyResult(
+            input_len, count, 1000 * (first - start), 1000 * (end - first) / max(count - 1, 1)
+        )
+        if best is None or result.ms_per_token < best.ms_per_token:
+            best = result
+    assert best is not None
+    return best

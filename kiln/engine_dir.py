@@ -1,0 +1,208 @@
+"""The engine directory's format: `engine.json`, the manifest that says what the directory holds and how
+to serve it, and `move_into_place`, how a finished directory (a build, its `kernels/`) replaces the old one.
+
+Build writes this format, models and engines read it; it sits below all three.
+
+Rules of the format:
+- `engine.json` is written last (atomically, by rename), so a directory whose build crashed has none
+  and is refused. Its presence means every file it lists was complete when it was written.
+- Every weight file carries its sha256 and every listed file (weights and tokenizer) its size.
+  `load` always checks presence and sizes (cheap: one stat per file, catches truncation);
+  `load(verify_checksums=True)` also hashes the weights (slow for big models; `kiln serve --verify`).
+- `format_version` only goes up when older readers could not load the layout; a reader refuses a
+  newer one. Keys this reader does not know are ignored, so additions that old readers may skip
+  need no bump.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from kiln.config import EngineLimits, ModelConfig, canonical_dtype
+from kiln.errors import InvalidEngineError
+from kiln.version import ENGINE_FORMAT_VERSION, __version__
+
+MANIFEST_NAME = "engine.json"
+BACKENDS = ("native", "trtllm")
+# Fields a manifest must carry; the rest have defaults (and may be absent from hand-written files).
+_REQUIRED = ("backend", "model", "dtype", "weight_files", "format_version")
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (never the whole file in memory)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(slots=True)
+class EngineManifest:
+    """What `engine.json` holds. Paths in it are file names relative to the engine directory."""
+
+    backend: str  # "native" | "trtllm"
+    model: ModelConfig
+    dtype: str  # canonical name: "float32" | "float16" | "bfloat16"
+    weight_files: dict[str, str]  # file name -> sha256 hex
+    limits: EngineLimits = field(default_factory=EngineLimits)
+    # Files the serving side reads for text: tokenizer.json, tokenizer_config.json, chat template,
+    # generation_config.json (when the checkpoint had one).
+    tokenizer_files: list[str] = field(default_factory=list)
+    # file name -> size in bytes, for every file the engine needs (weights, their index, tokenizer):
+    # the cheap truncation check. A file listed only here must exist too.
+    file_sizes: dict[str, int] = field(default_factory=dict)
+    served_model_name: str = "model"
+    source: str = ""  # what it was built from: a path, a hub id, "tiny(seed=0)"
+    quantization: str | None = None  # None: weights stored unquantized in `dtype`
+    kiln_version: str = __version__
+    format_version: int = ENGINE_FORMAT_VERSION
+    created: str = field(default_factory=_now_iso)  # ISO 8601, UTC
+    # Backend-specific facts, e.g. {"tensorrt_llm_version": "1.2.0", "gpu_arch": "sm90"} or the GGUF
+    # file type a native engine was dequantized from.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["model"] = self.model.to_dict()
+        data["limits"] = dataclasses.asdict(self.limits)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngineManifest:
+        """Parse a manifest dict; raises InvalidEngineError naming the first problem found."""
+        missing = [name for name in _REQUIRED if name not in data]
+        if missing:
+            raise InvalidEngineError(f"{MANIFEST_NAME} is missing fields {missing}")
+        version = data["format_version"]
+        if not isinstance(version, int):
+            raise InvalidEngineError(f"{MANIFEST_NAME}: format_version must be an integer, got {version!r}")
+        if version > ENGINE_FORMAT_VERSION:
+            raise InvalidEngineError(
+                f"engine format version {version} is newer than this Kiln reads ({ENGINE_FORMAT_VERSION}); "
+                f"it was built by kiln {data.get('kiln_version', '?')}: upgrade kiln or rebuild the engine"
+            )
+        if data["backend"] not in BACKENDS:
+            raise InvalidEngineError(
+                f"{MANIFEST_NAME}: unknown backend {data['backend']!r} (this Kiln knows {list(BACKENDS)})"
+            )
+        try:
+            model = ModelConfig.from_dict(data["model"])
+            limits = EngineLimits(**data.get("limits", {}))
+            dtype = canonical_dtype(data["dtype"])
+        except (TypeError, ValueError) as exc:
+            raise InvalidEngineError(f"{MANIFEST_NAME}: invalid model, limits or dtype: {exc}") from exc
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in known}  # unknown keys: additions we may skip
+        kwargs.update(model=model, limits=limits, dtype=dtype)
+        if not isinstance(kwargs["weight_files"], dict) or not kwargs["weight_files"]:
+            raise InvalidEngineError(
+                f"{MANIFEST_NAME}: weight_files must be a non-empty {{name: sha256}} map"
+            )
+        for name in [
+            *kwargs["weight_files"],
+            *kwargs.get("tokenizer_files", []),
+            *kwargs.get("file_sizes", {}),
+        ]:
+            # Names are relative to the engine directory; anything else could point outside it.
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise InvalidEngineError(
+                    f"{MANIFEST_NAME}: file name {name!r} is not inside the engine directory"
+                )
+        return cls(**kwargs)
+
+    def save(self, engine_dir: Path) -> Path:
+        """Write `engine.json` into engine_dir atomically (temp file + rename); returns its path."""
+        engine_dir = Path(engine_dir)
+        target = engine_dir / MANIFEST_NAME
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        fd, tmp = tempfile.mkstemp(prefix=".engine-", suffix=".json", dir=engine_dir)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+    @classmethod
+    def load(cls, engine_dir: Path, *, verify_checksums: bool = False) -> EngineManifest:
+        """Read and check `engine_dir/engine.json`; raises InvalidEngineError saying what is wrong.
+
+        Always checks that every listed file exists with its recorded size; with verify_checksums
+        also that each weight file's sha256 matches.
+        """
+        engine_dir = Path(engine_dir)
+        if not engine_dir.is_dir():
+            raise InvalidEngineError(f"engine directory {engine_dir} does not exist")
+        path = engine_dir / MANIFEST_NAME
+        if not path.is_file():
+            raise InvalidEngineError(
+                f"{engine_dir} has no {MANIFEST_NAME}: not an engine directory, or its build did not finish"
+            )
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidEngineError(f"{path} is not valid JSON ({exc}); rebuild the engine") from exc
+        if not isinstance(data, dict):
+            raise InvalidEngineError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        manifest = cls.from_dict(data)
+        manifest.check_files(engine_dir, verify_checksums=verify_checksums)
+        return manifest
+
+    def check_files(self, engine_dir: Path, *, verify_checksums: bool = False) -> None:
+        """Raise InvalidEngineError if a listed file is missing, has the wrong size or (opt.) wrong hash."""
+        for name in dict.fromkeys([*self.weight_files, *self.tokenizer_files, *self.file_sizes]):
+            file = engine_dir / name
+            if not file.is_file():
+                raise InvalidEngineError(f"engine {engine_dir} is missing file {name}; rebuild the engine")
+            expected = self.file_sizes.get(name)
+            if expected is not None and file.stat().st_size != expected:
+                raise InvalidEngineError(
+                    f"engine file {name} is {file.stat().st_size} bytes, expected {expected}: "
+                    "truncated or replaced; rebuild the engine"
+                )
+        if verify_checksums:
+            for name, expected_sha in self.weight_files.items():
+                if sha256_file(engine_dir / name) != expected_sha:
+                    raise InvalidEngineError(
+                        f"engine file {name} fails its sha256 check: corrupt or replaced; rebuild the engine"
+                    )
+
+    def weight_paths(self, engine_dir: Path) -> list[Path]:
+        """Absolute paths of the weight files, in manifest order."""
+        return [Path(engine_dir) / name for name in self.weight_files]
+
+
+def is_engine_dir(path: Path) -> bool:
+    """True when path is a directory whose engine.json loads (checksums not verified)."""
+    try:
+        EngineManifest.load(Path(path))
+    except InvalidEngineError:
+        return False
+    return True
+
+
+def move_into_place(staging: Path, output_dir: Path) -> None:
+    """Rename the finished staging dir to output_dir, replacing an old one only now that the new is whole."""
+    if not output_dir.exists():
+        os.replace(staging, output_dir)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+    os.replace(output_dir, retired / "engine")
+    os.replace(staging, output_dir)
+    shutil.rmtree(retired, ignore_errors=True)

@@ -1,0 +1,128 @@
+"""Kernel dispatch: the model calls these names; each picks the Triton kernel on CUDA and the
+PyTorch reference (kiln.kernels.reference) elsewhere.
+
+Rules:
+- Every function here has a reference with the same signature and semantics, and a GPU test
+  comparing the two on random shapes (tests/gpu).
+- The choice follows the device of the first tensor argument, so CPU code never imports Triton.
+- KILN_KERNELS=reference forces the references on CUDA too (to compare or to bisect a bug);
+  read once at import.
+- `linear` runs the Triton GEMV only for one token without bias (batch-1 decode) and torch's
+  linear (cuBLAS) otherwise: at any larger batch cuBLAS's GEMMs are the faster kernel.
+- `rotary_store_kv` is apply_rotary + store_kv in one launch on CUDA (and exactly those two
+  calls elsewhere); it returns only the rotated query, since attention reads keys from the cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+
+import torch
+
+from kiln.kernels import reference
+from kiln.kernels.attention_metadata import AttentionMetadata
+
+_FORCE_REFERENCE = os.environ.get("KILN_KERNELS", "").lower() == "reference"
+
+
+@functools.cache
+def _triton(name: str) -> ModuleType:
+    import importlib
+
+    return importlib.import_module(f"kiln.kernels.triton_{name}")
+
+
+def _use_triton(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda and not _FORCE_REFERENCE
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    if _use_triton(key):
+        return _triton("cache").store_kv(key, value, k_cache, v_cache, slot_mapping)
+    return reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    if _use_triton(query):
+        return _triton("attention").paged_attention(query, k_cache, v_cache, meta, scale)
+    return reference.paged_attention(query, k_cache, v_cache, meta, scale)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if _use_triton(x):
+        return _triton("norm").rms_norm(x, weight, eps, residual)
+    return reference.rms_norm(x, weight, eps, residual)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    if _use_triton(x):
+        return _triton("activation").silu_and_mul(x)
+    return reference.silu_and_mul(x)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ weight.T (+ bias). One token without bias takes the Triton GEMV on CUDA (the batch-1
+    decode step's projections); everything else is torch's linear (cuBLAS)."""
+    if bias is None and x.shape[0] == 1 and x.dim() == 2 and _use_triton(x) and weight.stride(1) == 1:
+        return _triton("gemv").gemv(x, weight)
+    return reference.linear(x, weight, bias)
+
+
+def apply_rotary(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use_triton(query):
+        return _triton("cache").apply_rotary(positions, query, key, cos_sin_cache)
+    return reference.apply_rotary(positions, query, key, cos_sin_cache)
+
+
+def rotary_store_kv(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    if _use_triton(query):
+        return _triton("cache").rotary_store_kv(
+            positions, query, key, value, cos_sin_cache, k_cache, v_cache, slot_mapping
+        )
+    query, key = reference.apply_rotary(positions, query, key, cos_sin_cache)
+    reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
+    return query
+
+
+__all__ = [
+    "apply_rotary",
+    "linear",
+    "paged_attention",
+    "rms_norm",
+    "rotary_store_kv",
+    "silu_and_mul",
+    "store_kv",
+]

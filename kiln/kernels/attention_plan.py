@@ -1,0 +1,76 @@
+"""How a paged-attention launch is cut: tile shapes, the sequence split count, and the split counters.
+
+Host-side companions of `triton_attention` (no kernels here): the untuned and tuned tile shapes, the
+split rule (powers of two, each a compile-time constant of the kernel), the SM count, and the zeroed
+workspace of per-tile counters with which the last split of a tile knows to merge.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from kiln.kernels.tiles import AttentionConfig, tuned_config
+
+_NUM_SMS_CACHE: dict[int, int] = {}
+_MIN_COUNTERS = 1 << 14
+# Split counters per device: grow-only, and a replaced workspace is kept alive, because captured CUDA
+# graphs hold its address.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED_COUNTERS: list[torch.Tensor] = []
+
+
+def num_sms(device: torch.device) -> int:
+    """The SM count that decides the split (cached per device)."""
+    if device.type != "cuda":
+        return 132  # Triton's CPU interpreter (debugging): pretend to be an H100
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NUM_SMS_CACHE:
+        _NUM_SMS_CACHE[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _NUM_SMS_CACHE[index]
+
+
+def default_config(decode: bool, head_dim_p2: int) -> AttentionConfig:
+    """The tile shape used unless the caller passes one: the engine directory's tuned choice when
+    `kiln.kernels.tiles.apply_profile` installed one for this head size, else `builtin_config`."""
+    return tuned_config(decode, head_dim_p2) or builtin_config(decode, head_dim_p2)
+
+
+def builtin_config(decode: bool, head_dim_p2: int) -> AttentionConfig:
+    """The untuned tile shape (chosen from sweeps on an H100, see docs/benchmarks.md)."""
+    if decode:
+        return AttentionConfig(
+            block_m=16, block_n=64 if head_dim_p2 <= 128 else 32, num_warps=4, num_stages=2
+        )
+    if head_dim_p2 <= 128:
+        return AttentionConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    return AttentionConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
+
+
+def choose_num_splits(num_tiles: int, num_kv_heads: int, max_kv_len: int, num_sms: int) -> int:
+    """How many sequence slices to cut each tile's keys into.
+
+    Split only when the tiles alone leave the GPU under-filled (fewer than two programs per SM),
+    into enough slices to fill it, each of at least 64 keys, at most 32 slices, rounded down to a
+    power of two: the count is a compile-time constant of the kernel, so each distinct value is a
+    compile, and a load whose batch shape drifts would otherwise meet new ones for a long time. (On an H100,
+    Llama-3.1-8B heads, batch 1: 4096 keys take 123 us unsplit, 21 us in 32 slices; 512 keys take
+    23 us unsplit, 13 us in 8; at batch 64 splitting only costs, see docs/benchmarks.md.)
+    """
+    programs = num_tiles * num_kv_heads
+    if programs >= 2 * num_sms:
+        return 1
+    wanted = triton.cdiv(2 * num_sms, max(programs, 1))
+    by_length = max_kv_len // 64
+    return 1 << (int(max(1, min(wanted, by_length, 32))).bit_length() - 1)
+
+
+def split_counters(device: torch.device, size: int) -> torch.Tensor:
+    """A zeroed int32 workspace of at least `size` counters on `device` (see the module docstring)."""
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < size:
+        if counters is not None:
+            _RETIRED_COUNTERS.append(counters)
+        counters = torch.zeros(max(size, _MIN_COUNTERS), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters

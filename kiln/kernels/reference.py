@@ -1,0 +1,142 @@
+"""PyTorch reference kernels: the semantics every Triton kernel must match, and the CPU path.
+
+They favour clarity over speed (the attention loops over requests on the host), but never loop
+over tokens in Python. Shapes: T tokens in a step, Hq query heads, Hkv KV heads, D head dim.
+The paged KV cache of one layer is a pair of tensors [num_blocks, block_size, Hkv, D]; token slot
+s lives at block s // block_size, offset s % block_size (see kiln.kernels.attention_metadata).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kiln.kernels.attention_metadata import AttentionMetadata
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write token t's key/value [T, Hkv, D] into the caches at slot_mapping[t]; slots of -1 are skipped.
+
+    Values are cast to the cache dtype. Slots must be distinct (a slot written twice in one call
+    holds one of the two values, unspecified which).
+    """
+    block_size = k_cache.shape[1]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    blocks, offsets = slots // block_size, slots % block_size
+    # Index by (block, offset) rather than through a flattened view, so it also works when the
+    # cache tensors are non-contiguous slices of a larger allocation.
+    k_cache[blocks, offsets] = key[keep].to(k_cache.dtype)
+    v_cache[blocks, offsets] = value[keep].to(v_cache.dtype)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each request's new tokens over its paged context; returns [T, Hq, D].
+
+    Request i owns query rows query_start_loc[i]:query_start_loc[i+1] (q_len of them) and a context
+    of seq_lens[i] tokens found through block_tables[i]; its new token j sits at position
+    seq_lens[i] - q_len + j and attends to context positions <= its own. This one rule covers full
+    prefill, a prefill chunk after a cached prefix, and decode (q_len 1). The new tokens' K/V must
+    already be in the cache (`store_kv` first). Query head h reads KV head h // (Hq // Hkv).
+    Scores and softmax are float32; the output has the query's dtype. Rows past
+    query_start_loc[-1] (padding) are zeros.
+    """
+    _, num_q_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads} query heads cannot share {num_kv_heads} KV heads evenly")
+    group = num_q_heads // num_kv_heads
+    block_size = meta.block_size
+    output = torch.zeros_like(query)
+    starts = meta.query_start_loc_cpu
+    for i, seq_len in enumerate(meta.seq_lens_cpu):
+        start, end = starts[i], starts[i + 1]
+        q_len = end - start
+        if q_len == 0:
+            continue
+        if q_len > seq_len:
+            raise ValueError(f"request {i} has {q_len} new tokens but a context of only {seq_len}")
+        num_blocks = -(-seq_len // block_size)
+        blocks = meta.block_tables[i, :num_blocks].to(device=k_cache.device, dtype=torch.long)
+        keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        values = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        # [Hkv, group, q_len, D] against [Hkv, 1, seq_len, D]: GQA without repeating K/V.
+        q = query[start:end].float().view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+        k = keys.float().permute(1, 0, 2).unsqueeze(1)
+        v = values.float().permute(1, 0, 2).unsqueeze(1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        query_positions = torch.arange(seq_len - q_len, seq_len, device=query.device)
+        key_positions = torch.arange(seq_len, device=query.device)
+        future = key_positions[None, :] > query_positions[:, None]
+        scores = scores.masked_fill(future, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        attended = torch.matmul(probs, v)  # [Hkv, group, q_len, D]
+        output[start:end] = attended.permute(2, 0, 1, 3).reshape(q_len, num_q_heads, head_dim).to(query.dtype)
+    return output
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RMSNorm over the last dim, optionally fused with the residual add before it.
+
+    Without `residual`: returns (norm(x) * weight, None). With it: s = x + residual (in x's dtype),
+    returns (norm(s) * weight, s), so the caller carries s as the next residual (vLLM's
+    fused_add_rms_norm). The normalisation runs in float32 and is cast back to x's dtype before
+    the weight multiply, exactly as Hugging Face's LlamaRMSNorm.
+    """
+    new_residual = None
+    if residual is not None:
+        x = x + residual
+        new_residual = x
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype), new_residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU activation on a fused [T, 2I] gate_up output: silu(x[:, :I]) * x[:, I:] -> [T, I]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def apply_rotary(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate query [T, Hq, D] and key [T, Hkv, D] by their positions [T]; returns new tensors.
+
+    cos_sin_cache is [max_pos, D], row p = [cos(p * f) | sin(p * f)] (kiln.models.rope). Dimension i
+    pairs with i + D/2 (Hugging Face rotate_half / NeoX style). cos/sin are cast to the query's
+    dtype before use, as Hugging Face does, so half-precision results match it.
+    """
+    cos, sin = cos_sin_cache[positions].to(query.dtype).chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    return rotate(query), rotate(key)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ weight [N, K].T (+ bias) -> [T, N]: torch's own linear layer."""
+    return F.linear(x, weight, bias)

@@ -1,0 +1,391 @@
+"""Paged attention in Triton: one kernel for prefill, chunked prefill and decode, split along the sequence.
+
+Rules (the same as `kiln.kernels.reference.paged_attention`):
+- `query` is the ragged batch [T, num_heads, head_dim]; request i owns rows
+  query_start_loc[i]:query_start_loc[i+1] and its new tokens sit at positions seq_lens[i]-q_len_i ..
+  seq_lens[i]-1. Its keys and values (cached prefix and the new tokens, already stored) are read
+  straight from the paged caches [num_blocks, block_size, num_kv_heads, head_dim] through its block
+  table: nothing is gathered into contiguous memory.
+- Causal: the query at position p attends to keys 0..p.
+- Grouped-query attention: query head h reads KV head h // (num_heads // num_kv_heads).
+
+How the work is cut: a program owns one KV head and a tile of BLOCK_M rows, each row one (query
+token, query head of that KV head's group) pair, so the group's heads share every K/V load. For
+decode a tile is one token's whole group. Tiles never straddle requests; their owner is found by a
+binary search over `query_start_loc`, so the grid depends only on tensor shapes (CUDA-graph safe).
+Long contexts with few query tiles are split along the sequence into `num_splits` ranges, so a
+batch-1 decode still fills the GPU. Each split writes its partial result (output and log-sum-exp)
+and bumps a per-tile counter; the split that finds itself last merges them, in the same launch
+(a separate merge kernel cost a launch per layer: 1.7 us of GPU time each in a 7B batch-1 step). The
+counters live in a zeroed workspace that the merging program resets, so every launch, and every
+CUDA-graph replay, finds them at zero.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.kernels.attention_metadata import AttentionMetadata
+from kiln.kernels.attention_plan import (
+    builtin_config,
+    choose_num_splits,
+    default_config,
+    num_sms,
+    split_counters,
+)
+from kiln.kernels.pdl import pdl_enabled
+from kiln.kernels.tiles import AttentionConfig
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """The request owning global tile `tile`: request i's tiles start at query_start_loc[i] // BLOCK_Q + i."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if start <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _attend_keys(
+    acc,
+    l_i,
+    m_i,
+    q,
+    q_pos,
+    start_n,
+    hi,
+    table_row,
+    k_head,
+    v_head,
+    stride_kb,
+    stride_ks,
+    stride_vb,
+    stride_vs,
+    scale_log2,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    KEYS_TRANSPOSED: tl.constexpr,
+):
+    """One online-softmax step over keys start_n .. start_n+BLOCK_N-1, read through the block table.
+
+    MASKED=False is for key tiles that lie wholly below `hi` and before every row's position.
+    KEYS_TRANSPOSED loads the key tile as [HEAD_DIM, BLOCK_N] instead of transposing it in registers
+    (a tuning choice: the same numbers either way).
+    """
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    in_block = offs_n % BLOCK_SIZE
+    n_valid = offs_n < hi
+    if MASKED:
+        block_id = tl.load(table_row + offs_n // BLOCK_SIZE, mask=n_valid, other=0).to(tl.int64)
+    else:
+        block_id = tl.load(table_row + offs_n // BLOCK_SIZE).to(tl.int64)
+    key_rows = block_id * stride_kb + in_block * stride_ks
+    v_ptrs = v_head + block_id[:, None] * stride_vb + in_block[:, None] * stride_vs + offs_d[None, :]
+    kv_mask = n_valid[:, None] & (offs_d[None, :] < HEAD_DIM)
+    # Unmasked loads when nothing can be out of range: they vectorise best.
+    if KEYS_TRANSPOSED:
+        k_t_ptrs = k_head + offs_d[:, None] + key_rows[None, :]
+        if MASKED or HEAD_DIM != HEAD_DIM_P2:
+            k_t_mask = (offs_d[:, None] < HEAD_DIM) & n_valid[None, :]
+            k_t = tl.load(k_t_ptrs, mask=k_t_mask, other=0.0)
+        else:
+            k_t = tl.load(k_t_ptrs)
+    else:
+        k_ptrs = k_head + key_rows[:, None] + offs_d[None, :]
+        if MASKED or HEAD_DIM != HEAD_DIM_P2:
+            k_t = tl.trans(tl.load(k_ptrs, mask=kv_mask, other=0.0))
+        else:
+            k_t = tl.trans(tl.load(k_ptrs))
+    s = tl.dot(q, k_t) * scale_log2
+    if MASKED:
+        visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if MASKED or HEAD_DIM != HEAD_DIM_P2:  # noqa: SIM108 (a constexpr branch)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
+# num_seqs and the block-table width change from step to step: specialising on them (Triton compiles a
+# variant per value class, == 1 or a multiple of 16) had a serving engine compiling for seconds
+# mid-load whenever a batch crossed into a new class.
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
+def _paged_attention_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    split_counters_ptr,
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    block_tables_ptr,
+    num_seqs,
+    scale_log2,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    NUM_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_P2: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    KEYS_TRANSPOSED: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,  # PDL: the next kernel may start now (kiln.kernels.pdl)
+):
+    if LAUNCH_DEPENDENTS:
+        tl.extra.cuda.gdc_launch_dependents()
+    # Last tiles first: under the causal mask they see the most keys, so starting them early
+    # shortens the tail of the launch.
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq = _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    q_tile = tile - (q_start // BLOCK_Q + seq)
+    if q_tile * BLOCK_Q >= q_len:
+        return  # a spare program: the grid is sized for the worst case
+    kv_len = tl.load(seq_lens_ptr + seq)
+    context_len = kv_len - q_len
+
+    rows = tl.arange(0, BLOCK_M)
+    q_tok = q_tile * BLOCK_Q + rows // GROUP_P2
+    head_in_group = rows % GROUP_P2
+    row_valid = (q_tok < q_len) & (head_in_group < GROUP) & (rows < BLOCK_Q * GROUP_P2)
+    head = kv_head * GROUP + head_in_group
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    d_valid = offs_d < HEAD_DIM
+
+    token = (q_start + q_tok).to(tl.int64)
+    q = tl.load(
+        q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_valid[:, None] & d_valid[None, :],
+        other=0.0,
+    )
+    q_pos = context_len + q_tok  # absolute position of each row's query token
+
+    # Keys this tile may see: up to its last query's position; this split covers one slice of them.
+    last_tok = tl.minimum(q_tile * BLOCK_Q + BLOCK_Q, q_len) - 1
+    kv_end = context_len + last_tok + 1
+    split_len = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, kv_end)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P2], dtype=tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    k_head = k_cache_ptr + kv_head * stride_kh
+    v_head = v_cache_ptr + kv_head * stride_vh
+
+    # Keys every row of the tile may see come first, in whole tiles, without masks; the rest (the
+    # causal diagonal and the ragged end) go through the masked path.
+    first_pos = context_len + q_tile * BLOCK_Q
+    unmasked_end = lo + tl.maximum(tl.minimum(hi, first_pos + 1) - lo, 0) // BLOCK_N * BLOCK_N
+    for start_n in range(lo, unmasked_end, BLOCK_N):
+        acc, l_i, m_i = _attend_keys(
+            acc, l_i, m_i, q, q_pos, start_n, hi, table_row, k_head, v_head,
+            stride_kb, stride_ks, stride_vb, stride_vs, scale_log2,
+            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, BLOCK_N, False, KEYS_TRANSPOSED,
+        )  # fmt: skip
+    for start_n in range(unmasked_end, hi, BLOCK_N):
+        acc, l_i, m_i = _attend_keys(
+            acc, l_i, m_i, q, q_pos, start_n, hi, table_row, k_head, v_head,
+            stride_kb, stride_ks, stride_vb, stride_vs, scale_log2,
+            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, BLOCK_N, True, KEYS_TRANSPOSED,
+        )  # fmt: skip
+
+    store_mask = row_valid[:, None] & d_valid[None, :]
+    out_ptrs = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=store_mask)
+    else:
+        # Partials are [T, num_heads, NUM_SPLITS, (HEAD_DIM_P2)] fp32; an empty split stores lse = -inf.
+        rows_base = (token * NUM_HEADS + head) * NUM_SPLITS
+        safe_l = tl.where(l_i > 0, l_i, 1.0)
+        tl.store(
+            part_out_ptr + (rows_base + split)[:, None] * HEAD_DIM_P2 + offs_d[None, :],
+            acc / safe_l[:, None],
+            mask=store_mask,
+        )
+        lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
+        tl.store(part_lse_ptr + rows_base + split, lse, mask=row_valid)
+        # Every thread's partial is written before the count says so (a barrier, then the counter's
+        # release); the program that counts last sees all of them (acquire) and merges.
+        tl.debug_barrier()
+        counter = split_counters_ptr + tile * tl.num_programs(1) + kv_head
+        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+            out = _merge_splits(part_out_ptr, part_lse_ptr, rows_base, offs_d, store_mask, row_valid,
+                                HEAD_DIM_P2, NUM_SPLITS)  # fmt: skip
+            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def _merge_splits(
+    part_out_ptr,
+    part_lse_ptr,
+    rows_base,
+    offs_d,
+    store_mask,
+    row_valid,
+    HEAD_DIM_P2: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
+    """The splits' partial outputs weighted by their share of the softmax mass, rows [BLOCK_M, D].
+
+    The loads bypass L1 (.cg): the partials were written by other programs of this launch."""
+    lse_max = tl.full(rows_base.shape, float("-inf"), dtype=tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        lse = tl.load(part_lse_ptr + rows_base + s, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
+        lse_max = tl.maximum(lse_max, lse)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # rows that are not real
+    total = tl.zeros(rows_base.shape, dtype=tl.float32)
+    out = tl.zeros(store_mask.shape, dtype=tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        lse = tl.load(part_lse_ptr + rows_base + s, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
+        weight = tl.exp2(lse - lse_max)  # an empty split weighs 0
+        part = tl.load(
+            part_out_ptr + (rows_base + s)[:, None] * HEAD_DIM_P2 + offs_d[None, :],
+            mask=store_mask,
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        out += part * weight[:, None]
+        total += weight
+    return out / tl.where(total > 0, total, 1.0)[:, None]
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    num_splits: int | None = None,
+    config: AttentionConfig | None = None,
+) -> torch.Tensor:
+    """Attention of the ragged `query` [T, H, D] over the paged caches; returns [T, H, D] in query's dtype.
+
+    `num_splits` fixes the sequence split (CUDA-graph capture wants one value per graph); None picks
+    it from the batch shape. `config` overrides the tile shape (for tuning sweeps). Rows of padding tokens (beyond query_start_loc[-1]) are zeros, as in the
+    reference; the zeroing follows the host copy of query_start_loc, so a replayed CUDA graph leaves
+    a different number of padding rows unspecified (nothing reads them).
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    block_size = k_cache.shape[1]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads do not divide into {num_kv_heads} KV heads")
+    if query.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("paged_attention needs the head dimension contiguous")
+    group = num_heads // num_kv_heads
+    group_p2 = triton.next_power_of_2(group)
+    head_dim_p2 = triton.next_power_of_2(head_dim)
+    num_seqs = meta.num_seqs
+    out = torch.empty_like(query)
+    num_real_tokens = meta.query_start_loc_cpu[-1] if num_seqs else 0
+    if num_real_tokens < num_tokens:
+        out[num_real_tokens:].zero_()
+    if num_seqs == 0 or num_tokens == 0:
+        return out
+
+    decode = meta.max_query_len == 1
+    config = config or default_config(decode, head_dim_p2)
+    # Decode tiles hold one token's group; prefill tiles as many tokens as fill config.block_m rows.
+    block_q = 1 if decode else max(1, config.block_m // group_p2)
+    block_m = max(16, block_q * group_p2)
+    block_n = config.block_n
+    num_tiles = num_tokens // block_q + num_seqs  # an upper bound on every request's ceil(q_len / block_q)
+    if num_splits is None:
+        real_tiles = num_seqs if meta.max_query_len == 1 else num_tiles
+        num_splits = choose_num_splits(real_tiles, num_kv_heads, meta.max_seq_len, num_sms(query.device))
+    if num_splits > 1:
+        part_out = torch.empty(
+            (num_tokens, num_heads, num_splits, head_dim_p2), dtype=torch.float32, device=query.device
+        )
+        part_lse = torch.empty((num_tokens, num_heads, num_splits), dtype=torch.float32, device=query.device)
+        counters = split_counters(query.device, num_tiles * num_kv_heads)
+    else:
+        part_out = part_lse = counters = out  # unused by the kernel when NUM_SPLITS == 1
+
+    _paged_attention_kernel[(num_tiles, num_kv_heads, num_splits)](
+        query,
+        k_cache,
+        v_cache,
+        out,
+        part_out,
+        part_lse,
+        counters,
+        meta.query_start_loc,
+        meta.seq_lens,
+        meta.block_tables,
+        num_seqs,
+        scale * _LOG2E,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        meta.block_tables.stride(0),
+        NUM_HEADS=num_heads,
+        GROUP=group,
+        GROUP_P2=group_p2,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_P2=head_dim_p2,
+        BLOCK_SIZE=block_size,
+        BLOCK_Q=block_q,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        KEYS_TRANSPOSED=config.keys_transposed,
+        LAUNCH_DEPENDENTS=pdl_enabled(query.device),
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out
+
+
+__all__ = ["builtin_config", "choose_num_splits", "default_config", "paged_attention"]

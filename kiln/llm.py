@@ -1,0 +1,72 @@
+"""`LLM`: offline batch generation, shaped like vLLM's `LLM` class."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kiln.build.default_model import ensure_default_engine
+from kiln.config import EngineConfig
+from kiln.engine.llm_engine import LLMEngine
+from kiln.engine.outputs import RequestOutput, accumulate
+from kiln.engine.sampling_params import SamplingParams
+
+Prompt = str | dict[str, Any]  # "text" or {"prompt_token_ids": [...]} (vLLM's TokensPrompt)
+
+
+class LLM:
+    """Load a model and generate for a batch of prompts, all run together with in-flight batching.
+
+    `model`: an engine directory, a Hugging Face checkpoint directory, or None for the embedded default
+    model (built once into the cache). Keyword arguments are `EngineConfig` fields.
+    """
+
+    def __init__(self, model: str | Path | None = None, **options: Any) -> None:
+        if model is None:
+            model = ensure_default_engine()
+        self.engine = LLMEngine.from_path(model, EngineConfig(**options))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """One finished `RequestOutput` per prompt, in order, each completion holding its whole text."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params_list = (
+            list(sampling_params)
+            if isinstance(sampling_params, Sequence)
+            else [sampling_params or SamplingParams()] * len(prompts)
+        )
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        ids = []
+        for prompt, params in zip(prompts, params_list, strict=True):
+            if isinstance(prompt, dict):
+                if "prompt_token_ids" not in prompt:
+                    raise ValueError("a dict prompt needs 'prompt_token_ids'")
+                ids.append(
+                    self.engine.add_request(
+                        None, prompt.get("prompt"), params, prompt_token_ids=list(prompt["prompt_token_ids"])
+                    )
+                )
+            else:
+                ids.append(self.engine.add_request(None, prompt, params))
+        results = {rid: None for rid in ids}
+        while self.engine.has_unfinished_requests():
+            for delta in self.engine.step():
+                results[delta.request_id] = accumulate(results[delta.request_id], delta)
+        return [results[rid] for rid in ids]
+
+    def chat(
+        self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None
+    ) -> RequestOutput:
+        """Generate one reply to a conversation, formatted with the tokenizer's chat template."""
+        token_ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.generate({"prompt_token_ids": token_ids}, sampling_params)[0]
