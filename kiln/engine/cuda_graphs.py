@@ -2,12 +2,15 @@
 
 A forward pass launches ~10 kernels per layer from Python, each costing the host far more than the GPU
 needs for it at small sizes (Triton's launcher alone tens of microseconds): eager, a 7B model's batch-1
-decode step or 128-token prefill takes ~25 ms of host time for ~6 ms of GPU work. Two kinds of graphs:
+decode step or 128-token prefill takes ~25 ms of host time for ~6 ms of GPU work. `BucketedGraphs`
+captures one graph per bucket and runs a step in the smallest bucket that holds it; a `GraphLayout`
+says which steps, which buckets, and how the padding past the real tokens is made harmless:
 
-- `DecodeGraphs`, one per bucketed batch size: a step of n decodes runs the smallest bucket >= n, the
-  extra rows padded as harmless dummy decodes (slot -1: no KV is written; context length 1 over block 0).
-- `PrefillGraphs`, one per bucketed token count, for a step that computes T > 1 tokens of ONE request
-  (a prompt arriving at an idle engine: its time to first token). The T real tokens run in the
+- `DecodeLayout`, one graph per bucketed batch size: a step of n decodes runs the smallest bucket >= n,
+  the extra rows padded as harmless dummy decodes (slot -1: no KV is written; context length 1 over a
+  block their table row already holds, so every read stays inside the cache).
+- `PrefillLayout`, one graph per bucketed token count, for a step that computes T > 1 tokens of ONE
+  request (a prompt arriving at an idle engine: its time to first token). The T real tokens run in the
   smallest bucket >= T, the padding tokens after them with slot -1 (not stored) and outside the
   request's query range (query_start_loc[1] == T), so attention gives them zeros and no one reads them.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Container
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -30,12 +34,20 @@ from kiln.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
+Captured = TypeVar("Captured")
+
 
 def batch_buckets(max_batch_size: int) -> list[int]:
     """1, 2, 4, 8, then every 16 up to max_batch_size (which is always included)."""
     sizes = [s for s in (1, 2, 4, 8) if s < max_batch_size]
     sizes += list(range(16, max_batch_size, 16))
     return sorted(set(sizes) | {max_batch_size})
+
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """Powers of two from 16 up to max_tokens (included, whatever it is)."""
+    sizes = [16 << i for i in range(12) if 16 << i < max_tokens]
+    return sorted(set(sizes) | {max_tokens})
 
 
 def capture_graph(
@@ -51,6 +63,22 @@ def capture_graph(
     with torch.cuda.graph(graph, pool=pool):
         output = forward()
     return graph, output
+
+
+def capture_largest_first(
+    buckets: list[int],
+    capture: Callable[[int, tuple[int, int], torch.cuda.Stream], Captured],
+    pool: tuple[int, int] | None,
+    into: dict[int, Captured],
+) -> None:
+    """Capture every bucket into `into` (each as soon as it is done), largest first, so smaller graphs
+    reuse the memory the largest one reserved in `pool` (a graph memory pool to share; one is made if
+    None). `capture(size, pool, stream)` captures one bucket."""
+    pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+    stream = torch.cuda.Stream()
+    for size in reversed(buckets):
+        into[size] = capture(size, pool, stream)
+    torch.cuda.synchronize()
 
 
 def smallest_bucket(buckets: list[int], captured: Container[int], size: int) -> int | None:
@@ -91,33 +119,55 @@ class TokenBuffers:
         return functools.partial(model, self.input_ids[:size], self.positions[:size], kv_caches, meta)
 
 
-class DecodeGraphs:
+class GraphLayout(Protocol):
+    """What one family of bucketed graphs fixes: the buckets (step sizes in tokens), the static
+    attention-metadata buffers, the metadata a bucket is captured with, and how a step's metadata is
+    loaded into those buffers before a replay, padding included."""
+
+    name: str  # in logs and errors
+    buckets: list[int]
+    device: torch.device
+
+    def covers(self, meta: AttentionMetadata) -> bool:
+        """Whether a step of this shape (its token count aside) can replay these graphs."""
+        ...
+
+    def capture_metadata(self, slot_mapping: torch.Tensor, size: int) -> AttentionMetadata:
+        """Set the buffers up for capturing bucket `size`; returns the metadata it captures, viewing
+        the buffers (and `slot_mapping`, the token buffers' first `size` slots)."""
+        ...
+
+    def load(self, meta: AttentionMetadata, num_tokens: int, size: int) -> None:
+        """Load a step's metadata for its `num_tokens` real tokens, run in bucket `size`."""
+        ...
+
+
+class DecodeLayout:
+    """n decodes of one token each in the smallest batch bucket >= n; the rows past them are dummy
+    decodes: context length 1 (over the block their table row last held, block 0 until a larger step
+    wrote it; a valid block either way) and slot -1 from `TokenBuffers`, so they write nothing."""
+
+    name = "decode"
+
     def __init__(
-        self,
-        model: LlamaForCausalLM,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        *,
-        max_batch_size: int,
-        max_model_len: int,
-        block_size: int,
-        device: torch.device,
+        self, *, max_batch_size: int, max_model_len: int, block_size: int, device: torch.device
     ) -> None:
-        self.model = model
-        self.kv_caches = kv_caches
-        self.block_size = block_size
-        self.max_model_len = max_model_len
         self.buckets = batch_buckets(max_batch_size)
+        self.device = device
+        self.max_model_len = max_model_len
+        self.block_size = block_size
         n = self.buckets[-1]
         max_blocks = -(-max_model_len // block_size)
-        self.tokens = TokenBuffers(n, device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros((n, max_blocks), dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
-    def _metadata(self, size: int) -> AttentionMetadata:
+    def covers(self, meta: AttentionMetadata) -> bool:
+        return meta.max_query_len == 1
+
+    def capture_metadata(self, slot_mapping: torch.Tensor, size: int) -> AttentionMetadata:
         return AttentionMetadata(
-            slot_mapping=self.tokens.slot_mapping[:size],
+            slot_mapping=slot_mapping,
             query_start_loc=self.query_start_loc[: size + 1],
             seq_lens=self.seq_lens[:size],
             block_tables=self.block_tables[:size],
@@ -128,74 +178,39 @@ class DecodeGraphs:
             block_size=self.block_size,
         )
 
-    @torch.inference_mode()
-    def capture(self, pool: tuple[int, int] | None = None) -> None:
-        """Capture every bucket; `pool`: a graph memory pool to share (one is made if None)."""
-        pool = pool if pool is not None else torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        # Largest first, so smaller graphs reuse the memory pool the largest one reserved.
-        for size in reversed(self.buckets):
-            forward = self.tokens.forward(self.model, self.kv_caches, self._metadata(size), size)
-            self._graphs[size] = capture_graph(forward, pool, stream)
-        torch.cuda.synchronize()
-        logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
-
-    def bucket_for(self, num_seqs: int) -> int | None:
-        return smallest_bucket(self.buckets, self._graphs, num_seqs)
-
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Replay the graph for this pure-decode step; returns hidden states [n, H] (a view of the
-        graph's output, valid until the next replay)."""
-        n = input_ids.shape[0]
-        size = self.bucket_for(n)
-        if size is None or meta.max_query_len != 1:
-            raise ValueError(f"no decode graph for a step of {n} tokens (max query {meta.max_query_len})")
+    def load(self, meta: AttentionMetadata, num_tokens: int, size: int) -> None:
         width = meta.block_tables.shape[1]
-        self.tokens.load(input_ids, positions, meta.slot_mapping, size)
-        self.seq_lens[:n].copy_(meta.seq_lens)
-        self.seq_lens[n:size].fill_(1)
-        self.block_tables[:n, :width].copy_(meta.block_tables)
-        graph, hidden = self._graphs[size]
-        graph.replay()
-        return hidden[:n]
+        self.seq_lens[:num_tokens].copy_(meta.seq_lens)
+        self.seq_lens[num_tokens:size].fill_(1)
+        self.block_tables[:num_tokens, :width].copy_(meta.block_tables)
 
 
-def token_buckets(max_tokens: int) -> list[int]:
-    """Powers of two from 16 up to max_tokens (included, whatever it is)."""
-    sizes = [16 << i for i in range(12) if 16 << i < max_tokens]
-    return sorted(set(sizes) | {max_tokens})
+class PrefillLayout:
+    """One request's T tokens in the smallest token bucket >= T; the tokens past them lie outside its
+    query range (query_start_loc[1] == T), so attention gives them zeros."""
 
+    name = "single-request prefill"
 
-class PrefillGraphs:
-    """Graphs for single-request steps of 2..max_tokens tokens (see the module docstring)."""
-
-    def __init__(
-        self,
-        model: LlamaForCausalLM,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        *,
-        max_tokens: int,
-        max_model_len: int,
-        block_size: int,
-        device: torch.device,
-    ) -> None:
-        self.model = model
-        self.kv_caches = kv_caches
-        self.block_size = block_size
-        self.max_model_len = max_model_len
+    def __init__(self, *, max_tokens: int, max_model_len: int, block_size: int, device: torch.device) -> None:
         self.buckets = token_buckets(max_tokens)
-        n = self.buckets[-1]
-        self.tokens = TokenBuffers(n, device)
+        self.device = device
+        self.max_model_len = max_model_len
+        self.block_size = block_size
         self.query_start_loc = torch.zeros(2, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(1, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(
             (1, -(-max_model_len // block_size)), dtype=torch.int32, device=device
         )
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
-    def _metadata(self, size: int) -> AttentionMetadata:
+    def covers(self, meta: AttentionMetadata) -> bool:
+        return meta.num_seqs == 1
+
+    def capture_metadata(self, slot_mapping: torch.Tensor, size: int) -> AttentionMetadata:
+        # Captured as a prompt of `size` tokens with no cache (slots -1: nothing is written).
+        self.query_start_loc[1] = size
+        self.seq_lens[0] = size
         return AttentionMetadata(
-            slot_mapping=self.tokens.slot_mapping[:size],
+            slot_mapping=slot_mapping,
             query_start_loc=self.query_start_loc,
             seq_lens=self.seq_lens,
             block_tables=self.block_tables,
@@ -206,34 +221,53 @@ class PrefillGraphs:
             block_size=self.block_size,
         )
 
+    def load(self, meta: AttentionMetadata, num_tokens: int, size: int) -> None:
+        width = meta.block_tables.shape[1]
+        self.query_start_loc.copy_(meta.query_start_loc)
+        self.seq_lens.copy_(meta.seq_lens)
+        self.block_tables[:, :width].copy_(meta.block_tables)
+
+
+class BucketedGraphs:
+    """One whole-forward graph per bucket of `layout` (see the module docstring)."""
+
+    def __init__(
+        self, model: LlamaForCausalLM, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], layout: GraphLayout
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.layout = layout
+        self.buckets = layout.buckets
+        self.tokens = TokenBuffers(self.buckets[-1], layout.device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def _capture_bucket(
+        self, size: int, pool: tuple[int, int], stream: torch.cuda.Stream
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        meta = self.layout.capture_metadata(self.tokens.slot_mapping[:size], size)
+        return capture_graph(self.tokens.forward(self.model, self.kv_caches, meta, size), pool, stream)
+
     @torch.inference_mode()
     def capture(self, pool: tuple[int, int] | None = None) -> None:
-        pool = pool if pool is not None else torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        for size in reversed(self.buckets):
-            # Capture as a prompt of `size` tokens with no cache (slots -1: nothing is written).
-            self.query_start_loc[1] = size
-            self.seq_lens[0] = size
-            forward = self.tokens.forward(self.model, self.kv_caches, self._metadata(size), size)
-            self._graphs[size] = capture_graph(forward, pool, stream)
-        torch.cuda.synchronize()
-        logger.info("captured single-request prefill CUDA graphs for %s tokens", self.buckets)
+        """Capture every bucket; `pool`: a graph memory pool to share (one is made if None)."""
+        capture_largest_first(self.buckets, self._capture_bucket, pool, self._graphs)
+        logger.info("captured %s CUDA graphs for %s tokens", self.layout.name, self.buckets)
 
     def bucket_for(self, num_tokens: int) -> int | None:
         return smallest_bucket(self.buckets, self._graphs, num_tokens)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Replay the graph for this one-request step; returns hidden states [T, H] (a view of the
-        graph's output, valid until the next replay)."""
+        """Replay the graph for this step; returns hidden states [T, H] (a view of the graph's output,
+        valid until the next replay)."""
         n = input_ids.shape[0]
         size = self.bucket_for(n)
-        if size is None or meta.num_seqs != 1:
-            raise ValueError(f"no prefill graph for a step of {meta.num_seqs} requests and {n} tokens")
-        width = meta.block_tables.shape[1]
+        if size is None or not self.layout.covers(meta):
+            raise ValueError(
+                f"no {self.layout.name} graph for a step of {meta.num_seqs} requests and {n} tokens"
+                f" (longest query {meta.max_query_len})"
+            )
         self.tokens.load(input_ids, positions, meta.slot_mapping, size)
-        self.query_start_loc.copy_(meta.query_start_loc)
-        self.seq_lens.copy_(meta.seq_lens)
-        self.block_tables[:, :width].copy_(meta.block_tables)
+        self.layout.load(meta, n, size)
         graph, hidden = self._graphs[size]
         graph.replay()
         return hidden[:n]

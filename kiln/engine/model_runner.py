@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
+from kiln.engine.cuda_graphs import BucketedGraphs, DecodeLayout, PrefillLayout
 from kiln.engine.host_transfer import HostStaging, to_host
 from kiln.engine.piecewise_graphs import PiecewiseGraphs
 from kiln.engine.request import Request
@@ -66,8 +66,8 @@ class ModelRunner:
         self.device = device
         self.vocab_size = vocab_size
         self.sampler = Sampler()
-        self.graphs: DecodeGraphs | None = None  # set by capture_graphs on CUDA
-        self.prefill_graphs: PrefillGraphs | None = None
+        self.graphs: BucketedGraphs | None = None  # decode graphs, set by capture_graphs on CUDA
+        self.prefill_graphs: BucketedGraphs | None = None
         self.piecewise_graphs: PiecewiseGraphs | None = None
         self._staging = HostStaging(device)
         # The last launched step's sampled tokens, on the device, and the row of each request in them:
@@ -141,11 +141,11 @@ class ModelRunner:
             self.piecewise_graphs.capture(pool)
         shapes = {"max_model_len": max_model_len, "block_size": self.block_size, "device": self.device}
         if max_prefill_tokens > 1:
-            self.prefill_graphs = PrefillGraphs(
-                self.model, self.kv_caches, max_tokens=max_prefill_tokens, **shapes
-            )
+            prefill = PrefillLayout(max_tokens=max_prefill_tokens, **shapes)
+            self.prefill_graphs = BucketedGraphs(self.model, self.kv_caches, prefill)
             self.prefill_graphs.capture(pool)
-        self.graphs = DecodeGraphs(self.model, self.kv_caches, max_batch_size=max_batch_size, **shapes)
+        decode = DecodeLayout(max_batch_size=max_batch_size, **shapes)
+        self.graphs = BucketedGraphs(self.model, self.kv_caches, decode)
         self.graphs.capture(pool)
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:

@@ -24,7 +24,7 @@ import logging
 
 import torch
 
-from kiln.engine.cuda_graphs import TokenBuffers, capture_graph, smallest_bucket
+from kiln.engine.cuda_graphs import TokenBuffers, capture_graph, capture_largest_first, smallest_bucket
 from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.models.llama import LlamaForCausalLM
 
@@ -83,17 +83,19 @@ class PiecewiseGraphs:
             self.residual[:size].copy_(residual)
         return output
 
+    def _capture_bucket(
+        self, size: int, pool: tuple[int, int], stream: torch.cuda.Stream
+    ) -> tuple[list[torch.cuda.CUDAGraph], torch.Tensor]:
+        pieces = [
+            capture_graph(functools.partial(self._piece, index, size), pool, stream)
+            for index in range(self.model.num_pieces)
+        ]
+        return [graph for graph, _ in pieces], pieces[-1][1]
+
     @torch.inference_mode()
     def capture(self, pool: tuple[int, int] | None = None) -> None:
-        pool = pool if pool is not None else torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        for size in reversed(self.buckets):  # largest first: smaller ones reuse its pool memory
-            pieces = [
-                capture_graph(functools.partial(self._piece, index, size), pool, stream)
-                for index in range(self.model.num_pieces)
-            ]
-            self._graphs[size] = ([graph for graph, _ in pieces], pieces[-1][1])
-        torch.cuda.synchronize()
+        """Capture every bucket's pieces; `pool`: a graph memory pool to share (one is made if None)."""
+        capture_largest_first(self.buckets, self._capture_bucket, pool, self._graphs)
         logger.info("captured piecewise CUDA graphs for %s tokens", self.buckets)
 
     def bucket_for(self, num_tokens: int) -> int | None:
