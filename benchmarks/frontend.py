@@ -28,6 +28,7 @@ import torch
 from kiln.config import EngineConfig
 from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.model_runner import LaunchedStep
+from kiln.engine.process_setup import prepare_process
 from kiln.engine.sampler import SamplerOutput
 from kiln.engine.sampling_params import SamplingParams
 
@@ -95,9 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     path = str(write_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="kiln-frontend-")), seed=0))
     factory = functools.partial(model_free_engine, path, args.step_ms / 1000, args.concurrency)
     batch = prompts(args.num_requests, args.input_len)
-    tokens, seconds = offline(factory(), batch, args.output_len)
+    engine = factory()
+    prepare_process(engine.config)
+    tokens, seconds = offline(engine, batch, args.output_len)
     offline_tok_s = tokens / seconds
-    server_engine = AsyncEngine(factory()) if args.thread else ProcessEngine(factory)
+    del engine
+    if args.thread:
+        engine = factory()
+        prepare_process(engine.config)
+        server_engine = AsyncEngine(engine)
+    else:
+        server_engine = ProcessEngine(factory)
     settings = ServerSettings(port=0, log_level="warning", max_waiting_requests=None, max_waiting_tokens=None)
     with serve_in_background(server_engine, settings) as (url, _server):
         client = [sys.executable, "-m", "benchmarks.served", "--client", url]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kiln.bench.client import percentiles, run_client, run_load
-from kiln.bench.workload import add_engine_arguments, engine_options
+from kiln.bench.workload import add_engine_arguments, engine_config
 
 if TYPE_CHECKING:
     from kiln.engine.info import EngineStats
@@ -51,13 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--request-rate", type=float, default=math.inf, help="Poisson arrivals per second (inf: all at once)"
     )
+    # The engine's knobs, generated from EngineConfig; with --engine-process (as kiln serve) the server's
+    # engine is a ProcessEngine built with the same configuration once the offline engine is freed.
     add_engine_arguments(p)
-    p.add_argument(
-        "--engine-process",
-        action="store_true",
-        help="serve from a ProcessEngine (engine loop in a child process, as kiln serve does), built with the "
-        "same options once the offline engine is freed",
-    )
     p.add_argument("--out", type=Path)
     p.add_argument("--client", help=argparse.SUPPRESS)  # URL: run as the load-generating child process
     p.add_argument("--served-model", help=argparse.SUPPRESS)
@@ -82,22 +78,28 @@ def main(argv: list[str] | None = None) -> int:
     from kiln.clients.process import ProcessEngine
     from kiln.clients.thread import AsyncEngine
     from kiln.engine.llm_engine import LLMEngine
+    from kiln.engine.process_setup import prepare_process
     from kiln.serve.background import serve_in_background
     from kiln.serve.settings import ServerSettings
 
     if (args.random is None) == (args.model is None):
         p.error("give exactly one of --random SHAPE or --model DIR")
-    options = engine_options(args)
+    try:
+        config = engine_config(args)
+    except ValueError as exc:
+        p.error(str(exc))
     if args.random:
-        factory = functools.partial(build_random_engine, args.random, options)
+        factory = functools.partial(build_random_engine, args.random, config)
     else:
-        factory = functools.partial(LLMEngine.from_path, args.model, options)
+        factory = functools.partial(LLMEngine.from_path, args.model, config)
     engine = factory()
+    prepare_process(engine.config)
+    max_num_seqs = engine.config.max_num_seqs
     vocab = engine.model_config.vocab_size
     n, inp, out = args.num_requests, args.input_len, args.output_len
     # Warm-up at the workload's own shapes (a full batch of prompts, then decodes as it drains), so a
     # machine whose Triton cache is cold compiles here rather than inside the timed offline pass.
-    warm = min(n, args.max_num_seqs)
+    warm = min(n, max_num_seqs)
     run_throughput(engine, warm, [inp] * warm, [min(out, 16)] * warm, seed=prompts_seed + 1)
     before = engine.stats()
     offline = run_throughput(engine, n, [inp] * n, [out] * n, seed=prompts_seed)
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
 
     name = engine.model_info.name
     if args.engine_process:
-        # The child builds its own engine with the same options: give it the memory the offline one held.
+        # The child builds its own engine with the same configuration: give it the memory the offline
+        # one held.
         del engine
         gc.collect()
         torch.cuda.empty_cache()
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     served["served_over_offline"] = served["output_tok_s"] / offline_tok_s
     print(json.dumps(served, indent=1))
     if args.out:
-        _append(args.out, args, served)
+        _append(args.out, args, served, max_num_seqs)
     return 0
 
 
@@ -154,13 +157,13 @@ def _step_totals(before: EngineStats, after: EngineStats, seconds: float) -> dic
     }
 
 
-def _append(path: Path, args: argparse.Namespace, served: dict[str, Any]) -> None:
+def _append(path: Path, args: argparse.Namespace, served: dict[str, Any], max_num_seqs: int) -> None:
     import torch
 
     shape = f"{args.random or args.model} {args.num_requests}x{args.input_len}/{args.output_len}"
     params = {
         "concurrency": args.concurrency,
-        "max_num_seqs": args.max_num_seqs,
+        "max_num_seqs": max_num_seqs,
         "engine_process": args.engine_process,
         "admission_interval": args.admission_interval,
         "piecewise_graphs": args.piecewise_graphs,

@@ -1,9 +1,14 @@
-"""The `kiln` command: build, tune, serve, chat, complete, models.
+"""The `kiln` command: build, tune, serve, chat, complete, models, bench.
 
 The commands only parse flags, show progress and print results; the work lives in `kiln.build`,
-`kiln.serve` and the engine. `kiln serve`'s flags are generated from `ServerSettings`, one per field
-(`max_waiting_requests` -> `--max-waiting-requests`), with the field's description as help, so the
-settings model, the `KILN_*` variables and the flags cannot drift apart.
+`kiln.serve`, the engine clients and `kiln.bench`. `kiln serve`'s flags are generated from
+`ServerSettings` (itself derived from `EngineConfig`), one per field (`max_waiting_requests` ->
+`--max-waiting-requests`), with the field's description as help, so the engine's knobs, the settings,
+the `KILN_*` variables and the flags cannot drift apart.
+
+Rules: what a command needs beyond parsing flags (the engine and its kernels, FastAPI/uvicorn, the
+builders, the openai client) is imported inside the command, so `kiln --help` and a typo's error do not
+wait for them.
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
+import torch
 import typer
 from rich.console import Console
 
+from kiln.config import EngineConfig, EngineLimits
+from kiln.errors import BackendUnavailableError, KilnError, OfflineError
 from kiln.serve.flags import SettingsFlagError, with_settings_flags
 from kiln.serve.settings import ServerSettings
 
@@ -36,8 +44,7 @@ def _fail(message: str, hint: str | None = None, code: int = 1) -> typer.Exit:
 
 
 def _resolve(model: str | None, tiny: bool) -> Path:
-    from kiln.errors import KilnError, OfflineError
-    from kiln.serve.model_source import resolve_model_dir
+    from kiln.serve.model_source import resolve_model_dir  # deferred: loads the builders and engine drivers
 
     try:
         return resolve_model_dir(model, tiny=tiny)
@@ -49,14 +56,22 @@ def _resolve(model: str | None, tiny: bool) -> Path:
         raise _fail(str(exc)) from None
 
 
-def _load(model: str | None, tiny: bool, settings: ServerSettings) -> Any:
+def _open(path: Path, config: EngineConfig) -> Any:
+    """Open the engine at `path`, then set up this process for it (`prepare_process`)."""
+    # Deferred: the engine drivers load the engine, Triton and (for trtllm) TensorRT-LLM.
     from kiln.clients.open import open_engine
-    from kiln.errors import KilnError
+    from kiln.engine.process_setup import prepare_process
 
+    engine = open_engine(path, config)
+    prepare_process(config)
+    return engine
+
+
+def _load(model: str | None, tiny: bool, settings: ServerSettings) -> Any:
     path = _resolve(model, tiny)
     try:
         with err.status(f"Loading {path} ..."):
-            return open_engine(path, settings.engine_options())
+            return _open(path, settings.engine_config())
     except (KilnError, ValueError) as exc:
         raise _fail(str(exc)) from None
 
@@ -83,16 +98,15 @@ def _settings_error(exc: SettingsFlagError) -> typer.Exit:
 @with_settings_flags(on_error=_settings_error)
 def serve(model: ModelArg = None, tiny: TinyOpt = False, *, settings: ServerSettings) -> None:
     """Serve a model through the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models)."""
-    from kiln.clients.open import open_engine
-    from kiln.errors import KilnError
+    # Deferred: FastAPI and uvicorn.
     from kiln.serve.loading_engine import LoadingEngine
     from kiln.serve.runner import configure_logging, run_server
 
     configure_logging(settings.log_level)
     path = _resolve(model, tiny)  # builds or downloads first, with progress bars
-    options = settings.engine_options()
+    config = settings.engine_config()
     # The port opens before the weights load: /health answers at once, /ready once the model runs.
-    engine = LoadingEngine(lambda: open_engine(path, options))
+    engine = LoadingEngine(lambda: _open(path, config))
     where = f"http://{settings.host}:{settings.port}/v1" if settings.port else "a free port (see below)"
     err.print(f"Loading {path}; serving it at {where} once loaded. Stop with Ctrl-C.", highlight=False)
     try:
@@ -160,9 +174,6 @@ def build(
     ] = None,
 ) -> None:
     """Build a checkpoint into an engine directory that `kiln serve` loads."""
-    from kiln.config import EngineLimits
-    from kiln.errors import KilnError
-
     limits = EngineLimits(
         max_batch_size=max_batch_size,
         max_num_tokens=max_num_tokens,
@@ -190,7 +201,7 @@ def build(
         tune_kernels = backend == "native" and _cuda_available()
     try:
         if tiny:
-            from kiln.build import build_tiny_engine
+            from kiln.build import build_tiny_engine  # deferred: transformers, safetensors
 
             manifest = build_tiny_engine(
                 output,
@@ -201,7 +212,7 @@ def build(
                 overwrite=overwrite,
             )
         elif backend == "trtllm":
-            from kiln.build.trtllm import build_trtllm_engine
+            from kiln.build.trtllm import build_trtllm_engine  # deferred: TensorRT-LLM
 
             manifest = build_trtllm_engine(
                 checkpoint,  # type: ignore[arg-type]
@@ -219,7 +230,7 @@ def build(
                 overwrite=overwrite,
             )
         else:
-            from kiln.build import build_engine
+            from kiln.build import build_engine  # deferred: transformers, safetensors
 
             manifest = build_engine(
                 checkpoint,  # type: ignore[arg-type]
@@ -242,14 +253,11 @@ def build(
 
 
 def _cuda_available() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
 def _tune(engine_dir: Path, device: str, *, after_build: bool = False) -> None:
-    from kiln.build.kernels import tune_engine_kernels
-    from kiln.errors import KilnError
+    from kiln.build.kernels import tune_engine_kernels  # deferred: Triton and the engine
 
     err.print(f"Tuning and compiling the kernels of {engine_dir} for this GPU ...", highlight=False)
     try:
@@ -277,8 +285,7 @@ def tune(
 ) -> None:
     """Tune a native engine's kernels for this machine's GPU and save them compiled in ENGINE_DIR/kernels
     (for an engine built on another machine; `kiln build` does this itself where it sees a GPU)."""
-    from kiln.build.kernels import check_tunable
-    from kiln.errors import BackendUnavailableError, KilnError
+    from kiln.build.kernels import check_tunable  # deferred: Triton and the engine
 
     try:
         check_tunable(engine_dir, device)
@@ -314,8 +321,7 @@ def _run_client(
     url: str | None, model: str | None, tiny: bool, api_key: str | None, use: Callable[[Any, str], None]
 ) -> None:
     """Call `use(client, model_name)` against --url, or against MODEL served in a background thread."""
-    from kiln.errors import KilnError
-    from kiln.serve.terminal import make_client, served_model
+    from kiln.serve.terminal import make_client, served_model  # deferred: the openai client
 
     try:
         if url is not None:
@@ -324,7 +330,7 @@ def _run_client(
             client = make_client(url, api_key)
             use(client, served_model(client))
             return
-        from kiln.serve.background import serve_in_background
+        from kiln.serve.background import serve_in_background  # deferred: FastAPI and uvicorn
 
         settings = ServerSettings(port=0, log_level="warning")
         engine = _load(model, tiny, settings)
@@ -354,7 +360,7 @@ def chat(
     temperature: TemperatureOpt = None,
 ) -> None:
     """Chat in the terminal, replies streaming as they are generated (/reset clears, /exit quits)."""
-    from kiln.serve.terminal import chat_repl
+    from kiln.serve.terminal import chat_repl  # deferred: the openai client
 
     def use(client: Any, name: str) -> None:
         err.print(
@@ -382,7 +388,7 @@ def complete(
     temperature: TemperatureOpt = None,
 ) -> None:
     """Continue PROMPT, streaming the text to stdout."""
-    from kiln.serve.terminal import stream_completion, write_stream
+    from kiln.serve.terminal import stream_completion, write_stream  # deferred: the openai client
 
     def use(client: Any, name: str) -> None:
         write_stream(stream_completion(client, name, prompt, **_params(max_tokens, temperature)), sys.stdout)
@@ -398,7 +404,7 @@ def models(
     api_key: ApiKeyOpt = None,
 ) -> None:
     """List the models a server serves."""
-    from kiln.serve.terminal import make_client
+    from kiln.serve.terminal import make_client  # deferred: the openai client
 
     def use(client: Any, _name: str) -> None:
         for card in client.models.list().data:
@@ -420,7 +426,7 @@ def models(
 )
 def bench(ctx: typer.Context) -> None:
     """Offline throughput and latency of the native engine (all flags: kiln bench --help)."""
-    from kiln.bench.cli import main as bench_main
+    from kiln.bench.cli import main as bench_main  # deferred: the engine, Triton
 
     raise typer.Exit(bench_main(list(ctx.args)))
 

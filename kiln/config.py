@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,34 +133,148 @@ class EngineLimits:
             raise ValueError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
 
 
-@dataclass(slots=True)
-class EngineConfig:
-    """Runtime knobs of a native engine, set by `kiln serve` flags / KILN_* variables, `kiln.LLM(...)` or the
-    benchmarks' flags. None means "take it from the engine directory's limits or from the model"."""
+def knob(default: Any, help: str, **bounds: float) -> Any:
+    """An `EngineConfig` field: its one default, its help text (the `kiln serve` and `kiln bench` flag help)
+    and its range (`ge`, `gt`, `le`, as pydantic spells them), so every front end reads the same three."""
+    unknown = set(bounds) - set(BOUNDS)
+    if unknown:
+        raise TypeError(f"unknown bounds {sorted(unknown)}")
+    return field(default=default, metadata={"help": help, **bounds})
 
-    dtype: str | None = None  # None: the engine dir's dtype; float32 for an HF dir on CPU
-    device: str | None = None  # None: cuda if available, else cpu
-    max_num_seqs: int | None = None  # cap on running requests (default: engine limits.max_batch_size)
-    max_num_batched_tokens: int | None = None  # token budget per step (default: limits.max_num_tokens)
-    max_model_len: int | None = None  # prompt + output tokens (default: limits / model max positions)
-    block_size: int | None = None  # tokens per KV block (default: limits.block_size)
-    num_kv_blocks: int | None = None  # exact KV pool size; overrides the memory budget below
-    kv_cache_memory_bytes: int | None = None  # KV budget (CPU default: 1 GiB)
-    gpu_memory_utilization: float = 0.90  # on CUDA: fraction of GPU memory for weights + activations + KV
-    enable_prefix_caching: bool = True
-    # While requests run, admit waiting ones every this many steps (see SchedulerConfig).
-    admission_interval: int = 1
-    enforce_eager: bool = False  # on CUDA: skip capturing decode CUDA graphs
-    # On CUDA: also graph steps that mix prefills and decodes, piece by piece around attention
-    # (kiln.engine.piecewise_graphs): under a steady stream of arrivals nearly every step is one.
-    piecewise_graphs: bool = True
-    # Schedule and launch step N+1 before reading step N's tokens (overlaps host work with the GPU).
-    # None: on for CUDA, off on CPU (where nothing runs asynchronously, so it would only cost the
-    # extra step a stopping request takes).
-    async_scheduling: bool | None = None
-    served_model_name: str | None = None
-    seed: int = 0  # global RNG seed for requests without their own
-    load_progress: bool = False  # show a progress bar while the weights load
-    # Run the engine's step loop in a child process (ProcessEngine), so a server's HTTP work does not
-    # share the GIL with it. Only open_engine (kiln serve) looks at it.
-    engine_process: bool = False
+
+# Range keys of a knob's metadata: the rule each states, for the error a value outside it gets.
+BOUNDS: dict[str, tuple[str, Any]] = {
+    "ge": (">=", lambda value, bound: value >= bound),
+    "gt": (">", lambda value, bound: value > bound),
+    "le": ("<=", lambda value, bound: value <= bound),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Runtime knobs of an engine. Each field has one default, help text and range, and `kiln serve`'s
+    settings (flags, `KILN_*` variables), the benchmarks' flags and `kiln.LLM(...)` keywords all derive
+    from these fields, so they cannot drift apart. None means "take it from the engine directory's limits
+    or from the model"; `resolve` fills every None once, when an engine is built. Frozen: change one with
+    `dataclasses.replace`."""
+
+    dtype: str | None = knob(None, "Weight dtype (default: the engine directory's).")
+    device: str | None = knob(None, "Device, e.g. cuda or cpu (default: cuda if available).")
+    max_num_seqs: int | None = knob(
+        None, "Most requests running at once (default: the engine's max batch size).", ge=1
+    )
+    max_num_batched_tokens: int | None = knob(
+        None, "Token budget of one engine step (default: the engine's max tokens).", ge=1
+    )
+    max_model_len: int | None = knob(
+        None, "Prompt plus completion tokens per request (default: the engine's).", ge=1
+    )
+    block_size: int | None = knob(None, "Tokens per KV-cache block (default: engine's).", ge=1)
+    num_kv_blocks: int | None = knob(
+        None, "Exact KV-cache size in blocks; overrides the memory budget.", ge=1
+    )
+    kv_cache_memory_bytes: int | None = knob(None, "Memory for the KV cache (CPU default: 1 GiB).", ge=1)
+    gpu_memory_utilization: float = knob(
+        0.90, "On CUDA: fraction of GPU memory for weights, activations and KV.", gt=0, le=1
+    )
+    enable_prefix_caching: bool = knob(True, "Reuse KV blocks of shared prompt prefixes.")
+    # See SchedulerConfig.
+    admission_interval: int = knob(
+        1,
+        "While requests run, admit new ones every this many steps, together: fewer steps mix prefills "
+        "into decodes (the slower kind of step), each arrival waits up to that many steps more.",
+        ge=1,
+    )
+    enforce_eager: bool = knob(False, "On CUDA: run decode eagerly, without capturing CUDA graphs.")
+    # kiln.engine.piecewise_graphs: under a steady stream of arrivals nearly every step is a mixed one.
+    piecewise_graphs: bool = knob(
+        True,
+        "On CUDA: also run steps that mix prompts and decodes (up to 1,024 tokens) as CUDA graphs, "
+        "piece by piece around attention.",
+    )
+    # Off on CPU: nothing runs asynchronously there, so it would only cost the extra step a stopping
+    # request takes.
+    async_scheduling: bool | None = knob(
+        None,
+        "Prepare each step while the GPU runs the previous one (default: on with CUDA, off on CPU).",
+    )
+    served_model_name: str | None = knob(
+        None, "Name clients send as `model` (default: the engine's own name)."
+    )
+    # Seeds the process (kiln.engine.process_setup.prepare_process), not the engine: see why there.
+    seed: int = knob(0, "Global sampling seed for requests that send none.")
+    load_progress: bool = knob(True, "Show a progress bar while the weights load.")
+    # Only the chooser (kiln.clients.open) reads it; an engine built directly runs where it is built.
+    engine_process: bool = knob(
+        True,
+        "Run the native engine's step loop in its own process, so streaming many responses does not slow "
+        "it down (off: one process, engine on a thread).",
+    )
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None or isinstance(value, bool):
+                continue
+            for key, (rule, holds) in BOUNDS.items():
+                if key in f.metadata and not holds(value, f.metadata[key]):
+                    raise ValueError(f"{f.name} must be {rule} {f.metadata[key]}, got {value!r}")
+
+    def resolve(
+        self,
+        limits: EngineLimits,
+        model_config: ModelConfig,
+        device: torch.device,
+        size_kv_pool: Callable[[int, int, int, int], int],
+    ) -> ResolvedEngineConfig:
+        """Every None filled, once: from these knobs, else the engine's limits, else the model.
+
+        `size_kv_pool(block_size, max_num_batched_tokens, max_num_seqs, cap)` gives the KV blocks the
+        memory budget allows when `num_kv_blocks` is not set (the engine profiles memory for it); cap is
+        what max_num_seqs requests of max_model_len tokens could use. A pool smaller than one request's
+        context shortens max_model_len to what fits (tests force preemption this way).
+        """
+        block_size = self.block_size or limits.block_size
+        max_model_len = min(
+            self.max_model_len or limits.resolved_max_seq_len(model_config),
+            model_config.max_position_embeddings,
+        )
+        max_num_seqs = self.max_num_seqs or limits.max_batch_size
+        max_num_batched_tokens = self.max_num_batched_tokens or limits.max_num_tokens
+        blocks_per_seq = -(-max_model_len // block_size)
+        num_kv_blocks = self.num_kv_blocks or size_kv_pool(
+            block_size, max_num_batched_tokens, max_num_seqs, max_num_seqs * blocks_per_seq
+        )
+        if num_kv_blocks < blocks_per_seq:
+            max_model_len = num_kv_blocks * block_size
+        on_cuda = device.type == "cuda"
+        return ResolvedEngineConfig(
+            block_size=block_size,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            num_kv_blocks=num_kv_blocks,
+            enable_prefix_caching=self.enable_prefix_caching,
+            admission_interval=self.admission_interval,
+            cuda_graphs=on_cuda and not self.enforce_eager,
+            piecewise_graphs=on_cuda and not self.enforce_eager and self.piecewise_graphs,
+            async_scheduling=on_cuda if self.async_scheduling is None else self.async_scheduling,
+            seed=self.seed,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedEngineConfig:
+    """What an engine runs with: `EngineConfig.resolve`'s answer, nothing left to look up."""
+
+    block_size: int
+    max_model_len: int  # prompt + output tokens of one request
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    num_kv_blocks: int
+    enable_prefix_caching: bool
+    admission_interval: int
+    cuda_graphs: bool  # decode (and single-prompt) steps replay CUDA graphs
+    piecewise_graphs: bool  # mixed steps too, piece by piece around attention
+    async_scheduling: bool
+    seed: int  # what the process's global RNG is seeded with (prepare_process)

@@ -1,5 +1,7 @@
 """Exceptions Kiln raises on purpose; each carries a message meant for the user."""
 
+from __future__ import annotations
+
 
 class KilnError(Exception):
     """Base of every error Kiln raises for a user to read."""
@@ -19,3 +21,20 @@ class OfflineError(KilnError):
 
 class BackendUnavailableError(KilnError):
     """An optional backend (e.g. TensorRT-LLM) is not installed here."""
+
+
+class RequestValidationError(KilnError, ValueError):
+    """A request an engine can never run (bad parameter, prompt too long, token id outside the vocabulary).
+
+    `field` names the request field at fault ("prompt", "max_tokens", "logit_bias", ...; None when no
+    one field is), so a server reports it (OpenAI's `param`) without reading the message. A ValueError,
+    as callers of the engines have always caught.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self) -> tuple[type[RequestValidationError], tuple[str, str | None]]:
+        # Keeps `field` when the error crosses a process boundary (pickled by the process driver).
+        return type(self), (str(self), self.field)

@@ -10,6 +10,7 @@ from kiln.build.default_model import ensure_default_engine
 from kiln.config import EngineConfig
 from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.outputs import RequestOutput, accumulate
+from kiln.engine.process_setup import prepare_process
 from kiln.engine.sampling_params import SamplingParams
 
 Prompt = str | dict[str, Any]  # "text" or {"prompt_token_ids": [...]} (vLLM's TokensPrompt)
@@ -19,13 +20,16 @@ class LLM:
     """Load a model and generate for a batch of prompts, all run together with in-flight batching.
 
     `model`: an engine directory, a Hugging Face checkpoint directory, or None for the embedded default
-    model (built once into the cache). Keyword arguments are `EngineConfig` fields.
+    model (built once into the cache). Keyword arguments are `EngineConfig` fields. An `LLM` owns its
+    process as a script does: once the engine is built it seeds torch's global RNG with `seed` and settles
+    the garbage collector (`prepare_process`), as `kiln serve` does.
     """
 
-    def __init__(self, model: str | Path | None = None, **options: Any) -> None:
+    def __init__(self, model: str | Path | None = None, **config: Any) -> None:
         if model is None:
             model = ensure_default_engine()
-        self.engine = LLMEngine.from_path(model, EngineConfig(**options))
+        self.engine = LLMEngine.from_path(model, EngineConfig(**config))
+        prepare_process(self.engine.config)
 
     @property
     def tokenizer(self):

@@ -24,6 +24,7 @@ Rules of the measurements:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import asdict
@@ -35,15 +36,16 @@ import torch
 from kiln.bench.offline import run_latency, run_throughput
 from kiln.bench.profile import profile_first_token, profile_steps
 from kiln.bench.workload import (
+    RANDOM_ENGINE_LIMITS,
     RANDOM_SHAPES,
     add_engine_arguments,
     build_random_engine,
-    engine_options,
+    engine_config,
     random_prompts,
     request_lengths,
 )
-from kiln.config import EngineLimits
 from kiln.engine.llm_engine import LLMEngine
+from kiln.engine.process_setup import prepare_process
 
 
 def _span(text: str | None) -> tuple[int, int] | None:
@@ -64,11 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-len-range", help="LOW:HIGH, sample output lengths uniformly")
     parser.add_argument("--latency-only", action="store_true", help="skip the throughput run")
     parser.add_argument("--throughput-only", action="store_true", help="skip the latency run")
-    parser.add_argument("--dtype", help="float16 | bfloat16 | float32 (default: the model's)")
-    add_engine_arguments(parser)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--enforce-eager", action="store_true", help="no decode CUDA graphs (to compare)")
-    parser.add_argument("--seed", type=int, default=0)
+    # The engine's knobs, generated from EngineConfig (the engine always runs in this process here).
+    add_engine_arguments(parser, skip={"engine_process"})
     parser.add_argument("--url", help="measure a running OpenAI-compatible server at this base URL instead")
     parser.add_argument("--served-model", help="with --url: the model name to send (default: its first)")
     parser.add_argument("--concurrency", type=int, default=64, help="with --url: requests in flight at most")
@@ -94,21 +93,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.url:
         return _bench_server(args, argv)
-    options = engine_options(
-        args, dtype=args.dtype, block_size=args.block_size, enforce_eager=args.enforce_eager, seed=args.seed
-    )
+    try:
+        config = engine_config(args)
+    except ValueError as exc:
+        print(f"kiln bench: {exc}", file=sys.stderr)
+        return 2
     if args.random:
-        limits = EngineLimits(max_seq_len=4096)
-        engine = build_random_engine(args.random, options, limits)
+        limits = dataclasses.replace(RANDOM_ENGINE_LIMITS, max_seq_len=4096)
+        engine = build_random_engine(args.random, config, limits)
         label = args.random
     else:
-        engine = LLMEngine.from_path(args.model, options)
+        engine = LLMEngine.from_path(args.model, config)
         label = Path(args.model).name
+    prepare_process(engine.config)
     rows: list[dict[str, Any]] = []
+    max_num_seqs = engine.config.max_num_seqs
     params = {
         "dtype": engine.dtype,
-        "max_num_seqs": args.max_num_seqs,
-        "block_size": args.block_size,
+        "max_num_seqs": max_num_seqs,
+        "block_size": engine.config.block_size,
         "enforce_eager": args.enforce_eager,
         "admission_interval": args.admission_interval,
         "piecewise_graphs": args.piecewise_graphs,
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         tp = run_throughput(engine, args.num_requests, inputs, outputs, args.seed)
         workload = (
             f"{args.num_requests} req {args.input_len_range or args.input_len} in / "
-            f"{args.output_len_range or args.output_len} out, <= {args.max_num_seqs} running"
+            f"{args.output_len_range or args.output_len} out, <= {max_num_seqs} running"
         )
         print(
             f"{label}: {workload}: {tp.output_tok_per_s:,.0f} output tok/s ({tp.total_tok_per_s:,.0f} total) in {tp.elapsed_s:.1f} s"
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(_row(label, "batch1_decode", "ms_per_token", lat.ms_per_token, workload, params))
         rows.append(_row(label, "ttft", "ms", lat.ttft_ms, workload, params))
     if args.profile:
-        batch = 1 if args.latency_only else min(args.num_requests, args.max_num_seqs)
+        batch = 1 if args.latency_only else min(args.num_requests, max_num_seqs)
         summary = profile_steps(engine, batch, args.input_len, args.output_len, 30, args.profile, args.seed)
         print(
             f"{label}: profile of 30 steps at batch {batch}: "

@@ -1,13 +1,16 @@
 """What the benchmarks run: random-weight engines at preset shapes, random prompts, greedy requests.
 
-Shared by `kiln bench`, its profilers (`kiln.bench.profile`) and the scripts in bench/.
+Shared by `kiln bench`, its profilers (`kiln.bench.profile`) and the harness scripts in benchmarks/.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import tempfile
+import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -64,46 +67,55 @@ RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """The engine options every benchmark takes (read back by `engine_options`)."""
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=EngineConfig().gpu_memory_utilization)
-    parser.add_argument("--admission-interval", type=int, default=1, help="admit new requests every N steps")
-    parser.add_argument(
-        "--piecewise-graphs",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="graph mixed steps piece by piece (default: on)",
-    )
+# What a random-weight engine is "built" for: its limits are what the EngineConfig knobs left unset
+# resolve to (as an engine directory's limits are for `kiln serve`).
+RANDOM_ENGINE_LIMITS = EngineLimits(max_batch_size=256, max_num_tokens=8192)
 
 
-def engine_options(args: argparse.Namespace, **more: Any) -> EngineConfig:
-    """EngineConfig from the arguments `add_engine_arguments` added, plus `more`."""
-    return EngineConfig(
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        admission_interval=args.admission_interval,
-        piecewise_graphs=args.piecewise_graphs,
-        **more,
-    )
+def add_engine_arguments(parser: argparse.ArgumentParser, *, skip: Iterable[str] = ()) -> None:
+    """One flag per `EngineConfig` field but `skip` (read back by `engine_config`), generated from the
+    field: `max_num_seqs` -> `--max-num-seqs`, its type, its one default and its help; booleans get
+    `--x/--no-x`. The knob's range is checked when `engine_config` builds the EngineConfig."""
+    types = typing.get_type_hints(EngineConfig)
+    for f in dataclasses.fields(EngineConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"].replace("%", "%%")
+        kind = next(a for a in typing.get_args(types[f.name]) or (types[f.name],) if a is not type(None))
+        if kind is bool:  # BooleanOptionalAction appends the default itself
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
+            )
+        else:
+            if f.default is not None:
+                help_text += " (default: %(default)s)"
+            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
 
 
-def build_random_engine(shape: str, options: EngineConfig, limits: EngineLimits | None = None):
+def engine_config(args: argparse.Namespace, **more: Any) -> EngineConfig:
+    """EngineConfig from the flags `add_engine_arguments` added, plus `more`; ValueError (naming the
+    field) for a value outside a knob's range."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if hasattr(args, f.name)}
+    return EngineConfig(**(given | more))
+
+
+def build_random_engine(
+    shape: str, config: EngineConfig, limits: EngineLimits = RANDOM_ENGINE_LIMITS
+) -> LLMEngine:
     """An LLMEngine over random weights at a preset shape, made directly on the device (no disk
     but a throw-away tokenizer: the engine needs one to detokenize, and any will do for ids)."""
     if shape not in RANDOM_SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(RANDOM_SHAPES)}")
     default_dtype, hf_config = RANDOM_SHAPES[shape]
-    dtype = canonical_dtype(options.dtype or default_dtype)
-    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    config = ModelConfig.from_hf({"model_type": "llama", **hf_config})
-    model = build_empty_model(config, dtype=DTYPES[dtype], device=device)
+    dtype = canonical_dtype(config.dtype or default_dtype)
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_config = ModelConfig.from_hf({"model_type": "llama", **hf_config})
+    model = build_empty_model(model_config, dtype=DTYPES[dtype], device=device)
     generator = torch.Generator(device=device).manual_seed(0)
 
     def random_weights():
-        for name, size in expected_packed_shapes(config).items():
+        for name, size in expected_packed_shapes(model_config).items():
             if len(size) == 1:  # norms
                 yield name, torch.ones(size, device=device)
             else:  # std 0.02 keeps activations finite through 32 layers in half precision
@@ -111,15 +123,15 @@ def build_random_engine(shape: str, options: EngineConfig, limits: EngineLimits 
 
     model.load_weights(random_weights())
     tokenizer_dir = write_wordlevel_tokenizer(
-        Path(tempfile.mkdtemp(prefix="kiln-bench-tok-")), config.vocab_size
+        Path(tempfile.mkdtemp(prefix="kiln-bench-tok-")), model_config.vocab_size
     )
     return LLMEngine(
         model.eval(),
-        config,
+        model_config,
         Tokenizer(tokenizer_dir),
         limits=limits,
-        options=options,
-        model_name=f"random-{shape}",
+        config=config,
+        model_name=config.served_model_name or f"random-{shape}",
         dtype=dtype,
     )
 

@@ -1,6 +1,6 @@
 """`EngineClient`: the one interface the server (and CLI) use to run requests.
 
-The native drivers (`ThreadEngine`, `ProcessEngine`) and the TensorRT-LLM backend implement it; tests may
+The native drivers (`AsyncEngine`, `ProcessEngine`) and the TensorRT-LLM backend implement it; tests may
 use a double. What it reports (`ModelInfo`, `EngineStats`) is made by the engine: see kiln.engine.info.
 """
 

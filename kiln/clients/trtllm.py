@@ -4,7 +4,7 @@ Rules:
 - Requests stream through `LLM.generate_async(token_ids, sampling_params, streaming=True)`; every
   library RequestOutput carries per-step diffs (`outputs[i].text_diff`, `token_ids_diff`, `logprobs_diff`,
   tensorrt_llm/executor/result.py CompletionOutput), which `OutputTranslator` turns into Kiln deltas.
-- Parameters the engine cannot honour raise ValueError naming the Kiln field before anything is queued
+- Parameters the engine cannot honour raise RequestValidationError naming the Kiln field before anything is queued
   (see kiln.trtllm.params). Closing the stream early calls the library result's `abort()`.
 - Runtime knobs (KV cache memory fraction, size, block reuse, batch/token caps, context length) come
   from EngineConfig and may only lower what the engine was built for (`runtime_llm_kwargs`).
@@ -27,7 +27,10 @@ from kiln.config import EngineConfig
 from kiln.engine.info import EngineStats, ModelInfo
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import SamplingParams
-from kiln.errors import InvalidEngineError
+from kiln.engine_dir import EngineManifest
+from kiln.errors import InvalidEngineError, RequestValidationError
+from kiln.models.tokenizer import Tokenizer
+from kiln.trtllm import compat
 from kiln.trtllm.outputs import OutputTranslator, engine_stats_from_trtllm
 from kiln.trtllm.params import TrtLlmRequestLimits, make_trtllm_sampling_params, trtllm_sampling_kwargs
 
@@ -147,9 +150,6 @@ class TrtLlmEngine:
         or GPU, BackendUnavailableError when tensorrt_llm or a GPU is missing, ValueError for options the
         engine cannot honour.
         """
-        from kiln.engine_dir import EngineManifest
-        from kiln.trtllm import compat
-
         options = options or EngineConfig()
         path = Path(path)
         manifest = EngineManifest.load(path)
@@ -160,7 +160,7 @@ class TrtLlmEngine:
         compat.check_engine_compatible(
             manifest.extra, runtime_version=str(trtllm.__version__), gpu=compat.probe_gpu()
         )
-        from tensorrt_llm.llmapi import KvCacheConfig
+        from tensorrt_llm.llmapi import KvCacheConfig  # deferred: tensorrt_llm is optional
 
         LLM = compat.import_trt_engine_llm()
         # max_seq_len stays Kiln's to enforce: TrtLlmArgs resets a runtime max_seq_len to the engine's
@@ -185,8 +185,6 @@ class TrtLlmEngine:
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            from kiln.models.tokenizer import Tokenizer
-
             self._tokenizer = Tokenizer(self._engine_dir)
         return self._tokenizer
 
@@ -262,11 +260,11 @@ class TrtLlmEngine:
     # -- internals ------------------------------------------------------------------------------------
     def _prepare(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str) -> Any:
         if not prompt_token_ids:
-            raise ValueError("the prompt is empty: give at least one token")
+            raise RequestValidationError("the prompt is empty: give at least one token", "prompt")
         vocab = self._limits.vocab_size
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+            raise RequestValidationError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}", "prompt")
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         kwargs = trtllm_sampling_kwargs(

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from kiln.config import DTYPES, EngineConfig, EngineLimits, ModelConfig, canonical_dtype
-from kiln.engine.gc_tuning import settle_garbage_collector
 from kiln.engine.info import EngineStats, ModelInfo
 from kiln.engine.memory_profile import num_kv_blocks_from_memory
 from kiln.engine.model_runner import LaunchedStep, ModelRunner
@@ -30,10 +29,12 @@ from kiln.engine.request import Request, RequestStatus
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from kiln.engine.validation import validate_request
+from kiln.engine_dir import EngineManifest, is_engine_dir
 from kiln.kernels.kernel_cache import prepare_engine_kernels
 from kiln.kvcache.manager import KVCacheManager
 from kiln.kvcache.tensors import allocate_kv_cache
 from kiln.models.llama import LlamaForCausalLM
+from kiln.models.loader import load_model
 from kiln.models.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,9 @@ MAX_PREFILL_GRAPH_TOKENS = 512
 
 
 class LLMEngine:
-    """Rules: `add_request` validates and raises ValueError before anything is queued; `step` returns the
-    deltas of every request that produced tokens; `abort_request` frees the request's blocks at once."""
+    """Rules: `add_request` validates and raises RequestValidationError (a ValueError) before anything is
+    queued; `step` returns the deltas of every request that produced tokens; `abort_request` frees the
+    request's blocks at once. `config` is the configuration resolved once, at construction."""
 
     def __init__(
         self,
@@ -54,13 +56,14 @@ class LLMEngine:
         tokenizer: Tokenizer,
         *,
         limits: EngineLimits | None = None,
-        options: EngineConfig | None = None,
+        config: EngineConfig | None = None,
         model_name: str = "model",
         dtype: str = "float32",
         engine_dir: str | None = None,
     ) -> None:
-        options = options or EngineConfig()
-        limits = limits or EngineLimits()
+        """Build the engine around a loaded model. Touches nothing outside it: the process's RNG seed and
+        garbage collector are `kiln.engine.process_setup.prepare_process`'s job."""
+        config = config or EngineConfig()
         phase_start = time.perf_counter()
         # Seconds per start-up phase, logged once ready (from_path adds its loading phases first).
         self.startup_seconds: dict[str, float] = {}
@@ -68,48 +71,45 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.dtype = dtype
-        block_size = options.block_size or limits.block_size
-        self.max_model_len = min(
-            options.max_model_len or limits.resolved_max_seq_len(model_config),
-            model_config.max_position_embeddings,
-        )
-        max_num_seqs = options.max_num_seqs or limits.max_batch_size
-        max_tokens_per_step = options.max_num_batched_tokens or limits.max_num_tokens
-        blocks_per_seq = -(-self.max_model_len // block_size)
-        num_blocks = options.num_kv_blocks or num_kv_blocks_from_memory(
-            model,
-            options,
-            block_size,
-            max_tokens_per_step,
-            max_num_seqs,
-            cap=max_num_seqs * blocks_per_seq,
-        )
-        if num_blocks < blocks_per_seq:
-            # Allowed (tests force preemption this way), but then a request may not use the whole context.
-            self.max_model_len = num_blocks * block_size
-        kv_dtype = DTYPES[dtype]
+
+        def size_kv_pool(block_size: int, max_tokens_per_step: int, max_num_seqs: int, cap: int) -> int:
+            return num_kv_blocks_from_memory(
+                model, config, block_size, max_tokens_per_step, max_num_seqs, cap=cap
+            )
+
+        self.config = config.resolve(limits or EngineLimits(), model_config, self.device, size_kv_pool)
+        resolved = self.config
+        self.max_model_len = resolved.max_model_len
         self.kv_cache = KVCacheManager(
-            num_blocks, block_size, enable_prefix_caching=options.enable_prefix_caching, hash_salt=model_name
+            resolved.num_kv_blocks,
+            resolved.block_size,
+            enable_prefix_caching=resolved.enable_prefix_caching,
+            hash_salt=model_name,
         )
-        kv_tensors = allocate_kv_cache(model_config, num_blocks, block_size, kv_dtype, self.device)
+        kv_tensors = allocate_kv_cache(
+            model_config, resolved.num_kv_blocks, resolved.block_size, DTYPES[dtype], self.device
+        )
         self.startup_seconds["kv_cache"] = time.perf_counter() - phase_start
         self.scheduler = Scheduler(
             SchedulerConfig(
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_tokens_per_step,
-                max_model_len=self.max_model_len,
-                admission_interval=options.admission_interval,
+                max_num_seqs=resolved.max_num_seqs,
+                max_num_batched_tokens=resolved.max_num_batched_tokens,
+                max_model_len=resolved.max_model_len,
+                admission_interval=resolved.admission_interval,
             ),
             self.kv_cache,
         )
-        self.runner = ModelRunner(model, kv_tensors, block_size, self.device, model_config.vocab_size)
-        if self.device.type == "cuda" and not options.enforce_eager:
-            max_prefill = min(MAX_PREFILL_GRAPH_TOKENS, max_tokens_per_step, self.max_model_len - 1)
+        self.runner = ModelRunner(
+            model, kv_tensors, resolved.block_size, self.device, model_config.vocab_size
+        )
+        if resolved.cuda_graphs:
+            max_tokens_per_step = resolved.max_num_batched_tokens
+            max_prefill = min(MAX_PREFILL_GRAPH_TOKENS, max_tokens_per_step, resolved.max_model_len - 1)
             max_mixed = (
-                min(MAX_PIECEWISE_GRAPH_TOKENS, max_tokens_per_step) if options.piecewise_graphs else 0
+                min(MAX_PIECEWISE_GRAPH_TOKENS, max_tokens_per_step) if resolved.piecewise_graphs else 0
             )
             phase_start = time.perf_counter()
-            self.runner.capture_graphs(max_num_seqs, self.max_model_len, max_prefill, max_mixed)
+            self.runner.capture_graphs(resolved.max_num_seqs, resolved.max_model_len, max_prefill, max_mixed)
             self.startup_seconds["cuda_graphs"] = time.perf_counter() - phase_start
         self.outputs = OutputProcessor(tokenizer)
         eos = list(model_config.eos_token_ids) + list(tokenizer.eos_token_ids)
@@ -117,54 +117,55 @@ class LLMEngine:
         self.model_info = ModelInfo(
             name=model_name,
             backend="native",
-            max_model_len=self.max_model_len,
+            max_model_len=resolved.max_model_len,
             dtype=dtype,
             engine_dir=engine_dir,
-            extra={"num_kv_blocks": num_blocks, "block_size": block_size, "device": str(self.device)},
+            extra={
+                "num_kv_blocks": resolved.num_kv_blocks,
+                "block_size": resolved.block_size,
+                "device": str(self.device),
+            },
         )
         self._ids = itertools.count()
-        self.async_scheduling = (
-            options.async_scheduling if options.async_scheduling is not None else self.device.type == "cuda"
-        )
+        self.async_scheduling = resolved.async_scheduling
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
-        torch.manual_seed(options.seed)
-        settle_garbage_collector()
 
     @classmethod
-    def from_path(cls, path: str | Path, options: EngineConfig | None = None) -> LLMEngine:
+    def from_path(cls, path: str | Path, config: EngineConfig | None = None) -> LLMEngine:
         """Load an engine directory (engine.json) or a Hugging Face checkpoint directory."""
-        from kiln.engine_dir import EngineManifest, is_engine_dir
-        from kiln.models.loader import load_model
-
-        options = options or EngineConfig()
+        config = config or EngineConfig()
         path = Path(path)
-        device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         limits: EngineLimits | None = None
         loading: dict[str, float] = {}
-        name = options.served_model_name or path.name
+        name = config.served_model_name or path.name
         if is_engine_dir(path):
             manifest = EngineManifest.load(path)
             if manifest.backend != "native":
-                raise ValueError(f"{path} holds a {manifest.backend!r} engine; open it with kiln.clients.open")
+                raise ValueError(
+                    f"{path} holds a {manifest.backend!r} engine; open it with kiln.clients.open"
+                )
             # Before anything compiles: the engine's compiled kernels and tuned tiles (kiln tune), if any.
             phase_start = time.perf_counter()
             prepare_engine_kernels(path, device)
             loading["engine_kernels"] = time.perf_counter() - phase_start
-            dtype = canonical_dtype(options.dtype or manifest.dtype)
+            dtype = canonical_dtype(config.dtype or manifest.dtype)
             limits = manifest.limits
-            name = options.served_model_name or manifest.served_model_name
+            name = config.served_model_name or manifest.served_model_name
         else:
-            dtype = canonical_dtype(options.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+            dtype = canonical_dtype(config.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
         phase_start = time.perf_counter()
-        model, config = load_model(path, dtype=DTYPES[dtype], device=device, progress=options.load_progress)
+        model, model_config = load_model(
+            path, dtype=DTYPES[dtype], device=device, progress=config.load_progress
+        )
         tokenizer = Tokenizer(path)
         loading["weights"] = time.perf_counter() - phase_start
         engine = cls(
             model,
-            config,
+            model_config,
             tokenizer,
             limits=limits,
-            options=options,
+            config=config,
             model_name=name,
             dtype=dtype,
             engine_dir=str(path),

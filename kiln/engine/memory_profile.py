@@ -50,26 +50,26 @@ def profile_activation_bytes(
 
 def num_kv_blocks_from_memory(
     model: LlamaForCausalLM,
-    options: EngineConfig,
+    config: EngineConfig,
     block_size: int,
     max_tokens_per_step: int,
     max_num_seqs: int,
     cap: int,
 ) -> int:
-    """KV blocks for `options`' memory budget: kv_cache_memory_bytes if given; on CUDA what is left of
+    """KV blocks for `config`'s memory budget: kv_cache_memory_bytes if given; on CUDA what is left of
     gpu_memory_utilization of the card after the weights and the largest step's activations; on CPU
     1 GiB, at most `cap` blocks. Raises ValueError when not even one block fits."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    if options.kv_cache_memory_bytes is not None:
-        budget = options.kv_cache_memory_bytes
+    if config.kv_cache_memory_bytes is not None:
+        budget = config.kv_cache_memory_bytes
     elif device.type == "cuda":
         # Profile the largest step, then give the KV cache what is left of this engine's share of the
         # card (gpu_memory_utilization of the total, as in vLLM: other processes' memory is not
         # counted against it), never more than is free; 5% stays back for CUDA graphs and slack.
         activations = profile_activation_bytes(model, max_tokens_per_step, max_num_seqs, block_size)
         free, total = torch.cuda.mem_get_info(device)
-        share = options.gpu_memory_utilization * total
+        share = config.gpu_memory_utilization * total
         weights = torch.cuda.memory_allocated(device)
         budget = int(min(share - weights - activations, free - activations) * 0.95)
     else:

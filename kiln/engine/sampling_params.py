@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kiln.errors import RequestValidationError
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -42,7 +44,7 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad field (the server turns it into a 400 with `param`)."""
+        """Raise RequestValidationError for the first bad field (the server turns it into a 400 with `param`)."""
         checks = [
             ("n", self.n >= 1, "must be >= 1"),
             ("temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100]"),
@@ -59,12 +61,16 @@ class SamplingParams:
         ]
         for name, ok, rule in checks:
             if not ok:
-                raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+                raise RequestValidationError(f"{name} {rule}, got {getattr(self, name)!r}", name)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+            raise RequestValidationError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})", "min_tokens"
+            )
         for tok, bias in (self.logit_bias or {}).items():
             if not -100.0 <= bias <= 100.0:
-                raise ValueError(f"logit_bias for token {tok} must be in [-100, 100], got {bias}")
+                raise RequestValidationError(
+                    f"logit_bias for token {tok} must be in [-100, 100], got {bias}", "logit_bias"
+                )
 
     @property
     def greedy(self) -> bool:

@@ -3,8 +3,9 @@
 Rules:
 - Handlers raise an `APIError` subclass; this module is the only place that turns exceptions into
   responses (`install_error_handlers`).
-- Validation errors (pydantic, or `SamplingParams.validate()`'s ValueError) are 400 with `param` set
-  to the offending field's dotted path; malformed JSON is 400 with code `invalid_json`.
+- Validation errors (pydantic's, or the engine's `RequestValidationError`) are 400 with `param` set
+  to the offending field (pydantic's dotted path, the error's `field`); malformed JSON is 400 with code
+  `invalid_json`.
 - Anything unexpected is 500 with the request id in the message and no stack trace for the client
   (the trace goes to the server log).
 """

@@ -27,12 +27,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
 
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import SamplingParams
+from kiln.errors import RequestValidationError
 from kiln.serve.admission import Ticket
 from kiln.serve.errors import InvalidRequestError
 from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -46,14 +46,49 @@ def new_completion_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-# Request fields an engine's refusal may name (its message starts with the field).
-REQUEST_FIELDS = frozenset(ChatCompletionRequest.model_fields) | frozenset(CompletionRequest.model_fields)
+# What an engine's refusal (`RequestValidationError.field`: "prompt" or a SamplingParams field) is
+# called in each endpoint's request: chat carries the prompt as `messages`, logprobs as `top_logprobs`.
+_ENDPOINT_FIELDS = {
+    "chat": (
+        frozenset(ChatCompletionRequest.model_fields),
+        {"prompt": "messages", "logprobs": "top_logprobs"},
+    ),
+    "completions": (frozenset(CompletionRequest.model_fields), {}),
+}
+
+
+def request_param(endpoint: str, field: str | None) -> str | None:
+    """The `param` of a 400 for an engine's refusal naming `field`; None when the request has no such field."""
+    fields, renamed = _ENDPOINT_FIELDS[endpoint]
+    param = renamed.get(field, field) if field is not None else None
+    return param if param in fields else None
 
 
 @dataclass(slots=True)
 class Prompt:
     token_ids: list[int]
     text: str | None = None  # the prompt as text, when the client sent text (echo, logs)
+
+
+# What each prompt's pump puts on the generation's queue: its outputs, then its end or its failure.
+@dataclass(frozen=True, slots=True)
+class _PromptOutput:
+    prompt_index: int
+    output: RequestOutput
+
+
+@dataclass(frozen=True, slots=True)
+class _PromptDone:
+    prompt_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class _PromptFailed:
+    prompt_index: int
+    error: Exception
+
+
+_PumpItem = _PromptOutput | _PromptDone | _PromptFailed
 
 
 class Generation:
@@ -94,7 +129,7 @@ class Generation:
         self._last_output_time: dict[int, float] = {}
         self._cached_tokens: dict[int, int] = {}
         self._finish_reasons: list[str] = []
-        self._items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._items: asyncio.Queue[_PumpItem] = asyncio.Queue()
         self._pumps: list[asyncio.Future[None]] | None = None
         self._finished = False
 
@@ -147,10 +182,10 @@ class Generation:
         except ValueError as exc:
             if produced:
                 raise
-            # EngineClient rule: a request the engine can never run fails before its first output,
-            # its message naming the field first (as SamplingParams.validate does).
-            field = str(exc).split(" ", 1)[0]
-            raise InvalidRequestError(str(exc), param=field if field in REQUEST_FIELDS else None) from None
+            # EngineClient rule: a request the engine can never run fails before its first output, as a
+            # RequestValidationError naming the field (None: no one field, or another ValueError).
+            field = exc.field if isinstance(exc, RequestValidationError) else None
+            raise InvalidRequestError(str(exc), param=request_param(self.endpoint, field)) from None
         finally:
             with anyio.CancelScope(shield=True):
                 aclose = getattr(stream, "aclose", None)
@@ -162,11 +197,11 @@ class Generation:
     async def _pump(self, prompt_index: int) -> None:
         source = self._one(prompt_index)
         try:
-            async for item in source:
-                self._items.put_nowait(("item", item))
-            self._items.put_nowait(("done", None))
+            async for _, output in source:
+                self._items.put_nowait(_PromptOutput(prompt_index, output))
+            self._items.put_nowait(_PromptDone(prompt_index))
         except Exception as exc:
-            self._items.put_nowait(("error", exc))
+            self._items.put_nowait(_PromptFailed(prompt_index, exc))
         finally:
             with anyio.CancelScope(shield=True):
                 await source.aclose()
@@ -177,13 +212,13 @@ class Generation:
         try:
             remaining = len(self.prompts)
             while remaining:
-                kind, value = await self._items.get()
-                if kind == "item":
-                    yield value
-                elif kind == "done":
+                item = await self._items.get()
+                if isinstance(item, _PromptOutput):
+                    yield item.prompt_index, item.output
+                elif isinstance(item, _PromptDone):
                     remaining -= 1
                 else:
-                    raise value
+                    raise item.error
         finally:
             await self._stop_pumps()
 

@@ -4,16 +4,18 @@ Rules:
 - `max_tokens` omitted fills the context: max_model_len - prompt tokens.
 - prompt + max_tokens over max_model_len is a 400 that states both numbers (code
   `context_length_exceeded`), as OpenAI does.
-- `SamplingParams.validate()` owns value ranges; its ValueError names the field first, which
-  becomes `param`.
-- `logit_bias` keys are token ids written as strings; token ids must be inside the vocabulary.
+- `SamplingParams.validate()` owns value ranges and `kiln.engine.validation` the vocabulary's; their
+  `RequestValidationError.field` becomes `param` (`logprobs` is chat's `top_logprobs`).
+- `logit_bias` keys are token ids written as strings.
 """
 
 from __future__ import annotations
 
 import logging
 
+from kiln.engine import validation
 from kiln.engine.sampling_params import SamplingParams
+from kiln.errors import RequestValidationError
 from kiln.serve.errors import InvalidRequestError
 from kiln.serve.protocol import SamplingRequest
 
@@ -47,11 +49,11 @@ def resolve_max_tokens(
 
 
 def check_token_ids(token_ids: list[int], *, vocab_size: int, param: str) -> None:
-    for token_id in token_ids:
-        if not 0 <= token_id < vocab_size:
-            raise InvalidRequestError(
-                f"token id {token_id} is outside the vocabulary [0, {vocab_size})", param=param
-            )
+    """The engine's vocabulary check (`kiln.engine.validation`), as a 400 naming `param`."""
+    try:
+        validation.check_token_ids(token_ids, vocab_size=vocab_size, field=param)
+    except RequestValidationError as exc:
+        raise InvalidRequestError(str(exc), param=exc.field) from None
 
 
 def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
@@ -68,22 +70,6 @@ def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, floa
         check_token_ids([token_id], vocab_size=vocab_size, param="logit_bias")
         bias[token_id] = value
     return bias
-
-
-_FIELDS = {
-    "n",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "max_tokens",
-    "min_tokens",
-    "logprobs",
-    "logit_bias",
-}
 
 
 def to_sampling_params(
@@ -112,10 +98,9 @@ def to_sampling_params(
             logprobs=logprobs,
             logit_bias=_logit_bias(body.logit_bias, vocab_size),
         )
-    except ValueError as exc:
-        field = str(exc).split(" ", 1)[0]
-        param = logprobs_param if field == "logprobs" else field
-        raise InvalidRequestError(str(exc), param=param if field in _FIELDS else None) from None
+    except RequestValidationError as exc:
+        param = logprobs_param if exc.field == "logprobs" else exc.field
+        raise InvalidRequestError(str(exc), param=param) from None
 
 
 def log_unknown_fields(body: SamplingRequest, request_id: str) -> None:

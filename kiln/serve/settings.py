@@ -5,25 +5,28 @@ Rules:
   the CLI generates one flag per field (`max_waiting_requests` -> `--max-waiting-requests`).
 - Precedence: a flag given on the command line > a `KILN_<FIELD>` environment variable > the default.
   List fields read from the environment as JSON (`KILN_API_KEYS='["k1","k2"]'`) or comma-separated.
-- The engine's runtime knobs (`EngineConfig`) are fields here too, so one flag set configures both;
-  `engine_options()` hands them to the engine.
+- The engine's runtime knobs are fields here too, generated from `EngineConfig`'s fields (type, default,
+  help, range), never redeclared, so one flag set configures both; `engine_config()` hands them over.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, create_model, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from kiln.config import EngineConfig
+from kiln.config import BOUNDS, EngineConfig
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 
 
-class ServerSettings(BaseSettings):
+class _ServerSettings(BaseSettings):
+    """The server's own settings; `ServerSettings` adds the engine's."""
+
     model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore", validate_default=True)
 
     # --- what to serve -------------------------------------------------------------------------------
@@ -31,9 +34,6 @@ class ServerSettings(BaseSettings):
         None,
         description="Engine directory, Hugging Face checkpoint directory or hub id to serve "
         "(None: the embedded default model).",
-    )
-    served_model_name: str | None = Field(
-        None, description="Name clients send as `model` (default: the engine's own name)."
     )
 
     # --- network -------------------------------------------------------------------------------------
@@ -80,57 +80,6 @@ class ServerSettings(BaseSettings):
     log_prompts: bool = Field(False, description="Include prompts and outputs in the per-request log line.")
     access_log: bool = Field(False, description="Also write uvicorn's access log line per request.")
 
-    # --- engine runtime (EngineConfig) --------------------------------------------------------------
-    dtype: str | None = Field(None, description="Weight dtype (default: the engine directory's).")
-    device: str | None = Field(None, description="Device, e.g. cuda or cpu (default: cuda if available).")
-    max_num_seqs: int | None = Field(
-        None, ge=1, description="Most requests running at once (default: the engine's max batch size)."
-    )
-    max_num_batched_tokens: int | None = Field(
-        None, ge=1, description="Token budget of one engine step (default: the engine's max tokens)."
-    )
-    max_model_len: int | None = Field(
-        None, ge=1, description="Prompt plus completion tokens per request (default: the engine's)."
-    )
-    block_size: int | None = Field(None, ge=1, description="Tokens per KV-cache block (default: engine's).")
-    num_kv_blocks: int | None = Field(
-        None, ge=1, description="Exact KV-cache size in blocks; overrides the memory budget."
-    )
-    kv_cache_memory_bytes: int | None = Field(
-        None, ge=1, description="Memory for the KV cache (CPU default: 1 GiB)."
-    )
-    gpu_memory_utilization: float = Field(
-        0.90, gt=0, le=1, description="On CUDA: fraction of GPU memory for weights, activations and KV."
-    )
-    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prompt prefixes.")
-    admission_interval: int = Field(
-        1,
-        ge=1,
-        description="While requests run, admit new ones every this many steps, together: fewer steps "
-        "mix prefills into decodes (those run without CUDA graphs), each arrival waits up to that many "
-        "steps more.",
-    )
-    enforce_eager: bool = Field(
-        False, description="On CUDA: run decode eagerly, without capturing CUDA graphs."
-    )
-    piecewise_graphs: bool = Field(
-        True,
-        description="On CUDA: also run steps that mix prompts and decodes (up to 1,024 tokens) as CUDA "
-        "graphs, piece by piece around attention.",
-    )
-    async_scheduling: bool | None = Field(
-        None,
-        description="Prepare each step while the GPU runs the previous one (default: on with CUDA, "
-        "off on CPU).",
-    )
-    seed: int = Field(0, description="Global sampling seed for requests that send none.")
-    load_progress: bool = Field(True, description="Show a progress bar while the weights load.")
-    engine_process: bool = Field(
-        True,
-        description="Run the native engine's step loop in its own process, so streaming many responses "
-        "does not slow it down (off: one process, engine on a thread).",
-    )
-
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
@@ -142,7 +91,25 @@ class ServerSettings(BaseSettings):
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
-    def engine_options(self) -> EngineConfig:
+    def engine_config(self) -> EngineConfig:
         """The engine's share of these settings."""
-        names = [f.name for f in dataclasses.fields(EngineConfig)]
-        return EngineConfig(**{name: getattr(self, name) for name in names})
+        return EngineConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EngineConfig)})
+
+
+def _engine_fields() -> dict[str, Any]:
+    """One settings field per `EngineConfig` field, with its type, default, help text and range."""
+    types = typing.get_type_hints(EngineConfig)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(EngineConfig):
+        bounds = {key: f.metadata[key] for key in BOUNDS if key in f.metadata}
+        fields[f.name] = (types[f.name], Field(f.default, description=f.metadata["help"], **bounds))
+    return fields
+
+
+ServerSettings = create_model(
+    "ServerSettings",
+    __base__=_ServerSettings,
+    __module__=__name__,
+    __doc__="Every knob of `kiln serve`: the server's own and, generated, `EngineConfig`'s.",
+    **_engine_fields(),
+)

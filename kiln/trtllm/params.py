@@ -1,8 +1,8 @@
 """Kiln `SamplingParams` -> keyword arguments of tensorrt_llm 1.2's `SamplingParams`.
 
 Rules:
-- Every Kiln field is either mapped or refused with ValueError naming the Kiln field (the server turns it
-  into a 400 with that `param`); nothing is silently dropped.
+- Every Kiln field is either mapped or refused with RequestValidationError naming the Kiln field (the
+  server turns it into a 400 with that `param`); nothing is silently dropped.
 - `trtllm_sampling_kwargs` is pure (no tensorrt_llm import) so it is unit-tested on CPU;
   `make_trtllm_sampling_params` builds the library object and refuses any mapped keyword the installed
   library does not know, naming the Kiln field that needed it.
@@ -20,7 +20,7 @@ Semantics relied on (tensorrt_llm/sampling_params.py, 1.x):
   the LLM was created with gather_generation_logits=True (llmapi/llm.py `_check_arguments`).
 - Stop *strings* are not passed on: the library matches them as token sequences of the encoded string
   (missing matches that tokenize differently) and trims them only after they were streamed. Kiln matches
-  them on the text in `kiln.clients.trtllm.OutputTranslator` with the native engine's StopChecker, and
+  them on the text in `kiln.trtllm.outputs.OutputTranslator` with the native engine's StopChecker, and
   aborts the library request when one matches. Stop token ids are passed on.
 """
 
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kiln.engine.sampling_params import SamplingParams
+from kiln.errors import RequestValidationError
 
 
 @dataclass(slots=True)
@@ -72,21 +73,23 @@ KILN_FIELD_OF: dict[str, str] = {
 def resolve_max_tokens(params: SamplingParams, prompt_len: int, max_seq_len: int) -> int:
     """Generated-token budget: Kiln's max_tokens, or (None) whatever the context has left.
 
-    Raises ValueError when the prompt alone fills the context, or max_tokens would overflow it
+    Raises RequestValidationError when the prompt alone fills the context, or max_tokens would overflow it
     (a TensorRT engine cannot run past the max_seq_len it was built for).
     """
     room = max_seq_len - prompt_len
     if room < 1:
-        raise ValueError(
+        raise RequestValidationError(
             f"the prompt has {prompt_len} tokens, which leaves no room to generate within this engine's "
-            f"maximum context of {max_seq_len} tokens"
+            f"maximum context of {max_seq_len} tokens",
+            "prompt",
         )
     if params.max_tokens is None:
         return room
     if params.max_tokens > room:
-        raise ValueError(
+        raise RequestValidationError(
             f"max_tokens ({params.max_tokens}) plus the prompt ({prompt_len} tokens) exceeds this engine's "
-            f"maximum context of {max_seq_len} tokens; ask for at most {room}"
+            f"maximum context of {max_seq_len} tokens; ask for at most {room}",
+            "max_tokens",
         )
     return params.max_tokens
 
@@ -98,24 +101,28 @@ def trtllm_sampling_kwargs(
     limits: TrtLlmRequestLimits,
     fallback_seed: int,
 ) -> dict[str, Any]:
-    """Keyword arguments for `tensorrt_llm.SamplingParams` that honour `params` exactly, or ValueError.
+    """Keyword arguments for `tensorrt_llm.SamplingParams` that honour `params` exactly, or RequestValidationError.
 
     `logit_bias` comes back as {"embedding_bias": {token_id: bias}}; `make_trtllm_sampling_params` turns it
     into the [vocab_size] float32 tensor the library wants.
     """
     if params.prompt_logprobs is not None:
-        raise ValueError("prompt_logprobs is not supported")
+        raise RequestValidationError("prompt_logprobs is not supported", "prompt_logprobs")
     if params.n > limits.max_batch_size:
-        raise ValueError(f"n ({params.n}) exceeds this engine's max batch size ({limits.max_batch_size})")
+        raise RequestValidationError(
+            f"n ({params.n}) exceeds this engine's max batch size ({limits.max_batch_size})", "n"
+        )
     if params.greedy and params.n > 1:
-        raise ValueError(
+        raise RequestValidationError(
             "n > 1 with temperature 0 would return n identical completions; the TensorRT-LLM backend "
-            "refuses it (set temperature > 0)"
+            "refuses it (set temperature > 0)",
+            "n",
         )
     if params.logprobs is not None and not limits.gather_generation_logits:
-        raise ValueError(
+        raise RequestValidationError(
             "logprobs needs generation logits, and this TensorRT-LLM engine was built without them; "
-            "rebuild with `kiln build --backend trtllm --trtllm-gather-logits`"
+            "rebuild with `kiln build --backend trtllm --trtllm-gather-logits`",
+            "logprobs",
         )
 
     kw: dict[str, Any] = {
@@ -162,8 +169,9 @@ def trtllm_sampling_kwargs(
     if params.logit_bias:
         for token_id in params.logit_bias:
             if not 0 <= int(token_id) < limits.vocab_size:
-                raise ValueError(
-                    f"logit_bias names token {token_id}, outside the vocabulary (0..{limits.vocab_size - 1})"
+                raise RequestValidationError(
+                    f"logit_bias names token {token_id}, outside the vocabulary (0..{limits.vocab_size - 1})",
+                    "logit_bias",
                 )
         kw["embedding_bias"] = {int(t): float(b) for t, b in params.logit_bias.items()}
     return kw
@@ -172,13 +180,14 @@ def trtllm_sampling_kwargs(
 def make_trtllm_sampling_params(
     trtllm_sampling_params_cls: Any, kwargs: dict[str, Any], *, vocab_size: int
 ) -> Any:
-    """Build the library's SamplingParams; ValueError naming the Kiln field if the library lacks a keyword."""
+    """Build the library's SamplingParams; RequestValidationError naming the Kiln field if the library lacks a keyword."""
     known = {f.name for f in dataclasses.fields(trtllm_sampling_params_cls) if f.init}
     for key in kwargs:
         if key not in known:
             field = KILN_FIELD_OF.get(key, key)
-            raise ValueError(
-                f"{field} cannot be honoured by the installed tensorrt_llm (its SamplingParams has no {key!r})"
+            raise RequestValidationError(
+                f"{field} cannot be honoured by the installed tensorrt_llm (its SamplingParams has no {key!r})",
+                field,
             )
     kwargs = dict(kwargs)
     if "embedding_bias" in kwargs:

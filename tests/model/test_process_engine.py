@@ -7,9 +7,10 @@ import functools
 
 import pytest
 
+from kiln.clients.messages import EngineDeadError
 from kiln.clients.open import open_engine
 from kiln.clients.process import ProcessEngine
-from kiln.clients.thread import AsyncEngine, EngineDeadError
+from kiln.clients.thread import AsyncEngine
 from kiln.config import EngineConfig
 from kiln.engine.outputs import accumulate
 from kiln.engine.sampling_params import SamplingParams
@@ -99,7 +100,9 @@ def test_open_engine_picks_the_process_engine_when_asked(tiny_gqa_dir):
         assert isinstance(engine, ProcessEngine)
     finally:
         asyncio.run(engine.shutdown())
-    assert isinstance(open_engine(tiny_gqa_dir, OPTIONS), AsyncEngine)
+    assert isinstance(
+        open_engine(tiny_gqa_dir, EngineConfig(device="cpu", engine_process=False)), AsyncEngine
+    )
 
 
 def test_concurrent_streams_and_a_refused_add_do_not_disturb_each_other(process_engine):
@@ -126,7 +129,7 @@ async def _count(engine, prompt, rid, params) -> int:
 
 
 async def _dup(engine):
-    # Same request id as the stream still open: AsyncEngine's bookkeeping refuses it in the parent.
+    # Same request id as the stream still open: the parent's RequestStreams refuse it.
     async for out in engine.generate([7, 8], SamplingParams(max_tokens=2), "dup"):
         yield out
 
@@ -154,37 +157,3 @@ def test_outputs_cross_the_process_boundary_whole(tiny_gqa_dir):
     expected = collect(AsyncEngine.from_path(tiny_gqa_dir, OPTIONS))
     assert len(expected) == 2 and all(len(c[2]) == 6 and len(c[3]) == 6 for c in expected)
     assert collect(ProcessEngine.from_path(tiny_gqa_dir, OPTIONS)) == expected
-
-
-def test_commands_that_queued_together_go_down_as_one_message():
-    """The sender drains its queue into one pipe message (a burst costs one write), keeping the order,
-    and forwards the stop after what came before it."""
-    import itertools
-    import queue
-
-    from kiln.clients.thread import _Abort, _Add
-
-    class Pipe:
-        def __init__(self) -> None:
-            self.sent: list[object] = []
-
-        def send(self, message: object) -> None:
-            self.sent.append(message)
-
-    sender = object.__new__(ProcessEngine)  # the relay alone: no child process
-    sender._commands, sender._cmd_send = queue.SimpleQueue(), Pipe()
-    sender._abort_ids, sender._pending_aborts = itertools.count(), {}
-    params = SamplingParams(max_tokens=2)
-    for command in (
-        _Add("a", None, [1], params, 0),
-        _Abort("x", print),
-        _Add("b", "hi", [2, 3], params, 1),
-        None,
-    ):
-        sender._commands.put(command)
-    sender._run()
-    assert sender._cmd_send.sent == [
-        [("add", "a", None, [1], params, 0), ("abort", "x", 0), ("add", "b", "hi", [2, 3], params, 1)],
-        None,
-    ]
-    assert sender._pending_aborts == {0: print}

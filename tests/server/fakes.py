@@ -20,6 +20,7 @@ from typing import Any
 from kiln.engine.info import EngineStats, ModelInfo
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import SamplingParams
+from kiln.errors import RequestValidationError
 
 
 class _Wrapper:
@@ -105,12 +106,15 @@ class RecordingEngine(_Wrapper):
 
 
 class RefusingEngine(_Wrapper):
-    def __init__(self, engine: Any, message: str) -> None:
+    """Refuses every request as a backend does: a RequestValidationError naming `field` (or none)."""
+
+    def __init__(self, engine: Any, message: str, field: str | None = None) -> None:
         super().__init__(engine)
         self.message = message
+        self.field = field
 
     def generate(self, *args: Any, **kw: Any) -> AsyncIterator[RequestOutput]:
-        raise ValueError(self.message)
+        raise RequestValidationError(self.message, self.field)
 
 
 class TextEngine(_Wrapper):

@@ -82,12 +82,18 @@ def test_engine_refusal_is_400(server: LiveServer) -> None:
 
 
 def test_backend_refusal_names_the_field(tiny_engine: AsyncEngine) -> None:
-    refusing = RefusingEngine(tiny_engine, "logprobs are not available from this engine")
+    refusing = RefusingEngine(tiny_engine, "logprobs are not available from this engine", "logprobs")
     with run_live_server(refusing, served_model_name="tiny") as live:
         body = {"model": "tiny", "prompt": "hello", "max_tokens": 2, "logprobs": 1}
         r = httpx.post(f"{live.url}/v1/completions", json=body)
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == "logprobs"
-        refusing.message = "this request cannot run"
+        refusing.message, refusing.field = "this request cannot run", None
         r = httpx.post(f"{live.url}/v1/completions", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] is None
+        # A chat request carries the prompt as `messages` and logprobs as `top_logprobs`.
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for field, param in (("prompt", "messages"), ("logprobs", "top_logprobs"), ("echo", None)):
+            refusing.field = field
+            r = httpx.post(f"{live.url}/v1/chat/completions", json=chat)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (field, r.text)

@@ -26,8 +26,8 @@ def test_served_run_counts_every_token_and_writes_rows(
     monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     out = tmp_path / "results.json"
     args = ["--model", str(tiny_gqa_dir), "--num-requests", "12", "--input-len", "10", "--output-len", "6"]
-    args += ["--concurrency", "4", "--max-num-seqs", "4", "--out", str(out)]
-    assert served.main(args + (["--engine-process"] if engine_process else [])) == 0
+    args += ["--concurrency", "4", "--max-num-seqs", "4", "--no-load-progress", "--out", str(out)]
+    assert served.main(args + (["--engine-process"] if engine_process else ["--no-engine-process"])) == 0
     report = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert report["requests"] == 12 and report["completion_tokens"] == 12 * 6
     assert report["ttft_ms"]["p50"] <= report["e2e_ms"]["p50"]

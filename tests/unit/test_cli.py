@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 import kiln.cli
 import kiln.serve.model_source
 import kiln.serve.runner
+from kiln.config import EngineConfig
 from kiln.errors import OfflineError
 from kiln.serve.flags import SETTINGS_FLAGS
 from kiln.serve.settings import ServerSettings
@@ -219,3 +221,14 @@ def test_trtllm_only_build_flags_are_refused_for_the_native_backend(tmp_path: Pa
     result = runner.invoke(kiln.cli.app, ["build", "--tiny", "-o", str(tmp_path / "e"), "--gather-logits"])
     assert result.exit_code == 2
     assert "need --backend trtllm" in result.output
+
+
+@pytest.mark.parametrize("knob", dataclasses.fields(EngineConfig), ids=lambda f: f.name)
+def test_every_engine_knob_is_a_serve_flag_with_its_default_and_help(knob: dataclasses.Field) -> None:
+    options = {p.name: p for p in command("serve").params if isinstance(p, typer.core.TyperOption)}
+    option = options[knob.name]
+    assert f"--{knob.name.replace('_', '-')}" in option.opts
+    assert option.help.startswith(knob.metadata["help"])
+    assert f"KILN_{knob.name.upper()}" in option.help
+    if knob.default is not None:
+        assert f"(default: {knob.default})" in option.help

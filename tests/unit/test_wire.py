@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pickle
 
+from kiln.clients.messages import StepReport
 from kiln.clients.wire import decode_output, encode_output
+from kiln.engine.info import EngineStats
 from kiln.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
 
@@ -44,8 +46,15 @@ def test_round_trip_is_exact():
         assert decode_output(wire, out.prompt, out.prompt_token_ids) == out
 
 
-def test_a_step_of_256_outputs_fits_a_pipe_buffer():
+def test_a_step_report_of_256_outputs_fits_a_pipe_buffer():
     outs = [output(i) for i in range(256)]
-    as_objects = len(pickle.dumps(outs))
-    on_the_wire = len(pickle.dumps([encode_output(o) for o in outs]))
+    as_objects = len(pickle.dumps(StepReport(outs, EngineStats(), [], [])))
+    report = StepReport([encode_output(o) for o in outs], EngineStats(), [3], [])
+    on_the_wire = len(pickle.dumps(report))
     assert as_objects > 64 * 1024 > on_the_wire and on_the_wire * 4 < as_objects
+    received = pickle.loads(pickle.dumps(report))
+    assert received == report
+    restored = [
+        decode_output(w, o.prompt, o.prompt_token_ids) for w, o in zip(received.outputs, outs, strict=True)
+    ]
+    assert restored == outs

@@ -1,0 +1,127 @@
+"""`StepLoop`: the native engine's step loop, the same on `AsyncEngine`'s thread and in `ProcessEngine`'s child.
+
+Rules:
+- Only the loop touches the `LLMEngine`, so the engine needs no locks.
+- Commands are taken between steps: while the engine is idle the loop blocks for the next ones; otherwise
+  it takes whatever arrived during the last step, without waiting.
+- Every turn ends in one `StepReport` (one wake-up, or one pipe message, per step): the step's outputs, the
+  stats after it, the acks of the aborts applied before it (so an ack means the blocks are free) and the
+  requests given up on.
+- A step that raises aborts every request in flight (each is reported with an `EngineDeadError`, after
+  the outputs that came before it) and the loop goes on: one bad step must not leak blocks or leave
+  callers waiting.
+- `Shutdown` aborts everything and ends the loop with `Goodbye`.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Callable
+from typing import Generic, Protocol
+
+from kiln.clients.messages import (
+    AbortRequest,
+    AddRequest,
+    Command,
+    EngineDeadError,
+    Goodbye,
+    OutputT,
+    RequestError,
+    Shutdown,
+    StepReport,
+)
+from kiln.engine.llm_engine import LLMEngine
+from kiln.engine.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+class CommandSource(Protocol):
+    def take(self, block: bool) -> list[Command]:
+        """The commands that arrived, in order; waits for at least one when `block`."""
+        ...
+
+
+class CommandQueue:
+    """Commands from any thread to one consumer (the step thread, or `ProcessEngine`'s sender)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Command] = queue.SimpleQueue()
+
+    def put(self, command: Command) -> None:
+        self._queue.put(command)
+
+    def take(self, block: bool) -> list[Command]:
+        """Everything queued, in order, up to and including a `Shutdown` (nothing after it is meant for
+        this loop)."""
+        try:
+            batch = [self._queue.get(block=block)]
+        except queue.Empty:
+            return []
+        while not isinstance(batch[-1], Shutdown):
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+
+class StepLoop(Generic[OutputT]):
+    """Runs `engine` on commands from `commands`, handing every report to `report`; outputs are reported
+    as `encode` makes them (as they are on a thread, wire tuples through a pipe)."""
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        commands: CommandSource,
+        report: Callable[[StepReport[OutputT] | Goodbye], None],
+        encode: Callable[[RequestOutput], OutputT],
+    ) -> None:
+        self.engine = engine
+        self.commands = commands
+        self.report = report
+        self.encode = encode
+
+    def run(self) -> None:
+        engine = self.engine
+        while True:
+            acks: list[int] = []
+            errors: list[RequestError] = []
+            for command in self.commands.take(block=not engine.has_unfinished_requests()):
+                if isinstance(command, Shutdown):
+                    self._abort_in_flight()
+                    self.report(Goodbye(engine.stats()))
+                    return
+                self._apply(command, acks, errors)
+            outputs: list[RequestOutput] = []
+            if engine.has_unfinished_requests():
+                try:
+                    outputs = engine.step()
+                except Exception as exc:
+                    logger.exception("engine step failed; aborting the requests in flight")
+                    error = EngineDeadError(f"engine step failed: {exc!r}")
+                    errors.extend(RequestError(request_id, error) for request_id in self._abort_in_flight())
+            self.report(StepReport([self.encode(o) for o in outputs], engine.stats(), acks, errors))
+
+    def _apply(self, command: AddRequest | AbortRequest, acks: list[int], errors: list[RequestError]) -> None:
+        if isinstance(command, AbortRequest):
+            self.engine.abort_request(command.request_id)
+            acks.append(command.ack)
+            return
+        try:
+            self.engine.add_request(
+                command.request_id,
+                command.prompt,
+                command.params,
+                prompt_token_ids=command.prompt_token_ids,
+                priority=command.priority,
+            )
+        except Exception as exc:  # reported to that request's caller; the engine goes on
+            errors.append(RequestError(command.request_id, exc))
+
+    def _abort_in_flight(self) -> list[str]:
+        request_ids = list(self.engine.outputs.request_ids())
+        for request_id in request_ids:
+            self.engine.abort_request(request_id)
+        return request_ids

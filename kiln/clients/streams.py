@@ -1,0 +1,203 @@
+"""`RequestStreams`: the caller side of a native driver (`generate`, `abort`, `stats`), whatever runs the loop.
+
+Rules:
+- `generate` validates before anything is queued, refuses an id already open, then submits an
+  `AddRequest`; each request's outputs arrive on its own asyncio.Queue.
+- `receive` takes the loop's reports (on the step thread, or `ProcessEngine`'s receiver thread) and hands
+  every item to its request's queue with one `call_soon_threadsafe` per event loop per report, not one per
+  request: with hundreds of streams, per-request wake-ups were a large share of the front end's work.
+- A consumer that fell behind gets everything queued for it as one delta (one SSE chunk), so a slow
+  front end catches up instead of handling every token; an error is raised after what came before it.
+- `abort` returns once the loop acknowledged it (the blocks are free), or at once when no loop runs.
+- `fail_all` (a `Goodbye`, a dead child) fails every open request and releases every waiting abort.
+The two sides share only dict operations (atomic under the GIL) and `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+from kiln.clients.messages import AbortRequest, AddRequest, Command, EngineDeadError, Goodbye, StepReport
+from kiln.engine.info import EngineStats
+from kiln.engine.outputs import RequestOutput, accumulate
+from kiln.engine.sampling_params import SamplingParams
+
+# How often an abort still waiting for its ack checks that a loop is still there to send it.
+ABORT_CHECK_SECONDS = 1.0
+
+
+@dataclass(slots=True)
+class Sink:
+    """Where one open request's outputs go, and its prompt (a pipe's outputs do not carry it)."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+    prompt: str | None
+    prompt_token_ids: list[int]
+
+
+def _wake(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+    with contextlib.suppress(RuntimeError):  # that caller's loop has closed: nobody waits
+        loop.call_soon_threadsafe(event.set)
+
+
+def _put_all(
+    batch: list[tuple[asyncio.Queue[RequestOutput | BaseException], RequestOutput | BaseException]],
+) -> None:
+    for target, item in batch:
+        target.put_nowait(item)
+
+
+class RequestStreams:
+    """`submit` hands a command to the loop's side; `validate` raises ValueError for a request the engine
+    can never run; `start` starts the loop (idempotent); `running` says whether a loop can still answer."""
+
+    def __init__(
+        self,
+        *,
+        submit: Callable[[Command], None],
+        validate: Callable[[list[int], SamplingParams], None],
+        start: Callable[[], Awaitable[None]],
+        running: Callable[[], bool],
+        stats: EngineStats,
+    ) -> None:
+        self._submit = submit
+        self._validate = validate
+        self._start = start
+        self._running = running
+        self.stats = stats  # the last report's
+        self.sinks: dict[str, Sink] = {}  # open request id -> where its outputs go
+        self._pending_aborts: dict[int, Callable[[], None]] = {}  # ack -> what wakes its `abort`
+        self._acks = itertools.count()
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        *,
+        prompt: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        self._validate(prompt_token_ids, params)  # raises before anything is queued
+        if request_id in self.sinks:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        await self._start()
+        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        prompt_token_ids = list(prompt_token_ids)
+        self.sinks[request_id] = Sink(asyncio.get_running_loop(), outputs, prompt, prompt_token_ids)
+        self._submit(AddRequest(request_id, prompt, prompt_token_ids, params, priority))
+        finished = False
+        error: BaseException | None = None
+        try:
+            while True:
+                item = error or await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                pieces = [item]
+                while not pieces[-1].finished and not outputs.empty():
+                    queued = outputs.get_nowait()
+                    if isinstance(queued, BaseException):
+                        error = queued  # raised once what came before it has been handed over
+                        break
+                    pieces.append(queued)
+                if len(pieces) > 1:
+                    item = functools.reduce(accumulate, pieces, None)
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self.sinks.pop(request_id, None)
+            # Closed early (client gone, task cancelled) or failed: give the blocks back now. Shielded, so a
+            # second cancellation (servers cancel a disconnected stream's task) cannot skip the abort.
+            if not finished:
+                await asyncio.shield(self.abort(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request; returns once its KV blocks are back in the pool (within one step)."""
+        if not self._running():
+            return
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        ack = next(self._acks)
+        self._pending_aborts[ack] = functools.partial(_wake, loop, done)
+        self._submit(AbortRequest(request_id, ack))
+        while True:
+            try:
+                await asyncio.wait_for(done.wait(), ABORT_CHECK_SECONDS)
+                return
+            except TimeoutError:
+                if not self._running():  # the loop ended without answering: nothing holds the blocks
+                    self._pending_aborts.pop(ack, None)
+                    return
+
+    def prompt_of(self, request_id: str) -> tuple[str | None, list[int]] | None:
+        """An open request's prompt and its ids; None once it is closed."""
+        sink = self.sinks.get(request_id)
+        return None if sink is None else (sink.prompt, sink.prompt_token_ids)
+
+    def receive(self, report: StepReport[RequestOutput] | Goodbye) -> None:
+        self.stats = report.stats
+        if isinstance(report, Goodbye):
+            self.fail_all(EngineDeadError("the engine is shutting down"))
+            return
+        self._deliver(
+            [
+                *((output.request_id, output) for output in report.outputs),
+                *((failed.request_id, failed.error) for failed in report.errors),
+            ]
+        )
+        for ack in report.acks:
+            done = self._pending_aborts.pop(ack, None)
+            if done is not None:
+                done()
+
+    def fail_all(self, error: BaseException) -> None:
+        self._deliver([(request_id, error) for request_id in list(self.sinks)])
+        while self._pending_aborts:
+            with contextlib.suppress(KeyError):  # popped by an abort that gave up meanwhile
+                self._pending_aborts.popitem()[1]()
+
+    def _deliver(self, items: Iterable[tuple[str, RequestOutput | BaseException]]) -> None:
+        batches: dict[
+            asyncio.AbstractEventLoop,
+            list[tuple[asyncio.Queue[RequestOutput | BaseException], RequestOutput | BaseException]],
+        ] = {}
+        for request_id, item in items:
+            sink = self.sinks.get(request_id)
+            if sink is not None:  # else the request is closed: nobody to tell
+                batches.setdefault(sink.loop, []).append((sink.queue, item))
+        for loop, batch in batches.items():
+            with contextlib.suppress(RuntimeError):  # that caller's loop has closed: nobody to tell
+                loop.call_soon_threadsafe(_put_all, batch)
+
+
+class StreamsClient:
+    """The `EngineClient` calls a native driver answers from its `RequestStreams` (`self._streams`);
+    the driver adds what depends on where its loop runs (tokenizer, model_info, start, shutdown)."""
+
+    _streams: RequestStreams
+
+    def stats(self) -> EngineStats:
+        return self._streams.stats
+
+    def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        *,
+        prompt: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        return self._streams.generate(prompt_token_ids, params, request_id, prompt=prompt, priority=priority)
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request; returns once the loop has freed its KV blocks (within one step)."""
+        await self._streams.abort(request_id)
