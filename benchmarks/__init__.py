@@ -1,1 +1,1 @@
-"""Kiln's benchmark harness (run from the repository root: `python -m bench.run_all`); see benchmarks/README.md."""
+"""Kiln's benchmark harness (run from the repository root: `python -m benchmarks.<script>`); see benchmarks/README.md."""

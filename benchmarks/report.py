@@ -36,7 +36,7 @@ TARGETS = [
         lambda v: v >= 16000,
     ),
     (
-        "served over HTTP/SSE / offline, same workload (bench.served)",
+        "served over HTTP/SSE / offline, same workload (benchmarks.served)",
         ("kiln/served", "llama3.1-8b", "served_over_offline"),
         [],
         ">= 0.90",
@@ -50,7 +50,7 @@ TARGETS = [
         lambda v: v <= 15,
     ),
     (
-        "time to first token through an idle server (bench.served), ms",
+        "time to first token through an idle server (benchmarks.served), ms",
         ("kiln/served", "llama3.1-8b", "idle_ttft_ms"),
         [],
         "<= 15",

@@ -30,8 +30,11 @@ CHILD = """
 import json, sys, time
 from kiln.engine.llm_engine import LLMEngine
 imported = time.time()
+from kiln.config import EngineConfig
+from kiln.engine.process_setup import prepare_process
 from kiln.engine.sampling_params import SamplingParams
-engine = LLMEngine.from_path(sys.argv[1])
+engine = LLMEngine.from_path(sys.argv[1], EngineConfig(load_progress=False))
+prepare_process(engine.config)
 ready = time.time()
 engine.add_request("r", params=SamplingParams(temperature=0, max_tokens=1), prompt_token_ids=list(range(10, 138)))
 while engine.has_unfinished_requests():

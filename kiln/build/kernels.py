@@ -156,7 +156,7 @@ def tune_and_warm(engine_dir: Path, device: str, say: Callable[[str], None] = pr
     apply_profile(profile, target)
     start = time.perf_counter()
     say("loading the engine (memory profile, CUDA graph capture) and compiling every step's kernels ...")
-    engine = LLMEngine.from_path(engine_dir, EngineConfig(device=device))
+    engine = LLMEngine.from_path(engine_dir, EngineConfig(device=device, load_progress=False))
     steps = warm_steps(engine, max_num_tokens=limits.max_num_tokens, max_num_seqs=limits.max_batch_size)
     torch.cuda.synchronize()
     warm_seconds = time.perf_counter() - start

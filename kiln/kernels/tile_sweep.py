@@ -236,10 +236,14 @@ def tune_attention(
             timing = CandidateTiming(kind, config)
             try:
                 for (label, _, _), batch, want in zip(cases, batches, expected, strict=True):
-                    err = rel_error(triton_attention.paged_attention(*first_args(batch), scale, config=config), want)
+                    err = rel_error(
+                        triton_attention.paged_attention(*first_args(batch), scale, config=config), want
+                    )
                     if not err <= TOLERANCE[dtype]:  # NaN fails too
                         raise ValueError(f"{label}: output differs from the built-in choice's by {err:.1e}")
-                    timing.case_us.append(graph_time_us(triton_attention.paged_attention, batch, scale, config, calls))
+                    timing.case_us.append(
+                        graph_time_us(triton_attention.paged_attention, batch, scale, config, calls)
+                    )
                 timing.total_us = sum(timing.case_us)
             except Exception as exc:  # a tile shape this GPU cannot run, or a wrong result: it cannot win
                 timing.case_us, timing.error = [], f"{type(exc).__name__}: {exc}"[:400]

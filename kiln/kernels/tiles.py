@@ -1,5 +1,5 @@
 """Attention tile shapes tuned for one GPU: the profile an engine directory keeps, and the registry
-`triton_attention.default_config` consults.
+`attention_plan.default_config` consults.
 
 Rules:
 - A `KernelProfile` is `<engine_dir>/kernels/profile.json` (written by `kiln tune`, see

@@ -16,9 +16,6 @@ from pathlib import Path
 from kiln.build.checkpoint import resolve_checkpoint
 from kiln.build.default_model import default_cache_dir, ensure_default_engine
 from kiln.build.native import build_tiny_engine
-from kiln.clients.open import open_engine
-from kiln.clients.protocol import EngineClient
-from kiln.config import EngineConfig
 from kiln.engine_dir import is_engine_dir
 
 TINY_ENGINE_NAME = "tiny"
@@ -44,8 +41,3 @@ def resolve_model_dir(model: str | None, *, tiny: bool = False, progress: bool =
     if path.exists():
         return path
     return resolve_checkpoint(model).path  # a hub id: CheckpointError / OfflineError when it cannot
-
-
-def open_model(model: str | None, options: EngineConfig, *, tiny: bool = False) -> EngineClient:
-    """Resolve MODEL and open it with the backend its directory was built for."""
-    return open_engine(resolve_model_dir(model, tiny=tiny), options)

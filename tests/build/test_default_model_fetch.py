@@ -93,13 +93,11 @@ def test_valid_engine_is_reused(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_engine_of_another_dtype_is_rebuilt(tmp_path: Path, monkeypatch) -> None:
-    import kiln.build.native as native
-
     build_tiny_engine(default_engine_dir(tmp_path), seed=0)
     gguf = tmp_path / "fake.gguf"
     calls = []
     monkeypatch.setattr(default_model, "fetch_default_gguf", lambda cache_dir=None: gguf)
-    monkeypatch.setattr(native, "build_engine", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setattr(default_model, "build_engine", lambda *args, **kwargs: calls.append((args, kwargs)))
     assert ensure_default_engine(tmp_path, dtype="float16", progress=False) == default_engine_dir(tmp_path)
     [(args, kwargs)] = calls
     assert args == (gguf, default_engine_dir(tmp_path))

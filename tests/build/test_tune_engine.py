@@ -226,15 +226,16 @@ def test_opening_an_engine_dir_prepares_its_kernels_before_the_model_loads(
     tiny_engine_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import kiln.engine.llm_engine as llm_engine
-    import kiln.models.loader as loader
     from kiln.config import EngineConfig
 
     calls: list[tuple[str, Any]] = []
-    real_load = loader.load_model
+    real_load = llm_engine.load_model
     monkeypatch.setattr(
         llm_engine, "prepare_engine_kernels", lambda path, device: calls.append(("prep", path, device))
     )
-    monkeypatch.setattr(loader, "load_model", lambda *a, **k: calls.append(("load",)) or real_load(*a, **k))
+    monkeypatch.setattr(
+        llm_engine, "load_model", lambda *a, **k: calls.append(("load",)) or real_load(*a, **k)
+    )
     llm_engine.LLMEngine.from_path(tiny_engine_dir, EngineConfig(device="cpu"))
     assert calls[0] == ("prep", tiny_engine_dir, llm_engine.torch.device("cpu"))
     assert calls[1] == ("load",)

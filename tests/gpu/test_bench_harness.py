@@ -139,7 +139,7 @@ def test_report_shows_only_measured_rows(tmp_path):
     loaded, devices = report.load([path, second])
     text = report.markdown(loaded, devices)
     assert (
-        "| served over HTTP/SSE / offline, same workload (bench.served) | 0.950, 0.850 | – | >= 0.90 | not in every run |"
+        "| served over HTTP/SSE / offline, same workload (benchmarks.served) | 0.950, 0.850 | – | >= 0.90 | not in every run |"
         in text
     )
     assert "| start-to-ready, Llama-2-7B engine dir with kernels/, s | 19.00 | – | <= 20 | yes |" in text
