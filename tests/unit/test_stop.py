@@ -105,7 +105,7 @@ def test_streaming_agrees_with_one_call_and_never_retracts(text, stops, cuts, in
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     deltas = [text[a:b] for a, b in pairwise(bounds)]
     result, released, seen = stream(checker, deltas)
-    whole = checker.check(text, len(text))
+    whole = StopChecker(stops, include_stop_str_in_output=include).check(text, len(text))
     assert (result.stop, result.cut) == (whole.stop, whole.cut)
     assert seen == sorted(seen)  # safe_len never decreases
     if result.stopped:
@@ -115,3 +115,33 @@ def test_streaming_agrees_with_one_call_and_never_retracts(text, stops, cuts, in
         # What is held is a proper prefix of a stop string, never more.
         held = text[whole.safe_len :]
         assert held == "" or any(s.startswith(held) and s != held for s in stops)
+
+
+def test_cost_is_linear_in_the_stop_string():
+    """A 30,000-character stop string once took ~240 MiB (every prefix kept in a set) and quadratic time
+    per check; the automata keep a few integers per character."""
+    import tracemalloc
+
+    stop = "ab" * 15_000
+    tracemalloc.start()
+    try:
+        checker = StopChecker([stop])
+        text = ""
+        for _ in range(200):  # a text that keeps matching the stop string's prefix: the worst hold-back
+            text += "ab"
+            result = checker.check(text, 2)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert not result.stopped and result.safe_len == 0
+    assert peak < 4 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_already_scanned_text_is_not_scanned_again():
+    """The output processor offers held-back text again as new; what the checker scanned is not re-read,
+    so a match is still found once, where it completes."""
+    checker = StopChecker(["</a>"])
+    assert checker.check("x</", 3).safe_len == 1
+    assert checker.check("x</a", 3).safe_len == 1  # "</a" offered again with one more character
+    result = checker.check("x</a>y", 5)
+    assert (result.stop, result.cut) == ("</a>", 1)
