@@ -185,7 +185,7 @@ def test_a_slow_stream_gets_what_queued_up_as_one_delta(tiny_gqa_dir):
         return fast, slow
 
     fast, slow = asyncio.run(main())
-    assert [len(c.token_ids) for c in fast] == [1] * 40
+    assert sum(len(c.token_ids) for c in fast) == 40  # (a loaded machine may coalesce some of these too)
     assert len(slow) < 20 and max(len(c.token_ids) for c in slow) > 1
     assert [t for c in slow for t in c.token_ids] == [t for c in fast for t in c.token_ids]
     assert "".join(c.text for c in slow) == "".join(c.text for c in fast)
