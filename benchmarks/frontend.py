@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         server_engine = AsyncEngine(engine)
     else:
         server_engine = ProcessEngine(factory)
-    settings = ServerSettings(port=0, log_level="warning", max_waiting_requests=None, max_waiting_tokens=None)
+    settings = ServerSettings(
+        port=0, log_level="warning", max_waiting_sequences=None, max_waiting_tokens=None
+    )
     with serve_in_background(server_engine, settings) as (url, _server):
         client = [sys.executable, "-m", "benchmarks.served", "--client", url]
         client += ["--served-model", server_engine.model_info.name, "--vocab", str(VOCAB_HIGH)]

@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         server_engine = ProcessEngine(factory)
     else:
         server_engine = AsyncEngine(engine)
-    settings = ServerSettings(port=0, log_level="warning", max_waiting_requests=None, max_waiting_tokens=None)
+    settings = ServerSettings(
+        port=0, log_level="warning", max_waiting_sequences=None, max_waiting_tokens=None
+    )
     with serve_in_background(server_engine, settings) as (url, _server):
         before = server_engine.stats()
         cmd = [

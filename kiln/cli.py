@@ -2,8 +2,8 @@
 
 The commands only parse flags, show progress and print results; the work lives in `kiln.build`,
 `kiln.serve`, the engine clients and `kiln.bench`. `kiln serve`'s flags are generated from
-`ServerSettings` (itself derived from `EngineConfig`), one per field (`max_waiting_requests` ->
-`--max-waiting-requests`), with the field's description as help, so the engine's knobs, the settings,
+`ServerSettings` (itself derived from `EngineConfig`), one per field (`max_waiting_sequences` ->
+`--max-waiting-sequences`), with the field's description as help, so the engine's knobs, the settings,
 the `KILN_*` variables and the flags cannot drift apart.
 
 Rules: what a command needs beyond parsing flags (the engine and its kernels, FastAPI/uvicorn, the
@@ -99,6 +99,7 @@ def _settings_error(exc: SettingsFlagError) -> typer.Exit:
 def serve(model: ModelArg = None, tiny: TinyOpt = False, *, settings: ServerSettings) -> None:
     """Serve a model through the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models)."""
     # Deferred: FastAPI and uvicorn.
+    from kiln.clients.messages import EngineDeadError
     from kiln.serve.loading_engine import LoadingEngine
     from kiln.serve.runner import configure_logging, run_server
 
@@ -113,6 +114,8 @@ def serve(model: ModelArg = None, tiny: TinyOpt = False, *, settings: ServerSett
         run_server(engine, settings)
     except (KilnError, ValueError) as exc:
         raise _fail(f"could not load {path}: {exc}") from None
+    except EngineDeadError as exc:  # down for good: the supervisor gave up (see kiln.serve.supervisor)
+        raise _fail(f"the engine is down and was not restarted: {exc}") from None
 
 
 @app.command()
@@ -182,6 +185,8 @@ def build(
     )
     if tiny == (checkpoint is not None):
         raise _fail("give a CHECKPOINT or --tiny (exactly one)", code=2)
+    if tiny and backend != "native":
+        raise _fail("--tiny builds a native engine; --backend trtllm needs a CHECKPOINT", code=2)
     trtllm_only = quantization or tp_size != 1 or calib_dataset or max_input_len or gather_logits
     if backend == "native" and (trtllm_only or calib_size != 512 or not multiple_profiles):
         raise _fail(

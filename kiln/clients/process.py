@@ -58,42 +58,75 @@ SHUTDOWN_TIMEOUT = 30.0
 
 class ProcessEngine(StreamsClient):
     def __init__(self, factory: EngineFactory, *, start_timeout: float = 600.0) -> None:
-        ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
-        cmd_recv, cmd_send = ctx.Pipe(duplex=False)  # Pipe(duplex=False) -> (receive end, send end)
-        out_recv, out_send = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(
-            target=_child_entry, args=(factory, cmd_recv, out_send), name="kiln-engine-core", daemon=True
-        )
-        self._process.start()
-        cmd_recv.close()
-        out_send.close()
-        self._cmd_send: Connection = cmd_send
-        self._out_recv: Connection = out_recv
-        if not out_recv.poll(start_timeout):
-            self._process.kill()
-            raise EngineDeadError(f"the engine process did not start within {start_timeout:.0f} s")
-        try:
-            hello: Ready | StartupFailed = out_recv.recv()
-        except EOFError:
-            self._process.join()
-            raise EngineDeadError(
-                f"the engine process exited while starting (exit code {self._process.exitcode})"
-            ) from None
-        if isinstance(hello, StartupFailed):
-            self._process.join()
-            raise hello.error
-        self._ready = hello
-        self._tokenizer = Tokenizer(hello.tokenizer_path)  # the same files the child loaded
-        self._commands = CommandQueue()
+        self._factory = factory
+        self._start_timeout = start_timeout
+        self._spawn()
+        self._tokenizer = Tokenizer(self._ready.tokenizer_path)  # the same files the child loaded
         self._streams = RequestStreams(
-            submit=self._commands.put,
+            submit=lambda command: self._commands.put(command),  # the queue of the current child
             validate=self._validate,
             start=self.start,
             running=self._running,
-            stats=hello.stats,
+            stats=self._ready.stats,
         )
+
+    def _spawn(self) -> None:
+        """Start a child and wait for its first word; raises what it failed to start with."""
+        ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
+        cmd_recv, cmd_send = ctx.Pipe(duplex=False)  # Pipe(duplex=False) -> (receive end, send end)
+        out_recv, out_send = ctx.Pipe(duplex=False)
+        process = ctx.Process(
+            target=_child_entry,
+            args=(self._factory, cmd_recv, out_send),
+            name="kiln-engine-core",
+            daemon=True,
+        )
+        process.start()
+        cmd_recv.close()
+        out_send.close()
+        if not out_recv.poll(self._start_timeout):
+            process.kill()
+            raise EngineDeadError(f"the engine process did not start within {self._start_timeout:.0f} s")
+        try:
+            hello: Ready | StartupFailed = out_recv.recv()
+        except EOFError:
+            process.join()
+            raise EngineDeadError(
+                f"the engine process exited while starting (exit code {process.exitcode})"
+            ) from None
+        if isinstance(hello, StartupFailed):
+            process.join()
+            raise hello.error
+        self._process = process
+        self._cmd_send: Connection = cmd_send
+        self._out_recv: Connection = out_recv
+        self._ready = hello
+        self._commands = CommandQueue()
         self._sender: threading.Thread | None = None
         self._receiver: threading.Thread | None = None
+        self._restarting = False
+
+    async def restart(self) -> None:
+        """Replace the child (dead, or not answering: it is killed) with a fresh one from the same factory;
+        the requests open in the old one fail with EngineDeadError, new ones until it is up too. Raises
+        what the new child failed to start with."""
+        self._restarting = True
+        try:
+            if self._process.is_alive():
+                self._process.kill()
+            await asyncio.to_thread(self._process.join)
+            self._commands.put(Shutdown())  # the old sender (if it waits for commands) meets the broken pipe
+            for relay in (self._sender, self._receiver):  # both end on the dead child's pipes
+                if relay is not None:
+                    await asyncio.to_thread(relay.join, SHUTDOWN_TIMEOUT)
+            self._cmd_send.close()
+            self._out_recv.close()
+            self._streams.fail_all(EngineDeadError("the engine process was restarted"))
+            await asyncio.to_thread(self._spawn)
+            self._streams.stats = self._ready.stats
+        finally:
+            self._restarting = False
+        await self.start()
 
     @classmethod
     def from_path(cls, path: str | Path, options: EngineConfig | None = None) -> ProcessEngine:
@@ -109,8 +142,12 @@ class ProcessEngine(StreamsClient):
         return self._ready.model_info
 
     async def start(self) -> None:
+        if self._restarting:
+            raise EngineDeadError("the engine process is restarting")
         if self._receiver is None:
-            self._receiver = threading.Thread(target=self._receive, name="kiln-engine-receiver", daemon=True)
+            self._receiver = threading.Thread(
+                target=self._receive, args=(self._out_recv,), name="kiln-engine-receiver", daemon=True
+            )
             self._receiver.start()
         if self._sender is None or not self._sender.is_alive():
             self._sender = threading.Thread(
@@ -146,11 +183,18 @@ class ProcessEngine(StreamsClient):
             and self._receiver.is_alive()
         )
 
-    def _receive(self) -> None:
+    def _dead(self) -> str | None:
+        if self._restarting:
+            return "the engine process is restarting"
+        if not self._process.is_alive():
+            return f"the engine process exited (exit code {self._process.exitcode})"
+        return None if self._running() else "the engine process's relays are not running"
+
+    def _receive(self, pipe: Connection) -> None:
         """Receiver: route each step's report to its requests, until the child says goodbye or dies."""
         while True:
             try:
-                message: StepReport[WireOutput] | Goodbye = self._out_recv.recv()
+                message: StepReport[WireOutput] | Goodbye = pipe.recv()
             except (EOFError, OSError):
                 self._streams.fail_all(EngineDeadError("the engine process exited"))
                 return

@@ -23,6 +23,9 @@ class EngineClient(Protocol):
     - `generate` raises ValueError for a request the engine can never run (prompt too long, bad params)
       before yielding anything.
     - `abort` on an unknown or finished id does nothing.
+    - `check_health` raises EngineDeadError (kiln.clients.messages) when the engine can no longer serve:
+      it stopped, or did not answer within `timeout` seconds. A driver that can replace a failed engine
+      also has `restart()` (the server's supervisor calls it when present).
     """
 
     @property
@@ -44,6 +47,8 @@ class EngineClient(Protocol):
     async def abort(self, request_id: str) -> None: ...
 
     def stats(self) -> EngineStats: ...
+
+    async def check_health(self, timeout: float) -> None: ...
 
     async def start(self) -> None: ...  # begin the step loop (idempotent)
 

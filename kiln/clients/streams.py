@@ -178,11 +178,31 @@ class RequestStreams:
                 loop.call_soon_threadsafe(_put_all, batch)
 
 
+# The request id a health probe aborts: no request has it, so the abort only proves the loop answers.
+HEALTH_PROBE_ID = "kiln-health-probe"
+
+
 class StreamsClient:
     """The `EngineClient` calls a native driver answers from its `RequestStreams` (`self._streams`);
-    the driver adds what depends on where its loop runs (tokenizer, model_info, start, shutdown)."""
+    the driver adds what depends on where its loop runs (tokenizer, model_info, start, shutdown) and
+    `_dead()`, why its loop cannot answer (None while it can)."""
 
     _streams: RequestStreams
+
+    def _dead(self) -> str | None:
+        raise NotImplementedError
+
+    async def check_health(self, timeout: float) -> None:
+        """Raise EngineDeadError unless the step loop runs and answers within `timeout` seconds: an abort
+        of no request, acknowledged once the loop finished the step it was in."""
+        if (reason := self._dead()) is not None:
+            raise EngineDeadError(reason)
+        try:
+            await asyncio.wait_for(self._streams.abort(HEALTH_PROBE_ID), timeout)
+        except TimeoutError:
+            raise EngineDeadError(f"the engine did not answer within {timeout:g} s") from None
+        if (reason := self._dead()) is not None:
+            raise EngineDeadError(reason)
 
     def stats(self) -> EngineStats:
         return self._streams.stats

@@ -73,3 +73,6 @@ class AsyncEngine(StreamsClient):
 
     def _running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def _dead(self) -> str | None:
+        return None if self._running() else "the engine's step thread is not running"

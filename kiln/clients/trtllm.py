@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from kiln.clients.messages import EngineDeadError
 from kiln.config import EngineConfig
 from kiln.engine.info import EngineStats, ModelInfo
 from kiln.engine.outputs import RequestOutput
@@ -111,6 +112,7 @@ class TrtLlmEngine:
         tokenizer: Any = None,
     ) -> None:
         self._llm = llm
+        self._shut_down = False
         self._manifest = manifest
         self._engine_dir = Path(engine_dir)
         self._sampling_params_cls = sampling_params_cls
@@ -201,7 +203,14 @@ class TrtLlmEngine:
         if self._stats_task is None or self._stats_task.done():
             self._stats_task = asyncio.create_task(self._poll_stats(), name="kiln-trtllm-stats")
 
+    async def check_health(self, timeout: float) -> None:
+        """Only a shut-down engine is seen as dead: tensorrt_llm 1.2's LLM gives no liveness probe of
+        its executor workers that Kiln relies on."""
+        if self._shut_down:
+            raise EngineDeadError("the TensorRT-LLM engine was shut down")
+
     async def shutdown(self) -> None:
+        self._shut_down = True
         if self._stats_task is not None:
             self._stats_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -6,6 +6,15 @@ from dataclasses import dataclass, field
 
 from kiln.errors import RequestValidationError
 
+# Bounds on what one request may ask for, so no request can cost the engine more than a request should:
+# fan-out, stop strings (matched per generated character), biased and stop token ids (applied per step).
+MAX_N = 128
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 4096
+MAX_TOKEN_ID_LIST = 1024  # entries of logit_bias; stop_token_ids
+# torch.Generator.manual_seed takes 64-bit seeds; sequence i of a request with n > 1 uses seed + i.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -45,8 +54,14 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise RequestValidationError for the first bad field (the server turns it into a 400 with `param`)."""
+        seed_max = SEED_MAX - (self.n - 1)
         checks = [
-            ("n", self.n >= 1, "must be >= 1"),
+            ("n", 1 <= self.n <= MAX_N, f"must be in [1, {MAX_N}]"),
+            (
+                "seed",
+                self.seed is None or SEED_MIN <= self.seed <= seed_max,
+                f"must be in [-2**63, {seed_max}]",
+            ),
             ("temperature", 0.0 <= self.temperature <= 100.0, "must be in [0, 100]"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
             ("top_k", self.top_k is None or self.top_k >= 0, "must be >= 0 (0 or null: disabled)"),
@@ -66,6 +81,19 @@ class SamplingParams:
             raise RequestValidationError(
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})", "min_tokens"
             )
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise RequestValidationError(
+                f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS}", "stop"
+            )
+        longest = max(self.stop, key=len, default="")
+        if len(longest) > MAX_STOP_CHARS:
+            raise RequestValidationError(
+                f"a stop string has {len(longest)} characters; at most {MAX_STOP_CHARS}", "stop"
+            )
+        for name in ("stop_token_ids", "logit_bias"):
+            count = len(getattr(self, name) or ())
+            if count > MAX_TOKEN_ID_LIST:
+                raise RequestValidationError(f"{name} has {count} entries; at most {MAX_TOKEN_ID_LIST}", name)
         for tok, bias in (self.logit_bias or {}).items():
             if not -100.0 <= bias <= 100.0:
                 raise RequestValidationError(

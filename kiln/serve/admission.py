@@ -2,24 +2,29 @@
 
 Rules:
 - A request "waits" from admission until its first output arrives (or it ends). The server counts
-  waiting requests and their prompt tokens itself, so a burst is limited exactly rather than by an
-  engine snapshot that lags behind it.
-- Over `max_waiting_requests` or `max_waiting_tokens` -> 429 with Retry-After.
-- Before the engine is started, and once draining has begun, new work gets 503.
+  waiting requests, their sequences (prompts x n: what the engine schedules) and their tokens (prompt
+  plus output budget, per sequence) itself, so a burst is limited exactly rather than by an engine
+  snapshot that lags behind it, and a request is weighed by what it costs, not counted as one.
+- Over `max_waiting_sequences` or `max_waiting_tokens` -> 429 with Retry-After. A request holding more
+  sequences than `max_waiting_sequences` could never be admitted: 400. One over the token limit still
+  runs when nothing else waits (a long prompt is legitimate), else it never could.
+- Before the engine is started, while it is down (being restarted), and once draining has begun, new
+  work gets 503.
 """
 
 from __future__ import annotations
 
-from kiln.serve.errors import OverloadedError, UnavailableError
+from kiln.serve.errors import InvalidRequestError, OverloadedError, UnavailableError
 
 
 class Ticket:
-    """One admitted request's place in the waiting count; `started()` and `release()` are idempotent."""
+    """One admitted request's place in the waiting counts; `started()` and `release()` are idempotent."""
 
-    __slots__ = ("_admission", "_tokens", "_waiting")
+    __slots__ = ("_admission", "_sequences", "_tokens", "_waiting")
 
-    def __init__(self, admission: Admission, tokens: int) -> None:
+    def __init__(self, admission: Admission, sequences: int, tokens: int) -> None:
         self._admission = admission
+        self._sequences = sequences
         self._tokens = tokens
         self._waiting = True
 
@@ -28,6 +33,7 @@ class Ticket:
         if self._waiting:
             self._waiting = False
             self._admission.waiting_requests -= 1
+            self._admission.waiting_sequences -= self._sequences
             self._admission.waiting_tokens -= self._tokens
 
     release = started  # ending (for any reason) also ends the wait
@@ -35,48 +41,60 @@ class Ticket:
 
 class Admission:
     def __init__(
-        self, *, max_waiting_requests: int | None, max_waiting_tokens: int | None, retry_after_seconds: int
+        self, *, max_waiting_sequences: int | None, max_waiting_tokens: int | None, retry_after_seconds: int
     ) -> None:
-        self.max_waiting_requests = max_waiting_requests
+        self.max_waiting_sequences = max_waiting_sequences
         self.max_waiting_tokens = max_waiting_tokens
         self.retry_after_seconds = retry_after_seconds
         self.waiting_requests = 0
+        self.waiting_sequences = 0
         self.waiting_tokens = 0
         self.ready = False
         self.draining = False
-        self.failed: str | None = None  # why the engine could not start
+        self.failed: str | None = None  # why the engine could not start, or is down for good
+        self.down: str | None = None  # why the engine is down while it is being restarted
 
     def check_accepting(self) -> None:
         """Raise 503 unless the server takes new work."""
         if self.failed is not None:
-            raise UnavailableError(f"the engine failed to start: {self.failed}", code="engine_failed")
+            raise UnavailableError(f"the engine is not running: {self.failed}", code="engine_failed")
+        if self.down is not None:
+            raise UnavailableError(
+                f"the engine is restarting ({self.down}); retry shortly", code="engine_down"
+            )
         if self.draining:
             raise UnavailableError("the server is shutting down; retry on another replica", code="draining")
         if not self.ready:
             raise UnavailableError("the model is still loading; retry shortly", code="not_ready")
 
-    def admit(self, prompt_tokens: int) -> Ticket:
-        """Take a place in the queue for a request with `prompt_tokens` prompt tokens, or raise 429/503."""
+    def admit(self, sequences: int, tokens: int) -> Ticket:
+        """Take a place in the queue for a request of `sequences` sequences (prompts x n) and `tokens`
+        tokens (prompt plus output budget, summed over its sequences), or raise 400/429/503."""
         self.check_accepting()
+        limit = self.max_waiting_sequences
+        if limit is not None and sequences > limit:
+            raise InvalidRequestError(
+                f"the request holds {sequences} sequences (prompts x n); this server takes at most {limit}",
+                param="n",
+            )
         headers = {"Retry-After": str(self.retry_after_seconds)}
-        if self.max_waiting_requests is not None and self.waiting_requests + 1 > self.max_waiting_requests:
+        if limit is not None and self.waiting_sequences + sequences > limit:
             raise OverloadedError(
-                f"too many requests waiting ({self.waiting_requests} of {self.max_waiting_requests}); "
-                "retry later",
+                f"too many sequences waiting ({self.waiting_sequences} + {sequences} > {limit}); retry later",
                 headers=headers,
             )
-        # A prompt larger than the whole token limit still runs when nothing else waits, else it never could.
         over_tokens = (
             self.max_waiting_tokens is not None
             and self.waiting_tokens > 0
-            and self.waiting_tokens + prompt_tokens > self.max_waiting_tokens
+            and self.waiting_tokens + tokens > self.max_waiting_tokens
         )
         if over_tokens:
             raise OverloadedError(
-                f"too many prompt tokens waiting ({self.waiting_tokens} + {prompt_tokens} > "
-                f"{self.max_waiting_tokens}); retry later",
+                f"too many tokens waiting ({self.waiting_tokens} + {tokens} > {self.max_waiting_tokens}); "
+                "retry later",
                 headers=headers,
             )
         self.waiting_requests += 1
-        self.waiting_tokens += prompt_tokens
-        return Ticket(self, prompt_tokens)
+        self.waiting_sequences += sequences
+        self.waiting_tokens += tokens
+        return Ticket(self, sequences, tokens)

@@ -1,13 +1,15 @@
 """`create_app`: the FastAPI app serving one engine through the OpenAI API.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}] (API key checked when
-keys are configured); GET /health (liveness: the process answers), GET /ready (readiness: 503 until
-the engine has started and once draining begins), GET /metrics (Prometheus), GET /version.
+keys are configured); GET /health (liveness: 503 only once the engine is down for good), GET /ready
+(readiness: 503 until the engine has started, while it is down, and once draining begins), GET /metrics
+(Prometheus), GET /version.
 
 Lifecycle: the app's startup begins starting the engine (for a `LoadingEngine`: loading it) in the
 background and returns at once, so the port answers /health while a big model loads; the server is
-ready when the engine runs. If it cannot start, /ready says "failed" and `on_start_failure` is told.
-On shutdown the app stops accepting work and (unless told otherwise) shuts the engine down.
+ready when the engine runs, and from then on `supervise` watches it (kiln.serve.supervisor). If it
+cannot start, or goes down for good, /ready says "failed" and `on_engine_failure` is told. On shutdown
+the app stops accepting work and (unless told otherwise) shuts the engine down.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from kiln.clients.protocol import EngineClient
 from kiln.serve.admission import Admission
@@ -33,6 +36,7 @@ from kiln.serve.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from kiln.serve.protocol import ModelCard, ModelList
 from kiln.serve.settings import ServerSettings
 from kiln.serve.state import ServerState, server_state
+from kiln.serve.supervisor import supervise
 from kiln.version import __version__
 
 logger = logging.getLogger("kiln.serve")
@@ -53,8 +57,13 @@ async def get_model(model_id: str, request: Request) -> ModelCard:
     return _model_card(state)
 
 
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
+async def health(request: Request) -> JSONResponse:
+    """Liveness: 200 while the process can serve or recover (loading, restarting the engine); 503 once
+    the engine is down for good."""
+    failed = server_state(request).admission.failed
+    if failed is not None:
+        return JSONResponse({"status": "failed", "error": failed}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 async def ready(request: Request) -> JSONResponse:
@@ -63,6 +72,8 @@ async def ready(request: Request) -> JSONResponse:
         return JSONResponse({"status": "failed", "error": admission.failed}, status_code=503)
     if admission.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
+    if admission.down is not None:
+        return JSONResponse({"status": "restarting", "error": admission.down}, status_code=503)
     if not admission.ready:
         return JSONResponse({"status": "loading"}, status_code=503)
     return JSONResponse({"status": "ready"})
@@ -83,7 +94,7 @@ def create_app(engine: EngineClient, settings: ServerSettings, *, shutdown_engin
     """Build the app for `engine`. `shutdown_engine=False` leaves the engine running when the app
     stops (for an engine shared by several apps, as in tests)."""
     admission = Admission(
-        max_waiting_requests=settings.max_waiting_requests,
+        max_waiting_sequences=settings.max_waiting_sequences,
         max_waiting_tokens=settings.max_waiting_tokens,
         retry_after_seconds=settings.retry_after_seconds,
     )
@@ -95,38 +106,46 @@ def create_app(engine: EngineClient, settings: ServerSettings, *, shutdown_engin
         metrics=server_metrics,
     )
 
+    def engine_failed(error: BaseException) -> None:
+        if state.on_engine_failure is not None:
+            state.on_engine_failure(error)
+
     async def start_engine() -> None:
         try:
             await engine.start()
         except Exception as exc:
             logger.exception("the engine failed to start")
             admission.failed = str(exc) or type(exc).__name__
-            if state.on_start_failure is not None:
-                state.on_start_failure(exc)
+            engine_failed(exc)
             return
         admission.ready = True
         info = engine.model_info
         logger.info("ready: serving %s (%s, %s)", state.model_name, info.backend, info.dtype)
+        await supervise(state, engine_failed)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        starting = asyncio.ensure_future(start_engine())
+        state.loop = asyncio.get_running_loop()
+        running = asyncio.ensure_future(start_engine())
         try:
             yield
         finally:
             admission.draining = True
-            if not starting.done():
-                starting.cancel()
+            if not running.done():
+                running.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await starting
+                    await running
             if shutdown_engine:
                 await engine.shutdown()
 
+    # With `key_protects_all`, the API docs are served by routes of their own, behind the key.
+    open_docs = not settings.key_protects_all
     app = FastAPI(
         title="Kiln",
         version=__version__,
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url="/docs" if open_docs else None,
+        openapi_url="/openapi.json" if open_docs else None,
         redoc_url=None,
     )
     app.state.kiln = state
@@ -150,6 +169,20 @@ def create_app(engine: EngineClient, settings: ServerSettings, *, shutdown_engin
     app.include_router(v1)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/ready", ready, methods=["GET"])
-    app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/version", version, methods=["GET"])
+    # Probes never need the key; scrapers and readers of the docs do when `key_protects_all` is set.
+    guarded = [Depends(require_api_key)] if settings.key_protects_all else []
+    app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False, dependencies=guarded)
+    app.add_api_route("/version", version, methods=["GET"], dependencies=guarded)
+    if not open_docs:
+
+        async def openapi_document() -> JSONResponse:
+            return JSONResponse(app.openapi())
+
+        async def docs_page() -> HTMLResponse:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="Kiln - API")
+
+        app.add_api_route(
+            "/openapi.json", openapi_document, methods=["GET"], include_in_schema=False, dependencies=guarded
+        )
+        app.add_api_route("/docs", docs_page, methods=["GET"], include_in_schema=False, dependencies=guarded)
     return app

@@ -1,7 +1,7 @@
 """API-key check for the /v1 routes: `Authorization: Bearer <key>` must match one configured key.
 
-No keys configured -> no check (the server binds to 127.0.0.1 by default). Health, readiness, metrics
-and version stay open so probes and scrapers need no secret.
+No keys configured -> no check (the server binds to 127.0.0.1 by default). Health and readiness stay
+open so probes need no secret; metrics, version and the API docs too, unless `key_protects_all`.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def serve_in_background(
     server = make_server(engine, settings, shutdown_engine=shutdown_engine)
     thread = threading.Thread(target=server.run, name="kiln-server", daemon=True)
     thread.start()
-    admission = server.admission
+    admission = server.state.admission
     deadline = time.monotonic() + start_timeout
     while not (server.started and admission.ready):
         if server.start_error is not None:

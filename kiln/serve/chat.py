@@ -28,6 +28,7 @@ from kiln.serve.protocol import (
 from kiln.serve.sampling import log_unknown_fields, resolve_max_tokens, to_sampling_params
 from kiln.serve.sse import ClientDisconnected, cancel_on_disconnect, sse_response
 from kiln.serve.state import ServerState, server_state
+from kiln.serve.tokenize import check_prompt_text, tokenize
 from kiln.serve.usage import UsageCounter, token_text_fn
 
 
@@ -52,8 +53,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state.check_model(body.model)
     log_unknown_fields(body, http_request_id)
     tokenizer = state.engine.tokenizer
+    messages = _messages(body)
+    chars = check_prompt_text(
+        (m["content"] for m in messages), limit=state.settings.max_prompt_chars, param="messages"
+    )
     try:
-        prompt_ids = list(tokenizer.apply_chat_template(_messages(body)))
+        prompt_ids = list(await tokenize(lambda: tokenizer.apply_chat_template(messages), chars=chars))
     except ValueError as exc:  # no chat template, or a message it cannot render
         raise InvalidRequestError(str(exc), param="messages") from None
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -62,6 +67,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         param="max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
         prompt_tokens=len(prompt_ids),
         max_model_len=state.engine.model_info.max_model_len,
+        default=state.settings.default_max_tokens,
+        limit=state.settings.max_tokens_limit,
         prompt_param="messages",
     )
     top_n = _top_logprobs(body)
@@ -72,7 +79,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         vocab_size=tokenizer.vocab_size,
         logprobs_param="top_logprobs",
     )
-    ticket = state.admission.admit(len(prompt_ids))
+    ticket = state.admission.admit(params.n, params.n * (len(prompt_ids) + max_tokens))
     generation = Generation(
         state,
         request_id=request_id,

@@ -22,10 +22,13 @@ from kiln.serve.protocol import CompletionChoice, CompletionLogprobs, Completion
 from kiln.serve.sampling import check_token_ids, log_unknown_fields, resolve_max_tokens, to_sampling_params
 from kiln.serve.sse import ClientDisconnected, cancel_on_disconnect, sse_response
 from kiln.serve.state import ServerState, server_state
+from kiln.serve.tokenize import check_prompt_text, tokenize
 from kiln.serve.usage import UsageCounter, token_text_fn
 
 
-def _prompts(body: CompletionRequest, tokenizer: object, vocab_size: int) -> list[Prompt]:
+async def _prompts(
+    body: CompletionRequest, tokenizer: object, vocab_size: int, max_prompt_chars: int | None
+) -> list[Prompt]:
     raw = body.prompt
     if isinstance(raw, str):
         items: list[str | list[int]] = [raw]
@@ -35,10 +38,13 @@ def _prompts(body: CompletionRequest, tokenizer: object, vocab_size: int) -> lis
         items = list(raw)  # type: ignore[arg-type]
     if not items:
         raise InvalidRequestError("prompt must not be empty", param="prompt")
+    texts = [item for item in items if isinstance(item, str)]
+    chars = check_prompt_text(texts, limit=max_prompt_chars, param="prompt")
+    encoded = iter(await tokenize(lambda: [tokenizer.encode(t) for t in texts], chars=chars))  # type: ignore[attr-defined]
     prompts = []
     for item in items:
         if isinstance(item, str):
-            prompts.append(Prompt(list(tokenizer.encode(item)), item))  # type: ignore[attr-defined]
+            prompts.append(Prompt(list(next(encoded)), item))
         else:
             if not item:
                 raise InvalidRequestError("a tokenized prompt must not be empty", param="prompt")
@@ -57,13 +63,15 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     tokenizer = state.engine.tokenizer
     if body.echo and body.logprobs is not None:
         raise InvalidRequestError("echo with logprobs is not supported (prompt logprobs)", param="echo")
-    prompts = _prompts(body, tokenizer, tokenizer.vocab_size)
+    prompts = await _prompts(body, tokenizer, tokenizer.vocab_size, state.settings.max_prompt_chars)
     longest = max(len(p.token_ids) for p in prompts)
     max_tokens = resolve_max_tokens(
         body.max_tokens,
         param="max_tokens",
         prompt_tokens=longest,
         max_model_len=state.engine.model_info.max_model_len,
+        default=state.settings.default_max_tokens,
+        limit=state.settings.max_tokens_limit,
         prompt_param="prompt",
     )
     params = to_sampling_params(
@@ -73,7 +81,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         vocab_size=tokenizer.vocab_size,
         logprobs_param="logprobs",
     )
-    ticket = state.admission.admit(sum(len(p.token_ids) for p in prompts))
+    ticket = state.admission.admit(
+        len(prompts) * params.n, params.n * sum(len(p.token_ids) + max_tokens for p in prompts)
+    )
     generation = Generation(
         state,
         request_id=request_id,

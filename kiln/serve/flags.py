@@ -1,6 +1,6 @@
 """`kiln serve`'s flags, generated from `ServerSettings`: one typer option per field.
 
-Rules: the flag is the field name with dashes (`max_waiting_requests` -> `--max-waiting-requests`),
+Rules: the flag is the field name with dashes (`max_waiting_sequences` -> `--max-waiting-sequences`),
 its help is the field's description plus its `KILN_*` variable and default; booleans get
 `--x/--no-x`; list fields repeat (`--api-keys a --api-keys b`). Every flag defaults to "not given", so
 `KILN_*` variables apply beneath the flags and the model's defaults beneath those.

@@ -30,11 +30,12 @@ from dataclasses import dataclass
 
 import anyio
 
+from kiln.clients.messages import EngineDeadError
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import SamplingParams
 from kiln.errors import RequestValidationError
 from kiln.serve.admission import Ticket
-from kiln.serve.errors import InvalidRequestError
+from kiln.serve.errors import APIError, InvalidRequestError, UnavailableError
 from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest
 from kiln.serve.request_log import RequestRecord, log_request
 from kiln.serve.state import ServerState
@@ -132,6 +133,7 @@ class Generation:
         self._items: asyncio.Queue[_PumpItem] = asyncio.Queue()
         self._pumps: list[asyncio.Future[None]] | None = None
         self._finished = False
+        state.open_generations.add(self)
 
     def sub_request_id(self, prompt_index: int) -> str:
         return self.request_id if len(self.prompts) == 1 else f"{self.request_id}-{prompt_index}"
@@ -186,6 +188,8 @@ class Generation:
             # RequestValidationError naming the field (None: no one field, or another ValueError).
             field = exc.field if isinstance(exc, RequestValidationError) else None
             raise InvalidRequestError(str(exc), param=request_param(self.endpoint, field)) from None
+        except EngineDeadError as exc:  # the engine died or was stopped under this request
+            raise UnavailableError(f"the engine stopped: {exc}; retry", code="engine_failed") from None
         finally:
             with anyio.CancelScope(shield=True):
                 aclose = getattr(stream, "aclose", None)
@@ -253,8 +257,14 @@ class Generation:
                 return reason
         return "stop"
 
+    def fail(self, error: APIError) -> None:
+        """End the request with `error` (the engine went down, the drain ran out): its reader raises it
+        after what came before, its engine requests are aborted as it closes."""
+        self._items.put_nowait(_PromptFailed(-1, error))
+
     def _finish(self, outcome: str) -> None:
         self._finished = True
+        self.state.open_generations.discard(self)
         self.ticket.release()
         record = self.record
         record.outcome = outcome

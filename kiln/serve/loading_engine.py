@@ -64,6 +64,17 @@ class LoadingEngine:
             self._engine = await asyncio.to_thread(self._loader)
         await self._engine.start()
 
+    async def check_health(self, timeout: float) -> None:
+        await self.loaded.check_health(timeout)
+
+    async def restart(self) -> None:
+        """The loaded engine's `restart`; AttributeError when it has none (the supervisor checks)."""
+        await self.loaded.restart()  # type: ignore[attr-defined]
+
+    @property
+    def can_restart(self) -> bool:
+        return self._engine is not None and hasattr(self._engine, "restart")
+
     async def shutdown(self) -> None:
         if self._engine is not None:
             await self._engine.shutdown()

@@ -100,6 +100,11 @@ class ServerMetrics:
         )
         self.prompt_tokens = Counter("kiln_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
         self.generation_tokens = Counter("kiln_generation_tokens", "Tokens generated.", registry=r)
+        self.engine_restarts = Counter(
+            "kiln_engine_restarts",
+            "Times the engine was restarted after it died or stopped answering.",
+            registry=r,
+        )
         r.register(_EngineCollector(stats, waiting_in_server))
 
     def observe_http(self, route: str, status: int) -> None:

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kiln.engine.sampling_params import MAX_N
+
 # ---------------------------------------------------------------------------------------------------
 # requests
 
@@ -55,7 +57,7 @@ class SamplingRequest(_Lenient):
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
-    n: int = Field(1, ge=1, le=128)
+    n: int = Field(1, ge=1, le=MAX_N)
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -66,7 +68,7 @@ class SamplingRequest(_Lenient):
     ignore_eos: bool = False
     min_tokens: int = 0
     user: str | None = None
-    priority: int = 0  # extension: passed to the engine's scheduler
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)  # extension: passed to the engine's scheduler
     stream: bool = False
     stream_options: StreamOptions | None = None
 

@@ -1,8 +1,10 @@
 """Run the app under uvicorn, with a graceful drain on SIGTERM / SIGINT.
 
 Drain, in order: the server stops accepting connections and new requests get 503 (readiness too);
-requests in flight — streams included — may run for `drain_timeout_seconds`; then the engine shuts
-down and the process exits 0. A second Ctrl-C forces the exit (uvicorn's rule).
+requests in flight — streams included — may run for `drain_timeout_seconds`, and those still running
+then end with a 503 naming the shutdown (a stream: an error event and `[DONE]`); then the engine shuts
+down and the process exits 0. A second Ctrl-C forces the exit (uvicorn's rule). An engine that goes
+down for good (see kiln.serve.supervisor) stops the server too: `run_server` raises its error.
 """
 
 from __future__ import annotations
@@ -16,25 +18,28 @@ from types import FrameType
 import uvicorn
 
 from kiln.clients.protocol import EngineClient
-from kiln.serve.admission import Admission
 from kiln.serve.app import create_app
 from kiln.serve.settings import ServerSettings
+from kiln.serve.state import ServerState
 
 
 class DrainingServer(uvicorn.Server):
     """uvicorn's Server that also flips the app's drain flag when asked to exit, and stops (keeping
     the error in `start_error`) when the engine cannot start."""
 
-    def __init__(self, config: uvicorn.Config, admission: Admission) -> None:
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
-        self.admission = admission
+        self.state = state
         self.start_error: BaseException | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.admission.draining = True
+        self.state.admission.draining = True  # /ready says so at once
+        if self.state.loop is not None:
+            self.state.loop.call_soon_threadsafe(self.state.begin_drain)
         super().handle_exit(sig, frame)
 
     def engine_failed(self, error: BaseException) -> None:
+        """The engine could not start, or is down for good: stop, and make `run_server` raise `error`."""
         self.start_error = error
         self.should_exit = True
 
@@ -91,8 +96,8 @@ def make_server(
         timeout_graceful_shutdown=int(settings.drain_timeout_seconds) + 1,
         lifespan="on",
     )
-    server = DrainingServer(config, app.state.kiln.admission)
-    app.state.kiln.on_start_failure = server.engine_failed
+    server = DrainingServer(config, app.state.kiln)
+    app.state.kiln.on_engine_failure = server.engine_failed
     return server
 
 

@@ -1,7 +1,8 @@
 """Request fields -> `SamplingParams`, with the checks that need the model (context, vocabulary).
 
 Rules:
-- `max_tokens` omitted fills the context: max_model_len - prompt tokens.
+- `max_tokens` omitted is the server's `default_max_tokens` if set (capped by the room left), else it
+  fills the context: max_model_len - prompt tokens. Over the server's `max_tokens_limit` is a 400.
 - prompt + max_tokens over max_model_len is a 400 that states both numbers (code
   `context_length_exceeded`), as OpenAI does.
 - `SamplingParams.validate()` owns value ranges and `kiln.engine.validation` the vocabulary's; their
@@ -23,10 +24,25 @@ logger = logging.getLogger("kiln.serve")
 
 
 def resolve_max_tokens(
-    requested: int | None, *, param: str, prompt_tokens: int, max_model_len: int, prompt_param: str
+    requested: int | None,
+    *,
+    param: str,
+    prompt_tokens: int,
+    max_model_len: int,
+    prompt_param: str,
+    default: int | None = None,
+    limit: int | None = None,
 ) -> int:
+    """The request's output budget: `requested`, else `default` (at most the room left), else the room
+    left; 400 when it exceeds `limit` or the context."""
     room = max_model_len - prompt_tokens
+    if requested is not None and limit is not None and requested > limit:
+        raise InvalidRequestError(
+            f"{param} ({requested}) is over this server's limit of {limit} (max_tokens_limit)", param=param
+        )
     if requested is None:
+        if default is not None and room >= 1:
+            return min(default, room)
         if room < 1:
             raise InvalidRequestError(
                 f"This model's maximum context length is {max_model_len} tokens, but the prompt has "

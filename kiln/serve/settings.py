@@ -2,7 +2,7 @@
 
 Rules:
 - One model documents everything: each field's description is also its `kiln serve --help` text, and
-  the CLI generates one flag per field (`max_waiting_requests` -> `--max-waiting-requests`).
+  the CLI generates one flag per field (`max_waiting_sequences` -> `--max-waiting-sequences`).
 - Precedence: a flag given on the command line > a `KILN_<FIELD>` environment variable > the default.
   List fields read from the environment as JSON (`KILN_API_KEYS='["k1","k2"]'`) or comma-separated.
 - The engine's runtime knobs are fields here too, generated from `EngineConfig`'s fields (type, default,
@@ -43,24 +43,45 @@ class _ServerSettings(BaseSettings):
         default_factory=list,
         description="API keys accepted as `Authorization: Bearer <key>` on /v1 routes (none: no auth).",
     )
+    key_protects_all: bool = Field(
+        False,
+        description="Also require an API key on /metrics, /version, /docs and /openapi.json (never on "
+        "/health and /ready, which probes call).",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed by CORS (e.g. http://localhost:3000, or *)."
     )
     max_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1, description="Largest request body accepted; larger ones get 413."
     )
+    max_prompt_chars: int | None = Field(
+        1_000_000,
+        ge=1,
+        description="Most characters of prompt text (all of a request's prompts or messages) a request may "
+        "send; more gets 400 before it is tokenized (None: no limit).",
+    )
 
     # --- admission and timeouts ----------------------------------------------------------------------
-    max_waiting_requests: int | None = Field(
+    max_waiting_sequences: int | None = Field(
         512,
         ge=0,
-        description="Most requests waiting for their first token; one more gets 429 (None: no limit).",
+        description="Most sequences (a request's prompts x n) waiting for their first token; more gets 429, "
+        "a request holding more gets 400 (None: no limit).",
     )
     max_waiting_tokens: int | None = Field(
         None,
         ge=0,
-        description="Most prompt tokens of requests waiting for their first token; more gets 429 "
-        "(None: no limit).",
+        description="Most tokens (prompt plus max_tokens, per sequence) of requests waiting for their first "
+        "token; more gets 429 (None: no limit).",
+    )
+    default_max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="max_tokens of a request that sends none (None: all the room its context has left, as "
+        "OpenAI does).",
+    )
+    max_tokens_limit: int | None = Field(
+        None, ge=1, description="Most max_tokens a request may ask for; more gets 400 (None: its context)."
     )
     retry_after_seconds: int = Field(1, ge=0, description="Retry-After header value sent with a 429.")
     keepalive_interval_seconds: float = Field(
@@ -70,6 +91,18 @@ class _ServerSettings(BaseSettings):
         30.0,
         ge=0,
         description="On SIGTERM: seconds in-flight requests may take to finish before they are cut off.",
+    )
+    engine_check_interval_seconds: float = Field(
+        1.0, gt=0, description="Seconds between checks that the engine still runs and answers."
+    )
+    engine_check_timeout_seconds: float = Field(
+        10.0, gt=0, description="Seconds the engine has to answer a check before it is taken for stuck."
+    )
+    max_engine_restarts: int = Field(
+        3,
+        ge=0,
+        description="Times an engine that died or got stuck is restarted (backoff 1, 2, 4 ... s) before the "
+        "server gives up and exits with an error.",
     )
     keep_alive_timeout_seconds: int = Field(
         5, ge=1, description="Seconds an idle HTTP keep-alive connection stays open."

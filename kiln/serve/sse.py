@@ -12,7 +12,8 @@ Rules:
 - A client that disconnects makes sse-starlette cancel the stream; the chunk iterator is closed, which
   closes the engine request (see `Generation`).
 - On SIGTERM sse-starlette would cut streams at once; `shutdown_grace_period` lets them run for the
-  drain timeout instead.
+  drain timeout instead, after which the server ends each with an error event and `[DONE]`
+  (`ServerState.begin_drain`).
 - Non-streaming requests are raced against the client's disconnect (`cancel_on_disconnect`), so a
   client that gives up frees its engine request too.
 """
@@ -85,7 +86,8 @@ def sse_response(
         sep=_SEP,
         headers={"X-Request-Id": request_id},
         background=BackgroundTask(on_close),
-        shutdown_grace_period=settings.drain_timeout_seconds,
+        # A little past the drain timeout, when the server ends what still runs with an error event.
+        shutdown_grace_period=settings.drain_timeout_seconds + 0.5,
     )
 
 

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from fastapi import Request
 
 from kiln.clients.protocol import EngineClient
 from kiln.serve.admission import Admission
-from kiln.serve.errors import NotFoundError
+from kiln.serve.errors import APIError, NotFoundError, UnavailableError
 from kiln.serve.metrics import ServerMetrics
 from kiln.serve.settings import ServerSettings
+
+
+class OpenRequest(Protocol):
+    """A request in flight (a `Generation`) that the server can end early."""
+
+    def fail(self, error: APIError) -> None: ...
 
 
 @dataclass(slots=True)
@@ -20,8 +28,32 @@ class ServerState:
     settings: ServerSettings
     admission: Admission
     metrics: ServerMetrics
-    # Called when the engine fails to start (the runner stops the server and reports the error).
-    on_start_failure: Callable[[BaseException], None] | None = field(default=None)
+    # Called when the engine fails to start or goes down for good (the runner stops the server, exiting
+    # with the error).
+    on_engine_failure: Callable[[BaseException], None] | None = field(default=None)
+    open_generations: set[OpenRequest] = field(default_factory=set)
+    loop: asyncio.AbstractEventLoop | None = None  # the app's, once it started
+    drain_scheduled: bool = False
+
+    def fail_open(self, error: APIError) -> None:
+        """End every request in flight with `error`."""
+        for generation in list(self.open_generations):
+            generation.fail(error)
+
+    def begin_drain(self) -> None:
+        """Stop taking work; requests still in flight when the drain timeout runs out end with a 503
+        naming the shutdown (streams: an error event, then [DONE]) rather than being cut off. Called on
+        the app's event loop, once."""
+        self.admission.draining = True
+        if self.drain_scheduled:
+            return
+        self.drain_scheduled = True
+        timeout = self.settings.drain_timeout_seconds
+        error = UnavailableError(
+            f"the server shut down before this request finished (drain timeout {timeout:g} s); retry",
+            code="draining",
+        )
+        asyncio.get_running_loop().call_later(timeout, self.fail_open, error)
 
     @property
     def model_name(self) -> str:

@@ -44,6 +44,9 @@ class _Wrapper:
     async def start(self) -> None:
         await self.inner.start()
 
+    async def check_health(self, timeout: float) -> None:
+        await self.inner.check_health(timeout)
+
     async def shutdown(self) -> None:
         pass  # the wrapped engine is shared by the session
 
@@ -118,7 +121,8 @@ class RefusingEngine(_Wrapper):
 
 
 class TextEngine(_Wrapper):
-    """The real engine's outputs with each completion delta's text replaced by `text`."""
+    """The real engine's outputs with each completion delta's text replaced by `text` once per token (a
+    slow reader gets several tokens in one delta)."""
 
     def __init__(self, engine: Any, text: str) -> None:
         super().__init__(engine)
@@ -129,5 +133,5 @@ class TextEngine(_Wrapper):
     ) -> AsyncIterator[RequestOutput]:
         async for out in self.inner.generate(prompt_token_ids, params, request_id, **kw):
             for completion in out.outputs:
-                completion.text = self.text
+                completion.text = self.text * len(completion.token_ids)
             yield out

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -9,12 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from kiln.clients.protocol import EngineClient
 from kiln.clients.thread import AsyncEngine
 from kiln.config import EngineConfig
 from kiln.serve.background import serve_in_background
 from kiln.serve.runner import DrainingServer
 from kiln.serve.settings import ServerSettings
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(slots=True)
@@ -48,3 +57,47 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.01)
     return predicate()
+
+
+def start_cli_server(checkpoint: Path, *flags: str) -> tuple[subprocess.Popen[str], str, list[str]]:
+    """`kiln serve CHECKPOINT FLAGS...` in a subprocess on a free port, once ready: (process, URL, stderr lines)."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    command = [sys.executable, "-m", "kiln.cli", "serve", str(checkpoint), "--port", "0"]
+    command += ["--served-model-name", "tiny", "--num-kv-blocks", "256", *flags]
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log: list[str] = []
+    found = threading.Event()
+    url: list[str] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            log.append(line)
+            match = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", line)
+            if match:
+                url.append(match.group(1))
+                found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not found.wait(timeout=120):
+        proc.kill()
+        raise AssertionError("server did not start:\n" + "".join(log))
+    # The port opens before the weights load; wait until the model is ready.
+    if not wait_for(lambda: _ready(url[0]), timeout=120):
+        proc.kill()
+        raise AssertionError("server never became ready:\n" + "".join(log))
+    return proc, url[0], log
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/ready", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False

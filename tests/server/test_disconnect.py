@@ -108,7 +108,7 @@ def test_a_generation_reaches_the_engine_at_start_and_aclose_ends_one_never_read
             prompts=[Prompt([5, 6, 7])],
             params=SamplingParams(max_tokens=900, ignore_eos=True),
             priority=0,
-            ticket=state.admission.admit(3),
+            ticket=state.admission.admit(1, 903),
             stream=True,
         )
         generation.start()

@@ -144,6 +144,19 @@ def test_api_keys_give_401(tiny_engine: AsyncEngine) -> None:
         # probes and scrapers need no key
         assert httpx.get(f"{live.url}/health").status_code == 200
         assert httpx.get(f"{live.url}/metrics").status_code == 200
+        assert httpx.get(f"{live.url}/openapi.json").status_code == 200
+
+
+def test_the_key_can_protect_metrics_and_docs_too(tiny_engine: AsyncEngine) -> None:
+    settings = {"served_model_name": "tiny", "api_keys": ["k1"], "key_protects_all": True}
+    with run_live_server(tiny_engine, **settings) as live:
+        key = {"Authorization": "Bearer k1"}
+        for path in ("/metrics", "/version", "/docs", "/openapi.json"):
+            assert error_of(httpx.get(f"{live.url}{path}"), 401)["code"] == "invalid_api_key", path
+            assert httpx.get(f"{live.url}{path}", headers=key).status_code == 200, path
+        assert "/v1/chat/completions" in httpx.get(f"{live.url}/openapi.json", headers=key).json()["paths"]
+        for probe in ("/health", "/ready"):  # probes never need the key
+            assert httpx.get(f"{live.url}{probe}").status_code == 200
 
 
 def test_engine_failure_is_500_with_request_id_and_no_trace(tiny_engine: AsyncEngine) -> None:
@@ -160,7 +173,7 @@ def test_engine_failure_is_500_with_request_id_and_no_trace(tiny_engine: AsyncEn
 def test_queue_full_is_429_with_retry_after(tiny_engine: AsyncEngine) -> None:
     gated = GatedEngine(tiny_engine)
     with run_live_server(
-        gated, served_model_name="tiny", max_waiting_requests=2, retry_after_seconds=3
+        gated, served_model_name="tiny", max_waiting_sequences=2, retry_after_seconds=3
     ) as live:
         url = f"{live.url}/v1/chat/completions"
         results: list[httpx.Response] = []
@@ -193,8 +206,11 @@ def test_token_queue_limit_is_429(tiny_engine: AsyncEngine) -> None:
         first.start()
         assert wait_for(lambda: gated.arrived == 1)
         r = httpx.post(url, json={"prompt": [5] * 20, "max_tokens": 1})
-        assert "prompt tokens" in error_of(r, 429)["message"]
+        assert "tokens waiting" in error_of(r, 429)["message"]
         assert "retry-after" in r.headers
+        # A short prompt with a large output budget weighs its budget: 31 + 2 + 20 > 40.
+        r = httpx.post(url, json={"prompt": [5] * 2, "max_tokens": 20})
+        assert "tokens waiting" in error_of(r, 429)["message"]
         gated.open()
         first.join(timeout=60)
 

@@ -74,7 +74,7 @@ def test_serve_flags_override_environment(captured: dict[str, Any], monkeypatch:
     assert s.log_prompts is True and s.log_level == "debug"
     assert s.max_waiting_tokens == 77
     assert s.enable_prefix_caching is False
-    assert s.max_waiting_requests == ServerSettings.model_fields["max_waiting_requests"].default
+    assert s.max_waiting_sequences == ServerSettings.model_fields["max_waiting_sequences"].default
     # the weights load inside the server (so /health answers meanwhile), not before it starts
     from kiln.serve.loading_engine import LoadingEngine
 
@@ -221,6 +221,41 @@ def test_trtllm_only_build_flags_are_refused_for_the_native_backend(tmp_path: Pa
     result = runner.invoke(kiln.cli.app, ["build", "--tiny", "-o", str(tmp_path / "e"), "--gather-logits"])
     assert result.exit_code == 2
     assert "need --backend trtllm" in result.output
+
+
+# Every `kiln build` flag, by the builds it applies to; each one that does not apply to a build is refused.
+BUILD_FLAGS = {
+    "every build": {"checkpoint", "output", "dtype", "max_batch_size", "max_num_tokens", "max_seq_len"}
+    | {"block_size", "tiny", "backend", "served_model_name", "overwrite"},
+    "trtllm": {
+        "quantization": ["--quantization", "fp8"],
+        "tp_size": ["--tp-size", "2"],
+        "calib_dataset": ["--calib-dataset", "x"],
+        "calib_size": ["--calib-size", "8"],
+        "max_input_len": ["--max-input-len", "8"],
+        "gather_logits": ["--gather-logits"],
+        "multiple_profiles": ["--no-multiple-profiles"],
+    },
+    "native": {"tune_kernels": ["--tune-kernels"]},
+}
+
+
+def test_every_build_flag_applies_or_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flag that does not apply to the build asked for is an error, never silently ignored; a new flag
+    must be placed in BUILD_FLAGS (and so tested) before this passes."""
+    params = {p.name for p in command("build").params}
+    assert params == BUILD_FLAGS["every build"] | set(BUILD_FLAGS["trtllm"]) | set(BUILD_FLAGS["native"])
+    monkeypatch.setattr(kiln.cli, "_cuda_available", lambda: True)
+    out = str(tmp_path / "e")
+    for flag, args in BUILD_FLAGS["trtllm"].items():
+        for base in (["build", "--tiny"], ["build", "ckpt"]):  # native: the tiny model or a checkpoint
+            result = runner.invoke(kiln.cli.app, [*base, "-o", out, *args])
+            assert result.exit_code == 2 and "need --backend trtllm" in result.output, (flag, result.output)
+    for flag, args in BUILD_FLAGS["native"].items():
+        result = runner.invoke(kiln.cli.app, ["build", "ckpt", "-o", out, "--backend", "trtllm", *args])
+        assert result.exit_code == 2 and "native backend" in result.output, (flag, result.output)
+    result = runner.invoke(kiln.cli.app, ["build", "--tiny", "-o", out, "--backend", "trtllm"])
+    assert result.exit_code == 2 and "--tiny builds a native engine" in result.output
 
 
 @pytest.mark.parametrize("knob", dataclasses.fields(EngineConfig), ids=lambda f: f.name)

@@ -159,22 +159,27 @@ def test_usage_counts_prompts_once_and_every_choice() -> None:
 
 
 def test_admission_limits_and_tickets() -> None:
-    a = Admission(max_waiting_requests=2, max_waiting_tokens=100, retry_after_seconds=4)
+    a = Admission(max_waiting_sequences=4, max_waiting_tokens=100, retry_after_seconds=4)
     with pytest.raises(UnavailableError):
-        a.admit(1)  # not ready yet
+        a.admit(1, 1)  # not ready yet
     a.ready = True
-    big = a.admit(500)  # larger than the token limit, but nothing else waits: admitted
+    big = a.admit(1, 500)  # larger than the token limit, but nothing else waits: admitted
     with pytest.raises(OverloadedError) as info:
-        a.admit(1)
+        a.admit(1, 1)
     assert info.value.headers == {"Retry-After": "4"} and info.value.status_code == 429
     big.started()
     big.release()  # idempotent
-    assert (a.waiting_requests, a.waiting_tokens) == (0, 0)
-    t1, _t2 = a.admit(10), a.admit(10)
-    with pytest.raises(OverloadedError, match="too many requests"):
-        a.admit(1)
+    assert (a.waiting_requests, a.waiting_sequences, a.waiting_tokens) == (0, 0, 0)
+    t1, _t2 = a.admit(2, 10), a.admit(1, 10)  # a request is weighed by its sequences (prompts x n)
+    assert (a.waiting_requests, a.waiting_sequences, a.waiting_tokens) == (2, 3, 20)
+    with pytest.raises(OverloadedError, match="too many sequences"):
+        a.admit(2, 1)
+    a.admit(1, 1).release()  # one more still fits
+    with pytest.raises(InvalidRequestError) as never:
+        a.admit(5, 1)  # could never be admitted: 400, not 429
+    assert never.value.status_code == 400 and never.value.param == "n"
     t1.release()
     a.draining = True
     with pytest.raises(UnavailableError) as drained:
-        a.admit(1)
+        a.admit(1, 1)
     assert drained.value.code == "draining"

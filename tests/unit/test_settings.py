@@ -42,7 +42,7 @@ def test_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [{"port": 70000}, {"max_waiting_requests": -1}, {"log_level": "loud"}, {"gpu_memory_utilization": 1.5}],
+    [{"port": 70000}, {"max_waiting_sequences": -1}, {"log_level": "loud"}, {"gpu_memory_utilization": 1.5}],
 )
 def test_invalid_values_are_rejected(bad: dict) -> None:
     with pytest.raises(ValidationError):

@@ -65,3 +65,30 @@ def test_the_field_survives_pickling() -> None:
     # The process driver sends errors from its engine process as pickles.
     error = pickle.loads(pickle.dumps(RequestValidationError("bad", "max_tokens")))
     assert isinstance(error, RequestValidationError) and error.field == "max_tokens" and str(error) == "bad"
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"seed": 2**64}, "seed"),  # overflowed torch.Generator.manual_seed inside a step
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"seed": 2**63 - 1, "n": 2}, "seed"),  # sequence 1 would use seed + 1
+        ({"n": 129}, "n"),
+        ({"stop": ["x"] * 65}, "stop"),
+        ({"stop": ["x" * 4097]}, "stop"),
+        ({"stop_token_ids": list(range(1025))}, "stop_token_ids"),
+        ({"logit_bias": {t: 1.0 for t in range(1025)}}, "logit_bias"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"logit_bias": {1: float("nan")}}, "logit_bias"),
+    ],
+)
+def test_what_one_request_may_ask_for_is_bounded(params: dict, field: str) -> None:
+    with pytest.raises(RequestValidationError) as caught:
+        SamplingParams(**params)
+    assert caught.value.field == field
+
+
+def test_the_bounds_themselves_are_accepted() -> None:
+    SamplingParams(seed=2**63 - 2, n=2)
+    SamplingParams(seed=-(2**63), n=128)
+    SamplingParams(stop=["x" * 4096] * 64, stop_token_ids=list(range(1024)))
