@@ -28,6 +28,7 @@ from kiln.clients.messages import (
     Goodbye,
     OutputT,
     RequestError,
+    RequestFailedError,
     Shutdown,
     StepReport,
 )
@@ -98,10 +99,16 @@ class StepLoop(Generic[OutputT]):
             if engine.has_unfinished_requests():
                 try:
                     outputs = engine.step()
-                except Exception as exc:
+                except Exception as exc:  # not one request's fault (the engine would have found it)
                     logger.exception("engine step failed; aborting the requests in flight")
                     error = EngineDeadError(f"engine step failed: {exc!r}")
                     errors.extend(RequestError(request_id, error) for request_id in self._abort_in_flight())
+                errors.extend(
+                    RequestError(
+                        request_id, RequestFailedError(f"this request failed in the engine: {exc!r}")
+                    )
+                    for request_id, exc in engine.take_failed()
+                )
             self.report(StepReport([self.encode(o) for o in outputs], engine.stats(), acks, errors))
 
     def _apply(self, command: AddRequest | AbortRequest, acks: list[int], errors: list[RequestError]) -> None:

@@ -20,6 +20,10 @@ class EngineDeadError(RuntimeError):
     """The step loop failed or stopped; the request could not be completed."""
 
 
+class RequestFailedError(RuntimeError):
+    """This request failed in its own part of an engine step and was aborted; the others went on."""
+
+
 @dataclass(frozen=True, slots=True)
 class AddRequest:
     request_id: str

@@ -21,7 +21,7 @@ import torch
 from kiln.config import DTYPES, EngineConfig, EngineLimits, ModelConfig, canonical_dtype
 from kiln.engine.info import EngineStats, ModelInfo
 from kiln.engine.memory_profile import num_kv_blocks_from_memory
-from kiln.engine.model_runner import LaunchedStep, ModelRunner
+from kiln.engine.model_runner import LaunchedStep, ModelRunner, RequestsFailed
 from kiln.engine.output_processor import OutputProcessor
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.piecewise_graphs import MAX_PIECEWISE_GRAPH_TOKENS
@@ -129,6 +129,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.async_scheduling = resolved.async_scheduling
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
+        self._failed: list[tuple[str, Exception]] = []
 
     @classmethod
     def from_path(cls, path: str | Path, config: EngineConfig | None = None) -> LLMEngine:
@@ -249,22 +250,58 @@ class LLMEngine:
         overlapped steps, the one launched by the previous call)."""
         scheduled = self.scheduler.schedule()
         if not self.async_scheduling:
-            return self._finish_step(scheduled, self.runner.launch(scheduled))
+            return self._finish_step(*self._launch(scheduled))
         outputs: list[RequestOutput] = []
         if self._in_flight is not None and (scheduled.is_empty or self._needs_host_tokens(scheduled)):
             outputs = self._finish_step(*self._in_flight)
             self._in_flight = None
-        launched = None if scheduled.is_empty else (scheduled, self.runner.launch(scheduled))
+        launched = None if scheduled.is_empty else self._launch(scheduled)
         if self._in_flight is not None:
             outputs = self._finish_step(*self._in_flight)
         self._in_flight = launched
         return outputs
 
+    def take_failed(self) -> list[tuple[str, Exception]]:
+        """The caller requests the engine gave up on since the last call, with why: each failed in its
+        own part of a step (see `_launch`) and was aborted; the requests beside it went on."""
+        failed, self._failed = self._failed, []
+        return failed
+
+    def _launch(self, scheduled: SchedulerOutput) -> tuple[SchedulerOutput, LaunchedStep]:
+        """Launch the step; a request whose own part of it fails is aborted and the step launched again
+        without it, so one request's fault never ends its neighbours'."""
+        while True:
+            try:
+                return scheduled, self.runner.launch(scheduled)
+            except RequestsFailed as failed:
+                by_caller = {self.scheduler.requests[s].group_id or s: e for s, e in failed.errors.items()}
+                aborted = [
+                    seq_id for rid, error in by_caller.items() for seq_id in self._fail_request(rid, error)
+                ]
+                kept = tuple(item for item in scheduled.scheduled if not item.request.status.finished)
+                scheduled = dataclasses.replace(
+                    scheduled,
+                    scheduled=kept,
+                    finished_ids=(*scheduled.finished_ids, *aborted),
+                    num_batched_tokens=sum(item.num_new_tokens for item in kept),
+                )
+
+    def _fail_request(self, request_id: str, error: Exception) -> list[str]:
+        """Abort a caller request that failed in the engine and record why; returns its sequences' ids."""
+        logger.warning("request %s failed in the engine and was aborted: %r", request_id, error)
+        seq_ids = self.outputs.remove(request_id)
+        self.scheduler.finish_requests(seq_ids, RequestStatus.FINISHED_ABORTED)
+        self._failed.append((request_id, error))
+        return seq_ids
+
     def _finish_step(self, scheduled: SchedulerOutput, launched: LaunchedStep) -> list[RequestOutput]:
         """Wait for a launched step's tokens and turn them into outputs."""
         sampled = self.runner.collect(launched)
-        outputs, stopped = self.outputs.process(self.scheduler.update(scheduled, sampled.token_ids), sampled)
+        advanced = self.scheduler.update(scheduled, sampled.token_ids)
+        outputs, stopped, failed = self.outputs.process(advanced, sampled)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        for request_id, error in failed.items():
+            self._fail_request(request_id, error)
         return outputs
 
     @staticmethod

@@ -51,6 +51,15 @@ class SampledTokens:
     row_of: dict[str, int]  # request id -> row in `output`
 
 
+class RequestsFailed(Exception):
+    """The per-request part of a step failed for these sequences (id -> error), before anything was
+    launched: the caller drops them and launches the step again for the rest."""
+
+    def __init__(self, errors: dict[str, Exception]) -> None:
+        super().__init__(f"{len(errors)} request(s) failed to prepare: {sorted(errors)}")
+        self.errors = errors
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -85,12 +94,22 @@ class ModelRunner:
             self._generators.pop(request_id, None)
         if output.is_empty:
             return LaunchedStep(sample_ids=[], output=None, done=None)
+        # Per-request work first, where a failure is one request's: nothing is on the device yet.
+        rows: list[SamplingRow] = []
+        failed: dict[str, Exception] = {}
+        for item in output.scheduled:
+            if item.sample:
+                try:
+                    rows.append(self._sampling_row(item.request))
+                except Exception as exc:
+                    failed[item.request.request_id] = exc
+        if failed:
+            raise RequestsFailed(failed)
         inputs = self.prepare_inputs(output)
         hidden = self._forward(inputs)
         if not inputs.sample_ids:
             return LaunchedStep(sample_ids=[], output=None, done=None)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
-        rows = [self._sampling_row(item.request) for item in output.scheduled if item.sample]
         batch = SamplingBatch.build(rows, self.vocab_size, self.device)
         sampled = self.sampler(logits, batch)
         self._last_tokens = sampled.token_ids

@@ -75,22 +75,31 @@ class OutputProcessor:
 
     def process(
         self, advanced: list[Request], sampled: SampledTokens
-    ) -> tuple[list[RequestOutput], list[str]]:
-        """Returns the step's outputs (one per caller request that advanced) and the ids of sequences
-        a stop string has just finished (the scheduler must free them)."""
+    ) -> tuple[list[RequestOutput], list[str], dict[str, Exception]]:
+        """Returns the step's outputs (one per caller request that advanced), the ids of sequences a stop
+        string has just finished (the scheduler must free them), and the caller requests whose outputs
+        failed to process (id -> error; the engine aborts them, the others' outputs stand)."""
         deltas: dict[str, list[CompletionOutput]] = {}
         stopped: list[str] = []
+        failed: dict[str, Exception] = {}
         for request in advanced:
             group = self._group_of.get(request.request_id)
-            if group is None:
+            if group is None or group.request_id in failed:
                 continue
             seq = group.sequences[request.index]
-            delta, hit_stop = self._advance(seq, sampled)
+            try:
+                delta, hit_stop = self._advance(seq, sampled)
+            except Exception as exc:  # this request's text (detokenizer, stop strings), not the step's
+                failed[group.request_id] = exc
+                deltas.pop(group.request_id, None)
+                continue
             if hit_stop:
                 stopped.append(request.request_id)
             deltas.setdefault(group.request_id, []).append(delta)
         outputs = []
         for request_id, completions in deltas.items():
+            if request_id in failed:
+                continue
             group = self._groups[request_id]
             finished = group.finished
             first = group.sequences[0].request
@@ -107,7 +116,7 @@ class OutputProcessor:
             )
             if finished:
                 self.remove(request_id)
-        return outputs, stopped
+        return outputs, stopped, failed
 
     def _advance(self, seq: _Sequence, sampled: SampledTokens) -> tuple[CompletionOutput, bool]:
         request = seq.request

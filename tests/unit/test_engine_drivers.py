@@ -55,6 +55,9 @@ class ScriptedEngine:
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         validate_request(prompt_token_ids, params, vocab_size=100, max_model_len=100_000)
 
+    def take_failed(self) -> list[tuple[str, Exception]]:
+        return []
+
     def add_request(self, request_id, prompt, params, *, prompt_token_ids, priority) -> str:
         self.validate(prompt_token_ids, params)
         if request_id in self.requests:
