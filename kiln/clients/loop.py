@@ -123,6 +123,7 @@ class StepLoop(Generic[OutputT]):
                 command.params,
                 prompt_token_ids=command.prompt_token_ids,
                 priority=command.priority,
+                owner=command.owner,
             )
         except Exception as exc:  # reported to that request's caller; the engine goes on
             errors.append(RequestError(command.request_id, exc))

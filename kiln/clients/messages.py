@@ -31,6 +31,7 @@ class AddRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: int
+    owner: str | None = None  # requests of one owner share a fair share of the engine
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,8 @@ class EngineClient(Protocol):
     - `generate` raises ValueError for a request the engine can never run (prompt too long, bad params)
       before yielding anything.
     - `abort` on an unknown or finished id does nothing.
+    - Requests given one `owner` share one fair share of the engine (the server passes its request id,
+      so a completion's prompts count as one client); None: the request is its own owner.
     - `check_health` raises EngineDeadError (kiln.clients.messages) when the engine can no longer serve:
       it stopped, or did not answer within `timeout` seconds. A driver that can replace a failed engine
       also has `restart()` (the server's supervisor calls it when present).
@@ -42,6 +44,7 @@ class EngineClient(Protocol):
         *,
         prompt: str | None = None,
         priority: int = 0,
+        owner: str | None = None,
     ) -> AsyncIterator[RequestOutput]: ...
 
     async def abort(self, request_id: str) -> None: ...

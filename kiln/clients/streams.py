@@ -83,6 +83,7 @@ class RequestStreams:
         *,
         prompt: str | None = None,
         priority: int = 0,
+        owner: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         self._validate(prompt_token_ids, params)  # raises before anything is queued
         if request_id in self.sinks:
@@ -91,7 +92,7 @@ class RequestStreams:
         outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         prompt_token_ids = list(prompt_token_ids)
         self.sinks[request_id] = Sink(asyncio.get_running_loop(), outputs, prompt, prompt_token_ids)
-        self._submit(AddRequest(request_id, prompt, prompt_token_ids, params, priority))
+        self._submit(AddRequest(request_id, prompt, prompt_token_ids, params, priority, owner))
         finished = False
         error: BaseException | None = None
         try:
@@ -215,8 +216,11 @@ class StreamsClient:
         *,
         prompt: str | None = None,
         priority: int = 0,
+        owner: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        return self._streams.generate(prompt_token_ids, params, request_id, prompt=prompt, priority=priority)
+        return self._streams.generate(
+            prompt_token_ids, params, request_id, prompt=prompt, priority=priority, owner=owner
+        )
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; returns once the loop has freed its KV blocks (within one step)."""

@@ -10,7 +10,8 @@ Rules:
   from EngineConfig and may only lower what the engine was built for (`runtime_llm_kwargs`).
 - `stats()` is a snapshot refreshed by a background task reading `LLM.get_stats_async()` (iteration
   stats dicts: numActiveRequests, numQueuedRequests, kvCacheStats{maxNumBlocks, usedNumBlocks, ...}).
-- Request priority is not passed on: the TensorRT-LLM scheduler serves requests in arrival order.
+- Request priority and owner are not passed on: the TensorRT-LLM scheduler serves requests in arrival
+  order, without Kiln's fair share between owners.
 """
 
 from __future__ import annotations
@@ -233,6 +234,7 @@ class TrtLlmEngine:
         *,
         prompt: str | None = None,
         priority: int = 0,
+        owner: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         sampling_params = self._prepare(prompt_token_ids, params, request_id)  # raises before queueing
         await self.start()

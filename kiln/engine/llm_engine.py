@@ -195,6 +195,7 @@ class LLMEngine:
         *,
         prompt_token_ids: list[int] | None = None,
         priority: int = 0,
+        owner: str | None = None,
         arrival_time: float | None = None,
     ) -> str:
         params = params or SamplingParams()
@@ -227,6 +228,7 @@ class LLMEngine:
                     max_output_tokens=max_out,
                     arrival_time=arrival,
                     priority=priority,
+                    owner=owner,
                     group_id=request_id,
                     index=index,
                     wait_for=sequences[0] if index else None,

@@ -48,6 +48,9 @@ class Request:
     arrival_time: float
     priority: int = 0  # lower runs first (as vLLM); FCFS within a priority
     group_id: str | None = None  # the caller's request id when this is one of n samples
+    # Requests with one owner share one fair share of the engine (see kiln.engine.scheduler); None: the
+    # caller's request alone (its group).
+    owner: str | None = None
     index: int = 0  # which of the n samples
     # A sibling in an n > 1 group waits until this request has computed the shared prompt, so it finds
     # the prompt's blocks in the prefix cache instead of computing them again.
@@ -89,6 +92,10 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    @property
+    def owner_key(self) -> str:
+        return self.owner or self.group_id or self.request_id
 
     def sort_key(self) -> tuple[int, float, str]:
         return (self.priority, self.arrival_time, self.request_id)

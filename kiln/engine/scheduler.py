@@ -12,12 +12,19 @@ pending token, so the next step can be scheduled before this one's tokens reach 
 steps); `update()` later hands over the sampled ids. A request whose sampled tokens are still pending
 is not scheduled past its max_tokens or the context, and is not (re)admitted from the waiting queue:
 a prefill needs every token id on the host.
+
+Fair share: requests of one owner (a client request's prompts and n samples) are admitted after those of
+owners with fewer running sequences, within a priority; and a waiting owner with nothing running takes a
+slot from the owner with the most running sequences (preempting its newest, never its last one), so a
+request of hundreds of sequences delays another client's short one by a step, not by its whole length.
+With one sequence per owner (the common case) the order is plain first-come-first-served.
 """
 
 from __future__ import annotations
 
 import bisect
 import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -77,6 +84,7 @@ class Scheduler:
         self.num_step_seqs = 0
         self.num_step_tokens = 0
         self._steps_since_admission = 0
+        self._fairness_preemptions = 0
 
     # -- requests in and out -------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -108,7 +116,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
-        preempted: list[str] = []
+        preempted: list[str] = self._make_room_for_starved_owners()
 
         index = 0
         while index < len(self.running) and budget > 0:
@@ -137,12 +145,12 @@ class Scheduler:
                 budget -= num_new
                 index += 1
 
-        # Admit waiting requests only when nothing had to be preempted (otherwise the pool is too tight),
+        # Admit waiting requests only when nothing had to be preempted for memory (the pool is too tight),
         # and, while others run, once every admission_interval steps.
         self._steps_since_admission += 1
         due = not self.running or self._steps_since_admission >= self.config.admission_interval
-        if not preempted and due:
-            for request in list(self.waiting):
+        if len(preempted) == self._fairness_preemptions and due:
+            for request in self._admission_order():
                 if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                     break
                 if request.num_pending_tokens:
@@ -207,6 +215,44 @@ class Scheduler:
             if status is not None:
                 self.finish_requests([request.request_id], status)
         return advanced
+
+    # -- fair share ----------------------------------------------------------------------------------
+    def _admission_order(self) -> list[Request]:
+        """Waiting requests by priority, then their owner's running sequences (fewest first), then
+        arrival. Sorted only when an owner has several sequences: otherwise it is the waiting order."""
+        running = Counter(r.owner_key for r in self.running)
+        if not self._fairness_preemptions and (not running or max(running.values()) < 2):
+            return list(self.waiting)
+        return sorted(self.waiting, key=lambda r: (r.priority, running[r.owner_key], *r.sort_key()[1:]))
+
+    def _make_room_for_starved_owners(self) -> list[str]:
+        """While every slot is taken, preempt for each ready waiting request whose owner runs nothing
+        the newest sequence of the owner running the most (at least two, at the same or a lower
+        priority); returns the ids preempted."""
+        self._fairness_preemptions = 0
+        if len(self.running) < self.config.max_num_seqs or not self.waiting:
+            return []
+        running = Counter(r.owner_key for r in self.running)
+        preempted: list[str] = []
+        for request in list(self.waiting):
+            if len(self.running) < self.config.max_num_seqs:
+                break  # a slot is free: admission takes it, in fair order
+            if running[request.owner_key] or request.num_pending_tokens:
+                continue
+            if request.wait_for is not None and not self._ready_after(request.wait_for):
+                continue
+            owner, count = running.most_common(1)[0]
+            if count < 2:
+                break
+            victim = next(r for r in reversed(self.running) if r.owner_key == owner)
+            if victim.priority < request.priority:
+                continue  # never for a request of lower priority
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            running[owner] -= 1
+            running[request.owner_key] += 1  # this owner is served: its other requests wait their turn
+        self._fairness_preemptions = len(preempted)
+        return preempted
 
     # -- helpers -------------------------------------------------------------------------------------
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:

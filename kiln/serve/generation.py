@@ -176,7 +176,12 @@ class Generation:
         finished = produced = False
         try:
             stream = self.state.engine.generate(
-                prompt.token_ids, self.params, request_id, prompt=prompt.text, priority=self.priority
+                prompt.token_ids,
+                self.params,
+                request_id,
+                prompt=prompt.text,
+                priority=self.priority,
+                owner=self.request_id,  # a request's prompts share one fair share of the engine
             )
             async for out in stream:
                 finished, produced = out.finished, True

@@ -49,8 +49,11 @@ class LoadingEngine:
         *,
         prompt: str | None = None,
         priority: int = 0,
+        owner: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        return self.loaded.generate(prompt_token_ids, params, request_id, prompt=prompt, priority=priority)
+        return self.loaded.generate(
+            prompt_token_ids, params, request_id, prompt=prompt, priority=priority, owner=owner
+        )
 
     async def abort(self, request_id: str) -> None:
         if self._engine is not None:

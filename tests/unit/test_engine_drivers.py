@@ -58,7 +58,7 @@ class ScriptedEngine:
     def take_failed(self) -> list[tuple[str, Exception]]:
         return []
 
-    def add_request(self, request_id, prompt, params, *, prompt_token_ids, priority) -> str:
+    def add_request(self, request_id, prompt, params, *, prompt_token_ids, priority, owner=None) -> str:
         self.validate(prompt_token_ids, params)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")

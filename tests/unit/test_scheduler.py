@@ -284,3 +284,49 @@ def test_step_totals_count_non_empty_steps_their_sequences_and_tokens():
     run_step(sched)  # a's 10 prompt tokens, then 6 of b's
     run_step(sched)  # a decodes, b's last 4 prompt tokens
     assert (sched.num_steps, sched.num_step_seqs, sched.num_step_tokens) == (2, 4, 21)
+
+
+# -- fair share between owners ----------------------------------------------------------------------------
+def owned(rid, owner, t, prompt=(1, 2), max_tokens=50):
+    request = make_request(rid, prompt, t, max_tokens=max_tokens, ignore_eos=True)
+    request.owner = owner
+    return request
+
+
+def test_a_starved_owner_takes_a_slot_from_the_owner_running_the_most_at_once():
+    sched = make_scheduler(num_blocks=40, max_seqs=4, budget=64)
+    for i in range(6):  # one client's request of 6 sequences fills every slot
+        sched.add_request(owned(f"big{i}", "big", t=i))
+    run_step(sched)
+    assert [r.request_id for r in sched.running] == ["big0", "big1", "big2", "big3"]
+    sched.add_request(owned("small", "small", t=10))
+    out = run_step(sched)
+    # The newest of big's sequences gives way; small is admitted in this very step, before big4/big5 that
+    # arrived first, and before big3 goes back in.
+    assert out.preempted_ids == ("big3",)
+    assert [i.request.request_id for i in out.scheduled] == ["big0", "big1", "big2", "small"]
+    assert [r.request_id for r in sched.waiting] == ["big3", "big4", "big5"]
+
+
+def test_every_owner_keeps_one_sequence_and_one_sequence_owners_are_plain_fcfs():
+    sched = make_scheduler(num_blocks=40, max_seqs=2, budget=64)
+    sched.add_request(owned("a", "a", t=0))
+    sched.add_request(owned("b", "b", t=1))
+    sched.add_request(owned("c", "c", t=2))
+    run_step(sched)
+    out = run_step(sched)
+    # Each owner runs one sequence: nobody is preempted for c, which waits its turn (FCFS).
+    assert out.preempted_ids == () and [r.request_id for r in sched.running] == ["a", "b"]
+
+
+def test_sequences_of_an_owner_with_fewer_running_are_admitted_first():
+    sched = make_scheduler(num_blocks=40, max_seqs=4, budget=64)
+    for i in range(3):
+        sched.add_request(owned(f"x{i}", "x", t=i))
+    run_step(sched)  # x runs 3 of 4 slots
+    sched.add_request(owned("x3", "x", t=3))
+    sched.add_request(owned("y0", "y", t=4))
+    out = run_step(sched)
+    # One slot is free: y (running nothing) gets it although x3 arrived first.
+    assert [i.request.request_id for i in out.scheduled][-1] == "y0"
+    assert out.preempted_ids == ()
