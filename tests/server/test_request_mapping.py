@@ -56,6 +56,7 @@ def test_every_sampling_field_reaches_the_engine(tiny_engine: AsyncEngine) -> No
     assert p.logprobs == 3 and p.logit_bias == {5: -1.5} and p.ignore_eos and p.min_tokens == 1
     assert call["priority"] == -3
     assert call["request_id"] == r.json()["id"]
+    assert call["owner"] == r.json()["id"]  # the request's prompts share one fair share of the engine
     # the same X-Request-Id twice never collides in the engine
     assert recorder.calls[1]["request_id"] != call["request_id"]
 
