@@ -33,6 +33,7 @@ from kiln.serve.completions import create_completion
 from kiln.serve.errors import install_error_handlers
 from kiln.serve.metrics import ServerMetrics
 from kiln.serve.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from kiln.serve.openapi import Responses, install_openapi, key_responses
 from kiln.serve.protocol import ModelCard, ModelList
 from kiln.serve.settings import ServerSettings
 from kiln.serve.state import ServerState, server_state
@@ -161,18 +162,32 @@ def create_app(engine: EngineClient, settings: ServerSettings, *, shutdown_engin
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=server_metrics)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
-    v1.add_api_route("/chat/completions", create_chat_completion, methods=["POST"], response_model=None)
-    v1.add_api_route("/completions", create_completion, methods=["POST"], response_model=None)
-    v1.add_api_route("/models", list_models, methods=["GET"])
-    v1.add_api_route("/models/{model_id:path}", get_model, methods=["GET"])
+    # `responses=`: the statuses each route sends, for /openapi.json (kiln.serve.openapi).
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=key_responses(settings))
+    v1.add_api_route(
+        "/chat/completions",
+        create_chat_completion,
+        methods=["POST"],
+        response_model=None,
+        responses=Responses.chat,
+    )
+    v1.add_api_route(
+        "/completions",
+        create_completion,
+        methods=["POST"],
+        response_model=None,
+        responses=Responses.completions,
+    )
+    v1.add_api_route("/models", list_models, methods=["GET"], responses=Responses.models)
+    v1.add_api_route("/models/{model_id:path}", get_model, methods=["GET"], responses=Responses.model)
     app.include_router(v1)
-    app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/ready", ready, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET"], responses=Responses.health)
+    app.add_api_route("/ready", ready, methods=["GET"], responses=Responses.ready)
     # Probes never need the key; scrapers and readers of the docs do when `key_protects_all` is set.
     guarded = [Depends(require_api_key)] if settings.key_protects_all else []
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False, dependencies=guarded)
-    app.add_api_route("/version", version, methods=["GET"], dependencies=guarded)
+    version_responses = {**Responses.version, **key_responses(settings, bool(guarded))}
+    app.add_api_route("/version", version, methods=["GET"], dependencies=guarded, responses=version_responses)
     if not open_docs:
 
         async def openapi_document() -> JSONResponse:
@@ -185,4 +200,5 @@ def create_app(engine: EngineClient, settings: ServerSettings, *, shutdown_engin
             "/openapi.json", openapi_document, methods=["GET"], include_in_schema=False, dependencies=guarded
         )
         app.add_api_route("/docs", docs_page, methods=["GET"], include_in_schema=False, dependencies=guarded)
+    install_openapi(app)  # FastAPI's document, finished to tell the truth (kiln.serve.openapi)
     return app

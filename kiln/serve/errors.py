@@ -148,12 +148,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         # Starlette's own errors: unknown route (404), wrong method (405), body over the limit (413).
+        # Its headers are kept: a 405 carries `Allow` with the route's methods (RFC 9110).
         assert isinstance(exc, StarletteHTTPException)
         message = str(exc.detail)
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = f"method {request.method} is not allowed on {request.url.path}; allowed: {allowed}"
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code)
-        return _logged_response(request, APIError(message, code=code, status_code=exc.status_code))
+        error = APIError(message, code=code, status_code=exc.status_code, headers=exc.headers)
+        return _logged_response(request, error)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         request_id = request_id_of(request)

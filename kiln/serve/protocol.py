@@ -3,8 +3,10 @@
 Rules:
 - Requests accept unknown fields (kept in `model_extra`); the handlers log and ignore them, as the
   issue asks, so newer clients never break on a field Kiln does not know.
-- Types are checked here; value ranges are checked by `SamplingParams.validate()` so there is one
-  source of truth for them. Both become a 400 naming the field as `param`.
+- Types are checked here, strictly, as OpenAI checks them and as /openapi.json documents them (these
+  models are its request schemas): `"0.7"` is not a number, `0` or `"true"` not a boolean, `2.0` not
+  an integer. Value ranges are checked by `SamplingParams.validate()` so there is one source of truth
+  for them. Both become a 400 naming the field as `param`.
 - `top_k: -1` (vLLM's spelling of "disabled") is accepted and means None.
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kiln.engine.sampling_params import MAX_N
 
@@ -22,7 +24,33 @@ from kiln.engine.sampling_params import MAX_N
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # Lenient about unknown fields, strict about the types of known ones.
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_omitted(cls, data: Any) -> Any:
+        """`null` for a field with a default means the default, as in OpenAI's API (`"stream": null`,
+        `"logprobs": null`, `"n": null`), which clients send for options they leave unset."""
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {
+                k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()
+            }
+        return data
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
+        # What `_null_is_omitted` accepts, the schema says: an optional field may be null.
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        required = set(schema.get("required", ()))
+        for name, prop in schema.get("properties", {}).items():
+            if name in required or prop.get("type") == "null" or {"type": "null"} in prop.get("anyOf", []):
+                continue
+            outer = {k: v for k, v in prop.items() if k in ("default", "title", "description")}
+            inner = {k: v for k, v in prop.items() if k not in outer}
+            schema["properties"][name] = {**outer, "anyOf": [inner, {"type": "null"}]}
+        return schema
 
 
 class StreamOptions(_Lenient):
@@ -78,13 +106,40 @@ class SamplingRequest(_Lenient):
 
 
 class ChatCompletionRequest(SamplingRequest):
+    # Shown in /openapi.json (and sent first by schemathesis): a plain request and a streamed one.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8},
+                {
+                    "messages": [{"role": "user", "content": "Count to three."}],
+                    "max_tokens": 8,
+                    "logprobs": True,
+                    "top_logprobs": 2,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                },
+            ]
+        }
+    )
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    # A boolean here (strictly: `0` is a 400 naming it); completions' `logprobs` is a count.
     logprobs: bool = False
     top_logprobs: int | None = None
 
 
 class CompletionRequest(SamplingRequest):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"prompt": "Once upon a time", "max_tokens": 8, "logprobs": 2},
+                {"prompt": ["Once upon a time", "The end"], "max_tokens": 8, "n": 2, "stream": True},
+            ]
+        }
+    )
+
     # a string, a batch of strings, one tokenized prompt, or a batch of tokenized prompts
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
@@ -208,7 +263,25 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class HealthStatus(BaseModel):
+    """/health's body: "ok" (200) while the process can serve or recover, "failed" (503) once the
+    engine is down for good."""
+
+    status: Literal["ok", "failed"]
+    error: str | None = None  # with "failed": why
+
+
+class ReadyStatus(BaseModel):
+    """/ready's body: "ready" (200), or why the server takes no work now (503)."""
+
+    status: Literal["ready", "loading", "restarting", "draining", "failed"]
+    error: str | None = None  # with "restarting" and "failed": why
+
+
 class ErrorBody(BaseModel):
+    # `param` and `code` are always sent (null when they do not apply): required in the schema too.
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
     message: str
     type: str
     param: str | None = None
