@@ -5,8 +5,9 @@ Rules:
   never sent (validation errors are 400, kiln.serve.errors), so `finish_openapi` removes it.
 - A route's own statuses are declared where it is registered (kiln.serve.app), with the `responses=`
   built here (`Responses`, and `key_responses` for the routes behind the API key).
-- `finish_openapi` adds what every route shares: 500 (anything unexpected), 413 on routes that take a
-  body (BodyLimitMiddleware), and the bearer scheme on the routes that document a 401.
+- `finish_openapi` adds what every route shares: 500 (anything unexpected), 408 and 431 (a request head
+  too slow or too large, kiln.serve.http_limits), 413 on routes that take a body (BodyLimitMiddleware),
+  and the bearer scheme on the routes that document a 401.
 - The completion routes' 200 has two media types: `application/json`, and `text/event-stream` for
   `"stream": true`. Before OpenAPI 3.2's `itemSchema`, an event stream's `schema` describes one event
   (as schemathesis reads it): a `data` field holding a chunk's JSON, an error's JSON (an error after
@@ -42,11 +43,14 @@ ERROR_DESCRIPTIONS = {
     "max_tokens that do not fit the context (`context_length_exceeded`).",
     401: "Missing or unknown API key (`Authorization: Bearer <key>`).",
     404: "The model named in the request is not served here (`model_not_found`).",
+    408: "The request head did not arrive within the server's header timeout (`timeout`).",
     413: "The request body is larger than the server's limit (`body_too_large`).",
     429: "Too many requests or tokens waiting (`queue_full`); retry after `Retry-After` seconds.",
+    431: "The request head is larger than the server's limit (`header_too_large`).",
     500: "Unexpected server error; the message carries the request id to find it in the server log.",
     503: "The server takes no work now: the model is loading (`not_ready`), the engine is restarting "
-    "(`engine_down`) or failed (`engine_failed`), or the server is shutting down (`draining`).",
+    "(`engine_down`) or failed (`engine_failed`), the server is shutting down (`draining`), or every "
+    "connection is busy (`too_many_connections`).",
 }
 
 _RETRY_AFTER = {
@@ -131,11 +135,11 @@ def _operations(doc: dict[str, Any]) -> list[dict[str, Any]]:
 def finish_openapi(doc: dict[str, Any]) -> dict[str, Any]:
     """Make FastAPI's document true to this server (in place; returns `doc`)."""
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    error = error_responses(413, 500)
+    error = error_responses(408, 413, 431, 500)
     for op in _operations(doc):
         responses = op.setdefault("responses", {})
         responses.pop("422", None)
-        statuses = [500, 413] if "requestBody" in op else [500]
+        statuses = [500, 408, 431, 413] if "requestBody" in op else [500, 408, 431]
         for status in statuses:
             responses.setdefault(
                 str(status),

@@ -19,6 +19,7 @@ import uvicorn
 
 from kiln.clients.protocol import EngineClient
 from kiln.serve.app import create_app
+from kiln.serve.http_limits import ConnectionLimits, limited_http_protocol, warn_if_fd_limit_low
 from kiln.serve.settings import ServerSettings
 from kiln.serve.state import ServerState
 
@@ -85,6 +86,12 @@ def make_server(
 ) -> DrainingServer:
     """The uvicorn server for `engine` (not started): `.run()` blocks, `.serve()` is its coroutine."""
     app = create_app(engine, settings, shutdown_engine=shutdown_engine)
+    limits = ConnectionLimits(
+        header_timeout=settings.header_timeout_seconds,
+        max_header_bytes=settings.max_header_bytes,
+        max_connections=settings.max_connections,
+        retry_after_seconds=settings.retry_after_seconds,
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -95,7 +102,10 @@ def make_server(
         # A little past the streams' own grace period, so they end cleanly before uvicorn cancels tasks.
         timeout_graceful_shutdown=int(settings.drain_timeout_seconds) + 1,
         lifespan="on",
+        # httptools with the head deadline, head size limit and connection cap (kiln.serve.http_limits).
+        http=limited_http_protocol(limits),
     )
+    warn_if_fd_limit_low(settings.max_connections, config.backlog)
     server = DrainingServer(config, app.state.kiln)
     app.state.kiln.on_engine_failure = server.engine_failed
     return server

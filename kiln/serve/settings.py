@@ -60,6 +60,27 @@ class _ServerSettings(BaseSettings):
         description="Most characters of prompt text (all of a request's prompts or messages) a request may "
         "send; more gets 400 before it is tokenized (None: no limit).",
     )
+    header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a connection has to send a complete request head (request line and headers) "
+        "from when it opens or its previous response ends; then it is closed (with 408 if it sent part of "
+        "one). An idle keep-alive connection lasts the shorter of this and --keep-alive-timeout-seconds.",
+    )
+    max_header_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        description="Largest request head (request line and headers) accepted; a larger one gets 431 and "
+        "the connection is closed, as soon as the limit is passed.",
+    )
+    max_connections: int = Field(
+        2048,
+        ge=1,
+        description="Most open client connections. Past it a new connection closes the one that has waited "
+        "longest for a request head (half-open or idle keep-alive); if every connection is busy with a "
+        "request, the new one gets 503. Keep it + 2048 (the listen backlog) + a few hundred below the "
+        "open-file limit (ulimit -n); the server warns at startup if not.",
+    )
 
     # --- admission and timeouts ----------------------------------------------------------------------
     max_waiting_sequences: int | None = Field(

@@ -6,6 +6,7 @@ import asyncio
 
 import openai
 from server_harness import LiveServer, wait_for
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 STREAMS = 64
 MAX_TOKENS = 6
@@ -51,4 +52,4 @@ def test_the_server_runs_on_uvloop_and_httptools(server: LiveServer) -> None:
     # Kiln depends on both and uvicorn picks them up by itself; on asyncio's loop and h11 the front end
     # costs about twice the CPU per streamed token (docs/benchmarks.md).
     assert type(server.server.servers[0]).__module__.startswith("uvloop")
-    assert server.server.config.http_protocol_class.__name__ == "HttpToolsProtocol"
+    assert issubclass(server.server.config.http_protocol_class, HttpToolsProtocol)  # with Kiln's limits
