@@ -28,6 +28,7 @@ from kiln.engine.piecewise_graphs import MAX_PIECEWISE_GRAPH_TOKENS
 from kiln.engine.request import Request, RequestStatus
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from kiln.engine.structured import Grammars
 from kiln.engine.validation import validate_request
 from kiln.engine_dir import EngineManifest, is_engine_dir
 from kiln.kernels.kernel_cache import prepare_engine_kernels
@@ -102,6 +103,8 @@ class LLMEngine:
         self.runner = ModelRunner(
             model, kv_tensors, resolved.block_size, self.device, model_config.vocab_size
         )
+        self.grammars = Grammars(tokenizer.hf)  # structured outputs' matchers, set up on first use
+        self.runner.grammars = self.grammars
         if resolved.cuda_graphs:
             max_tokens_per_step = resolved.max_num_batched_tokens
             max_prefill = min(MAX_PREFILL_GRAPH_TOKENS, max_tokens_per_step, resolved.max_model_len - 1)
@@ -232,6 +235,8 @@ class LLMEngine:
                     group_id=request_id,
                     index=index,
                     wait_for=sequences[0] if index else None,
+                    # One matcher per sequence; a grammar llguidance cannot enforce is refused here.
+                    matcher=None if params.structured is None else self.grammars.matcher(params.structured),
                 )
             )
         self.outputs.add(request_id, prompt, sequences)
@@ -296,10 +301,22 @@ class LLMEngine:
         self._failed.append((request_id, error))
         return seq_ids
 
+    def _advance_matchers(self, advanced: list[Request]) -> None:
+        """Feed each structured request its new token; one whose grammar is complete stops there."""
+        for request in advanced:
+            matcher = request.matcher
+            if matcher is None or request.status.finished:
+                continue
+            if not matcher.consume_token(request.output_token_ids[-1]):  # the mask allowed it: a fault
+                self._fail_request(request.group_id or request.request_id, RuntimeError(matcher.get_error()))
+            elif matcher.is_stopped():
+                self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
+
     def _finish_step(self, scheduled: SchedulerOutput, launched: LaunchedStep) -> list[RequestOutput]:
         """Wait for a launched step's tokens and turn them into outputs."""
         sampled = self.runner.collect(launched)
         advanced = self.scheduler.update(scheduled, sampled.token_ids)
+        self._advance_matchers(advanced)
         outputs, stopped, failed = self.outputs.process(advanced, sampled)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         for request_id, error in failed.items():

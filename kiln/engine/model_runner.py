@@ -20,6 +20,7 @@ from kiln.engine.piecewise_graphs import PiecewiseGraphs
 from kiln.engine.request import Request
 from kiln.engine.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow, make_generator
 from kiln.engine.scheduler import SchedulerOutput
+from kiln.engine.structured import Grammars
 from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.models.llama import LlamaForCausalLM
 
@@ -86,6 +87,10 @@ class ModelRunner:
         # Seeded requests keep their own RNG across steps (and across preemption), so their samples do not
         # depend on what else is in the batch.
         self._generators: dict[str, torch.Generator | None] = {}
+        # Structured outputs: the engine's matchers (set by LLMEngine) and the host buffers of their masks.
+        self.grammars: Grammars | None = None
+        self._masks: list[torch.Tensor | None] = [None, None]
+        self._mask_turn = 0
 
     @torch.inference_mode()
     def launch(self, output: SchedulerOutput) -> LaunchedStep:
@@ -111,6 +116,10 @@ class ModelRunner:
             return LaunchedStep(sample_ids=[], output=None, done=None)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         batch = SamplingBatch.build(rows, self.vocab_size, self.device)
+        if self.grammars is not None and any(row.matcher is not None for row in rows):
+            mask = self._mask_staging(len(rows))
+            self.grammars.fill_masks([row.matcher for row in rows], mask)
+            batch.token_mask = mask.to(self.device, non_blocking=True)
         sampled = self.sampler(logits, batch)
         self._last_tokens = sampled.token_ids
         self._last_rows = {rid: i for i, rid in enumerate(inputs.sample_ids)}
@@ -270,4 +279,18 @@ class ModelRunner:
             # schedule() already counted the token this step samples as pending; the row wants the
             # ones before it.
             num_pending_tokens=request.num_pending_tokens - 1,
+            matcher=request.matcher,
         )
+
+    def _mask_staging(self, rows: int) -> torch.Tensor:
+        """A [rows, words] int32 host buffer for the step's token masks: pinned on CUDA, two of them used in
+        turn, since the copy of the step still in flight may not have left the other one yet."""
+        assert self.grammars is not None
+        self._mask_turn ^= 1
+        buffer = self._masks[self._mask_turn]
+        if buffer is None or buffer.shape[0] < rows:
+            pinned = self.device.type == "cuda"
+            words = self.grammars.mask_words()
+            buffer = torch.empty((max(rows, 8), words), dtype=torch.int32, pin_memory=pinned)
+            self._masks[self._mask_turn] = buffer
+        return buffer[:rows]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from kiln.engine.outputs import FinishReason, RequestMetrics
 from kiln.engine.sampling_params import SamplingParams
@@ -51,6 +52,8 @@ class Request:
     # Requests with one owner share one fair share of the engine (see kiln.engine.scheduler); None: the
     # caller's request alone (its group).
     owner: str | None = None
+    # The structured output's llguidance matcher (kiln.engine.structured), advanced with each output token.
+    matcher: Any = None
     index: int = 0  # which of the n samples
     # A sibling in an n > 1 group waits until this request has computed the shared prompt, so it finds
     # the prompt's blocks in the prefix cache instead of computing them again.

@@ -6,7 +6,7 @@ Rules of the interface:
   caller reading `SamplerOutput.token_ids`. Its tensors reach the device by non-blocking copies from
   pinned memory (the per-row parameters in one copy, none at all for a batch of plain greedy rows), so
   building the batch never waits for the GPU to finish the forward pass it follows.
-- Stage order, per row: logit_bias -> min_tokens suppression of stop/EOS ids -> penalties (repetition,
+- Stage order, per row: a structured output's token mask (disallowed tokens -inf) -> logit_bias -> min_tokens suppression of stop/EOS ids -> penalties (repetition,
   CTRL/HF style over prompt + output tokens; presence/frequency, OpenAI style over output tokens) ->
   logprobs -> greedy rows take the argmax -> temperature -> top-k -> top-p -> min-p -> sample.
 - Logprobs are log_softmax of the *penalized* logits before temperature and truncation: they describe the
@@ -22,11 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from kiln.engine.sampling_params import SamplingParams
+from kiln.engine.structured import apply_token_bitmask
 
 # Smallest noise value: an Exponential(1) draw of exactly 0 would make p / E a 0 / 0 = NaN for a masked token,
 # and argmax picks NaN.
@@ -45,6 +47,7 @@ class SamplingRow:
     # Tokens this row already sampled whose ids are not on the host yet (overlapped steps): they count
     # towards min_tokens. A row with a penalty must have none, as penalties need every output id.
     num_pending_tokens: int = 0
+    matcher: Any = None  # a structured output's matcher (kiln.engine.structured): what it allows is sampled
 
 
 @dataclass(slots=True)
@@ -70,6 +73,8 @@ class SamplingBatch:
     logit_bias_values: Tensor | None = None
     # [2, M] (row, token) pairs set to -inf: stop/EOS ids of rows that have not reached min_tokens.
     suppress_index: Tensor | None = None
+    # [B, W] int32 bitmask of the tokens each row may sample (structured outputs); None: no row is held.
+    token_mask: Tensor | None = None
     all_greedy: bool = False
     any_greedy: bool = False
     do_penalties: bool = False
@@ -172,6 +177,8 @@ class Sampler:
     def __call__(self, logits: Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits: [B, V] float32 (modified in place)."""
         logits = logits.float()
+        if batch.token_mask is not None:
+            apply_token_bitmask(logits, batch.token_mask)
         if batch.logit_bias_index is not None:
             logits.index_put_(tuple(batch.logit_bias_index), batch.logit_bias_values, accumulate=True)
         if batch.suppress_index is not None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 
 from kiln.errors import RequestValidationError
 
@@ -14,6 +17,31 @@ MAX_STOP_CHARS = 4096
 MAX_TOKEN_ID_LIST = 1024  # entries of logit_bias; stop_token_ids
 # torch.Generator.manual_seed takes 64-bit seeds; sequence i of a request with n > 1 uses seed + i.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
+StructuredKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+STRUCTURED_KINDS = frozenset(typing.get_args(StructuredKind))
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """What a request's output must match, enforced token by token (kiln.engine.structured).
+
+    `spec` by kind: "json_schema" a JSON Schema as JSON text; "json_object" empty (any JSON object);
+    "regex" a regular expression the whole output matches; "choice" a JSON list of the strings the output
+    may be; "grammar" a Lark grammar in llguidance's dialect. Hashable: compiled grammars are cached by it.
+    """
+
+    kind: StructuredKind
+    spec: str = ""
+
+    @classmethod
+    def json_schema(cls, schema: dict | str) -> StructuredOutput:
+        return cls("json_schema", schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True))
+
+    @classmethod
+    def choice(cls, options: list[str]) -> StructuredOutput:
+        return cls("choice", json.dumps(list(options)))
 
 
 @dataclass(slots=True)
@@ -45,6 +73,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured: StructuredOutput | None = None  # what the output must match (JSON schema, regex, ...)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -94,6 +123,10 @@ class SamplingParams:
             count = len(getattr(self, name) or ())
             if count > MAX_TOKEN_ID_LIST:
                 raise RequestValidationError(f"{name} has {count} entries; at most {MAX_TOKEN_ID_LIST}", name)
+        if self.structured is not None and self.structured.kind not in STRUCTURED_KINDS:
+            raise RequestValidationError(
+                f"unknown structured output kind {self.structured.kind!r}", "structured"
+            )
         for tok, bias in (self.logit_bias or {}).items():
             if not -100.0 <= bias <= 100.0:
                 raise RequestValidationError(
@@ -106,6 +139,11 @@ class SamplingParams:
 
     @property
     def needs_output_ids(self) -> bool:
-        """Sampling reads the ids of the tokens generated so far (penalties), so a step cannot be
-        prepared before the previous step's token has reached the host."""
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        """Sampling reads the ids of the tokens generated so far (penalties; a structured output's mask
+        follows them), so a step cannot be prepared before the previous step's token has reached the host."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.structured is not None
+        )

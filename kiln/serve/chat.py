@@ -25,7 +25,7 @@ from kiln.serve.protocol import (
     ChatDelta,
     ChatLogprobs,
 )
-from kiln.serve.sampling import log_unknown_fields, resolve_max_tokens, to_sampling_params
+from kiln.serve.sampling import log_unknown_fields, resolve_max_tokens, structured_output, to_sampling_params
 from kiln.serve.sse import ClientDisconnected, cancel_on_disconnect, sse_response
 from kiln.serve.state import ServerState, server_state
 from kiln.serve.tokenize import check_prompt_text, tokenize
@@ -37,6 +37,18 @@ def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
     return [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
     ]
+
+
+def _refuse_tools(body: ChatCompletionRequest) -> None:
+    """Tool calling is not served yet: a request that offers tools gets a 400, never an answer that
+    silently ignored them."""
+    extra = body.model_extra or {}
+    for name in ("tools", "functions"):
+        if extra.get(name):
+            raise InvalidRequestError(f"{name} are not supported by this server yet", param=name)
+    for name in ("tool_choice", "function_call"):
+        if extra.get(name) not in (None, "none"):
+            raise InvalidRequestError(f"{name} is not supported by this server yet", param=name)
 
 
 def _top_logprobs(body: ChatCompletionRequest) -> int | None:
@@ -52,6 +64,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state.admission.check_accepting()
     state.check_model(body.model)
     log_unknown_fields(body, http_request_id)
+    _refuse_tools(body)
     tokenizer = state.engine.tokenizer
     messages = _messages(body)
     chars = check_prompt_text(
@@ -72,12 +85,14 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         prompt_param="messages",
     )
     top_n = _top_logprobs(body)
+    structured, structured_param = structured_output(body)
     params = to_sampling_params(
         body,
         max_tokens=max_tokens,
         logprobs=top_n,
         vocab_size=tokenizer.vocab_size,
         logprobs_param="top_logprobs",
+        structured=structured,
     )
     ticket = state.admission.admit(params.n, params.n * (len(prompt_ids) + max_tokens))
     generation = Generation(
@@ -90,6 +105,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         priority=body.priority,
         ticket=ticket,
         stream=body.stream,
+        structured_param=structured_param,
     )
     generation.start()  # the engine gets the request now, not when the response first reads
     if body.stream:

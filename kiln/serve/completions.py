@@ -19,7 +19,13 @@ from kiln.serve.errors import InvalidRequestError
 from kiln.serve.generation import Generation, Prompt, new_completion_id
 from kiln.serve.logprobs import completion_logprobs, merge_completion_logprobs
 from kiln.serve.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from kiln.serve.sampling import check_token_ids, log_unknown_fields, resolve_max_tokens, to_sampling_params
+from kiln.serve.sampling import (
+    check_token_ids,
+    log_unknown_fields,
+    resolve_max_tokens,
+    structured_output,
+    to_sampling_params,
+)
 from kiln.serve.sse import ClientDisconnected, cancel_on_disconnect, sse_response
 from kiln.serve.state import ServerState, server_state
 from kiln.serve.tokenize import check_prompt_text, tokenize
@@ -74,12 +80,14 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         limit=state.settings.max_tokens_limit,
         prompt_param="prompt",
     )
+    structured, structured_param = structured_output(body)
     params = to_sampling_params(
         body,
         max_tokens=max_tokens,
         logprobs=body.logprobs,
         vocab_size=tokenizer.vocab_size,
         logprobs_param="logprobs",
+        structured=structured,
     )
     ticket = state.admission.admit(
         len(prompts) * params.n, params.n * sum(len(p.token_ids) + max_tokens for p in prompts)
@@ -94,6 +102,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         priority=body.priority,
         ticket=ticket,
         stream=body.stream,
+        structured_param=structured_param,
     )
     generation.start()  # the engine gets the request now, not when the response first reads
     if body.stream:

@@ -58,9 +58,12 @@ _ENDPOINT_FIELDS = {
 }
 
 
-def request_param(endpoint: str, field: str | None) -> str | None:
-    """The `param` of a 400 for an engine's refusal naming `field`; None when the request has no such field."""
+def request_param(endpoint: str, field: str | None, structured_param: str | None = None) -> str | None:
+    """The `param` of a 400 for an engine's refusal naming `field`; None when the request has no such field.
+    `structured_param`: the request field that asked for the structured output (the engine says `structured`)."""
     fields, renamed = _ENDPOINT_FIELDS[endpoint]
+    if field == "structured":
+        return structured_param
     param = renamed.get(field, field) if field is not None else None
     return param if param in fields else None
 
@@ -105,6 +108,7 @@ class Generation:
         priority: int,
         ticket: Ticket,
         stream: bool,
+        structured_param: str | None = None,
     ) -> None:
         self.state = state
         self.request_id = request_id
@@ -113,6 +117,7 @@ class Generation:
         self.params = params
         self.priority = priority
         self.ticket = ticket
+        self.structured_param = structured_param  # the request field a `structured` refusal names
         self.arrival = time.monotonic()
         self.record = RequestRecord(
             request_id=request_id,
@@ -192,7 +197,9 @@ class Generation:
             # EngineClient rule: a request the engine can never run fails before its first output, as a
             # RequestValidationError naming the field (None: no one field, or another ValueError).
             field = exc.field if isinstance(exc, RequestValidationError) else None
-            raise InvalidRequestError(str(exc), param=request_param(self.endpoint, field)) from None
+            raise InvalidRequestError(
+                str(exc), param=request_param(self.endpoint, field, self.structured_param)
+            ) from None
         except EngineDeadError as exc:  # the engine died or was stopped under this request
             raise UnavailableError(f"the engine stopped: {exc}; retry", code="engine_failed") from None
         finally:

@@ -76,6 +76,30 @@ class ChatMessage(_Lenient):
         return "".join(part.text for part in self.content)
 
 
+class JsonSchemaFormat(_Lenient):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON matching `json_schema.schema`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputs(_Lenient):
+    """vLLM's `structured_outputs`: exactly one of these constrains the output."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # Lark, in llguidance's dialect
+    json_object: bool | None = None
+
+
 class SamplingRequest(_Lenient):
     """Fields chat and completions share."""
 
@@ -99,6 +123,13 @@ class SamplingRequest(_Lenient):
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)  # extension: passed to the engine's scheduler
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Structured outputs (kiln.serve.sampling.structured_output): OpenAI's, vLLM's, vLLM's older names.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:

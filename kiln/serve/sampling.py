@@ -13,9 +13,11 @@ Rules:
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from kiln.engine import validation
-from kiln.engine.sampling_params import SamplingParams
+from kiln.engine.sampling_params import SamplingParams, StructuredOutput
+from kiln.engine.structured import grammar_text
 from kiln.errors import RequestValidationError
 from kiln.serve.errors import InvalidRequestError
 from kiln.serve.protocol import SamplingRequest
@@ -89,7 +91,13 @@ def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> dict[int, floa
 
 
 def to_sampling_params(
-    body: SamplingRequest, *, max_tokens: int, logprobs: int | None, vocab_size: int, logprobs_param: str
+    body: SamplingRequest,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    vocab_size: int,
+    logprobs_param: str,
+    structured: StructuredOutput | None = None,
 ) -> SamplingParams:
     """Build the engine's params; any invalid value raises a 400 naming its field."""
     check_token_ids(body.stop_token_ids or [], vocab_size=vocab_size, param="stop_token_ids")
@@ -113,10 +121,69 @@ def to_sampling_params(
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
             logit_bias=_logit_bias(body.logit_bias, vocab_size),
+            structured=structured,
         )
     except RequestValidationError as exc:
         param = logprobs_param if exc.field == "logprobs" else exc.field
         raise InvalidRequestError(str(exc), param=param) from None
+
+
+def structured_output(body: SamplingRequest) -> tuple[StructuredOutput | None, str | None]:
+    """The output constraint a request asks for, and the field that asked (for a 400's `param`).
+
+    Accepted: OpenAI's `response_format` (json_object, json_schema; `strict` or not, the schema is
+    enforced), vLLM's `structured_outputs` (json, regex, choice, grammar, json_object) and its older
+    `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar`. More than one is a 400: which
+    should win is not for the server to guess."""
+    asked: list[tuple[StructuredOutput, str]] = []
+    rf = body.response_format
+    if rf is not None and rf.type == "json_object":
+        asked.append((StructuredOutput("json_object"), "response_format"))
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None:
+            raise InvalidRequestError(
+                "response_format json_schema needs its json_schema", param="response_format"
+            )
+        asked.append((StructuredOutput.json_schema(rf.json_schema.schema_), "response_format"))
+    so = body.structured_outputs
+    if so is not None:
+        for name, value in (
+            ("json", so.json_),
+            ("regex", so.regex),
+            ("choice", so.choice),
+            ("grammar", so.grammar),
+        ):
+            if value is not None:
+                asked.append((_constraint(name, value), "structured_outputs"))
+        if so.json_object:
+            asked.append((StructuredOutput("json_object"), "structured_outputs"))
+    for name in ("json", "regex", "choice", "grammar"):
+        value = getattr(body, f"guided_{name}")
+        if value is not None:
+            asked.append((_constraint(name, value), f"guided_{name}"))
+    if len(asked) > 1:
+        raise InvalidRequestError(
+            "give one output constraint; this request has " + ", ".join(sorted({p for _, p in asked})),
+            param=asked[1][1],
+        )
+    if not asked:
+        return None, None
+    structured, param = asked[0]
+    try:
+        grammar_text(structured)  # syntax errors now; what the tokenizer cannot follow, when it is added
+    except RequestValidationError as exc:
+        raise InvalidRequestError(str(exc), param=param) from None
+    except (ValueError, RuntimeError) as exc:
+        raise InvalidRequestError(f"{structured.kind}: {exc}", param=param) from None
+    return structured, param
+
+
+def _constraint(name: str, value: Any) -> StructuredOutput:
+    if name == "json":
+        return StructuredOutput.json_schema(value)
+    if name == "choice":
+        return StructuredOutput.choice(value)
+    return StructuredOutput(name, value)  # type: ignore[arg-type]
 
 
 def log_unknown_fields(body: SamplingRequest, request_id: str) -> None:

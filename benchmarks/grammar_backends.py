@@ -1,0 +1,123 @@
+"""llguidance against xgrammar on one JSON schema: tokenizer setup, compile, per-token mask time.
+
+    python -m benchmarks.grammar_backends ENGINE_OR_TOKENIZER_DIR [--json OUT.json]
+
+Rules: the same schema and the same compact answer (its token ids under the given tokenizer) for both;
+each mask is filled for one sequence on the host, then the answer's next token is consumed, so a row is
+the host time a constrained request adds per generated token. A library that is not installed is
+reported as such, not measured. Kiln uses llguidance (docs/server.md says why); xgrammar is only here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer", "minimum": 0},
+        "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b", "c"]}},
+        "address": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+            "required": ["city"],
+        },
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+ANSWER = {
+    "name": "Ada Lovelace",
+    "age": 36,
+    "tags": ["a", "c"],
+    "address": {"city": "London", "zip": "12345"},
+}
+
+
+def _timed(fn: Any) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def bench_llguidance(hf: Any, ids: list[int]) -> dict[str, float]:
+    import llguidance  # deferred: each library is optional here
+    import llguidance.hf
+    import llguidance.torch
+
+    tokenizer, setup = _timed(lambda: llguidance.hf.from_tokenizer(hf))
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(
+        json.dumps(SCHEMA), defaults={"whitespace_flexible": False}
+    )
+    matcher, compile_s = _timed(lambda: llguidance.LLMatcher(tokenizer, grammar))
+    mask = llguidance.torch.allocate_token_bitmask(1, tokenizer.vocab_size)
+    per_token = []
+    for token in ids:
+        per_token.append(_timed(lambda: llguidance.torch.fill_next_token_bitmask(matcher, mask, 0))[1])
+        if not matcher.consume_token(token):
+            raise RuntimeError(f"llguidance refused token {token}: {matcher.get_error()}")
+    return _row(setup, compile_s, per_token)
+
+
+def bench_xgrammar(hf: Any, ids: list[int]) -> dict[str, float]:
+    import xgrammar  # deferred: each library is optional here
+
+    compiler, setup = _timed(
+        lambda: xgrammar.GrammarCompiler(xgrammar.TokenizerInfo.from_huggingface(hf, vocab_size=len(hf)))
+    )
+    compiled, compile_s = _timed(
+        lambda: compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False, separators=(",", ":"))
+    )
+    matcher = xgrammar.GrammarMatcher(compiled)
+    mask = xgrammar.allocate_token_bitmask(1, len(hf))
+    per_token = []
+    for token in ids:
+        per_token.append(_timed(lambda: matcher.fill_next_token_bitmask(mask, 0))[1])
+        if not matcher.accept_token(token):
+            raise RuntimeError(f"xgrammar refused token {token}")
+    return _row(setup, compile_s, per_token)
+
+
+def _row(setup: float, compile_s: float, per_token: list[float]) -> dict[str, float]:
+    return {
+        "tokenizer_setup_ms": setup * 1e3,
+        "compile_ms": compile_s * 1e3,
+        "mask_median_us": statistics.median(per_token) * 1e6,
+        "mask_max_us": max(per_token) * 1e6,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.grammar_backends", description=__doc__.splitlines()[0]
+    )
+    p.add_argument("tokenizer_dir", type=Path)
+    p.add_argument("--json", type=Path, help="write the rows here")
+    args = p.parse_args(argv)
+    from kiln.models.tokenizer import Tokenizer  # deferred: loads transformers
+
+    hf = Tokenizer(args.tokenizer_dir).hf
+    ids = hf.encode(json.dumps(ANSWER, separators=(",", ":")), add_special_tokens=False)
+    print(f"vocabulary {len(hf)}, answer {len(ids)} tokens")
+    rows: dict[str, Any] = {}
+    for name, bench in (("llguidance", bench_llguidance), ("xgrammar", bench_xgrammar)):
+        try:
+            rows[name] = bench(hf, ids)
+        except ImportError:
+            rows[name] = "not installed"
+        print(name, rows[name])
+    if args.json:
+        args.json.write_text(
+            json.dumps({"vocab_size": len(hf), "answer_tokens": len(ids), "rows": rows}, indent=1)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
