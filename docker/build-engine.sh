@@ -2,7 +2,8 @@
 # Runs `kiln build` inside the image build: docker/build-engine.sh BACKEND OUTPUT_DIR
 #
 # The checkpoint is $MODEL (a hub id, downloaded here) or, when $MODEL is empty, the directory bound at
-# /model (docker build --build-context model=PATH). The hub token is read from the build secret
+# /model (docker build --build-context model=PATH); or, with TINY=1 and neither of those, Kiln's tiny
+# random-weight model (`kiln build --tiny`, native only). The hub token is read from the build secret
 # `hf_token` (docker build --secret id=hf_token,env=HF_TOKEN) and lives only in this process's
 # environment: it is never written to a layer, an ENV or an ARG.
 set -eu
@@ -14,8 +15,15 @@ if [ -n "${MODEL:-}" ]; then
     checkpoint="$MODEL"
 elif [ -f "${MODEL_DIR:-/model}/config.json" ]; then
     checkpoint="${MODEL_DIR:-/model}"
+elif [ "${TINY:-}" = 1 ] && [ "$backend" = native ]; then
+    checkpoint="--tiny"
 else
-    echo "build-engine: set --build-arg MODEL=<hub id> or pass --build-context model=<checkpoint dir>" >&2
+    echo "build-engine: set --build-arg MODEL=<hub id>, pass --build-context model=<checkpoint dir>," \
+        "or (native and cpu targets) --build-arg TINY=1 for the tiny random-weight model" >&2
+    exit 2
+fi
+if [ "${TINY:-}" = 1 ] && [ "$checkpoint" != "--tiny" ]; then
+    echo "build-engine: TINY=1 and a checkpoint ($checkpoint): give one of them" >&2
     exit 2
 fi
 

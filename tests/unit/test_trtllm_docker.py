@@ -85,19 +85,25 @@ def test_stages_and_base_images(dockerfile: str):
         "native-base",
         "native-build",
         "native",
+        "cpu-base",
+        "cpu-build",
+        "cpu",
     ):
         assert name in found, f"stage {name} missing"
     args = dict(a.split("=", 1) for i, a in instructions(dockerfile) if i == "ARG" and "=" in a)
     assert re.fullmatch(r"nvcr\.io/nvidia/tensorrt-llm/release:1\.2\.\d+\S*", args["TRTLLM_IMAGE"])
     assert re.fullmatch(r"pytorch/pytorch:\S+-cuda\S+", args["TORCH_IMAGE"])
+    # The CPU lock is resolved for Python 3.11 (the CPU torch wheel on the dev/CI machines is cp311).
+    assert re.fullmatch(r"python:3\.11-slim\S*", args["CPU_IMAGE"])
     assert found["trtllm-base"][0][1].startswith("${TRTLLM_IMAGE}")
     assert found["native-base"][0][1].startswith("${TORCH_IMAGE}")
+    assert found["cpu-base"][0][1].startswith("${CPU_IMAGE}")
     assert list(found)[-1] == "<final:trtllm>"  # a plain `docker build .` gives the TensorRT-LLM image
 
 
 def test_engine_is_built_at_image_build_time_with_the_token_as_a_secret(dockerfile: str):
     found = stages(dockerfile)
-    for stage, backend in (("engine-build", "trtllm"), ("native-build", "native")):
+    for stage, backend in (("engine-build", "trtllm"), ("native-build", "native"), ("cpu-build", "native")):
         runs = [args for i, args in found[stage] if i == "RUN"]
         (build,) = [r for r in runs if "build-engine.sh" in r]
         assert f"build-engine.sh {backend} /engine" in build
@@ -116,7 +122,7 @@ def test_no_secrets_in_arg_or_env(dockerfile: str):
             )
 
 
-@pytest.mark.parametrize("stage", ["trtllm", "native"])
+@pytest.mark.parametrize("stage", ["trtllm", "native", "cpu"])
 def test_runtime_stages_are_non_root_healthchecked_and_exec_form(dockerfile: str, stage: str):
     body = stages(dockerfile)[stage]
     users = [args for i, args in body if i == "USER"]
@@ -205,7 +211,17 @@ def test_build_engine_script_uses_the_mounted_dir_and_skips_trtllm_flags_for_nat
 
 def test_build_engine_script_needs_a_model(tmp_path: Path):
     done = run_build_engine(tmp_path, {})
-    assert done.returncode == 2 and "MODEL" in done.stderr
+    assert done.returncode == 2 and "MODEL" in done.stderr and "TINY=1" in done.stderr
+
+
+def test_build_engine_script_builds_the_tiny_model_for_native_only(tmp_path: Path):
+    done = run_build_engine(tmp_path, {"TINY": "1", "_ARGS": "native /engine", "DTYPE": "float32"})
+    assert done.returncode == 0, done.stderr
+    args = " ".join((tmp_path / "args.txt").read_text().splitlines()[1:])
+    assert args.startswith("build --tiny -o /engine --backend native --dtype float32")
+    assert run_build_engine(tmp_path, {"TINY": "1"}).returncode == 2  # trtllm: no tiny engine
+    both = run_build_engine(tmp_path, {"TINY": "1", "MODEL": "org/model", "_ARGS": "native /engine"})
+    assert both.returncode == 2 and "TINY=1" in both.stderr
 
 
 class _Ready(http.server.BaseHTTPRequestHandler):
@@ -270,6 +286,16 @@ def test_native_lock_pins_every_runtime_dependency_but_torch_within_its_range():
             continue
         assert name in pins, f"{name} is not pinned in docker/requirements.lock"
         assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} outside {requirement}"
+
+
+def test_cpu_lock_pins_every_runtime_dependency_within_its_range_with_torchs_cpu_build():
+    pins = read_lock(ROOT / "docker" / "requirements-cpu.lock")
+    for requirement in kiln_dependencies():
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        assert name in pins, f"{name} is not pinned in docker/requirements-cpu.lock"
+        assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} outside {requirement}"
+    assert pins["torch"].endswith("+cpu")  # not PyPI's default build, which pulls in GBs of CUDA
+    assert not [name for name in pins if name.startswith(("nvidia-", "triton"))]
 
 
 def test_trtllm_lock_pins_only_kiln_dependencies_within_their_ranges():
