@@ -88,15 +88,19 @@ class Tokenizer:
         return list(self.hf.convert_ids_to_tokens(list(ids)))
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """Token ids of the conversation rendered with the tokenizer's chat template.
 
         Raises ValueError when the tokenizer has no chat template, or a message holds a non-text part.
+        `tools`: OpenAI tool definitions, for templates that render them.
         A message whose content is a list of OpenAI text parts has them joined with newlines.
         """
         ids = self.hf.apply_chat_template(
-            self._normalize(messages), add_generation_prompt=add_generation_prompt, tokenize=True
+            self._normalize(messages), add_generation_prompt=add_generation_prompt, tokenize=True, tools=tools
         )
         # transformers 5 returns a BatchEncoding by default, 4.x a plain list.
         if isinstance(ids, Mapping):

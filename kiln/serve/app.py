@@ -29,6 +29,7 @@ from kiln.clients.protocol import EngineClient
 from kiln.serve.admission import Admission
 from kiln.serve.auth import require_api_key
 from kiln.serve.chat import create_chat_completion
+from kiln.serve.chat_tools import renders_tools, tool_format
 from kiln.serve.completions import create_completion
 from kiln.serve.errors import install_error_handlers
 from kiln.serve.metrics import ServerMetrics
@@ -45,7 +46,14 @@ logger = logging.getLogger("kiln.serve")
 
 def _model_card(state: ServerState) -> ModelCard:
     info = state.engine.model_info
-    return ModelCard(id=state.model_name, max_model_len=info.max_model_len, backend=info.backend)
+    tokenizer = state.engine.tokenizer
+    template = tokenizer.hf.chat_template if renders_tools(tokenizer) else None
+    return ModelCard(
+        id=state.model_name,
+        max_model_len=info.max_model_len,
+        backend=info.backend,
+        tool_call_format=tool_format(template, state.settings.tool_call_parser),
+    )
 
 
 async def list_models(request: Request) -> ModelList:

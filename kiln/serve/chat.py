@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request, Response
 
+from kiln.serve.chat_tools import ToolPlan, plan_tools, renders_tools, template_messages
 from kiln.serve.errors import InvalidRequestError
 from kiln.serve.generation import Generation, Prompt, new_completion_id
 from kiln.serve.logprobs import chat_logprobs
@@ -24,31 +25,16 @@ from kiln.serve.protocol import (
     ChatCompletionResponse,
     ChatDelta,
     ChatLogprobs,
+    FunctionCallOut,
+    ToolCallOut,
 )
 from kiln.serve.sampling import log_unknown_fields, resolve_max_tokens, structured_output, to_sampling_params
 from kiln.serve.sse import ClientDisconnected, cancel_on_disconnect, sse_response
 from kiln.serve.state import ServerState, server_state
 from kiln.serve.tokenize import check_prompt_text, tokenize
+from kiln.serve.tool_calls import Delta, ToolCallDelta
+from kiln.serve.tool_parsers import get_tool_parser
 from kiln.serve.usage import UsageCounter, token_text_fn
-
-
-def _messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
-    # "developer" is OpenAI's newer name for the system role; chat templates only know "system".
-    return [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages
-    ]
-
-
-def _refuse_tools(body: ChatCompletionRequest) -> None:
-    """Tool calling is not served yet: a request that offers tools gets a 400, never an answer that
-    silently ignored them."""
-    extra = body.model_extra or {}
-    for name in ("tools", "functions"):
-        if extra.get(name):
-            raise InvalidRequestError(f"{name} are not supported by this server yet", param=name)
-    for name in ("tool_choice", "function_call"):
-        if extra.get(name) not in (None, "none"):
-            raise InvalidRequestError(f"{name} is not supported by this server yet", param=name)
 
 
 def _top_logprobs(body: ChatCompletionRequest) -> int | None:
@@ -64,14 +50,18 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state.admission.check_accepting()
     state.check_model(body.model)
     log_unknown_fields(body, http_request_id)
-    _refuse_tools(body)
     tokenizer = state.engine.tokenizer
-    messages = _messages(body)
+    plan = plan_tools(body, tokenizer, state.settings.tool_call_parser)
+    native = renders_tools(tokenizer)
+    messages = template_messages(body.messages, plan, native)
+    tools = plan.tools if plan is not None and native else None
     chars = check_prompt_text(
         (m["content"] for m in messages), limit=state.settings.max_prompt_chars, param="messages"
     )
     try:
-        prompt_ids = list(await tokenize(lambda: tokenizer.apply_chat_template(messages), chars=chars))
+        prompt_ids = list(
+            await tokenize(lambda: tokenizer.apply_chat_template(messages, tools=tools), chars=chars)
+        )
     except ValueError as exc:  # no chat template, or a message it cannot render
         raise InvalidRequestError(str(exc), param="messages") from None
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -86,6 +76,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     )
     top_n = _top_logprobs(body)
     structured, structured_param = structured_output(body)
+    if plan is not None and plan.constraint is not None:
+        if structured is not None:
+            raise InvalidRequestError(
+                f"tool_choice {body.tool_choice!r} and {structured_param} cannot both hold the output",
+                param="tool_choice",
+            )
+        structured, structured_param = plan.constraint, "tool_choice"
     params = to_sampling_params(
         body,
         max_tokens=max_tokens,
@@ -109,12 +106,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     )
     generation.start()  # the engine gets the request now, not when the response first reads
     if body.stream:
-        chunks = _stream(generation, body, top_n, state)
+        chunks = _stream(generation, body, top_n, state, plan)
         return sse_response(
             chunks, settings=state.settings, request_id=http_request_id, on_close=generation.aclose
         )
     try:
-        result = await cancel_on_disconnect(request, _collect(generation, body, top_n, state))
+        result = await cancel_on_disconnect(request, _collect(generation, body, top_n, state, plan))
     except ClientDisconnected:
         return Response(status_code=499)
     finally:
@@ -122,8 +119,28 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     return Response(result.model_dump_json(), media_type="application/json")
 
 
+def _message(text: str, finish: str | None, plan: ToolPlan | None) -> tuple[AssistantMessage, str | None]:
+    """The assistant message of one choice, its tool calls read out when tools were offered."""
+    if plan is None:
+        return AssistantMessage(content=text), finish
+    parsed = get_tool_parser(plan.parser).parse(text)
+    if not parsed.tool_calls:
+        return AssistantMessage(content=parsed.content or ""), finish
+    calls = [
+        ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
+        for c in parsed.tool_calls
+    ]
+    return AssistantMessage(
+        content=parsed.content, tool_calls=calls
+    ), "tool_calls" if finish == "stop" else finish
+
+
 async def _collect(
-    generation: Generation, body: ChatCompletionRequest, top_n: int | None, state: ServerState
+    generation: Generation,
+    body: ChatCompletionRequest,
+    top_n: int | None,
+    state: ServerState,
+    plan: ToolPlan | None,
 ) -> ChatCompletionResponse:
     token_text = token_text_fn(state.engine.tokenizer)
     texts = [""] * body.n
@@ -139,23 +156,29 @@ async def _collect(
                 logprobs[c.index].content += chat_logprobs(c.token_ids, c.logprobs, top_n, token_text).content
             if c.finish_reason is not None:
                 finish[c.index], stop_reason[c.index] = c.finish_reason, c.stop_reason
-    choices = [
-        ChatChoice(
-            index=i,
-            message=AssistantMessage(content=texts[i]),
-            logprobs=logprobs[i] if top_n is not None else None,
-            finish_reason=finish[i],
-            stop_reason=stop_reason[i],
+    choices = []
+    for i in range(body.n):
+        message, finish_reason = _message(texts[i], finish[i], plan)
+        choices.append(
+            ChatChoice(
+                index=i,
+                message=message,
+                logprobs=logprobs[i] if top_n is not None else None,
+                finish_reason=finish_reason,
+                stop_reason=stop_reason[i],
+            )
         )
-        for i in range(body.n)
-    ]
     return ChatCompletionResponse(
         id=generation.request_id, model=state.model_name, choices=choices, usage=usage.usage()
     )
 
 
 async def _stream(
-    generation: Generation, body: ChatCompletionRequest, top_n: int | None, state: ServerState
+    generation: Generation,
+    body: ChatCompletionRequest,
+    top_n: int | None,
+    state: ServerState,
+    plan: ToolPlan | None,
 ) -> AsyncIterator[str]:
     token_text = token_text_fn(state.engine.tokenizer)
     created = int(time.time())
@@ -169,9 +192,33 @@ async def _stream(
     for index in range(body.n):
         yield chunk(ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content="")))
     usage = UsageCounter()
+    parsers = [plan.new_parser() for _ in range(body.n)] if plan is not None else None
+    called = [False] * body.n
+
+    def tool_chunks(index: int, deltas: list[Delta]) -> list[str]:
+        out = []
+        for d in deltas:
+            if isinstance(d, ToolCallDelta):
+                called[index] = True
+                out.append(chunk(ChatChunkChoice(index=index, delta=ChatDelta(tool_calls=[d.to_openai()]))))
+            elif d.text:
+                out.append(chunk(ChatChunkChoice(index=index, delta=ChatDelta(content=d.text))))
+        return out
+
     async for _, out in generation.outputs():
         usage.add(out)
         for c in out.outputs:
+            if parsers is not None:  # tools offered: the text goes through the choice's parser
+                for piece in tool_chunks(c.index, parsers[c.index].feed(c.text)):
+                    yield piece
+                if c.finish_reason is not None:
+                    for piece in tool_chunks(c.index, parsers[c.index].finish()):
+                        yield piece
+                    reason = (
+                        "tool_calls" if called[c.index] and c.finish_reason == "stop" else c.finish_reason
+                    )
+                    yield chunk(ChatChunkChoice(index=c.index, delta=ChatDelta(), finish_reason=reason))
+                continue
             if c.text or c.token_ids:
                 lp = (
                     chat_logprobs(c.token_ids, c.logprobs or [], top_n, token_text)

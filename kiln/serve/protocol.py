@@ -62,10 +62,25 @@ class TextPart(_Lenient):
     text: str
 
 
+class FunctionCallIn(_Lenient):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(_Lenient):
+    """A tool call in the history (an assistant message's `tool_calls`)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this message answers
 
     def text(self) -> str:
         """The message's text, text parts joined (the only part type a text model can read)."""
@@ -74,6 +89,27 @@ class ChatMessage(_Lenient):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+class FunctionDef(_Lenient):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class ToolDef(_Lenient):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Lenient):
+    name: str
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JsonSchemaFormat(_Lenient):
@@ -156,6 +192,9 @@ class ChatCompletionRequest(SamplingRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool = True
     # A boolean here (strictly: `0` is a 400 naming it); completions' `logprobs` is a count.
     logprobs: bool = False
     top_logprobs: int | None = None
@@ -217,9 +256,21 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatChoice(BaseModel):
@@ -243,6 +294,8 @@ class ChatDelta(BaseModel):
     # Unset fields are left out, as OpenAI sends them: the finish chunk's delta is `{}`.
     role: Literal["assistant"] | None = Field(None, exclude_if=lambda v: v is None)
     content: str | None = Field(None, exclude_if=lambda v: v is None)
+    # One call's piece: {index, id, type, function: {name, arguments}} first, then argument fragments.
+    tool_calls: list[dict[str, Any]] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatChunkChoice(BaseModel):
@@ -287,6 +340,7 @@ class ModelCard(BaseModel):
     owned_by: str = "kiln"
     max_model_len: int
     backend: str
+    tool_call_format: str | None = None  # extension: how the model writes tool calls (hermes, llama3_json)
 
 
 class ModelList(BaseModel):

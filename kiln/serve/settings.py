@@ -82,6 +82,12 @@ class _ServerSettings(BaseSettings):
         "open-file limit (ulimit -n); the server warns at startup if not.",
     )
 
+    tool_call_parser: Literal["hermes", "llama3_json"] | None = Field(
+        None,
+        description="How the model writes tool calls (default: detected from its chat template; Hermes, with "
+        "Kiln's instructions, when the template does not render tools).",
+    )
+
     # --- admission and timeouts ----------------------------------------------------------------------
     max_waiting_sequences: int | None = Field(
         512,

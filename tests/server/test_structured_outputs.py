@@ -137,15 +137,3 @@ def test_what_cannot_be_enforced_is_a_400_naming_the_field(live: LiveServer, bod
     r = httpx.post(f"{live.url}/v1/chat/completions", json={"model": "tiny", "messages": USER, **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
-
-
-def test_tools_are_refused_until_served(live: LiveServer) -> None:
-    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    r = httpx.post(
-        f"{live.url}/v1/chat/completions", json={"model": "tiny", "messages": USER, "tools": [tool]}
-    )
-    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
-    r = httpx.post(
-        f"{live.url}/v1/chat/completions", json={"model": "tiny", "messages": USER, "tool_choice": "required"}
-    )
-    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"

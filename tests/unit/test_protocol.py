@@ -8,7 +8,7 @@ from fastapi.exceptions import RequestValidationError
 
 from kiln.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from kiln.serve.admission import Admission
-from kiln.serve.chat import _messages
+from kiln.serve.chat_tools import template_messages
 from kiln.serve.errors import InvalidRequestError, OverloadedError, UnavailableError, validation_error
 from kiln.serve.logprobs import chat_logprobs, completion_logprobs
 from kiln.serve.protocol import ChatCompletionRequest, ChatDelta, CompletionRequest
@@ -29,7 +29,10 @@ def test_messages_text_parts_and_developer_role() -> None:
             {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
         ]
     )
-    assert _messages(body) == [{"role": "system", "content": "rules"}, {"role": "user", "content": "ab"}]
+    assert template_messages(body.messages, None, native=False) == [
+        {"role": "system", "content": "rules"},
+        {"role": "user", "content": "ab"},
+    ]
 
 
 def test_unknown_fields_are_kept_aside_not_rejected() -> None:
