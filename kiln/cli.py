@@ -13,10 +13,13 @@ wait for them.
 
 from __future__ import annotations
 
+import errno
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
+from urllib.parse import urlsplit
 
 import torch
 import typer
@@ -26,6 +29,7 @@ from kiln.config import EngineConfig, EngineLimits
 from kiln.errors import BackendUnavailableError, KilnError, OfflineError
 from kiln.serve.flags import SettingsFlagError, with_settings_flags
 from kiln.serve.settings import ServerSettings
+from kiln.version import __version__
 
 app = typer.Typer(
     help="Kiln: build Llama-family checkpoints into engines and serve them through an OpenAI-compatible API.",
@@ -37,10 +41,29 @@ err = Console(stderr=True)
 
 
 def _fail(message: str, hint: str | None = None, code: int = 1) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    # soft_wrap: printed as one line each (the terminal wraps), so a URL or flag is never cut
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     if hint:
-        err.print(hint, highlight=False)
+        err.print(hint, highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"kiln {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Print Kiln's version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Options before the command (the app's help is `app`'s)."""
 
 
 def _resolve(model: str | None, tiny: bool) -> Path:
@@ -94,6 +117,26 @@ def _settings_error(exc: SettingsFlagError) -> typer.Exit:
     return _fail(str(exc), code=2)
 
 
+def _check_port(host: str, port: int) -> None:
+    """Fail now, before any download, build or load, when the server could not bind `host:port`
+    (bound as uvicorn binds it, SO_REUSEADDR included); port 0 (any free port) is never checked."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise _fail(
+                f"port {port} on {host} is in use", "Pick another with --port, or stop what holds it."
+            ) from None
+        raise _fail(
+            f"cannot serve on {host}:{port}: {exc.strerror or exc}", "Check --host and --port."
+        ) from None
+
+
 @app.command()
 @with_settings_flags(on_error=_settings_error)
 def serve(model: ModelArg = None, tiny: TinyOpt = False, *, settings: ServerSettings) -> None:
@@ -103,6 +146,7 @@ def serve(model: ModelArg = None, tiny: TinyOpt = False, *, settings: ServerSett
     from kiln.serve.loading_engine import LoadingEngine
     from kiln.serve.runner import configure_logging, run_server
 
+    _check_port(settings.host, settings.port)  # before the minutes a download, build or load may take
     configure_logging(settings.log_level)
     path = _resolve(model, tiny)  # builds or downloads first, with progress bars
     config = settings.engine_config()
@@ -346,8 +390,27 @@ def _run_client(
         raise _fail(str(exc)) from None
     except Exception as exc:  # the openai client's connection and API errors
         if type(exc).__module__.startswith("openai"):
-            raise _fail(f"{type(exc).__name__}: {exc}") from None
+            raise _client_failure(exc, url) from None
         raise
+
+
+def _client_failure(exc: Exception, url: str | None) -> typer.Exit:
+    """An openai client error as a message naming the server, with what to do about it."""
+    what = f"{type(exc).__name__}: {exc}"
+    if url is None:  # the in-process server
+        return _fail(what)
+    if type(exc).__name__ in ("APIConnectionError", "APITimeoutError"):
+        if "://" not in url:
+            return _fail(f"could not reach {url} ({what})", f"Give the URL with its scheme: http://{url}")
+        port = urlsplit(url).port
+        start = "kiln serve" + (f" --port {port}" if port not in (None, 8000) else "")
+        return _fail(
+            f"could not reach {url} ({what})",
+            f"Is `kiln serve` running there? Start it with: {start}",
+        )
+    if type(exc).__name__ == "AuthenticationError":
+        return _fail(f"{url} refused the API key ({what})", "Pass --api-key or set KILN_API_KEY.")
+    return _fail(f"{url} answered {what}")
 
 
 def _params(max_tokens: int | None, temperature: float | None) -> dict[str, Any]:
@@ -421,7 +484,7 @@ def models(
         use(make_client(url, api_key), "")
     except Exception as exc:
         if type(exc).__module__.startswith("openai"):
-            raise _fail(f"{type(exc).__name__}: {exc}") from None
+            raise _client_failure(exc, url) from None
         raise
 
 

@@ -1,9 +1,9 @@
 """`create_app`: the FastAPI app serving one engine through the OpenAI API.
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}] (API key checked when
-keys are configured); GET /health (liveness: 503 only once the engine is down for good), GET /ready
-(readiness: 503 until the engine has started, while it is down, and once draining begins), GET /metrics
-(Prometheus), GET /version.
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], POST /tokenize and
+/detokenize (kiln.serve.tokenize_routes) (API key checked when keys are configured); GET /health
+(liveness: 503 only once the engine is down for good), GET /ready (readiness: 503 until the engine has
+started, while it is down, and once draining begins), GET /metrics (Prometheus), GET /version.
 
 Lifecycle: the app's startup begins starting the engine (for a `LoadingEngine`: loading it) in the
 background and returns at once, so the port answers /health while a big model loads; the server is
@@ -39,6 +39,7 @@ from kiln.serve.protocol import ModelCard, ModelList
 from kiln.serve.settings import ServerSettings
 from kiln.serve.state import ServerState, server_state
 from kiln.serve.supervisor import supervise
+from kiln.serve.tokenize_routes import add_tokenize_routes
 from kiln.version import __version__
 
 logger = logging.getLogger("kiln.serve")
@@ -189,6 +190,7 @@ def create_app(engine: EngineClient, settings: ServerSettings, *, shutdown_engin
     v1.add_api_route("/models", list_models, methods=["GET"], responses=Responses.models)
     v1.add_api_route("/models/{model_id:path}", get_model, methods=["GET"], responses=Responses.model)
     app.include_router(v1)
+    add_tokenize_routes(app, settings)  # POST /tokenize, /detokenize (vLLM's), behind the key like /v1
     app.add_api_route("/health", health, methods=["GET"], responses=Responses.health)
     app.add_api_route("/ready", ready, methods=["GET"], responses=Responses.ready)
     # Probes never need the key; scrapers and readers of the docs do when `key_protects_all` is set.

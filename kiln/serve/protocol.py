@@ -15,7 +15,8 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from kiln.engine.sampling_params import MAX_N
 
@@ -77,10 +78,22 @@ class ToolCallIn(_Lenient):
 
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    # validate_default: a missing (or null) content reaches `_content_required` too.
+    content: str | list[TextPart] | None = Field(None, validate_default=True)
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None  # assistant: the calls it made
     tool_call_id: str | None = None  # tool: the call this message answers
+
+    @field_validator("content")
+    @classmethod
+    def _content_required(cls, content: Any, info: ValidationInfo) -> Any:
+        """Only an assistant message may go without content (OpenAI's rule: one carrying tool_calls)."""
+        role = info.data.get("role")
+        if content is None and role is not None and role != "assistant":
+            raise PydanticCustomError(
+                "missing", "a {role} message needs content (a string or a list of text parts)", {"role": role}
+            )
+        return content
 
     def text(self) -> str:
         """The message's text, text parts joined (the only part type a text model can read)."""

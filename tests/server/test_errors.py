@@ -224,3 +224,23 @@ def test_draining_server_answers_503(tiny_engine: AsyncEngine) -> None:
         error = error_of(httpx.post(f"{live.url}/v1/chat/completions", json=CHAT), 503)
         assert error["code"] == "draining"
         assert httpx.get(f"{live.url}/health").status_code == 200
+
+
+@pytest.mark.parametrize("role", ["system", "developer", "user", "tool"])
+def test_a_message_without_content_is_400_naming_it(http: httpx.Client, role: str) -> None:
+    for message in ({"role": role, "content": None}, {"role": role}):  # null, or left out
+        messages = [{"role": "user", "content": "hi"}, message]
+        error = error_of(http.post("/v1/chat/completions", json={**CHAT, "messages": messages}), 400)
+        assert error["param"] == "messages.1.content", message
+        assert f"a {role} message needs content" in error["message"]
+
+
+def test_an_assistant_message_with_tool_calls_may_have_null_content(http: httpx.Client) -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+    ]
+    r = http.post("/v1/chat/completions", json={**CHAT, "messages": messages})
+    assert r.status_code == 200, r.text

@@ -267,3 +267,69 @@ def test_every_engine_knob_is_a_serve_flag_with_its_default_and_help(knob: datac
     assert f"KILN_{knob.name.upper()}" in option.help
     if knob.default is not None:
         assert f"(default: {knob.default})" in option.help
+
+
+@pytest.fixture(autouse=True)
+def _default_port_unchecked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kiln serve` checks its port is free before anything else; the tests above that serve on the
+    default port 8000 must not depend on this machine leaving it free (a test that wants the check
+    passes --port)."""
+    monkeypatch.setenv("KILN_PORT", "0")
+
+
+def test_version_prints_kilns_version() -> None:
+    from kiln.version import __version__
+
+    result = runner.invoke(kiln.cli.app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"kiln {__version__}\n"
+
+
+def test_serve_on_a_busy_port_fails_before_loading(captured: dict[str, Any]) -> None:
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = runner.invoke(kiln.cli.app, ["serve", "--tiny", "--host", "127.0.0.1", "--port", str(port)])
+    assert result.exit_code == 1
+    assert f"port {port} on 127.0.0.1 is in use" in result.output
+    assert "--port" in result.output and "Errno" not in result.output
+    assert "tiny" not in captured and "engine" not in captured  # nothing resolved, built or loaded
+    # a free port (and port 0: any free one) goes on to load the model
+    result = runner.invoke(kiln.cli.app, ["serve", "--tiny", "--port", str(port)])
+    assert result.exit_code == 0, result.output
+    assert captured["tiny"] is True and captured["settings"].port == port
+
+
+def test_serve_on_an_address_it_cannot_bind_says_so(captured: dict[str, Any]) -> None:
+    result = runner.invoke(kiln.cli.app, ["serve", "--tiny", "--host", "192.0.2.1", "--port", "8123"])
+    assert result.exit_code == 1
+    assert "cannot serve on 192.0.2.1:8123" in result.output and "--host" in result.output
+    assert "engine" not in captured
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["models"], ["complete", "hi"], ["chat"]],
+    ids=["models", "complete", "chat"],
+)
+def test_unreachable_server_is_named_with_the_fix(args: list[str]) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on: bound, never listening
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"
+        result = runner.invoke(kiln.cli.app, [*args, "--url", url], input="/exit\n")
+    port = url.rsplit(":", 1)[1]
+    assert result.exit_code == 1
+    assert f"could not reach {url}" in result.output
+    assert f"Is `kiln serve` running there? Start it with: kiln serve --port {port}" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_url_without_scheme_gets_the_scheme_suggested() -> None:
+    result = runner.invoke(kiln.cli.app, ["models", "--url", "127.0.0.1:9"])
+    assert result.exit_code == 1
+    assert "could not reach 127.0.0.1:9" in result.output and "http://127.0.0.1:9" in result.output

@@ -1,0 +1,125 @@
+"""POST /tokenize and /detokenize in vLLM's shapes: the same ids the generation routes use, text back,
+400s naming the field, the API key, and /openapi.json documenting both."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from server_harness import LiveServer, run_live_server
+
+from kiln.clients.thread import AsyncEngine
+
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
+TOOLS = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+
+
+@pytest.fixture(scope="module")
+def http(server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+def ok(response: httpx.Response) -> dict[str, Any]:
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def prompt_tokens(http: httpx.Client, path: str, body: dict[str, Any]) -> int:
+    return ok(http.post(path, json={**body, "max_tokens": 1}))["usage"]["prompt_tokens"]
+
+
+def test_tokenize_a_prompt_as_completions_does(http: httpx.Client, server: LiveServer) -> None:
+    tokenizer = server.engine.tokenizer
+    text = "The quick brown fox, héllo 🦊"
+    body = ok(http.post("/tokenize", json={"model": "tiny", "prompt": text}))
+    assert set(body) == {"count", "max_model_len", "tokens"}  # token_strs only when asked
+    assert body["tokens"] == tokenizer.encode(text) and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == server.engine.model_info.max_model_len
+    assert body["count"] == prompt_tokens(http, "/v1/completions", {"prompt": text})
+    plain = ok(http.post("/tokenize", json={"prompt": text, "add_special_tokens": False}))
+    assert plain["tokens"] == tokenizer.encode(text, add_special_tokens=False)
+    strs = ok(http.post("/tokenize", json={"prompt": text, "return_token_strs": True}))
+    assert strs["token_strs"] == tokenizer.convert_ids_to_tokens(body["tokens"])
+
+
+def test_tokenize_a_conversation_as_chat_does(http: httpx.Client, server: LiveServer) -> None:
+    body = ok(http.post("/tokenize", json={"messages": MESSAGES}))
+    assert body["count"] == prompt_tokens(http, "/v1/chat/completions", {"messages": MESSAGES})
+    assert body["tokens"] == server.engine.tokenizer.apply_chat_template(MESSAGES)
+    bare = ok(http.post("/tokenize", json={"messages": MESSAGES, "add_generation_prompt": False}))
+    assert bare["tokens"] == server.engine.tokenizer.apply_chat_template(
+        MESSAGES, add_generation_prompt=False
+    )
+    assert bare["count"] < body["count"]
+    # tools are rendered as the chat route renders them (here: Kiln's fallback system message)
+    with_tools = ok(http.post("/tokenize", json={"messages": MESSAGES, "tools": TOOLS}))
+    chat = {"messages": MESSAGES, "tools": TOOLS}
+    assert with_tools["count"] == prompt_tokens(http, "/v1/chat/completions", chat) > body["count"]
+
+
+def test_detokenize_gives_the_text_back(http: httpx.Client, server: LiveServer) -> None:
+    text = "Once upon a time, ünïcödé 日本"
+    ids = ok(http.post("/tokenize", json={"prompt": text}))["tokens"]
+    assert ok(http.post("/detokenize", json={"model": "tiny", "tokens": ids})) == {"prompt": text}
+    chat_ids = ok(http.post("/tokenize", json={"messages": MESSAGES}))["tokens"]
+    rendered = server.engine.tokenizer.render_chat_template(MESSAGES)
+    assert ok(http.post("/detokenize", json={"tokens": chat_ids}))["prompt"] == rendered  # specials kept
+    assert ok(http.post("/detokenize", json={"tokens": []})) == {"prompt": ""}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/detokenize", {"tokens": [1, 10**9]}, 400, "tokens"),
+        ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+        ("/detokenize", {"tokens": ["a"]}, 400, "tokens.0"),
+        ("/detokenize", {}, 400, "tokens"),
+        ("/detokenize", {"tokens": [1], "model": "other"}, 404, "model"),
+        ("/tokenize", {}, 400, "prompt"),
+        ("/tokenize", {"prompt": "x", "messages": MESSAGES}, 400, "prompt"),
+        ("/tokenize", {"prompt": 5}, 400, "prompt"),
+        ("/tokenize", {"prompt": "x", "model": "other"}, 404, "model"),
+        ("/tokenize", {"messages": []}, 400, "messages"),
+        ("/tokenize", {"messages": [{"role": "user", "content": None}]}, 400, "messages.0.content"),
+        ("/tokenize", {"messages": MESSAGES, "add_special_tokens": True}, 400, "add_special_tokens"),
+        ("/tokenize", '{"prompt": "\\ud800"}', 400, "prompt"),  # a lone surrogate, as JSON spells it
+    ],
+)
+def test_bad_requests_name_the_field(
+    http: httpx.Client, path: str, body: dict[str, Any] | str, status: int, param: str
+) -> None:
+    if isinstance(body, str):  # raw JSON text
+        r = http.post(path, content=body, headers={"Content-Type": "application/json"})
+    else:
+        r = http.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_prompt_length_is_bounded_as_for_generation(tiny_engine: AsyncEngine) -> None:
+    with run_live_server(tiny_engine, served_model_name="tiny", max_prompt_chars=10) as live:
+        r = httpx.post(f"{live.url}/tokenize", json={"prompt": "x" * 11})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        r = httpx.post(f"{live.url}/tokenize", json={"messages": [{"role": "user", "content": "y" * 11}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+
+
+def test_behind_the_api_key_and_documented(tiny_engine: AsyncEngine) -> None:
+    with run_live_server(tiny_engine, served_model_name="tiny", api_keys=["sekrit"]) as live:
+        for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1]})):
+            assert httpx.post(live.url + path, json=body).status_code == 401, path
+            r = httpx.post(live.url + path, json=body, headers={"Authorization": "Bearer sekrit"})
+            assert r.status_code == 200, r.text
+        doc = httpx.get(f"{live.url}/openapi.json").json()
+    for path, response in (("/tokenize", "TokenizeResponse"), ("/detokenize", "DetokenizeResponse")):
+        op = doc["paths"][path]["post"]
+        assert {"200", "400", "401", "404", "413", "500", "503"} <= set(op["responses"]), path
+        assert "422" not in op["responses"] and op["security"] == [{"apiKey": []}]
+        schema = op["responses"]["200"]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": f"#/components/schemas/{response}"}
