@@ -83,10 +83,11 @@ def _open(path: Path, config: EngineConfig) -> Any:
     """Open the engine at `path`, then set up this process for it (`prepare_process`)."""
     # Deferred: the engine drivers load the engine, Triton and (for trtllm) TensorRT-LLM.
     from kiln.clients.open import open_engine
+    from kiln.clients.process import ProcessEngine
     from kiln.engine.process_setup import prepare_process
 
     engine = open_engine(path, config)
-    prepare_process(config)
+    prepare_process(config, runs_engine=not isinstance(engine, ProcessEngine))
     return engine
 
 

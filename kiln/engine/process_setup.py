@@ -7,10 +7,17 @@ the first request. It
   it (kiln.engine.sampler), so the same seed and the same requests give the same outputs. It is seeded
   after the engine is built, not before, so what loading and CUDA-graph capture draw from the RNG does
   not shift the sequence the requests see;
+- sizes torch's CPU threads to the cores this process may use (its affinity, not the machine's),
+  one fewer where an engine shares the cores with the server's front end, and one thread in a front
+  end whose engine runs in another process: torch's default of every core oversubscribes the machine
+  when two processes compute, and a step then waits on threads that are not running. An explicit
+  OMP_NUM_THREADS is left as it is;
 - settles the garbage collector (kiln.engine.gc_tuning), which must see the built engine to freeze it.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -18,6 +25,15 @@ from kiln.config import EngineConfig, ResolvedEngineConfig
 from kiln.engine.gc_tuning import settle_garbage_collector
 
 
-def prepare_process(config: EngineConfig | ResolvedEngineConfig) -> None:
+def prepare_process(config: EngineConfig | ResolvedEngineConfig, *, runs_engine: bool = True) -> None:
+    """`runs_engine`: False in a front end whose engine runs in a child process."""
     torch.manual_seed(config.seed)
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(engine_threads() if runs_engine else 1)
     settle_garbage_collector()
+
+
+def engine_threads() -> int:
+    """Threads for the engine's CPU work: the cores this process may use, less one for the front end."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)

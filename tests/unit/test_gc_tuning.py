@@ -100,3 +100,28 @@ def test_opening_an_engine_to_serve_prepares_this_process_too(tiny_gqa_dir):
     finally:
         gc.unfreeze()
         gc.set_threshold(*saved)
+
+
+def test_torch_threads_fit_the_cores_this_process_may_use(monkeypatch):
+    import os
+
+    from kiln.engine import process_setup
+
+    saved_threads, saved = torch.get_num_threads(), gc.get_threshold()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    try:
+        prepare_process(EngineConfig())
+        assert torch.get_num_threads() == 3  # one core left to the server's front end
+        prepare_process(EngineConfig(), runs_engine=False)
+        assert torch.get_num_threads() == 1  # a front end whose engine runs in a child process
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+        assert process_setup.engine_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(5)
+        prepare_process(EngineConfig())
+        assert torch.get_num_threads() == 5  # the operator's choice stands
+    finally:
+        torch.set_num_threads(saved_threads)
+        gc.unfreeze()
+        gc.set_threshold(*saved)
