@@ -39,6 +39,8 @@ from kiln.trtllm.params import TrtLlmRequestLimits, make_trtllm_sampling_params,
 logger = logging.getLogger(__name__)
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# EngineConfig knobs of the native engine's scheduling and CUDA graphs, which TensorRT-LLM has no use for.
+NATIVE_ONLY_KNOBS = ("enforce_eager", "piecewise_graphs", "async_scheduling", "admission_interval")
 
 
 def runtime_llm_kwargs(manifest: Any, options: EngineConfig) -> dict[str, Any]:
@@ -71,6 +73,13 @@ def runtime_llm_kwargs(manifest: Any, options: EngineConfig) -> dict[str, Any]:
         raise ValueError(
             f"block_size {options.block_size}: this engine's KV blocks hold {limits.block_size} tokens"
         )
+    for knob in NATIVE_ONLY_KNOBS:  # set away from its default, it would be silently ignored here
+        value = getattr(options, knob)
+        if value != EngineConfig.__dataclass_fields__[knob].default:
+            flag = "--" + knob.replace("_", "-")
+            raise ValueError(
+                f"{flag} ({value!r}) applies to the native engine only, not to a TensorRT engine"
+            )
     if not 0.0 < options.gpu_memory_utilization <= 1.0:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {options.gpu_memory_utilization}")
 

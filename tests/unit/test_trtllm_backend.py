@@ -330,6 +330,15 @@ def test_runtime_options_may_only_lower_the_built_limits(engine_dir: Path):
         runtime_llm_kwargs(manifest, EngineConfig(block_size=32))
     with pytest.raises(ValueError, match="compiled for float16"):
         runtime_llm_kwargs(manifest, EngineConfig(dtype="bfloat16"))
+    for knob in (
+        {"enforce_eager": True},
+        {"piecewise_graphs": False},
+        {"async_scheduling": False},
+        {"admission_interval": 4},
+    ):
+        flag = "--" + next(iter(knob)).replace("_", "-")
+        with pytest.raises(ValueError, match=f"{flag} .* applies to the native engine only"):
+            runtime_llm_kwargs(manifest, EngineConfig(**knob))
     assert (
         runtime_llm_kwargs(manifest, EngineConfig(num_kv_blocks=10))["kv_cache_config"]["max_tokens"] == 160
     )
