@@ -106,6 +106,12 @@ def trtllm_sampling_kwargs(
     `logit_bias` comes back as {"embedding_bias": {token_id: bias}}; `make_trtllm_sampling_params` turns it
     into the [vocab_size] float32 tensor the library wants.
     """
+    if params.structured is not None:  # TensorRT-LLM's guided decoding is not mapped yet
+        raise RequestValidationError(
+            f"structured outputs ({params.structured.kind}) are not supported by the TensorRT-LLM backend yet; "
+            "serve a native engine for them",
+            "structured",
+        )
     if params.prompt_logprobs is not None:
         raise RequestValidationError("prompt_logprobs is not supported", "prompt_logprobs")
     if params.n > limits.max_batch_size:

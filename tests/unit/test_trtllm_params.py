@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kiln.engine.sampling_params import SamplingParams
+from kiln.engine.sampling_params import SamplingParams, StructuredOutput
+from kiln.errors import RequestValidationError
 from kiln.trtllm.params import (
     TrtLlmRequestLimits,
     make_trtllm_sampling_params,
@@ -140,3 +141,9 @@ def test_make_params_refuses_keywords_the_library_lacks_naming_the_kiln_field():
     kw = {"max_tokens": 4, "presence_penalty": 0.5, "prompt_ignore_length": 3}
     with pytest.raises(ValueError, match=r"^presence_penalty cannot be honoured"):
         make_trtllm_sampling_params(OldSamplingParams, kw, vocab_size=10)
+
+
+def test_structured_outputs_are_refused_naming_the_field_until_mapped():
+    with pytest.raises(RequestValidationError, match="not supported by the TensorRT-LLM backend") as refused:
+        kwargs(SamplingParams(structured=StructuredOutput("regex", "a+")))
+    assert refused.value.field == "structured"
