@@ -33,7 +33,7 @@ from kiln.serve.sse import ClientDisconnected, cancel_on_disconnect, sse_respons
 from kiln.serve.state import ServerState, server_state
 from kiln.serve.tokenize import check_prompt_text, tokenize
 from kiln.serve.tool_calls import Delta, ToolCallDelta
-from kiln.serve.tool_parsers import get_tool_parser
+from kiln.serve.tool_parsers import parse_tool_calls
 from kiln.serve.usage import UsageCounter, token_text_fn
 
 
@@ -123,7 +123,7 @@ def _message(text: str, finish: str | None, plan: ToolPlan | None) -> tuple[Assi
     """The assistant message of one choice, its tool calls read out when tools were offered."""
     if plan is None:
         return AssistantMessage(content=text), finish
-    parsed = get_tool_parser(plan.parser).parse(text)
+    parsed = parse_tool_calls(text, plan.parser)
     if not parsed.tool_calls:
         return AssistantMessage(content=parsed.content or ""), finish
     calls = [

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 from pathlib import Path
 
 import httpx
-from server_harness import start_cli_server, wait_for
+from server_harness import longest_stream_body, start_cli_server, stream_in_background, wait_for
 
 MAX_TOKENS = 600
 
@@ -23,21 +22,10 @@ def test_sigterm_finishes_the_in_flight_stream_then_exits_0(tiny_gqa_dir: Path) 
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        started = threading.Event()
-        lines: list[str] = []
-
-        def stream() -> None:
-            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
-                for line in r.iter_lines():
-                    lines.append(line)
-                    if line.startswith("data: {"):
-                        started.set()
-
-        client = threading.Thread(target=stream)
-        client.start()
-        assert started.wait(timeout=60)
+        stream = stream_in_background(url, body)
+        assert stream.started.wait(timeout=60)
         proc.send_signal(signal.SIGTERM)
-        chunks_at_signal = sum(line.startswith("data: {") for line in list(lines))
+        chunks_at_signal = sum(line.startswith("data: {") for line in list(stream.lines))
 
         def refused() -> bool:
             try:
@@ -47,8 +35,8 @@ def test_sigterm_finishes_the_in_flight_stream_then_exits_0(tiny_gqa_dir: Path) 
             return False
 
         assert wait_for(refused, timeout=30), "still accepting connections while draining"
-        client.join(timeout=120)
-        payloads = [line[6:] for line in lines if line.startswith("data: ")]
+        stream.thread.join(timeout=120)
+        payloads = stream.payloads()
         assert chunks_at_signal < len(payloads) - 2, "the stream was not in flight at SIGTERM"
         assert payloads[-1] == "[DONE]"
         usage = json.loads(payloads[-2]).get("usage")
@@ -66,24 +54,11 @@ def test_a_drain_that_runs_out_ends_each_stream_with_an_error_and_done(tiny_gqa_
     `[DONE]` (the openai client raises on it), never a silent truncation; the exit is still 0."""
     proc, url, log = start_cli_server(tiny_gqa_dir, "--drain-timeout-seconds", "0.5")
     try:
-        lines: list[str] = []
-        started = threading.Event()
-
-        def stream() -> None:
-            body = {"prompt": [5, 6], "max_tokens": 100_000, "ignore_eos": True, "stream": True}
-            body["max_tokens"] = httpx.get(f"{url}/v1/models").json()["data"][0]["max_model_len"] - 2
-            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
-                for line in r.iter_lines():
-                    lines.append(line)
-                    if line.startswith("data: {"):
-                        started.set()
-
-        client = threading.Thread(target=stream)
-        client.start()
-        assert started.wait(timeout=60)
+        stream = stream_in_background(url, longest_stream_body(url))
+        assert stream.started.wait(timeout=60)
         proc.send_signal(signal.SIGTERM)
-        client.join(timeout=60)
-        payloads = [line[6:] for line in lines if line.startswith("data: ")]
+        stream.thread.join(timeout=60)
+        payloads = stream.payloads()
         assert payloads[-1] == "[DONE]"
         error = json.loads(payloads[-2])["error"]
         assert error["code"] == "draining" and "drain timeout" in error["message"]

@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 from pathlib import Path
 
 import httpx
-from server_harness import start_cli_server, wait_for
+from server_harness import longest_stream_body, start_cli_server, stream_in_background, wait_for
 
 
 def _engine_pid(server_pid: int) -> int:
@@ -36,30 +35,17 @@ def _status(url: str, path: str) -> int | None:
         return None
 
 
-def _long_stream(url: str, lines: list[str], started: threading.Event) -> None:
-    max_len = httpx.get(f"{url}/v1/models").json()["data"][0]["max_model_len"]
-    body = {"prompt": [5, 6], "max_tokens": max_len - 2, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
-        for line in r.iter_lines():
-            lines.append(line)
-            if line.startswith("data: {"):
-                started.set()
-
-
 def test_a_dead_or_stuck_engine_is_restarted_then_the_server_gives_up(tiny_gqa_dir: Path) -> None:
     flags = ["--engine-check-interval-seconds", "0.2", "--engine-check-timeout-seconds", "2"]
     proc, url, log = start_cli_server(tiny_gqa_dir, *flags, "--max-engine-restarts", "2")
     try:
         # 1. SIGKILL mid-stream: the stream ends with an error event and [DONE], never a hang.
-        lines: list[str] = []
-        started = threading.Event()
-        client = threading.Thread(target=_long_stream, args=(url, lines, started))
-        client.start()
-        assert started.wait(timeout=60)
+        stream = stream_in_background(url, longest_stream_body(url))
+        assert stream.started.wait(timeout=60)
         os.kill(_engine_pid(proc.pid), signal.SIGKILL)
-        client.join(timeout=30)
-        assert not client.is_alive(), "the stream hung after the engine died"
-        payloads = [line[6:] for line in lines if line.startswith("data: ")]
+        stream.thread.join(timeout=30)
+        assert not stream.thread.is_alive(), "the stream hung after the engine died"
+        payloads = stream.payloads()
         assert payloads[-1] == "[DONE]"
         assert json.loads(payloads[-2])["error"]["code"] == "engine_failed"
 

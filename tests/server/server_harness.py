@@ -101,3 +101,38 @@ def _ready(url: str) -> bool:
         return httpx.get(f"{url}/ready", timeout=1).status_code == 200
     except httpx.TransportError:
         return False
+
+
+@dataclass(slots=True)
+class BackgroundStream:
+    """A streamed completion read on its own thread: its lines as they come, `started` at the first chunk."""
+
+    thread: threading.Thread
+    lines: list[str]
+    started: threading.Event
+
+    def payloads(self) -> list[str]:
+        return [line[6:] for line in self.lines if line.startswith("data: ")]
+
+
+def stream_in_background(url: str, body: dict[str, Any]) -> BackgroundStream:
+    """POST `body` (a streaming completion) to `url`/v1/completions, reading it on a thread."""
+    lines: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                if line.startswith("data: {"):
+                    started.set()
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    return BackgroundStream(thread, lines, started)
+
+
+def longest_stream_body(url: str) -> dict[str, Any]:
+    """A streaming completion that fills the served model's whole context (the longest it can run)."""
+    max_len = httpx.get(f"{url}/v1/models").json()["data"][0]["max_model_len"]
+    return {"prompt": [5, 6], "max_tokens": max_len - 2, "ignore_eos": True, "stream": True}
