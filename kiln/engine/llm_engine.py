@@ -4,8 +4,9 @@ With overlapped steps (`EngineConfig.async_scheduling`, on by default on CUDA) a
 launches step N+1 on the GPU before it reads step N's tokens and turns them into outputs, so the
 host's per-step work (scheduling, input preparation, detokenizing, stop checks) runs while the GPU
 computes instead of between its steps. The price: a request that stops at step N has been scheduled
-once more in step N+1, whose token is dropped. Steps fall back to running one at a time when a
-request in the next step samples with penalties (they need the previous token's id on the host).
+once more in step N+1, whose token is dropped. When a request in step N+1 samples with penalties or
+a structured output's mask (both need step N's token on the host), only N+1's forward pass is queued
+before step N is read; its sampling is queued after, while that forward pass runs on the GPU.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from kiln.config import DTYPES, EngineConfig, EngineLimits, ModelConfig, canonical_dtype
 from kiln.engine.info import EngineStats, ModelInfo
 from kiln.engine.memory_profile import num_kv_blocks_from_memory
-from kiln.engine.model_runner import LaunchedStep, ModelRunner, RequestsFailed
+from kiln.engine.model_runner import ForwardedStep, LaunchedStep, ModelRunner, RequestsFailed
 from kiln.engine.output_processor import OutputProcessor
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.piecewise_graphs import MAX_PIECEWISE_GRAPH_TOKENS
@@ -259,10 +260,16 @@ class LLMEngine:
         if not self.async_scheduling:
             return self._finish_step(*self._launch(scheduled))
         outputs: list[RequestOutput] = []
-        if self._in_flight is not None and (scheduled.is_empty or self._needs_host_tokens(scheduled)):
+        if scheduled.is_empty:
+            launched = None
+        elif self._in_flight is not None and self._needs_host_tokens(scheduled):
+            # Its sampling reads the tokens in flight: queue the forward pass, read them while it runs.
+            forwarded = self.runner.launch_forward(scheduled)
             outputs = self._finish_step(*self._in_flight)
             self._in_flight = None
-        launched = None if scheduled.is_empty else self._launch(scheduled)
+            launched = self._launch(scheduled, forwarded)
+        else:
+            launched = self._launch(scheduled)
         if self._in_flight is not None:
             outputs = self._finish_step(*self._in_flight)
         self._in_flight = launched
@@ -274,13 +281,17 @@ class LLMEngine:
         failed, self._failed = self._failed, []
         return failed
 
-    def _launch(self, scheduled: SchedulerOutput) -> tuple[SchedulerOutput, LaunchedStep]:
-        """Launch the step; a request whose own part of it fails is aborted and the step launched again
-        without it, so one request's fault never ends its neighbours'."""
+    def _launch(
+        self, scheduled: SchedulerOutput, forwarded: ForwardedStep | None = None
+    ) -> tuple[SchedulerOutput, LaunchedStep]:
+        """Launch the step (its sampling only, when `forwarded`); a request whose own part of it fails
+        is aborted and the whole step launched again without it, so one request's fault never ends its
+        neighbours'."""
         while True:
             try:
-                return scheduled, self.runner.launch(scheduled)
+                return scheduled, self.runner.launch(scheduled, forwarded)
             except RequestsFailed as failed:
+                forwarded = None
                 by_caller = {self.scheduler.requests[s].group_id or s: e for s, e in failed.errors.items()}
                 aborted = [
                     seq_id for rid, error in by_caller.items() for seq_id in self._fail_request(rid, error)

@@ -6,6 +6,10 @@ sampling, and the copy of the sampled tokens to pinned host memory) and returns 
 decode whose input token was sampled by the step before it and is not on the host yet reads it
 straight from that step's device tensor. Rules: only the most recently launched step's tokens can
 be read that way, and steps must be collected in launch order.
+
+A step whose sampling needs the previous step's tokens on the host (penalties, a structured output's
+mask) is launched in two halves: `launch_forward` queues its forward pass, the caller collects the
+previous step while it runs, then `launch(output, forwarded)` queues the sampling.
 """
 
 from __future__ import annotations
@@ -41,6 +45,14 @@ class LaunchedStep:
     sample_ids: list[str]  # request ids, one per sampled row
     output: SamplerOutput | None  # host tensors (pinned on CUDA) being filled by non-blocking copies
     done: torch.cuda.Event | None  # recorded after those copies (CUDA only)
+
+
+@dataclass(slots=True)
+class ForwardedStep:
+    """A step whose forward pass is queued and whose sampling is not (`ModelRunner.launch_forward`)."""
+
+    inputs: StepInputs
+    logits: torch.Tensor | None  # [sampling rows, vocab] on the device; None: no row samples
 
 
 @dataclass(slots=True)
@@ -93,13 +105,15 @@ class ModelRunner:
         self._mask_turn = 0
 
     @torch.inference_mode()
-    def launch(self, output: SchedulerOutput) -> LaunchedStep:
-        """Queue the step on the device; returns as soon as it is queued (on CUDA)."""
+    def launch(self, output: SchedulerOutput, forwarded: ForwardedStep | None = None) -> LaunchedStep:
+        """Queue the step on the device; returns as soon as it is queued (on CUDA). `forwarded`: the
+        step's forward pass, queued earlier by `launch_forward`; only its sampling is left to queue."""
         for request_id in output.finished_ids:
             self._generators.pop(request_id, None)
         if output.is_empty:
             return LaunchedStep(sample_ids=[], output=None, done=None)
-        # Per-request work first, where a failure is one request's: nothing is on the device yet.
+        # Per-request work first, where a failure is one request's (and, without `forwarded`, nothing
+        # is on the device yet).
         rows: list[SamplingRow] = []
         failed: dict[str, Exception] = {}
         for item in output.scheduled:
@@ -110,13 +124,14 @@ class ModelRunner:
                     failed[item.request.request_id] = exc
         if failed:
             raise RequestsFailed(failed)
-        inputs = self.prepare_inputs(output)
-        hidden = self._forward(inputs)
-        if not inputs.sample_ids:
+        if forwarded is None:
+            forwarded = self.launch_forward(output)
+        inputs, logits = forwarded.inputs, forwarded.logits
+        if logits is None:
             return LaunchedStep(sample_ids=[], output=None, done=None)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])
         batch = SamplingBatch.build(rows, self.vocab_size, self.device)
         if self.grammars is not None and any(row.matcher is not None for row in rows):
+            # On CUDA the forward pass runs while the host fills the masks.
             mask = self._mask_staging(len(rows))
             self.grammars.fill_masks([row.matcher for row in rows], mask)
             batch.token_mask = mask.to(self.device, non_blocking=True)
@@ -141,6 +156,14 @@ class ModelRunner:
             done = torch.cuda.Event()
             done.record()
         return LaunchedStep(sample_ids=inputs.sample_ids, output=host, done=done)
+
+    @torch.inference_mode()
+    def launch_forward(self, output: SchedulerOutput) -> ForwardedStep:
+        """Queue a non-empty step's inputs and forward pass, up to the logits of its sampling rows."""
+        inputs = self.prepare_inputs(output)
+        hidden = self._forward(inputs)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices]) if inputs.sample_ids else None
+        return ForwardedStep(inputs=inputs, logits=logits)
 
     def collect(self, step: LaunchedStep) -> SampledTokens:
         """Wait for a launched step's tokens (and logprobs) to reach the host."""
@@ -279,7 +302,9 @@ class ModelRunner:
             # schedule() already counted the token this step samples as pending; the row wants the
             # ones before it.
             num_pending_tokens=request.num_pending_tokens - 1,
-            matcher=request.matcher,
+            # A request that finished since the step was scheduled samples unconstrained: its token is
+            # dropped, and its grammar allows nothing more.
+            matcher=None if request.status.finished else request.matcher,
         )
 
     def _mask_staging(self, rows: int) -> torch.Tensor:

@@ -3,7 +3,8 @@ read. Every request must come out exactly as with steps run one at a time, and n
 
 Runs on CPU, where the launch does not return early, but every piece of bookkeeping is the same as on
 CUDA: pending tokens, decodes reading their input from the previous step's token tensor, the extra
-step of a request whose stop is not known yet, and the fallback for penalties.
+step of a request whose stop is not known yet, and the steps launched in two halves for penalties and
+structured outputs.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 from kiln.config import EngineConfig
 from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.outputs import RequestOutput
-from kiln.engine.sampling_params import SamplingParams
+from kiln.engine.sampling_params import SamplingParams, StructuredOutput
 from kiln.llm import accumulate
 
 
@@ -78,11 +79,40 @@ def test_every_kind_of_request_comes_out_as_with_one_step_at_a_time(tiny_gqa_dir
         ),
         (list(range(40, 75)), SamplingParams(temperature=0, max_tokens=1)),
         ([1], SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)),
+        # Structured outputs: one whose grammar completes after a few tokens (while the next step is
+        # already scheduled), one sampled, one held to a schema until max_tokens.
+        (
+            [2, 3],
+            SamplingParams(temperature=0, max_tokens=12, structured=StructuredOutput("regex", "[ab]{3}")),
+        ),
+        (
+            [4, 6],
+            SamplingParams(
+                temperature=0.9, seed=5, max_tokens=20, structured=StructuredOutput.choice(["yes", "no"])
+            ),
+        ),
+        (
+            [7, 8, 9],
+            SamplingParams(
+                temperature=0,
+                max_tokens=16,
+                structured=StructuredOutput.json_schema({"type": "array", "items": {"type": "integer"}}),
+            ),
+        ),
     ]
     sync = run_all(engine_for(tiny_gqa_dir, overlap=False), requests)
     overlapped_engine = engine_for(tiny_gqa_dir, overlap=True)
+    halves = []
+    launch = overlapped_engine.runner.launch
+    overlapped_engine.runner.launch = lambda out, fwd=None: (
+        halves.append(fwd is not None),
+        launch(out, fwd),
+    )[1]
     overlapped = run_all(overlapped_engine, requests)
+    assert any(halves) and not all(halves)  # penalties and grammars took the two-halves path, others not
     assert [summary(o) for o in overlapped] == [summary(o) for o in sync]
+    assert len(sync[-3].outputs[0].text) == 3 and set(sync[-3].outputs[0].text) <= {"a", "b"}
+    assert sync[-2].outputs[0].text in ("yes", "no")
     assert sync[0].outputs[0].finish_reason == "stop" and sync[0].outputs[0].stop_reason == stop_string
     assert sync[1].outputs[0].stop_reason == ids[6] and len(sync[2].outputs[0].token_ids) >= 8
     assert overlapped_engine.stats().kv_blocks_used == 0
