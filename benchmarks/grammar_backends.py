@@ -1,11 +1,14 @@
 """llguidance against xgrammar on one JSON schema: tokenizer setup, compile, per-token mask time.
 
-    python -m benchmarks.grammar_backends ENGINE_OR_TOKENIZER_DIR [--json OUT.json]
+    python -m benchmarks.grammar_backends ENGINE_OR_TOKENIZER_DIR [--batch 256] [--json OUT.json]
 
 Rules: the same schema and the same compact answer (its token ids under the given tokenizer) for both;
 each mask is filled for one sequence on the host, then the answer's next token is consumed, so a row is
-the host time a constrained request adds per generated token. A library that is not installed is
-reported as such, not measured. Kiln uses llguidance (docs/server.md says why); xgrammar is only here.
+the host time a constrained request adds per generated token. `--batch N`: N sequences at once, each
+library's batched fill (threads off the GIL), timed per step; on CUDA also the masks applied to
+[N, vocabulary] logits on the device (Kiln's `apply_token_bitmask` beside xgrammar's kernel). A library
+that is not installed is reported as such, not measured. Kiln uses llguidance (docs/server.md says why);
+xgrammar is only here.
 """
 
 from __future__ import annotations
@@ -84,6 +87,79 @@ def bench_xgrammar(hf: Any, ids: list[int]) -> dict[str, float]:
     return _row(setup, compile_s, per_token)
 
 
+def batch_llguidance(hf: Any, ids: list[int], batch: int) -> dict[str, float]:
+    import llguidance  # deferred: each library is optional here
+    import llguidance.hf
+    import torch
+
+    tokenizer = llguidance.hf.from_tokenizer(hf)
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(
+        json.dumps(SCHEMA), defaults={"whitespace_flexible": False}
+    )
+    matchers = [llguidance.LLMatcher(tokenizer, grammar) for _ in range(batch)]
+    words = (tokenizer.vocab_size + 31) // 32
+    mask = torch.empty((batch, words), dtype=torch.int32)
+    executor = llguidance.LLExecutor()
+    rows = [(m, i) for i, m in enumerate(matchers)]
+    per_step = []
+    for token in ids:
+        per_step.append(
+            _timed(lambda: executor.unsafe_compute_mask_ptr(rows, mask.data_ptr(), words * 4, batch))[1]
+        )
+        for m in matchers:
+            m.consume_token(token)
+    return {
+        "batch_mask_median_ms": statistics.median(per_step) * 1e3,
+        "batch_mask_max_ms": max(per_step) * 1e3,
+    }
+
+
+def batch_xgrammar(hf: Any, ids: list[int], batch: int) -> dict[str, float]:
+    import xgrammar  # deferred: each library is optional here
+
+    compiler = xgrammar.GrammarCompiler(xgrammar.TokenizerInfo.from_huggingface(hf, vocab_size=len(hf)))
+    compiled = compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False, separators=(",", ":"))
+    matchers = [xgrammar.GrammarMatcher(compiled) for _ in range(batch)]
+    mask = xgrammar.allocate_token_bitmask(batch, len(hf))
+    filler = xgrammar.BatchGrammarMatcher()
+    per_step = []
+    for token in ids:
+        per_step.append(_timed(lambda: filler.batch_fill_next_token_bitmask(matchers, mask))[1])
+        for m in matchers:
+            m.accept_token(token)
+    return {
+        "batch_mask_median_ms": statistics.median(per_step) * 1e3,
+        "batch_mask_max_ms": max(per_step) * 1e3,
+    }
+
+
+def apply_on_device(batch: int, vocab: int, model_vocab: int) -> dict[str, Any]:
+    """Median device time of applying [batch, words] masks to bf16 [batch, model_vocab] logits."""
+    import torch
+    import triton.testing  # deferred: CUDA only
+
+    from kiln.engine.structured import apply_token_bitmask  # deferred: torch
+
+    words = (vocab + 31) // 32
+    mask = torch.randint(-(2**31), 2**31 - 1, (batch, words), dtype=torch.int32, device="cuda")
+    logits = torch.randn(batch, model_vocab, dtype=torch.bfloat16, device="cuda")
+    rows: dict[str, Any] = {
+        "kiln_apply_token_bitmask_us": 1e3
+        * triton.testing.do_bench(lambda: apply_token_bitmask(logits, mask))
+    }
+    try:
+        import xgrammar  # deferred: optional
+    except ImportError:
+        rows["xgrammar_apply_token_bitmask_inplace_us"] = "not installed"
+        return rows
+    padded = torch.full((batch, (model_vocab + 31) // 32), -1, dtype=torch.int32, device="cuda")
+    padded[:, :words] = mask
+    rows["xgrammar_apply_token_bitmask_inplace_us"] = 1e3 * triton.testing.do_bench(
+        lambda: xgrammar.apply_token_bitmask_inplace(logits, padded)
+    )
+    return rows
+
+
 def _row(setup: float, compile_s: float, per_token: list[float]) -> dict[str, float]:
     return {
         "tokenizer_setup_ms": setup * 1e3,
@@ -98,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks.grammar_backends", description=__doc__.splitlines()[0]
     )
     p.add_argument("tokenizer_dir", type=Path)
+    p.add_argument("--batch", type=int, default=0, help="also time batched fills of N sequences")
+    p.add_argument("--model-vocab", type=int, default=128256, help="logits width for the device rows")
     p.add_argument("--json", type=Path, help="write the rows here")
     args = p.parse_args(argv)
     from kiln.models.tokenizer import Tokenizer  # deferred: loads transformers
@@ -112,6 +190,19 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             rows[name] = "not installed"
         print(name, rows[name])
+    if args.batch:
+        for name, bench_batch in (("llguidance", batch_llguidance), ("xgrammar", batch_xgrammar)):
+            key = f"{name}_batch{args.batch}"
+            try:
+                rows[key] = bench_batch(hf, ids, args.batch)
+            except ImportError:
+                rows[key] = "not installed"
+            print(key, rows[key])
+        import torch  # deferred: only the device rows need it
+
+        if torch.cuda.is_available():
+            rows[f"device_apply_batch{args.batch}"] = apply_on_device(args.batch, len(hf), args.model_vocab)
+            print("device", rows[f"device_apply_batch{args.batch}"])
     if args.json:
         args.json.write_text(
             json.dumps({"vocab_size": len(hf), "answer_tokens": len(ids), "rows": rows}, indent=1)

@@ -101,10 +101,15 @@ def engine_config(args: argparse.Namespace, **more: Any) -> EngineConfig:
 
 
 def build_random_engine(
-    shape: str, config: EngineConfig, limits: EngineLimits = RANDOM_ENGINE_LIMITS
+    shape: str,
+    config: EngineConfig,
+    limits: EngineLimits = RANDOM_ENGINE_LIMITS,
+    tokenizer_dir: Path | None = None,
 ) -> LLMEngine:
     """An LLMEngine over random weights at a preset shape, made directly on the device (no disk
-    but a throw-away tokenizer: the engine needs one to detokenize, and any will do for ids)."""
+    but a throw-away tokenizer: the engine needs one to detokenize, and any will do for ids).
+    `tokenizer_dir`: a real tokenizer instead (structured outputs need one that spells text); its ids
+    past the model's vocabulary are never sampled."""
     if shape not in RANDOM_SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(RANDOM_SHAPES)}")
     default_dtype, hf_config = RANDOM_SHAPES[shape]
@@ -122,9 +127,10 @@ def build_random_engine(
                 yield name, torch.randn(size, device=device, generator=generator).mul_(0.02)
 
     model.load_weights(random_weights())
-    tokenizer_dir = write_wordlevel_tokenizer(
-        Path(tempfile.mkdtemp(prefix="kiln-bench-tok-")), model_config.vocab_size
-    )
+    if tokenizer_dir is None:
+        tokenizer_dir = write_wordlevel_tokenizer(
+            Path(tempfile.mkdtemp(prefix="kiln-bench-tok-")), model_config.vocab_size
+        )
     return LLMEngine(
         model.eval(),
         model_config,

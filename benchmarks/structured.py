@@ -1,0 +1,240 @@
+"""Structured outputs on the GPU: what a JSON schema costs a batch, and batch-1, against the same workload free.
+
+    python -m benchmarks.structured TOKENIZER_DIR [--shape llama3.1-8b] [--num-requests 256] [--json OUT.json]
+
+Rules:
+- One random-weight engine at a preset shape (kiln.bench.RANDOM_SHAPES) with a real byte-level tokenizer
+  (TOKENIZER_DIR: an engine directory or a Hugging Face tokenizer); ids past the tokenizer's vocabulary are
+  never allowed under a schema. Every request is greedy; free requests ignore EOS, constrained ones stop
+  where their schema completes (or at max_tokens), so the figures are output tokens per second.
+- Throughput: all requests added at once, free and constrained runs alternated (`--repeats` each, best
+  kept), so drift on the machine falls on both. Batch-1: ms/token after the first token, best of 3.
+- Compile: a fresh matcher for each schema in SCHEMAS (cold grammar cache), after the tokenizer is set up
+  once (reported apart). Every constrained output that finished by its schema must parse and validate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.grammar_backends import SCHEMA as PERSON_SCHEMA
+
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "person": PERSON_SCHEMA,
+    "order": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{6}$"},
+            "status": {"enum": ["new", "paid", "shipped", "cancelled"]},
+            "items": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 8,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "sku": {"type": "string", "maxLength": 16},
+                        "quantity": {"type": "integer", "minimum": 1, "maximum": 99},
+                        "price": {"type": "number"},
+                    },
+                    "required": ["sku", "quantity", "price"],
+                    "additionalProperties": False,
+                },
+            },
+            "note": {"type": ["string", "null"], "maxLength": 200},
+        },
+        "required": ["id", "status", "items"],
+        "additionalProperties": False,
+    },
+    "weather_tool_call": {
+        "type": "object",
+        "properties": {
+            "name": {"const": "get_weather"},
+            "arguments": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "unit": {"enum": ["celsius", "fahrenheit"]},
+                    "days": {"type": "integer", "minimum": 1, "maximum": 14},
+                },
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    },
+}
+
+
+def _params(max_tokens: int, schema: dict[str, Any] | None) -> Any:
+    from kiln.engine.sampling_params import SamplingParams, StructuredOutput  # deferred: torch
+
+    if schema is None:
+        return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    return SamplingParams(
+        temperature=0.0, max_tokens=max_tokens, structured=StructuredOutput.json_schema(schema)
+    )
+
+
+def run_batch(
+    engine: Any, prompts: list[list[int]], max_tokens: int, schema: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Add every prompt at once, step to the end; output tok/s and what the constrained outputs were."""
+    from kiln.bench.workload import sync  # deferred: torch
+
+    sync(engine)
+    start = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"b{i}", prompt_token_ids=prompt, params=_params(max_tokens, schema))
+    tokens: dict[str, list[int]] = {}
+    reasons: dict[str, str | None] = {}
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            for c in delta.outputs:
+                tokens.setdefault(delta.request_id, []).extend(c.token_ids)
+                reasons[delta.request_id] = c.finish_reason
+    sync(engine)
+    elapsed = time.perf_counter() - start
+    generated = sum(len(t) for t in tokens.values())
+    row: dict[str, Any] = {
+        "output_tokens": generated,
+        "elapsed_s": elapsed,
+        "output_tok_per_s": generated / elapsed,
+        "mean_output_len": generated / len(prompts),
+    }
+    if schema is not None:
+        row.update(_check_outputs(engine, tokens, reasons, schema))
+    return row
+
+
+def _check_outputs(
+    engine: Any, tokens: dict[str, list[int]], reasons: dict[str, str | None], schema: dict[str, Any]
+) -> dict[str, int]:
+    """Every output its schema completed must parse and validate; the others stopped at max_tokens."""
+    import jsonschema  # deferred: only the check needs it
+
+    completed = [rid for rid, why in reasons.items() if why == "stop"]
+    for rid in completed:
+        text = engine.tokenizer.hf.decode(tokens[rid], skip_special_tokens=True)
+        jsonschema.validate(json.loads(text), schema)  # raises: the benchmark fails loudly
+    return {"completed_by_schema": len(completed), "stopped_at_max_tokens": len(reasons) - len(completed)}
+
+
+def run_batch1(
+    engine: Any, prompt: list[int], max_tokens: int, schema: dict[str, Any] | None
+) -> dict[str, float]:
+    """One request alone: ms per token after the first, best of 3 after a warm-up."""
+    best: dict[str, float] | None = None
+    for rep in range(4):
+        engine.add_request(f"one{rep}", prompt_token_ids=prompt, params=_params(max_tokens, schema))
+        start = time.perf_counter()
+        first: float | None = None
+        count = 0
+        while engine.has_unfinished_requests():
+            for delta in engine.step():
+                new = sum(len(c.token_ids) for c in delta.outputs)
+                if new and first is None:
+                    first = time.perf_counter()
+                count += new
+        end = time.perf_counter()
+        if rep == 0 or first is None or count < 2:
+            continue
+        row = {
+            "ttft_ms": 1e3 * (first - start),
+            "ms_per_token": 1e3 * (end - first) / (count - 1),
+            "tokens": count,
+        }
+        if best is None or row["ms_per_token"] < best["ms_per_token"]:
+            best = row
+    assert best is not None, "no timed batch-1 run produced two tokens"
+    return best
+
+
+def compile_times(engine: Any) -> dict[str, Any]:
+    """A new schema's cost: its grammar, a matcher and the first mask (cold cache, tokenizer set up)."""
+    import torch  # deferred: as the engine
+
+    from kiln.engine.sampling_params import StructuredOutput  # deferred: torch
+
+    start = time.perf_counter()
+    engine.grammars.tokenizer  # noqa: B018  (set up once per engine; reported apart)
+    setup_ms = 1e3 * (time.perf_counter() - start)
+    rows = {}
+    for name, schema in SCHEMAS.items():
+        start = time.perf_counter()
+        matcher = engine.grammars.matcher(StructuredOutput.json_schema(schema))
+        # llguidance builds its lexer lazily: the first mask is part of what a new schema costs.
+        mask = torch.empty((1, engine.grammars.mask_words()), dtype=torch.int32)
+        engine.grammars.fill_masks([matcher], mask)
+        rows[name] = 1e3 * (time.perf_counter() - start)
+    return {"tokenizer_setup_ms": setup_ms, "compile_ms": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.structured", description=__doc__.splitlines()[0])
+    p.add_argument("tokenizer_dir", type=Path)
+    p.add_argument("--shape", default="llama3.1-8b")
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--schema", choices=sorted(SCHEMAS), default="order")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", type=Path, help="write the results here")
+    args = p.parse_args(argv)
+
+    from kiln.bench.workload import build_random_engine, random_prompts  # deferred: torch, the engine
+    from kiln.config import EngineConfig, EngineLimits
+
+    limits = EngineLimits(max_batch_size=max(args.num_requests, 1), max_num_tokens=8192)
+    engine = build_random_engine(args.shape, EngineConfig(), limits, tokenizer_dir=args.tokenizer_dir)
+    vocab = min(engine.model_config.vocab_size, len(engine.tokenizer.hf))
+    schema = SCHEMAS[args.schema]
+    result: dict[str, Any] = {
+        "shape": args.shape,
+        "tokenizer_vocab": len(engine.tokenizer.hf),
+        "schema": args.schema,
+        "workload": f"{args.num_requests} x {args.input_len}/{args.output_len}",
+        "compile": compile_times(engine),
+    }
+    print(json.dumps(result["compile"]))
+    prompts = random_prompts(args.num_requests, [args.input_len] * args.num_requests, vocab, 0)
+    run_batch(engine, prompts[:8], 16, None)  # warm-up: kernels, graphs, both paths
+    run_batch(engine, prompts[:8], 16, schema)
+    runs: dict[str, list[dict[str, Any]]] = {"free": [], "schema": []}
+    for _ in range(args.repeats):
+        for label, s in (("free", None), ("schema", schema)):
+            runs[label].append(run_batch(engine, prompts, args.output_len, s))
+            print(label, json.dumps(runs[label][-1]))
+    best = {label: max(rows, key=lambda r: r["output_tok_per_s"]) for label, rows in runs.items()}
+    result["throughput"] = best
+    result["throughput_ratio"] = best["schema"]["output_tok_per_s"] / best["free"]["output_tok_per_s"]
+    one = {
+        label: run_batch1(engine, prompts[0], args.output_len, s)
+        for label, s in (("free", None), ("schema", schema))
+    }
+    result["batch1"] = one
+    result["batch1_slowdown"] = one["schema"]["ms_per_token"] / one["free"]["ms_per_token"] - 1
+    result["throughput_runs_tok_per_s"] = {
+        label: [round(r["output_tok_per_s"]) for r in rows] for label, rows in runs.items()
+    }
+    summary = (
+        f"throughput: schema {best['schema']['output_tok_per_s']:.0f} / free {best['free']['output_tok_per_s']:.0f}"
+        f" tok/s = {100 * result['throughput_ratio']:.1f}%; batch-1: schema {one['schema']['ms_per_token']:.3f}"
+        f" / free {one['free']['ms_per_token']:.3f} ms/token = {100 * result['batch1_slowdown']:+.1f}%;"
+        f" compile median {statistics.median(result['compile']['compile_ms'].values()):.1f} ms"
+    )
+    print(summary)
+    result["summary"] = summary
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
