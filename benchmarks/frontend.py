@@ -45,7 +45,7 @@ def model_free_engine(path: str, step_s: float, max_num_seqs: int = 256) -> LLME
     )
     runner = engine.runner
 
-    def launch(output):
+    def launch(output, forwarded=None):  # CPU: steps run one at a time, never in two halves
         for request_id in output.finished_ids:
             runner._generators.pop(request_id, None)
         sample_ids = [item.request.request_id for item in output.scheduled if item.sample]

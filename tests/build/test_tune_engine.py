@@ -38,9 +38,9 @@ def test_warm_steps_cover_every_kind_of_step(tiny_engine_dir: Path) -> None:
     steps: list[list[tuple[int, int]]] = []  # per step: (start, new tokens) of each request
     launch = engine.runner.launch
 
-    def recording_launch(scheduled: Any) -> Any:
+    def recording_launch(scheduled: Any, forwarded: Any = None) -> Any:
         steps.append([(item.start, item.num_new_tokens) for item in scheduled.scheduled])
-        return launch(scheduled)
+        return launch(scheduled, forwarded)
 
     engine.runner.launch = recording_launch  # type: ignore[method-assign]
     count = bk.warm_steps(engine, max_num_tokens=LIMITS.max_num_tokens, max_num_seqs=LIMITS.max_batch_size)
