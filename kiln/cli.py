@@ -16,18 +16,18 @@ from __future__ import annotations
 import errno
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 from urllib.parse import urlsplit
 
-import torch
 import typer
 from rich.console import Console
 
 from kiln.config import EngineConfig, EngineLimits
 from kiln.errors import BackendUnavailableError, KilnError, OfflineError
-from kiln.serve.flags import SettingsFlagError, with_settings_flags
+from kiln.serve.flags import ENV_HELP, SettingsFlagError, with_settings_flags
 from kiln.serve.settings import ServerSettings
 from kiln.version import __version__
 
@@ -79,14 +79,15 @@ def _resolve(model: str | None, tiny: bool) -> Path:
         raise _fail(str(exc)) from None
 
 
-def _open(path: Path, config: EngineConfig) -> Any:
-    """Open the engine at `path`, then set up this process for it (`prepare_process`)."""
+def _open(path: Path, config: EngineConfig, may_import: Callable[[], None] | None = None) -> Any:
+    """Open the engine at `path`, then set up this process for it (`prepare_process`); `may_import`:
+    see `open_engine`."""
     # Deferred: the engine drivers load the engine, Triton and (for trtllm) TensorRT-LLM.
     from kiln.clients.open import open_engine
     from kiln.clients.process import ProcessEngine
     from kiln.engine.process_setup import prepare_process
 
-    engine = open_engine(path, config)
+    engine = open_engine(path, config, may_import=may_import)
     prepare_process(config, runs_engine=not isinstance(engine, ProcessEngine))
     return engine
 
@@ -138,21 +139,29 @@ def _check_port(host: str, port: int) -> None:
         ) from None
 
 
-@app.command()
+@app.command(epilog=ENV_HELP)
 @with_settings_flags(on_error=_settings_error)
 def serve(model: ModelArg = None, tiny: TinyOpt = False, *, settings: ServerSettings) -> None:
     """Serve a model through the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models)."""
-    # Deferred: FastAPI and uvicorn.
+    # Deferred: the engine drivers (torch); the web stack is imported further down.
     from kiln.clients.messages import EngineDeadError
     from kiln.serve.loading_engine import LoadingEngine
-    from kiln.serve.runner import configure_logging, run_server
 
     _check_port(settings.host, settings.port)  # before the minutes a download, build or load may take
-    configure_logging(settings.log_level)
     path = _resolve(model, tiny)  # builds or downloads first, with progress bars
     config = settings.engine_config()
     # The port opens before the weights load: /health answers at once, /ready once the model runs.
-    engine = LoadingEngine(lambda: _open(path, config))
+    # The engine process starts while the web stack below imports; the loader thread imports nothing
+    # heavy before that is done (see open_engine's `may_import`).
+    imported = threading.Event()
+    engine = LoadingEngine(lambda: _open(path, config, imported.wait))
+    engine.begin()
+    try:
+        from kiln.serve.runner import configure_logging, run_server  # deferred: FastAPI and uvicorn
+    finally:
+        imported.set()
+
+    configure_logging(settings.log_level)
     where = f"http://{settings.host}:{settings.port}/v1" if settings.port else "a free port (see below)"
     err.print(f"Loading {path}; serving it at {where} once loaded. Stop with Ctrl-C.", highlight=False)
     try:
@@ -303,6 +312,8 @@ def build(
 
 
 def _cuda_available() -> bool:
+    import torch  # deferred: ~1 s, which `kiln serve` spends starting the engine process instead
+
     return torch.cuda.is_available()
 
 
@@ -363,7 +374,10 @@ MaxTokensOpt = Annotated[
 ]
 TemperatureOpt = Annotated[
     Optional[float],  # noqa: UP045
-    typer.Option(help="Sampling temperature (0: greedy; default 1).", show_default=False),
+    typer.Option(
+        help="Sampling temperature (0: greedy; default: the model's, from its generation config, else 1).",
+        show_default=False,
+    ),
 ]
 
 
@@ -428,15 +442,24 @@ def chat(
     max_tokens: MaxTokensOpt = None,
     temperature: TemperatureOpt = None,
 ) -> None:
-    """Chat in the terminal, replies streaming as they are generated (/reset clears, /exit quits)."""
-    from kiln.serve.terminal import chat_repl  # deferred: the openai client
+    """Chat in the terminal, replies streaming as they are generated (/help lists the commands)."""
+    from kiln.serve.terminal import chat_repl, line_reader, served_defaults  # deferred: the openai client
 
     def use(client: Any, name: str) -> None:
         err.print(
-            f"Chatting with [bold]{name}[/bold]. /reset clears the conversation, /exit quits.",
+            f"Chatting with [bold]{name}[/bold]. /help lists the commands, /exit (or Ctrl-D) quits.",
             highlight=False,
         )
-        chat_repl(client, name, out=sys.stdout, system=system, **_params(max_tokens, temperature))
+        chat_repl(
+            client,
+            name,
+            out=sys.stdout,
+            err=sys.stderr,
+            read_line=line_reader(),
+            system=system,
+            defaults=served_defaults(client),
+            **_params(max_tokens, temperature),
+        )
 
     _run_client(url, model, tiny, api_key, use)
 

@@ -12,6 +12,10 @@ Rules of the format:
 - `format_version` only goes up when older readers could not load the layout; a reader refuses a
   newer one. Keys this reader does not know are ignored, so additions that old readers may skip
   need no bump.
+- `generation_defaults` is the one home of the model's sampling defaults in an engine: the sampling
+  fields of the checkpoint's `generation_config.json` (vLLM's and Ollama's source of them), under the
+  request's field names (`max_new_tokens` -> `max_tokens`), recorded at build. A Hugging Face directory
+  served without a build has them in its `generation_config.json` (`read_generation_defaults`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -32,6 +37,18 @@ from kiln.errors import InvalidEngineError
 from kiln.version import ENGINE_FORMAT_VERSION, __version__
 
 MANIFEST_NAME = "engine.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+# generation_config.json key -> the request field it is the default of (vLLM's set; `do_sample` is not
+# read, as vLLM does not: a config meaning greedy says temperature 0).
+GENERATION_FIELDS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+_INTEGER_FIELDS = ("top_k", "max_tokens")
 BACKENDS = ("native", "trtllm")
 # Fields a manifest must carry; the rest have defaults (and may be absent from hand-written files).
 _REQUIRED = ("backend", "model", "dtype", "weight_files", "format_version")
@@ -74,6 +91,8 @@ class EngineManifest:
     # Backend-specific facts, e.g. {"tensorrt_llm_version": "1.2.0", "gpu_arch": "sm90"} or the GGUF
     # file type a native engine was dequantized from.
     extra: dict[str, Any] = field(default_factory=dict)
+    # Request field -> the model's default for it (see the module rules); {}: Kiln's own defaults.
+    generation_defaults: dict[str, float | int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -108,6 +127,10 @@ class EngineManifest:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in known}  # unknown keys: additions we may skip
         kwargs.update(model=model, limits=limits, dtype=dtype)
+        try:
+            kwargs["generation_defaults"] = _checked_defaults(data.get("generation_defaults", {}))
+        except ValueError as exc:
+            raise InvalidEngineError(f"{MANIFEST_NAME}: generation_defaults: {exc}") from exc
         if not isinstance(kwargs["weight_files"], dict) or not kwargs["weight_files"]:
             raise InvalidEngineError(
                 f"{MANIFEST_NAME}: weight_files must be a non-empty {{name: sha256}} map"
@@ -186,6 +209,63 @@ class EngineManifest:
     def weight_paths(self, engine_dir: Path) -> list[Path]:
         """Absolute paths of the weight files, in manifest order."""
         return [Path(engine_dir) / name for name in self.weight_files]
+
+
+def generation_config_defaults(config: dict[str, Any]) -> dict[str, float | int]:
+    """The sampling defaults a `generation_config.json` object sets, under request field names.
+
+    Absent and null keys set nothing; a value that is not a number (an integer for top_k and
+    max_new_tokens) raises ValueError naming the key. Ranges are `SamplingParams.validate`'s to check."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{GENERATION_CONFIG_NAME} must hold a JSON object, got {type(config).__name__}")
+    return {
+        name: _number(key, config[key], integer=name in _INTEGER_FIELDS)
+        for key, name in GENERATION_FIELDS.items()
+        if config.get(key) is not None
+    }
+
+
+def _checked_defaults(defaults: Any) -> dict[str, float | int]:
+    """`defaults` (request field -> number) with numbers coerced; ValueError names the bad entry."""
+    if not isinstance(defaults, dict):
+        raise ValueError(f"must be a {{field: number}} map, got {type(defaults).__name__}")
+    known = sorted(GENERATION_FIELDS.values())
+    for name in defaults:
+        if name not in known:
+            raise ValueError(f"unknown field {name!r} (known: {known})")
+    return {name: _number(name, value, integer=name in _INTEGER_FIELDS) for name, value in defaults.items()}
+
+
+def _number(name: str, value: Any, *, integer: bool) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if integer:
+        if value != int(value):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def read_generation_defaults(path: Path) -> dict[str, float | int]:
+    """The model's sampling defaults at `path`: an engine directory's `generation_defaults`, else (a
+    Hugging Face directory) `checkpoint_generation_defaults`. Raises InvalidEngineError for a corrupt
+    manifest."""
+    path = Path(path)
+    if (path / MANIFEST_NAME).is_file():
+        return dict(EngineManifest.load(path).generation_defaults)
+    return checkpoint_generation_defaults(path)
+
+
+def checkpoint_generation_defaults(directory: Path) -> dict[str, float | int]:
+    """The sampling fields of `directory`'s generation_config.json (none without one); ValueError
+    naming the file when it is not valid."""
+    config = Path(directory) / GENERATION_CONFIG_NAME
+    if not config.is_file():
+        return {}
+    try:
+        return generation_config_defaults(json.loads(config.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # json's errors are ValueErrors too
+        raise ValueError(f"{config}: {exc}") from None
 
 
 def is_engine_dir(path: Path) -> bool:

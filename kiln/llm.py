@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from kiln.build.default_model import ensure_default_engine
 from kiln.config import EngineConfig
@@ -12,6 +12,7 @@ from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.outputs import RequestOutput, accumulate
 from kiln.engine.process_setup import prepare_process
 from kiln.engine.sampling_params import SamplingParams
+from kiln.engine_dir import read_generation_defaults
 
 Prompt = str | dict[str, Any]  # "text" or {"prompt_token_ids": [...]} (vLLM's TokensPrompt)
 
@@ -23,13 +24,30 @@ class LLM:
     model (built once into the cache). Keyword arguments are `EngineConfig` fields. An `LLM` owns its
     process as a script does: once the engine is built it seeds torch's global RNG with `seed` and settles
     the garbage collector (`prepare_process`), as `kiln serve` does.
+
+    `generation_config`: "auto" (vLLM's default) makes a call without sampling params sample with the
+    model's defaults (its generation_config.json, recorded in the engine at build) over Kiln's; "none"
+    with Kiln's alone. Explicit `SamplingParams` are used as given.
     """
 
-    def __init__(self, model: str | Path | None = None, **config: Any) -> None:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        generation_config: Literal["auto", "none"] = "auto",
+        **config: Any,
+    ) -> None:
+        if generation_config not in ("auto", "none"):
+            raise ValueError(f"generation_config must be 'auto' or 'none', got {generation_config!r}")
         if model is None:
             model = ensure_default_engine()
         self.engine = LLMEngine.from_path(model, EngineConfig(**config))
         prepare_process(self.engine.config)
+        self._defaults = read_generation_defaults(Path(model)) if generation_config == "auto" else {}
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The params of a call that passes none: the model's defaults (see `generation_config`)."""
+        return SamplingParams(**self._defaults)  # type: ignore[arg-type]
 
     @property
     def tokenizer(self):
@@ -46,7 +64,7 @@ class LLM:
         params_list = (
             list(sampling_params)
             if isinstance(sampling_params, Sequence)
-            else [sampling_params or SamplingParams()] * len(prompts)
+            else [sampling_params or self.get_default_sampling_params()] * len(prompts)
         )
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")

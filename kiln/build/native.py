@@ -5,7 +5,9 @@ An engine directory holds:
   `model.safetensors.index.json`): weights packed by `kiln.models.weights.pack_hf_state_dict`
   (fused qkv_proj and gate_up_proj, no lm_head when tied), all in the engine's dtype;
 - the tokenizer files (and `generation_config.json` when the checkpoint has one);
-- `engine.json`, written last.
+- `engine.json`, written last; its `generation_defaults` are the sampling fields of the checkpoint's
+  `generation_config.json` (checked as a request's would be, so a bad value fails the build, not every
+  request), or what the builder passes (`generation_defaults=`, e.g. the default model's model card).
 
 Everything is written into a temporary sibling directory that is renamed into place at the end, so
 a crash or Ctrl-C never leaves a directory that looks like a finished engine. Tensors stream from the
@@ -34,8 +36,15 @@ from kiln.build.checkpoint import (
 from kiln.build.gguf import expected_tensor_count, load_gguf, read_gguf_config, save_gguf_tokenizer
 from kiln.build.tiny import write_tiny_checkpoint
 from kiln.config import DTYPES, EngineLimits, ModelConfig, canonical_dtype
-from kiln.engine_dir import MANIFEST_NAME, EngineManifest, move_into_place, sha256_file
-from kiln.errors import CheckpointError
+from kiln.engine.sampling_params import SamplingParams
+from kiln.engine_dir import (
+    MANIFEST_NAME,
+    EngineManifest,
+    checkpoint_generation_defaults,
+    move_into_place,
+    sha256_file,
+)
+from kiln.errors import CheckpointError, RequestValidationError
 from kiln.models.weights import expected_packed_shapes, pack_hf_state_dict
 from kiln.progress import build_progress
 
@@ -69,11 +78,14 @@ def build_engine(
     overwrite: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     source: str | None = None,
+    generation_defaults: dict[str, float | int] | None = None,
 ) -> EngineManifest:
     """Build a native engine from a HF directory, a .gguf file or a hub id; returns its manifest.
 
     source: what engine.json records as the origin (default: checkpoint as given). max_shard_bytes:
     weight files are split when larger (HF-style shards + model.safetensors.index.json).
+    generation_defaults: request sampling defaults to record (request field names), over those of the
+    checkpoint's generation_config.json.
 
     Raises CheckpointError / OfflineError for the checkpoint, ValueError for a bad dtype or limits,
     and FileExistsError when output_dir exists and is not empty, unless overwrite=True (the old
@@ -91,7 +103,16 @@ def build_engine(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.building-", dir=output_dir.parent))
     try:
-        manifest = _build_into(resolved, staging, dtype, limits, served_model_name, progress, max_shard_bytes)
+        manifest = _build_into(
+            resolved,
+            staging,
+            dtype,
+            limits,
+            served_model_name,
+            progress,
+            max_shard_bytes,
+            generation_defaults,
+        )
         move_into_place(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -135,6 +156,7 @@ def _build_into(
     served_model_name: str | None,
     progress: bool,
     max_shard_bytes: int,
+    generation_defaults: dict[str, float | int] | None = None,
 ) -> EngineManifest:
     extra: dict[str, Any] = {}
     with build_progress(enabled=progress) as bar:
@@ -154,6 +176,7 @@ def _build_into(
             default_name = resolved.source if resolved.from_hub else resolved.path.name
         model = model_config_from_hf(hf, where=resolved.source)
         merge_generation_eos(model, out)
+        defaults = checked_generation_defaults({**read_sampling_defaults(out), **(generation_defaults or {})})
         step = bar.step(f"packing weights ({dtype})", count)
         sizes = _write_packed_weights(_counted(tensors, step), model, out, DTYPES[dtype], max_shard_bytes)
 
@@ -172,6 +195,7 @@ def _build_into(
         source=resolved.source,
         quantization=None,
         extra=extra,
+        generation_defaults=defaults,
     )
     manifest.save(out)  # last: its presence marks the directory complete
     return manifest
@@ -199,6 +223,24 @@ def merge_generation_eos(model: ModelConfig, out: Path) -> None:
         raise CheckpointError(f"generation_config.json is not valid JSON: {exc}") from exc
     extra = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     model.eos_token_ids = list(dict.fromkeys([*model.eos_token_ids, *extra]))
+
+
+def read_sampling_defaults(directory: Path) -> dict[str, float | int]:
+    """The sampling fields of `directory`'s generation_config.json (none without one)."""
+    try:
+        return checkpoint_generation_defaults(directory)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+def checked_generation_defaults(defaults: dict[str, float | int]) -> dict[str, float | int]:
+    """`defaults`, once they pass the checks a request's fields pass (CheckpointError naming the field):
+    recorded values that every request omitting them would fail on must fail the build instead."""
+    try:
+        SamplingParams(**defaults).validate()  # type: ignore[arg-type]
+    except (TypeError, RequestValidationError) as exc:
+        raise CheckpointError(f"generation defaults {defaults}: {exc}") from exc
+    return dict(defaults)
 
 
 def _drain(tensors: dict[str, Any]) -> Iterator[tuple[str, Any]]:

@@ -26,7 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from kiln.build.checkpoint import model_config_from_hf, read_hf_config, resolve_checkpoint
-from kiln.build.native import copy_tokenizer_files, merge_generation_eos
+from kiln.build.native import (
+    checked_generation_defaults,
+    copy_tokenizer_files,
+    merge_generation_eos,
+    read_sampling_defaults,
+)
 from kiln.config import EngineLimits, ModelConfig, canonical_dtype
 from kiln.engine_dir import EngineManifest, move_into_place, sha256_file
 from kiln.errors import CheckpointError
@@ -223,12 +228,15 @@ def build_trtllm_engine(
         multiple_profiles=multiple_profiles,
         gather_logits=gather_logits,
     )
+    # Before the minutes of a TensorRT build: a bad generation_config.json fails now.
+    defaults = checked_generation_defaults(read_sampling_defaults(resolved.path))
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.building-", dir=output_dir.parent))
     try:
         manifest = _build_into(
             resolved.path, resolved.source, staging, model, plan, limits, served_model_name
         )
+        manifest.generation_defaults = defaults
         tokenizer_files = copy_tokenizer_files(resolved.path, staging)
         merge_generation_eos(model, staging)
         shutil.copyfile(resolved.path / "config.json", staging / "config.json")  # tensorrt_llm reads it

@@ -70,7 +70,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         param="max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
         prompt_tokens=len(prompt_ids),
         max_model_len=state.engine.model_info.max_model_len,
-        default=state.settings.default_max_tokens,
+        default=state.default_max_tokens,
         limit=state.settings.max_tokens_limit,
         prompt_param="messages",
     )
@@ -90,6 +90,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         vocab_size=tokenizer.vocab_size,
         logprobs_param="top_logprobs",
         structured=structured,
+        defaults=state.sampling_defaults,
     )
     ticket = state.admission.admit(params.n, params.n * (len(prompt_ids) + max_tokens))
     generation = Generation(

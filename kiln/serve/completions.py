@@ -76,7 +76,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         param="max_tokens",
         prompt_tokens=longest,
         max_model_len=state.engine.model_info.max_model_len,
-        default=state.settings.default_max_tokens,
+        default=state.default_max_tokens,
         limit=state.settings.max_tokens_limit,
         prompt_param="prompt",
     )
@@ -88,6 +88,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         vocab_size=tokenizer.vocab_size,
         logprobs_param="logprobs",
         structured=structured,
+        defaults=state.sampling_defaults,
     )
     ticket = state.admission.admit(
         len(prompts) * params.n, params.n * sum(len(p.token_ids) + max_tokens for p in prompts)

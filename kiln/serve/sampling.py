@@ -8,21 +8,44 @@ Rules:
 - `SamplingParams.validate()` owns value ranges and `kiln.engine.validation` the vocabulary's; their
   `RequestValidationError.field` becomes `param` (`logprobs` is chat's `top_logprobs`).
 - `logit_bias` keys are token ids written as strings.
+- A sampling field the request omits (temperature, top_p, top_k, min_p, repetition_penalty; max_tokens
+  beneath `default_max_tokens`) takes the model's default (`model_sampling_defaults`: its
+  generation_config.json, as vLLM and Ollama do), else Kiln's; a field the request sends always wins,
+  0 and -1 included (null is omitted). `--generation-config none` leaves the model's out.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from kiln.engine import validation
+from kiln.engine.info import ModelInfo
 from kiln.engine.sampling_params import SamplingParams, StructuredOutput
 from kiln.engine.structured import grammar_text
-from kiln.errors import RequestValidationError
+from kiln.engine_dir import read_generation_defaults
+from kiln.errors import KilnError, RequestValidationError
 from kiln.serve.errors import InvalidRequestError
 from kiln.serve.protocol import SamplingRequest
 
 logger = logging.getLogger("kiln.serve")
+
+
+def model_sampling_defaults(info: ModelInfo, mode: str) -> dict[str, float | int]:
+    """The model's request defaults the server applies: none with `mode` "none" or without an engine
+    directory; else its engine's `generation_defaults` (a Hugging Face directory: its
+    generation_config.json). Defaults a request could not send are logged and left out, not applied."""
+    if mode == "none" or info.engine_dir is None:
+        return {}
+    try:
+        defaults = read_generation_defaults(Path(info.engine_dir))
+        SamplingParams(**defaults).validate()  # type: ignore[arg-type]
+    except (KilnError, ValueError, TypeError) as exc:  # RequestValidationError is a ValueError
+        logger.warning("not applying the model's sampling defaults: %s", exc)
+        return {}
+    return defaults
 
 
 def resolve_max_tokens(
@@ -98,21 +121,30 @@ def to_sampling_params(
     vocab_size: int,
     logprobs_param: str,
     structured: StructuredOutput | None = None,
+    defaults: Mapping[str, float | int] | None = None,
 ) -> SamplingParams:
-    """Build the engine's params; any invalid value raises a 400 naming its field."""
+    """Build the engine's params, a field the body omits from `defaults` (the model's) else Kiln's;
+    any invalid value raises a 400 naming its field."""
     check_token_ids(body.stop_token_ids or [], vocab_size=vocab_size, param="stop_token_ids")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    defaults = defaults or {}
+
+    def pick(name: str, kiln_default: float | None) -> Any:
+        sent = getattr(body, name)
+        return sent if sent is not None else defaults.get(name, kiln_default)
+
+    top_k = pick("top_k", None)
     try:
         return SamplingParams(
             n=body.n,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
             # -1 is vLLM's spelling of "no top-k"; Kiln's Python API says None.
-            top_k=None if body.top_k in (None, -1) else body.top_k,
-            min_p=body.min_p or 0.0,
+            top_k=None if top_k == -1 else top_k,
+            min_p=pick("min_p", 0.0),
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            repetition_penalty=pick("repetition_penalty", 1.0),
             seed=body.seed,
             max_tokens=max_tokens,
             min_tokens=body.min_tokens,

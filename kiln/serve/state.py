@@ -34,6 +34,8 @@ class ServerState:
     open_generations: set[OpenRequest] = field(default_factory=set)
     loop: asyncio.AbstractEventLoop | None = None  # the app's, once it started
     drain_scheduled: bool = False
+    # The model's defaults of the sampling fields a request omits (kiln.serve.sampling), once it started.
+    sampling_defaults: dict[str, float | int] = field(default_factory=dict)
 
     def fail_open(self, error: APIError) -> None:
         """End every request in flight with `error`."""
@@ -54,6 +56,12 @@ class ServerState:
             code="draining",
         )
         asyncio.get_running_loop().call_later(timeout, self.fail_open, error)
+
+    @property
+    def default_max_tokens(self) -> int | None:
+        """max_tokens of a request that sends none: the server's `default_max_tokens`, else the model's."""
+        model_default = self.sampling_defaults.get("max_tokens")
+        return self.settings.default_max_tokens or (None if model_default is None else int(model_default))
 
     @property
     def model_name(self) -> str:
