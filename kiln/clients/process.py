@@ -9,12 +9,16 @@ the commands coming down one pipe, sending each `StepReport` up the other (one m
 outputs as `wire` tuples). The parent keeps the `RequestStreams` and two relay threads: a sender that
 forwards the commands that queued up together as one pipe write, and a receiver that routes the reports.
 Rules: the child is the only owner of the engine; an abort is acknowledged after the child freed the
-blocks; if the child dies, every open request fails with EngineDeadError.
+blocks; if the child dies, every open request fails with EngineDeadError. Importing this module does not
+import torch (the engine is imported in the child, by the factory), so `kiln serve` starts the child
+before its own process has imported torch and the two import in parallel
+(tests/unit/test_serve_imports.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import multiprocessing as mp
@@ -23,7 +27,7 @@ import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiln.clients.loop import CommandQueue, StepLoop
 from kiln.clients.messages import (
@@ -39,29 +43,51 @@ from kiln.clients.streams import RequestStreams, StreamsClient
 from kiln.clients.wire import WireOutput, decode_output, encode_output
 from kiln.config import EngineConfig
 from kiln.engine.info import ModelInfo
-from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.process_setup import prepare_process
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.validation import validate_request
 from kiln.models.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from kiln.engine.llm_engine import LLMEngine
+
 __all__ = ["EngineDeadError", "EngineFactory", "ProcessEngine", "engine_process_main", "forward_commands"]
 
 logger = logging.getLogger(__name__)
 
-EngineFactory = Callable[[], LLMEngine]  # must be picklable (a module-level function or a partial of one)
+EngineFactory = Callable[[], "LLMEngine"]  # must be picklable (a module-level function or a partial of one)
 
 # How long shutdown waits for the receiver and the child once the stop went down the pipe.
 SHUTDOWN_TIMEOUT = 30.0
 
 
 class ProcessEngine(StreamsClient):
-    def __init__(self, factory: EngineFactory, *, start_timeout: float = 600.0) -> None:
+    def __init__(
+        self,
+        factory: EngineFactory,
+        *,
+        start_timeout: float = 600.0,
+        tokenizer_path: str | None = None,
+        may_import: Callable[[], None] | None = None,
+    ) -> None:
+        """`tokenizer_path`, when known, is loaded while the child starts (~0.5 s off a start on the CPU
+        machine); the tokenizer is loaded again if the child's is another. `may_import` (see
+        `kiln.clients.open.open_engine`) is called once the child started, before the tokenizer loads."""
         self._factory = factory
         self._start_timeout = start_timeout
-        self._spawn()
-        self._tokenizer = Tokenizer(self._ready.tokenizer_path)  # the same files the child loaded
+        early: dict[str, Tokenizer] = {}
+
+        def while_starting() -> None:
+            if may_import is not None:
+                may_import()
+            if tokenizer_path:
+                with contextlib.suppress(Exception):  # the child reports what is wrong with the files
+                    early[str(tokenizer_path)] = Tokenizer(str(tokenizer_path))
+
+        self._spawn(while_starting=while_starting)
+        # The same files the child loaded.
+        self._tokenizer = early.get(self._ready.tokenizer_path) or Tokenizer(self._ready.tokenizer_path)
         self._streams = RequestStreams(
             submit=lambda command: self._commands.put(command),  # the queue of the current child
             validate=self._validate,
@@ -70,8 +96,9 @@ class ProcessEngine(StreamsClient):
             stats=self._ready.stats,
         )
 
-    def _spawn(self) -> None:
-        """Start a child and wait for its first word; raises what it failed to start with."""
+    def _spawn(self, while_starting: Callable[[], None] | None = None) -> None:
+        """Start a child and wait for its first word, running `while_starting` meanwhile; raises what
+        the child failed to start with."""
         ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
         cmd_recv, cmd_send = ctx.Pipe(duplex=False)  # Pipe(duplex=False) -> (receive end, send end)
         out_recv, out_send = ctx.Pipe(duplex=False)
@@ -84,6 +111,13 @@ class ProcessEngine(StreamsClient):
         process.start()
         cmd_recv.close()
         out_send.close()
+        if while_starting is not None:
+            try:
+                while_starting()
+            except BaseException:  # nobody will talk to this child
+                process.kill()
+                process.join()
+                raise
         if not out_recv.poll(self._start_timeout):
             process.kill()
             raise EngineDeadError(f"the engine process did not start within {self._start_timeout:.0f} s")
@@ -129,8 +163,18 @@ class ProcessEngine(StreamsClient):
         await self.start()
 
     @classmethod
-    def from_path(cls, path: str | Path, options: EngineConfig | None = None) -> ProcessEngine:
-        return cls(functools.partial(LLMEngine.from_path, path, options))
+    def from_path(
+        cls,
+        path: str | Path,
+        options: EngineConfig | None = None,
+        *,
+        may_import: Callable[[], None] | None = None,
+    ) -> ProcessEngine:
+        return cls(
+            functools.partial(engine_from_path, path, options),
+            tokenizer_path=str(Path(path)),
+            may_import=may_import,
+        )
 
     # -- EngineClient ---------------------------------------------------------------------------------
     @property
@@ -246,6 +290,13 @@ class PipeCommands:
             commands.extend(self._pipe.recv())
             wait = 0
         return commands
+
+
+def engine_from_path(path: str | Path, options: EngineConfig | None = None) -> LLMEngine:
+    """`LLMEngine.from_path`, the factory `from_path` sends to the child: only the child imports the engine."""
+    from kiln.engine.llm_engine import LLMEngine  # deferred: torch, imported in the child only
+
+    return LLMEngine.from_path(path, options)
 
 
 def engine_process_main(factory: EngineFactory, commands: Connection, out: Connection) -> None:

@@ -13,13 +13,13 @@ the first request. It
   when two processes compute, and a step then waits on threads that are not running. An explicit
   OMP_NUM_THREADS is left as it is;
 - settles the garbage collector (kiln.engine.gc_tuning), which must see the built engine to freeze it.
+
+Importing this module does not import torch: `kiln serve` imports it before its engine process starts.
 """
 
 from __future__ import annotations
 
 import os
-
-import torch
 
 from kiln.config import EngineConfig, ResolvedEngineConfig
 from kiln.engine.gc_tuning import settle_garbage_collector
@@ -27,6 +27,8 @@ from kiln.engine.gc_tuning import settle_garbage_collector
 
 def prepare_process(config: EngineConfig | ResolvedEngineConfig, *, runs_engine: bool = True) -> None:
     """`runs_engine`: False in a front end whose engine runs in a child process."""
+    import torch  # deferred: see the module's rule
+
     torch.manual_seed(config.seed)
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(engine_threads() if runs_engine else 1)

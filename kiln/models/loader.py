@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -67,10 +68,38 @@ def build_empty_model(
     config: ModelConfig, *, dtype: torch.dtype, device: str | torch.device
 ) -> LlamaForCausalLM:
     """A LlamaForCausalLM with uninitialised parameters of `dtype` on `device`; fill it with load_weights."""
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipRandomInit():
         model = LlamaForCausalLM(config)
-    # Casting on the meta device costs nothing; to_empty then allocates each parameter once.
-    return model.to(dtype=dtype).to_empty(device=device).requires_grad_(False)
+    # Casting on the meta device costs nothing; then each parameter is allocated once. Not `to_empty`:
+    # its empty_like of a meta tensor runs a Python decomposition that imports sympy (~0.3 s).
+    model = model.to(dtype=dtype)._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+    return model.requires_grad_(False)
+
+
+class _SkipRandomInit(torch.overrides.TorchFunctionMode):
+    """Skips the modules' random init while a model is built on the meta device.
+
+    There it computes nothing, but its Python decompositions import torch._dynamo and sympy: about
+    1.5 s of every engine start on the CPU machine, for values load_weights overwrites anyway.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in _RANDOM_INITS:
+            tensor = args[0] if args else kwargs.get("tensor")
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+_RANDOM_INITS = {
+    torch.nn.init.normal_,
+    torch.nn.init.uniform_,
+    torch.nn.init.kaiming_uniform_,
+    torch.nn.init.trunc_normal_,
+    torch.Tensor.normal_,
+    torch.Tensor.uniform_,
+}
 
 
 def hf_safetensors_files(path: Path) -> list[Path]:

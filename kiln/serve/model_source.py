@@ -15,7 +15,6 @@ from pathlib import Path
 
 from kiln.build.checkpoint import resolve_checkpoint
 from kiln.build.default_model import default_cache_dir, ensure_default_engine
-from kiln.build.native import build_tiny_engine
 from kiln.engine_dir import is_engine_dir
 
 TINY_ENGINE_NAME = "tiny"
@@ -25,6 +24,8 @@ def tiny_engine_dir(cache_dir: Path | None = None) -> Path:
     """Build (once) and return the tiny random model's engine directory in Kiln's cache."""
     engine_dir = (cache_dir or default_cache_dir()) / "engines" / TINY_ENGINE_NAME
     if not is_engine_dir(engine_dir):
+        from kiln.build.native import build_tiny_engine  # deferred: torch (`kiln serve` imports this first)
+
         build_tiny_engine(engine_dir, served_model_name=TINY_ENGINE_NAME, overwrite=True)
     return engine_dir
 

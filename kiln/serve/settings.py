@@ -110,6 +110,13 @@ class _ServerSettings(BaseSettings):
     max_tokens_limit: int | None = Field(
         None, ge=1, description="Most max_tokens a request may ask for; more gets 400 (None: its context)."
     )
+    generation_config: Literal["auto", "none"] = Field(
+        "auto",
+        description="Defaults of the sampling fields a request omits (temperature, top_p, top_k, min_p, "
+        "repetition_penalty, max_tokens): auto, the model's (its generation_config.json, recorded in the "
+        "engine at build) over Kiln's; none, Kiln's alone (temperature 1, top_p 1, no top_k), as vLLM's "
+        "--generation-config vllm.",
+    )
     retry_after_seconds: int = Field(1, ge=0, description="Retry-After header value sent with a 429.")
     keepalive_interval_seconds: float = Field(
         15.0, gt=0, description="Seconds between SSE keep-alive comments on a stream waiting for tokens."

@@ -184,6 +184,6 @@ def test_build_tiny_engine(tmp_path: Path) -> None:
 
 def test_progress_bar_reports_packing(tiny_gqa_dir: Path, tmp_path: Path, capsys) -> None:
     build_engine(tiny_gqa_dir, tmp_path / "shown", dtype="float32", progress=True)
-    assert "packing weights (float32)" in capsys.readouterr().out
+    assert "packing weights (float32)" in capsys.readouterr().err
     build_engine(tiny_gqa_dir, tmp_path / "quiet", dtype="float32", progress=False)
     assert capsys.readouterr().out == ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -32,3 +33,24 @@ def test_random_engine_dir_is_valid_and_start_is_timed(tmp_path, monkeypatch):
     assert manifest.model.vocab_size == 300 and "tokenizer.json" in manifest.tokenizer_files
     times = startup.measure(engine_dir)
     assert 0 < times["start_to_ready_s"] <= times["start_to_first_token_s"]
+
+
+def test_warm_start_times_a_real_kiln_serve_to_health_ready_and_first_token(tmp_path):
+    from benchmarks import warm_start
+    from kiln.build import build_tiny_engine
+
+    engine_dir = tmp_path / "tiny"
+    build_tiny_engine(engine_dir, seed=0)
+    runs = [warm_start.measure(str(engine_dir))]
+    run = runs[0]
+    assert 0 < run["health_s"] <= run["ready_s"] <= run["first_token_s"]
+    assert run["phases"]["model loaded"] > 0  # the server's own log line
+    table = warm_start.markdown(runs, "python -m benchmarks.warm_start --model DIR")
+    assert "| median |" in table and "ready in <= 3 s" in table
+    out = tmp_path / "results.json"
+    warm_start._append_json(out, runs, "tiny", "cmd")
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["shape"], r["metric"]) for r in rows} >= {
+        ("tiny median", "ready_s"),
+        ("tiny run 1", "health_s"),
+    }
