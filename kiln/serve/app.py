@@ -3,7 +3,9 @@
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models[/{id}], POST /tokenize and
 /detokenize (kiln.serve.tokenize_routes) (API key checked when keys are configured); GET /health
 (liveness: 503 only once the engine is down for good), GET /ready (readiness: 503 until the engine has
-started, while it is down, and once draining begins), GET /metrics (Prometheus), GET /version.
+started, while it is down, and once draining begins), GET /metrics (Prometheus), GET /version; GET /
+(the chat page) and GET /docs (Swagger UI), every asset served from installed packages
+(kiln.serve.chat_page).
 
 Lifecycle: the app's startup begins starting the engine (for a `LoadingEngine`: loading it) in the
 background and returns at once, so the port answers /health while a big model loads; the server is
@@ -22,13 +24,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import JSONResponse
 
 from kiln.clients.protocol import EngineClient
 from kiln.serve.admission import Admission
 from kiln.serve.auth import require_api_key
 from kiln.serve.chat import create_chat_completion
+from kiln.serve.chat_page import add_chat_page, add_docs_page
 from kiln.serve.chat_tools import renders_tools, tool_format
 from kiln.serve.completions import create_completion
 from kiln.serve.errors import install_error_handlers
@@ -36,6 +38,7 @@ from kiln.serve.metrics import ServerMetrics
 from kiln.serve.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from kiln.serve.openapi import Responses, install_openapi, key_responses
 from kiln.serve.protocol import ModelCard, ModelList
+from kiln.serve.sampling import model_sampling_defaults
 from kiln.serve.settings import ServerSettings
 from kiln.serve.state import ServerState, server_state
 from kiln.serve.supervisor import supervise
@@ -54,6 +57,7 @@ def _model_card(state: ServerState) -> ModelCard:
         max_model_len=info.max_model_len,
         backend=info.backend,
         tool_call_format=tool_format(template, state.settings.tool_call_parser),
+        sampling_defaults=state.sampling_defaults,
     )
 
 
@@ -128,9 +132,16 @@ def create_app(engine: EngineClient, settings: ServerSettings, *, shutdown_engin
             admission.failed = str(exc) or type(exc).__name__
             engine_failed(exc)
             return
-        admission.ready = True
         info = engine.model_info
+        state.sampling_defaults = model_sampling_defaults(info, settings.generation_config)
+        admission.ready = True
         logger.info("ready: serving %s (%s, %s)", state.model_name, info.backend, info.dtype)
+        if state.sampling_defaults:
+            logger.info(
+                "sampling defaults from the model's generation config: %s (a request's own fields win; "
+                "--generation-config none turns them off)",
+                ", ".join(f"{k}={v:g}" for k, v in state.sampling_defaults.items()),
+            )
         await supervise(state, engine_failed)
 
     @asynccontextmanager
@@ -154,7 +165,7 @@ def create_app(engine: EngineClient, settings: ServerSettings, *, shutdown_engin
         title="Kiln",
         version=__version__,
         lifespan=lifespan,
-        docs_url="/docs" if open_docs else None,
+        docs_url=None,  # served by kiln.serve.chat_page, from local assets
         openapi_url="/openapi.json" if open_docs else None,
         redoc_url=None,
     )
@@ -203,12 +214,10 @@ def create_app(engine: EngineClient, settings: ServerSettings, *, shutdown_engin
         async def openapi_document() -> JSONResponse:
             return JSONResponse(app.openapi())
 
-        async def docs_page() -> HTMLResponse:
-            return get_swagger_ui_html(openapi_url="/openapi.json", title="Kiln - API")
-
         app.add_api_route(
             "/openapi.json", openapi_document, methods=["GET"], include_in_schema=False, dependencies=guarded
         )
-        app.add_api_route("/docs", docs_page, methods=["GET"], include_in_schema=False, dependencies=guarded)
+    add_docs_page(app, dependencies=guarded)  # /docs and its Swagger UI assets, no CDN
+    add_chat_page(app)  # / and /static
     install_openapi(app)  # FastAPI's document, finished to tell the truth (kiln.serve.openapi)
     return app

@@ -12,7 +12,6 @@ image's packages) and the indexes in the host's own pip configuration. No regist
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import http.server
@@ -31,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from system_packages import apt_install, can_install_packages, run
+
 # What the test measured, printed at the end of the run by tests/container/conftest.py.
 TIMINGS: dict[str, str] = {}
 
@@ -38,6 +39,7 @@ DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBIAN_SUITE = "bookworm"  # Python 3.11: the CPU torch wheel on the dev/CI machines is cp311
 BASE_PACKAGES = "python3,python3-venv"
 SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+NEEDS_ROOT_FOR = "install docker.io and mmdebstrap, or start dockerd"  # what a skip says it could not do
 
 
 # --- the Dockerfile, cut down to one target -------------------------------------------------------------
@@ -101,41 +103,6 @@ def target_dockerfile(text: str, target: str) -> str:
     return "\n".join(kept) + "\n"
 
 
-# --- commands ----------------------------------------------------------------------------------------------
-
-
-def run(
-    args: list[str], *, env: dict[str, str] | None = None, timeout: float = 600, check: bool = True, **kwargs
-) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        args, env=env, timeout=timeout, capture_output=True, text=True, check=False, **kwargs
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(args)} exited {done.returncode}\n--- stdout\n{done.stdout[-6000:]}"
-            f"\n--- stderr\n{done.stderr[-6000:]}"
-        )
-    return done
-
-
-def can_install_packages() -> str | None:
-    """None when apt-get can install Debian packages here, else why not (the reason to skip)."""
-    if shutil.which("apt-get") is None:
-        return "no apt-get on this machine to install docker.io and mmdebstrap"
-    if os.geteuid() != 0:
-        return "not root: cannot install docker.io or start dockerd"
-    return None
-
-
-def apt_install(*packages: str) -> None:
-    missing = [p for p in packages if run(["dpkg", "-s", p], check=False).returncode != 0]
-    if not missing:
-        return
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    run(["apt-get", "update", "-qq"], env=env, timeout=300)
-    run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], env=env, timeout=600)
-
-
 # --- the Docker engine -----------------------------------------------------------------------------------
 
 
@@ -185,7 +152,7 @@ def docker_engine() -> Iterator[Docker]:
     env = {**os.environ, "DOCKER_BUILDKIT": "1"}
     found = _buildkit_cli(env)
     if found is None or not _engine_answers(found[0], env):
-        reason = can_install_packages()
+        reason = can_install_packages(NEEDS_ROOT_FOR)
         if reason is not None:
             raise Unavailable(reason)
         if found is None or shutil.which("dockerd") is None:
@@ -249,7 +216,7 @@ def debian_base_image(docker: Docker, tag: str, workdir: Path) -> float:
     Returns the seconds it took."""
     started = time.monotonic()
     if shutil.which("mmdebstrap") is None:
-        reason = can_install_packages()
+        reason = can_install_packages(NEEDS_ROOT_FOR)
         if reason is not None:
             raise Unavailable(reason)
         apt_install("mmdebstrap")
@@ -347,28 +314,6 @@ def pip_build_args(workdir: Path) -> Iterator[tuple[dict[str, str], str | None]]
     finally:
         server.shutdown()
         server.server_close()
-
-
-# --- one test run at a time on a machine ------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def machine_lock(timeout: float) -> Iterator[None]:
-    """Hold a machine-wide lock: two runs at once would race for apt's lock and docker0."""
-    with open(Path(tempfile.gettempdir()) / "kiln-container-test.lock", "w") as handle:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise AssertionError("another container test run held the lock too long") from None
-                time.sleep(1)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # --- what an image holds ---------------------------------------------------------------------------------

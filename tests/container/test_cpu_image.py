@@ -34,11 +34,11 @@ from container_host import (
     certificates,
     debian_base_image,
     docker_engine,
-    machine_lock,
     pip_build_args,
     scan_image,
     target_dockerfile,
 )
+from system_packages import machine_lock
 
 pytestmark = pytest.mark.timeout(1800)  # setup included: installing docker.io, the base image, the build
 
@@ -81,7 +81,7 @@ class Image:
 def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
     work = tmp_path_factory.mktemp("cpu-image")
     with contextlib.ExitStack() as stack:
-        stack.enter_context(machine_lock(timeout=1500))
+        stack.enter_context(machine_lock("container", timeout=1500))
         started = time.monotonic()
         try:
             docker = stack.enter_context(docker_engine())

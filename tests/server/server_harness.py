@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,10 +59,14 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
     return predicate()
 
 
-def start_cli_server(checkpoint: Path, *flags: str) -> tuple[subprocess.Popen[str], str, list[str]]:
-    """`kiln serve CHECKPOINT FLAGS...` in a subprocess on a free port, once ready: (process, URL, stderr lines)."""
+def start_cli_server(
+    checkpoint: Path, *flags: str, launcher: Sequence[str] = ("-m", "kiln.cli")
+) -> tuple[subprocess.Popen[str], str, list[str]]:
+    """`kiln serve CHECKPOINT FLAGS...` in a subprocess on a free port, once ready: (process, URL, stderr lines).
+    `launcher`: what the interpreter runs before `serve ...`, the `kiln` command line or a script that
+    ends in it (tests/browser/slow_serve.py)."""
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    command = [sys.executable, "-m", "kiln.cli", "serve", str(checkpoint), "--port", "0"]
+    command = [sys.executable, *launcher, "serve", str(checkpoint), "--port", "0"]
     command += ["--served-model-name", "tiny", "--num-kv-blocks", "256", *flags]
     proc = subprocess.Popen(
         command,
