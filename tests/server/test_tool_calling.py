@@ -11,31 +11,19 @@ import jsonschema
 import openai
 import pytest
 from server_harness import LiveServer, run_live_server
+from weather_tool import ASK, WEATHER_TOOL
 
 from kiln.clients.thread import AsyncEngine
 from kiln.serve.chat_tools import template_messages
 from kiln.serve.protocol import ChatMessage
 
-WEATHER = {
-    "type": "object",
-    "properties": {
-        "city": {"type": "string", "maxLength": 8},
-        "days": {"type": "integer", "minimum": 1, "maximum": 5},
-    },
-    "required": ["city", "days"],
-    "additionalProperties": False,
-}
 TOOLS = [
-    {
-        "type": "function",
-        "function": {"name": "get_weather", "description": "Forecast", "parameters": WEATHER},
-    },
+    WEATHER_TOOL,
     {
         "type": "function",
         "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
     },
 ]
-USER = [{"role": "user", "content": "What is the weather in Oslo?"}]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +46,7 @@ def _valid(call) -> None:
 def test_required_makes_valid_calls(client: openai.OpenAI) -> None:
     choice = client.chat.completions.create(
         model="tiny",
-        messages=USER,
+        messages=ASK,
         tools=TOOLS,
         tool_choice="required",
         parallel_tool_calls=False,
@@ -74,7 +62,7 @@ def test_a_named_function_streamed_and_accumulated_by_the_sdk(client: openai.Ope
     named = {"type": "function", "function": {"name": "get_weather"}}
     with client.beta.chat.completions.stream(
         model="tiny",
-        messages=USER,
+        messages=ASK,
         tools=TOOLS,
         tool_choice=named,
         parallel_tool_calls=False,
@@ -89,7 +77,7 @@ def test_a_named_function_streamed_and_accumulated_by_the_sdk(client: openai.Ope
     whole = (
         client.chat.completions.create(
             model="tiny",
-            messages=USER,
+            messages=ASK,
             tools=TOOLS,
             tool_choice=named,
             parallel_tool_calls=False,
@@ -103,10 +91,10 @@ def test_a_named_function_streamed_and_accumulated_by_the_sdk(client: openai.Ope
 
 
 def test_auto_reads_the_output_and_a_history_with_tool_results_runs(client: openai.OpenAI) -> None:
-    reply = client.chat.completions.create(model="tiny", messages=USER, tools=TOOLS, max_tokens=8, seed=1)
+    reply = client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, max_tokens=8, seed=1)
     assert reply.choices[0].message.tool_calls is None  # a random model's text holds no call
     history = [
-        *USER,
+        *ASK,
         {
             "role": "assistant",
             "content": None,
@@ -143,7 +131,7 @@ def test_the_models_tool_call_format_is_listed(client: openai.OpenAI) -> None:
     ],
 )
 def test_what_cannot_be_served_is_a_400_naming_the_field(live: LiveServer, patch: dict, param: str) -> None:
-    r = httpx.post(f"{live.url}/v1/chat/completions", json={"model": "tiny", "messages": USER, **patch})
+    r = httpx.post(f"{live.url}/v1/chat/completions", json={"model": "tiny", "messages": ASK, **patch})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
 
