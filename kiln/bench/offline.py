@@ -63,6 +63,20 @@ def run_throughput(
     return ThroughputResult(num_requests, sum(input_lens), generated, elapsed)
 
 
+def step_until_done(engine) -> tuple[float | None, int, float]:
+    """Step `engine` until no request is left: (`time.perf_counter()` when the first token came, None if
+    none did; the tokens generated; `time.perf_counter()` at the end). Batch-1 latency is read off these."""
+    first: float | None = None
+    count = 0
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            new = sum(len(c.token_ids) for c in delta.outputs)
+            if new and first is None:
+                first = time.perf_counter()
+            count += new
+    return first, count, time.perf_counter()
+
+
 def run_latency(engine, input_len: int, output_len: int, seed: int = 0, repeats: int = 3) -> LatencyResult:
     """One request at a time (after a warm-up); the best of `repeats` runs, as the engine allows."""
     vocab = engine.model_config.vocab_size
@@ -72,15 +86,7 @@ def run_latency(engine, input_len: int, output_len: int, seed: int = 0, repeats:
         sync(engine)
         start = time.perf_counter()
         engine.add_request(f"lat{rep}", prompt_token_ids=prompt, params=greedy(output_len))
-        first = None
-        count = 0
-        while engine.has_unfinished_requests():
-            for delta in engine.step():
-                new = sum(len(c.token_ids) for c in delta.outputs)
-                if new and first is None:
-                    first = time.perf_counter()
-                count += new
-        end = time.perf_counter()
+        first, count, end = step_until_done(engine)
         if rep == 0 or first is None:
             continue  # the first run warms up
         result = LatencyResult(

@@ -1,0 +1,55 @@
+"""benchmarks.structured end to end on the CPU, at a toy shape: the GPU run's logic, not its figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import structured
+from kiln.bench import workload
+
+TOY_SHAPE = (
+    "float32",
+    {
+        "vocab_size": 600,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+)
+
+
+def test_free_and_constrained_runs_side_by_side(
+    tiny_gqa_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(workload.RANDOM_SHAPES, "toy", TOY_SHAPE)
+    out = tmp_path / "structured.json"
+    argv = [
+        str(tiny_gqa_dir),
+        "--shape",
+        "toy",
+        "--num-requests",
+        "6",
+        "--input-len",
+        "8",
+        "--schema",
+        "verdict",
+    ]
+    assert structured.main([*argv, "--output-len", "40", "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["compile"]["compile_ms"]) == set(structured.SCHEMAS)
+    free, held = result["throughput"]["free"], result["throughput"]["schema"]
+    assert free["output_tokens"] == 6 * 40  # free requests ignore EOS: every one runs to max_tokens
+    # Each completed by its schema, so each was parsed and validated (a bad one raises).
+    assert held["completed_by_schema"] == 6 and held["mean_output_len"] <= 12
+    assert result["throughput_ratio"] == held["output_tok_per_s"] / free["output_tok_per_s"]
+    assert result["batch1"]["free"]["tokens"] == 40 and 2 <= result["batch1"]["schema"]["tokens"] <= 12
