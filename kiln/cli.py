@@ -202,7 +202,18 @@ def build(
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
     quantization: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option(help="trtllm only: int8_wo, fp8 or int8_sq.", show_default=False),
+        typer.Option(
+            help="fp8, int8-wo or int8-sq (also spelled int8_wo, int8_sq). native: fp8 and int8-wo "
+            "(the linear layers' weights; see docs/quantization.md); trtllm: all three.",
+            show_default=False,
+        ),
+    ] = None,
+    quant_group_size: Annotated[
+        Optional[int],  # noqa: UP045
+        typer.Option(
+            help="native int8-wo only: one scale per this many inputs of a row (default: per output channel).",
+            show_default=False,
+        ),
     ] = None,
     tp_size: Annotated[int, typer.Option(help="trtllm only: tensor-parallel GPUs.")] = 1,
     calib_dataset: Annotated[
@@ -241,13 +252,15 @@ def build(
         raise _fail("give a CHECKPOINT or --tiny (exactly one)", code=2)
     if tiny and backend != "native":
         raise _fail("--tiny builds a native engine; --backend trtllm needs a CHECKPOINT", code=2)
-    trtllm_only = quantization or tp_size != 1 or calib_dataset or max_input_len or gather_logits
+    trtllm_only = tp_size != 1 or calib_dataset or max_input_len or gather_logits
     if backend == "native" and (trtllm_only or calib_size != 512 or not multiple_profiles):
         raise _fail(
-            "--quantization, --tp-size, --calib-*, --max-input-len, --gather-logits and "
+            "--tp-size, --calib-*, --max-input-len, --gather-logits and "
             "--no-multiple-profiles need --backend trtllm",
             code=2,
         )
+    if quant_group_size is not None and backend != "native":
+        raise _fail("--quant-group-size is for the native backend's int8-wo", code=2)
     if tune_kernels and backend != "native":
         raise _fail("--tune-kernels is for the native backend (TensorRT-LLM picks its own kernels)", code=2)
     if tune_kernels and not _cuda_available():
@@ -269,6 +282,8 @@ def build(
                 served_model_name=served_model_name or "tiny",
                 progress=True,
                 overwrite=overwrite,
+                quantization=quantization,
+                quant_group_size=quant_group_size,
             )
         elif backend == "trtllm":
             from kiln.build.trtllm import build_trtllm_engine  # deferred: TensorRT-LLM
@@ -299,11 +314,16 @@ def build(
                 served_model_name=served_model_name,
                 progress=True,
                 overwrite=overwrite,
+                quantization=quantization,
+                quant_group_size=quant_group_size,
             )
     except (KilnError, ValueError, FileExistsError) as exc:
         raise _fail(str(exc)) from None
+    what = ", ".join(
+        [manifest.backend, manifest.dtype, *([manifest.quantization] if manifest.quantization else [])]
+    )
     err.print(
-        f"Built [bold]{manifest.served_model_name}[/bold] ({manifest.backend}, {manifest.dtype}) in {output}. "
+        f"Built [bold]{manifest.served_model_name}[/bold] ({what}) in {output}. "
         f"Serve it: kiln serve {output}",
         highlight=False,
     )

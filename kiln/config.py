@@ -149,6 +149,127 @@ class EngineLimits:
             raise ValueError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
 
 
+# Quantization names: Kiln's canonical spelling (what engine.json records, for both backends) and the
+# spellings accepted for it (the issue's `int8-wo` / `int8-sq`, TensorRT-LLM's W8A16 / W8A8 names).
+QUANTIZATION_NAMES = ("int8_wo", "fp8", "int8_sq")
+QUANTIZATION_ALIASES = {
+    "int8": "int8_wo",
+    "int8-wo": "int8_wo",
+    "w8a16": "int8_wo",
+    "int8_weight_only": "int8_wo",
+    "int8-sq": "int8_sq",
+    "smoothquant": "int8_sq",
+    "w8a8": "int8_sq",
+}
+# The schemes the native engine builds and runs; int8_sq (SmoothQuant, calibrated) is not one yet.
+NATIVE_QUANTIZATIONS = ("int8_wo", "fp8")
+# The packed linear layers a native quantized engine stores quantized, in every layer. Embeddings,
+# norms and lm_head stay in the engine's dtype: they are a small share of the bytes of a decode step
+# at 7B and the head's errors reach the logits unsmoothed.
+QUANTIZED_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+def canonical_quantization(name: str | None) -> str | None:
+    """'int8-wo' / 'w8a16' -> 'int8_wo'; None, '' and 'none' -> None; ValueError naming the choices."""
+    if name is None or name.lower() in ("", "none"):
+        return None
+    key = QUANTIZATION_ALIASES.get(name.lower(), name.lower())
+    if key not in QUANTIZATION_NAMES:
+        raise ValueError(
+            f"unknown quantization {name!r}; choose one of fp8, int8-wo, int8-sq "
+            f"(also spelled {', '.join(sorted(QUANTIZATION_NAMES))})"
+        )
+    return key
+
+
+@dataclass(slots=True)
+class QuantConfig:
+    """How a native engine's weights are quantized: what `engine.json` records under `quant_config`.
+
+    Rules (the loader and the build both follow them):
+    - `int8_wo`: each quantized linear's `weight` is int8 [N, K], symmetric (no zero point), with
+      `weight_scale` float32 [N] (per output channel, `group_size` None) or [N, K // group_size]
+      (per group of `group_size` inputs); the weight is w ~= q * scale. Activations stay in the
+      engine's dtype: the weight is dequantized inside the matmul.
+    - `fp8`: `weight` is float8_e4m3fn [N, K] with `weight_scale` float32 [N] (per output channel);
+      activations are quantized to e4m3 per token at run time (scale = amax / 448, dynamic).
+    - `linears` are the packed layers quantized in every decoder layer (QUANTIZED_LINEARS); biases,
+      embeddings, norms and lm_head stay in the engine's dtype.
+    """
+
+    scheme: str  # "int8_wo" | "fp8"
+    group_size: int | None = None  # int8_wo only; None: one scale per output channel
+    linears: list[str] = field(default_factory=lambda: list(QUANTIZED_LINEARS))
+
+    @property
+    def weight_dtype(self) -> str:
+        """The torch dtype name the quantized weights are stored in."""
+        return "int8" if self.scheme == "int8_wo" else "float8_e4m3fn"
+
+    @property
+    def activations(self) -> str:
+        """How activations enter the matmul: 'unquantized' or 'fp8 per-token dynamic'."""
+        return "fp8 per-token dynamic" if self.scheme == "fp8" else "unquantized"
+
+    @property
+    def scale_layout(self) -> str:
+        return "per-channel" if self.group_size is None else f"per-group of {self.group_size}"
+
+    def validate(self, model: ModelConfig | None = None) -> None:
+        """ValueError naming what is wrong: a scheme the native engine does not run, a group size that
+        is not positive, given for fp8, or that does not divide every quantized layer's input size."""
+        if self.scheme == "int8_sq":
+            raise ValueError(
+                "int8_sq (SmoothQuant) is not yet supported by the native backend; use --backend trtllm, "
+                "or int8-wo / fp8 on the native backend"
+            )
+        if self.scheme not in NATIVE_QUANTIZATIONS:
+            raise ValueError(
+                f"quantization {self.scheme!r} is not one the native backend runs ({list(NATIVE_QUANTIZATIONS)})"
+            )
+        unknown = sorted(set(self.linears) - set(QUANTIZED_LINEARS))
+        if unknown or not self.linears:
+            raise ValueError(f"quantized linears must be a non-empty subset of {list(QUANTIZED_LINEARS)}")
+        if self.group_size is None:
+            return
+        if self.scheme != "int8_wo":
+            raise ValueError(f"a group size applies to int8_wo only; {self.scheme} scales are per channel")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"group size must be a positive integer, got {self.group_size!r}")
+        if model is not None:
+            inputs = {"hidden_size": model.hidden_size, "q_size (o_proj input)": model.q_size}
+            inputs["intermediate_size"] = model.intermediate_size
+            bad = {name: size for name, size in inputs.items() if size % self.group_size}
+            if bad:
+                raise ValueError(
+                    f"group size {self.group_size} does not divide the layers' input sizes {bad}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        # The derived facts too, so a reader of engine.json sees the whole scheme without this code.
+        return {
+            **dataclasses.asdict(self),
+            "weight_dtype": self.weight_dtype,
+            "scale_dtype": "float32",
+            "scale_layout": self.scale_layout,
+            "activations": self.activations,
+            "unquantized": "embed_tokens, norms, lm_head and biases, in the engine's dtype",
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        """Parse `to_dict`'s output (derived keys ignored); ValueError when it does not validate."""
+        if not isinstance(data, dict) or "scheme" not in data:
+            raise ValueError(f"quant_config must be an object with a 'scheme', got {data!r}")
+        config = cls(
+            scheme=data["scheme"],
+            group_size=data.get("group_size"),
+            linears=list(data.get("linears", QUANTIZED_LINEARS)),
+        )
+        config.validate()
+        return config
+
+
 def knob(default: Any, help: str, **bounds: float) -> Any:
     """An `EngineConfig` field: its one default, its help text (the `kiln serve` and `kiln bench` flag help)
     and its range (`ge`, `gt`, `le`, as pydantic spells them), so every front end reads the same three."""

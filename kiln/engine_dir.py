@@ -11,7 +11,12 @@ Rules of the format:
   `load(verify_checksums=True)` also hashes the weights (slow for big models; `kiln serve --verify`).
 - `format_version` only goes up when older readers could not load the layout; a reader refuses a
   newer one. Keys this reader does not know are ignored, so additions that old readers may skip
-  need no bump.
+  need no bump. A native build writes the lowest version that holds its layout
+  (`format_version_for`): 1 unquantized, 2 with quantized weights, which a version-1 reader would
+  try to load as plain ones; so an older Kiln still loads an unquantized engine this one builds.
+- `quantization` names the scheme (kiln.config's canonical names: int8_wo, fp8, int8_sq) for both
+  backends; a native quantized engine also has `quant_config` (kiln.config.QuantConfig: scale
+  layout, which linears), and the two must agree; `quant_config` belongs to native engines only.
 - `generation_defaults` is the one home of the model's sampling defaults in an engine: the sampling
   fields of the checkpoint's `generation_config.json` (vLLM's and Ollama's source of them), under the
   request's field names (`max_new_tokens` -> `max_tokens`), recorded at build. A Hugging Face directory
@@ -32,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kiln.config import EngineLimits, ModelConfig, canonical_dtype
+from kiln.config import EngineLimits, ModelConfig, QuantConfig, canonical_dtype
 from kiln.errors import InvalidEngineError
 from kiln.version import ENGINE_FORMAT_VERSION, __version__
 
@@ -52,6 +57,13 @@ _INTEGER_FIELDS = ("top_k", "max_tokens")
 BACKENDS = ("native", "trtllm")
 # Fields a manifest must carry; the rest have defaults (and may be absent from hand-written files).
 _REQUIRED = ("backend", "model", "dtype", "weight_files", "format_version")
+UNQUANTIZED_FORMAT_VERSION = 1
+QUANTIZED_FORMAT_VERSION = 2  # native quantized weights + `quant_config`
+
+
+def format_version_for(quant_config: QuantConfig | None) -> int:
+    """The lowest format version that holds a native engine with this quantization (see the rules)."""
+    return UNQUANTIZED_FORMAT_VERSION if quant_config is None else QUANTIZED_FORMAT_VERSION
 
 
 def sha256_file(path: Path) -> str:
@@ -93,11 +105,15 @@ class EngineManifest:
     extra: dict[str, Any] = field(default_factory=dict)
     # Request field -> the model's default for it (see the module rules); {}: Kiln's own defaults.
     generation_defaults: dict[str, float | int] = field(default_factory=dict)
+    # A native engine's quantized layout (None: unquantized, or a trtllm engine, whose layout is
+    # TensorRT-LLM's own); `quantization` is then its scheme.
+    quant_config: QuantConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["model"] = self.model.to_dict()
         data["limits"] = dataclasses.asdict(self.limits)
+        data["quant_config"] = None if self.quant_config is None else self.quant_config.to_dict()
         return data
 
     @classmethod
@@ -131,6 +147,7 @@ class EngineManifest:
             kwargs["generation_defaults"] = _checked_defaults(data.get("generation_defaults", {}))
         except ValueError as exc:
             raise InvalidEngineError(f"{MANIFEST_NAME}: generation_defaults: {exc}") from exc
+        kwargs["quant_config"] = _checked_quant_config(data, version)
         if not isinstance(kwargs["weight_files"], dict) or not kwargs["weight_files"]:
             raise InvalidEngineError(
                 f"{MANIFEST_NAME}: weight_files must be a non-empty {{name: sha256}} map"
@@ -209,6 +226,31 @@ class EngineManifest:
     def weight_paths(self, engine_dir: Path) -> list[Path]:
         """Absolute paths of the weight files, in manifest order."""
         return [Path(engine_dir) / name for name in self.weight_files]
+
+
+def _checked_quant_config(data: dict[str, Any], version: int) -> QuantConfig | None:
+    """The manifest's `quant_config`, checked against its backend, `quantization` and format version."""
+    raw, scheme = data.get("quant_config"), data.get("quantization")
+    if raw is None:
+        return None  # a native engine quantized without one is refused by the loader (kiln.models.loader)
+    if data["backend"] != "native":
+        raise InvalidEngineError(
+            f"{MANIFEST_NAME}: quant_config is for native engines, not {data['backend']!r}"
+        )
+    try:
+        quant = QuantConfig.from_dict(raw)
+    except (TypeError, ValueError) as exc:
+        raise InvalidEngineError(f"{MANIFEST_NAME}: quant_config: {exc}") from exc
+    if scheme != quant.scheme:
+        raise InvalidEngineError(
+            f"{MANIFEST_NAME}: quantization {scheme!r} disagrees with quant_config's scheme {quant.scheme!r}"
+        )
+    if version < QUANTIZED_FORMAT_VERSION:
+        raise InvalidEngineError(
+            f"{MANIFEST_NAME}: quantized weights need format_version >= {QUANTIZED_FORMAT_VERSION}, "
+            f"it says {version}"
+        )
+    return quant
 
 
 def generation_config_defaults(config: dict[str, Any]) -> dict[str, float | int]:

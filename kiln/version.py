@@ -2,5 +2,6 @@
 
 __version__ = "0.1.0"
 
-# Bumped whenever the layout of an engine directory changes in a way older readers cannot load.
-ENGINE_FORMAT_VERSION = 1
+# Bumped whenever the layout of an engine directory changes in a way older readers cannot load; the
+# newest this Kiln reads. 2: native engines with quantized weights (int8/fp8 + scales, `quant_config`).
+ENGINE_FORMAT_VERSION = 2

@@ -3,7 +3,10 @@
 An engine directory holds:
 - `model.safetensors` (or `model-0000i-of-0000n.safetensors` shards of ~2 GB plus
   `model.safetensors.index.json`): weights packed by `kiln.models.weights.pack_hf_state_dict`
-  (fused qkv_proj and gate_up_proj, no lm_head when tied), all in the engine's dtype;
+  (fused qkv_proj and gate_up_proj, no lm_head when tied), all in the engine's dtype; with
+  `quantization` (int8_wo, fp8) the linear layers' weights are stored quantized instead, each beside
+  its float32 `...weight_scale` in the same shard (kiln.config.QuantConfig says the layout), quantized
+  from the checkpoint's values by kiln.kernels.quant_reference;
 - the tokenizer files (and `generation_config.json` when the checkpoint has one);
 - `engine.json`, written last; its `generation_defaults` are the sampling fields of the checkpoint's
   `generation_config.json` (checked as a request's would be, so a bad value fails the build, not every
@@ -35,17 +38,26 @@ from kiln.build.checkpoint import (
 )
 from kiln.build.gguf import expected_tensor_count, load_gguf, read_gguf_config, save_gguf_tokenizer
 from kiln.build.tiny import write_tiny_checkpoint
-from kiln.config import DTYPES, EngineLimits, ModelConfig, canonical_dtype
+from kiln.config import (
+    DTYPES,
+    EngineLimits,
+    ModelConfig,
+    QuantConfig,
+    canonical_dtype,
+    canonical_quantization,
+)
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine_dir import (
     MANIFEST_NAME,
     EngineManifest,
     checkpoint_generation_defaults,
+    format_version_for,
     move_into_place,
     sha256_file,
 )
 from kiln.errors import CheckpointError, RequestValidationError
-from kiln.models.weights import expected_packed_shapes, pack_hf_state_dict
+from kiln.kernels.quant_reference import quantize_fp8, quantize_int8
+from kiln.models.weights import expected_packed_shapes, pack_hf_state_dict, quantized_weight_names, scale_name
 from kiln.progress import build_progress
 
 WEIGHTS_NAME = "model.safetensors"
@@ -79,21 +91,26 @@ def build_engine(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     source: str | None = None,
     generation_defaults: dict[str, float | int] | None = None,
+    quantization: str | None = None,
+    quant_group_size: int | None = None,
 ) -> EngineManifest:
     """Build a native engine from a HF directory, a .gguf file or a hub id; returns its manifest.
 
     source: what engine.json records as the origin (default: checkpoint as given). max_shard_bytes:
     weight files are split when larger (HF-style shards + model.safetensors.index.json).
     generation_defaults: request sampling defaults to record (request field names), over those of the
-    checkpoint's generation_config.json.
+    checkpoint's generation_config.json. quantization: None, "int8_wo" or "fp8" (any spelling
+    kiln.config.canonical_quantization accepts); quant_group_size: int8_wo's scales per group of that
+    many inputs instead of per output channel.
 
-    Raises CheckpointError / OfflineError for the checkpoint, ValueError for a bad dtype or limits,
-    and FileExistsError when output_dir exists and is not empty, unless overwrite=True (the old
+    Raises CheckpointError / OfflineError for the checkpoint, ValueError for a bad dtype, limits or
+    quantization (int8_sq: not yet supported by the native backend), and FileExistsError when output_dir exists and is not empty, unless overwrite=True (the old
     directory is then replaced only after the new one is complete).
     """
     dtype = canonical_dtype(dtype)
     limits = limits or EngineLimits()
     limits.validate()
+    quant = native_quant_config(quantization, quant_group_size)
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite)")
@@ -112,6 +129,7 @@ def build_engine(
             progress,
             max_shard_bytes,
             generation_defaults,
+            quant,
         )
         move_into_place(staging, output_dir)
     except BaseException:
@@ -129,6 +147,8 @@ def build_tiny_engine(
     served_model_name: str = "tiny",
     progress: bool = False,
     overwrite: bool = False,
+    quantization: str | None = None,
+    quant_group_size: int | None = None,
     **tiny_options: Any,
 ) -> EngineManifest:
     """Build an engine from `write_tiny_checkpoint(seed=seed, **tiny_options)`: `kiln build --tiny`."""
@@ -144,6 +164,8 @@ def build_tiny_engine(
             progress=progress,
             overwrite=overwrite,
             source=f"tiny(seed={seed}{options})",
+            quantization=quantization,
+            quant_group_size=quant_group_size,
         )
     return manifest
 
@@ -157,6 +179,7 @@ def _build_into(
     progress: bool,
     max_shard_bytes: int,
     generation_defaults: dict[str, float | int] | None = None,
+    quant: QuantConfig | None = None,
 ) -> EngineManifest:
     extra: dict[str, Any] = {}
     with build_progress(enabled=progress) as bar:
@@ -175,10 +198,15 @@ def _build_into(
             # A hub id names the model ("org/name"); for a local directory its name does.
             default_name = resolved.source if resolved.from_hub else resolved.path.name
         model = model_config_from_hf(hf, where=resolved.source)
+        if quant is not None:
+            quant.validate(model)
         merge_generation_eos(model, out)
         defaults = checked_generation_defaults({**read_sampling_defaults(out), **(generation_defaults or {})})
-        step = bar.step(f"packing weights ({dtype})", count)
-        sizes = _write_packed_weights(_counted(tensors, step), model, out, DTYPES[dtype], max_shard_bytes)
+        what = dtype if quant is None else f"{dtype}, linears {quant.scheme}"
+        step = bar.step(f"packing weights ({what})", count)
+        sizes = _write_packed_weights(
+            _counted(tensors, step), model, out, DTYPES[dtype], max_shard_bytes, quant
+        )
 
     weight_files = {name: sha256_file(out / name) for name in sizes if name.endswith(".safetensors")}
     for name in tokenizer_files:
@@ -193,12 +221,27 @@ def _build_into(
         file_sizes=sizes,
         served_model_name=served_model_name or default_name,
         source=resolved.source,
-        quantization=None,
+        quantization=None if quant is None else quant.scheme,
+        quant_config=quant,
+        format_version=format_version_for(quant),
         extra=extra,
         generation_defaults=defaults,
     )
     manifest.save(out)  # last: its presence marks the directory complete
     return manifest
+
+
+def native_quant_config(quantization: str | None, group_size: int | None = None) -> QuantConfig | None:
+    """The QuantConfig a native build writes for these flags (None: unquantized); ValueError for a
+    scheme the native backend does not run (int8_sq: not yet) or a group size without int8_wo."""
+    scheme = canonical_quantization(quantization)
+    if scheme is None:
+        if group_size is not None:
+            raise ValueError("a quantization group size needs --quantization int8-wo")
+        return None
+    quant = QuantConfig(scheme=scheme, group_size=group_size)
+    quant.validate()
+    return quant
 
 
 def copy_tokenizer_files(checkpoint_dir: Path, out: Path) -> list[str]:
@@ -262,15 +305,19 @@ def _write_packed_weights(
     out: Path,
     dtype: Any,
     max_shard_bytes: int,
+    quant: QuantConfig | None = None,
 ) -> dict[str, int]:
-    """Pack, convert and write the weights in shards; returns {file name: size} of the files written.
+    """Pack, convert (or quantize) and write the weights in shards; returns {file name: size} written.
 
     Checks the packed tensors against `expected_packed_shapes` so a checkpoint that does not fit its
-    own config fails here, at build time, not when the engine loads.
+    own config fails here, at build time, not when the engine loads. A quantized weight is quantized
+    from the checkpoint's own values (not from their `dtype` rounding) and its scale goes into the
+    same shard.
     """
     from safetensors.torch import save_file
 
     expected = expected_packed_shapes(model)
+    quantized = set(quantized_weight_names(model, quant))
     shard: dict[str, Any] = {}
     shard_bytes = 0
     shard_files: list[Path] = []
@@ -291,13 +338,22 @@ def _write_packed_weights(
             raise CheckpointError(
                 f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {want}"
             )
-        converted = tensor.to(dtype).contiguous()
-        nbytes = converted.numel() * converted.element_size()
+        if name in quantized:
+            assert quant is not None
+            if quant.scheme == "int8_wo":
+                q, scale = quantize_int8(tensor, quant.group_size)
+            else:
+                q, scale = quantize_fp8(tensor)
+            stored = {name: q.contiguous(), scale_name(name): scale.contiguous()}
+        else:
+            stored = {name: tensor.to(dtype).contiguous()}
+        nbytes = sum(t.numel() * t.element_size() for t in stored.values())
         if shard and shard_bytes + nbytes > max_shard_bytes:
             flush()
-        shard[name] = converted
+        for stored_name, converted in stored.items():
+            shard[stored_name] = converted
+            weight_map[stored_name] = len(shard_files)
         shard_bytes += nbytes
-        weight_map[name] = len(shard_files)
     if expected:
         raise CheckpointError(f"checkpoint is missing tensors: {sorted(expected)[:8]}")
     if shard:

@@ -32,7 +32,7 @@ from kiln.build.native import (
     merge_generation_eos,
     read_sampling_defaults,
 )
-from kiln.config import EngineLimits, ModelConfig, canonical_dtype
+from kiln.config import QUANTIZATION_ALIASES, EngineLimits, ModelConfig, canonical_dtype
 from kiln.engine_dir import EngineManifest, move_into_place, sha256_file
 from kiln.errors import CheckpointError
 from kiln.trtllm import compat
@@ -49,15 +49,8 @@ QUANTIZATIONS: dict[str, tuple[str, bool]] = {
     "fp8": ("FP8", True),
     "int8_sq": ("W8A8_SQ_PER_CHANNEL", True),
 }
-QUANTIZATION_ALIASES = {
-    "int8": "int8_wo",
-    "int8-wo": "int8_wo",
-    "w8a16": "int8_wo",
-    "int8_weight_only": "int8_wo",
-    "int8-sq": "int8_sq",
-    "smoothquant": "int8_sq",
-    "w8a8": "int8_sq",
-}
+# The accepted spellings (int8-wo / int8-sq among them: QUANTIZATION_ALIASES) are kiln.config's, shared
+# with the native backend, so the same --quantization name means the same scheme on both.
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # Ada and Hopper and later have FP8 tensor cores
 DEFAULT_CALIB_DATASET = "cnn_dailymail"  # CalibConfig's own default, a Hugging Face dataset name
 
@@ -67,7 +60,7 @@ def canonical_quantization(name: str | None) -> str | None:
     if name is None or name in ("", "none"):
         return None
     key = QUANTIZATION_ALIASES.get(name.lower(), name.lower())
-    if key not in QUANTIZATIONS:
+    if key not in QUANTIZATIONS:  # the same names as kiln.config.QUANTIZATION_NAMES
         raise ValueError(f"unknown TensorRT-LLM quantization {name!r}; choose one of {sorted(QUANTIZATIONS)}")
     return key
 

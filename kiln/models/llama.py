@@ -23,18 +23,28 @@ import torch
 from torch import nn
 
 from kiln import kernels
-from kiln.config import ModelConfig
+from kiln.config import ModelConfig, QuantConfig
 from kiln.errors import CheckpointError
 from kiln.kernels.attention_metadata import AttentionMetadata
+from kiln.models.quant_linear import QuantizedLinear, make_linear
 from kiln.models.rope import build_cos_sin_cache
-from kiln.models.weights import expected_packed_shapes
+from kiln.models.weights import expected_packed_dtypes, expected_packed_shapes
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, Hkv, D]
 
 
-def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    # Through the kernel dispatch rather than nn.Linear: one token takes the Triton GEMV on CUDA.
+def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # A quantized layer goes through its own dispatch (kiln.models.quant_linear.quantized_linear, the
+    # seam for the quantized GPU kernels). Otherwise the kernel dispatch rather than nn.Linear: one
+    # token takes the Triton GEMV on CUDA.
+    if isinstance(layer, QuantizedLinear):
+        return layer(x)
     return kernels.linear(x, layer.weight, layer.bias)
+
+
+def _for(linear: str, quant: QuantConfig | None) -> QuantConfig | None:
+    """`quant` when it quantizes the packed linear `linear` (e.g. "mlp.down_proj"), else None."""
+    return quant if quant is not None and linear in quant.linears else None
 
 
 class RMSNorm(nn.Module):
@@ -50,17 +60,23 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, quant: QuantConfig | None = None) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(
-            config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias
+        bias = config.attention_bias
+        self.qkv_proj = make_linear(
+            config.hidden_size,
+            self.q_size + 2 * self.kv_size,
+            bias=bias,
+            quant=_for("self_attn.qkv_proj", quant),
         )
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+        self.o_proj = make_linear(
+            self.q_size, config.hidden_size, bias=bias, quant=_for("self_attn.o_proj", quant)
+        )
 
     def project(
         self,
@@ -86,21 +102,23 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, quant: QuantConfig | None = None) -> None:
         super().__init__()
-        inter = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * inter, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(inter, config.hidden_size, bias=config.mlp_bias)
+        inter, bias = config.intermediate_size, config.mlp_bias
+        self.gate_up_proj = make_linear(
+            config.hidden_size, 2 * inter, bias=bias, quant=_for("mlp.gate_up_proj", quant)
+        )
+        self.down_proj = make_linear(inter, config.hidden_size, bias=bias, quant=_for("mlp.down_proj", quant))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return _linear(self.down_proj, kernels.silu_and_mul(_linear(self.gate_up_proj, hidden)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, quant: QuantConfig | None = None) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, quant)
+        self.mlp = LlamaMLP(config, quant)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -131,10 +149,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, quant: QuantConfig | None = None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, quant) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -147,15 +165,20 @@ class LlamaForCausalLM(nn.Module):
       returns the final-norm hidden states [T, H]. Positions must be < `max_positions`.
     - `compute_logits` maps selected hidden rows to float32 logits [N, vocab].
     - `load_weights` takes packed names (kiln.models.weights) and is strict.
+    - With `quant` (kiln.config.QuantConfig) the linears it names are `QuantizedLinear`s, which load
+      the scheme's int8/fp8 weights and float32 scales; embeddings, norms and lm_head are unchanged.
     - A module built under `torch.device("meta")` and moved with `to_empty(device=...)` is
       complete after `load_weights`, which also recomputes the RoPE table on the weights' device.
     """
 
-    def __init__(self, config: ModelConfig, *, max_positions: int | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, *, max_positions: int | None = None, quant: QuantConfig | None = None
+    ) -> None:
         super().__init__()
         self.config = config
+        self.quant = quant
         self.max_positions = max_positions or config.max_position_embeddings
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, quant)
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -229,10 +252,12 @@ class LlamaForCausalLM(nn.Module):
         """Copy packed tensors into the parameters (cast to each parameter's dtype and device).
 
         Accepts a mapping or a stream of (name, tensor) pairs, so a loader can feed tensors one at a
-        time. Raises CheckpointError naming every missing, unexpected, duplicate or misshaped tensor;
-        on error the parameters may be partly loaded.
+        time. Raises CheckpointError naming every missing, unexpected, duplicate or misshaped tensor,
+        and a quantized weight or scale not stored in the scheme's dtype (casting a float weight into
+        int8 would load garbage); on error the parameters may be partly loaded.
         """
-        expected = expected_packed_shapes(self.config)
+        expected = expected_packed_shapes(self.config, self.quant)
+        fixed_dtypes = expected_packed_dtypes(self.config, self.quant)
         params = dict(self.named_parameters())
         if set(params) != set(expected):  # the module and the packing rules must agree
             raise AssertionError(f"model parameters differ from packed names: {set(params) ^ set(expected)}")
@@ -246,6 +271,11 @@ class LlamaForCausalLM(nn.Module):
             if tuple(tensor.shape) != expected[name]:
                 raise CheckpointError(
                     f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected[name]}"
+                )
+            if name in fixed_dtypes and tensor.dtype != getattr(torch, fixed_dtypes[name]):
+                raise CheckpointError(
+                    f"tensor {name!r} is {tensor.dtype}, the engine's {self.quant.scheme} "  # type: ignore[union-attr]
+                    f"quantization stores it as torch.{fixed_dtypes[name]}"
                 )
             params[name].copy_(tensor)
             loaded.add(name)

@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from kiln.config import DTYPES, ModelConfig, canonical_dtype
+from kiln.config import DTYPES, ModelConfig, QuantConfig, canonical_dtype
 from kiln.engine_dir import MANIFEST_NAME, EngineManifest
-from kiln.errors import CheckpointError
+from kiln.errors import CheckpointError, InvalidEngineError
 from kiln.models.llama import LlamaForCausalLM
+from kiln.models.quant_linear import check_device_supports
 from kiln.models.weights import expected_packed_shapes, pack_hf_state_dict
 from kiln.progress import build_progress
 
@@ -36,12 +37,23 @@ def load_model(
     `path` is an engine directory (engine.json; packed weights listed in the manifest) or a Hugging
     Face directory (config.json + *.safetensors, one file or sharded with an index; packed on the
     fly). dtype None means the engine's dtype, or the checkpoint's `dtype`/`torch_dtype` (float32
-    when it names none). Raises CheckpointError / InvalidEngineError for unreadable input.
+    when it names none). A quantized engine (`quant_config`) keeps its int8/fp8 weights and float32
+    scales whatever `dtype` says; `dtype` is then the activations' and the unquantized tensors'.
+    Raises CheckpointError / InvalidEngineError for unreadable input, and InvalidEngineError for a
+    quantization `device` cannot run (kiln.models.quant_linear.check_device_supports).
     """
     path = Path(path)
+    quant: QuantConfig | None = None
     if (path / MANIFEST_NAME).is_file():
         manifest = EngineManifest.load(path)
         config = manifest.model
+        quant = manifest.quant_config
+        if manifest.quantization is not None and quant is None:
+            raise InvalidEngineError(
+                f"{path}: {MANIFEST_NAME} says the weights are quantized {manifest.quantization!r} but not how "
+                "(no quant_config); rebuild the engine"
+            )
+        check_device_supports(quant, device)
         dtype = dtype or DTYPES[canonical_dtype(manifest.dtype)]
         weights: Iterator[tuple[str, torch.Tensor]] = _read_safetensors(manifest.weight_paths(path))
     else:
@@ -49,9 +61,9 @@ def load_model(
         config = ModelConfig.from_hf(hf_config)
         dtype = dtype or _hf_dtype(hf_config)
         weights = pack_hf_state_dict(_read_safetensors(hf_safetensors_files(path)), config)
-    model = build_empty_model(config, dtype=dtype, device=device)
+    model = build_empty_model(config, dtype=dtype, device=device, quant=quant)
     with build_progress(enabled=progress) as bars:
-        advance = bars.step(f"loading weights ({device})", total=len(expected_packed_shapes(config)))
+        advance = bars.step(f"loading weights ({device})", total=len(expected_packed_shapes(config, quant)))
         model.load_weights(_counted(weights, advance))
     return model.eval(), config
 
@@ -65,14 +77,36 @@ def _counted(
 
 
 def build_empty_model(
-    config: ModelConfig, *, dtype: torch.dtype, device: str | torch.device
+    config: ModelConfig,
+    *,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    quant: QuantConfig | None = None,
 ) -> LlamaForCausalLM:
-    """A LlamaForCausalLM with uninitialised parameters of `dtype` on `device`; fill it with load_weights."""
+    """A LlamaForCausalLM with uninitialised parameters on `device`; fill it with load_weights.
+
+    Floating-point parameters and buffers are `dtype`, except those a quantized layer fixes (its
+    `storage_dtypes`: the int8/fp8 weight and float32 scale), which keep their own."""
     with torch.device("meta"), _SkipRandomInit():
-        model = LlamaForCausalLM(config)
-    # Casting on the meta device costs nothing; then each parameter is allocated once. Not `to_empty`:
-    # its empty_like of a meta tensor runs a Python decomposition that imports sympy (~0.3 s).
-    model = model.to(dtype=dtype)._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+        model = LlamaForCausalLM(config, quant=quant)
+    if quant is None:
+        # Casting on the meta device costs nothing; then each parameter is allocated once. Not `to_empty`:
+        # its empty_like of a meta tensor runs a Python decomposition that imports sympy (~0.3 s).
+        model = model.to(dtype=dtype)._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+        return model.requires_grad_(False)
+    # `Module.to(dtype)` would cast the fp8 weights and the float32 scales too (both are floating
+    # point): allocate each tensor once, module by module, in the dtype it is stored in.
+    for module in model.modules():
+        fixed: dict[str, torch.dtype] = getattr(module, "storage_dtypes", {})
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                want = fixed.get(name, dtype if param.is_floating_point() else param.dtype)
+                empty = torch.empty(param.shape, dtype=want, device=device)
+                module._parameters[name] = torch.nn.Parameter(empty, requires_grad=False)
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None:
+                want = dtype if buffer.is_floating_point() else buffer.dtype
+                module._buffers[name] = torch.empty(buffer.shape, dtype=want, device=device)
     return model.requires_grad_(False)
 
 

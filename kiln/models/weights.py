@@ -7,6 +7,10 @@ Every other tensor keeps its Hugging Face name. `lm_head.weight` is dropped when
 are tied (the model reuses `model.embed_tokens.weight`), and `rotary_emb.inv_freq` buffers that old
 checkpoints carry are ignored (Kiln recomputes RoPE from the config).
 
+A quantized native engine (kiln.config.QuantConfig) stores each quantized linear's `...weight` in the
+scheme's dtype (int8 or float8_e4m3fn) with a float32 `...weight_scale` beside it; the expected shapes
+and the fixed dtypes per scheme are `expected_packed_shapes(config, quant)` and `expected_packed_dtypes`.
+
 `pack_hf_state_dict` streams: it holds back only the parts of a fused group until the group is
 complete, so packing a 7B checkpoint shard by shard never holds two copies of the model.
 """
@@ -18,7 +22,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
-from kiln.config import ModelConfig
+from kiln.config import QUANTIZED_LINEARS, ModelConfig, QuantConfig
 from kiln.errors import CheckpointError
 
 # Fused tensor suffix -> the HF suffixes whose rows it concatenates, in order.
@@ -33,8 +37,50 @@ _PART_OF: dict[str, tuple[str, int]] = {
 _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
-def expected_packed_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a packed Kiln checkpoint holds for `config`, name -> shape (and nothing else)."""
+def quantized_weight_names(config: ModelConfig, quant: QuantConfig | None) -> list[str]:
+    """The packed `...weight` names stored quantized under `quant` (none without it), in layer order."""
+    if quant is None:
+        return []
+    return [
+        f"model.layers.{layer}.{linear}.weight"
+        for layer in range(config.num_hidden_layers)
+        for linear in QUANTIZED_LINEARS
+        if linear in quant.linears
+    ]
+
+
+def scale_name(weight_name: str) -> str:
+    """`...qkv_proj.weight` -> `...qkv_proj.weight_scale`: where a quantized weight's scales are stored."""
+    return weight_name + "_scale"
+
+
+def expected_packed_dtypes(config: ModelConfig, quant: QuantConfig | None) -> dict[str, str]:
+    """The tensors whose dtype the scheme fixes, name -> torch dtype name: each quantized weight
+    (int8 or float8_e4m3fn) and its float32 scale. Every other tensor is in the engine's dtype."""
+    dtypes: dict[str, str] = {}
+    for name in quantized_weight_names(config, quant):
+        assert quant is not None
+        dtypes[name] = quant.weight_dtype
+        dtypes[scale_name(name)] = "float32"
+    return dtypes
+
+
+def expected_packed_shapes(
+    config: ModelConfig, quant: QuantConfig | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Every tensor a packed Kiln checkpoint holds for `config`, name -> shape (and nothing else).
+
+    With `quant`, each quantized weight keeps its [N, K] shape and gains `scale_name(weight)`: [N] per
+    channel, [N, K // group_size] per group (kiln.config.QuantConfig)."""
+    shapes = _unquantized_shapes(config)
+    for name in quantized_weight_names(config, quant):
+        assert quant is not None
+        rows, cols = shapes[name]
+        shapes[scale_name(name)] = (rows,) if quant.group_size is None else (rows, cols // quant.group_size)
+    return shapes
+
+
+def _unquantized_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     hidden, inter = config.hidden_size, config.intermediate_size
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, hidden)}
     qkv_rows = config.q_size + 2 * config.kv_size

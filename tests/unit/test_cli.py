@@ -197,7 +197,8 @@ def test_build_trtllm_passes_its_flags_through(monkeypatch: pytest.MonkeyPatch, 
 
     def fake_build(checkpoint: str, output_dir: Path, **kwargs: Any) -> Any:
         seen.update(checkpoint=checkpoint, output_dir=output_dir, **kwargs)
-        return type("Manifest", (), {"served_model_name": "m", "backend": "trtllm", "dtype": "float16"})()
+        fields = {"served_model_name": "m", "backend": "trtllm", "dtype": "float16", "quantization": "fp8"}
+        return type("Manifest", (), fields)()
 
     monkeypatch.setattr(kiln.build.trtllm, "build_trtllm_engine", fake_build)
     args = ["build", "org/model", "-o", str(tmp_path / "e"), "--backend", "trtllm", "--quantization", "fp8"]
@@ -235,9 +236,8 @@ def test_trtllm_only_build_flags_are_refused_for_the_native_backend(tmp_path: Pa
 # Every `kiln build` flag, by the builds it applies to; each one that does not apply to a build is refused.
 BUILD_FLAGS = {
     "every build": {"checkpoint", "output", "dtype", "max_batch_size", "max_num_tokens", "max_seq_len"}
-    | {"block_size", "tiny", "backend", "served_model_name", "overwrite"},
+    | {"block_size", "tiny", "backend", "served_model_name", "overwrite", "quantization"},
     "trtllm": {
-        "quantization": ["--quantization", "fp8"],
         "tp_size": ["--tp-size", "2"],
         "calib_dataset": ["--calib-dataset", "x"],
         "calib_size": ["--calib-size", "8"],
@@ -245,7 +245,7 @@ BUILD_FLAGS = {
         "gather_logits": ["--gather-logits"],
         "multiple_profiles": ["--no-multiple-profiles"],
     },
-    "native": {"tune_kernels": ["--tune-kernels"]},
+    "native": {"tune_kernels": ["--tune-kernels"], "quant_group_size": ["--quant-group-size", "32"]},
 }
 
 

@@ -1,0 +1,105 @@
+"""PyTorch references of the quantized linear layers: quantize, dequantize, and the matmuls they define.
+
+These are the semantics the GPU kernels of a later change must match (the INT8 weight-only GEMV/GEMM,
+the FP8 GEMM), and the CPU path today. Shapes: a weight is [N, K] (N output channels, K inputs), an
+activation [T, K].
+
+Rules:
+- Symmetric quantization, no zero point: w ~= q * scale, with scale = amax / QMAX over the block the
+  scale covers (a whole row: per channel; or `group_size` consecutive inputs of a row: per group).
+  QMAX is 127 for int8 (q rounded to nearest, in [-127, 127], so the range is symmetric) and 448 for
+  float8_e4m3fn (its largest finite value; q = w / scale cast to e4m3, round to nearest even).
+- A block of zeros gets scale 1 (q = 0, dequantized exactly to 0), never a division by zero.
+- Scales are float32 whatever the model dtype: a float16 scale would add its own rounding (2^-11
+  relative) to every weight of the row.
+- `int8_wo_linear` dequantizes the weight to the activation dtype and runs the plain matmul: what a
+  weight-only kernel computes when it dequantizes tiles in registers.
+- `fp8_linear` emulates an FP8 GEMM: the activations are quantized per token (row) to e4m3 with
+  scale = amax / 448 (dynamic, from this call's values); the e4m3 products are summed in float32 (the
+  tensor core's accumulator) and scaled by both scales, which is dequantizing both operands and
+  multiplying in float32; the result is cast to the activation dtype. Every step is a tensor op with
+  no host sync, so it runs inside a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+INT8_MAX = 127.0
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
+
+
+def _scales(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """float32 scale = amax / qmax, and 1 where amax is 0 (an all-zero block)."""
+    amax = amax.float()
+    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+
+
+def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """weight [N, K] as [N, G, g] blocks (G = K // g; one block per row when group_size is None)."""
+    rows, cols = weight.shape
+    size = cols if group_size is None else group_size
+    if size < 1 or cols % size:
+        raise ValueError(f"group size {group_size} does not divide the weight's {cols} inputs")
+    return weight.reshape(rows, cols // size, size)
+
+
+def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (q int8 [N, K], scale float32 [N] per channel, or [N, K // group_size] per group)."""
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    blocks = _grouped(weight.float(), group_size)
+    scale = _scales(blocks.abs().amax(dim=-1), INT8_MAX)  # [N, G]
+    q = torch.round(blocks / scale[..., None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q.reshape(weight.shape), (scale[:, 0] if group_size is None else scale)
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q int8 [N, K] with scale [N] or [N, G] -> q * scale in `dtype` (computed in float32, then cast)."""
+    rows, cols = q.shape
+    groups = scale.reshape(rows, -1)
+    blocks = _grouped(q, cols // groups.shape[1])
+    return (blocks.float() * groups.float()[..., None]).reshape(rows, cols).to(dtype)
+
+
+def int8_wo_linear(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [T, K] @ dequantize_int8(q, scale).T (+ bias) -> [T, N], in x's dtype (the weight dequantized to it)."""
+    return F.linear(x, dequantize_int8(q, scale, x.dtype), bias)
+
+
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (q float8_e4m3fn [N, K], scale float32 [N]): per output channel."""
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    return quantize_fp8_rows(weight)
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of x [T, K] to e4m3 with its own scale: (q float8_e4m3fn [T, K], scale float32 [T]).
+
+    The per-token activation quantization of `fp8_linear` and the per-channel weight quantization
+    are the same rule over rows. |x / scale| <= 448 by construction; the clamp only guards rounding."""
+    x32 = x.float()
+    scale = _scales(x32.abs().amax(dim=-1), FP8_MAX)
+    q = (x32 / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q float8_e4m3fn [N, K] with a per-row scale [N] -> q * scale in `dtype` (float32 math)."""
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+def fp8_linear(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The FP8 GEMM's numerics: x quantized per token to e4m3, both operands dequantized, the product
+    in float32, cast to x's dtype, then + bias (in x's dtype). x [T, K], q [N, K], scale [N] -> [T, N]."""
+    xq, x_scale = quantize_fp8_rows(x)
+    out = torch.matmul(xq.float(), q.float().t()) * x_scale[:, None] * scale.float()[None, :]
+    out = out.to(x.dtype)
+    return out if bias is None else out + bias

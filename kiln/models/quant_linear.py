@@ -1,0 +1,88 @@
+"""Quantized linear layers of a native quantized engine (`engine.json` `quant_config`), and where they run.
+
+A `QuantizedLinear` replaces an `nn.Linear` of the Llama model (qkv_proj, o_proj, gate_up_proj,
+down_proj) and holds what the engine directory stores for it: `weight` in the scheme's storage dtype
+(int8 or float8_e4m3fn) [N, K], `weight_scale` float32 ([N] per channel, [N, K // group_size] per
+group; see kiln.config.QuantConfig) and `bias` in the model dtype when the layer has one.
+
+Rules:
+- `quantized_linear` is the one place a quantized matmul is dispatched: the seam where the GPU
+  kernels (an INT8 weight-only GEMV/GEMM, an FP8 GEMV/GEMM) will be picked on CUDA. Until they exist
+  it runs the PyTorch references of kiln.kernels.quant_reference on every device, which are also the
+  definition those kernels must match.
+- `check_device_supports` refuses, by name, a scheme the device cannot run: fp8 needs FP8 tensor
+  cores on CUDA (compute capability >= 8.9, Ada or Hopper); the CPU runs the references of both.
+- `storage_dtypes` names the parameters whose dtype the scheme fixes, so the loader does not cast
+  them to the model dtype (kiln.models.loader.build_empty_model).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln.config import QuantConfig
+from kiln.errors import InvalidEngineError
+from kiln.kernels import quant_reference
+
+FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # Ada and Hopper and later have FP8 tensor cores
+_STORAGE = {"int8_wo": torch.int8, "fp8": quant_reference.FP8_DTYPE}
+
+
+class QuantizedLinear(nn.Module):
+    """y = x @ dequantize(weight, weight_scale).T + bias, by the scheme's reference (see the module rules)."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, quant: QuantConfig) -> None:
+        super().__init__()
+        quant.validate()
+        self.scheme = quant.scheme
+        self.in_features, self.out_features = in_features, out_features
+        self.storage_dtypes = {"weight": _STORAGE[quant.scheme], "weight_scale": torch.float32}
+        scale_shape = (
+            (out_features,) if quant.group_size is None else (out_features, in_features // quant.group_size)
+        )
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=self.storage_dtypes["weight"]), requires_grad=False
+        )
+        self.weight_scale = nn.Parameter(torch.empty(scale_shape, dtype=torch.float32), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_linear(self, x)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, scheme={self.scheme}, scales={tuple(self.weight_scale.shape)}"
+
+
+def quantized_linear(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+    """x [T, K] through a quantized layer -> [T, N] in x's dtype.
+
+    The seam for the GPU kernels: they will be chosen here by device (as kiln.kernels chooses Triton
+    on CUDA), each tested against the reference it replaces. Today every device runs the reference.
+    """
+    if layer.scheme == "int8_wo":
+        return quant_reference.int8_wo_linear(x, layer.weight, layer.weight_scale, layer.bias)
+    return quant_reference.fp8_linear(x, layer.weight, layer.weight_scale, layer.bias)
+
+
+def make_linear(in_features: int, out_features: int, *, bias: bool, quant: QuantConfig | None) -> nn.Module:
+    """An `nn.Linear`, or a `QuantizedLinear` under `quant`."""
+    if quant is None:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return QuantizedLinear(in_features, out_features, bias=bias, quant=quant)
+
+
+def check_device_supports(quant: QuantConfig | None, device: str | torch.device) -> None:
+    """Raise InvalidEngineError naming the scheme when `device` cannot run it (see the module rules)."""
+    if quant is None:
+        return
+    device = torch.device(device)
+    if quant.scheme == "fp8" and device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < FP8_MIN_COMPUTE_CAPABILITY:
+            name = torch.cuda.get_device_name(device)
+            raise InvalidEngineError(
+                f"this engine is quantized fp8, which needs FP8 tensor cores (compute capability >= "
+                f"{FP8_MIN_COMPUTE_CAPABILITY[0]}.{FP8_MIN_COMPUTE_CAPABILITY[1]}, Ada or Hopper); "
+                f"{name} is {capability[0]}.{capability[1]}: rebuild with --quantization int8-wo or none"
+            )

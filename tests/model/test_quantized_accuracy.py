@@ -1,0 +1,154 @@
+"""Accuracy gates of the native quantized engines: next-token distributions against the unquantized engine.
+
+The text is the Zen of Python (`this` in the standard library, decoded): a real English text every
+Python ships, unchanged since 2004. Each engine computes the logits of every position of the text in one
+prefill (test_llama_parity's PagedRunner); the quantized engine is built from the same checkpoint, both
+float32 on the CPU, so the only difference is the scheme. Measured:
+
+- top-1 agreement: the share of positions where both engines' most likely next token is the same;
+- KL divergence KL(unquantized || quantized) per position, in nats, averaged over the text;
+- perplexity of the text under each engine (printed with `-s`, for docs/quantization.md).
+
+Thresholds are what was measured on the 2-core CPU machine (2026-12-05) with a margin, stated here and in
+docs/quantization.md. The tiny model's random weights make its logits chaotic, so its gates are looser;
+they catch a broken scale layout or dequantization (which gives near-zero agreement), not fine drifts.
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from test_llama_parity import PagedRunner, Seq
+
+from kiln import LLM, SamplingParams
+from kiln.build import build_engine, build_tiny_engine
+from kiln.models.loader import load_model
+from kiln.models.tokenizer import Tokenizer
+
+# (quantization, group size) -> (least top-1 agreement, most mean KL in nats)
+SMOLLM2_GATES = {
+    ("int8_wo", None): (0.92, 0.045),  # measured 0.946, 0.029
+    ("int8_wo", 64): (0.90, 0.03),  # measured 0.931, 0.019
+    ("fp8", None): (0.68, 0.45),  # measured 0.739, 0.350
+}
+TINY_GATES = {
+    ("int8_wo", None): (0.80, 0.16),  # measured 0.849, 0.115
+    ("int8_wo", 16): (0.85, 0.11),  # measured 0.896, 0.076
+    ("fp8", None): (0.45, 2.2),  # measured 0.504, 1.707
+}
+
+
+def zen_of_python() -> str:
+    import this  # prints the text once; the module holds it rot13-encoded
+
+    return codecs.decode(this.s, "rot13")
+
+
+def text_logits(engine_dir: Path, token_ids: list[int]) -> torch.Tensor:
+    """The engine's float32 logits [len(token_ids), vocab] of every position, in one prefill."""
+    model, _ = load_model(engine_dir, device="cpu")
+    runner = PagedRunner(model, num_blocks=len(token_ids) // 16 + 2, block_size=16)
+    return runner.step([Seq(list(token_ids))], [len(token_ids)])
+
+
+def agreement(reference: torch.Tensor, quantized: torch.Tensor) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(reference || quantized) in nats) over the positions."""
+    log_p, log_q = reference.log_softmax(-1), quantized.log_softmax(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return (reference.argmax(-1) == quantized.argmax(-1)).float().mean().item(), kl.mean().item()
+
+
+def perplexity(logits: torch.Tensor, token_ids: list[int]) -> float:
+    """exp(mean negative log-likelihood of each next token of the text)."""
+    nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(token_ids[1:]))
+    return math.exp(nll.item())
+
+
+def _check(name: str, reference: torch.Tensor, quantized: torch.Tensor, ids: list[int], gate: tuple) -> None:
+    top1, kl = agreement(reference, quantized)
+    print(
+        f"{name}: top-1 {top1:.3f}, KL {kl:.4f}, perplexity {perplexity(quantized, ids):.2f} "
+        f"(unquantized {perplexity(reference, ids):.2f}) over {len(ids)} tokens"
+    )
+    least_top1, most_kl = gate
+    assert top1 >= least_top1 and kl <= most_kl, (name, top1, kl)
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int], torch.Tensor]:
+    engine = tmp_path_factory.mktemp("tiny-quant") / "float32"
+    build_tiny_engine(engine)
+    ids = Tokenizer(engine).encode(zen_of_python())
+    return engine, ids, text_logits(engine, ids)
+
+
+@pytest.mark.parametrize(("scheme", "group_size"), list(TINY_GATES))
+def test_tiny_quantized_engine_tracks_the_unquantized_one(
+    tiny_reference, tmp_path: Path, scheme: str, group_size: int | None
+) -> None:
+    _, ids, reference = tiny_reference
+    engine = tmp_path / "engine"
+    build_tiny_engine(engine, quantization=scheme, quant_group_size=group_size)
+    _check(
+        f"tiny {scheme} g={group_size}",
+        reference,
+        text_logits(engine, ids),
+        ids,
+        TINY_GATES[scheme, group_size],
+    )
+
+
+@pytest.fixture(scope="module")
+def smollm2_reference(smollm2_gguf: Path) -> tuple[list[int], torch.Tensor]:
+    from kiln.build.default_model import ensure_default_engine
+
+    engine = ensure_default_engine(dtype="float32")  # built once into ~/.cache/kiln from the same GGUF
+    ids = Tokenizer(engine).encode(zen_of_python())
+    return ids, text_logits(engine, ids)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("scheme", "group_size"), list(SMOLLM2_GATES))
+def test_smollm2_quantized_engine_tracks_the_unquantized_one(
+    smollm2_gguf: Path, smollm2_reference, tmp_path: Path, scheme: str, group_size: int | None
+) -> None:
+    ids, reference = smollm2_reference
+    engine = tmp_path / "engine"
+    build_engine(
+        smollm2_gguf,
+        engine,
+        dtype="float32",
+        quantization=scheme,
+        quant_group_size=group_size,
+        progress=False,
+    )
+    _check(
+        f"SmolLM2 {scheme} g={group_size}",
+        reference,
+        text_logits(engine, ids),
+        ids,
+        SMOLLM2_GATES[scheme, group_size],
+    )
+
+
+@pytest.mark.parametrize("scheme", ["int8-wo", "fp8"])
+def test_greedy_generation_through_llm_engine(tmp_path: Path, scheme: str) -> None:
+    """A quantized engine dir runs the whole engine path (scheduler, paged prefill, decode steps, a batch
+    of two prompts); its greedy tokens equal the model's own one-prefill argmax continuation."""
+    engine = tmp_path / "engine"
+    build_tiny_engine(engine, quantization=scheme)
+    llm = LLM(engine, device="cpu")
+    prompts = [[5, 17, 99, 3], [42, 7, 7, 300, 12, 9]]
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=6)
+    )
+    for prompt, out in zip(prompts, outs, strict=True):
+        tokens = out.outputs[0].token_ids
+        assert len(tokens) == 6
+        # Each generated token is the argmax of the logits over prompt + the tokens before it.
+        logits = text_logits(engine, prompt + tokens[:-1])
+        assert logits[len(prompt) - 1 :].argmax(-1).tolist() == tokens
