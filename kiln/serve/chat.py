@@ -14,7 +14,7 @@ from fastapi import Request, Response
 
 from kiln.serve.chat_tools import ToolPlan, plan_tools, renders_tools, template_messages
 from kiln.serve.errors import InvalidRequestError
-from kiln.serve.generation import Generation, Prompt, new_completion_id
+from kiln.serve.generation import Generation, Prompt, TimeoutHeader, new_completion_id, request_deadline
 from kiln.serve.logprobs import chat_logprobs
 from kiln.serve.protocol import (
     AssistantMessage,
@@ -43,13 +43,17 @@ def _top_logprobs(body: ChatCompletionRequest) -> int | None:
     return (body.top_logprobs or 0) if body.logprobs else None
 
 
-async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, x_request_timeout: TimeoutHeader = None
+) -> Response:
+    started = time.monotonic()
     state = server_state(request)
     http_request_id = request.state.request_id
     request_id = new_completion_id("chatcmpl")
     state.admission.check_accepting()
     state.check_model(body.model)
     log_unknown_fields(body, http_request_id)
+    deadline = request_deadline(started, body.timeout, x_request_timeout, state.settings)
     tokenizer = state.engine.tokenizer
     plan = plan_tools(body, tokenizer, state.settings.tool_call_parser)
     native = renders_tools(tokenizer)
@@ -104,6 +108,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         ticket=ticket,
         stream=body.stream,
         structured_param=structured_param,
+        deadline=deadline,
     )
     generation.start()  # the engine gets the request now, not when the response first reads
     if body.stream:

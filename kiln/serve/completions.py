@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request, Response
 
 from kiln.serve.errors import InvalidRequestError
-from kiln.serve.generation import Generation, Prompt, new_completion_id
+from kiln.serve.generation import Generation, Prompt, TimeoutHeader, new_completion_id, request_deadline
 from kiln.serve.logprobs import completion_logprobs, merge_completion_logprobs
 from kiln.serve.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from kiln.serve.sampling import (
@@ -59,13 +59,17 @@ async def _prompts(
     return prompts
 
 
-async def create_completion(body: CompletionRequest, request: Request) -> Response:
+async def create_completion(
+    body: CompletionRequest, request: Request, x_request_timeout: TimeoutHeader = None
+) -> Response:
+    started = time.monotonic()
     state = server_state(request)
     http_request_id = request.state.request_id
     request_id = new_completion_id("cmpl")
     state.admission.check_accepting()
     state.check_model(body.model)
     log_unknown_fields(body, http_request_id)
+    deadline = request_deadline(started, body.timeout, x_request_timeout, state.settings)
     tokenizer = state.engine.tokenizer
     if body.echo and body.logprobs is not None:
         raise InvalidRequestError("echo with logprobs is not supported (prompt logprobs)", param="echo")
@@ -104,6 +108,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         ticket=ticket,
         stream=body.stream,
         structured_param=structured_param,
+        deadline=deadline,
     )
     generation.start()  # the engine gets the request now, not when the response first reads
     if body.stream:

@@ -86,6 +86,20 @@ class UnavailableError(APIError):
     error_type = "service_unavailable"
 
 
+class RequestTimeoutError(APIError):
+    """The request ran past its deadline (kiln.serve.generation). 504, not 408: 408 says the server gave
+    up waiting for the client's request (Kiln sends it for a slow request head), while here the server
+    itself ran out of time, as a gateway's DEADLINE_EXCEEDED is 504. `x-should-retry: false` keeps the
+    OpenAI SDKs, which retry a 5xx, from spending the deadline again on an automatic retry."""
+
+    status_code = 504
+    error_type = "timeout_error"
+    default_code = "request_timeout"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"x-should-retry": "false"})
+
+
 class InternalError(APIError):
     status_code = 500
     error_type = "server_error"

@@ -17,6 +17,15 @@ Rules:
   an output (a client gone before its stream began): pumps cancelled, engine requests aborted, ticket
   released, the request logged once.
 - It owns the request's bookkeeping: the admission ticket, latency/token metrics, the log line.
+- Deadlines (`request_deadline`): a request may have one, from its `timeout` field, the
+  X-Request-Timeout header (the shorter wins) or the server's default, cut to the server's cap; it
+  counts from the handler's start. An asyncio timer enforces it, not a check between engine steps, so
+  it holds while the engine is busy or stalled: at the deadline the prompts' pumps are cancelled (each
+  aborts its engine request, queued or running, freeing its blocks) and the reader gets a
+  `RequestTimeoutError` after what it already had (non-streaming: a 504, the partial output dropped;
+  a stream: an error event, then [DONE]), counted as outcome `timeout`. The answer does not wait for
+  the engine's abort acknowledgement (a stalled step would hold it): that cleanup ends in the
+  background. A request already past its deadline when it would start never reaches the engine.
 """
 
 from __future__ import annotations
@@ -27,17 +36,20 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Annotated
 
 import anyio
+from fastapi import Header
 
 from kiln.clients.messages import EngineDeadError
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import SamplingParams
 from kiln.errors import RequestValidationError
 from kiln.serve.admission import Ticket
-from kiln.serve.errors import APIError, InvalidRequestError, UnavailableError
-from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest
+from kiln.serve.errors import APIError, InvalidRequestError, RequestTimeoutError, UnavailableError
+from kiln.serve.protocol import MAX_REQUEST_TIMEOUT_SECONDS, ChatCompletionRequest, CompletionRequest
 from kiln.serve.request_log import RequestRecord, log_request
+from kiln.serve.settings import ServerSettings
 from kiln.serve.state import ServerState
 
 
@@ -66,6 +78,53 @@ def request_param(endpoint: str, field: str | None, structured_param: str | None
         return structured_param
     param = renamed.get(field, field) if field is not None else None
     return param if param in fields else None
+
+
+# The request header that sets a deadline, in seconds (as the `timeout` field). HTTP has no standard
+# one; a gateway in front of Kiln passes its remaining budget here without touching the body.
+TIMEOUT_HEADER = "X-Request-Timeout"
+# The handlers' parameter for it: declared, so /openapi.json documents it and a bad value is a 400
+# naming it (`param`: the header's name), checked as the `timeout` field is.
+TimeoutHeader = Annotated[
+    float | None,
+    Header(
+        alias=TIMEOUT_HEADER,
+        gt=0,
+        le=MAX_REQUEST_TIMEOUT_SECONDS,
+        allow_inf_nan=False,
+        description="Kiln's extension: seconds this request may take from its arrival, as the body's "
+        "`timeout` field (the shorter of the two wins); past them the request is stopped in the engine "
+        "and answered with 504 `request_timeout`.",
+    ),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """When a request must be answered by (`time.monotonic()`), its length and what set it."""
+
+    at: float
+    seconds: float
+    source: str  # "timeout", "X-Request-Timeout", "request_timeout_seconds" or "max_request_timeout_seconds"
+
+
+def request_deadline(
+    started: float, body_timeout: float | None, header_timeout: float | None, settings: ServerSettings
+) -> Deadline | None:
+    """The deadline of a request whose handler started at `started` (`time.monotonic()`), or None. The
+    rule: the shorter of the `timeout` field and the X-Request-Timeout header, else the server's
+    `request_timeout_seconds`; whichever it is, cut to `max_request_timeout_seconds`, which also applies
+    alone. A client may ask for longer than the server's default, never past its cap."""
+    asked = [
+        (t, src) for t, src in ((body_timeout, "timeout"), (header_timeout, TIMEOUT_HEADER)) if t is not None
+    ]
+    picked = min(asked) if asked else None
+    if picked is None and settings.request_timeout_seconds is not None:
+        picked = (settings.request_timeout_seconds, "request_timeout_seconds")
+    cap = settings.max_request_timeout_seconds
+    if cap is not None and (picked is None or picked[0] > cap):
+        picked = (cap, "max_request_timeout_seconds")
+    return None if picked is None else Deadline(started + picked[0], picked[0], picked[1])
 
 
 @dataclass(slots=True)
@@ -109,6 +168,7 @@ class Generation:
         ticket: Ticket,
         stream: bool,
         structured_param: str | None = None,
+        deadline: Deadline | None = None,
     ) -> None:
         self.state = state
         self.request_id = request_id
@@ -118,6 +178,7 @@ class Generation:
         self.priority = priority
         self.ticket = ticket
         self.structured_param = structured_param  # the request field a `structured` refusal names
+        self.deadline = deadline
         self.arrival = time.monotonic()
         self.record = RequestRecord(
             request_id=request_id,
@@ -138,21 +199,51 @@ class Generation:
         self._items: asyncio.Queue[_PumpItem] = asyncio.Queue()
         self._pumps: list[asyncio.Future[None]] | None = None
         self._finished = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timed_out = False
+        self._engine_cleanup: asyncio.Future[None] | None = None  # the pumps' end, after a deadline
         state.open_generations.add(self)
 
     def sub_request_id(self, prompt_index: int) -> str:
         return self.request_id if len(self.prompts) == 1 else f"{self.request_id}-{prompt_index}"
 
     def start(self) -> None:
-        """Submit every prompt to the engine, each pumped by its own task (idempotent)."""
-        if self._pumps is None:
-            self._pumps = [asyncio.ensure_future(self._pump(i)) for i in range(len(self.prompts))]
+        """Submit every prompt to the engine, each pumped by its own task, and start the deadline's
+        timer (idempotent). Past the deadline already, nothing is submitted."""
+        if self._pumps is not None:
+            return
+        if self.deadline is not None:
+            remaining = self.deadline.at - time.monotonic()
+            if remaining <= 0:
+                self._pumps = []
+                self._expire()
+                return
+            self._timer = asyncio.get_running_loop().call_later(remaining, self._expire)
+        self._pumps = [asyncio.ensure_future(self._pump(i)) for i in range(len(self.prompts))]
 
     async def aclose(self) -> None:
         """End the request (idempotent): its engine requests are aborted unless finished; see the rules."""
         await self._stop_pumps()
         if not self._finished:
-            self._finish("cancelled")
+            self._finish("timeout" if self._timed_out else "cancelled")
+
+    def _expire(self) -> None:
+        """The deadline passed: abort what still runs in the engine and tell the reader (see the rules)."""
+        pumps = self._pumps or []
+        if self._finished or (pumps and all(p.done() for p in pumps)):
+            return  # answered, or every output is in already: the reader finishes as it would have
+        assert self.deadline is not None
+        self._timed_out = True
+        for task in pumps:
+            task.cancel()  # its `_one` aborts the engine request at once (queued or running)
+        if pumps:
+            self._engine_cleanup = asyncio.ensure_future(asyncio.gather(*pumps, return_exceptions=True))
+        self.fail(
+            RequestTimeoutError(
+                f"the request ran past its deadline of {self.deadline.seconds:g} s (set by "
+                f"{self.deadline.source}) and was stopped"
+            )
+        )
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         outcome = "cancelled"
@@ -163,7 +254,10 @@ class Generation:
                 yield prompt_index, out
             outcome = self._outcome()
         except (GeneratorExit, asyncio.CancelledError):
-            outcome = "cancelled"
+            outcome = "timeout" if self._timed_out else "cancelled"
+            raise
+        except RequestTimeoutError:
+            outcome = "timeout"
             raise
         except Exception:
             outcome = "error"
@@ -239,6 +333,10 @@ class Generation:
             await self._stop_pumps()
 
     async def _stop_pumps(self) -> None:
+        if self._timed_out:
+            # `_expire` cancelled the pumps once; a second cancel would cut their abort short. The
+            # deadline's answer does not wait for the engine: `_engine_cleanup` does.
+            return
         pumps = self._pumps or []
         for task in pumps:
             task.cancel()
@@ -276,6 +374,8 @@ class Generation:
 
     def _finish(self, outcome: str) -> None:
         self._finished = True
+        if self._timer is not None:
+            self._timer.cancel()
         self.state.open_generations.discard(self)
         self.ticket.release()
         record = self.record

@@ -76,7 +76,8 @@ class ServerMetrics:
         )
         self.requests = Counter(
             "kiln_requests",
-            "Generation requests by how they ended: stop, length, abort (engine), cancelled (client gone), error.",
+            "Generation requests by how they ended: stop, length, abort (engine), cancelled (client gone), "
+            "timeout (past its deadline), error.",
             ["endpoint", "outcome"],
             registry=r,
         )

@@ -51,6 +51,9 @@ ERROR_DESCRIPTIONS = {
     503: "The server takes no work now: the model is loading (`not_ready`), the engine is restarting "
     "(`engine_down`) or failed (`engine_failed`), the server is shutting down (`draining`), or every "
     "connection is busy (`too_many_connections`).",
+    504: "The request ran past its deadline (`request_timeout`): its `timeout` field, its X-Request-Timeout "
+    "header, or the server's --request-timeout-seconds / --max-request-timeout-seconds. It was stopped "
+    "in the engine and what it had generated is dropped.",
 }
 
 _RETRY_AFTER = {
@@ -58,6 +61,14 @@ _RETRY_AFTER = {
         "description": "Seconds to wait before retrying.",
         "required": True,
         "schema": {"type": "integer", "minimum": 0},
+    }
+}
+
+_NO_RETRY = {
+    "x-should-retry": {
+        "description": "`false`: the OpenAI SDKs do not retry this on their own (it used its whole deadline).",
+        "required": True,
+        "schema": {"type": "string", "const": "false"},
     }
 }
 
@@ -104,7 +115,8 @@ def completion_responses(
         "server-sent events (`text/event-stream`).",
         "content": {"text/event-stream": {"schema": _event_schema(chunk)}},
     }
-    return {200: ok, **error_responses(400, 404, 429, 503)}
+    timeout = {**error_responses(504)[504], "headers": _NO_RETRY}
+    return {200: ok, **error_responses(400, 404, 429, 503), 504: timeout}
 
 
 def probe_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:

@@ -8,6 +8,8 @@ Rules:
   an integer. Value ranges are checked by `SamplingParams.validate()` so there is one source of truth
   for them. Both become a 400 naming the field as `param`.
 - `top_k: -1` (vLLM's spelling of "disabled") is accepted and means None.
+- `timeout` (Kiln's extension: the request's deadline in seconds) is not a sampling field, so its
+  range (> 0, finite, at most `MAX_REQUEST_TIMEOUT_SECONDS`) is checked here, in the schema.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 from kiln.engine.sampling_params import MAX_N
+
+# The longest deadline a request may ask for (a day): the `timeout` field's and X-Request-Timeout's
+# upper bound. A server's own --max-request-timeout-seconds may only make it shorter.
+MAX_REQUEST_TIMEOUT_SECONDS = 86_400.0
 
 # ---------------------------------------------------------------------------------------------------
 # requests
@@ -170,6 +176,18 @@ class SamplingRequest(_Lenient):
     min_tokens: int = 0
     user: str | None = None
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)  # extension: passed to the engine's scheduler
+    # Extension (kiln.serve.generation.request_timeout): the request's deadline, enforced by the server.
+    timeout: float | None = Field(
+        None,
+        gt=0,
+        le=MAX_REQUEST_TIMEOUT_SECONDS,
+        allow_inf_nan=False,
+        description="Kiln's extension: seconds this request may take from its arrival; past them it is "
+        "stopped in the engine and answered with 504 `request_timeout` (a stream: an error event, then "
+        "[DONE]). The shorter of this and the X-Request-Timeout header wins; the server's "
+        "--max-request-timeout-seconds caps both. (The OpenAI SDK's `timeout` argument is its own "
+        "client-side limit and is not sent.)",
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Structured outputs (kiln.serve.sampling.structured_output): OpenAI's, vLLM's, vLLM's older names.

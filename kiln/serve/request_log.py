@@ -28,7 +28,7 @@ class RequestRecord:
     prompt_tokens: int
     completion_tokens: int = 0
     cached_tokens: int = 0
-    outcome: str = "unknown"  # stop | length | abort | cancelled | error
+    outcome: str = "unknown"  # stop | length | abort | cancelled | timeout | error
     ttft_seconds: float | None = None  # arrival -> first output
     e2e_seconds: float = 0.0
     prompt: Any = None
