@@ -12,6 +12,10 @@ background and returns at once, so the port answers /health while a big model lo
 ready when the engine runs, and from then on `supervise` watches it (kiln.serve.supervisor). If it
 cannot start, or goes down for good, /ready says "failed" and `on_engine_failure` is told. On shutdown
 the app stops accepting work and (unless told otherwise) shuts the engine down.
+
+gRPC: with `grpc_port` set, the lifespan also runs the gRPC front end (kiln.serve.grpc.server, as
+`app.state.kiln_grpc`): started before the engine, stopped before it, each of its calls run through
+this app.
 """
 
 from __future__ import annotations
@@ -147,11 +151,19 @@ def create_app(engine: EngineClient, settings: ServerSettings, *, shutdown_engin
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.loop = asyncio.get_running_loop()
+        grpc_front = None
+        if settings.grpc_port is not None:
+            from kiln.serve.grpc.server import GrpcFrontEnd  # deferred: grpcio loads only with --grpc-port
+
+            grpc_front = app.state.kiln_grpc = GrpcFrontEnd(app, state)
+            await grpc_front.start()  # a port that cannot be bound fails the startup
         running = asyncio.ensure_future(start_engine())
         try:
             yield
         finally:
             admission.draining = True
+            if grpc_front is not None:
+                await grpc_front.stop()  # its calls in flight end before the engine does
             if not running.done():
                 running.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

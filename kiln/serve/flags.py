@@ -38,7 +38,14 @@ SETTINGS_FLAGS = [name for name in ServerSettings.model_fields if name not in _N
 # The `kiln serve --help` panel of every flag, in the order shown.
 HELP_PANELS: dict[str, tuple[str, ...]] = {
     "Model": ("served_model_name", "dtype", "device", "seed", "generation_config", "tool_call_parser"),
-    "Network": ("host", "port", "max_connections", "keep_alive_timeout_seconds", "header_timeout_seconds"),
+    "Network": (
+        "host",
+        "port",
+        "grpc_port",
+        "max_connections",
+        "keep_alive_timeout_seconds",
+        "header_timeout_seconds",
+    ),
     "Security": ("api_keys", "key_protects_all", "cors_origins"),
     "Request limits": (
         "max_body_bytes",
@@ -50,6 +57,8 @@ HELP_PANELS: dict[str, tuple[str, ...]] = {
         "max_waiting_tokens",
         "retry_after_seconds",
         "keepalive_interval_seconds",
+        "request_timeout_seconds",
+        "max_request_timeout_seconds",
     ),
     "Scheduling": ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "admission_interval"),
     "KV cache": (

@@ -16,7 +16,7 @@ import json
 import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, create_model, field_validator
+from pydantic import Field, ValidationInfo, create_model, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kiln.config import BOUNDS, EngineConfig
@@ -39,6 +39,13 @@ class _ServerSettings(BaseSettings):
     # --- network -------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address to bind; use 0.0.0.0 to listen on all interfaces.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0: any free port).")
+    grpc_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="TCP port of the gRPC front end (kiln.v1.Generation, health checking, reflection) on "
+        "--host beside REST, over the same engine (0: any free port; None: no gRPC).",
+    )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="API keys accepted as `Authorization: Bearer <key>` on /v1 routes (none: no auth).",
@@ -118,6 +125,21 @@ class _ServerSettings(BaseSettings):
         "--generation-config vllm.",
     )
     retry_after_seconds: int = Field(1, ge=0, description="Retry-After header value sent with a 429.")
+    request_timeout_seconds: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Deadline of a generation request that sends none (no `timeout` field, no "
+        "X-Request-Timeout header), in seconds from its arrival; past it the request is stopped in the "
+        "engine and answered with 504 (None: no deadline).",
+    )
+    max_request_timeout_seconds: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Longest deadline a generation request may have: a longer `timeout` or "
+        "X-Request-Timeout, or none, is cut to this (None: no cap).",
+    )
     keepalive_interval_seconds: float = Field(
         15.0, gt=0, description="Seconds between SSE keep-alive comments on a stream waiting for tokens."
     )
@@ -157,6 +179,16 @@ class _ServerSettings(BaseSettings):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
+
+    @field_validator("max_request_timeout_seconds")
+    @classmethod
+    def _cap_holds_the_default(cls, cap: float | None, info: ValidationInfo) -> float | None:
+        default = info.data.get("request_timeout_seconds")
+        if cap is not None and default is not None and default > cap:
+            raise ValueError(
+                f"shorter than --request-timeout-seconds ({default:g}), the default it must hold"
+            )
+        return cap
 
     def engine_config(self) -> EngineConfig:
         """The engine's share of these settings."""
