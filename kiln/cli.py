@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import typer
 from rich.console import Console
 
-from kiln.config import EngineConfig, EngineLimits
+from kiln.config import EngineConfig, EngineLimits, canonical_quantization
 from kiln.errors import BackendUnavailableError, KilnError, OfflineError
 from kiln.serve.flags import ENV_HELP, SettingsFlagError, with_settings_flags
 from kiln.serve.settings import ServerSettings
@@ -203,8 +203,8 @@ def build(
     quantization: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(
-            help="fp8, int8-wo or int8-sq (also spelled int8_wo, int8_sq). native: fp8 and int8-wo "
-            "(the linear layers' weights; see docs/quantization.md); trtllm: all three.",
+            help="fp8, int8-wo or int8-sq (also spelled int8_wo, int8_sq), on both backends "
+            "(native: the linear layers; see docs/quantization.md).",
             show_default=False,
         ),
     ] = None,
@@ -218,9 +218,22 @@ def build(
     tp_size: Annotated[int, typer.Option(help="trtllm only: tensor-parallel GPUs.")] = 1,
     calib_dataset: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Option(help="trtllm only: calibration dataset for quantization.", show_default=False),
+        typer.Option(
+            help="Calibration dataset for quantization (native int8-sq: a UTF-8 text file; default: the "
+            "standard library's pydoc_data.topics).",
+            show_default=False,
+        ),
     ] = None,
-    calib_size: Annotated[int, typer.Option(help="trtllm only: calibration samples.")] = 512,
+    calib_size: Annotated[
+        int, typer.Option(help="Calibration samples (native int8-sq: of 512 tokens each).")
+    ] = 512,
+    smoothquant_alpha: Annotated[
+        Optional[float],  # noqa: UP045
+        typer.Option(
+            help="native int8-sq only: SmoothQuant's migration strength alpha in [0, 1] (default 0.5).",
+            show_default=False,
+        ),
+    ] = None,
     max_input_len: Annotated[
         Optional[int],  # noqa: UP045
         typer.Option(help="trtllm only: longest prompt (default: --max-seq-len - 1).", show_default=False),
@@ -252,12 +265,22 @@ def build(
         raise _fail("give a CHECKPOINT or --tiny (exactly one)", code=2)
     if tiny and backend != "native":
         raise _fail("--tiny builds a native engine; --backend trtllm needs a CHECKPOINT", code=2)
-    trtllm_only = tp_size != 1 or calib_dataset or max_input_len or gather_logits
-    if backend == "native" and (trtllm_only or calib_size != 512 or not multiple_profiles):
+    trtllm_only = tp_size != 1 or max_input_len or gather_logits
+    if backend == "native" and (trtllm_only or not multiple_profiles):
         raise _fail(
-            "--tp-size, --calib-*, --max-input-len, --gather-logits and "
-            "--no-multiple-profiles need --backend trtllm",
+            "--tp-size, --max-input-len, --gather-logits and --no-multiple-profiles need --backend trtllm",
             code=2,
+        )
+    if smoothquant_alpha is not None and backend != "native":
+        raise _fail("--smoothquant-alpha is for the native backend's int8-sq", code=2)
+    try:
+        scheme = canonical_quantization(quantization)
+    except ValueError as exc:
+        raise _fail(str(exc), code=2) from None
+    calibrated = (calib_dataset is not None or calib_size != 512) and backend == "native"
+    if (calibrated or smoothquant_alpha is not None) and scheme != "int8_sq":
+        raise _fail(
+            "--calib-* and --smoothquant-alpha on the native backend need --quantization int8-sq", code=2
         )
     if quant_group_size is not None and backend != "native":
         raise _fail("--quant-group-size is for the native backend's int8-wo", code=2)
@@ -284,6 +307,9 @@ def build(
                 overwrite=overwrite,
                 quantization=quantization,
                 quant_group_size=quant_group_size,
+                smoothquant_alpha=smoothquant_alpha,
+                calib_dataset=calib_dataset,
+                calib_size=calib_size,
             )
         elif backend == "trtllm":
             from kiln.build.trtllm import build_trtllm_engine  # deferred: TensorRT-LLM
@@ -316,6 +342,9 @@ def build(
                 overwrite=overwrite,
                 quantization=quantization,
                 quant_group_size=quant_group_size,
+                smoothquant_alpha=smoothquant_alpha,
+                calib_dataset=calib_dataset,
+                calib_size=calib_size,
             )
     except (KilnError, ValueError, FileExistsError) as exc:
         raise _fail(str(exc)) from None

@@ -161,12 +161,18 @@ QUANTIZATION_ALIASES = {
     "smoothquant": "int8_sq",
     "w8a8": "int8_sq",
 }
-# The schemes the native engine builds and runs; int8_sq (SmoothQuant, calibrated) is not one yet.
-NATIVE_QUANTIZATIONS = ("int8_wo", "fp8")
+# The schemes the native engine builds and runs.
+NATIVE_QUANTIZATIONS = ("int8_wo", "fp8", "int8_sq")
 # The packed linear layers a native quantized engine stores quantized, in every layer. Embeddings,
 # norms and lm_head stay in the engine's dtype: they are a small share of the bytes of a decode step
 # at 7B and the head's errors reach the logits unsmoothed.
 QUANTIZED_LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+# int8_sq's smoothing: a linear fed by an RMSNorm has 1/s folded into that norm's weight; the others
+# (fed by attention, and by silu(gate) * up) keep s as an explicit float32 `...smooth_scale` [K] that
+# the matmul divides its input by.
+SMOOTH_FOLDED_INTO = {"self_attn.qkv_proj": "input_layernorm", "mlp.gate_up_proj": "post_attention_layernorm"}
+SMOOTH_EXPLICIT = ("self_attn.o_proj", "mlp.down_proj")
+DEFAULT_SMOOTHQUANT_ALPHA = 0.5
 
 
 def canonical_quantization(name: str | None) -> str | None:
@@ -193,23 +199,37 @@ class QuantConfig:
       engine's dtype: the weight is dequantized inside the matmul.
     - `fp8`: `weight` is float8_e4m3fn [N, K] with `weight_scale` float32 [N] (per output channel);
       activations are quantized to e4m3 per token at run time (scale = amax / 448, dynamic).
+    - `int8_sq` (SmoothQuant W8A8): `weight` is int8 [N, K] = quantize(W * s) per output channel, with s
+      the smoothing factors of `smoothquant_alpha` (kiln.kernels.quant_reference.smoothing_factors)
+      from a calibration pass over `calibration` ({"dataset", "sha256", "num_tokens"}); 1/s is folded
+      into the RMSNorm feeding qkv_proj / gate_up_proj (SMOOTH_FOLDED_INTO), and o_proj / down_proj
+      store s as `smooth_scale` (SMOOTH_EXPLICIT). Activations are quantized to int8 per token at run
+      time (scale = amax / 127, dynamic) and the product is summed in int32.
     - `linears` are the packed layers quantized in every decoder layer (QUANTIZED_LINEARS); biases,
       embeddings, norms and lm_head stay in the engine's dtype.
     """
 
-    scheme: str  # "int8_wo" | "fp8"
+    scheme: str  # "int8_wo" | "fp8" | "int8_sq"
     group_size: int | None = None  # int8_wo only; None: one scale per output channel
     linears: list[str] = field(default_factory=lambda: list(QUANTIZED_LINEARS))
+    smoothquant_alpha: float | None = None  # int8_sq only (required there)
+    calibration: dict[str, Any] | None = None  # int8_sq only: {"dataset", "sha256", "num_tokens"}
 
     @property
     def weight_dtype(self) -> str:
         """The torch dtype name the quantized weights are stored in."""
-        return "int8" if self.scheme == "int8_wo" else "float8_e4m3fn"
+        return "float8_e4m3fn" if self.scheme == "fp8" else "int8"
 
     @property
     def activations(self) -> str:
-        """How activations enter the matmul: 'unquantized' or 'fp8 per-token dynamic'."""
+        """How activations enter the matmul: 'unquantized', 'fp8 per-token dynamic' or int8's."""
+        if self.scheme == "int8_sq":
+            return "int8 per-token dynamic, after SmoothQuant smoothing"
         return "fp8 per-token dynamic" if self.scheme == "fp8" else "unquantized"
+
+    def explicit_smoothing(self, linear: str) -> bool:
+        """Whether the quantized `linear` stores its own `smooth_scale` (int8_sq's SMOOTH_EXPLICIT)."""
+        return self.scheme == "int8_sq" and linear in SMOOTH_EXPLICIT and linear in self.linears
 
     @property
     def scale_layout(self) -> str:
@@ -218,11 +238,6 @@ class QuantConfig:
     def validate(self, model: ModelConfig | None = None) -> None:
         """ValueError naming what is wrong: a scheme the native engine does not run, a group size that
         is not positive, given for fp8, or that does not divide every quantized layer's input size."""
-        if self.scheme == "int8_sq":
-            raise ValueError(
-                "int8_sq (SmoothQuant) is not yet supported by the native backend; use --backend trtllm, "
-                "or int8-wo / fp8 on the native backend"
-            )
         if self.scheme not in NATIVE_QUANTIZATIONS:
             raise ValueError(
                 f"quantization {self.scheme!r} is not one the native backend runs ({list(NATIVE_QUANTIZATIONS)})"
@@ -230,10 +245,18 @@ class QuantConfig:
         unknown = sorted(set(self.linears) - set(QUANTIZED_LINEARS))
         if unknown or not self.linears:
             raise ValueError(f"quantized linears must be a non-empty subset of {list(QUANTIZED_LINEARS)}")
+        alpha = self.smoothquant_alpha
+        if self.scheme == "int8_sq":
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+                raise ValueError(f"int8_sq needs a SmoothQuant alpha in [0, 1], got {alpha!r}")
+        elif alpha is not None or self.calibration is not None:
+            raise ValueError(f"a SmoothQuant alpha and calibration apply to int8_sq only, not {self.scheme}")
         if self.group_size is None:
             return
         if self.scheme != "int8_wo":
-            raise ValueError(f"a group size applies to int8_wo only; {self.scheme} scales are per channel")
+            raise ValueError(
+                f"a group size applies to int8_wo only; {self.scheme} weight scales are per channel"
+            )
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"group size must be a positive integer, got {self.group_size!r}")
         if model is not None:
@@ -247,8 +270,16 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         # The derived facts too, so a reader of engine.json sees the whole scheme without this code.
+        data = dataclasses.asdict(self)
+        if self.scheme != "int8_sq":
+            del data["smoothquant_alpha"], data["calibration"]
+        else:
+            data["smoothing"] = {
+                "folded_into_norm": {k: v for k, v in SMOOTH_FOLDED_INTO.items() if k in self.linears},
+                "explicit_smooth_scale": [k for k in SMOOTH_EXPLICIT if k in self.linears],
+            }
         return {
-            **dataclasses.asdict(self),
+            **data,
             "weight_dtype": self.weight_dtype,
             "scale_dtype": "float32",
             "scale_layout": self.scale_layout,
@@ -265,6 +296,8 @@ class QuantConfig:
             scheme=data["scheme"],
             group_size=data.get("group_size"),
             linears=list(data.get("linears", QUANTIZED_LINEARS)),
+            smoothquant_alpha=data.get("smoothquant_alpha"),
+            calibration=data.get("calibration"),
         )
         config.validate()
         return config

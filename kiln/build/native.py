@@ -4,9 +4,14 @@ An engine directory holds:
 - `model.safetensors` (or `model-0000i-of-0000n.safetensors` shards of ~2 GB plus
   `model.safetensors.index.json`): weights packed by `kiln.models.weights.pack_hf_state_dict`
   (fused qkv_proj and gate_up_proj, no lm_head when tied), all in the engine's dtype; with
-  `quantization` (int8_wo, fp8) the linear layers' weights are stored quantized instead, each beside
-  its float32 `...weight_scale` in the same shard (kiln.config.QuantConfig says the layout), quantized
-  from the checkpoint's values by kiln.kernels.quant_reference;
+  `quantization` (int8_wo, fp8, int8_sq) the linear layers' weights are stored quantized instead, each
+  beside its float32 `...weight_scale` in the same shard (kiln.config.QuantConfig says the layout),
+  quantized from the checkpoint's values by kiln.kernels.quant_reference;
+- int8_sq (SmoothQuant) first builds the unquantized float32 engine into a temporary sibling
+  directory, runs it on the CPU over the calibration text (kiln.build.calibrate) for the activations'
+  per-channel abs-max, derives the smoothing factors, folds 1/s into the RMSNorms feeding qkv_proj and
+  gate_up_proj, stores s beside o_proj and down_proj, and quantizes W * s; it holds the float32 model
+  in memory (4 bytes a parameter) and runs every calibration token through it on the CPU;
 - the tokenizer files (and `generation_config.json` when the checkpoint has one);
 - `engine.json`, written last; its `generation_defaults` are the sampling fields of the checkpoint's
   `generation_config.json` (checked as a request's would be, so a bad value fails the build, not every
@@ -39,7 +44,9 @@ from kiln.build.checkpoint import (
 from kiln.build.gguf import expected_tensor_count, load_gguf, read_gguf_config, save_gguf_tokenizer
 from kiln.build.tiny import write_tiny_checkpoint
 from kiln.config import (
+    DEFAULT_SMOOTHQUANT_ALPHA,
     DTYPES,
+    SMOOTH_FOLDED_INTO,
     EngineLimits,
     ModelConfig,
     QuantConfig,
@@ -56,8 +63,14 @@ from kiln.engine_dir import (
     sha256_file,
 )
 from kiln.errors import CheckpointError, RequestValidationError
-from kiln.kernels.quant_reference import quantize_fp8, quantize_int8
-from kiln.models.weights import expected_packed_shapes, pack_hf_state_dict, quantized_weight_names, scale_name
+from kiln.kernels.quant_reference import quantize_fp8, quantize_int8, smoothing_factors
+from kiln.models.weights import (
+    expected_packed_shapes,
+    pack_hf_state_dict,
+    quantized_weight_names,
+    scale_name,
+    smooth_name,
+)
 from kiln.progress import build_progress
 
 WEIGHTS_NAME = "model.safetensors"
@@ -93,6 +106,9 @@ def build_engine(
     generation_defaults: dict[str, float | int] | None = None,
     quantization: str | None = None,
     quant_group_size: int | None = None,
+    smoothquant_alpha: float | None = None,
+    calib_dataset: str | Path | None = None,
+    calib_size: int = 512,
 ) -> EngineManifest:
     """Build a native engine from a HF directory, a .gguf file or a hub id; returns its manifest.
 
@@ -101,16 +117,27 @@ def build_engine(
     generation_defaults: request sampling defaults to record (request field names), over those of the
     checkpoint's generation_config.json. quantization: None, "int8_wo" or "fp8" (any spelling
     kiln.config.canonical_quantization accepts); quant_group_size: int8_wo's scales per group of that
-    many inputs instead of per output channel.
+    many inputs instead of per output channel. int8_sq only: smoothquant_alpha (default 0.5),
+    calib_dataset (a UTF-8 text file; default the standard library's pydoc_data.topics) and
+    calib_size (samples of kiln.build.calibrate.CALIB_SEQ_LEN tokens).
 
-    Raises CheckpointError / OfflineError for the checkpoint, ValueError for a bad dtype, limits or
-    quantization (int8_sq: not yet supported by the native backend), and FileExistsError when output_dir exists and is not empty, unless overwrite=True (the old
+    Raises CheckpointError / OfflineError for the checkpoint, ValueError for a bad dtype, limits,
+    quantization or calibration option, and FileExistsError when output_dir exists and is not empty, unless overwrite=True (the old
     directory is then replaced only after the new one is complete).
     """
     dtype = canonical_dtype(dtype)
     limits = limits or EngineLimits()
     limits.validate()
-    quant = native_quant_config(quantization, quant_group_size)
+    quant = native_quant_config(quantization, quant_group_size, smoothquant_alpha)
+    calibration = None
+    if quant is not None and quant.scheme == "int8_sq":
+        from kiln.build.calibrate import calibration_set  # deferred: int8_sq builds only
+
+        if calib_size < 1:
+            raise ValueError(f"calibration size must be >= 1 sample, got {calib_size}")
+        calibration = (calibration_set(calib_dataset), calib_size)
+    elif calib_dataset is not None:
+        raise ValueError("a calibration dataset applies to int8_sq (SmoothQuant) only")
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite)")
@@ -130,6 +157,7 @@ def build_engine(
             max_shard_bytes,
             generation_defaults,
             quant,
+            calibration,
         )
         move_into_place(staging, output_dir)
     except BaseException:
@@ -149,6 +177,9 @@ def build_tiny_engine(
     overwrite: bool = False,
     quantization: str | None = None,
     quant_group_size: int | None = None,
+    smoothquant_alpha: float | None = None,
+    calib_dataset: str | Path | None = None,
+    calib_size: int = 512,
     **tiny_options: Any,
 ) -> EngineManifest:
     """Build an engine from `write_tiny_checkpoint(seed=seed, **tiny_options)`: `kiln build --tiny`."""
@@ -166,6 +197,9 @@ def build_tiny_engine(
             source=f"tiny(seed={seed}{options})",
             quantization=quantization,
             quant_group_size=quant_group_size,
+            smoothquant_alpha=smoothquant_alpha,
+            calib_dataset=calib_dataset,
+            calib_size=calib_size,
         )
     return manifest
 
@@ -180,7 +214,22 @@ def _build_into(
     max_shard_bytes: int,
     generation_defaults: dict[str, float | int] | None = None,
     quant: QuantConfig | None = None,
+    calibration: tuple[Any, int] | None = None,
 ) -> EngineManifest:
+    if quant is not None and quant.scheme == "int8_sq":
+        assert calibration is not None
+        return _build_smoothquant(
+            resolved,
+            out,
+            dtype,
+            limits,
+            served_model_name,
+            progress,
+            max_shard_bytes,
+            generation_defaults,
+            quant,
+            *calibration,
+        )
     extra: dict[str, Any] = {}
     with build_progress(enabled=progress) as bar:
         if resolved.kind == "gguf":
@@ -231,15 +280,123 @@ def _build_into(
     return manifest
 
 
-def native_quant_config(quantization: str | None, group_size: int | None = None) -> QuantConfig | None:
+def _build_smoothquant(
+    resolved: ResolvedCheckpoint,
+    out: Path,
+    dtype: str,
+    limits: EngineLimits,
+    served_model_name: str | None,
+    progress: bool,
+    max_shard_bytes: int,
+    generation_defaults: dict[str, float | int] | None,
+    quant: QuantConfig,
+    calib: Any,
+    calib_size: int,
+) -> EngineManifest:
+    """int8_sq: build the float32 engine, calibrate on it, then write the smoothed, quantized one (module rules)."""
+    import torch  # deferred: the build's other paths stream tensors without it
+
+    from kiln.build.calibrate import activation_amax, calibration_tokens  # deferred: int8_sq builds only
+    from kiln.models.loader import load_model  # deferred: int8_sq builds only
+    from kiln.models.tokenizer import Tokenizer  # deferred: int8_sq builds only
+
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.calibration-", dir=out.parent) as tmp:
+        ref_dir = Path(tmp)
+        ref = _build_into(
+            resolved,
+            ref_dir,
+            "float32",
+            limits,
+            served_model_name,
+            progress,
+            max_shard_bytes,
+            generation_defaults,
+        )
+        quant.validate(ref.model)
+        model, _ = load_model(ref_dir, dtype=torch.float32, device="cpu")
+        samples = calibration_tokens(Tokenizer(ref_dir).encode(calib.text), calib_size)
+        with build_progress(enabled=progress) as bar:
+            bar.step(f"calibrating on {sum(map(len, samples))} tokens of {calib.dataset}", 1)
+            amax = activation_amax(model, samples, quant)
+        quant.calibration = calib.record(sum(map(len, samples)))
+        params = dict(model.named_parameters())
+        weights, explicit = smooth_weights(params, amax, quant)
+        del model
+        with build_progress(enabled=progress) as bar:
+            step = bar.step(f"packing weights ({dtype}, linears int8_sq)", len(params))
+            sizes = _write_packed_weights(
+                _counted(weights.items(), step),
+                ref.model,
+                out,
+                DTYPES[dtype],
+                max_shard_bytes,
+                quant,
+                packed=True,
+                smooth_scales=explicit,
+            )
+        weight_names = set(ref.weight_files) | {WEIGHTS_INDEX_NAME, MANIFEST_NAME}
+        for path in ref_dir.iterdir():
+            if path.is_file() and path.name not in weight_names:
+                shutil.copyfile(path, out / path.name)
+                sizes[path.name] = path.stat().st_size
+    weight_files = {name: sha256_file(out / name) for name in sizes if name.endswith(".safetensors")}
+    manifest = EngineManifest(
+        backend="native",
+        model=ref.model,
+        dtype=dtype,
+        weight_files=weight_files,
+        limits=limits,
+        tokenizer_files=ref.tokenizer_files,
+        file_sizes=sizes,
+        served_model_name=ref.served_model_name,
+        source=resolved.source,
+        quantization=quant.scheme,
+        quant_config=quant,
+        format_version=format_version_for(quant),
+        extra=ref.extra,
+        generation_defaults=ref.generation_defaults,
+    )
+    manifest.save(out)  # last: its presence marks the directory complete
+    return manifest
+
+
+def smooth_weights(
+    params: dict[str, Any], amax: dict[str, Any], quant: QuantConfig
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """SmoothQuant applied to packed float32 tensors: (tensors with each quantized weight W * s and each
+    RMSNorm feeding qkv_proj / gate_up_proj divided by s, {weight name: s} of the linears that keep s
+    explicitly). s = smoothing_factors(amax[weight], max |W_j| over the weight's rows, alpha)."""
+    assert quant.smoothquant_alpha is not None
+    out, explicit = dict(params), {}
+    for name in amax:
+        weight = params[name]
+        s = smoothing_factors(amax[name], weight.abs().amax(dim=0), quant.smoothquant_alpha)
+        out[name] = weight * s[None, :]
+        prefix, linear = name.split(".", 3)[:3], name.split(".", 3)[3].removesuffix(".weight")
+        norm = SMOOTH_FOLDED_INTO.get(linear)
+        if norm is None:
+            explicit[name] = s
+        else:
+            norm_name = ".".join([*prefix, norm, "weight"])
+            out[norm_name] = out[norm_name] / s
+    return out, explicit
+
+
+def native_quant_config(
+    quantization: str | None, group_size: int | None = None, smoothquant_alpha: float | None = None
+) -> QuantConfig | None:
     """The QuantConfig a native build writes for these flags (None: unquantized); ValueError for a
-    scheme the native backend does not run (int8_sq: not yet) or a group size without int8_wo."""
+    scheme the native backend does not run, a group size without int8_wo or an alpha without int8_sq."""
     scheme = canonical_quantization(quantization)
     if scheme is None:
         if group_size is not None:
             raise ValueError("a quantization group size needs --quantization int8-wo")
+        if smoothquant_alpha is not None:
+            raise ValueError("a SmoothQuant alpha needs --quantization int8-sq")
         return None
-    quant = QuantConfig(scheme=scheme, group_size=group_size)
+    if scheme == "int8_sq" and smoothquant_alpha is None:
+        smoothquant_alpha = DEFAULT_SMOOTHQUANT_ALPHA
+    quant = QuantConfig(scheme=scheme, group_size=group_size, smoothquant_alpha=smoothquant_alpha)
     quant.validate()
     return quant
 
@@ -306,13 +463,17 @@ def _write_packed_weights(
     dtype: Any,
     max_shard_bytes: int,
     quant: QuantConfig | None = None,
+    *,
+    packed: bool = False,
+    smooth_scales: dict[str, Any] | None = None,
 ) -> dict[str, int]:
     """Pack, convert (or quantize) and write the weights in shards; returns {file name: size} written.
 
     Checks the packed tensors against `expected_packed_shapes` so a checkpoint that does not fit its
     own config fails here, at build time, not when the engine loads. A quantized weight is quantized
     from the checkpoint's own values (not from their `dtype` rounding) and its scale goes into the
-    same shard.
+    same shard. packed: the tensors already have packed names (int8_sq's smoothed float32 model);
+    smooth_scales: {weight name: s} stored beside those weights as `smooth_name(weight)`.
     """
     from safetensors.torch import save_file
 
@@ -330,7 +491,7 @@ def _write_packed_weights(
         shard_files.append(path)
         shard, shard_bytes = {}, 0
 
-    for name, tensor in pack_hf_state_dict(tensors, model):
+    for name, tensor in tensors if packed else pack_hf_state_dict(tensors, model):
         want = expected.pop(name, None)
         if want is None:
             raise CheckpointError(f"tensor {name!r} does not belong to this model's config")
@@ -340,11 +501,13 @@ def _write_packed_weights(
             )
         if name in quantized:
             assert quant is not None
-            if quant.scheme == "int8_wo":
-                q, scale = quantize_int8(tensor, quant.group_size)
-            else:
+            if quant.scheme == "fp8":
                 q, scale = quantize_fp8(tensor)
+            else:
+                q, scale = quantize_int8(tensor, quant.group_size)
             stored = {name: q.contiguous(), scale_name(name): scale.contiguous()}
+            if smooth_scales and name in smooth_scales:
+                stored[smooth_name(name)] = smooth_scales[name].float().contiguous()
         else:
             stored = {name: tensor.to(dtype).contiguous()}
         nbytes = sum(t.numel() * t.element_size() for t in stored.values())

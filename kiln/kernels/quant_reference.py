@@ -19,6 +19,16 @@ Rules:
   tensor core's accumulator) and scaled by both scales, which is dequantizing both operands and
   multiplying in float32; the result is cast to the activation dtype. Every step is a tensor op with
   no host sync, so it runs inside a CUDA graph.
+- SmoothQuant (`int8_sq`, W8A8): per input channel j, s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
+  (`smoothing_factors`; max|X_j| from a calibration pass, max|W_j| over the rows of every weight the
+  input feeds); the weight is stored as quantize_int8(W * s) and the activation enters as X / s, which
+  leaves X @ W.T unchanged in exact arithmetic but moves the activations' outlier channels into the
+  weights, where a per-channel scale absorbs them. A channel whose max|X_j| or max|W_j| is 0 gets s_j = 1.
+- `int8_sq_linear` emulates the W8A8 GEMM exactly: the (smoothed) activation is quantized per token to
+  int8 (scale = the token's amax / 127, dynamic), the int8 x int8 products are summed exactly (int32 on
+  the CPU, float64 elsewhere: |sum| <= 127 * 127 * K < 2^31 for K < 133,000, so both are exact and
+  agree), then converted to float32 and scaled by both scales (the int32 GEMM's epilogue), cast to the
+  activation dtype, then + bias.
 """
 
 from __future__ import annotations
@@ -101,5 +111,52 @@ def fp8_linear(
     in float32, cast to x's dtype, then + bias (in x's dtype). x [T, K], q [N, K], scale [N] -> [T, N]."""
     xq, x_scale = quantize_fp8_rows(x)
     out = torch.matmul(xq.float(), q.float().t()) * x_scale[:, None] * scale.float()[None, :]
+    out = out.to(x.dtype)
+    return out if bias is None else out + bias
+
+
+def smoothing_factors(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's s [K] = act_amax^alpha / weight_amax^(1 - alpha), float32; 1 where either is 0.
+
+    act_amax: max |X_j| per input channel from calibration; weight_amax: max |W_j| per input channel
+    over every output row the input feeds (for a fused layer, all its parts' rows)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
+    act, wgt = act_amax.double(), weight_amax.double()
+    s = act.pow(alpha) / wgt.pow(1.0 - alpha)
+    return torch.where((act > 0) & (wgt > 0), s, torch.ones_like(s)).float()
+
+
+def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of x [T, K] to int8 with its own scale amax / 127: (q int8 [T, K], scale float32 [T]).
+
+    The per-token dynamic activation quantization of `int8_sq_linear` (and the same rule as
+    quantize_int8's per-channel weights)."""
+    x32 = x.float()
+    scale = _scales(x32.abs().amax(dim=-1), INT8_MAX)
+    q = torch.round(x32 / scale[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a int8 [T, K] @ b int8 [N, K].T summed exactly -> int32 [T, N] (int32 on the CPU, float64 elsewhere)."""
+    if a.device.type == "cpu":
+        return torch.matmul(a.to(torch.int32), b.to(torch.int32).t())
+    return torch.matmul(a.to(torch.float64), b.to(torch.float64).t()).to(torch.int32)
+
+
+def int8_sq_linear(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    smooth: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The W8A8 GEMM's numerics: x [T, K] (divided by `smooth` [K] when given: the explicit smoothing of
+    a layer with no norm to fold it into) quantized per token to int8, times q int8 [N, K] summed
+    exactly, * x_scale * scale in float32, cast to x's dtype, then + bias -> [T, N]."""
+    x32 = x.float() if smooth is None else x.float() / smooth.float()
+    xq, x_scale = quantize_int8_rows(x32)
+    out = int8_matmul(xq, q).float() * x_scale[:, None] * scale.float()[None, :]
     out = out.to(x.dtype)
     return out if bias is None else out + bias

@@ -73,9 +73,14 @@ class LlamaAttention(nn.Module):
             self.q_size + 2 * self.kv_size,
             bias=bias,
             quant=_for("self_attn.qkv_proj", quant),
+            name="self_attn.qkv_proj",
         )
         self.o_proj = make_linear(
-            self.q_size, config.hidden_size, bias=bias, quant=_for("self_attn.o_proj", quant)
+            self.q_size,
+            config.hidden_size,
+            bias=bias,
+            quant=_for("self_attn.o_proj", quant),
+            name="self_attn.o_proj",
         )
 
     def project(
@@ -106,9 +111,15 @@ class LlamaMLP(nn.Module):
         super().__init__()
         inter, bias = config.intermediate_size, config.mlp_bias
         self.gate_up_proj = make_linear(
-            config.hidden_size, 2 * inter, bias=bias, quant=_for("mlp.gate_up_proj", quant)
+            config.hidden_size,
+            2 * inter,
+            bias=bias,
+            quant=_for("mlp.gate_up_proj", quant),
+            name="mlp.gate_up_proj",
         )
-        self.down_proj = make_linear(inter, config.hidden_size, bias=bias, quant=_for("mlp.down_proj", quant))
+        self.down_proj = make_linear(
+            inter, config.hidden_size, bias=bias, quant=_for("mlp.down_proj", quant), name="mlp.down_proj"
+        )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return _linear(self.down_proj, kernels.silu_and_mul(_linear(self.gate_up_proj, hidden)))

@@ -3,7 +3,8 @@
 A `QuantizedLinear` replaces an `nn.Linear` of the Llama model (qkv_proj, o_proj, gate_up_proj,
 down_proj) and holds what the engine directory stores for it: `weight` in the scheme's storage dtype
 (int8 or float8_e4m3fn) [N, K], `weight_scale` float32 ([N] per channel, [N, K // group_size] per
-group; see kiln.config.QuantConfig) and `bias` in the model dtype when the layer has one.
+group; see kiln.config.QuantConfig), for int8_sq layers with no norm to fold the smoothing into
+(o_proj, down_proj) `smooth_scale` float32 [K], and `bias` in the model dtype when the layer has one.
 
 Rules:
 - `quantized_linear` is the one place a quantized matmul is dispatched: the seam where the GPU
@@ -11,7 +12,7 @@ Rules:
   it runs the PyTorch references of kiln.kernels.quant_reference on every device, which are also the
   definition those kernels must match.
 - `check_device_supports` refuses, by name, a scheme the device cannot run: fp8 needs FP8 tensor
-  cores on CUDA (compute capability >= 8.9, Ada or Hopper); the CPU runs the references of both.
+  cores on CUDA (compute capability >= 8.9, Ada or Hopper); the CPU runs the references of all three.
 - `storage_dtypes` names the parameters whose dtype the scheme fixes, so the loader does not cast
   them to the model dtype (kiln.models.loader.build_empty_model).
 """
@@ -26,13 +27,15 @@ from kiln.errors import InvalidEngineError
 from kiln.kernels import quant_reference
 
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # Ada and Hopper and later have FP8 tensor cores
-_STORAGE = {"int8_wo": torch.int8, "fp8": quant_reference.FP8_DTYPE}
+_STORAGE = {"int8_wo": torch.int8, "fp8": quant_reference.FP8_DTYPE, "int8_sq": torch.int8}
 
 
 class QuantizedLinear(nn.Module):
     """y = x @ dequantize(weight, weight_scale).T + bias, by the scheme's reference (see the module rules)."""
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool, quant: QuantConfig) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, *, bias: bool, quant: QuantConfig, smooth: bool = False
+    ) -> None:
         super().__init__()
         quant.validate()
         self.scheme = quant.scheme
@@ -46,6 +49,15 @@ class QuantizedLinear(nn.Module):
         )
         self.weight_scale = nn.Parameter(torch.empty(scale_shape, dtype=torch.float32), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        # int8_sq without a norm to fold into: the input is divided by these factors (kiln.config).
+        self.smooth_scale: nn.Parameter | None = None
+        if smooth:
+            if quant.scheme != "int8_sq":
+                raise ValueError(f"an explicit smoothing scale is int8_sq's, not {quant.scheme}'s")
+            self.storage_dtypes["smooth_scale"] = torch.float32
+            self.smooth_scale = nn.Parameter(
+                torch.empty(in_features, dtype=torch.float32), requires_grad=False
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quantized_linear(self, x)
@@ -62,14 +74,22 @@ def quantized_linear(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
     """
     if layer.scheme == "int8_wo":
         return quant_reference.int8_wo_linear(x, layer.weight, layer.weight_scale, layer.bias)
+    if layer.scheme == "int8_sq":
+        return quant_reference.int8_sq_linear(
+            x, layer.weight, layer.weight_scale, layer.smooth_scale, layer.bias
+        )
     return quant_reference.fp8_linear(x, layer.weight, layer.weight_scale, layer.bias)
 
 
-def make_linear(in_features: int, out_features: int, *, bias: bool, quant: QuantConfig | None) -> nn.Module:
-    """An `nn.Linear`, or a `QuantizedLinear` under `quant`."""
+def make_linear(
+    in_features: int, out_features: int, *, bias: bool, quant: QuantConfig | None, name: str = ""
+) -> nn.Module:
+    """An `nn.Linear`, or a `QuantizedLinear` under `quant`; `name` is the packed linear's suffix
+    (e.g. "mlp.down_proj"), which decides whether an int8_sq layer stores its own smoothing scale."""
     if quant is None:
         return nn.Linear(in_features, out_features, bias=bias)
-    return QuantizedLinear(in_features, out_features, bias=bias, quant=quant)
+    smooth = quant.explicit_smoothing(name)
+    return QuantizedLinear(in_features, out_features, bias=bias, quant=quant, smooth=smooth)
 
 
 def check_device_supports(quant: QuantConfig | None, device: str | torch.device) -> None:

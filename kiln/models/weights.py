@@ -8,7 +8,8 @@ are tied (the model reuses `model.embed_tokens.weight`), and `rotary_emb.inv_fre
 checkpoints carry are ignored (Kiln recomputes RoPE from the config).
 
 A quantized native engine (kiln.config.QuantConfig) stores each quantized linear's `...weight` in the
-scheme's dtype (int8 or float8_e4m3fn) with a float32 `...weight_scale` beside it; the expected shapes
+scheme's dtype (int8 or float8_e4m3fn) with a float32 `...weight_scale` beside it (and, for int8_sq's
+o_proj and down_proj, a float32 `...smooth_scale` [K]: `smooth_name`); the expected shapes
 and the fixed dtypes per scheme are `expected_packed_shapes(config, quant)` and `expected_packed_dtypes`.
 
 `pack_hf_state_dict` streams: it holds back only the parts of a fused group until the group is
@@ -54,6 +55,21 @@ def scale_name(weight_name: str) -> str:
     return weight_name + "_scale"
 
 
+def smooth_name(weight_name: str) -> str:
+    """`...o_proj.weight` -> `...o_proj.smooth_scale`: an int8_sq layer's explicit smoothing factors."""
+    return weight_name.removesuffix("weight") + "smooth_scale"
+
+
+def explicitly_smoothed_names(config: ModelConfig, quant: QuantConfig | None) -> list[str]:
+    """The quantized `...weight` names that store a `smooth_name` tensor (int8_sq's SMOOTH_EXPLICIT)."""
+    names = quantized_weight_names(config, quant)
+    return [
+        n
+        for n in names
+        if quant is not None and quant.explicit_smoothing(n.split(".", 3)[3][: -len(".weight")])
+    ]
+
+
 def expected_packed_dtypes(config: ModelConfig, quant: QuantConfig | None) -> dict[str, str]:
     """The tensors whose dtype the scheme fixes, name -> torch dtype name: each quantized weight
     (int8 or float8_e4m3fn) and its float32 scale. Every other tensor is in the engine's dtype."""
@@ -62,6 +78,8 @@ def expected_packed_dtypes(config: ModelConfig, quant: QuantConfig | None) -> di
         assert quant is not None
         dtypes[name] = quant.weight_dtype
         dtypes[scale_name(name)] = "float32"
+    for name in explicitly_smoothed_names(config, quant):
+        dtypes[smooth_name(name)] = "float32"
     return dtypes
 
 
@@ -77,6 +95,8 @@ def expected_packed_shapes(
         assert quant is not None
         rows, cols = shapes[name]
         shapes[scale_name(name)] = (rows,) if quant.group_size is None else (rows, cols // quant.group_size)
+    for name in explicitly_smoothed_names(config, quant):
+        shapes[smooth_name(name)] = (shapes[name][1],)
     return shapes
 
 

@@ -239,13 +239,17 @@ BUILD_FLAGS = {
     | {"block_size", "tiny", "backend", "served_model_name", "overwrite", "quantization"},
     "trtllm": {
         "tp_size": ["--tp-size", "2"],
-        "calib_dataset": ["--calib-dataset", "x"],
-        "calib_size": ["--calib-size", "8"],
         "max_input_len": ["--max-input-len", "8"],
         "gather_logits": ["--gather-logits"],
         "multiple_profiles": ["--no-multiple-profiles"],
     },
-    "native": {"tune_kernels": ["--tune-kernels"], "quant_group_size": ["--quant-group-size", "32"]},
+    "native": {
+        "tune_kernels": ["--tune-kernels"],
+        "quant_group_size": ["--quant-group-size", "32"],
+        "smoothquant_alpha": ["--smoothquant-alpha", "0.6"],
+    },
+    # trtllm's calibrated schemes, and the native backend's int8-sq only
+    "calibrated": {"calib_dataset": ["--calib-dataset", "x"], "calib_size": ["--calib-size", "8"]},
 }
 
 
@@ -253,7 +257,9 @@ def test_every_build_flag_applies_or_is_refused(tmp_path: Path, monkeypatch: pyt
     """A flag that does not apply to the build asked for is an error, never silently ignored; a new flag
     must be placed in BUILD_FLAGS (and so tested) before this passes."""
     params = {p.name for p in command("build").params}
-    assert params == BUILD_FLAGS["every build"] | set(BUILD_FLAGS["trtllm"]) | set(BUILD_FLAGS["native"])
+    assert params == BUILD_FLAGS["every build"] | {
+        name for k in BUILD_FLAGS if k != "every build" for name in BUILD_FLAGS[k]
+    }
     monkeypatch.setattr(kiln.cli, "_cuda_available", lambda: True)
     out = str(tmp_path / "e")
     for flag, args in BUILD_FLAGS["trtllm"].items():
@@ -265,6 +271,42 @@ def test_every_build_flag_applies_or_is_refused(tmp_path: Path, monkeypatch: pyt
         assert result.exit_code == 2 and "native backend" in result.output, (flag, result.output)
     result = runner.invoke(kiln.cli.app, ["build", "--tiny", "-o", out, "--backend", "trtllm"])
     assert result.exit_code == 2 and "--tiny builds a native engine" in result.output
+    for flag, args in [
+        *BUILD_FLAGS["calibrated"].items(),
+        ("smoothquant_alpha", ["--smoothquant-alpha", "0.6"]),
+    ]:
+        for quant in ([], ["--quantization", "int8-wo"]):  # native without int8-sq
+            result = runner.invoke(kiln.cli.app, ["build", "--tiny", "-o", out, *quant, *args])
+            assert result.exit_code == 2 and "need --quantization int8-sq" in result.output, (
+                flag,
+                result.output,
+            )
+
+
+def test_native_int8_sq_build_passes_its_calibration_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict = {}
+
+    def fake_build(checkpoint, output, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr("kiln.build.build_engine", fake_build)
+    args = [
+        "build",
+        "ckpt",
+        "-o",
+        str(tmp_path / "e"),
+        "--quantization",
+        "int8-sq",
+        "--calib-dataset",
+        "my.txt",
+    ]
+    result = runner.invoke(kiln.cli.app, [*args, "--calib-size", "3", "--smoothquant-alpha", "0.7"])
+    assert result.exit_code == 1 and "stop here" in result.output, result.output
+    assert (seen["quantization"], seen["calib_dataset"], seen["calib_size"]) == ("int8-sq", "my.txt", 3)
+    assert seen["smoothquant_alpha"] == 0.7
 
 
 @pytest.mark.parametrize("knob", dataclasses.fields(EngineConfig), ids=lambda f: f.name)

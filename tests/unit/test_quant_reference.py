@@ -113,3 +113,59 @@ def test_fp8_linear_rows_are_independent_of_the_batch() -> None:
     q, scale = qr.quantize_fp8(w)
     alone = torch.cat([qr.fp8_linear(x[i : i + 1], q, scale) for i in range(6)])
     torch.testing.assert_close(qr.fp8_linear(x, q, scale), alone, atol=1e-5, rtol=1e-6)
+
+
+def test_smoothing_factors_follow_the_formula_and_guard_zeros() -> None:
+    act = torch.tensor([4.0, 1.0, 0.0, 9.0])
+    wgt = torch.tensor([1.0, 4.0, 2.0, 0.0])
+    s = qr.smoothing_factors(act, wgt, alpha=0.5)
+    assert s.dtype == torch.float32
+    torch.testing.assert_close(s, torch.tensor([2.0, 0.5, 1.0, 1.0]))  # sqrt(a) / sqrt(w); 1 for zeros
+    torch.testing.assert_close(qr.smoothing_factors(act[:2], wgt[:2], alpha=1.0), act[:2])
+    torch.testing.assert_close(qr.smoothing_factors(act[:2], wgt[:2], alpha=0.0), 1 / wgt[:2])
+    with pytest.raises(ValueError, match=r"alpha must be in \[0, 1\]"):
+        qr.smoothing_factors(act, wgt, alpha=1.2)
+
+
+def test_int8_rows_are_quantized_per_token() -> None:
+    x = _weight(rows=5, cols=32)
+    x[2] = 0
+    q, scale = qr.quantize_int8_rows(x)
+    assert q.dtype == torch.int8 and scale.shape == (5,) and scale[2] == 1 and (q[2] == 0).all()
+    torch.testing.assert_close(scale[[0, 1, 3, 4]], x[[0, 1, 3, 4]].abs().amax(-1) / 127)
+    assert (q.float() * scale[:, None] - x).abs().le(scale[:, None] / 2 + 1e-6).all()
+
+
+def test_int8_matmul_sums_exactly_in_int32() -> None:
+    g = torch.Generator().manual_seed(3)
+    a = torch.randint(-127, 128, (3, 4096), generator=g, dtype=torch.int8)
+    b = torch.full((2, 4096), 127, dtype=torch.int8)
+    a[0] = 127  # 127 * 127 * 4096 = 66,064,384: beyond float32's exact integers (2^24)
+    out = qr.int8_matmul(a, b)
+    assert out.dtype == torch.int32
+    exact = [[sum(int(v) * 127 for v in row.tolist())] * 2 for row in a]
+    assert out.tolist() == exact
+
+
+def test_int8_sq_linear_is_the_dequantized_w8a8_product() -> None:
+    """int8_sq_linear == (quantized smoothed x) @ (dequantized smoothed w).T exactly up to float32
+    rounding, and tracks the float product within the quantization error."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 64, generator=g)
+    x[:, 5] *= 40  # an outlier channel, as in a transformer's activations
+    w = _weight(rows=24, cols=64)
+    bias = torch.randn(24, generator=g)
+    s = qr.smoothing_factors(x.abs().amax(0), w.abs().amax(0), alpha=0.5)
+    q, scale = qr.quantize_int8(w * s)
+    out = qr.int8_sq_linear(x, q, scale, s, bias)
+    xq, xs = qr.quantize_int8_rows(x / s)
+    expected = (xq.double() @ q.double().t()) * xs.double()[:, None] * scale.double()[None, :] + bias.double()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-5)
+    exact = x @ w.t() + bias
+    smoothed_error = (out - exact).abs().mean()
+    q0, scale0 = qr.quantize_int8(w)
+    unsmoothed_error = (qr.int8_sq_linear(x, q0, scale0, None, bias) - exact).abs().mean()
+    assert smoothed_error < unsmoothed_error / 2  # smoothing moved the outlier into the weight's scale
+    assert smoothed_error < 0.02 * exact.abs().mean()
+    half = qr.int8_sq_linear(x.to(torch.bfloat16), q, scale, s, bias.to(torch.bfloat16))
+    assert half.dtype == torch.bfloat16

@@ -111,14 +111,91 @@ def test_a_quantized_weight_in_another_dtype_is_refused(int8_dir: Path) -> None:
         model.load_weights(tensors)
 
 
-def test_int8_sq_is_refused_by_the_native_backend(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="not yet supported by the native backend"):
-        build_tiny_engine(tmp_path / "sq", quantization="int8-sq")
-    assert not (tmp_path / "sq").exists()  # refused before anything was written
-    result = runner.invoke(
-        kiln.cli.app, ["build", "--tiny", "-o", str(tmp_path / "e"), "--quantization", "int8-sq"]
+@pytest.fixture(scope="module")
+def sq_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("q") / "sq"
+    build_tiny_engine(out, dtype="bfloat16", quantization="int8-sq", calib_size=2, smoothquant_alpha=0.6)
+    return out
+
+
+def test_int8_sq_stores_smoothed_int8_weights_and_records_its_calibration(sq_dir: Path) -> None:
+    manifest = EngineManifest.load(sq_dir)
+    quant = manifest.quant_config
+    assert manifest.quantization == "int8_sq" and manifest.format_version == 2 and quant is not None
+    assert quant.smoothquant_alpha == 0.6
+    assert quant.calibration is not None and quant.calibration["num_tokens"] == 2 * 512
+    assert quant.calibration["dataset"].startswith("pydoc_data.topics (Python ")
+    assert len(quant.calibration["sha256"]) == 64
+    recorded = json.loads((sq_dir / MANIFEST_NAME).read_text())["quant_config"]
+    assert recorded["activations"].startswith("int8 per-token dynamic")
+    assert recorded["smoothing"]["explicit_smooth_scale"] == ["self_attn.o_proj", "mlp.down_proj"]
+    tensors = _tensors(sq_dir)
+    for layer in range(manifest.model.num_hidden_layers):
+        for linear in QUANTIZED_LINEARS:
+            name = f"model.layers.{layer}.{linear}"
+            assert tensors[f"{name}.weight"].dtype == torch.int8
+            assert tensors[f"{name}.weight_scale"].shape == (tensors[f"{name}.weight"].shape[0],)
+            explicit = linear in ("self_attn.o_proj", "mlp.down_proj")
+            assert (f"{name}.smooth_scale" in tensors) == explicit
+            if explicit:
+                smooth = tensors[f"{name}.smooth_scale"]
+                assert smooth.dtype == torch.float32 and (smooth > 0).all() and not (smooth == 1).all()
+    assert tensors["model.layers.0.input_layernorm.weight"].dtype == torch.bfloat16
+    model, _ = load_model(sq_dir, dtype=torch.float32)
+    assert model.model.layers[0].mlp.down_proj.smooth_scale is not None
+    assert model.model.layers[0].mlp.gate_up_proj.smooth_scale is None
+
+
+def test_int8_sq_norms_carry_the_folded_smoothing(sq_dir: Path, tmp_path: Path) -> None:
+    """The RMSNorm feeding qkv_proj is the unquantized one divided by s: s is > 0 and not all 1s."""
+    plain = tmp_path / "plain"
+    build_tiny_engine(plain, dtype="bfloat16")
+    ratio = (
+        _tensors(plain)["model.layers.0.input_layernorm.weight"].float()
+        / _tensors(sq_dir)["model.layers.0.input_layernorm.weight"].float()
     )
-    assert result.exit_code == 1 and "not yet supported by the native backend" in result.output
+    assert (ratio > 0).all() and (ratio - 1).abs().max() > 0.1
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"quantization": "int8-wo", "smoothquant_alpha": 0.5},
+            "alpha and calibration apply to int8_sq only",
+        ),
+        ({"smoothquant_alpha": 0.5}, "alpha needs --quantization int8-sq"),
+        ({"quantization": "int8-sq", "smoothquant_alpha": 1.5}, r"alpha in \[0, 1\], got 1.5"),
+        ({"quantization": "int8-sq", "quant_group_size": 16}, "group size applies to int8_wo only"),
+        ({"quantization": "int8-sq", "calib_size": 0}, "calibration size must be >= 1"),
+        ({"quantization": "int8-sq", "calib_dataset": "/no/such/file.txt"}, "calibration dataset /no/such"),
+        ({"quantization": "fp8", "calib_dataset": "x.txt"}, "calibration dataset applies to int8_sq"),
+    ],
+)
+def test_bad_smoothquant_options_are_refused_before_anything_is_written(
+    tmp_path: Path, options: dict, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_tiny_engine(tmp_path / "sq", **options)
+    assert not (tmp_path / "sq").exists()
+    assert list(tmp_path.iterdir()) == []  # no calibration directory left behind either
+
+
+def test_kiln_build_int8_sq_calibrates_on_a_users_file(tmp_path: Path) -> None:
+    from kiln.build.calibrate import calibration_set
+
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    out = tmp_path / "e"
+    args = ["build", "--tiny", "-o", str(out), "--quantization", "int8-sq", "--calib-dataset", str(text)]
+    result = runner.invoke(kiln.cli.app, [*args, "--calib-size", "1", "--smoothquant-alpha", "0.8"])
+    assert result.exit_code == 0, result.output
+    assert "native, float32, int8_sq" in result.output
+    quant = EngineManifest.load(out).quant_config
+    assert quant is not None and quant.smoothquant_alpha == 0.8
+    assert quant.calibration == calibration_set(text).record(quant.calibration["num_tokens"])
+    assert quant.calibration["dataset"] == str(text.resolve()) and 0 < quant.calibration["num_tokens"] <= 512
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "e"]  # the float32 build is gone
 
 
 @pytest.mark.parametrize(
@@ -160,7 +237,7 @@ def _edit(engine_dir: Path, **changes: object) -> None:
         ({"backend": "trtllm"}, "quant_config is for native engines"),
         (
             {"quant_config": {"scheme": "int8_sq"}, "quantization": "int8_sq"},
-            "not yet supported by the native",
+            "int8_sq needs a SmoothQuant alpha",
         ),
         ({"quant_config": {"scheme": "int8_wo", "linears": ["lm_head"]}}, "quantized linears must be"),
     ],
@@ -195,6 +272,7 @@ def test_fp8_is_refused_by_name_on_a_gpu_without_fp8_tensor_cores(
     with pytest.raises(InvalidEngineError, match=r"quantized fp8.*>= 8\.9.*A100-SXM4-80GB is 8\.0"):
         load_model(fp8_dir, device="cuda")  # refused before any memory is touched on the device
     check_device_supports(QuantConfig(scheme="int8_wo"), "cuda")  # int8 weight-only runs there
+    check_device_supports(QuantConfig(scheme="int8_sq", smoothquant_alpha=0.5), "cuda")
     check_device_supports(QuantConfig(scheme="fp8"), "cpu")  # the CPU runs the references
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     check_device_supports(QuantConfig(scheme="fp8"), "cuda")

@@ -1,0 +1,144 @@
+"""SmoothQuant's calibration pass: per-input-channel activation abs-max at the inputs of the quantized linears.
+
+The unquantized model (float32 on the CPU) runs over a calibration text in prefills of `CALIB_SEQ_LEN`
+tokens; every call of torch's linear on one of a layer's packed weights (qkv_proj, o_proj, gate_up_proj,
+down_proj) records max |x_j| over that call's tokens, kept as the running maximum per channel. The
+calls are seen through a TorchFunctionMode keyed by the weight tensor, so the model's own forward runs
+unchanged and the statistics are of exactly the inputs it computes.
+
+Rules:
+- The default text is `pydoc_data.topics` of the standard library (the English text of the Python docs'
+  topics, every topic in sorted order, joined by blank lines): a real corpus that ships offline with
+  every Python. `--calib-dataset PATH` takes the user's own UTF-8 text file instead.
+- `calib_size` is the number of samples, each `CALIB_SEQ_LEN` tokens (as TensorRT-LLM's calibration
+  counts them), taken from the start of the tokenized text; a text shorter than that is used whole.
+- Deterministic: same model, text and size give the same statistics. engine.json records the set's
+  name (or file path), the sha256 of its text and the number of tokens run (`CalibrationSet.record`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.config import QuantConfig
+from kiln.kernels.attention_metadata import AttentionMetadata
+from kiln.models.llama import LlamaForCausalLM
+from kiln.models.weights import quantized_weight_names
+
+CALIB_SEQ_LEN = 512
+_BLOCK = 16
+
+
+@dataclass(slots=True)
+class CalibrationSet:
+    """A calibration text and how engine.json names it."""
+
+    dataset: str  # "pydoc_data.topics (Python 3.11.x)" or the file's path
+    text: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+    def record(self, num_tokens: int) -> dict[str, Any]:
+        return {"dataset": self.dataset, "sha256": self.sha256, "num_tokens": num_tokens}
+
+
+def calibration_set(path: str | Path | None = None) -> CalibrationSet:
+    """The text at `path` (UTF-8), or the standard library's pydoc_data.topics when None."""
+    if path is None:
+        from pydoc_data.topics import topics  # deferred: 0.8 MB of text, needed by int8_sq builds only
+
+        version = ".".join(map(str, sys.version_info[:3]))
+        text = "\n\n".join(topics[key] for key in sorted(topics))
+        return CalibrationSet(f"pydoc_data.topics (Python {version})", text)
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"calibration dataset {file}: {exc}") from exc
+    if not text.strip():
+        raise ValueError(f"calibration dataset {file} is empty")
+    return CalibrationSet(str(file.resolve()), text)
+
+
+def calibration_tokens(token_ids: list[int], calib_size: int) -> list[list[int]]:
+    """The first `calib_size` samples of CALIB_SEQ_LEN tokens (the last one may be shorter)."""
+    if calib_size < 1:
+        raise ValueError(f"calibration size must be >= 1 sample, got {calib_size}")
+    ids = token_ids[: calib_size * CALIB_SEQ_LEN]
+    return [ids[i : i + CALIB_SEQ_LEN] for i in range(0, len(ids), CALIB_SEQ_LEN)]
+
+
+class _AbsMaxRecorder(torch.overrides.TorchFunctionMode):
+    """Records the running per-channel max |x| of every torch linear call on a watched weight."""
+
+    def __init__(self, watched: dict[int, str]) -> None:
+        super().__init__()
+        self.watched = watched
+        self.amax: dict[str, torch.Tensor] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            name = self.watched.get(id(weight))
+            if name is not None:
+                x = args[0].detach()
+                seen = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+                old = self.amax.get(name)
+                self.amax[name] = seen if old is None else torch.maximum(old, seen)
+        return func(*args, **kwargs)
+
+
+def prefill(model: LlamaForCausalLM, token_ids: list[int]) -> torch.Tensor:
+    """One prefill of `token_ids` through the model's own forward over a fresh paged cache: hidden [T, H]."""
+    cfg, device = model.config, model.model.embed_tokens.weight.device
+    num_blocks = -(-len(token_ids) // _BLOCK)
+    shape = (num_blocks, _BLOCK, cfg.num_key_value_heads, cfg.head_dim)
+    dtype = model.model.embed_tokens.weight.dtype
+    caches = [
+        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(cfg.num_hidden_layers)
+    ]
+    n = len(token_ids)
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(n, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
+        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
+        max_query_len=n,
+        max_seq_len=n,
+        query_start_loc_cpu=[0, n],
+        seq_lens_cpu=[n],
+        block_size=_BLOCK,
+    )
+    positions = torch.arange(n, device=device)
+    with torch.no_grad():
+        return model(torch.tensor(token_ids, device=device), positions, caches, meta)
+
+
+def activation_amax(
+    model: LlamaForCausalLM, samples: list[list[int]], quant: QuantConfig
+) -> dict[str, torch.Tensor]:
+    """Packed weight name (of each linear `quant` quantizes) -> float32 [K]: max |input_j| over `samples`.
+
+    The model must be unquantized (its linears run through torch's linear)."""
+    if model.quant is not None:
+        raise ValueError("calibration runs the unquantized model")
+    params = dict(model.named_parameters())
+    names = quantized_weight_names(model.config, quant)
+    recorder = _AbsMaxRecorder({id(params[name]): name for name in names})
+    with recorder:
+        for sample in samples:
+            prefill(model, sample)
+    missing = sorted(set(names) - set(recorder.amax))
+    if missing:
+        raise RuntimeError(f"calibration saw no input of {missing[:4]}")
+    return recorder.amax
