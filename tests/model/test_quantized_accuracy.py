@@ -2,8 +2,8 @@
 
 The text is the Zen of Python (`this` in the standard library, decoded): a real English text every
 Python ships, unchanged since 2004. Each engine computes the logits of every position of the text in one
-prefill (test_llama_parity's PagedRunner); the quantized engine is built from the same checkpoint, both
-float32 on the CPU, so the only difference is the scheme. Measured:
+prefill (kiln.bench.accuracy, shared with benchmarks/perplexity.py); the quantized engine is built from
+the same checkpoint, both float32 on the CPU, so the only difference is the scheme. Measured:
 
 - top-1 agreement: the share of positions where both engines' most likely next token is the same;
 - KL divergence KL(unquantized || quantized) per position, in nats, averaged over the text;
@@ -17,55 +17,43 @@ they catch a broken scale layout or dequantization (which gives near-zero agreem
 from __future__ import annotations
 
 import codecs
-import math
 from pathlib import Path
 
 import pytest
 import torch
-from test_llama_parity import PagedRunner, Seq
 
 from kiln import LLM, SamplingParams
+from kiln.bench.accuracy import agreement, perplexity, text_logits
 from kiln.build import build_engine, build_tiny_engine
-from kiln.models.loader import load_model
 from kiln.models.tokenizer import Tokenizer
 
-# (quantization, group size) -> (least top-1 agreement, most mean KL in nats)
+# (quantization, group size) -> (least top-1 agreement, most mean KL in nats). int8_sq is calibrated on
+# CALIB_SAMPLES samples of 512 tokens of the default set (pydoc_data.topics), alpha 0.5.
 SMOLLM2_GATES = {
     ("int8_wo", None): (0.92, 0.045),  # measured 0.946, 0.029
     ("int8_wo", 64): (0.90, 0.03),  # measured 0.931, 0.019
     ("fp8", None): (0.68, 0.45),  # measured 0.739, 0.350
+    ("int8_sq", None): (0.78, 0.19),  # measured 0.833, 0.149
 }
 TINY_GATES = {
     ("int8_wo", None): (0.80, 0.16),  # measured 0.849, 0.115
     ("int8_wo", 16): (0.85, 0.11),  # measured 0.896, 0.076
     ("fp8", None): (0.45, 2.2),  # measured 0.504, 1.707
+    ("int8_sq", None): (0.72, 0.27),  # measured 0.798, 0.193
 }
+# The calibration samples of the int8_sq gates (kiln.build.calibrate.CALIB_SEQ_LEN tokens each): a few
+# keep the test fast; the statistics are deterministic, so the figures are too.
+CALIB_SAMPLES = {"tiny": 4, "smollm2": 4}
+
+
+def _options(scheme: str, model: str) -> dict:
+    return {"calib_size": CALIB_SAMPLES[model]} if scheme == "int8_sq" else {}
 
 
 def zen_of_python() -> str:
     import this  # prints the text once; the module holds it rot13-encoded
 
     return codecs.decode(this.s, "rot13")
-
-
-def text_logits(engine_dir: Path, token_ids: list[int]) -> torch.Tensor:
-    """The engine's float32 logits [len(token_ids), vocab] of every position, in one prefill."""
-    model, _ = load_model(engine_dir, device="cpu")
-    runner = PagedRunner(model, num_blocks=len(token_ids) // 16 + 2, block_size=16)
-    return runner.step([Seq(list(token_ids))], [len(token_ids)])
-
-
-def agreement(reference: torch.Tensor, quantized: torch.Tensor) -> tuple[float, float]:
-    """(top-1 agreement, mean KL(reference || quantized) in nats) over the positions."""
-    log_p, log_q = reference.log_softmax(-1), quantized.log_softmax(-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-    return (reference.argmax(-1) == quantized.argmax(-1)).float().mean().item(), kl.mean().item()
-
-
-def perplexity(logits: torch.Tensor, token_ids: list[int]) -> float:
-    """exp(mean negative log-likelihood of each next token of the text)."""
-    nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(token_ids[1:]))
-    return math.exp(nll.item())
 
 
 def _check(name: str, reference: torch.Tensor, quantized: torch.Tensor, ids: list[int], gate: tuple) -> None:
@@ -92,7 +80,7 @@ def test_tiny_quantized_engine_tracks_the_unquantized_one(
 ) -> None:
     _, ids, reference = tiny_reference
     engine = tmp_path / "engine"
-    build_tiny_engine(engine, quantization=scheme, quant_group_size=group_size)
+    build_tiny_engine(engine, quantization=scheme, quant_group_size=group_size, **_options(scheme, "tiny"))
     _check(
         f"tiny {scheme} g={group_size}",
         reference,
@@ -125,6 +113,7 @@ def test_smollm2_quantized_engine_tracks_the_unquantized_one(
         quantization=scheme,
         quant_group_size=group_size,
         progress=False,
+        **_options(scheme, "smollm2"),
     )
     _check(
         f"SmolLM2 {scheme} g={group_size}",
@@ -135,12 +124,12 @@ def test_smollm2_quantized_engine_tracks_the_unquantized_one(
     )
 
 
-@pytest.mark.parametrize("scheme", ["int8-wo", "fp8"])
+@pytest.mark.parametrize("scheme", ["int8-wo", "fp8", "int8-sq"])
 def test_greedy_generation_through_llm_engine(tmp_path: Path, scheme: str) -> None:
     """A quantized engine dir runs the whole engine path (scheduler, paged prefill, decode steps, a batch
     of two prompts); its greedy tokens equal the model's own one-prefill argmax continuation."""
     engine = tmp_path / "engine"
-    build_tiny_engine(engine, quantization=scheme)
+    build_tiny_engine(engine, quantization=scheme, **({"calib_size": 2} if scheme == "int8-sq" else {}))
     llm = LLM(engine, device="cpu")
     prompts = [[5, 17, 99, 3], [42, 7, 7, 300, 12, 9]]
     outs = llm.generate(
