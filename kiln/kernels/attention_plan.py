@@ -37,7 +37,7 @@ def default_config(decode: bool, head_dim_p2: int) -> AttentionConfig:
 
 
 def builtin_config(decode: bool, head_dim_p2: int) -> AttentionConfig:
-    """The untuned tile shape (chosen from sweeps on an H100, see docs/benchmarks.md)."""
+    """The untuned tile shape (chosen from sweeps on an H100, see docs/results/2026-11-25-h100/README.md)."""
     if decode:
         return AttentionConfig(
             block_m=16, block_n=64 if head_dim_p2 <= 128 else 32, num_warps=4, num_stages=2
@@ -55,7 +55,7 @@ def choose_num_splits(num_tiles: int, num_kv_heads: int, max_kv_len: int, num_sm
     power of two: the count is a compile-time constant of the kernel, so each distinct value is a
     compile, and a load whose batch shape drifts would otherwise meet new ones for a long time. (On an H100,
     Llama-3.1-8B heads, batch 1: 4096 keys take 123 us unsplit, 21 us in 32 slices; 512 keys take
-    23 us unsplit, 13 us in 8; at batch 64 splitting only costs, see docs/benchmarks.md.)
+    23 us unsplit, 13 us in 8; at batch 64 splitting only costs, see docs/results/2026-11-25-h100/README.md.)
     """
     programs = num_tiles * num_kv_heads
     if programs >= 2 * num_sms:

@@ -166,10 +166,10 @@ class TuneResult:
 
 
 def candidate_configs(default: AttentionConfig, decode: bool) -> list[AttentionConfig]:
-    """The built-in choice first, then three neighbours: those the H100 sweep (docs/benchmarks.md,
-    Tuning) found close to it, which lighter tiles (fewer stages, smaller blocks) may beat on GPUs with
-    less shared memory or fewer SMs. Eight warps, block_n 128 for prefill and pre-transposed keys were
-    slower there and are left out to keep the sweep short."""
+    """The built-in choice first, then three neighbours: those the H100 sweep
+    (docs/results/2026-11-25-h100/README.md, Tuning) found close to it, which lighter tiles (fewer
+    stages, smaller blocks) may beat on GPUs with less shared memory or fewer SMs. Eight warps, block_n
+    128 for prefill and pre-transposed keys were slower there and are left out to keep the sweep short."""
     if decode:
         others = [
             replace(default, block_n=max(16, default.block_n // 2)),

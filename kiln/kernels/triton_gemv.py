@@ -18,7 +18,7 @@ dependent loads of the position and then the cos/sin row (5.06 against 5.07 ms a
 On Hopper the GEMV is launched with programmatic dependent launch (`kiln.kernels.pdl`): its
 programs stream their first weight chunk while the kernel before it (RMSNorm, attention, SiLU) is still
 running, and wait for it only before reading x. Batch-1 decode of a 7B model: 4.94 ms a token against
-5.07 without (docs/benchmarks.md, run Z4).
+5.07 without (docs/results/2026-11-25-h100/README.md, run Z4).
 
 Rules (the reference is `torch.nn.functional.linear`): x holds one token, W is [N, K] with K
 contiguous, products accumulate in float32 and the output has W's dtype.

@@ -50,6 +50,6 @@ def test_64_concurrent_streams_complete_with_correct_usage(server: LiveServer) -
 
 def test_the_server_runs_on_uvloop_and_httptools(server: LiveServer) -> None:
     # Kiln depends on both and uvicorn picks them up by itself; on asyncio's loop and h11 the front end
-    # costs about twice the CPU per streamed token (docs/benchmarks.md).
+    # costs about twice the CPU per streamed token (docs/results/2026-11-25-h100/README.md, run AA1).
     assert type(server.server.servers[0]).__module__.startswith("uvloop")
     assert issubclass(server.server.config.http_protocol_class, HttpToolsProtocol)  # with Kiln's limits
