@@ -163,7 +163,12 @@ def serve(model: ModelArg = None, tiny: TinyOpt = False, *, settings: ServerSett
 
     configure_logging(settings.log_level)
     where = f"http://{settings.host}:{settings.port}/v1" if settings.port else "a free port (see below)"
-    err.print(f"Loading {path}; serving it at {where} once loaded. Stop with Ctrl-C.", highlight=False)
+    # soft_wrap: the terminal wraps the line, so the URL is never split by an inserted newline.
+    err.print(
+        f"Loading {path}; serving it at {where} once loaded. Stop with Ctrl-C.",
+        highlight=False,
+        soft_wrap=True,
+    )
     try:
         run_server(engine, settings)
     except (KilnError, ValueError) as exc:

@@ -383,3 +383,13 @@ def test_a_url_without_scheme_gets_the_scheme_suggested() -> None:
     result = runner.invoke(kiln.cli.app, ["models", "--url", "127.0.0.1:9"])
     assert result.exit_code == 1
     assert "could not reach 127.0.0.1:9" in result.output and "http://127.0.0.1:9" in result.output
+
+
+def test_serve_names_its_url_on_one_line(captured: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A long model path must not push the URL onto a line of its own, broken where the console wraps.
+    long_path = Path("/srv/models/" + "a-very-long-engine-directory-name" * 3)
+    monkeypatch.setattr(kiln.cli, "_resolve", lambda model, tiny: long_path)
+    result = runner.invoke(kiln.cli.app, ["serve", "--port", "8123"])
+    assert result.exit_code == 0, result.output
+    [line] = [line for line in result.output.splitlines() if line.startswith("Loading ")]
+    assert f"Loading {long_path}; serving it at http://127.0.0.1:8123/v1 once loaded." in line
