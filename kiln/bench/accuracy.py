@@ -16,43 +16,18 @@ from pathlib import Path
 
 import torch
 
-from kiln.kernels.attention_metadata import AttentionMetadata
+from kiln.build.calibrate import prefill
 from kiln.models.llama import LlamaForCausalLM
 from kiln.models.loader import load_model
-
-BLOCK_SIZE = 16
 
 
 def prefill_logits(model: LlamaForCausalLM, token_ids: list[int]) -> torch.Tensor:
     """The model's float32 logits [len(token_ids), vocab] of every position, in one prefill of one
-    sequence over a fresh paged KV cache just large enough for it (blocks 0, 1, ... in order)."""
+    sequence over a fresh paged KV cache (`kiln.build.calibrate.prefill`, what calibration runs too)."""
     if not token_ids:
         raise ValueError("prefill_logits needs at least one token")
-    cfg = model.config
-    n = len(token_ids)
-    num_blocks = -(-n // BLOCK_SIZE)
-    embed = model.model.embed_tokens.weight  # the activations' dtype and device, whatever the scheme
-    device, dtype = embed.device, embed.dtype
-    shape = (num_blocks, BLOCK_SIZE, cfg.num_key_value_heads, cfg.head_dim)
-    kv_caches = [
-        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-        for _ in range(cfg.num_hidden_layers)
-    ]
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(n, dtype=torch.int64, device=device),
-        query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
-        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
-        max_query_len=n,
-        max_seq_len=n,
-        query_start_loc_cpu=[0, n],
-        seq_lens_cpu=[n],
-        block_size=BLOCK_SIZE,
-    )
-    ids = torch.tensor(token_ids, device=device)
     with torch.no_grad():
-        hidden = model(ids, torch.arange(n, device=device), kv_caches, meta)
-        return model.compute_logits(hidden).float()
+        return model.compute_logits(prefill(model, token_ids)).float()
 
 
 def load_float32(engine_dir: Path) -> LlamaForCausalLM:

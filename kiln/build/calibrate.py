@@ -28,6 +28,7 @@ import torch
 
 from kiln.config import QuantConfig
 from kiln.kernels.attention_metadata import AttentionMetadata
+from kiln.kvcache.tensors import allocate_kv_cache
 from kiln.models.llama import LlamaForCausalLM
 from kiln.models.weights import quantized_weight_names
 
@@ -99,29 +100,13 @@ class _AbsMaxRecorder(torch.overrides.TorchFunctionMode):
 
 def prefill(model: LlamaForCausalLM, token_ids: list[int]) -> torch.Tensor:
     """One prefill of `token_ids` through the model's own forward over a fresh paged cache: hidden [T, H]."""
-    cfg, device = model.config, model.model.embed_tokens.weight.device
-    num_blocks = -(-len(token_ids) // _BLOCK)
-    shape = (num_blocks, _BLOCK, cfg.num_key_value_heads, cfg.head_dim)
-    dtype = model.model.embed_tokens.weight.dtype
-    caches = [
-        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-        for _ in range(cfg.num_hidden_layers)
-    ]
+    weight = model.model.embed_tokens.weight  # the activations' dtype and device, whatever the scheme
     n = len(token_ids)
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(n, dtype=torch.int64, device=device),
-        query_start_loc=torch.tensor([0, n], dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([n], dtype=torch.int32, device=device),
-        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
-        max_query_len=n,
-        max_seq_len=n,
-        query_start_loc_cpu=[0, n],
-        seq_lens_cpu=[n],
-        block_size=_BLOCK,
-    )
-    positions = torch.arange(n, device=device)
+    caches = allocate_kv_cache(model.config, -(-n // _BLOCK), _BLOCK, weight.dtype, weight.device)
+    meta = AttentionMetadata.one_prompt(n, _BLOCK, weight.device)
+    positions = torch.arange(n, device=weight.device)
     with torch.no_grad():
-        return model(torch.tensor(token_ids, device=device), positions, caches, meta)
+        return model(torch.tensor(token_ids, device=weight.device), positions, caches, meta)
 
 
 def activation_amax(

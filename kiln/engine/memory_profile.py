@@ -27,17 +27,7 @@ def profile_activation_bytes(
     before = torch.cuda.memory_allocated(device)
     num_blocks = -(-num_tokens // block_size)
     kv = allocate_kv_cache(model.config, num_blocks, block_size, dtype, device)
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(num_tokens, device=device),
-        query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
-        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
-        max_query_len=num_tokens,
-        max_seq_len=num_tokens,
-        query_start_loc_cpu=[0, num_tokens],
-        seq_lens_cpu=[num_tokens],
-        block_size=block_size,
-    )
+    meta = AttentionMetadata.one_prompt(num_tokens, block_size, device)
     ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
     hidden = model(ids, torch.arange(num_tokens, device=device), kv, meta)
     model.compute_logits(hidden[: min(num_logits, num_tokens)])

@@ -32,6 +32,23 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     block_size: int
 
+    @classmethod
+    def one_prompt(cls, num_tokens: int, block_size: int, device: torch.device | str) -> AttentionMetadata:
+        """A prefill of one sequence of `num_tokens` tokens from position 0, stored in blocks 0, 1, ... in
+        order (a cache of at least ceil(num_tokens / block_size) blocks): profiling, calibration, scoring."""
+        num_blocks = -(-num_tokens // block_size)
+        return cls(
+            slot_mapping=torch.arange(num_tokens, dtype=torch.int64, device=device),
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
+            block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
+            max_query_len=num_tokens,
+            max_seq_len=num_tokens,
+            query_start_loc_cpu=[0, num_tokens],
+            seq_lens_cpu=[num_tokens],
+            block_size=block_size,
+        )
+
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_cpu)
