@@ -6,8 +6,9 @@ Rules of the measurements:
 - Each request streams `/v1/completions` with a token-id prompt, greedy, `ignore_eos` and
   `include_usage`, so it makes exactly `output_len` tokens; the count comes from the usage chunk.
 - Arrivals: all at once (`request_rate` inf), or a Poisson process of that many requests per second
-  (exponential gaps, fixed seed). At most `concurrency` requests are in flight; an arrival beyond that
-  waits at the client, and its clock starts when it is sent.
+  (exponential gaps, fixed seed), or the times given (`arrivals`, e.g. benchmarks/slo.py's bursts). At
+  most `concurrency` requests are in flight; an arrival beyond that waits at the client, and its clock
+  starts when it is sent. `output_lens` gives each request its own output length.
 - TTFT = request sent -> first chunk with text; inter-token latency = gaps between text chunks (a chunk
   may carry several tokens when the server batches them); end-to-end = sent -> `[DONE]`; p50/p90/p99 in
   ms. Throughput = completion tokens / wall time of the whole load.
@@ -99,6 +100,9 @@ async def run_client(
     concurrency: int,
     request_rate: float = math.inf,
     seed: int = 0,
+    *,
+    arrivals: list[float] | None = None,
+    output_lens: list[int] | None = None,
 ) -> dict[str, Any]:
     """Run the load (see the module rules); returns throughput, latency percentiles and idle TTFT."""
     import aiohttp
@@ -121,14 +125,17 @@ async def run_client(
                 idle.append(1000 * (r["chunks"][0] - r["sent"]))
         gate = asyncio.Semaphore(concurrency)
 
-        async def arrive(prompt: list[int], at: float) -> dict[str, Any]:
+        async def arrive(prompt: list[int], at: float, max_tokens: int) -> dict[str, Any]:
             await asyncio.sleep(at)
             async with gate:
-                return await _one(client, url, model, prompt, output_len)
+                return await _one(client, url, model, prompt, max_tokens)
 
         start = time.perf_counter()
-        times = arrival_times(len(prompts), request_rate, seed)
-        results = await asyncio.gather(*(arrive(p, t) for p, t in zip(prompts, times, strict=True)))
+        times = arrivals if arrivals is not None else arrival_times(len(prompts), request_rate, seed)
+        lens = output_lens if output_lens is not None else [output_len] * len(prompts)
+        results = await asyncio.gather(
+            *(arrive(p, t, n) for p, t, n in zip(prompts, times, lens, strict=True))
+        )
         wall = time.perf_counter() - start
     ttft = [1000 * (r["chunks"][0] - r["sent"]) for r in results if r["chunks"]]
     itl = [1000 * (b - a) for r in results for a, b in zip(r["chunks"], r["chunks"][1:], strict=False)]

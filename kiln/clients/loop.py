@@ -5,8 +5,10 @@ Rules:
 - Commands are taken between steps: while the engine is idle the loop blocks for the next ones; otherwise
   it takes whatever arrived during the last step, without waiting.
 - Every turn ends in one `StepReport` (one wake-up, or one pipe message, per step): the step's outputs, the
-  stats after it, the acks of the aborts applied before it (so an ack means the blocks are free) and the
-  requests given up on.
+  stats after it, the acks of the aborts and batching changes applied before it (so an ack means the
+  blocks are free, or the limits in force) and the requests given up on.
+- A `SetBatching` the engine refuses (a limit out of range; the drivers check before sending) is logged
+  and acknowledged, changing nothing.
 - A step that raises aborts every request in flight (each is reported with an `EngineDeadError`, after
   the outputs that came before it) and the loop goes on: one bad step must not leak blocks or leave
   callers waiting.
@@ -29,6 +31,7 @@ from kiln.clients.messages import (
     OutputT,
     RequestError,
     RequestFailedError,
+    SetBatching,
     Shutdown,
     StepReport,
 )
@@ -113,9 +116,18 @@ class StepLoop(Generic[OutputT]):
                 )
             self.report(StepReport([self.encode(o) for o in outputs], engine.stats(), acks, errors))
 
-    def _apply(self, command: AddRequest | AbortRequest, acks: list[int], errors: list[RequestError]) -> None:
+    def _apply(
+        self, command: AddRequest | AbortRequest | SetBatching, acks: list[int], errors: list[RequestError]
+    ) -> None:
         if isinstance(command, AbortRequest):
             self.engine.abort_request(command.request_id)
+            acks.append(command.ack)
+            return
+        if isinstance(command, SetBatching):
+            try:
+                self.engine.set_batching(command.limits)
+            except ValueError:
+                logger.exception("batching limits refused: %s", command.limits)
             acks.append(command.ack)
             return
         try:

@@ -1,6 +1,6 @@
 """What the native drivers pass between their callers and the step loop, and between processes.
 
-Down (callers -> step loop): `AddRequest`, `AbortRequest`, `Shutdown` (together: `Command`). Up (step loop ->
+Down (callers -> step loop): `AddRequest`, `AbortRequest`, `SetBatching`, `Shutdown` (together: `Command`). Up (step loop ->
 callers): one `StepReport` per turn of the loop and a `Goodbye` when it stops; `ProcessEngine`'s child first
 says `Ready` or `StartupFailed`. Every message is picklable, since `ProcessEngine` sends them through pipes.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from kiln.engine.info import EngineStats, ModelInfo
+from kiln.engine.info import BatchingLimits, EngineStats, ModelInfo
 from kiln.engine.sampling_params import SamplingParams
 
 OutputT = TypeVar("OutputT")
@@ -43,11 +43,20 @@ class AbortRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class SetBatching:
+    """Change the scheduler's batching limits (None: unchanged) from the next step on; `ack` comes back in
+    a `StepReport.acks` once they are in force (that report's stats show them)."""
+
+    limits: BatchingLimits
+    ack: int
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown:
     """Abort every request and stop the loop; it answers with `Goodbye`."""
 
 
-Command = AddRequest | AbortRequest | Shutdown
+Command = AddRequest | AbortRequest | SetBatching | Shutdown
 
 
 @dataclass(frozen=True, slots=True)

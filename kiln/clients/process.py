@@ -9,7 +9,8 @@ the commands coming down one pipe, sending each `StepReport` up the other (one m
 outputs as `wire` tuples). The parent keeps the `RequestStreams` and two relay threads: a sender that
 forwards the commands that queued up together as one pipe write, and a receiver that routes the reports.
 Rules: the child is the only owner of the engine; an abort is acknowledged after the child freed the
-blocks; if the child dies, every open request fails with EngineDeadError. Importing this module does not
+blocks; if the child dies, every open request fails with EngineDeadError; batching limits set by
+`set_batching` are set again in a restarted child. Importing this module does not
 import torch (the engine is imported in the child, by the factory), so `kiln serve` starts the child
 before its own process has imported torch and the two import in parallel
 (tests/unit/test_serve_imports.py).
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import multiprocessing as mp
@@ -35,6 +37,7 @@ from kiln.clients.messages import (
     EngineDeadError,
     Goodbye,
     Ready,
+    SetBatching,
     Shutdown,
     StartupFailed,
     StepReport,
@@ -42,7 +45,7 @@ from kiln.clients.messages import (
 from kiln.clients.streams import RequestStreams, StreamsClient
 from kiln.clients.wire import WireOutput, decode_output, encode_output
 from kiln.config import EngineConfig
-from kiln.engine.info import ModelInfo
+from kiln.engine.info import BatchingLimits, ModelInfo
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.process_setup import prepare_process
 from kiln.engine.sampling_params import SamplingParams
@@ -76,6 +79,7 @@ class ProcessEngine(StreamsClient):
         `kiln.clients.open.open_engine`) is called once the child started, before the tokenizer loads."""
         self._factory = factory
         self._start_timeout = start_timeout
+        self._batching: BatchingLimits | None = None  # what set_batching set, merged: a new child gets it too
         early: dict[str, Tokenizer] = {}
 
         def while_starting() -> None:
@@ -158,6 +162,8 @@ class ProcessEngine(StreamsClient):
             self._streams.fail_all(EngineDeadError("the engine process was restarted"))
             await asyncio.to_thread(self._spawn)
             self._streams.stats = self._ready.stats
+            if self._batching is not None:  # the first command the new child takes
+                self._commands.put(SetBatching(self._batching, ack=-1))
         finally:
             self._restarting = False
         await self.start()
@@ -201,6 +207,14 @@ class ProcessEngine(StreamsClient):
                 daemon=True,
             )
             self._sender.start()
+
+    async def set_batching(self, limits: BatchingLimits) -> None:
+        """`StreamsClient.set_batching`, remembered for a restarted child."""
+        await self._streams.set_batching(limits)
+        given = {f.name: getattr(limits, f.name) for f in dataclasses.fields(limits)}
+        self._batching = dataclasses.replace(
+            self._batching or limits, **{name: value for name, value in given.items() if value is not None}
+        )
 
     async def shutdown(self) -> None:
         """Stop the child: it aborts every request and says goodbye, which fails the open streams."""

@@ -8,7 +8,9 @@ Rules:
   request: with hundreds of streams, per-request wake-ups were a large share of the front end's work.
 - A consumer that fell behind gets everything queued for it as one delta (one SSE chunk), so a slow
   front end catches up instead of handling every token; an error is raised after what came before it.
-- `abort` returns once the loop acknowledged it (the blocks are free), or at once when no loop runs.
+- `abort` returns once the loop acknowledged it (the blocks are free), or at once when no loop runs;
+  `set_batching` likewise once the limits are in force, after checking them against the ceilings the
+  engine reported (ValueError, nothing sent).
 - `fail_all` (a `Goodbye`, a dead child) fails every open request and releases every waiting abort.
 The two sides share only dict operations (atomic under the GIL) and `call_soon_threadsafe`.
 """
@@ -22,8 +24,16 @@ import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from kiln.clients.messages import AbortRequest, AddRequest, Command, EngineDeadError, Goodbye, StepReport
-from kiln.engine.info import EngineStats
+from kiln.clients.messages import (
+    AbortRequest,
+    AddRequest,
+    Command,
+    EngineDeadError,
+    Goodbye,
+    SetBatching,
+    StepReport,
+)
+from kiln.engine.info import BatchingLimits, EngineStats, check_batching
 from kiln.engine.outputs import RequestOutput, accumulate
 from kiln.engine.sampling_params import SamplingParams
 
@@ -72,7 +82,7 @@ class RequestStreams:
         self._running = running
         self.stats = stats  # the last report's
         self.sinks: dict[str, Sink] = {}  # open request id -> where its outputs go
-        self._pending_aborts: dict[int, Callable[[], None]] = {}  # ack -> what wakes its `abort`
+        self._pending_acks: dict[int, Callable[[], None]] = {}  # ack -> what wakes its waiter
         self._acks = itertools.count()
 
     async def generate(
@@ -122,20 +132,34 @@ class RequestStreams:
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; returns once its KV blocks are back in the pool (within one step)."""
+        await self._acknowledged(functools.partial(AbortRequest, request_id))
+
+    async def set_batching(self, limits: BatchingLimits) -> None:
+        """Change the engine's batching limits (None: unchanged); returns once they are in force (within
+        one step). ValueError for a limit under 1 or above the engine's ceiling."""
+        ceiling = self.stats.batching_ceiling
+        if ceiling is None:
+            raise ValueError("this engine does not report its batching limits")
+        check_batching(limits, ceiling)
+        await self._start()  # as `generate`: the limits must reach a loop
+        await self._acknowledged(functools.partial(SetBatching, limits))
+
+    async def _acknowledged(self, command: Callable[[int], Command]) -> None:
+        """Submit `command(ack)` and wait for its ack; at once when no loop runs, or once it stopped."""
         if not self._running():
             return
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
         ack = next(self._acks)
-        self._pending_aborts[ack] = functools.partial(_wake, loop, done)
-        self._submit(AbortRequest(request_id, ack))
+        self._pending_acks[ack] = functools.partial(_wake, loop, done)
+        self._submit(command(ack))
         while True:
             try:
                 await asyncio.wait_for(done.wait(), ABORT_CHECK_SECONDS)
                 return
             except TimeoutError:
                 if not self._running():  # the loop ended without answering: nothing holds the blocks
-                    self._pending_aborts.pop(ack, None)
+                    self._pending_acks.pop(ack, None)
                     return
 
     def prompt_of(self, request_id: str) -> tuple[str | None, list[int]] | None:
@@ -155,15 +179,15 @@ class RequestStreams:
             ]
         )
         for ack in report.acks:
-            done = self._pending_aborts.pop(ack, None)
+            done = self._pending_acks.pop(ack, None)
             if done is not None:
                 done()
 
     def fail_all(self, error: BaseException) -> None:
         self._deliver([(request_id, error) for request_id in list(self.sinks)])
-        while self._pending_aborts:
+        while self._pending_acks:
             with contextlib.suppress(KeyError):  # popped by an abort that gave up meanwhile
-                self._pending_aborts.popitem()[1]()
+                self._pending_acks.popitem()[1]()
 
     def _deliver(self, items: Iterable[tuple[str, RequestOutput | BaseException]]) -> None:
         batches: dict[
@@ -225,3 +249,9 @@ class StreamsClient:
     async def abort(self, request_id: str) -> None:
         """Abort a request; returns once the loop has freed its KV blocks (within one step)."""
         await self._streams.abort(request_id)
+
+    async def set_batching(self, limits: BatchingLimits) -> None:
+        """Change the scheduler's admission interval, token budget and running-sequence cap (None:
+        unchanged), never above what the engine was configured with (ValueError); returns once they are
+        in force. Not part of `EngineClient`: the TensorRT-LLM backend cannot (kiln.serve.slo)."""
+        await self._streams.set_batching(limits)

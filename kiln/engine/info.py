@@ -22,6 +22,33 @@ class ModelInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class BatchingLimits:
+    """The scheduler's batching limits (see `kiln.engine.scheduler.SchedulerConfig`). In a change
+    (`LLMEngine.set_batching`, the drivers' `SetBatching`) None leaves a limit as it is; in a report
+    (`EngineStats.batching`) every limit is set, and in `EngineStats.batching_ceiling` None means "no
+    ceiling"."""
+
+    admission_interval: int | None = None  # while requests run, admit waiting ones every this many steps
+    max_num_batched_tokens: int | None = None  # token budget of one step
+    max_num_seqs: int | None = None  # requests running at once
+
+
+def check_batching(limits: BatchingLimits, ceiling: BatchingLimits) -> None:
+    """Raise ValueError unless every limit given is at least 1 and at most its ceiling (None: none)."""
+    for name in ("admission_interval", "max_num_batched_tokens", "max_num_seqs"):
+        value, most = getattr(limits, name), getattr(ceiling, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if most is not None and value > most:
+            raise ValueError(
+                f"{name} {value} is above the {most} this engine was configured with (its graphs and "
+                "buffers are sized for that)"
+            )
+
+
 @dataclass(slots=True)
 class EngineStats:
     """A snapshot of engine load, for metrics, readiness and admission control."""
@@ -37,6 +64,14 @@ class EngineStats:
     num_steps: int = 0  # model steps run since start
     num_step_seqs: int = 0  # sequences computed in those steps, summed over steps
     num_step_tokens: int = 0  # tokens computed in those steps, summed over steps
+    busy_seconds: float = 0.0  # wall seconds spent in steps since start
+    # Of those, the steps after whose scheduling requests were still waiting (the engine was the
+    # bottleneck), and the prompt tokens they computed: their ratio is how fast a queue drains.
+    backlog_seconds: float = 0.0
+    backlog_prefill_tokens: int = 0
+    batching: BatchingLimits | None = None  # the limits in force; None: the engine does not say
+    # The most each limit may be set to (what the engine was configured and captured its graphs for).
+    batching_ceiling: BatchingLimits | None = None
 
     @property
     def kv_usage(self) -> float:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from kiln.config import DTYPES, EngineConfig, EngineLimits, ModelConfig, canonical_dtype
-from kiln.engine.info import EngineStats, ModelInfo
+from kiln.engine.info import BatchingLimits, EngineStats, ModelInfo, check_batching
 from kiln.engine.memory_profile import num_kv_blocks_from_memory
 from kiln.engine.model_runner import ForwardedStep, LaunchedStep, ModelRunner, RequestsFailed
 from kiln.engine.output_processor import OutputProcessor
@@ -131,6 +131,10 @@ class LLMEngine:
             },
         )
         self._ids = itertools.count()
+        self._batching_ceiling = BatchingLimits(None, resolved.max_num_batched_tokens, resolved.max_num_seqs)
+        self._batching = self._current_batching()
+        self._busy_seconds = self._backlog_seconds = 0.0
+        self._backlog_prefill_tokens = 0
         self.async_scheduling = resolved.async_scheduling
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
         self._failed: list[tuple[str, Exception]] = []
@@ -252,11 +256,46 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
+    # -- batching limits -----------------------------------------------------------------------------
+    def set_batching(self, limits: BatchingLimits) -> None:
+        """Change the scheduler's batching limits from the next step on (None: unchanged). Every limit is
+        at least 1, and the token budget and running-sequence cap at most what the engine was configured
+        with: its CUDA graphs, KV pool and buffers were sized for those, and any smaller step fits them
+        (a graph bucket holds any batch up to its size). Raises ValueError, changing nothing, otherwise."""
+        check_batching(limits, self._batching_ceiling)
+        config = self.scheduler.config
+        if limits.admission_interval is not None:
+            config.admission_interval = limits.admission_interval
+        if limits.max_num_batched_tokens is not None:
+            config.max_num_batched_tokens = limits.max_num_batched_tokens
+        if limits.max_num_seqs is not None:
+            config.max_num_seqs = limits.max_num_seqs
+        self._batching = self._current_batching()
+
+    def _current_batching(self) -> BatchingLimits:
+        config = self.scheduler.config
+        return BatchingLimits(config.admission_interval, config.max_num_batched_tokens, config.max_num_seqs)
+
     # -- the step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one step; returns the outputs of the step whose tokens reached the host (with
-        overlapped steps, the one launched by the previous call)."""
+        overlapped steps, the one launched by the previous call). Its wall time counts as busy, and as
+        backlog when requests still wait after its scheduling (see `EngineStats`)."""
+        began = time.perf_counter()
         scheduled = self.scheduler.schedule()
+        outputs = self._step(scheduled)
+        seconds = time.perf_counter() - began
+        self._busy_seconds += seconds
+        if self.scheduler.waiting:
+            self._backlog_seconds += seconds
+            self._backlog_prefill_tokens += sum(
+                item.num_new_tokens
+                for item in scheduled.scheduled
+                if item.num_new_tokens > 1 or item.start < item.request.num_prompt_tokens
+            )
+        return outputs
+
+    def _step(self, scheduled: SchedulerOutput) -> list[RequestOutput]:
         if not self.async_scheduling:
             return self._finish_step(*self._launch(scheduled))
         outputs: list[RequestOutput] = []
@@ -358,4 +397,9 @@ class LLMEngine:
             num_steps=self.scheduler.num_steps,
             num_step_seqs=self.scheduler.num_step_seqs,
             num_step_tokens=self.scheduler.num_step_tokens,
+            busy_seconds=self._busy_seconds,
+            backlog_seconds=self._backlog_seconds,
+            backlog_prefill_tokens=self._backlog_prefill_tokens,
+            batching=self._batching,
+            batching_ceiling=self._batching_ceiling,
         )

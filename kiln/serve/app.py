@@ -44,6 +44,7 @@ from kiln.serve.openapi import Responses, install_openapi, key_responses
 from kiln.serve.protocol import ModelCard, ModelList
 from kiln.serve.sampling import model_sampling_defaults
 from kiln.serve.settings import ServerSettings
+from kiln.serve.slo import SloBatching
 from kiln.serve.state import ServerState, server_state
 from kiln.serve.supervisor import supervise
 from kiln.serve.tokenize_routes import add_tokenize_routes
@@ -108,7 +109,12 @@ async def version(request: Request) -> dict[str, str]:
     return {"version": __version__, "model": state.model_name, "backend": info.backend, "dtype": info.dtype}
 
 
-def create_app(engine: EngineClient, settings: ServerSettings, *, shutdown_engine: bool = True) -> FastAPI:
+def create_app(
+    engine: EngineClient,
+    settings: ServerSettings,
+    *,
+    shutdown_engine: bool = True,
+) -> FastAPI:
     """Build the app for `engine`. `shutdown_engine=False` leaves the engine running when the app
     stops (for an engine shared by several apps, as in tests)."""
     admission = Admission(
@@ -117,11 +123,13 @@ def create_app(engine: EngineClient, settings: ServerSettings, *, shutdown_engin
         retry_after_seconds=settings.retry_after_seconds,
     )
     server_metrics = ServerMetrics(engine.stats, lambda: admission.waiting_requests)
+    slo = SloBatching.from_settings(settings, admission, server_metrics)  # None without SLO targets
     state = ServerState(
         engine=engine,
         settings=settings,
         admission=admission,
         metrics=server_metrics,
+        slo=slo,
     )
 
     def engine_failed(error: BaseException) -> None:
@@ -131,6 +139,8 @@ def create_app(engine: EngineClient, settings: ServerSettings, *, shutdown_engin
     async def start_engine() -> None:
         try:
             await engine.start()
+            if slo is not None:
+                await slo.attach(engine)  # SloUnsupportedError: the engine cannot change its batching
         except Exception as exc:
             logger.exception("the engine failed to start")
             admission.failed = str(exc) or type(exc).__name__
@@ -146,6 +156,8 @@ def create_app(engine: EngineClient, settings: ServerSettings, *, shutdown_engin
                 "--generation-config none turns them off)",
                 ", ".join(f"{k}={v:g}" for k, v in state.sampling_defaults.items()),
             )
+        if slo is not None:
+            slo.start()
         await supervise(state, engine_failed)
 
     @asynccontextmanager
@@ -162,6 +174,8 @@ def create_app(engine: EngineClient, settings: ServerSettings, *, shutdown_engin
             yield
         finally:
             admission.draining = True
+            if slo is not None:
+                await slo.stop()
             if grpc_front is not None:
                 await grpc_front.stop()  # its calls in flight end before the engine does
             if not running.done():

@@ -96,7 +96,12 @@ async def create_chat_completion(
         structured=structured,
         defaults=state.sampling_defaults,
     )
-    ticket = state.admission.admit(params.n, params.n * (len(prompt_ids) + max_tokens))
+    ticket = state.admission.admit(
+        params.n,
+        params.n * (len(prompt_ids) + max_tokens),
+        prompt_tokens=len(prompt_ids),
+        time_left=None if deadline is None else deadline.left(),
+    )
     generation = Generation(
         state,
         request_id=request_id,
@@ -175,7 +180,10 @@ async def _collect(
             )
         )
     return ChatCompletionResponse(
-        id=generation.request_id, model=state.model_name, choices=choices, usage=usage.usage()
+        id=generation.request_id,
+        model=state.model_name,
+        choices=choices,
+        usage=usage.usage(),
     )
 
 
@@ -192,7 +200,10 @@ async def _stream(
 
     def chunk(choice: ChatChunkChoice) -> str:
         return ChatCompletionChunk(
-            id=generation.request_id, created=created, model=state.model_name, choices=[choice]
+            id=generation.request_id,
+            created=created,
+            model=state.model_name,
+            choices=[choice],
         ).model_dump_json(exclude=exclude)
 
     for index in range(body.n):
@@ -237,5 +248,9 @@ async def _stream(
                 yield chunk(ChatChunkChoice(index=c.index, delta=ChatDelta(), finish_reason=c.finish_reason))
     if body.include_usage:
         yield ChatCompletionChunk(
-            id=generation.request_id, created=created, model=state.model_name, choices=[], usage=usage.usage()
+            id=generation.request_id,
+            created=created,
+            model=state.model_name,
+            choices=[],
+            usage=usage.usage(),
         ).model_dump_json()

@@ -95,7 +95,10 @@ async def create_completion(
         defaults=state.sampling_defaults,
     )
     ticket = state.admission.admit(
-        len(prompts) * params.n, params.n * sum(len(p.token_ids) + max_tokens for p in prompts)
+        len(prompts) * params.n,
+        params.n * sum(len(p.token_ids) + max_tokens for p in prompts),
+        prompt_tokens=sum(len(p.token_ids) for p in prompts),
+        time_left=None if deadline is None else deadline.left(),
     )
     generation = Generation(
         state,
@@ -155,7 +158,10 @@ async def _collect(generation: Generation, body: CompletionRequest, state: Serve
         choice.text = texts[i]
         choice.logprobs = logprobs[i] if body.logprobs is not None else None
     return CompletionResponse(
-        id=generation.request_id, model=state.model_name, choices=choices, usage=usage.usage()
+        id=generation.request_id,
+        model=state.model_name,
+        choices=choices,
+        usage=usage.usage(),
     )
 
 
@@ -169,7 +175,10 @@ async def _stream(generation: Generation, body: CompletionRequest, state: Server
 
     def chunk(choice: CompletionChoice) -> str:
         return CompletionResponse(
-            id=generation.request_id, created=created, model=state.model_name, choices=[choice]
+            id=generation.request_id,
+            created=created,
+            model=state.model_name,
+            choices=[choice],
         ).model_dump_json(exclude=exclude)
 
     if body.echo:
@@ -191,5 +200,9 @@ async def _stream(generation: Generation, body: CompletionRequest, state: Server
                 )
     if body.include_usage:
         yield CompletionResponse(
-            id=generation.request_id, created=created, model=state.model_name, choices=[], usage=usage.usage()
+            id=generation.request_id,
+            created=created,
+            model=state.model_name,
+            choices=[],
+            usage=usage.usage(),
         ).model_dump_json()

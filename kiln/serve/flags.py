@@ -61,6 +61,17 @@ HELP_PANELS: dict[str, tuple[str, ...]] = {
         "max_request_timeout_seconds",
     ),
     "Scheduling": ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "admission_interval"),
+    "SLO batching": (
+        "slo_ttft_ms",
+        "slo_itl_ms",
+        "slo_quantile",
+        "slo_interval_seconds",
+        "slo_window_seconds",
+        "slo_min_admission_interval",
+        "slo_max_admission_interval",
+        "slo_min_token_budget",
+        "slo_min_num_seqs",
+    ),
     "KV cache": (
         "block_size",
         "num_kv_blocks",

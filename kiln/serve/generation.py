@@ -107,6 +107,10 @@ class Deadline:
     seconds: float
     source: str  # "timeout", "X-Request-Timeout", "request_timeout_seconds" or "max_request_timeout_seconds"
 
+    def left(self) -> float:
+        """Seconds until it passes (negative once past)."""
+        return self.at - time.monotonic()
+
 
 def request_deadline(
     started: float, body_timeout: float | None, header_timeout: float | None, settings: ServerSettings
@@ -347,11 +351,16 @@ class Generation:
         now = time.monotonic()
         new_tokens = sum(len(c.token_ids) for c in out.outputs)
         previous = self._last_output_time.get(prompt_index)
+        slo = self.state.slo
         if self.record.ttft_seconds is None:
             self.record.ttft_seconds = now - self.arrival
             self.ticket.started()
+            if slo is not None:
+                slo.observe_ttft(self.record.ttft_seconds)
         if previous is not None:
             self.state.metrics.observe_inter_token(now - previous, new_tokens)
+            if slo is not None:
+                slo.observe_itl(now - previous, new_tokens)
         self._last_output_time[prompt_index] = now
         self.record.completion_tokens += new_tokens
         self._cached_tokens[prompt_index] = out.num_cached_tokens

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from kiln.clients.protocol import EngineClient
-from kiln.engine.info import EngineStats, ModelInfo
+from kiln.engine.info import BatchingLimits, EngineStats, ModelInfo
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import SamplingParams
 
@@ -110,6 +110,14 @@ class LoadingEngine:
     @property
     def can_restart(self) -> bool:
         return self._engine is not None and hasattr(self._engine, "restart")
+
+    async def set_batching(self, limits: BatchingLimits) -> None:
+        """The loaded engine's `set_batching`; AttributeError when it has none (`can_set_batching`)."""
+        await self.loaded.set_batching(limits)  # type: ignore[attr-defined]
+
+    @property
+    def can_set_batching(self) -> bool:
+        return self._engine is not None and hasattr(self._engine, "set_batching")
 
     async def shutdown(self) -> None:
         if self._engine is not None:

@@ -164,6 +164,55 @@ class _ServerSettings(BaseSettings):
         5, ge=1, description="Seconds an idle HTTP keep-alive connection stays open."
     )
 
+    # --- SLO-driven batching (kiln.serve.slo) --------------------------------------------------------
+    slo_ttft_ms: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Target time to first token at --slo-quantile, in ms. With it or --slo-itl-ms, a "
+        "controller moves the engine's admission interval, token budget and running-sequence cap within "
+        "bounds to meet the targets, and a request with a deadline that its predicted time to first "
+        "token exceeds gets 429 at once (None: no target; needs the native engine).",
+    )
+    slo_itl_ms: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Target inter-token latency at --slo-quantile, in ms; it comes first when both targets "
+        "cannot hold (None: no target).",
+    )
+    slo_quantile: float = Field(
+        0.99, gt=0, lt=1, description="The quantile of TTFT and inter-token latency the targets are for."
+    )
+    slo_interval_seconds: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="Seconds between the SLO controller's decisions."
+    )
+    slo_window_seconds: float = Field(
+        30.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Seconds of recent latencies (at most, and only since its last change) the controller's "
+        "quantiles, and the drain rate predicting a request's time to first token, are taken over.",
+    )
+    slo_min_admission_interval: int = Field(
+        1, ge=1, description="Least admission interval the SLO controller may set."
+    )
+    slo_max_admission_interval: int = Field(
+        8, ge=1, description="Most admission interval the SLO controller may set."
+    )
+    slo_min_token_budget: int = Field(
+        256,
+        ge=1,
+        description="Least token budget per step the SLO controller may set (its most: the engine's "
+        "--max-num-batched-tokens).",
+    )
+    slo_min_num_seqs: int = Field(
+        8,
+        ge=1,
+        description="Least running-sequence cap the SLO controller may set (its most: the engine's "
+        "--max-num-seqs).",
+    )
+
     # --- logging -------------------------------------------------------------------------------------
     log_level: LogLevel = Field("info", description="Level of Kiln's and uvicorn's logs.")
     log_prompts: bool = Field(False, description="Include prompts and outputs in the per-request log line.")
@@ -189,6 +238,14 @@ class _ServerSettings(BaseSettings):
                 f"shorter than --request-timeout-seconds ({default:g}), the default it must hold"
             )
         return cap
+
+    @field_validator("slo_max_admission_interval")
+    @classmethod
+    def _interval_bounds_in_order(cls, most: int, info: ValidationInfo) -> int:
+        least = info.data.get("slo_min_admission_interval")
+        if least is not None and most < least:
+            raise ValueError(f"below --slo-min-admission-interval ({least})")
+        return most
 
     def engine_config(self) -> EngineConfig:
         """The engine's share of these settings."""

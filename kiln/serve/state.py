@@ -14,6 +14,7 @@ from kiln.serve.admission import Admission
 from kiln.serve.errors import APIError, NotFoundError, UnavailableError
 from kiln.serve.metrics import ServerMetrics
 from kiln.serve.settings import ServerSettings
+from kiln.serve.slo import SloBatching
 
 
 class OpenRequest(Protocol):
@@ -36,6 +37,7 @@ class ServerState:
     drain_scheduled: bool = False
     # The model's defaults of the sampling fields a request omits (kiln.serve.sampling), once it started.
     sampling_defaults: dict[str, float | int] = field(default_factory=dict)
+    slo: SloBatching | None = None  # SLO-driven batching, when a target is set
 
     def fail_open(self, error: APIError) -> None:
         """End every request in flight with `error`."""
