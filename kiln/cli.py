@@ -28,7 +28,7 @@ from rich.console import Console
 from kiln.config import EngineConfig, EngineLimits, canonical_quantization
 from kiln.errors import BackendUnavailableError, KilnError, OfflineError
 from kiln.serve.flags import ENV_HELP, SettingsFlagError, with_settings_flags
-from kiln.serve.settings import ServerSettings
+from kiln.serve.settings import ROLLOUT_SETTINGS, ServerSettings
 from kiln.version import __version__
 
 app = typer.Typer(
@@ -148,6 +148,9 @@ def serve(model: ModelArg = None, tiny: TinyOpt = False, *, settings: ServerSett
     from kiln.serve.loading_engine import LoadingEngine
 
     _check_port(settings.host, settings.port)  # before the minutes a download, build or load may take
+    if settings.repository is not None:
+        return _serve_repository(model, tiny, settings)
+    _refuse_rollout_settings(settings)
     path = _resolve(model, tiny)  # builds or downloads first, with progress bars
     config = settings.engine_config()
     # The port opens before the weights load: /health answers at once, /ready once the model runs.
@@ -174,6 +177,49 @@ def serve(model: ModelArg = None, tiny: TinyOpt = False, *, settings: ServerSett
     except (KilnError, ValueError) as exc:
         raise _fail(f"could not load {path}: {exc}") from None
     except EngineDeadError as exc:  # down for good: the supervisor gave up (see kiln.serve.supervisor)
+        raise _fail(f"the engine is down and was not restarted: {exc}") from None
+
+
+def _refuse_rollout_settings(settings: ServerSettings) -> None:
+    given = sorted(set(ROLLOUT_SETTINGS) & settings.model_fields_set)
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise _fail(f"{flags} only apply with --repository")
+
+
+def _serve_repository(model: str | None, tiny: bool, settings: ServerSettings) -> None:
+    """`kiln serve --repository DIR`: the highest valid version serves, newer ones roll out beside it."""
+    # Deferred: the server's modules and the engine drivers.
+    from kiln.clients.messages import EngineDeadError
+    from kiln.serve.loading_engine import LoadingEngine
+    from kiln.serve.repository import ModelRepository, RepositoryError
+    from kiln.serve.rollout import Rollout, plan_from_settings, version_engine_config
+    from kiln.serve.runner import configure_logging, run_server
+
+    if model is not None or tiny:
+        raise _fail("give MODEL (or --tiny) or --repository, not both")
+    try:
+        repository = ModelRepository(settings.repository or "", settings.repository_model)
+        plan = plan_from_settings(settings)
+        config = version_engine_config(settings.engine_config())
+        rollout = Rollout(repository, plan, lambda path: LoadingEngine(lambda: _open(path, config)))
+    except (RepositoryError, ValueError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    stable = rollout.router.stable
+    stable.engine.begin()  # type: ignore[attr-defined]
+    configure_logging(settings.log_level)
+    where = f"http://{settings.host}:{settings.port}/v1" if settings.port else "a free port (see below)"
+    err.print(
+        f"Loading {repository.model} version {stable.number} ({stable.path}); serving it at {where} once "
+        f"loaded, newer versions rolled out as they appear. Stop with Ctrl-C.",
+        highlight=False,
+        soft_wrap=True,
+    )
+    try:
+        run_server(rollout.router, settings, rollout=rollout)
+    except (KilnError, ValueError) as exc:
+        raise _fail(f"could not load {stable.path}: {exc}") from None
+    except EngineDeadError as exc:
         raise _fail(f"the engine is down and was not restarted: {exc}") from None
 
 

@@ -31,6 +31,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 
 from kiln.clients.protocol import EngineClient
+from kiln.serve.admin import add_admin_routes
 from kiln.serve.admission import Admission
 from kiln.serve.auth import require_api_key
 from kiln.serve.chat import create_chat_completion
@@ -42,6 +43,7 @@ from kiln.serve.metrics import ServerMetrics
 from kiln.serve.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from kiln.serve.openapi import Responses, install_openapi, key_responses
 from kiln.serve.protocol import ModelCard, ModelList
+from kiln.serve.rollout import Rollout
 from kiln.serve.sampling import model_sampling_defaults
 from kiln.serve.settings import ServerSettings
 from kiln.serve.slo import SloBatching
@@ -114,9 +116,13 @@ def create_app(
     settings: ServerSettings,
     *,
     shutdown_engine: bool = True,
+    rollout: Rollout | None = None,
 ) -> FastAPI:
     """Build the app for `engine`. `shutdown_engine=False` leaves the engine running when the app
-    stops (for an engine shared by several apps, as in tests)."""
+    stops (for an engine shared by several apps, as in tests). With a model repository, `rollout` is its
+    control plane and `engine` its router (`rollout.router`): the app polls and serves the admin API."""
+    if rollout is not None and engine is not rollout.router:
+        raise ValueError("a rollout's app serves its router")
     admission = Admission(
         max_waiting_sequences=settings.max_waiting_sequences,
         max_waiting_tokens=settings.max_waiting_tokens,
@@ -158,6 +164,14 @@ def create_app(
             )
         if slo is not None:
             slo.start()
+        if rollout is not None:
+            rollout_polling = asyncio.ensure_future(rollout.run())
+            try:
+                await supervise(state, engine_failed)
+            finally:
+                rollout_polling.cancel()
+                await rollout.close()
+            return
         await supervise(state, engine_failed)
 
     @asynccontextmanager
@@ -196,6 +210,10 @@ def create_app(
         redoc_url=None,
     )
     app.state.kiln = state
+    if rollout is not None:
+        rollout.metrics.register(server_metrics.registry)
+        if settings.admin_key is not None:
+            add_admin_routes(app, rollout)  # /admin/..., behind its own key
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from kiln.clients.protocol import EngineClient
+from kiln.serve.rollout import Rollout
 from kiln.serve.runner import DrainingServer, make_server
 from kiln.serve.settings import ServerSettings
 
@@ -20,6 +21,7 @@ def serve_in_background(
     *,
     shutdown_engine: bool = True,
     start_timeout: float = 60.0,
+    rollout: Rollout | None = None,
 ) -> Iterator[tuple[str, DrainingServer]]:
     """Yield (base URL, server) once the server accepts connections and its engine runs; stop it
     (and join) on exit. Raises the engine's error if it cannot start.
@@ -27,7 +29,7 @@ def serve_in_background(
     `settings.port` 0 picks a free port. The server thread has its own event loop and no signal
     handlers (uvicorn installs them only on the main thread).
     """
-    server = make_server(engine, settings, shutdown_engine=shutdown_engine)
+    server = make_server(engine, settings, shutdown_engine=shutdown_engine, rollout=rollout)
     thread = threading.Thread(target=server.run, name="kiln-server", daemon=True)
     thread.start()
     admission = server.state.admission

@@ -182,6 +182,7 @@ async def _collect(
     return ChatCompletionResponse(
         id=generation.request_id,
         model=state.model_name,
+        system_fingerprint=generation.system_fingerprint,
         choices=choices,
         usage=usage.usage(),
     )
@@ -203,6 +204,7 @@ async def _stream(
             id=generation.request_id,
             created=created,
             model=state.model_name,
+            system_fingerprint=generation.system_fingerprint,
             choices=[choice],
         ).model_dump_json(exclude=exclude)
 
@@ -251,6 +253,7 @@ async def _stream(
             id=generation.request_id,
             created=created,
             model=state.model_name,
+            system_fingerprint=generation.system_fingerprint,
             choices=[],
             usage=usage.usage(),
         ).model_dump_json()

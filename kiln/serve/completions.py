@@ -160,6 +160,7 @@ async def _collect(generation: Generation, body: CompletionRequest, state: Serve
     return CompletionResponse(
         id=generation.request_id,
         model=state.model_name,
+        system_fingerprint=generation.system_fingerprint,
         choices=choices,
         usage=usage.usage(),
     )
@@ -178,6 +179,7 @@ async def _stream(generation: Generation, body: CompletionRequest, state: Server
             id=generation.request_id,
             created=created,
             model=state.model_name,
+            system_fingerprint=generation.system_fingerprint,
             choices=[choice],
         ).model_dump_json(exclude=exclude)
 
@@ -203,6 +205,7 @@ async def _stream(generation: Generation, body: CompletionRequest, state: Server
             id=generation.request_id,
             created=created,
             model=state.model_name,
+            system_fingerprint=generation.system_fingerprint,
             choices=[],
             usage=usage.usage(),
         ).model_dump_json()

@@ -3,7 +3,7 @@
 Rules: the flag is the field name with dashes (`max_waiting_sequences` -> `--max-waiting-sequences`),
 its help is the field's description plus its default; booleans get
 `--x` and `--no-x` (the second hidden from the help's table, named in the first one's help); list fields
-repeat (`--api-keys a --api-keys b`). Every flag defaults to "not given", so
+repeat (`--api-keys a --api-keys b`; in the environment, comma-separated or a JSON list). Every flag defaults to "not given", so
 `KILN_*` variables apply beneath the flags and the model's defaults beneath those.
 
 Help: each flag sits in one panel of `--help` (`HELP_PANELS`, the one place that groups them; a field
@@ -24,7 +24,7 @@ from typing import Annotated, Any, Optional
 import typer
 from pydantic import ValidationError
 
-from kiln.serve.settings import ServerSettings
+from kiln.serve.settings import ROLLOUT_SETTINGS, ServerSettings
 
 
 class SettingsFlagError(ValueError):
@@ -86,6 +86,7 @@ HELP_PANELS: dict[str, tuple[str, ...]] = {
         "max_engine_restarts",
         "drain_timeout_seconds",
     ),
+    "Rollout": ("repository", *ROLLOUT_SETTINGS),
     "Logging": ("log_level", "log_prompts", "access_log"),
 }
 OTHER_PANEL = "Other"
@@ -138,7 +139,7 @@ def _flag_parameter(name: str) -> inspect.Parameter:
         annotation = typing.get_args(annotation)[0]
     elif args and typing.get_origin(annotation) in (typing.Union, types.UnionType):
         annotation = args[0]
-    if annotation == list[str]:
+    if annotation in (list[str], list[float]):
         option["help"] += " Repeat the flag for several."
     default = field.get_default(call_default_factory=True)
     if default not in (None, []):

@@ -51,6 +51,7 @@ from kiln.serve.protocol import MAX_REQUEST_TIMEOUT_SECONDS, ChatCompletionReque
 from kiln.serve.request_log import RequestRecord, log_request
 from kiln.serve.settings import ServerSettings
 from kiln.serve.state import ServerState
+from kiln.serve.versions import version_of
 
 
 def new_completion_id(prefix: str) -> str:
@@ -206,7 +207,20 @@ class Generation:
         self._timer: asyncio.TimerHandle | None = None
         self._timed_out = False
         self._engine_cleanup: asyncio.Future[None] | None = None  # the pumps' end, after a deadline
+        self.version: int | None = None  # the model version serving it, with a model repository
         state.open_generations.add(self)
+
+    @property
+    def system_fingerprint(self) -> str | None:
+        """`<model>/<version>` when a model repository's version serves the request, else None: the
+        version it was routed to, from when it reached the engine, and the one that answered, from its
+        first output (they differ only when a failed canary request was run again on the stable one)."""
+        return None if self.version is None else f"{self.state.model_name}/{self.version}"
+
+    def _note_version(self) -> None:
+        version = version_of(self.state.engine, self.request_id)
+        if version is not None:
+            self.version = self.record.extra["model_version"] = version
 
     def sub_request_id(self, prompt_index: int) -> str:
         return self.request_id if len(self.prompts) == 1 else f"{self.request_id}-{prompt_index}"
@@ -286,7 +300,10 @@ class Generation:
                 priority=self.priority,
                 owner=self.request_id,  # a request's prompts share one fair share of the engine
             )
+            self._note_version()  # routed by now
             async for out in stream:
+                if not produced:
+                    self._note_version()  # the version that answers (a failed canary's request is rerun)
                 finished, produced = out.finished, True
                 yield prompt_index, out
         except ValueError as exc:

@@ -318,6 +318,7 @@ class ChatCompletionResponse(BaseModel):
     created: int = Field(default_factory=now)
     model: str
     choices: list[ChatChoice]
+    system_fingerprint: str | None = None  # `<model>/<version>` when serving from a model repository
     usage: Usage
 
 
@@ -342,6 +343,7 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChatChunkChoice]
+    system_fingerprint: str | None = None  # `<model>/<version>` when serving from a model repository
     usage: Usage | None = None
 
 
@@ -361,6 +363,7 @@ class CompletionResponse(BaseModel):
     created: int = Field(default_factory=now)
     model: str
     choices: list[CompletionChoice]
+    system_fingerprint: str | None = None  # `<model>/<version>` when serving from a model repository
     usage: Usage | None = None
 
 

@@ -20,6 +20,7 @@ import uvicorn
 from kiln.clients.protocol import EngineClient
 from kiln.serve.app import create_app
 from kiln.serve.http_limits import ConnectionLimits, limited_http_protocol, warn_if_fd_limit_low
+from kiln.serve.rollout import Rollout
 from kiln.serve.settings import ServerSettings
 from kiln.serve.state import ServerState
 
@@ -82,10 +83,15 @@ def configure_logging(level: str) -> None:
 
 
 def make_server(
-    engine: EngineClient, settings: ServerSettings, *, shutdown_engine: bool = True
+    engine: EngineClient,
+    settings: ServerSettings,
+    *,
+    shutdown_engine: bool = True,
+    rollout: Rollout | None = None,
 ) -> DrainingServer:
-    """The uvicorn server for `engine` (not started): `.run()` blocks, `.serve()` is its coroutine."""
-    app = create_app(engine, settings, shutdown_engine=shutdown_engine)
+    """The uvicorn server for `engine` (not started): `.run()` blocks, `.serve()` is its coroutine.
+    `rollout`: a model repository's control plane, whose router `engine` is (see `create_app`)."""
+    app = create_app(engine, settings, shutdown_engine=shutdown_engine, rollout=rollout)
     limits = ConnectionLimits(
         header_timeout=settings.header_timeout_seconds,
         max_header_bytes=settings.max_header_bytes,
@@ -111,13 +117,13 @@ def make_server(
     return server
 
 
-def run_server(engine: EngineClient, settings: ServerSettings) -> None:
+def run_server(engine: EngineClient, settings: ServerSettings, *, rollout: Rollout | None = None) -> None:
     """Serve until SIGTERM/SIGINT, drain, and return (the caller then exits 0).
 
     Raises the engine's error when it could not start (a `LoadingEngine` that failed to load).
     """
     configure_logging(settings.log_level)
-    server = make_server(engine, settings)
+    server = make_server(engine, settings, rollout=rollout)
     if threading.current_thread() is threading.main_thread():
         # uvicorn re-raises the signal it caught once it has shut down, under the handler that was
         # installed before it; with the default handler that kills the process (exit -15) after a

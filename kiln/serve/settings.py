@@ -23,6 +23,20 @@ from kiln.config import BOUNDS, EngineConfig
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 
+# The settings of a model repository's rollout (docs/operations.md): only meaningful with `repository`,
+# and refused without it.
+ROLLOUT_SETTINGS = (
+    "repository_model",
+    "repository_poll_seconds",
+    "admin_key",
+    "canary_steps",
+    "canary_step_seconds",
+    "canary_min_requests",
+    "canary_max_error_rate",
+    "canary_max_latency_ratio",
+    "golden_prompts",
+)
+
 
 class _ServerSettings(BaseSettings):
     """The server's own settings; `ServerSettings` adds the engine's."""
@@ -34,6 +48,60 @@ class _ServerSettings(BaseSettings):
         None,
         description="Engine directory, Hugging Face checkpoint directory or hub id to serve "
         "(None: the embedded default model).",
+    )
+
+    # --- model repository and rollout (docs/operations.md) -------------------------------------------
+    repository: str | None = Field(
+        None,
+        description="Serve from a model repository: DIR/<model>/<version>/ holds engine directories; the "
+        "highest valid version serves, and a newer one is rolled out beside it (canary, then promoted or "
+        "rolled back). Instead of MODEL.",
+    )
+    repository_model: str | None = Field(
+        None, description="The model of --repository to serve (default: its only model)."
+    )
+    repository_poll_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="Seconds between looks for a new version in --repository (0: only the admin API loads "
+        "one).",
+    )
+    admin_key: str | None = Field(
+        None,
+        description="Key of the admin API (/admin/..., `Authorization: Bearer <key>`): list, load, promote, "
+        "roll back and unload versions. None: no admin API.",
+    )
+    canary_steps: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [0.1, 0.25, 0.5],
+        description="Shares of new requests a new version gets, one rollout step each, before promotion.",
+    )
+    canary_step_seconds: float = Field(
+        30.0, gt=0, description="Least seconds a canary step lasts before it is judged."
+    )
+    canary_min_requests: int = Field(
+        20,
+        ge=1,
+        description="Least requests the canary must finish in a step before the step is judged (a step "
+        "waits for them: a version is never promoted unseen).",
+    )
+    canary_max_error_rate: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Rolled back when its share of failed requests exceeds the stable version's by more "
+        "than this (failed canary requests are retried on the stable version before their first token).",
+    )
+    canary_max_latency_ratio: float = Field(
+        1.5,
+        ge=1,
+        description="Rolled back when its p99 time to first token or inter-token latency in a step exceeds "
+        "the stable version's by more than this factor (and by more than 5 ms).",
+    )
+    golden_prompts: str | None = Field(
+        None,
+        description='JSONL file of {"prompt": ..., "expected": ...}: before its canary, a new version\'s '
+        "greedy completion of each prompt must start with `expected` (none given: equal the stable "
+        "version's).",
     )
 
     # --- network -------------------------------------------------------------------------------------
@@ -218,7 +286,7 @@ class _ServerSettings(BaseSettings):
     log_prompts: bool = Field(False, description="Include prompts and outputs in the per-request log line.")
     access_log: bool = Field(False, description="Also write uvicorn's access log line per request.")
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "canary_steps", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         # NoDecode leaves env strings raw so both JSON lists and "a,b" work.
@@ -228,6 +296,15 @@ class _ServerSettings(BaseSettings):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
+
+    @field_validator("canary_steps")
+    @classmethod
+    def _steps_rise_below_one(cls, steps: list[float]) -> list[float]:
+        if not steps:
+            raise ValueError("give at least one canary step")
+        if any(not 0 < share < 1 for share in steps) or steps != sorted(set(steps)):
+            raise ValueError(f"shares must rise strictly, each between 0 and 1 (exclusive), got {steps}")
+        return steps
 
     @field_validator("max_request_timeout_seconds")
     @classmethod
