@@ -106,7 +106,8 @@ def test_async_abort_returns_every_block(tiny_gqa_dir):
         assert engine.stats().kv_blocks_used > 0
         await stream.aclose()  # the client went away
         assert engine.stats().kv_blocks_used == 0
-        assert sum(len(o.outputs[0].token_ids) for o in got) == 3
+        # At least one token each: a consumer that falls behind gets what queued up as one delta.
+        assert all(o.outputs[0].token_ids for o in got)
         # The engine keeps serving afterwards.
         outs = [
             o async for o in engine.generate([5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True), "r2")
