@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one command for the GPU machine: kernel tests against the references, then the benchmarks.
-#   scripts/gpu_check.sh [STAGE...]    stages: env tests kernels gemv tune kiln hf served
+#   scripts/gpu_check.sh [STAGE...]    stages: env tests kernels gemv quant tune kiln hf served
 #                                     served-eager-mixed startup smollm2 report
 #                                     (default: all but tune, the tile-shape sweep)
 # Results (results.json, results.md, plots, run.log) go to $OUT if set (the device tool's folder), else
@@ -40,6 +40,8 @@ PY
       python3 -m benchmarks.hf_baselines --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     gemv)  # batch-1 GEMVs: cuBLAS against the Triton GEMV over a sweep of tiles (7B shapes)
       python3 -m benchmarks.gemv --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
+    quant)  # the quantized kernels beside the 16-bit ones: GEMVs (7B and 8B shapes), GEMMs at 256-4096 tokens
+      python3 -m benchmarks.quant_gemv --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     tune)
       python3 -m benchmarks.kernels --out "$RESULTS/results.json" --suites tune 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     kiln)

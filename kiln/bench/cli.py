@@ -4,6 +4,7 @@
     kiln bench --random llama3.1-8b                # random weights at a preset shape, built on the GPU
     kiln bench --random llama2-7b --latency-only   # batch-1 ms per token and time to first token
     kiln bench --random llama2-7b --latency-only --enforce-eager   # the same without decode CUDA graphs
+    kiln bench --random llama2-7b --latency-only --quantization fp8   # random weights quantized on the GPU
     kiln bench --url http://127.0.0.1:8000 --concurrency 64 --request-rate 20   # a running server
 
 Rules of the measurements:
@@ -19,6 +20,10 @@ Rules of the measurements:
   this process, with the rules of `kiln.bench.client`; prompts are random ids in [10, 500).
 - `--json PATH` appends the figures, with the device and the exact command, to a results file
   (the format of benchmarks/README.md).
+- `--quantization int8-wo|fp8|int8-sq` (with `--random` only: an engine directory carries its own)
+  quantizes the random weights on the device as `kiln build --quantization` would, so the quantized
+  kernels are timed beside the 16-bit ones; int8-sq's smoothing factors are all 1 (no calibration
+  text for random weights). `--quant-group-size G` gives int8-wo one scale per G inputs.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from kiln.bench.workload import (
     build_random_engine,
     engine_config,
     random_prompts,
+    random_quant_config,
     request_lengths,
 )
 from kiln.engine.llm_engine import LLMEngine
@@ -59,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", nargs="?", help="engine or Hugging Face directory (or use --random)")
     parser.add_argument("--random", choices=sorted(RANDOM_SHAPES), help="random weights at a preset shape")
+    parser.add_argument(
+        "--quantization",
+        help="with --random: quantize the random weights (int8-wo, fp8 or int8-sq; see docs/quantization.md)",
+    )
+    parser.add_argument(
+        "--quant-group-size", type=int, help="with --random --quantization int8-wo: inputs per weight scale"
+    )
     parser.add_argument("--num-requests", type=int, default=1024)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
@@ -91,17 +104,27 @@ def main(argv: list[str] | None = None) -> int:
             "kiln bench: give a MODEL directory, --random SHAPE or --url URL (one of them)", file=sys.stderr
         )
         return 2
+    if not args.random and (args.quantization is not None or args.quant_group_size is not None):
+        print(
+            "kiln bench: --quantization and --quant-group-size apply to --random engines only "
+            "(an engine directory is quantized when it is built)",
+            file=sys.stderr,
+        )
+        return 2
     if args.url:
         return _bench_server(args, argv)
     try:
         config = engine_config(args)
+        quant = random_quant_config(args.quantization, args.quant_group_size)
     except ValueError as exc:
         print(f"kiln bench: {exc}", file=sys.stderr)
         return 2
     if args.random:
         limits = dataclasses.replace(RANDOM_ENGINE_LIMITS, max_seq_len=4096)
-        engine = build_random_engine(args.random, config, limits)
-        label = args.random
+        engine = build_random_engine(args.random, config, limits, quant=quant)
+        label = args.random if quant is None else f"{args.random} {quant.scheme}"
+        if quant is not None and quant.group_size is not None:
+            label += f" g{quant.group_size}"
     else:
         engine = LLMEngine.from_path(args.model, config)
         label = Path(args.model).name
@@ -115,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         "enforce_eager": args.enforce_eager,
         "admission_interval": args.admission_interval,
         "piecewise_graphs": args.piecewise_graphs,
+        "quantization": None if quant is None else quant.scheme,
+        "quant_group_size": None if quant is None else quant.group_size,
     }
     if not args.latency_only:
         inputs = request_lengths(args.num_requests, args.input_len, _span(args.input_len_range), args.seed)

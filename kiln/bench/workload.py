@@ -16,12 +16,23 @@ from typing import Any
 
 import torch
 
-from kiln.config import DTYPES, EngineConfig, EngineLimits, ModelConfig, canonical_dtype
+from kiln.config import (
+    DEFAULT_SMOOTHQUANT_ALPHA,
+    DTYPES,
+    EngineConfig,
+    EngineLimits,
+    ModelConfig,
+    QuantConfig,
+    canonical_dtype,
+    canonical_quantization,
+)
 from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.sampling_params import SamplingParams
+from kiln.kernels import quant_reference
 from kiln.models.loader import build_empty_model
+from kiln.models.quant_linear import check_device_supports
 from kiln.models.tokenizer import Tokenizer
-from kiln.models.weights import expected_packed_shapes
+from kiln.models.weights import expected_packed_shapes, quantized_weight_names, scale_name, smooth_name
 
 # Hugging Face config.json fields of the preset shapes (the weights are random; the speed is not).
 RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -100,31 +111,74 @@ def engine_config(args: argparse.Namespace, **more: Any) -> EngineConfig:
     return EngineConfig(**(given | more))
 
 
+def random_quant_config(quantization: str | None, group_size: int | None = None) -> QuantConfig | None:
+    """The QuantConfig of a random-weight engine quantized `quantization` (any spelling; None: none).
+    int8_sq's alpha is recorded as the default, but a random engine is not calibrated: its smoothing
+    factors are all 1 (see `build_random_engine`)."""
+    scheme = canonical_quantization(quantization)
+    if scheme is None:
+        if group_size is not None:
+            raise ValueError("a quantization group size needs --quantization int8-wo")
+        return None
+    alpha = DEFAULT_SMOOTHQUANT_ALPHA if scheme == "int8_sq" else None
+    quant = QuantConfig(scheme=scheme, group_size=group_size, smoothquant_alpha=alpha)
+    quant.validate()
+    return quant
+
+
 def build_random_engine(
     shape: str,
     config: EngineConfig,
     limits: EngineLimits = RANDOM_ENGINE_LIMITS,
     tokenizer_dir: Path | None = None,
+    quant: QuantConfig | None = None,
 ) -> LLMEngine:
     """An LLMEngine over random weights at a preset shape, made directly on the device (no disk
     but a throw-away tokenizer: the engine needs one to detokenize, and any will do for ids).
     `tokenizer_dir`: a real tokenizer instead (structured outputs need one that spells text); its ids
-    past the model's vocabulary are never sampled."""
+    past the model's vocabulary are never sampled.
+
+    With `quant` (`random_quant_config`) the linears it names are quantized on the device from their
+    random weights by the build's own functions (kiln.kernels.quant_reference), one at a time, so the
+    engine runs exactly the kernels a built quantized engine runs. int8_sq has no calibration data here:
+    its smoothing factors are all 1 (the folded norms keep weight 1, `smooth_scale` is 1), which costs
+    the same time as any other factors."""
     if shape not in RANDOM_SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(RANDOM_SHAPES)}")
     default_dtype, hf_config = RANDOM_SHAPES[shape]
     dtype = canonical_dtype(config.dtype or default_dtype)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_config = ModelConfig.from_hf({"model_type": "llama", **hf_config})
-    model = build_empty_model(model_config, dtype=DTYPES[dtype], device=device)
+    if quant is not None:
+        quant.validate(model_config)
+    check_device_supports(quant, device)
+    model = build_empty_model(model_config, dtype=DTYPES[dtype], device=device, quant=quant)
     generator = torch.Generator(device=device).manual_seed(0)
+    quantized = set(quantized_weight_names(model_config, quant))
+    derived = {scale_name(n) for n in quantized} | {smooth_name(n) for n in quantized}
 
     def random_weights():
-        for name, size in expected_packed_shapes(model_config).items():
+        for name, size in expected_packed_shapes(model_config, quant).items():
+            if name in derived:  # yielded with its weight
+                continue
             if len(size) == 1:  # norms
                 yield name, torch.ones(size, device=device)
-            else:  # std 0.02 keeps activations finite through 32 layers in half precision
-                yield name, torch.randn(size, device=device, generator=generator).mul_(0.02)
+                continue
+            # std 0.02 keeps activations finite through 32 layers in half precision
+            weight = torch.randn(size, device=device, generator=generator).mul_(0.02)
+            if name not in quantized:
+                yield name, weight
+                continue
+            assert quant is not None
+            if quant.scheme == "fp8":
+                q, scale = quant_reference.quantize_fp8(weight)
+            else:
+                q, scale = quant_reference.quantize_int8(weight, quant.group_size)
+            del weight
+            yield name, q
+            yield scale_name(name), scale
+            if quant.explicit_smoothing(name.split(".", 3)[3].removesuffix(".weight")):
+                yield smooth_name(name), torch.ones(size[1], device=device)
 
     model.load_weights(random_weights())
     if tokenizer_dir is None:

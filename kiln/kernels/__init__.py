@@ -11,6 +11,11 @@ Rules:
   linear (cuBLAS) otherwise: at any larger batch cuBLAS's GEMMs are the faster kernel.
 - `rotary_store_kv` is apply_rotary + store_kv in one launch on CUDA (and exactly those two
   calls elsewhere); it returns only the rotated query, since attention reads keys from the cache.
+- `int8_wo_linear`, `fp8_linear` and `int8_sq_linear` are the quantized matmuls; their references are
+  in kiln.kernels.quant_reference, and `triton_quant_linear` picks the CUDA kernel for each number of
+  tokens (and says what it hands back to the reference). At one token the FP8 GEMV keeps x in 16 bits
+  rather than quantizing it: more accurate than its reference, within that reference's activation
+  rounding (see triton_quant_gemv).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from types import ModuleType
 
 import torch
 
-from kiln.kernels import reference
+from kiln.kernels import quant_reference, reference
 from kiln.kernels.attention_metadata import AttentionMetadata
 
 _FORCE_REFERENCE = os.environ.get("KILN_KERNELS", "").lower() == "reference"
@@ -117,8 +122,39 @@ def rotary_store_kv(
     return query
 
 
+def int8_wo_linear(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    if _use_triton(x):
+        return _triton("quant_linear").int8_wo_linear(x, q, scale, bias)
+    return quant_reference.int8_wo_linear(x, q, scale, bias)
+
+
+def fp8_linear(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    if _use_triton(x):
+        return _triton("quant_linear").fp8_linear(x, q, scale, bias)
+    return quant_reference.fp8_linear(x, q, scale, bias)
+
+
+def int8_sq_linear(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    smooth: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    if _use_triton(x):
+        return _triton("quant_linear").int8_sq_linear(x, q, scale, smooth, bias)
+    return quant_reference.int8_sq_linear(x, q, scale, smooth, bias)
+
+
 __all__ = [
     "apply_rotary",
+    "fp8_linear",
+    "int8_sq_linear",
+    "int8_wo_linear",
     "linear",
     "paged_attention",
     "rms_norm",

@@ -1,8 +1,8 @@
 """PyTorch references of the quantized linear layers: quantize, dequantize, and the matmuls they define.
 
-These are the semantics the GPU kernels of a later change must match (the INT8 weight-only GEMV/GEMM,
-the FP8 GEMM), and the CPU path today. Shapes: a weight is [N, K] (N output channels, K inputs), an
-activation [T, K].
+These are the semantics the GPU kernels must match (kiln.kernels.triton_quant_linear and the kernels it
+picks; tests/gpu/test_triton_quant.py compares them), and the CPU path. Shapes: a weight is [N, K] (N
+output channels, K inputs), an activation [T, K].
 
 Rules:
 - Symmetric quantization, no zero point: w ~= q * scale, with scale = amax / QMAX over the block the

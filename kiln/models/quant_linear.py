@@ -7,10 +7,14 @@ group; see kiln.config.QuantConfig), for int8_sq layers with no norm to fold the
 (o_proj, down_proj) `smooth_scale` float32 [K], and `bias` in the model dtype when the layer has one.
 
 Rules:
-- `quantized_linear` is the one place a quantized matmul is dispatched: the seam where the GPU
-  kernels (an INT8 weight-only GEMV/GEMM, an FP8 GEMV/GEMM) will be picked on CUDA. Until they exist
-  it runs the PyTorch references of kiln.kernels.quant_reference on every device, which are also the
-  definition those kernels must match.
+- `quantized_linear` is the one place a quantized matmul is dispatched. It calls the kernel dispatch
+  (`kiln.kernels.int8_wo_linear`, `fp8_linear`, `int8_sq_linear`), which runs the GPU kernels on CUDA
+  (kiln.kernels.triton_quant_linear: GEMVs for one token, Triton / cuBLAS(Lt) GEMMs for more) and the
+  PyTorch references of kiln.kernels.quant_reference elsewhere (KILN_KERNELS=reference forces them);
+  the references are also the definition the GPU kernels are tested against (tests/gpu).
+- The GPU kernels read the weights as loaded: `torch._scaled_mm` and `torch._int_mm` want the weight as
+  a column-major [K, N], which `weight.t()` of the stored row-major [N, K] already is (a view), so no
+  re-layout happens after load and the CPU path is untouched.
 - `check_device_supports` refuses, by name, a scheme the device cannot run: fp8 needs FP8 tensor
   cores on CUDA (compute capability >= 8.9, Ada or Hopper); the CPU runs the references of all three.
 - `storage_dtypes` names the parameters whose dtype the scheme fixes, so the loader does not cast
@@ -22,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kiln import kernels
 from kiln.config import QuantConfig
 from kiln.errors import InvalidEngineError
 from kiln.kernels import quant_reference
@@ -31,7 +36,7 @@ _STORAGE = {"int8_wo": torch.int8, "fp8": quant_reference.FP8_DTYPE, "int8_sq": 
 
 
 class QuantizedLinear(nn.Module):
-    """y = x @ dequantize(weight, weight_scale).T + bias, by the scheme's reference (see the module rules)."""
+    """y = x @ dequantize(weight, weight_scale).T + bias, with the scheme's numerics (see the module rules)."""
 
     def __init__(
         self, in_features: int, out_features: int, *, bias: bool, quant: QuantConfig, smooth: bool = False
@@ -67,18 +72,13 @@ class QuantizedLinear(nn.Module):
 
 
 def quantized_linear(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
-    """x [T, K] through a quantized layer -> [T, N] in x's dtype.
-
-    The seam for the GPU kernels: they will be chosen here by device (as kiln.kernels chooses Triton
-    on CUDA), each tested against the reference it replaces. Today every device runs the reference.
-    """
+    """x [T, K] through a quantized layer -> [T, N] in x's dtype, by the scheme's kernel for x's device
+    (see the module rules)."""
     if layer.scheme == "int8_wo":
-        return quant_reference.int8_wo_linear(x, layer.weight, layer.weight_scale, layer.bias)
+        return kernels.int8_wo_linear(x, layer.weight, layer.weight_scale, layer.bias)
     if layer.scheme == "int8_sq":
-        return quant_reference.int8_sq_linear(
-            x, layer.weight, layer.weight_scale, layer.smooth_scale, layer.bias
-        )
-    return quant_reference.fp8_linear(x, layer.weight, layer.weight_scale, layer.bias)
+        return kernels.int8_sq_linear(x, layer.weight, layer.weight_scale, layer.smooth_scale, layer.bias)
+    return kernels.fp8_linear(x, layer.weight, layer.weight_scale, layer.bias)
 
 
 def make_linear(

@@ -11,7 +11,7 @@ import torch
 from kernel_cases import make_paged_batch
 
 from kiln import kernels
-from kiln.kernels import reference
+from kiln.kernels import quant_reference, reference
 
 
 def test_cpu_tensors_take_the_reference_path():
@@ -25,6 +25,20 @@ def test_cpu_tensors_take_the_reference_path():
     out, new_residual = kernels.rms_norm(x, torch.ones(32), 1e-6, residual)
     ref, ref_residual = reference.rms_norm(x, torch.ones(32), 1e-6, residual)
     assert torch.equal(out, ref) and torch.equal(new_residual, ref_residual)
+
+
+def test_cpu_quantized_linears_are_the_references():
+    gen = torch.Generator().manual_seed(2)
+    w, x = torch.randn(24, 64, generator=gen), torch.randn(3, 64, generator=gen)
+    bias, smooth = torch.randn(24, generator=gen), torch.rand(64, generator=gen) + 0.5
+    q, scale = quant_reference.quantize_int8(w, 16)
+    assert torch.equal(kernels.int8_wo_linear(x, q, scale, bias), quant_reference.int8_wo_linear(x, q, scale, bias))
+    q, scale = quant_reference.quantize_int8(w)
+    assert torch.equal(
+        kernels.int8_sq_linear(x, q, scale, smooth, bias), quant_reference.int8_sq_linear(x, q, scale, smooth, bias)
+    )
+    q, scale = quant_reference.quantize_fp8(w)
+    assert torch.equal(kernels.fp8_linear(x, q, scale, bias), quant_reference.fp8_linear(x, q, scale, bias))
 
 
 def test_rotary_store_kv_fallback_is_rotary_then_store():

@@ -1,0 +1,208 @@
+"""Matrix products of several tokens with int8 weights, in Triton: weight-only (int8 tiles dequantized to
+16 bits inside the K loop) and W8A8 (int8 x int8 tensor-core products summed in int32), and the epilogue
+of cuBLAS's int8 GEMM (`torch._int_mm`).
+
+Why a GEMM of its own for int8 weight-only: cuBLAS has no mixed int8 x fp16 GEMM, and dequantizing the
+whole weight to a 16-bit temporary before cuBLAS would read the weight once, write it twice as large and
+read that again (5 bytes an element instead of 1): at decode batches, which are bound by the weight
+bytes, that is slower than the 16-bit engine it is meant to beat. Here each program loads an int8 tile
+[BLOCK_N, BLOCK_K] and widens it in registers before the tensor-core dot, so the weight crosses HBM once
+as 1 byte an element at every batch size.
+
+Rules (the references: `quant_reference.int8_wo_linear`, `int8_sq_linear`):
+- Weight-only, per channel: the int8 values enter the dot exactly (int8 fits float16 and bfloat16), the
+  float32 sums are multiplied by scale[n] at the end; per group (G a power of two >= 16): BLOCK_K <= G, so
+  a tile lies in one group, and it is dequantized as the reference does, (q * scale) in float32 rounded to
+  x's dtype, before the dot. x is float16 or bfloat16 (float32 would run the dot in TF32: the dispatch
+  sends it to the reference).
+- W8A8: x is int8 (per-token, from `kiln.kernels.triton_quant_act`) with float32 scales [M]; the products
+  are summed exactly in int32, then (sum * x_scale[m]) * scale[n] in float32, the reference's order.
+- The output is cast to its dtype before the bias is added, as the references do.
+- Tiles are fixed per batch size (`gemm_config`), not autotuned: an autotuner times candidates on its
+  first call, which cannot happen inside a CUDA-graph capture. Nothing syncs with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _epilogue(acc, rm, rn, M, N, scale_ptr, a_scale_ptr, bias_ptr, c_ptr, stride_cm,
+              SCALE_N: tl.constexpr, SCALE_M: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+    """acc [BM, BN] -> (acc * a_scale[m]) * scale[n] in float32 (each when asked), cast, + bias, stored."""
+    out = acc.to(tl.float32)
+    if SCALE_M:
+        out = out * tl.load(a_scale_ptr + rm, mask=rm < M, other=0.0)[:, None]
+    if SCALE_N:
+        out = out * tl.load(scale_ptr + rn, mask=rn < N, other=0.0)[None, :]
+    out = out.to(c_ptr.dtype.element_ty)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        out = (out.to(tl.float32) + bias[None, :]).to(c_ptr.dtype.element_ty)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    tl.store(c_ptr + rm.to(tl.int64)[:, None] * stride_cm + rn[None, :], out, mask=mask)
+
+
+@triton.jit
+def _int8_gemm_kernel(
+    a_ptr, b_ptr, scale_ptr, a_scale_ptr, bias_ptr, c_ptr,
+    M, N, K, stride_am, stride_bn, stride_s, stride_cm,
+    GROUP: tl.constexpr,  # weight-only: inputs per scale group (BLOCK_K divides it); 0: per channel
+    INT_A: tl.constexpr,  # W8A8: a is int8 with float32 scales [M]
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # Grouped program order: GROUP_M row tiles walk the same column tiles together, so a weight tile is
+    # still in L2 when the next row tile needs it.
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * tiles_n)) * GROUP_M
+    size_m = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % size_m
+    pid_n = (pid % (GROUP_M * tiles_n)) // size_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :]
+    b_ptrs = b_ptr + rn.to(tl.int64)[:, None] * stride_bn + rk[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32 if INT_A else tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + rk < K)[None, :]
+        a = tl.load(a_ptrs, mask=(rm < M)[:, None] & k_ok, other=0.0)
+        b = tl.load(b_ptrs, mask=(rn < N)[:, None] & k_ok, other=0.0)
+        if INT_A:
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        elif GROUP == 0:
+            acc = tl.dot(a, tl.trans(b.to(a.dtype)), acc)
+        else:
+            s = tl.load(scale_ptr + rn.to(tl.int64) * stride_s + k0 // GROUP, mask=rn < N, other=0.0)
+            acc = tl.dot(a, tl.trans((b.to(tl.float32) * s[:, None]).to(a.dtype)), acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    _epilogue(acc, rm, rn, M, N, scale_ptr, a_scale_ptr, bias_ptr, c_ptr, stride_cm,
+              GROUP == 0, INT_A, HAS_BIAS)  # fmt: skip
+
+
+@triton.jit
+def _scale_int32_kernel(
+    acc_ptr, a_scale_ptr, scale_ptr, bias_ptr, c_ptr, M, N, stride_acc, stride_cm,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    acc = tl.load(acc_ptr + rm.to(tl.int64)[:, None] * stride_acc + rn[None, :], mask=mask, other=0)
+    _epilogue(acc, rm, rn, M, N, scale_ptr, a_scale_ptr, bias_ptr, c_ptr, stride_cm, True, True, HAS_BIAS)
+
+
+def gemm_config(m: int, group: int = 0) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) for M tokens. Decode batches (M <= 64)
+    are weight streaming: narrow column tiles give enough programs to keep HBM busy (N / 64 of them) with
+    deep K tiles and four stages in flight; larger M is compute-bound: 128 x 128 tiles, two warpgroups.
+    A per-group weight caps BLOCK_K at its group size."""
+    if m <= 16:
+        cfg = [16, 64, 128, 8, 4, 4]
+    elif m <= 32:
+        cfg = [32, 64, 128, 8, 4, 4]
+    elif m <= 64:
+        cfg = [64, 64, 128, 8, 4, 4]
+    elif m <= 128:
+        cfg = [64, 128, 64, 8, 4, 4]
+    else:
+        cfg = [128, 128, 64, 8, 8, 4]
+    if group:
+        cfg[2] = min(cfg[2], group)
+    return tuple(cfg)  # type: ignore[return-value]
+
+
+def int8_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    x_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    config: tuple[int, int, int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """x [M, K] @ int8 weight [N, K].T -> [M, N]. Weight-only: x float16/bfloat16, scale float32 [N] or
+    [N, K // G] (G a power of two >= 16). W8A8: x int8 with `x_scale` float32 [M], scale [N]; the output
+    is `out_dtype` (else x's dtype). See the module rules."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if weight.shape[1] != k or weight.dtype != torch.int8 or weight.stride(1) != 1:
+        raise ValueError(f"int8_gemm needs an int8 weight [N, {k}] with K contiguous")
+    groups = scale.shape[1] if scale.dim() == 2 else 1
+    group = k // groups if groups > 1 else 0
+    if group and (k % groups or group < 16 or group & (group - 1)):
+        raise ValueError(f"per-group scales need a power-of-two group of at least 16, got {k / groups:g}")
+    int_a = x_scale is not None
+    if int_a != (x.dtype == torch.int8) or (int_a and group):
+        raise ValueError("an int8 x (W8A8) comes with its x_scale and per-channel scales, and only then")
+    if not int_a and x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"int8_gemm takes float16 or bfloat16 activations, not {x.dtype}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
+    if m == 0:
+        return out
+    block_m, block_n, block_k, group_m, num_warps, num_stages = config or gemm_config(m, group)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    _int8_gemm_kernel[grid](
+        x,
+        weight,
+        scale,
+        x_scale if int_a else scale,
+        bias if bias is not None else out,
+        out,
+        m,
+        n,
+        k,
+        x.stride(0),
+        weight.stride(0),
+        scale.stride(0),
+        out.stride(0),
+        GROUP=group,
+        INT_A=int_a,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=group_m,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out
+
+
+def scale_int32(
+    acc: torch.Tensor,
+    x_scale: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The epilogue of an int32 GEMM (`torch._int_mm`): acc [M, N] -> (acc * x_scale[m]) * scale[n] in
+    float32, cast to `out_dtype`, then + bias: one read of the int32 sums, one write of the output."""
+    m, n = acc.shape
+    out = torch.empty((m, n), dtype=out_dtype, device=acc.device)
+    if m:
+        _scale_int32_kernel[(triton.cdiv(m, 32), triton.cdiv(n, 128))](
+            acc,
+            x_scale,
+            scale,
+            bias if bias is not None else out,
+            out,
+            m,
+            n,
+            acc.stride(0),
+            out.stride(0),
+            HAS_BIAS=bias is not None,
+            BLOCK_M=32,
+            BLOCK_N=128,
+            num_warps=4,
+        )
+    return out

@@ -1,0 +1,178 @@
+"""Matrix-vector products for one token over 8-bit weights (batch-1 decode of a quantized engine), in Triton.
+
+The structure of `kiln.kernels.triton_gemv` (read it first): each program owns BLOCK_N output rows and
+reads chunks of up to 4,096 inputs of them in one load, evicted first (read once), while the input
+vector is kept in cache (every program re-reads it); products accumulate in float32 and are summed once
+at the end; on Hopper the kernel launches with programmatic dependent launch and streams its first weight
+chunk before it waits for the kernel that writes its input. Batch-1 decode is weight streaming, so an
+8-bit weight is half the bytes of a 16-bit one and the GEMV should take about half the time: the
+dequantization has to stay cheap enough that the loop remains bound by memory, not instructions.
+
+Three weight layouts, one kernel (constexpr switches):
+- int8 weight-only, per channel: sum_k q[n, k] * x[k] in float32, times scale[n] once at the end (the
+  integers are exact in float32, so this is the reference's product without its rounding of the
+  dequantized weight to x's dtype: as exact or more).
+- int8 weight-only, per group of G inputs (G a power of two): each chunk's products are summed per group
+  and multiplied by that group's scale before they join the accumulator (G >= BLOCK_K: one group per
+  chunk). Group sizes that are not a power of two are run by the reference (the dispatch's rule).
+- FP8 E4M3 weight, per channel: "FP8 GEMV" here means x stays in its 16-bit dtype and multiplies the
+  e4m3 weight (exactly widened to float32), times scale[n] at the end: a weight-only GEMV. Batch 1 is
+  bound by the weight bytes, which are the same either way; quantizing the activation first would add
+  a kernel launch per projection and a rounding of x to 3 mantissa bits for no speed. This is more
+  accurate than the reference `fp8_linear` (which quantizes x per token to e4m3), so it matches it
+  within that activation rounding (~3% relative), and `F.linear(x, dequantize_fp8(q, s))` tightly.
+- W8A8 (`int8_sq`): x is already int8 (quantized per token by `kiln.kernels.triton_quant_act`, with its
+  float32 scale); the int8 products are summed exactly in int32, then * x_scale * scale[n] in float32 in
+  the reference's order: the result is the reference `int8_sq_linear`'s bit for bit but for rare
+  one-unit roundings.
+
+The output is x's dtype (for W8A8, the dtype asked for), cast before the bias is added (in that dtype), as
+the references do. Nothing syncs with the host; CUDA graphs capture it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.kernels.pdl import pdl_enabled
+
+
+@triton.jit
+def _chunk_sum(
+    w, x_ptr, scale_rows, row_ok, k0, K, G,
+    EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr, INT_X: tl.constexpr,
+):  # fmt: skip
+    """One chunk's contribution: products [BLOCK_N, BLOCK_K] (int32 for W8A8, else float32), or per
+    group (GROUP > 0) the products summed per group and scaled, [BLOCK_N, groups in the chunk]."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    if EVEN:
+        x = tl.load(x_ptr + cols, eviction_policy="evict_last")
+    else:
+        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0, eviction_policy="evict_last")
+    if INT_X:
+        return w.to(tl.int32) * x.to(tl.int32)[None, :]
+    products = w.to(tl.float32) * x.to(tl.float32)[None, :]
+    if GROUP == 0:
+        return products
+    PER_CHUNK: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1
+    SPAN: tl.constexpr = GROUP if BLOCK_K >= GROUP else BLOCK_K
+    groups = k0 // GROUP + tl.arange(0, PER_CHUNK)
+    scale = tl.load(scale_rows + groups[None, :], mask=row_ok[:, None] & (groups < G)[None, :], other=0.0)
+    return tl.sum(tl.reshape(products, [BLOCK_N, PER_CHUNK, SPAN]), axis=2) * scale
+
+
+@triton.jit
+def _weight_chunk(w_rows, row_ok, k0, K, EVEN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows [BLOCK_N, BLOCK_K] of the 8-bit weight from column k0; read once, so evicted first."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    if EVEN:
+        return tl.load(w_rows + cols[None, :], eviction_policy="evict_first")
+    mask = row_ok[:, None] & (cols < K)[None, :]
+    return tl.load(w_rows + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _quant_gemv_kernel(
+    x_ptr, w_ptr, scale_ptr, x_scale_ptr, bias_ptr, out_ptr,
+    N, K, G, stride_w, stride_s,
+    EVEN: tl.constexpr,  # N % BLOCK_N == 0 and K % BLOCK_K == 0: no masks
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP: tl.constexpr,  # inputs per scale group (a power of two); 0: one scale per row
+    INT_X: tl.constexpr,  # W8A8: x is int8 with a float32 scale, products summed in int32
+    HAS_BIAS: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (kiln.kernels.pdl)
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_w
+    scale_rows = scale_ptr + rows.to(tl.int64)[:, None] * stride_s
+    # The first chunk streams in before the wait (weights and scales are never written by a step);
+    # x and its scale are the previous kernel's output, read only after it.
+    w = _weight_chunk(w_rows, row_ok, 0, K, EVEN, BLOCK_K)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+    acc = _chunk_sum(w, x_ptr, scale_rows, row_ok, 0, K, G, EVEN, BLOCK_N, BLOCK_K, GROUP, INT_X)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        w = _weight_chunk(w_rows, row_ok, k0, K, EVEN, BLOCK_K)
+        acc += _chunk_sum(w, x_ptr, scale_rows, row_ok, k0, K, G, EVEN, BLOCK_N, BLOCK_K, GROUP, INT_X)
+    total = tl.sum(acc, axis=1)
+    if INT_X:
+        total = total.to(tl.float32) * tl.load(x_scale_ptr)
+    if GROUP == 0:
+        total = total * tl.load(scale_ptr + rows * stride_s, mask=row_ok, other=0.0)
+    out = total.to(out_ptr.dtype.element_ty)
+    if HAS_BIAS:
+        out = (out.to(tl.float32) + tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)).to(
+            out_ptr.dtype.element_ty
+        )
+    tl.store(out_ptr + rows, out, mask=row_ok)
+
+
+def default_config(n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages). An 8-bit weight row of 4,096 inputs is 4 KB, so four
+    rows a program keep 16 KB a load in flight, what the 16-bit GEMV's two rows of 4,096 do. Any
+    power-of-two group fits a power-of-two BLOCK_K: one divides the other."""
+    block_k = min(4096, triton.next_power_of_2(k))
+    return 4, block_k, 16 if block_k >= 4096 else 8 if block_k >= 2048 else 4, 1
+
+
+def quant_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    x_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    config: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """One token x [1, K] (or [K]) through an 8-bit weight [N, K] (K contiguous) -> [1, N].
+
+    weight int8 with scale float32 [N] (per channel) or [N, K // G] (per group, G a power of two), or
+    float8_e4m3fn with scale [N]; x in float16/bfloat16. With `x_scale` (float32, one element) x is the
+    int8 per-token-quantized input of a W8A8 layer, and `out_dtype` the output dtype (else x's)."""
+    n, k = weight.shape
+    if x.numel() != k:
+        raise ValueError(f"quant_gemv takes one token of {k} features, got shape {tuple(x.shape)}")
+    if weight.stride(1) != 1 or weight.dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise ValueError("quant_gemv needs an int8 or float8_e4m3fn weight whose K dimension is contiguous")
+    groups = scale.shape[1] if scale.dim() == 2 else 1
+    group = k // groups if scale.dim() == 2 and groups > 1 else 0
+    if scale.dtype != torch.float32 or scale.shape[0] != n or (groups > 1 and k % groups):
+        raise ValueError(f"scale must be float32 [{n}] or [{n}, G] with G dividing {k}")
+    if group and (group & (group - 1) or weight.dtype != torch.int8):
+        raise ValueError(f"per-group scales need an int8 weight and a power-of-two group, got {group}")
+    int_x = x_scale is not None
+    if int_x != (x.dtype == torch.int8) or (int_x and weight.dtype != torch.int8):
+        raise ValueError("an int8 x (W8A8) comes with its x_scale and an int8 weight, and only then")
+    x = x.reshape(-1).contiguous()
+    out = torch.empty((1, n), dtype=out_dtype or x.dtype, device=weight.device)
+    block_n, block_k, num_warps, num_stages = config or default_config(n, k)
+    pdl = pdl_enabled(weight.device)
+    _quant_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x,
+        weight,
+        scale,
+        x_scale if int_x else scale,
+        bias if bias is not None else out,
+        out,
+        n,
+        k,
+        groups,
+        weight.stride(0),
+        scale.stride(0),
+        EVEN=n % block_n == 0 and k % block_k == 0,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP=group,
+        INT_X=int_x,
+        HAS_BIAS=bias is not None,
+        PDL=pdl,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        launch_pdl=pdl,
+    )
+    return out
