@@ -266,7 +266,14 @@ def build(
             show_default=False,
         ),
     ] = None,
-    tp_size: Annotated[int, typer.Option(help="trtllm only: tensor-parallel GPUs.")] = 1,
+    tp_size: Annotated[
+        int,
+        typer.Option(
+            help="Tensor-parallel GPUs (trtllm: built into the engine; native: recorded in engine.json as the "
+            "default of `kiln serve --tensor-parallel-size`, unquantized engines only).",
+            min=1,
+        ),
+    ] = 1,
     calib_dataset: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(
@@ -316,10 +323,10 @@ def build(
         raise _fail("give a CHECKPOINT or --tiny (exactly one)", code=2)
     if tiny and backend != "native":
         raise _fail("--tiny builds a native engine; --backend trtllm needs a CHECKPOINT", code=2)
-    trtllm_only = tp_size != 1 or max_input_len or gather_logits
+    trtllm_only = max_input_len or gather_logits
     if backend == "native" and (trtllm_only or not multiple_profiles):
         raise _fail(
-            "--tp-size, --max-input-len, --gather-logits and --no-multiple-profiles need --backend trtllm",
+            "--max-input-len, --gather-logits and --no-multiple-profiles need --backend trtllm",
             code=2,
         )
     if smoothquant_alpha is not None and backend != "native":
@@ -361,6 +368,7 @@ def build(
                 smoothquant_alpha=smoothquant_alpha,
                 calib_dataset=calib_dataset,
                 calib_size=calib_size,
+                tensor_parallel_size=tp_size,
             )
         elif backend == "trtllm":
             from kiln.build.trtllm import build_trtllm_engine  # deferred: TensorRT-LLM
@@ -396,6 +404,7 @@ def build(
                 smoothquant_alpha=smoothquant_alpha,
                 calib_dataset=calib_dataset,
                 calib_size=calib_size,
+                tensor_parallel_size=tp_size,
             )
     except (KilnError, ValueError, FileExistsError) as exc:
         raise _fail(str(exc)) from None

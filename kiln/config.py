@@ -374,6 +374,14 @@ class EngineConfig:
     # Seeds the process (kiln.engine.process_setup.prepare_process), not the engine: see why there.
     seed: int = knob(0, "Global sampling seed for requests that send none.")
     load_progress: bool = knob(True, "Show a progress bar while the weights load.")
+    # kiln.engine.tp_workers: rank 0 is the engine's process, ranks 1..N-1 are worker processes.
+    tensor_parallel_size: int | None = knob(
+        None,
+        "Native engines: shard the model over this many processes, Megatron-style (one GPU each on CUDA, "
+        "NCCL; gloo on the CPU); unquantized engines only (default: what `kiln build --tp-size` recorded, "
+        "else 1).",
+        ge=1,
+    )
     # Only the chooser (kiln.clients.open) reads it; an engine built directly runs where it is built.
     engine_process: bool = knob(
         True,

@@ -23,6 +23,11 @@ class BackendUnavailableError(KilnError):
     """An optional backend (e.g. TensorRT-LLM) is not installed here."""
 
 
+class EngineDeadError(RuntimeError):
+    """The engine failed or stopped (its step loop, its process, or a tensor-parallel rank); the request
+    could not be completed. Re-exported by kiln.clients.messages, where the drivers raise it."""
+
+
 class RequestValidationError(KilnError, ValueError):
     """A request an engine can never run (bad parameter, prompt too long, token id outside the vocabulary).
 

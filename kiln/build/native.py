@@ -64,6 +64,7 @@ from kiln.engine_dir import (
 )
 from kiln.errors import CheckpointError, RequestValidationError
 from kiln.kernels.quant_reference import quantize_fp8, quantize_int8, smoothing_factors
+from kiln.models.parallel import check_tensor_parallel
 from kiln.models.weights import (
     expected_packed_shapes,
     pack_hf_state_dict,
@@ -109,6 +110,7 @@ def build_engine(
     smoothquant_alpha: float | None = None,
     calib_dataset: str | Path | None = None,
     calib_size: int = 512,
+    tensor_parallel_size: int = 1,
 ) -> EngineManifest:
     """Build a native engine from a HF directory, a .gguf file or a hub id; returns its manifest.
 
@@ -119,7 +121,9 @@ def build_engine(
     kiln.config.canonical_quantization accepts); quant_group_size: int8_wo's scales per group of that
     many inputs instead of per output channel. int8_sq only: smoothquant_alpha (default 0.5),
     calib_dataset (a UTF-8 text file; default the standard library's pydoc_data.topics) and
-    calib_size (samples of kiln.build.calibrate.CALIB_SEQ_LEN tokens).
+    calib_size (samples of kiln.build.calibrate.CALIB_SEQ_LEN tokens). tensor_parallel_size > 1: checked
+    against the model (kiln.models.parallel) and recorded in engine.json's `extra` as the engine's default
+    tensor-parallel size (`kiln serve --tensor-parallel-size` overrides it); unquantized engines only.
 
     Raises CheckpointError / OfflineError for the checkpoint, ValueError for a bad dtype, limits,
     quantization or calibration option, and FileExistsError when output_dir exists and is not empty, unless overwrite=True (the old
@@ -129,6 +133,12 @@ def build_engine(
     limits = limits or EngineLimits()
     limits.validate()
     quant = native_quant_config(quantization, quant_group_size, smoothquant_alpha)
+    if tensor_parallel_size < 1:
+        raise ValueError(f"tensor-parallel size must be >= 1, got {tensor_parallel_size}")
+    if quant is not None and tensor_parallel_size > 1:
+        raise ValueError(
+            "tensor parallelism does not run quantized native engines yet; build with --tp-size 1"
+        )
     calibration = None
     if quant is not None and quant.scheme == "int8_sq":
         from kiln.build.calibrate import calibration_set  # deferred: int8_sq builds only
@@ -158,6 +168,7 @@ def build_engine(
             generation_defaults,
             quant,
             calibration,
+            tensor_parallel_size=tensor_parallel_size,
         )
         move_into_place(staging, output_dir)
     except BaseException:
@@ -180,6 +191,7 @@ def build_tiny_engine(
     smoothquant_alpha: float | None = None,
     calib_dataset: str | Path | None = None,
     calib_size: int = 512,
+    tensor_parallel_size: int = 1,
     **tiny_options: Any,
 ) -> EngineManifest:
     """Build an engine from `write_tiny_checkpoint(seed=seed, **tiny_options)`: `kiln build --tiny`."""
@@ -200,6 +212,7 @@ def build_tiny_engine(
             smoothquant_alpha=smoothquant_alpha,
             calib_dataset=calib_dataset,
             calib_size=calib_size,
+            tensor_parallel_size=tensor_parallel_size,
         )
     return manifest
 
@@ -215,6 +228,8 @@ def _build_into(
     generation_defaults: dict[str, float | int] | None = None,
     quant: QuantConfig | None = None,
     calibration: tuple[Any, int] | None = None,
+    *,
+    tensor_parallel_size: int = 1,
 ) -> EngineManifest:
     if quant is not None and quant.scheme == "int8_sq":
         assert calibration is not None
@@ -249,6 +264,9 @@ def _build_into(
         model = model_config_from_hf(hf, where=resolved.source)
         if quant is not None:
             quant.validate(model)
+        if tensor_parallel_size > 1:  # the engine's default; kiln serve --tensor-parallel-size overrides it
+            check_tensor_parallel(model, tensor_parallel_size)
+            extra["tensor_parallel_size"] = tensor_parallel_size
         merge_generation_eos(model, out)
         defaults = checked_generation_defaults({**read_sampling_defaults(out), **(generation_defaults or {})})
         what = dtype if quant is None else f"{dtype}, linears {quant.scheme}"

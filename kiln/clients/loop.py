@@ -12,7 +12,12 @@ Rules:
 - A step that raises aborts every request in flight (each is reported with an `EngineDeadError`, after
   the outputs that came before it) and the loop goes on: one bad step must not leak blocks or leave
   callers waiting.
-- `Shutdown` aborts everything and ends the loop with `Goodbye`.
+- A step that raises `EngineDeadError` (a tensor-parallel rank died), or the engine's `check_alive` between
+  steps (so an idle engine notices too, at the next health check's command), ends the loop: the requests
+  in flight get that error, then `Goodbye`, as after `Shutdown`; the engine cannot go on, and the driver's
+  health check says so (`ProcessEngine`'s child exits; the server's supervisor restarts it or stops).
+- `Shutdown` aborts everything and ends the loop with `Goodbye`. Either way the engine is closed (its
+  tensor-parallel workers stopped) when the loop ends.
 """
 
 from __future__ import annotations
@@ -97,23 +102,30 @@ class StepLoop(Generic[OutputT]):
             for command in self.commands.take(block=not engine.has_unfinished_requests()):
                 if isinstance(command, Shutdown):
                     self._abort_in_flight()
-                    self.report(Goodbye(engine.stats()))
+                    self._end()
                     return
                 self._apply(command, acks, errors)
             outputs: list[RequestOutput] = []
-            if engine.has_unfinished_requests():
-                try:
+            try:
+                check_alive = getattr(engine, "check_alive", None)  # scripted test engines have none
+                if check_alive is not None:
+                    check_alive()
+                if engine.has_unfinished_requests():
                     outputs = engine.step()
-                except Exception as exc:  # not one request's fault (the engine would have found it)
-                    logger.exception("engine step failed; aborting the requests in flight")
-                    error = EngineDeadError(f"engine step failed: {exc!r}")
-                    errors.extend(RequestError(request_id, error) for request_id in self._abort_in_flight())
-                errors.extend(
-                    RequestError(
-                        request_id, RequestFailedError(f"this request failed in the engine: {exc!r}")
-                    )
-                    for request_id, exc in engine.take_failed()
-                )
+            except EngineDeadError as exc:  # the engine cannot go on: fail everyone, stop the loop
+                logger.error("the engine died: %s", exc)
+                failed = [RequestError(request_id, exc) for request_id in self._abort_in_flight()]
+                self.report(StepReport([], engine.stats(), acks, [*errors, *failed]))
+                self._end()
+                return
+            except Exception as exc:  # not one request's fault (the engine would have found it)
+                logger.exception("engine step failed; aborting the requests in flight")
+                error = EngineDeadError(f"engine step failed: {exc!r}")
+                errors.extend(RequestError(request_id, error) for request_id in self._abort_in_flight())
+            errors.extend(
+                RequestError(request_id, RequestFailedError(f"this request failed in the engine: {exc!r}"))
+                for request_id, exc in engine.take_failed()
+            )
             self.report(StepReport([self.encode(o) for o in outputs], engine.stats(), acks, errors))
 
     def _apply(
@@ -141,6 +153,12 @@ class StepLoop(Generic[OutputT]):
             )
         except Exception as exc:  # reported to that request's caller; the engine goes on
             errors.append(RequestError(command.request_id, exc))
+
+    def _end(self) -> None:
+        self.report(Goodbye(self.engine.stats()))
+        close = getattr(self.engine, "close", None)  # scripted test engines have none
+        if close is not None:
+            close()
 
     def _abort_in_flight(self) -> list[str]:
         request_ids = list(self.engine.outputs.request_ids())

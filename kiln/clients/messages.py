@@ -13,11 +13,10 @@ from typing import Generic, TypeVar
 from kiln.engine.info import BatchingLimits, EngineStats, ModelInfo
 from kiln.engine.sampling_params import SamplingParams
 
+# Re-exported here, where the drivers raise it; defined below the engine, which raises it too.
+from kiln.errors import EngineDeadError as EngineDeadError
+
 OutputT = TypeVar("OutputT")
-
-
-class EngineDeadError(RuntimeError):
-    """The step loop failed or stopped; the request could not be completed."""
 
 
 class RequestFailedError(RuntimeError):

@@ -89,6 +89,11 @@ def runtime_llm_kwargs(manifest: Any, options: EngineConfig) -> dict[str, Any]:
     }
     model = manifest.model
     tp = int(extra.get("tp_size", 1))
+    if options.tensor_parallel_size not in (None, tp):
+        raise ValueError(
+            f"tensor_parallel_size {options.tensor_parallel_size}: this TensorRT engine was built for {tp} "
+            "GPU(s); rebuild it with --tp-size"
+        )
     if options.num_kv_blocks is not None:
         kv["max_tokens"] = options.num_kv_blocks * limits.block_size
     elif options.kv_cache_memory_bytes is not None:

@@ -30,6 +30,14 @@ from kiln.engine.request import Request, RequestStatus
 from kiln.engine.sampling_params import SamplingParams
 from kiln.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from kiln.engine.structured import Grammars
+from kiln.engine.tp_workers import (
+    AllocateKV,
+    CaptureGraphs,
+    SizeKV,
+    TensorParallelWorkers,
+    start_workers,
+    tensor_parallel_size,
+)
 from kiln.engine.validation import validate_request
 from kiln.engine_dir import EngineManifest, is_engine_dir
 from kiln.kernels.kernel_cache import prepare_engine_kernels
@@ -62,10 +70,17 @@ class LLMEngine:
         model_name: str = "model",
         dtype: str = "float32",
         engine_dir: str | None = None,
+        workers: TensorParallelWorkers | None = None,
     ) -> None:
         """Build the engine around a loaded model. Touches nothing outside it: the process's RNG seed and
-        garbage collector are `kiln.engine.process_setup.prepare_process`'s job."""
+        garbage collector are `kiln.engine.process_setup.prepare_process`'s job. With `workers` (tensor
+        parallelism, see `from_path`) `model` is rank 0's shard and the workers mirror every step."""
         config = config or EngineConfig()
+        if workers is None and (config.tensor_parallel_size or 1) > 1:
+            raise ValueError(
+                f"tensor_parallel_size {config.tensor_parallel_size} needs the engine loaded by "
+                "LLMEngine.from_path, which starts the workers; this engine was built around a loaded model"
+            )
         phase_start = time.perf_counter()
         # Seconds per start-up phase, logged once ready (from_path adds its loading phases first).
         self.startup_seconds: dict[str, float] = {}
@@ -73,11 +88,17 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.dtype = dtype
+        self.workers = workers
 
         def size_kv_pool(block_size: int, max_tokens_per_step: int, max_num_seqs: int, cap: int) -> int:
-            return num_kv_blocks_from_memory(
-                model, config, block_size, max_tokens_per_step, max_num_seqs, cap=cap
-            )
+            def local() -> int:
+                return num_kv_blocks_from_memory(
+                    model, config, block_size, max_tokens_per_step, max_num_seqs, cap=cap
+                )
+
+            if workers is None:
+                return local()
+            return workers.size_kv_pool(local, SizeKV(block_size, max_tokens_per_step, max_num_seqs, cap))
 
         self.config = config.resolve(limits or EngineLimits(), model_config, self.device, size_kv_pool)
         resolved = self.config
@@ -88,8 +109,10 @@ class LLMEngine:
             enable_prefix_caching=resolved.enable_prefix_caching,
             hash_salt=model_name,
         )
-        kv_tensors = allocate_kv_cache(
-            model_config, resolved.num_kv_blocks, resolved.block_size, DTYPES[dtype], self.device
+        if workers is not None:
+            workers.send(AllocateKV(resolved.num_kv_blocks, resolved.block_size))
+        kv_tensors = allocate_kv_cache(  # model.config: this rank's KV heads
+            model.config, resolved.num_kv_blocks, resolved.block_size, DTYPES[dtype], self.device
         )
         self.startup_seconds["kv_cache"] = time.perf_counter() - phase_start
         self.scheduler = Scheduler(
@@ -106,6 +129,8 @@ class LLMEngine:
         )
         self.grammars = Grammars(tokenizer.hf)  # structured outputs' matchers, set up on first use
         self.runner.grammars = self.grammars
+        if workers is not None:
+            self.runner.on_step = workers.send
         if resolved.cuda_graphs:
             max_tokens_per_step = resolved.max_num_batched_tokens
             max_prefill = min(MAX_PREFILL_GRAPH_TOKENS, max_tokens_per_step, resolved.max_model_len - 1)
@@ -113,6 +138,10 @@ class LLMEngine:
                 min(MAX_PIECEWISE_GRAPH_TOKENS, max_tokens_per_step) if resolved.piecewise_graphs else 0
             )
             phase_start = time.perf_counter()
+            if workers is not None:  # every rank captures the same graphs, in the same order
+                workers.send(
+                    CaptureGraphs(resolved.max_num_seqs, resolved.max_model_len, max_prefill, max_mixed)
+                )
             self.runner.capture_graphs(resolved.max_num_seqs, resolved.max_model_len, max_prefill, max_mixed)
             self.startup_seconds["cuda_graphs"] = time.perf_counter() - phase_start
         self.outputs = OutputProcessor(tokenizer)
@@ -128,6 +157,7 @@ class LLMEngine:
                 "num_kv_blocks": resolved.num_kv_blocks,
                 "block_size": resolved.block_size,
                 "device": str(self.device),
+                "tensor_parallel_size": 1 if workers is None else workers.world,
             },
         )
         self._ids = itertools.count()
@@ -141,11 +171,14 @@ class LLMEngine:
 
     @classmethod
     def from_path(cls, path: str | Path, config: EngineConfig | None = None) -> LLMEngine:
-        """Load an engine directory (engine.json) or a Hugging Face checkpoint directory."""
+        """Load an engine directory (engine.json) or a Hugging Face checkpoint directory. With a tensor-parallel
+        size N > 1 (`config`, else the engine's), this process is rank 0 and starts N-1 workers
+        (kiln.engine.tp_workers); on CUDA rank r runs on cuda:r."""
         config = config or EngineConfig()
         path = Path(path)
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         limits: EngineLimits | None = None
+        manifest: EngineManifest | None = None
         loading: dict[str, float] = {}
         name = config.served_model_name or path.name
         if is_engine_dir(path):
@@ -163,22 +196,39 @@ class LLMEngine:
             name = config.served_model_name or manifest.served_model_name
         else:
             dtype = canonical_dtype(config.dtype or ("float32" if device.type == "cpu" else "bfloat16"))
+        world = tensor_parallel_size(config, manifest)
+        workers = None
         phase_start = time.perf_counter()
-        model, model_config = load_model(
-            path, dtype=DTYPES[dtype], device=device, progress=config.load_progress
-        )
-        tokenizer = Tokenizer(path)
-        loading["weights"] = time.perf_counter() - phase_start
-        engine = cls(
-            model,
-            model_config,
-            tokenizer,
-            limits=limits,
-            config=config,
-            model_name=name,
-            dtype=dtype,
-            engine_dir=str(path),
-        )
+        if world > 1:
+            device = torch.device("cuda", 0) if device.type == "cuda" else device
+            workers = start_workers(path, config, world, dtype, device)
+        try:
+            model, model_config = load_model(
+                path,
+                dtype=DTYPES[dtype],
+                device=device,
+                progress=config.load_progress,
+                tp=None if workers is None else workers.group,
+            )
+            tokenizer = Tokenizer(path)
+            if workers is not None:
+                workers.wait_ready()
+            loading["weights"] = time.perf_counter() - phase_start
+            engine = cls(
+                model,
+                model_config,
+                tokenizer,
+                limits=limits,
+                config=config,
+                model_name=name,
+                dtype=dtype,
+                engine_dir=str(path),
+                workers=workers,
+            )
+        except BaseException:
+            if workers is not None:
+                workers.close()
+            raise
         engine.startup_seconds = loading | engine.startup_seconds
         logger.info(
             "engine ready; start-up seconds: %s",
@@ -280,10 +330,18 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one step; returns the outputs of the step whose tokens reached the host (with
         overlapped steps, the one launched by the previous call). Its wall time counts as busy, and as
-        backlog when requests still wait after its scheduling (see `EngineStats`)."""
+        backlog when requests still wait after its scheduling (see `EngineStats`). With tensor parallelism a
+        worker that died makes every step raise EngineDeadError naming its rank: the engine is dead."""
         began = time.perf_counter()
+        if self.workers is not None:
+            self.workers.check()
         scheduled = self.scheduler.schedule()
-        outputs = self._step(scheduled)
+        try:
+            outputs = self._step(scheduled)
+        except Exception:
+            if self.workers is not None:  # a collective failed: most likely a rank died (it names it)
+                self.workers.check(wait=2.0)
+            raise
         seconds = time.perf_counter() - began
         self._busy_seconds += seconds
         if self.scheduler.waiting:
@@ -313,6 +371,17 @@ class LLMEngine:
             outputs = self._finish_step(*self._in_flight)
         self._in_flight = launched
         return outputs
+
+    def check_alive(self) -> None:
+        """Raise EngineDeadError naming a tensor-parallel rank that died; the step loop asks between steps,
+        so an idle engine notices too."""
+        if self.workers is not None:
+            self.workers.check()
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (they also stop when this process exits)."""
+        if self.workers is not None:
+            self.workers.close()
 
     def take_failed(self) -> list[tuple[str, Exception]]:
         """The caller requests the engine gave up on since the last call, with why: each failed in its

@@ -14,6 +14,7 @@ previous step while it runs, then `launch(output, forwarded)` queues the samplin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,25 @@ class StepInputs:
     metadata: AttentionMetadata
     logits_indices: torch.Tensor  # rows of the hidden states to sample from (last token of sampling requests)
     sample_ids: list[str]  # request ids, one per logits row
+
+
+@dataclass(slots=True)
+class HostStep:
+    """A step's inputs as host lists, before they go to the device: what a tensor-parallel rank 0 sends
+    its workers (kiln.engine.tp_workers), so every rank builds the same tensors."""
+
+    input_ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    logits_indices: list[int]
+    query_start: list[int]
+    seq_lens: list[int]
+    block_rows: list[int]
+    gather_to: list[int]  # decodes whose input token is still on the device (rank 0's last step)
+    gather_from: list[int]
+    max_blocks: int
+    max_query_len: int
+    sample_ids: list[str]
 
 
 @dataclass(slots=True)
@@ -103,6 +123,8 @@ class ModelRunner:
         self.grammars: Grammars | None = None
         self._masks: list[torch.Tensor | None] = [None, None]
         self._mask_turn = 0
+        # Tensor parallelism: rank 0 hands each step's host inputs to its workers before running it.
+        self.on_step: Callable[[HostStep], None] | None = None
 
     @torch.inference_mode()
     def launch(self, output: SchedulerOutput, forwarded: ForwardedStep | None = None) -> LaunchedStep:
@@ -160,7 +182,14 @@ class ModelRunner:
     @torch.inference_mode()
     def launch_forward(self, output: SchedulerOutput) -> ForwardedStep:
         """Queue a non-empty step's inputs and forward pass, up to the logits of its sampling rows."""
-        inputs = self.prepare_inputs(output)
+        return self._forward_logits(self.prepare_inputs(output))
+
+    def forward_host(self, host: HostStep) -> ForwardedStep:
+        """The forward pass of a step's host inputs, up to the logits of its sampling rows: what a
+        tensor-parallel worker runs for rank 0's step, so its collectives meet rank 0's."""
+        return self._forward_logits(self.device_inputs(host))
+
+    def _forward_logits(self, inputs: StepInputs) -> ForwardedStep:
         hidden = self._forward(inputs)
         logits = self.model.compute_logits(hidden[inputs.logits_indices]) if inputs.sample_ids else None
         return ForwardedStep(inputs=inputs, logits=logits)
@@ -215,6 +244,14 @@ class ModelRunner:
         return self.model(inputs.input_ids, inputs.positions, self.kv_caches, meta)
 
     def prepare_inputs(self, output: SchedulerOutput) -> StepInputs:
+        """The step's tensors on the device; with tensor parallelism its host inputs go to the workers
+        first (`on_step`)."""
+        host = self.host_inputs(output)
+        if self.on_step is not None:
+            self.on_step(host)
+        return self.device_inputs(host)
+
+    def host_inputs(self, output: SchedulerOutput) -> HostStep:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -254,39 +291,60 @@ class ModelRunner:
             if item.sample:
                 logits_indices.append(query_start[-1] - 1)
                 sample_ids.append(item.request.request_id)
+        return HostStep(
+            input_ids,
+            positions,
+            slots,
+            logits_indices,
+            query_start,
+            seq_lens,
+            block_rows,
+            gather_to,
+            gather_from,
+            max_blocks=max_blocks,
+            max_query_len=max(item.num_new_tokens for item in output.scheduled),
+            sample_ids=sample_ids,
+        )
+
+    def device_inputs(self, host: HostStep) -> StepInputs:
+        seq_lens, query_start, max_blocks = host.seq_lens, host.query_start, host.max_blocks
         ids_d, pos_d, slots_d, logits_d, qsl_d, lens_d, tables_d, to_d, from_d = self._staging.to_device(
             [
-                input_ids,
-                positions,
-                slots,
-                logits_indices,
+                host.input_ids,
+                host.positions,
+                host.slots,
+                host.logits_indices,
                 query_start,
                 seq_lens,
-                block_rows,
-                gather_to,
-                gather_from,
+                host.block_rows,
+                host.gather_to,
+                host.gather_from,
             ]
         )
-        if gather_to:
-            assert self._last_tokens is not None
-            ids_d.index_copy_(0, to_d, self._last_tokens.index_select(0, from_d))
+        tp = self.model.tp
+        if host.gather_to:
+            if tp is None or tp.rank == 0:  # only rank 0 samples: the others take its ids
+                assert self._last_tokens is not None
+                ids_d.index_copy_(0, to_d, self._last_tokens.index_select(0, from_d))
+            if tp is not None:
+                tp.broadcast(ids_d)
         metadata = AttentionMetadata(
             slot_mapping=slots_d,
             query_start_loc=qsl_d.to(torch.int32),
             seq_lens=lens_d.to(torch.int32),
             block_tables=tables_d.to(torch.int32).view(len(seq_lens), max_blocks),
-            max_query_len=max(item.num_new_tokens for item in output.scheduled),
+            max_query_len=host.max_query_len,
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=query_start,
             seq_lens_cpu=seq_lens,
-            block_size=bs,
+            block_size=self.block_size,
         )
         return StepInputs(
             input_ids=ids_d,
             positions=pos_d,
             metadata=metadata,
             logits_indices=logits_d,
-            sample_ids=sample_ids,
+            sample_ids=host.sample_ids,
         )
 
     def _sampling_row(self, request: Request) -> SamplingRow:

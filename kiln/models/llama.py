@@ -26,6 +26,7 @@ from kiln import kernels
 from kiln.config import ModelConfig, QuantConfig
 from kiln.errors import CheckpointError
 from kiln.kernels.attention_metadata import AttentionMetadata
+from kiln.models.parallel import TensorParallelGroup
 from kiln.models.quant_linear import QuantizedLinear, make_linear
 from kiln.models.rope import build_cos_sin_cache
 from kiln.models.weights import expected_packed_dtypes, expected_packed_shapes
@@ -107,8 +108,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, quant: QuantConfig | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, quant: QuantConfig | None = None, tp: TensorParallelGroup | None = None
+    ) -> None:
         super().__init__()
+        self.tp = tp
         inter, bias = config.intermediate_size, config.mlp_bias
         self.gate_up_proj = make_linear(
             config.hidden_size,
@@ -122,14 +126,18 @@ class LlamaMLP(nn.Module):
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _linear(self.down_proj, kernels.silu_and_mul(_linear(self.gate_up_proj, hidden)))
+        out = _linear(self.down_proj, kernels.silu_and_mul(_linear(self.gate_up_proj, hidden)))
+        return out if self.tp is None else self.tp.all_reduce(out)  # row-parallel: partial sums
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, quant: QuantConfig | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, quant: QuantConfig | None = None, tp: TensorParallelGroup | None = None
+    ) -> None:
         super().__init__()
+        self.tp = tp
         self.self_attn = LlamaAttention(config, quant)
-        self.mlp = LlamaMLP(config, quant)
+        self.mlp = LlamaMLP(config, quant, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -155,15 +163,21 @@ class LlamaDecoderLayer(nn.Module):
     def finish(self, attended: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """After attention: returns (this layer's output delta, the residual stream before it)."""
         hidden = _linear(self.self_attn.o_proj, attended.reshape(attended.shape[0], -1))
+        if self.tp is not None:  # row-parallel: partial sums
+            hidden = self.tp.all_reduce(hidden)
         normed, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(normed), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: ModelConfig, quant: QuantConfig | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, quant: QuantConfig | None = None, tp: TensorParallelGroup | None = None
+    ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, quant) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, quant, tp) for _ in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -180,16 +194,25 @@ class LlamaForCausalLM(nn.Module):
       the scheme's int8/fp8 weights and float32 scales; embeddings, norms and lm_head are unchanged.
     - A module built under `torch.device("meta")` and moved with `to_empty(device=...)` is
       complete after `load_weights`, which also recomputes the RoPE table on the weights' device.
+    - With `tp` (kiln.models.parallel) this is one rank's shard: `config` is its `shard_config`, the
+      row-parallel outputs and the embedding are all-reduced and `compute_logits` gathers the whole
+      vocabulary, so every rank returns what the unsharded model would. Without it, no collective runs.
     """
 
     def __init__(
-        self, config: ModelConfig, *, max_positions: int | None = None, quant: QuantConfig | None = None
+        self,
+        config: ModelConfig,
+        *,
+        max_positions: int | None = None,
+        quant: QuantConfig | None = None,
+        tp: TensorParallelGroup | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.quant = quant
+        self.tp = tp
         self.max_positions = max_positions or config.max_position_embeddings
-        self.model = LlamaModel(config, quant)
+        self.model = LlamaModel(config, quant, tp)
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -242,7 +265,9 @@ class LlamaForCausalLM(nn.Module):
         layers = self.model.layers
         if index == 0:
             assert input_ids is not None
-            hidden, residual = self.model.embed_tokens(input_ids), None
+            embed = self.model.embed_tokens
+            hidden = embed(input_ids) if self.tp is None else self.tp.embed(input_ids, embed.weight)
+            residual = None
         else:
             assert attended is not None and residual is not None
             hidden, residual = layers[index - 1].finish(attended, residual)
@@ -256,7 +281,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return kernels.linear(hidden, head).float()
+        logits = kernels.linear(hidden, head).float()
+        return logits if self.tp is None else self.tp.gather_logits(logits)
 
     @torch.no_grad()
     def load_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:

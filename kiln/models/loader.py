@@ -18,6 +18,7 @@ from kiln.config import DTYPES, ModelConfig, QuantConfig, canonical_dtype
 from kiln.engine_dir import MANIFEST_NAME, EngineManifest
 from kiln.errors import CheckpointError, InvalidEngineError
 from kiln.models.llama import LlamaForCausalLM
+from kiln.models.parallel import TensorParallelGroup, read_shard, shard_config, shard_spec
 from kiln.models.quant_linear import check_device_supports
 from kiln.models.weights import expected_packed_shapes, pack_hf_state_dict
 from kiln.progress import build_progress
@@ -31,6 +32,7 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    tp: TensorParallelGroup | None = None,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
     """Load the model at `path` in eval mode on `device` (a progress bar on the console if `progress`).
 
@@ -41,6 +43,11 @@ def load_model(
     scales whatever `dtype` says; `dtype` is then the activations' and the unquantized tensors'.
     Raises CheckpointError / InvalidEngineError for unreadable input, and InvalidEngineError for a
     quantization `device` cannot run (kiln.models.quant_linear.check_device_supports).
+
+    With `tp`, only that rank's shard is built and read (kiln.models.parallel): from an engine directory
+    each tensor is sliced as safetensors reads it, so no rank ever holds a whole weight; a Hugging Face
+    directory packs each fused tensor whole first, one at a time. The config returned is the whole
+    model's. A quantized engine is refused with tensor parallelism (its scales are not sharded yet).
     """
     path = Path(path)
     quant: QuantConfig | None = None
@@ -55,17 +62,37 @@ def load_model(
             )
         check_device_supports(quant, device)
         dtype = dtype or DTYPES[canonical_dtype(manifest.dtype)]
-        weights: Iterator[tuple[str, torch.Tensor]] = _read_safetensors(manifest.weight_paths(path))
+        if tp is not None and quant is not None:
+            raise InvalidEngineError(
+                f"{path}: tensor parallelism does not run quantized engines yet ({manifest.quantization}); "
+                "serve it with tensor_parallel_size 1, or build it unquantized"
+            )
+        weights: Iterator[tuple[str, torch.Tensor]] = _read_safetensors(
+            manifest.weight_paths(path), config, tp
+        )
     else:
         hf_config = _read_hf_config(path)
         config = ModelConfig.from_hf(hf_config)
         dtype = dtype or _hf_dtype(hf_config)
         weights = pack_hf_state_dict(_read_safetensors(hf_safetensors_files(path)), config)
-    model = build_empty_model(config, dtype=dtype, device=device, quant=quant)
+        if tp is not None:
+            weights = _sharded(weights, config, tp)
+    local = config if tp is None else shard_config(config, tp.world)
+    model = build_empty_model(local, dtype=dtype, device=device, quant=quant, tp=tp)
     with build_progress(enabled=progress) as bars:
-        advance = bars.step(f"loading weights ({device})", total=len(expected_packed_shapes(config, quant)))
+        advance = bars.step(f"loading weights ({device})", total=len(expected_packed_shapes(local, quant)))
         model.load_weights(_counted(weights, advance))
     return model.eval(), config
+
+
+def read_model_config(path: Path) -> tuple[ModelConfig, QuantConfig | None]:
+    """The model config of an engine directory or a Hugging Face directory, and a native engine's
+    quantization layout (None otherwise), without reading a weight."""
+    path = Path(path)
+    if (path / MANIFEST_NAME).is_file():
+        manifest = EngineManifest.load(path)
+        return manifest.model, manifest.quant_config
+    return ModelConfig.from_hf(_read_hf_config(path)), None
 
 
 def _counted(
@@ -76,19 +103,28 @@ def _counted(
         advance()
 
 
+def _sharded(
+    weights: Iterator[tuple[str, torch.Tensor]], config: ModelConfig, tp: TensorParallelGroup
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, tensor in weights:
+        spec = shard_spec(name, config, tp.rank, tp.world)
+        yield name, read_shard(spec, tuple(tensor.shape), tensor.__getitem__)
+
+
 def build_empty_model(
     config: ModelConfig,
     *,
     dtype: torch.dtype,
     device: str | torch.device,
     quant: QuantConfig | None = None,
+    tp: TensorParallelGroup | None = None,
 ) -> LlamaForCausalLM:
     """A LlamaForCausalLM with uninitialised parameters on `device`; fill it with load_weights.
 
     Floating-point parameters and buffers are `dtype`, except those a quantized layer fixes (its
     `storage_dtypes`: the int8/fp8 weight and float32 scale), which keep their own."""
     with torch.device("meta"), _SkipRandomInit():
-        model = LlamaForCausalLM(config, quant=quant)
+        model = LlamaForCausalLM(config, quant=quant, tp=tp)
     if quant is None:
         # Casting on the meta device costs nothing; then each parameter is allocated once. Not `to_empty`:
         # its empty_like of a meta tensor runs a Python decomposition that imports sympy (~0.3 s).
@@ -158,8 +194,11 @@ def hf_safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def _read_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield every tensor of `files` one at a time (on the CPU, in the file's dtype)."""
+def _read_safetensors(
+    files: list[Path], config: ModelConfig | None = None, tp: TensorParallelGroup | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every tensor of `files` one at a time (on the CPU, in the file's dtype); with `tp`, only the
+    rank's shard of each packed tensor of `config`, read slice by slice from the file."""
     from safetensors import safe_open
 
     for file in files:
@@ -167,7 +206,12 @@ def _read_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             raise CheckpointError(f"weight file {file} does not exist")
         with safe_open(str(file), framework="pt", device="cpu") as reader:
             for name in reader.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                yield name, reader.get_tensor(name)
+                if tp is None or config is None:
+                    yield name, reader.get_tensor(name)
+                    continue
+                view = reader.get_slice(name)
+                spec = shard_spec(name, config, tp.rank, tp.world)
+                yield name, read_shard(spec, tuple(view.get_shape()), view.__getitem__)
 
 
 def _read_hf_config(path: Path) -> dict:

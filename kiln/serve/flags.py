@@ -79,7 +79,14 @@ HELP_PANELS: dict[str, tuple[str, ...]] = {
         "gpu_memory_utilization",
         "enable_prefix_caching",
     ),
-    "Execution": ("engine_process", "enforce_eager", "piecewise_graphs", "async_scheduling", "load_progress"),
+    "Execution": (
+        "engine_process",
+        "tensor_parallel_size",
+        "enforce_eager",
+        "piecewise_graphs",
+        "async_scheduling",
+        "load_progress",
+    ),
     "Supervision": (
         "engine_check_interval_seconds",
         "engine_check_timeout_seconds",

@@ -120,12 +120,23 @@ def test_build_tiny_writes_an_engine(tmp_path: Path) -> None:
     assert again.exit_code == 1 and "overwrite" in again.output
 
 
+def test_native_build_records_its_tensor_parallel_size(tmp_path: Path) -> None:
+    from kiln.engine_dir import EngineManifest
+
+    out = tmp_path / "e"
+    result = runner.invoke(kiln.cli.app, ["build", "--tiny", "-o", str(out), "--tp-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert EngineManifest.load(out).extra["tensor_parallel_size"] == 2
+    bad = runner.invoke(kiln.cli.app, ["build", "--tiny", "-o", str(tmp_path / "f"), "--tp-size", "3"])
+    assert bad.exit_code == 1 and "not divisible" in bad.output
+
+
 @pytest.mark.parametrize(
     "args",
     [
         ["build", "-o", "x"],
         ["build", "ckpt", "--tiny", "-o", "x"],
-        ["build", "ckpt", "-o", "x", "--tp-size", "2"],
+        ["build", "--tiny", "-o", "x", "--tp-size", "0"],
     ],
 )
 def test_build_rejects_contradictory_flags(args: list[str]) -> None:
@@ -236,9 +247,8 @@ def test_trtllm_only_build_flags_are_refused_for_the_native_backend(tmp_path: Pa
 # Every `kiln build` flag, by the builds it applies to; each one that does not apply to a build is refused.
 BUILD_FLAGS = {
     "every build": {"checkpoint", "output", "dtype", "max_batch_size", "max_num_tokens", "max_seq_len"}
-    | {"block_size", "tiny", "backend", "served_model_name", "overwrite", "quantization"},
+    | {"block_size", "tiny", "backend", "served_model_name", "overwrite", "quantization", "tp_size"},
     "trtllm": {
-        "tp_size": ["--tp-size", "2"],
         "max_input_len": ["--max-input-len", "8"],
         "gather_logits": ["--gather-logits"],
         "multiple_profiles": ["--no-multiple-profiles"],

@@ -330,6 +330,9 @@ def test_runtime_options_may_only_lower_the_built_limits(engine_dir: Path):
         runtime_llm_kwargs(manifest, EngineConfig(block_size=32))
     with pytest.raises(ValueError, match="compiled for float16"):
         runtime_llm_kwargs(manifest, EngineConfig(dtype="bfloat16"))
+    with pytest.raises(ValueError, match="tensor_parallel_size 2: this TensorRT engine was built for 1"):
+        runtime_llm_kwargs(manifest, EngineConfig(tensor_parallel_size=2))
+    assert runtime_llm_kwargs(manifest, EngineConfig(tensor_parallel_size=1))["tensor_parallel_size"] == 1
     for knob in (
         {"enforce_eager": True},
         {"piecewise_graphs": False},
