@@ -230,7 +230,14 @@ def build(
         typer.Argument(help="Hugging Face checkpoint directory, .gguf file or hub id.", show_default=False),
     ] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Engine directory to write.")] = ...,  # type: ignore[assignment]
-    dtype: Annotated[str, typer.Option(help="Weight dtype: float16, bfloat16 or float32.")] = "float16",
+    dtype: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            help="Weight dtype: float16, bfloat16 or float32 (default: float16; a pre-quantized FP8 "
+            "checkpoint's own dtype; --tiny: float32).",
+            show_default=False,
+        ),
+    ] = None,
     max_batch_size: Annotated[int, typer.Option(help="Most requests running at once.")] = 64,
     max_num_tokens: Annotated[int, typer.Option(help="Most tokens computed in one step.")] = 2048,
     max_seq_len: Annotated[
@@ -358,7 +365,7 @@ def build(
 
             manifest = build_tiny_engine(
                 output,
-                dtype=dtype if dtype != "float16" else "float32",  # tiny's default: exact on CPU
+                dtype=dtype or "float32",  # tiny's default: exact on CPU
                 limits=limits,
                 served_model_name=served_model_name or "tiny",
                 progress=True,
@@ -376,7 +383,7 @@ def build(
             manifest = build_trtllm_engine(
                 checkpoint,  # type: ignore[arg-type]
                 output,
-                dtype=dtype,
+                dtype=dtype or "float16",
                 limits=limits,
                 quantization=quantization,
                 tp_size=tp_size,
@@ -416,6 +423,14 @@ def build(
         f"Serve it: kiln serve {output}",
         highlight=False,
     )
+    quant = getattr(manifest, "quant_config", None)  # native engines only
+    pre = None if quant is None else quant.prequantized
+    if pre is not None:
+        err.print(
+            f"FP8 weights and scales taken from the checkpoint ({pre['source']}; scales {pre['scales']}); "
+            f"activations: {pre['checkpoint_activations']}.",
+            highlight=False,
+        )
     if tune_kernels:
         _tune(output, "cuda", after_build=True)
 

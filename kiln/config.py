@@ -205,6 +205,8 @@ class QuantConfig:
       into the RMSNorm feeding qkv_proj / gate_up_proj (SMOOTH_FOLDED_INTO), and o_proj / down_proj
       store s as `smooth_scale` (SMOOTH_EXPLICIT). Activations are quantized to int8 per token at run
       time (scale = amax / 127, dynamic) and the product is summed in int32.
+    - `prequantized` (fp8 only): the weights and scales are a pre-quantized checkpoint's own (compressed-
+      tensors), not quantized by Kiln; the record says the source and the checkpoint's scale strategy.
     - `linears` are the packed layers quantized in every decoder layer (QUANTIZED_LINEARS); biases,
       embeddings, norms and lm_head stay in the engine's dtype.
     """
@@ -214,6 +216,8 @@ class QuantConfig:
     linears: list[str] = field(default_factory=lambda: list(QUANTIZED_LINEARS))
     smoothquant_alpha: float | None = None  # int8_sq only (required there)
     calibration: dict[str, Any] | None = None  # int8_sq only: {"dataset", "sha256", "num_tokens"}
+    # fp8 only: built from a pre-quantized checkpoint's own e4m3 weights (kiln.build.prequantized's record)
+    prequantized: dict[str, Any] | None = None
 
     @property
     def weight_dtype(self) -> str:
@@ -251,6 +255,10 @@ class QuantConfig:
                 raise ValueError(f"int8_sq needs a SmoothQuant alpha in [0, 1], got {alpha!r}")
         elif alpha is not None or self.calibration is not None:
             raise ValueError(f"a SmoothQuant alpha and calibration apply to int8_sq only, not {self.scheme}")
+        if self.prequantized is not None and (
+            self.scheme != "fp8" or not isinstance(self.prequantized, dict)
+        ):
+            raise ValueError(f"a pre-quantized record applies to fp8 only (an object), not {self.scheme}")
         if self.group_size is None:
             return
         if self.scheme != "int8_wo":
@@ -271,6 +279,8 @@ class QuantConfig:
     def to_dict(self) -> dict[str, Any]:
         # The derived facts too, so a reader of engine.json sees the whole scheme without this code.
         data = dataclasses.asdict(self)
+        if self.prequantized is None:
+            del data["prequantized"]
         if self.scheme != "int8_sq":
             del data["smoothquant_alpha"], data["calibration"]
         else:
@@ -298,6 +308,7 @@ class QuantConfig:
             linears=list(data.get("linears", QUANTIZED_LINEARS)),
             smoothquant_alpha=data.get("smoothquant_alpha"),
             calibration=data.get("calibration"),
+            prequantized=data.get("prequantized"),
         )
         config.validate()
         return config

@@ -7,6 +7,8 @@ An engine directory holds:
   `quantization` (int8_wo, fp8, int8_sq) the linear layers' weights are stored quantized instead, each
   beside its float32 `...weight_scale` in the same shard (kiln.config.QuantConfig says the layout),
   quantized from the checkpoint's values by kiln.kernels.quant_reference;
+- a pre-quantized FP8 checkpoint (compressed-tensors; kiln.build.prequantized) builds the fp8 engine
+  from its own e4m3 weights and scales, stored as given (scales as float32 per channel), in its dtype;
 - int8_sq (SmoothQuant) first builds the unquantized float32 engine into a temporary sibling
   directory, runs it on the CPU over the calibration text (kiln.build.calibrate) for the activations'
   per-channel abs-max, derives the smoothing factors, folds 1/s into the RMSNorms feeding qkv_proj and
@@ -42,6 +44,7 @@ from kiln.build.checkpoint import (
     resolve_checkpoint,
 )
 from kiln.build.gguf import expected_tensor_count, load_gguf, read_gguf_config, save_gguf_tokenizer
+from kiln.build.prequantized import PreQuantizedFP8, fp8_engine_plan, pack_prequantized, prequantized_fp8
 from kiln.build.tiny import write_tiny_checkpoint
 from kiln.config import (
     DEFAULT_SMOOTHQUANT_ALPHA,
@@ -97,7 +100,7 @@ def build_engine(
     checkpoint: str | Path,
     output_dir: Path,
     *,
-    dtype: str = "float16",
+    dtype: str | None = None,
     limits: EngineLimits | None = None,
     served_model_name: str | None = None,
     progress: bool = True,
@@ -124,12 +127,15 @@ def build_engine(
     calib_size (samples of kiln.build.calibrate.CALIB_SEQ_LEN tokens). tensor_parallel_size > 1: checked
     against the model (kiln.models.parallel) and recorded in engine.json's `extra` as the engine's default
     tensor-parallel size (`kiln serve --tensor-parallel-size` overrides it); unquantized engines only.
+    dtype: None means float16, except for a pre-quantized FP8 checkpoint (kiln.build.prequantized), which
+    builds an fp8 engine from its stored e4m3 weights in its own dtype (`fp8_engine_plan` says which
+    quantization and dtype may be asked for).
 
     Raises CheckpointError / OfflineError for the checkpoint, ValueError for a bad dtype, limits,
     quantization or calibration option, and FileExistsError when output_dir exists and is not empty, unless overwrite=True (the old
     directory is then replaced only after the new one is complete).
     """
-    dtype = canonical_dtype(dtype)
+    requested_dtype = None if dtype is None else canonical_dtype(dtype)
     limits = limits or EngineLimits()
     limits.validate()
     quant = native_quant_config(quantization, quant_group_size, smoothquant_alpha)
@@ -154,6 +160,13 @@ def build_engine(
     resolved = resolve_checkpoint(checkpoint)
     if source is not None:
         resolved.source = source
+    prequant = (
+        None if resolved.kind != "hf" else prequantized_fp8(resolved.path, read_hf_config(resolved.path))
+    )
+    if prequant is not None:
+        quant, dtype = fp8_engine_plan(prequant, quant, requested_dtype, tensor_parallel_size)
+    else:
+        dtype = requested_dtype or "float16"
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.building-", dir=output_dir.parent))
     try:
@@ -169,6 +182,7 @@ def build_engine(
             quant,
             calibration,
             tensor_parallel_size=tensor_parallel_size,
+            prequantized=prequant,
         )
         move_into_place(staging, output_dir)
     except BaseException:
@@ -230,6 +244,7 @@ def _build_into(
     calibration: tuple[Any, int] | None = None,
     *,
     tensor_parallel_size: int = 1,
+    prequantized: PreQuantizedFP8 | None = None,
 ) -> EngineManifest:
     if quant is not None and quant.scheme == "int8_sq":
         assert calibration is not None
@@ -270,9 +285,17 @@ def _build_into(
         merge_generation_eos(model, out)
         defaults = checked_generation_defaults({**read_sampling_defaults(out), **(generation_defaults or {})})
         what = dtype if quant is None else f"{dtype}, linears {quant.scheme}"
+        if prequantized is not None:
+            what += f" as stored, {prequantized.weight_strategy} scales"
         step = bar.step(f"packing weights ({what})", count)
         sizes = _write_packed_weights(
-            _counted(tensors, step), model, out, DTYPES[dtype], max_shard_bytes, quant
+            _counted(tensors, step),
+            model,
+            out,
+            DTYPES[dtype],
+            max_shard_bytes,
+            quant,
+            prequantized=prequantized,
         )
 
     weight_files = {name: sha256_file(out / name) for name in sizes if name.endswith(".safetensors")}
@@ -484,6 +507,7 @@ def _write_packed_weights(
     *,
     packed: bool = False,
     smooth_scales: dict[str, Any] | None = None,
+    prequantized: PreQuantizedFP8 | None = None,
 ) -> dict[str, int]:
     """Pack, convert (or quantize) and write the weights in shards; returns {file name: size} written.
 
@@ -491,7 +515,8 @@ def _write_packed_weights(
     own config fails here, at build time, not when the engine loads. A quantized weight is quantized
     from the checkpoint's own values (not from their `dtype` rounding) and its scale goes into the
     same shard. packed: the tensors already have packed names (int8_sq's smoothed float32 model);
-    smooth_scales: {weight name: s} stored beside those weights as `smooth_name(weight)`.
+    smooth_scales: {weight name: s} stored beside those weights as `smooth_name(weight)`. prequantized:
+    the checkpoint's linears are already e4m3 (`pack_prequantized` yields each as (q, scale)), stored as given.
     """
     from safetensors.torch import save_file
 
@@ -509,7 +534,15 @@ def _write_packed_weights(
         shard_files.append(path)
         shard, shard_bytes = {}, 0
 
-    for name, tensor in tensors if packed else pack_hf_state_dict(tensors, model):
+    if packed:
+        stream: Iterable[tuple[str, Any]] = tensors
+    elif prequantized is not None:
+        stream = pack_prequantized(tensors, model, prequantized)
+    else:
+        stream = pack_hf_state_dict(tensors, model)
+    for name, item in stream:
+        given = item if isinstance(item, tuple) else None  # a pre-quantized (q, scale)
+        tensor = item[0] if given is not None else item
         want = expected.pop(name, None)
         if want is None:
             raise CheckpointError(f"tensor {name!r} does not belong to this model's config")
@@ -517,9 +550,15 @@ def _write_packed_weights(
             raise CheckpointError(
                 f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {want}"
             )
+        if given is not None and name not in quantized:
+            raise CheckpointError(f"{name!r} is quantized in the checkpoint but not a layer Kiln quantizes")
         if name in quantized:
             assert quant is not None
-            if quant.scheme == "fp8":
+            if given is not None:
+                q, scale = given
+            elif prequantized is not None:
+                raise CheckpointError(f"{name!r} is not quantized in this pre-quantized checkpoint")
+            elif quant.scheme == "fp8":
                 q, scale = quantize_fp8(tensor)
             else:
                 q, scale = quantize_int8(tensor, quant.group_size)

@@ -35,7 +35,8 @@ FUSED_GROUPS: dict[str, tuple[str, ...]] = {
 _PART_OF: dict[str, tuple[str, int]] = {
     part: (fused, index) for fused, parts in FUSED_GROUPS.items() for index, part in enumerate(parts)
 }
-_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+# weight_scale: a pre-quantized checkpoint's scales (kiln.build.prequantized), fused like their weights.
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias|weight_scale)$")
 
 
 def quantized_weight_names(config: ModelConfig, quant: QuantConfig | None) -> list[str]:
