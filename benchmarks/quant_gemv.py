@@ -91,7 +91,9 @@ def bench_gemv_shape(model: str, name: str, n: int, k: int, sweep: bool, results
         nbytes = sum(a.numel() * a.element_size() for a in weights[0])
         times[label] = t
         results.append(
-            Result("quant_gemv", f"gemv/{label}", f"{model} {name} {n}x{k}", "us", t, {"tb_s": nbytes / t / 1e6})
+            Result(
+                "quant_gemv", f"gemv/{label}", f"{model} {name} {n}x{k}", "us", t, {"tb_s": nbytes / t / 1e6}
+            )
         )
         print(f"{model:12s} {name:13s} {label:13s} {t:8.1f} us {nbytes / t / 1e6:5.2f} TB/s", flush=True)
     if sweep:
@@ -99,8 +101,12 @@ def bench_gemv_shape(model: str, name: str, n: int, k: int, sweep: bool, results
         for bn, bk, warps in SWEEP:
             cfg = (bn, bk, warps, 1)
             t = _cycled_us(lambda i, c=cfg: quant_gemv(x, *weights[i], config=c), len(weights))
-            results.append(Result("quant_gemv", "gemv/int8_wo_sweep", f"{model} {name}", "us", t, {"config": cfg}))
-            print(f"{model:12s} {name:13s} int8 {cfg!s:22s} {t:8.1f} us {n * k / t / 1e6:5.2f} TB/s", flush=True)
+            results.append(
+                Result("quant_gemv", "gemv/int8_wo_sweep", f"{model} {name}", "us", t, {"config": cfg})
+            )
+            print(
+                f"{model:12s} {name:13s} int8 {cfg!s:22s} {t:8.1f} us {n * k / t / 1e6:5.2f} TB/s", flush=True
+            )
     return times
 
 
@@ -142,7 +148,9 @@ def bench_gemm(results: list[Result]) -> None:
                 t = bench_graph_us(fn, warmup_ms=10, rep_ms=50)
                 tflops = 2 * m * n * k / t / 1e6
                 results.append(
-                    Result("quant_gemm", f"gemm/{label}", f"{name} M={m} {n}x{k}", "us", t, {"tflop_s": tflops})
+                    Result(
+                        "quant_gemm", f"gemm/{label}", f"{name} M={m} {n}x{k}", "us", t, {"tflop_s": tflops}
+                    )
                 )
                 print(f"gemm {name:13s} M={m:5d} {label:22s} {t:9.1f} us {tflops:7.1f} TFLOP/s", flush=True)
         torch.cuda.empty_cache()

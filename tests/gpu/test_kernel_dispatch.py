@@ -32,10 +32,13 @@ def test_cpu_quantized_linears_are_the_references():
     w, x = torch.randn(24, 64, generator=gen), torch.randn(3, 64, generator=gen)
     bias, smooth = torch.randn(24, generator=gen), torch.rand(64, generator=gen) + 0.5
     q, scale = quant_reference.quantize_int8(w, 16)
-    assert torch.equal(kernels.int8_wo_linear(x, q, scale, bias), quant_reference.int8_wo_linear(x, q, scale, bias))
+    assert torch.equal(
+        kernels.int8_wo_linear(x, q, scale, bias), quant_reference.int8_wo_linear(x, q, scale, bias)
+    )
     q, scale = quant_reference.quantize_int8(w)
     assert torch.equal(
-        kernels.int8_sq_linear(x, q, scale, smooth, bias), quant_reference.int8_sq_linear(x, q, scale, smooth, bias)
+        kernels.int8_sq_linear(x, q, scale, smooth, bias),
+        quant_reference.int8_sq_linear(x, q, scale, smooth, bias),
     )
     q, scale = quant_reference.quantize_fp8(w)
     assert torch.equal(kernels.fp8_linear(x, q, scale, bias), quant_reference.fp8_linear(x, q, scale, bias))

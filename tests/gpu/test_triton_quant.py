@@ -153,7 +153,9 @@ def test_dispatch_matches_the_references(dtype, n, k, m):
     w, x, bias, smooth = _case("cuda", n, k, dtype, m=m)
     b = bias if m % 2 else None
     q, scale = qr.quantize_int8(w)
-    assert rel_error(kernels.int8_wo_linear(x, q, scale, b), _weight_only_exact(x, q, scale, b)) < BOUND[dtype]
+    assert (
+        rel_error(kernels.int8_wo_linear(x, q, scale, b), _weight_only_exact(x, q, scale, b)) < BOUND[dtype]
+    )
     for group in _groups(k):
         qg, scale_g = qr.quantize_int8(w, group)
         got = kernels.int8_wo_linear(x, qg, scale_g, b)

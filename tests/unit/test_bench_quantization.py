@@ -50,7 +50,9 @@ def test_quant_config_from_the_flags() -> None:
         workload.random_quant_config("int4")
 
 
-@pytest.mark.parametrize(("scheme", "group"), [("int8-wo", None), ("int8-wo", 16), ("fp8", None), ("int8-sq", None)])
+@pytest.mark.parametrize(
+    ("scheme", "group"), [("int8-wo", None), ("int8-wo", 16), ("fp8", None), ("int8-sq", None)]
+)
 def test_random_engine_is_quantized_and_generates(tiny_shape: str, scheme: str, group: int | None) -> None:
     quant = workload.random_quant_config(scheme, group)
     engine = workload.build_random_engine(tiny_shape, EngineConfig(device="cpu"), quant=quant)
@@ -79,7 +81,9 @@ def test_kiln_bench_runs_a_quantized_random_engine(tiny_shape: str, tmp_path) ->
     assert cli.main(argv) == 0
     rows = json.loads(out.read_text())["results"]
     assert {row["name"] for row in rows} == {"kiln/batch1_decode", "kiln/ttft"}
-    assert all(row["params"]["quantization"] == "fp8" and row["shape"].startswith("tiny-test fp8") for row in rows)
+    assert all(
+        row["params"]["quantization"] == "fp8" and row["shape"].startswith("tiny-test fp8") for row in rows
+    )
 
 
 def test_quantization_flags_need_a_random_engine(tiny_gqa_dir, capsys) -> None:
