@@ -12,6 +12,8 @@ Rules:
   canary's failure, and the canary's window counts it.
 - The tokenizer, model card and health are the stable version's; the model's name is the repository's. A canary engine that dies is reported
   to `on_canary_down` (the rollout rolls it back), never taken for the server's engine being down.
+- Latency samples are kept only while a canary is judged (the windows are reset as each step begins), so
+  a server with no rollout running holds none.
 - `stats()` sums the live versions' counts. `set_batching` (the SLO controller's) reaches every loaded
   version and each canary before its first request.
 """
@@ -33,6 +35,7 @@ from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import SamplingParams
 from kiln.serve.rollout_judge import LiveWindow
 from kiln.serve.slo import can_set_batching
+from kiln.serve.supervisor import can_restart
 
 
 @dataclass(slots=True)
@@ -216,8 +219,9 @@ class VersionRouter:
         async with contextlib.aclosing(stream):  # type: ignore[type-var]
             async for out in stream:
                 now = time.monotonic()
-                tokens = sum(len(c.token_ids) for c in out.outputs)
-                version.window.observe_output(now - began if first else None, now - previous, tokens)
+                if self.canary is not None:  # samples only while a canary is judged: no growth otherwise
+                    tokens = sum(len(c.token_ids) for c in out.outputs)
+                    version.window.observe_output(now - began if first else None, now - previous, tokens)
                 first, previous = False, now
                 yield out
 
@@ -269,8 +273,7 @@ class VersionRouter:
 
     @property
     def can_restart(self) -> bool:
-        explicit = getattr(self.stable.engine, "can_restart", None)
-        return bool(explicit) if explicit is not None else hasattr(self.stable.engine, "restart")
+        return can_restart(self.stable.engine)
 
     async def start(self) -> None:
         await self.stable.engine.start()

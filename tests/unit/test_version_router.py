@@ -216,3 +216,14 @@ def test_batching_limits_reach_every_version_and_a_new_canary() -> None:
     v1, v2, v3 = asyncio.run(main())
     assert [len(v.limits) for v in (v1, v2, v3)] == [1, 1, 1]
     assert v3.limits[0].admission_interval == 3
+
+
+def test_no_latency_samples_are_kept_without_a_canary() -> None:
+    async def main() -> VersionRouter:
+        router = _router()
+        for i in range(5):
+            await _text(router, f"r{i}")
+        return router
+
+    window = asyncio.run(main()).stable.window
+    assert (window.requests, window.ttft, window.itl) == (5, [], [])
