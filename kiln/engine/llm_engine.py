@@ -22,7 +22,7 @@ import torch
 from kiln.config import DTYPES, EngineConfig, EngineLimits, ModelConfig, canonical_dtype
 from kiln.engine.info import BatchingLimits, EngineStats, ModelInfo, check_batching
 from kiln.engine.memory_profile import num_kv_blocks_from_memory
-from kiln.engine.model_runner import ForwardedStep, LaunchedStep, ModelRunner, RequestsFailed
+from kiln.engine.model_runner import ForwardedStep, LaunchedStep, ModelRunner, RequestsFailed, SampledTokens
 from kiln.engine.output_processor import OutputProcessor
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.piecewise_graphs import MAX_PIECEWISE_GRAPH_TOKENS
@@ -339,6 +339,7 @@ class LLMEngine:
         try:
             outputs = self._step(scheduled)
         except Exception:
+            self.runner.settle_masks()  # a background mask fill must end before the matchers move again
             if self.workers is not None:  # a collective failed: most likely a rank died (it names it)
                 self.workers.check(wait=2.0)
             raise
@@ -360,10 +361,13 @@ class LLMEngine:
         if scheduled.is_empty:
             launched = None
         elif self._in_flight is not None and self._needs_host_tokens(scheduled):
-            # Its sampling reads the tokens in flight: queue the forward pass, read them while it runs.
+            # Its sampling reads the tokens in flight: queue the forward pass, read them while it runs,
+            # fill the step's masks while the outputs are processed, then queue the sampling.
             forwarded = self.runner.launch_forward(scheduled)
-            outputs = self._finish_step(*self._in_flight)
+            advanced, sampled = self._collect_step(*self._in_flight)
             self._in_flight = None
+            self.runner.start_masks(scheduled)
+            outputs = self._process_outputs(advanced, sampled)
             launched = self._launch(scheduled, forwarded)
         else:
             launched = self._launch(scheduled)
@@ -422,20 +426,34 @@ class LLMEngine:
 
     def _advance_matchers(self, advanced: list[Request]) -> None:
         """Feed each structured request its new token; one whose grammar is complete stops there."""
-        for request in advanced:
-            matcher = request.matcher
-            if matcher is None or request.status.finished:
+        held = [r for r in advanced if r.matcher is not None and not r.status.finished]
+        accepted = self.grammars.advance([(r.matcher, r.output_token_ids[-1]) for r in held])
+        for request, ok in zip(held, accepted, strict=True):
+            if request.status.finished:  # a sibling's failure aborted it
                 continue
-            if not matcher.consume_token(request.output_token_ids[-1]):  # the mask allowed it: a fault
-                self._fail_request(request.group_id or request.request_id, RuntimeError(matcher.get_error()))
-            elif matcher.is_stopped():
+            if not ok:  # the mask allowed it: a fault
+                self._fail_request(
+                    request.group_id or request.request_id, RuntimeError(request.matcher.get_error())
+                )
+            elif request.matcher.is_stopped():
                 self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
 
     def _finish_step(self, scheduled: SchedulerOutput, launched: LaunchedStep) -> list[RequestOutput]:
         """Wait for a launched step's tokens and turn them into outputs."""
+        return self._process_outputs(*self._collect_step(scheduled, launched))
+
+    def _collect_step(
+        self, scheduled: SchedulerOutput, launched: LaunchedStep
+    ) -> tuple[list[Request], SampledTokens]:
+        """Wait for a launched step's tokens, append them to their requests and advance their matchers;
+        returns the requests that advanced and the tokens."""
         sampled = self.runner.collect(launched)
         advanced = self.scheduler.update(scheduled, sampled.token_ids)
         self._advance_matchers(advanced)
+        return advanced, sampled
+
+    def _process_outputs(self, advanced: list[Request], sampled: SampledTokens) -> list[RequestOutput]:
+        """Turn collected tokens into outputs (detokenized deltas, stop checks)."""
         outputs, stopped, failed = self.outputs.process(advanced, sampled)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         for request_id, error in failed.items():

@@ -9,7 +9,8 @@ be read that way, and steps must be collected in launch order.
 
 A step whose sampling needs the previous step's tokens on the host (penalties, a structured output's
 mask) is launched in two halves: `launch_forward` queues its forward pass, the caller collects the
-previous step while it runs, then `launch(output, forwarded)` queues the sampling.
+previous step while it runs, then `launch(output, forwarded)` queues the sampling. In between, the
+caller may `start_masks` so the step's token masks fill while it processes the previous step's outputs.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from kiln.engine.piecewise_graphs import PiecewiseGraphs
 from kiln.engine.request import Request
 from kiln.engine.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow, make_generator
 from kiln.engine.scheduler import SchedulerOutput
-from kiln.engine.structured import Grammars
+from kiln.engine.structured import Grammars, MaskFill
 from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.models.llama import LlamaForCausalLM
 
@@ -123,6 +124,8 @@ class ModelRunner:
         self.grammars: Grammars | None = None
         self._masks: list[torch.Tensor | None] = [None, None]
         self._mask_turn = 0
+        # Masks begun by `start_masks` for the sampling rows of these request ids.
+        self._pending_masks: tuple[tuple[str, ...], MaskFill] | None = None
         # Tensor parallelism: rank 0 hands each step's host inputs to its workers before running it.
         self.on_step: Callable[[HostStep], None] | None = None
 
@@ -132,6 +135,7 @@ class ModelRunner:
         step's forward pass, queued earlier by `launch_forward`; only its sampling is left to queue."""
         for request_id in output.finished_ids:
             self._generators.pop(request_id, None)
+        pending = self.settle_masks()
         if output.is_empty:
             return LaunchedStep(sample_ids=[], output=None, done=None)
         # Per-request work first, where a failure is one request's (and, without `forwarded`, nothing
@@ -154,8 +158,11 @@ class ModelRunner:
         batch = SamplingBatch.build(rows, self.vocab_size, self.device)
         if self.grammars is not None and any(row.matcher is not None for row in rows):
             # On CUDA the forward pass runs while the host fills the masks.
-            mask = self._mask_staging(len(rows))
-            self.grammars.fill_masks([row.matcher for row in rows], mask)
+            if pending is not None and pending[0] == tuple(inputs.sample_ids):
+                mask = pending[1]  # a row whose request finished since samples as masked: dropped
+            else:
+                mask = self._mask_staging(len(rows))
+                self.grammars.fill_masks([row.matcher for row in rows], mask)
             batch.token_mask = mask.to(self.device, non_blocking=True)
         sampled = self.sampler(logits, batch)
         self._last_tokens = sampled.token_ids
@@ -178,6 +185,26 @@ class ModelRunner:
             done = torch.cuda.Event()
             done.record()
         return LaunchedStep(sample_ids=inputs.sample_ids, output=host, done=done)
+
+    def start_masks(self, output: SchedulerOutput) -> None:
+        """Begin filling the token masks of `output`'s sampling rows from their matchers as they are now;
+        the next `launch` takes them if its rows are the same. Nothing when no row is held by a structured
+        output. Until they are taken (or `settle_masks`), the matchers must not advance."""
+        self.settle_masks()
+        items = [item for item in output.scheduled if item.sample]
+        matchers = [None if i.request.status.finished else i.request.matcher for i in items]
+        if self.grammars is None or all(m is None for m in matchers):
+            return
+        fill = self.grammars.start_fill(matchers, self._mask_staging(len(items)))
+        self._pending_masks = (tuple(i.request.request_id for i in items), fill)
+
+    def settle_masks(self) -> tuple[tuple[str, ...], torch.Tensor] | None:
+        """Wait for the masks `start_masks` began, if any, and forget them; returns their rows' request ids
+        and the masks."""
+        pending, self._pending_masks = self._pending_masks, None
+        if pending is None:
+            return None
+        return pending[0], pending[1].wait()
 
     @torch.inference_mode()
     def launch_forward(self, output: SchedulerOutput) -> ForwardedStep:

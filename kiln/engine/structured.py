@@ -11,6 +11,10 @@ Rules:
   never a silent ignore.
 - The matcher follows the output tokens only, so preemption and recompute leave it as it is. Once the
   grammar is complete only end-of-sequence is allowed: the request stops there.
+- At batch the host's grammar work must hide behind the GPU: a step's tokens advance every matcher in
+  one parallel call (`advance`), and its masks fill on llguidance's threads, off the GIL, while the
+  caller processes the step's outputs (`MaskFill`); one row is done inline, where a thread hand-off
+  would cost more than it hides.
 - JSON is generated compact (no free whitespace between items), so a model cannot pad it without end.
 """
 
@@ -19,6 +23,8 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import llguidance
@@ -60,6 +66,7 @@ class Grammars:
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._grammars: OrderedDict[StructuredOutput, str] = OrderedDict()
         self._executor: llguidance.LLExecutor | None = None
+        self._filler: ThreadPoolExecutor | None = None  # the one thread that waits on background fills
 
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
@@ -84,6 +91,13 @@ class Grammars:
             self._grammars.popitem(last=False)
         return matcher
 
+    def advance(self, steps: Sequence[tuple[llguidance.LLMatcher, int]]) -> list[bool]:
+        """Feed each matcher its token; False where the matcher refused it (it is then in error)."""
+        if len(steps) == 1:
+            matcher, token = steps[0]
+            return [matcher.consume_token(token)]
+        return self._parallel().consume_token_par(list(steps)) if steps else []
+
     def fill_masks(self, matchers: Sequence[llguidance.LLMatcher | None], mask: torch.Tensor) -> None:
         """Fill `mask` ([rows, words] int32, CPU): each matcher's row with its allowed tokens, the rows
         without one with every token allowed."""
@@ -93,12 +107,39 @@ class Grammars:
             m, i = rows[0]
             m.unsafe_compute_mask_ptr(mask[i].data_ptr(), mask.shape[1] * 4)
         elif rows:
-            if self._executor is None:
-                self._executor = llguidance.LLExecutor()
-            self._executor.unsafe_compute_mask_ptr(rows, mask.data_ptr(), mask.shape[1] * 4, mask.shape[0])
+            self._parallel().unsafe_compute_mask_ptr(rows, mask.data_ptr(), mask.shape[1] * 4, mask.shape[0])
+
+    def start_fill(self, matchers: Sequence[llguidance.LLMatcher | None], mask: torch.Tensor) -> MaskFill:
+        """`fill_masks` begun in the background when more than one row is held (done at once otherwise).
+        Until the fill's `wait` returns, neither `mask` nor those matchers may be touched."""
+        if sum(m is not None for m in matchers) < 2:
+            self.fill_masks(matchers, mask)
+            return MaskFill(mask, None)
+        if self._filler is None:
+            self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-masks")
+        return MaskFill(mask, self._filler.submit(self.fill_masks, matchers, mask))
+
+    def _parallel(self) -> llguidance.LLExecutor:
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor()
+        return self._executor
 
     def mask_words(self) -> int:
         return (self.tokenizer.vocab_size + 31) // 32
+
+
+@dataclass(slots=True)
+class MaskFill:
+    """Token masks being filled (`Grammars.start_fill`); `wait` returns them once complete."""
+
+    mask: torch.Tensor
+    future: Future[None] | None  # None: filled already
+
+    def wait(self) -> torch.Tensor:
+        """The filled masks; re-raises what the fill raised."""
+        if self.future is not None:
+            self.future.result()
+        return self.mask
 
 
 def apply_token_bitmask(logits: torch.Tensor, mask: torch.Tensor) -> None:

@@ -108,8 +108,15 @@ def test_every_kind_of_request_comes_out_as_with_one_step_at_a_time(tiny_gqa_dir
         halves.append(fwd is not None),
         launch(out, fwd),
     )[1]
+    held_rows = []  # per mask fill: how many rows a grammar held
+    start_fill = overlapped_engine.grammars.start_fill
+    overlapped_engine.grammars.start_fill = lambda matchers, mask: (
+        held_rows.append(sum(m is not None for m in matchers)),
+        start_fill(matchers, mask),
+    )[1]
     overlapped = run_all(overlapped_engine, requests)
     assert any(halves) and not all(halves)  # penalties and grammars took the two-halves path, others not
+    assert max(held_rows) >= 2  # several rows' masks filled in the background while outputs were processed
     assert [summary(o) for o in overlapped] == [summary(o) for o in sync]
     assert len(sync[-3].outputs[0].text) == 3 and set(sync[-3].outputs[0].text) <= {"a", "b"}
     assert sync[-2].outputs[0].text in ("yes", "no")
