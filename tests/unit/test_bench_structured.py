@@ -44,12 +44,19 @@ def test_free_and_constrained_runs_side_by_side(
         "--schema",
         "verdict",
     ]
-    assert structured.main([*argv, "--output-len", "40", "--repeats", "1", "--json", str(out)]) == 0
+    profile = tmp_path / "profile.txt"
+    argv += ["--output-len", "40", "--repeats", "1", "--json", str(out), "--profile", str(profile)]
+    assert structured.main(argv) == 0
     result = json.loads(out.read_text())
     assert set(result["compile"]["compile_ms"]) == set(structured.SCHEMAS)
-    free, held = result["throughput"]["free"], result["throughput"]["schema"]
+    runs = result["throughput"]
+    free, same, held = runs["free"], runs["free_same_lengths"], runs["schema"]
     assert free["output_tokens"] == 6 * 40  # free requests ignore EOS: every one runs to max_tokens
     # Each completed by its schema, so each was parsed and validated (a bad one raises).
     assert held["completed_by_schema"] == 6 and held["mean_output_len"] <= 12
-    assert result["throughput_ratio"] == held["output_tok_per_s"] / free["output_tok_per_s"]
+    # The like-for-like control produced exactly as many tokens as the constrained run.
+    assert same["output_tokens"] == held["output_tokens"]
+    assert result["throughput_ratio"] == held["output_tok_per_s"] / same["output_tok_per_s"]
+    assert result["throughput_ratio_vs_full_length"] == held["output_tok_per_s"] / free["output_tok_per_s"]
+    assert "tokens in" in profile.read_text() and "function calls" in profile.read_text()
     assert result["batch1"]["free"]["tokens"] == 40 and 2 <= result["batch1"]["schema"]["tokens"] <= 12
