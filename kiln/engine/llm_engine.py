@@ -6,7 +6,8 @@ host's per-step work (scheduling, input preparation, detokenizing, stop checks) 
 computes instead of between its steps. The price: a request that stops at step N has been scheduled
 once more in step N+1, whose token is dropped. When a request in step N+1 samples with penalties or
 a structured output's mask (both need step N's token on the host), only N+1's forward pass is queued
-before step N is read; its sampling is queued after, while that forward pass runs on the GPU.
+before step N is read; N+1's masks then fill in the background while step N's outputs are processed
+and step N+2 is scheduled and prepared, and N+1's sampling is queued just before N+2's forward pass.
 """
 
 from __future__ import annotations
@@ -167,6 +168,8 @@ class LLMEngine:
         self._backlog_prefill_tokens = 0
         self.async_scheduling = resolved.async_scheduling
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
+        # A step whose forward pass is queued and whose sampling is not (its masks are filling).
+        self._forwarded: tuple[SchedulerOutput, ForwardedStep] | None = None
         self._failed: list[tuple[str, Exception]] = []
 
     @classmethod
@@ -304,7 +307,11 @@ class LLMEngine:
         self.scheduler.finish_requests(self.outputs.remove(request_id), RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+        return (
+            self.scheduler.has_unfinished_requests()
+            or self._in_flight is not None
+            or self._forwarded is not None
+        )
 
     # -- batching limits -----------------------------------------------------------------------------
     def set_batching(self, limits: BatchingLimits) -> None:
@@ -357,20 +364,33 @@ class LLMEngine:
     def _step(self, scheduled: SchedulerOutput) -> list[RequestOutput]:
         if not self.async_scheduling:
             return self._finish_step(*self._launch(scheduled))
+        host = None
+        if self._forwarded is not None:
+            # The last step's forward pass is queued and its sampling waits for its masks: prepare this
+            # step's inputs on the host while they fill, then queue that sampling, then this step.
+            last, forwarded = self._forwarded
+            self._forwarded = None
+            if not scheduled.is_empty:
+                host = self.runner.host_inputs(scheduled, after=forwarded)
+            self._in_flight = self._launch(last, forwarded)
+            if self._in_flight[1].sample_ids != forwarded.inputs.sample_ids:  # a request failed in it
+                scheduled, host = self._without_finished(scheduled), None
         outputs: list[RequestOutput] = []
         if scheduled.is_empty:
             launched = None
         elif self._in_flight is not None and self._needs_host_tokens(scheduled):
             # Its sampling reads the tokens in flight: queue the forward pass, read them while it runs,
-            # fill the step's masks while the outputs are processed, then queue the sampling.
-            forwarded = self.runner.launch_forward(scheduled)
+            # begin the step's masks and process the outputs; the next step queues the sampling.
+            forwarded = self.runner.launch_forward_host(host or self.runner.host_inputs(scheduled))
             advanced, sampled = self._collect_step(*self._in_flight)
             self._in_flight = None
             self.runner.start_masks(scheduled)
-            outputs = self._process_outputs(advanced, sampled)
-            launched = self._launch(scheduled, forwarded)
+            self._forwarded = (scheduled, forwarded)
+            return self._process_outputs(advanced, sampled)
         else:
-            launched = self._launch(scheduled)
+            launched = self._launch(
+                scheduled, None if host is None else self.runner.launch_forward_host(host)
+            )
         if self._in_flight is not None:
             outputs = self._finish_step(*self._in_flight)
         self._in_flight = launched
@@ -408,13 +428,20 @@ class LLMEngine:
                 aborted = [
                     seq_id for rid, error in by_caller.items() for seq_id in self._fail_request(rid, error)
                 ]
-                kept = tuple(item for item in scheduled.scheduled if not item.request.status.finished)
-                scheduled = dataclasses.replace(
-                    scheduled,
-                    scheduled=kept,
-                    finished_ids=(*scheduled.finished_ids, *aborted),
-                    num_batched_tokens=sum(item.num_new_tokens for item in kept),
-                )
+                scheduled = self._without_finished(scheduled, aborted)
+
+    @staticmethod
+    def _without_finished(
+        scheduled: SchedulerOutput, finished_ids: list[str] | None = None
+    ) -> SchedulerOutput:
+        """`scheduled` without the requests that finished since (aborted: `finished_ids` added)."""
+        kept = tuple(item for item in scheduled.scheduled if not item.request.status.finished)
+        return dataclasses.replace(
+            scheduled,
+            scheduled=kept,
+            finished_ids=(*scheduled.finished_ids, *(finished_ids or ())),
+            num_batched_tokens=sum(item.num_new_tokens for item in kept),
+        )
 
     def _fail_request(self, request_id: str, error: Exception) -> list[str]:
         """Abort a caller request that failed in the engine and record why; returns its sequences' ids."""

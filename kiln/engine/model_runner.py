@@ -10,7 +10,8 @@ be read that way, and steps must be collected in launch order.
 A step whose sampling needs the previous step's tokens on the host (penalties, a structured output's
 mask) is launched in two halves: `launch_forward` queues its forward pass, the caller collects the
 previous step while it runs, then `launch(output, forwarded)` queues the sampling. In between, the
-caller may `start_masks` so the step's token masks fill while it processes the previous step's outputs.
+caller may `start_masks` so the step's token masks fill in the background, and prepare the next step's
+host inputs (`host_inputs(next, after=forwarded)`) before it queues that sampling.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ import torch
 from kiln.engine.cuda_graphs import BucketedGraphs, DecodeLayout, PrefillLayout
 from kiln.engine.host_transfer import HostStaging, to_host
 from kiln.engine.piecewise_graphs import PiecewiseGraphs
-from kiln.engine.request import Request
 from kiln.engine.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow, make_generator
-from kiln.engine.scheduler import SchedulerOutput
+from kiln.engine.scheduler import ScheduledRequest, SchedulerOutput
 from kiln.engine.structured import Grammars, MaskFill
 from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.models.llama import LlamaForCausalLM
@@ -145,7 +145,7 @@ class ModelRunner:
         for item in output.scheduled:
             if item.sample:
                 try:
-                    rows.append(self._sampling_row(item.request))
+                    rows.append(self._sampling_row(item))
                 except Exception as exc:
                     failed[item.request.request_id] = exc
         if failed:
@@ -273,12 +273,26 @@ class ModelRunner:
     def prepare_inputs(self, output: SchedulerOutput) -> StepInputs:
         """The step's tensors on the device; with tensor parallelism its host inputs go to the workers
         first (`on_step`)."""
-        host = self.host_inputs(output)
+        return self.send_inputs(self.host_inputs(output))
+
+    def send_inputs(self, host: HostStep) -> StepInputs:
+        """Host inputs to the device (and first, with tensor parallelism, to the workers)."""
         if self.on_step is not None:
             self.on_step(host)
         return self.device_inputs(host)
 
-    def host_inputs(self, output: SchedulerOutput) -> HostStep:
+    @torch.inference_mode()
+    def launch_forward_host(self, host: HostStep) -> ForwardedStep:
+        """`launch_forward` of host inputs prepared earlier (`host_inputs`)."""
+        return self._forward_logits(self.send_inputs(host))
+
+    def host_inputs(self, output: SchedulerOutput, after: ForwardedStep | None = None) -> HostStep:
+        """The step's inputs as host lists. `after`: a forwarded step whose sampling will be launched
+        before these inputs reach the device; a decode whose input token it samples reads it from there
+        (by default, from the last launched step)."""
+        last_rows = (
+            self._last_rows if after is None else {r: i for i, r in enumerate(after.inputs.sample_ids)}
+        )
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -302,7 +316,7 @@ class ModelRunner:
                     input_ids.append(known[start])
                 else:
                     gather_to.append(len(input_ids))
-                    gather_from.append(self._last_rows[item.request.request_id])
+                    gather_from.append(last_rows[item.request.request_id])
                     input_ids.append(0)
                 positions.append(start)
                 slots.append(blocks[start // bs] * bs + start % bs)
@@ -374,7 +388,8 @@ class ModelRunner:
             sample_ids=host.sample_ids,
         )
 
-    def _sampling_row(self, request: Request) -> SamplingRow:
+    def _sampling_row(self, item: ScheduledRequest) -> SamplingRow:
+        request = item.request
         request_id = request.request_id
         if request_id not in self._generators:
             self._generators[request_id] = make_generator(request.params.seed, self.device)
@@ -384,9 +399,9 @@ class ModelRunner:
             output_token_ids=request.output_token_ids,
             generator=self._generators[request_id],
             eos_token_ids=request.eos_token_ids,
-            # schedule() already counted the token this step samples as pending; the row wants the
-            # ones before it.
-            num_pending_tokens=request.num_pending_tokens - 1,
+            # The tokens before the one this step samples that the host has not read yet (counted from
+            # the step, not the request: a later step may be scheduled before this one samples).
+            num_pending_tokens=max(0, item.start + item.num_new_tokens - request.num_tokens),
             # A request that finished since the step was scheduled samples unconstrained: its token is
             # dropped, and its grammar allows nothing more.
             matcher=None if request.status.finished else request.matcher,

@@ -6,15 +6,16 @@ Rules:
   sampled token then advances the matcher. Why llguidance: no dependencies, broad JSON Schema support
   that names what it cannot enforce, Lark grammars with embedded JSON schemas (tool calls), and masks
   for a batch filled in parallel off the GIL (figures: docs/server.md).
-- A grammar is compiled once per distinct `StructuredOutput` (cached, bounded) and checked when the
-  request is added: what llguidance cannot enforce is a RequestValidationError naming `structured`,
-  never a silent ignore.
+- A grammar is compiled once per distinct `StructuredOutput` into a matcher that is cached (bounded)
+  and never advanced; each request gets a copy of it. The grammar is checked when the request is
+  added: what llguidance cannot enforce is a RequestValidationError naming `structured`, never a
+  silent ignore.
 - The matcher follows the output tokens only, so preemption and recompute leave it as it is. Once the
   grammar is complete only end-of-sequence is allowed: the request stops there.
 - At batch the host's grammar work must hide behind the GPU: a step's tokens advance every matcher in
   one parallel call (`advance`), and its masks fill on llguidance's threads, off the GIL, while the
-  caller processes the step's outputs (`MaskFill`); one row is done inline, where a thread hand-off
-  would cost more than it hides.
+  engine processes outputs and prepares the next step (`MaskFill`); one row is done inline, where a
+  thread hand-off would cost more than it hides.
 - JSON is generated compact (no free whitespace between items), so a model cannot pad it without end.
 """
 
@@ -64,7 +65,8 @@ class Grammars:
     def __init__(self, hf_tokenizer: Any) -> None:
         self._hf = hf_tokenizer
         self._tokenizer: llguidance.LLTokenizer | None = None
-        self._grammars: OrderedDict[StructuredOutput, str] = OrderedDict()
+        # One matcher per grammar, never advanced: requests get copies of it.
+        self._matchers: OrderedDict[StructuredOutput, llguidance.LLMatcher] = OrderedDict()
         self._executor: llguidance.LLExecutor | None = None
         self._filler: ThreadPoolExecutor | None = None  # the one thread that waits on background fills
 
@@ -75,21 +77,23 @@ class Grammars:
         return self._tokenizer
 
     def matcher(self, structured: StructuredOutput) -> llguidance.LLMatcher:
-        """A fresh matcher at the start of the output; RequestValidationError when it cannot be enforced."""
-        grammar = self._grammars.get(structured)
-        if grammar is None:
+        """A fresh matcher at the start of the output; RequestValidationError when it cannot be enforced.
+        A copy of the grammar's cached matcher: it shares the lexer states that earlier requests of the
+        same grammar built, which makes both the copy and its masks cheaper than a new matcher's."""
+        pristine = self._matchers.get(structured)
+        if pristine is None:
             try:
                 grammar = grammar_text(structured)
             except (ValueError, RuntimeError) as exc:  # llguidance's parse errors
                 raise RequestValidationError(f"{structured.kind}: {exc}", "structured") from None
-        matcher = llguidance.LLMatcher(self.tokenizer, grammar)
-        if matcher.is_error():
-            raise RequestValidationError(f"{structured.kind}: {matcher.get_error()}", "structured")
-        self._grammars[structured] = grammar
-        self._grammars.move_to_end(structured)
-        while len(self._grammars) > GRAMMAR_CACHE_SIZE:
-            self._grammars.popitem(last=False)
-        return matcher
+            pristine = llguidance.LLMatcher(self.tokenizer, grammar)
+            if pristine.is_error():
+                raise RequestValidationError(f"{structured.kind}: {pristine.get_error()}", "structured")
+            self._matchers[structured] = pristine
+        self._matchers.move_to_end(structured)
+        while len(self._matchers) > GRAMMAR_CACHE_SIZE:
+            self._matchers.popitem(last=False)
+        return pristine.deep_copy()
 
     def advance(self, steps: Sequence[tuple[llguidance.LLMatcher, int]]) -> list[bool]:
         """Feed each matcher its token; False where the matcher refused it (it is then in error)."""
@@ -101,7 +105,8 @@ class Grammars:
     def fill_masks(self, matchers: Sequence[llguidance.LLMatcher | None], mask: torch.Tensor) -> None:
         """Fill `mask` ([rows, words] int32, CPU): each matcher's row with its allowed tokens, the rows
         without one with every token allowed."""
-        mask.fill_(-1)
+        with torch.inference_mode():  # the buffer may be an inference tensor, and this a helper thread
+            mask.fill_(-1)
         rows = [(m, i) for i, m in enumerate(matchers) if m is not None]
         if len(rows) == 1:
             m, i = rows[0]

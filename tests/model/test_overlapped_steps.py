@@ -114,8 +114,15 @@ def test_every_kind_of_request_comes_out_as_with_one_step_at_a_time(tiny_gqa_dir
         held_rows.append(sum(m is not None for m in matchers)),
         start_fill(matchers, mask),
     )[1]
+    ahead = []  # host inputs prepared before the sampling of the step they follow was queued
+    host_inputs = overlapped_engine.runner.host_inputs
+    overlapped_engine.runner.host_inputs = lambda out, after=None: (
+        ahead.append(after is not None),
+        host_inputs(out, after),
+    )[1]
     overlapped = run_all(overlapped_engine, requests)
     assert any(halves) and not all(halves)  # penalties and grammars took the two-halves path, others not
+    assert any(ahead)
     assert max(held_rows) >= 2  # several rows' masks filled in the background while outputs were processed
     assert [summary(o) for o in overlapped] == [summary(o) for o in sync]
     assert len(sync[-3].outputs[0].text) == 3 and set(sync[-3].outputs[0].text) <= {"a", "b"}

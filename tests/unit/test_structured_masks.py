@@ -40,3 +40,22 @@ def test_masks_filled_in_the_background_equal_the_inline_ones(grammars):
     assert (inline[1] == -1).all() and not (inline[0] == -1).all() and not torch.equal(inline[0], inline[2])
     one = grammars.start_fill([matchers[2]], torch.zeros((1, words), dtype=torch.int32))
     assert one.future is None and torch.equal(one.wait()[0], inline[2])  # one row: filled at once
+
+
+def test_a_buffer_made_in_inference_mode_fills_on_the_helper_thread(grammars):
+    # The engine's runner allocates its pinned mask buffers inside inference mode; the fill runs elsewhere.
+    schema = StructuredOutput.json_schema({"type": "object"})
+    matchers = [grammars.matcher(schema), grammars.matcher(schema)]
+    with torch.inference_mode():
+        buffer = torch.zeros((2, grammars.mask_words()), dtype=torch.int32)
+    fill = grammars.start_fill(matchers, buffer)
+    assert fill.future is not None and torch.equal(fill.wait()[0], fill.wait()[1])
+
+
+def test_copies_of_a_cached_grammar_do_not_share_their_state(grammars):
+    regex = StructuredOutput("regex", "[ab]{3}")
+    first, second = grammars.matcher(regex), grammars.matcher(regex)
+    a = grammars.tokenizer.tokenize_str("a")[0]
+    assert grammars.advance([(first, a)]) == [True]
+    assert first.consume_token(a) and first.consume_token(a) and first.is_accepting()
+    assert not second.is_accepting() and grammars.matcher(regex).consume_token(a)
