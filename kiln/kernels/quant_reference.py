@@ -44,7 +44,9 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448.0
 def _scales(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     """float32 scale = amax / qmax, and 1 where amax is 0 (an all-zero block)."""
     amax = amax.float()
-    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    # A tensor divisor: on CUDA, torch divides by a Python scalar as a multiply by its reciprocal, one
+    # unit off the IEEE quotient the kernels (and the CPU) compute.
+    return torch.where(amax > 0, amax / torch.full_like(amax, qmax), torch.ones_like(amax))
 
 
 def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:

@@ -52,16 +52,20 @@ def _chunk_sum(
         x = tl.load(x_ptr + cols, eviction_policy="evict_last")
     else:
         x = tl.load(x_ptr + cols, mask=cols < K, other=0.0, eviction_policy="evict_last")
+    # One return, at the end: Triton's compiler goes on past a `return` under a constexpr `if`, so the
+    # grouped branch would be compiled (and divide by GROUP = 0) for every layout.
     if INT_X:
-        return w.to(tl.int32) * x.to(tl.int32)[None, :]
-    products = w.to(tl.float32) * x.to(tl.float32)[None, :]
-    if GROUP == 0:
-        return products
-    PER_CHUNK: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1
-    SPAN: tl.constexpr = GROUP if BLOCK_K >= GROUP else BLOCK_K
-    groups = k0 // GROUP + tl.arange(0, PER_CHUNK)
-    scale = tl.load(scale_rows + groups[None, :], mask=row_ok[:, None] & (groups < G)[None, :], other=0.0)
-    return tl.sum(tl.reshape(products, [BLOCK_N, PER_CHUNK, SPAN]), axis=2) * scale
+        out = w.to(tl.int32) * x.to(tl.int32)[None, :]
+    elif GROUP == 0:
+        out = w.to(tl.float32) * x.to(tl.float32)[None, :]
+    else:
+        products = w.to(tl.float32) * x.to(tl.float32)[None, :]
+        PER_CHUNK: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1
+        SPAN: tl.constexpr = GROUP if BLOCK_K >= GROUP else BLOCK_K
+        groups = k0 // GROUP + tl.arange(0, PER_CHUNK)
+        scale = tl.load(scale_rows + groups[None, :], mask=row_ok[:, None] & (groups < G)[None, :], other=0.0)
+        out = tl.sum(tl.reshape(products, [BLOCK_N, PER_CHUNK, SPAN]), axis=2) * scale
+    return out
 
 
 @triton.jit
@@ -69,9 +73,11 @@ def _weight_chunk(w_rows, row_ok, k0, K, EVEN: tl.constexpr, BLOCK_K: tl.constex
     """Rows [BLOCK_N, BLOCK_K] of the 8-bit weight from column k0; read once, so evicted first."""
     cols = k0 + tl.arange(0, BLOCK_K)
     if EVEN:
-        return tl.load(w_rows + cols[None, :], eviction_policy="evict_first")
-    mask = row_ok[:, None] & (cols < K)[None, :]
-    return tl.load(w_rows + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+        w = tl.load(w_rows + cols[None, :], eviction_policy="evict_first")
+    else:
+        mask = row_ok[:, None] & (cols < K)[None, :]
+        w = tl.load(w_rows + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+    return w
 
 
 @triton.jit

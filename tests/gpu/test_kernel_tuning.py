@@ -145,7 +145,9 @@ def test_tune_saves_a_profile_for_this_gpu_and_the_compiled_kernels(tuned) -> No
 def test_a_fresh_process_compiles_nothing_and_the_tiles_do_not_change_tokens(tuned, tmp_path) -> None:
     engine_dir, summary = tuned
     cache = tmp_path / "empty-triton-cache"
-    env = dict(os.environ, TRITON_CACHE_DIR=str(cache), PYTHONPATH=str(ROOT))
+    # This tree first, then whatever the parent's path held (packages installed beside it, e.g. --target).
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, TRITON_CACHE_DIR=str(cache), PYTHONPATH=path)
     env.pop("KILN_ENGINE_KERNELS", None)
     done = subprocess.run(
         [sys.executable, "-c", CHILD, str(engine_dir)], capture_output=True, text=True, env=env, timeout=500
