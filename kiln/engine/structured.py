@@ -12,10 +12,9 @@ Rules:
   silent ignore.
 - The matcher follows the output tokens only, so preemption and recompute leave it as it is. Once the
   grammar is complete only end-of-sequence is allowed: the request stops there.
-- At batch the host's grammar work must hide behind the GPU: a step's tokens advance every matcher in
-  one parallel call (`advance`), and its masks fill on llguidance's threads, off the GIL, while the
-  engine processes outputs and prepares the next step (`MaskFill`); one row is done inline, where a
-  thread hand-off would cost more than it hides.
+- At batch the host's grammar work must hide behind the GPU: a step's masks fill on llguidance's
+  threads, off the GIL, while the engine processes outputs and prepares the next step (`MaskFill`);
+  one row is done inline, where a thread hand-off would cost more than it hides.
 - JSON is generated compact (no free whitespace between items), so a model cannot pad it without end.
 """
 
@@ -96,11 +95,10 @@ class Grammars:
         return pristine.deep_copy()
 
     def advance(self, steps: Sequence[tuple[llguidance.LLMatcher, int]]) -> list[bool]:
-        """Feed each matcher its token; False where the matcher refused it (it is then in error)."""
-        if len(steps) == 1:
-            matcher, token = steps[0]
-            return [matcher.consume_token(token)]
-        return self._parallel().consume_token_par(list(steps)) if steps else []
+        """Feed each matcher its token; False where the matcher refused it (it is then in error). One
+        call per matcher: llguidance's parallel consume was the slower at 256 rows
+        (docs/results/2026-12-05-h100)."""
+        return [matcher.consume_token(token) for matcher, token in steps]
 
     def fill_masks(self, matchers: Sequence[llguidance.LLMatcher | None], mask: torch.Tensor) -> None:
         """Fill `mask` ([rows, words] int32, CPU): each matcher's row with its allowed tokens, the rows
