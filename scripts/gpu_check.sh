@@ -6,7 +6,8 @@
 # Results (results.json, results.md, plots, run.log) go to $OUT if set (the device tool's folder), else
 # benchmarks/results; each stage appends to results.json and run.log.
 # Run from the repository root; needs a CUDA GPU, torch, triton and transformers (matplotlib for plots).
-# The whole default run takes about 12 minutes on an H100 (tests 4.5, kernels 1, kiln 2.5, hf 4); under
+# The whole default run takes about 12 minutes on an H100 (tests 4.5, kernels 1, kiln 2.5, hf 4; tests
+# 1 + 6.5 at 3ce8b08 with the quantized kernels, the kernel tests under pytest-xdist); under
 # the device tool's 10-minute limit run it as two calls, `env tests kernels kiln report` then `hf report`,
 # and merge the two results.json files with `python -m benchmarks.report A.json B.json --md ... --png ...`.
 set -uo pipefail
@@ -32,8 +33,11 @@ for name in ("torch", "triton", "transformers", "matplotlib", "flash_attn", "fas
         print(f"{name:14s} missing")
 PY
       ;;
-    tests)
-      python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
+    tests)  # kernel tests in parallel where pytest-xdist is installed, engine-building ones one at a time
+      parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+      python3 -m pytest -q -p no:cacheprovider -m "not whole_gpu" $parallel tests/gpu 2>&1 | tee -a "$RESULTS/run.log" \
+        || status=1
+      python3 -m pytest -q -p no:cacheprovider -rs -m whole_gpu tests/gpu 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     kernels)
       python3 -m benchmarks.kernels --out "$RESULTS/results.json" --suites decode prefill elementwise 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     hf)

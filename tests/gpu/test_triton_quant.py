@@ -264,6 +264,7 @@ ENGINE_GATES = {
 
 
 @needs_cuda
+@pytest.mark.whole_gpu
 @pytest.mark.parametrize(("scheme", "group"), list(ENGINE_GATES))
 def test_tiny_quantized_engine_on_cuda_tracks_the_reference(tmp_path, scheme, group):
     import this
