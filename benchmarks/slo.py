@@ -46,15 +46,6 @@ from kiln.bench.client import run_client, run_load
 from kiln.bench.workload import add_engine_arguments, engine_config, random_prompts
 
 RATIO_NEEDED = 0.9
-CONTROLLER_FLAGS = (
-    "slo_quantile",
-    "slo_interval_seconds",
-    "slo_window_seconds",
-    "slo_min_admission_interval",
-    "slo_max_admission_interval",
-    "slo_min_token_budget",
-    "slo_min_num_seqs",
-)
 
 
 def bursty_arrivals(
@@ -154,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     from kiln.engine.info import BatchingLimits
     from kiln.engine.process_setup import prepare_process
     from kiln.serve.background import serve_in_background
-    from kiln.serve.settings import ServerSettings
+    from kiln.serve.settings import SLO_CONTROLLER_SETTINGS, ServerSettings
 
     if args.random:
         factory = functools.partial(build_random_engine, args.random, config)
@@ -174,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     client += ["--vocab", str(vocab), *_workload_flags(args)]
     base = {"port": 0, "log_level": "warning", "max_waiting_sequences": None, "max_waiting_tokens": None}
     slo = {"slo_itl_ms": args.slo_itl_ms, "slo_ttft_ms": args.slo_ttft_ms}
-    slo |= {flag: getattr(args, flag) for flag in CONTROLLER_FLAGS}
+    slo |= {flag: getattr(args, flag) for flag in SLO_CONTROLLER_SETTINGS}
     times, _, outputs = workload(args, vocab)
     print(
         f"{len(times)} requests over {args.duration_s:g} s, {sum(outputs)} output tokens; fixed limits "

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Optional
 import typer
 from pydantic import ValidationError
 
-from kiln.serve.settings import ROLLOUT_SETTINGS, ServerSettings
+from kiln.serve.settings import ROLLOUT_SETTINGS, SLO_CONTROLLER_SETTINGS, ServerSettings
 
 
 class SettingsFlagError(ValueError):
@@ -61,17 +61,7 @@ HELP_PANELS: dict[str, tuple[str, ...]] = {
         "max_request_timeout_seconds",
     ),
     "Scheduling": ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "admission_interval"),
-    "SLO batching": (
-        "slo_ttft_ms",
-        "slo_itl_ms",
-        "slo_quantile",
-        "slo_interval_seconds",
-        "slo_window_seconds",
-        "slo_min_admission_interval",
-        "slo_max_admission_interval",
-        "slo_min_token_budget",
-        "slo_min_num_seqs",
-    ),
+    "SLO batching": ("slo_ttft_ms", "slo_itl_ms", *SLO_CONTROLLER_SETTINGS),
     "KV cache": (
         "block_size",
         "num_kv_blocks",

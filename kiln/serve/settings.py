@@ -36,6 +36,16 @@ ROLLOUT_SETTINGS = (
     "canary_max_latency_ratio",
     "golden_prompts",
 )
+# The SLO controller's settings beside its two targets, slo_ttft_ms and slo_itl_ms (kiln.serve.slo).
+SLO_CONTROLLER_SETTINGS = (
+    "slo_quantile",
+    "slo_interval_seconds",
+    "slo_window_seconds",
+    "slo_min_admission_interval",
+    "slo_max_admission_interval",
+    "slo_min_token_budget",
+    "slo_min_num_seqs",
+)
 
 
 class _ServerSettings(BaseSettings):
