@@ -453,16 +453,13 @@ class LLMEngine:
 
     def _advance_matchers(self, advanced: list[Request]) -> None:
         """Feed each structured request its new token; one whose grammar is complete stops there."""
-        held = [r for r in advanced if r.matcher is not None and not r.status.finished]
-        accepted = self.grammars.advance([(r.matcher, r.output_token_ids[-1]) for r in held])
-        for request, ok in zip(held, accepted, strict=True):
-            if request.status.finished:  # a sibling's failure aborted it
+        for request in advanced:
+            matcher = request.matcher
+            if matcher is None or request.status.finished:
                 continue
-            if not ok:  # the mask allowed it: a fault
-                self._fail_request(
-                    request.group_id or request.request_id, RuntimeError(request.matcher.get_error())
-                )
-            elif request.matcher.is_stopped():
+            if not matcher.consume_token(request.output_token_ids[-1]):  # the mask allowed it: a fault
+                self._fail_request(request.group_id or request.request_id, RuntimeError(matcher.get_error()))
+            elif matcher.is_stopped():
                 self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
 
     def _finish_step(self, scheduled: SchedulerOutput, launched: LaunchedStep) -> list[RequestOutput]:

@@ -94,12 +94,6 @@ class Grammars:
             self._matchers.popitem(last=False)
         return pristine.deep_copy()
 
-    def advance(self, steps: Sequence[tuple[llguidance.LLMatcher, int]]) -> list[bool]:
-        """Feed each matcher its token; False where the matcher refused it (it is then in error). One
-        call per matcher: llguidance's parallel consume was the slower at 256 rows
-        (docs/results/2026-12-05-h100)."""
-        return [matcher.consume_token(token) for matcher, token in steps]
-
     def fill_masks(self, matchers: Sequence[llguidance.LLMatcher | None], mask: torch.Tensor) -> None:
         """Fill `mask` ([rows, words] int32, CPU): each matcher's row with its allowed tokens, the rows
         without one with every token allowed."""
@@ -110,7 +104,9 @@ class Grammars:
             m, i = rows[0]
             m.unsafe_compute_mask_ptr(mask[i].data_ptr(), mask.shape[1] * 4)
         elif rows:
-            self._parallel().unsafe_compute_mask_ptr(rows, mask.data_ptr(), mask.shape[1] * 4, mask.shape[0])
+            if self._executor is None:
+                self._executor = llguidance.LLExecutor()
+            self._executor.unsafe_compute_mask_ptr(rows, mask.data_ptr(), mask.shape[1] * 4, mask.shape[0])
 
     def start_fill(self, matchers: Sequence[llguidance.LLMatcher | None], mask: torch.Tensor) -> MaskFill:
         """`fill_masks` begun in the background when more than one row is held (done at once otherwise).
@@ -121,11 +117,6 @@ class Grammars:
         if self._filler is None:
             self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-masks")
         return MaskFill(mask, self._filler.submit(self.fill_masks, matchers, mask))
-
-    def _parallel(self) -> llguidance.LLExecutor:
-        if self._executor is None:
-            self._executor = llguidance.LLExecutor()
-        return self._executor
 
     def mask_words(self) -> int:
         return (self.tokenizer.vocab_size + 31) // 32

@@ -1,5 +1,5 @@
-"""The grammar side of structured outputs: a batch of matchers advanced in one call, and masks filled in the
-background equal to the same masks filled inline."""
+"""The grammar side of structured outputs: masks filled in the background equal to the same masks filled
+inline, and requests' matchers copied from one cached per grammar."""
 
 from __future__ import annotations
 
@@ -16,20 +16,10 @@ def grammars(tiny_gqa_dir) -> Grammars:
     return Grammars(Tokenizer(tiny_gqa_dir).hf)
 
 
-def test_a_batch_advances_together_and_names_the_refused_token(grammars):
-    ab = StructuredOutput("regex", "[ab]{3}")
-    matchers = [grammars.matcher(ab) for _ in range(3)]
-    a, b, z = (grammars.tokenizer.tokenize_str(c)[0] for c in "abz")
-    assert grammars.advance([(matchers[0], a), (matchers[1], b), (matchers[2], z)]) == [True, True, False]
-    assert matchers[2].is_error() and not matchers[0].is_error()
-    assert grammars.advance([(matchers[0], b)]) == [True]
-    assert grammars.advance([]) == []
-
-
 def test_masks_filled_in_the_background_equal_the_inline_ones(grammars):
     schema = StructuredOutput.json_schema({"type": "array", "items": {"type": "integer"}})
     matchers = [grammars.matcher(schema), None, grammars.matcher(StructuredOutput.choice(["yes", "no"]))]
-    assert grammars.advance([(matchers[0], grammars.tokenizer.tokenize_str("[")[0])]) == [True]
+    assert matchers[0].consume_token(grammars.tokenizer.tokenize_str("[")[0])
     words = grammars.mask_words()
     inline = torch.zeros((3, words), dtype=torch.int32)
     grammars.fill_masks(matchers, inline)
@@ -56,6 +46,7 @@ def test_copies_of_a_cached_grammar_do_not_share_their_state(grammars):
     regex = StructuredOutput("regex", "[ab]{3}")
     first, second = grammars.matcher(regex), grammars.matcher(regex)
     a = grammars.tokenizer.tokenize_str("a")[0]
-    assert grammars.advance([(first, a)]) == [True]
-    assert first.consume_token(a) and first.consume_token(a) and first.is_accepting()
+    assert (
+        first.consume_token(a) and first.consume_token(a) and first.consume_token(a) and first.is_accepting()
+    )
     assert not second.is_accepting() and grammars.matcher(regex).consume_token(a)
