@@ -6,10 +6,13 @@ Rules:
   sampled token then advances the matcher. Why llguidance: no dependencies, broad JSON Schema support
   that names what it cannot enforce, Lark grammars with embedded JSON schemas (tool calls), and masks
   for a batch filled in parallel off the GIL (figures: docs/server.md).
-- A grammar is compiled once per distinct `StructuredOutput` into a matcher that is cached (bounded)
-  and never advanced; each request gets a copy of it. The grammar is checked when the request is
-  added: what llguidance cannot enforce is a RequestValidationError naming `structured`, never a
-  silent ignore.
+- A grammar is compiled into matchers that are cached (bounded) and never advanced; each request gets
+  a copy of one of them. llguidance's copy shares the original's lexer, and its lazily built states,
+  behind one lock that a mask computation holds throughout: copies of one matcher fill their masks one
+  at a time. So a grammar keeps one matcher per mask-filling thread (its families, made as requests
+  arrive), requests take them in turn, and a batch's rows are handed to the threads grouped by
+  family. The grammar is checked when the request is added: what llguidance cannot enforce is a
+  RequestValidationError naming `structured`, never a silent ignore.
 - The matcher follows the output tokens only, so preemption and recompute leave it as it is. Once the
   grammar is complete only end-of-sequence is allowed: the request stops there.
 - At batch the host's grammar work must hide behind the GPU: a step's masks fill on llguidance's
@@ -21,6 +24,7 @@ Rules:
 from __future__ import annotations
 
 import json
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,14 +62,51 @@ def grammar_text(structured: StructuredOutput) -> str:
     return llguidance.LLMatcher.grammar_from_lark(spec)
 
 
-class Grammars:
-    """One engine's matchers: the tokenizer llguidance reads, compiled grammars by `StructuredOutput`."""
+def default_fill_threads() -> int:
+    """llguidance's own default for its mask-filling pool, over the cores this process may use: 80% of
+    them, 1 to 32."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(32, max(1, cores * 80 // 100))
 
-    def __init__(self, hf_tokenizer: Any) -> None:
+
+@dataclass(slots=True)
+class Matcher:
+    """One request's place in its grammar: a copy of its family's matcher (see the module's rules)."""
+
+    inner: llguidance.LLMatcher
+    family: int
+
+    def consume_token(self, token: int) -> bool:
+        return self.inner.consume_token(token)
+
+    def is_stopped(self) -> bool:
+        return self.inner.is_stopped()
+
+    def is_accepting(self) -> bool:
+        return self.inner.is_accepting()
+
+    def get_error(self) -> str:
+        return self.inner.get_error()
+
+
+@dataclass(slots=True)
+class _Grammar:
+    text: str
+    families: list[llguidance.LLMatcher]  # never advanced; grows to one per filling thread
+    handed: int = 0  # matchers handed out: the next goes to family handed % threads
+
+
+class Grammars:
+    """One engine's matchers: the tokenizer llguidance reads, compiled grammars by `StructuredOutput`.
+    `threads` fill a batch's masks (default: `default_fill_threads`)."""
+
+    def __init__(self, hf_tokenizer: Any, threads: int | None = None) -> None:
         self._hf = hf_tokenizer
+        self.threads = threads if threads is not None else default_fill_threads()
+        if self.threads < 1:
+            raise ValueError(f"threads must be at least 1, not {self.threads}")
         self._tokenizer: llguidance.LLTokenizer | None = None
-        # One matcher per grammar, never advanced: requests get copies of it.
-        self._matchers: OrderedDict[StructuredOutput, llguidance.LLMatcher] = OrderedDict()
+        self._grammars: OrderedDict[StructuredOutput, _Grammar] = OrderedDict()
         self._executor: llguidance.LLExecutor | None = None
         self._filler: ThreadPoolExecutor | None = None  # the one thread that waits on background fills
 
@@ -75,40 +116,46 @@ class Grammars:
             self._tokenizer = llguidance.hf.from_tokenizer(self._hf)
         return self._tokenizer
 
-    def matcher(self, structured: StructuredOutput) -> llguidance.LLMatcher:
+    def matcher(self, structured: StructuredOutput) -> Matcher:
         """A fresh matcher at the start of the output; RequestValidationError when it cannot be enforced.
-        A copy of the grammar's cached matcher: it shares the lexer states that earlier requests of the
-        same grammar built, which makes both the copy and its masks cheaper than a new matcher's."""
-        pristine = self._matchers.get(structured)
-        if pristine is None:
+        A copy of one of the grammar's cached matchers, taken in turn: the copy shares the lexer states
+        that earlier requests of its family built, which makes it and its masks cheaper than a new one."""
+        grammar = self._grammars.get(structured)
+        if grammar is None:
             try:
-                grammar = grammar_text(structured)
+                text = grammar_text(structured)
             except (ValueError, RuntimeError) as exc:  # llguidance's parse errors
                 raise RequestValidationError(f"{structured.kind}: {exc}", "structured") from None
-            pristine = llguidance.LLMatcher(self.tokenizer, grammar)
-            if pristine.is_error():
-                raise RequestValidationError(f"{structured.kind}: {pristine.get_error()}", "structured")
-            self._matchers[structured] = pristine
-        self._matchers.move_to_end(structured)
-        while len(self._matchers) > GRAMMAR_CACHE_SIZE:
-            self._matchers.popitem(last=False)
-        return pristine.deep_copy()
+            first = llguidance.LLMatcher(self.tokenizer, text)
+            if first.is_error():
+                raise RequestValidationError(f"{structured.kind}: {first.get_error()}", "structured")
+            grammar = self._grammars[structured] = _Grammar(text, [first])
+        self._grammars.move_to_end(structured)
+        while len(self._grammars) > GRAMMAR_CACHE_SIZE:
+            self._grammars.popitem(last=False)
+        family = grammar.handed % self.threads
+        grammar.handed += 1
+        if family == len(grammar.families):  # the text compiled once already: this one cannot fail
+            grammar.families.append(llguidance.LLMatcher(self.tokenizer, grammar.text))
+        return Matcher(grammar.families[family].deep_copy(), family)
 
-    def fill_masks(self, matchers: Sequence[llguidance.LLMatcher | None], mask: torch.Tensor) -> None:
+    def fill_masks(self, matchers: Sequence[Matcher | None], mask: torch.Tensor) -> None:
         """Fill `mask` ([rows, words] int32, CPU): each matcher's row with its allowed tokens, the rows
         without one with every token allowed."""
         with torch.inference_mode():  # the buffer may be an inference tensor, and this a helper thread
             mask.fill_(-1)
-        rows = [(m, i) for i, m in enumerate(matchers) if m is not None]
-        if len(rows) == 1:
-            m, i = rows[0]
-            m.unsafe_compute_mask_ptr(mask[i].data_ptr(), mask.shape[1] * 4)
-        elif rows:
+        held = sorted((m.family, i) for i, m in enumerate(matchers) if m is not None)
+        if len(held) == 1:
+            i = held[0][1]
+            matchers[i].inner.unsafe_compute_mask_ptr(mask[i].data_ptr(), mask.shape[1] * 4)  # type: ignore[union-attr]
+        elif held:
             if self._executor is None:
-                self._executor = llguidance.LLExecutor()
+                self._executor = llguidance.LLExecutor(self.threads)
+            # Grouped by family, the pool's contiguous shares of the rows seldom wait on each other's lock.
+            rows = [(matchers[i].inner, i) for _, i in held]  # type: ignore[union-attr]
             self._executor.unsafe_compute_mask_ptr(rows, mask.data_ptr(), mask.shape[1] * 4, mask.shape[0])
 
-    def start_fill(self, matchers: Sequence[llguidance.LLMatcher | None], mask: torch.Tensor) -> MaskFill:
+    def start_fill(self, matchers: Sequence[Matcher | None], mask: torch.Tensor) -> MaskFill:
         """`fill_masks` begun in the background when more than one row is held (done at once otherwise).
         Until the fill's `wait` returns, neither `mask` nor those matchers may be touched."""
         if sum(m is not None for m in matchers) < 2:

@@ -15,6 +15,7 @@ from kiln.config import EngineConfig
 from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.outputs import RequestOutput
 from kiln.engine.sampling_params import SamplingParams, StructuredOutput
+from kiln.engine.structured import Grammars
 from kiln.llm import accumulate
 
 
@@ -88,7 +89,7 @@ def test_every_kind_of_request_comes_out_as_with_one_step_at_a_time(tiny_gqa_dir
         (
             [4, 6],
             SamplingParams(
-                temperature=0.9, seed=5, max_tokens=20, structured=StructuredOutput.choice(["yes", "no"])
+                temperature=0.9, seed=5, max_tokens=20, n=2, structured=StructuredOutput.choice(["yes", "no"])
             ),
         ),
         (
@@ -102,6 +103,15 @@ def test_every_kind_of_request_comes_out_as_with_one_step_at_a_time(tiny_gqa_dir
     ]
     sync = run_all(engine_for(tiny_gqa_dir, overlap=False), requests)
     overlapped_engine = engine_for(tiny_gqa_dir, overlap=True)
+    # Three mask-filling threads, so the two sequences of the `choice` request copy different families.
+    overlapped_engine.grammars = Grammars(overlapped_engine.tokenizer.hf, threads=3)
+    overlapped_engine.runner.grammars = overlapped_engine.grammars
+    families = []
+    matcher = overlapped_engine.grammars.matcher
+    overlapped_engine.grammars.matcher = lambda structured: (
+        m := matcher(structured),
+        families.append(m.family),
+    )[0]
     halves = []
     launch = overlapped_engine.runner.launch
     overlapped_engine.runner.launch = lambda out, fwd=None: (
@@ -123,10 +133,11 @@ def test_every_kind_of_request_comes_out_as_with_one_step_at_a_time(tiny_gqa_dir
     overlapped = run_all(overlapped_engine, requests)
     assert any(halves) and not all(halves)  # penalties and grammars took the two-halves path, others not
     assert any(ahead)
+    assert sorted(families) == [0, 0, 0, 1]  # the choice request's second sequence: another family
     assert max(held_rows) >= 2  # several rows' masks filled in the background while outputs were processed
     assert [summary(o) for o in overlapped] == [summary(o) for o in sync]
     assert len(sync[-3].outputs[0].text) == 3 and set(sync[-3].outputs[0].text) <= {"a", "b"}
-    assert sync[-2].outputs[0].text in ("yes", "no")
+    assert {c.text for c in sync[-2].outputs} <= {"yes", "no"} and len(sync[-2].outputs) == 2
     assert sync[0].outputs[0].finish_reason == "stop" and sync[0].outputs[0].stop_reason == stop_string
     assert sync[1].outputs[0].stop_reason == ids[6] and len(sync[2].outputs[0].token_ids) >= 8
     assert overlapped_engine.stats().kv_blocks_used == 0

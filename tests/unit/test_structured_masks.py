@@ -1,5 +1,5 @@
 """The grammar side of structured outputs: masks filled in the background equal to the same masks filled
-inline, and requests' matchers copied from one cached per grammar."""
+inline, and requests' matchers copied in turn from one cached matcher per grammar and filling thread."""
 
 from __future__ import annotations
 
@@ -50,3 +50,34 @@ def test_copies_of_a_cached_grammar_do_not_share_their_state(grammars):
         first.consume_token(a) and first.consume_token(a) and first.consume_token(a) and first.is_accepting()
     )
     assert not second.is_accepting() and grammars.matcher(regex).consume_token(a)
+
+
+def test_requests_take_the_families_of_a_grammar_in_turn(tiny_gqa_dir):
+    grammars = Grammars(Tokenizer(tiny_gqa_dir).hf, threads=3)
+    regex, choice = StructuredOutput("regex", "[ab]{3}"), StructuredOutput.choice(["yes", "no"])
+    assert [grammars.matcher(regex).family for _ in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    assert [grammars.matcher(choice).family for _ in range(2)] == [0, 1]  # each grammar counts its own
+    with pytest.raises(ValueError, match="at least 1"):
+        Grammars(Tokenizer(tiny_gqa_dir).hf, threads=0)
+
+
+def test_a_batch_across_families_fills_each_row_as_alone(tiny_gqa_dir):
+    """Rows go to the pool grouped by family, not in batch order: each mask must still land in its own row."""
+    grammars = Grammars(Tokenizer(tiny_gqa_dir).hf, threads=3)
+    tokens = {text: grammars.tokenizer.tokenize_str(text)[0] for text in ("[", "1", ",", "a")}
+    array = StructuredOutput.json_schema({"type": "array", "items": {"type": "integer"}})
+    regex = StructuredOutput("regex", "[ab]{3}")
+    matchers = [grammars.matcher(array if i % 2 else regex) for i in range(8)]
+    for i, matcher in enumerate(matchers):  # different states: 0 to 3 tokens into the output
+        fed = ["[", "1", ","][: i % 4] if i % 2 else ["a"] * (i % 4)
+        assert all(matcher.consume_token(tokens[text]) for text in fed)
+    assert len({m.family for m in matchers}) == 3
+    batch = [*matchers[:3], None, *matchers[3:]]
+    words = grammars.mask_words()
+    together = torch.zeros((len(batch), words), dtype=torch.int32)
+    grammars.fill_masks(batch, together)
+    for i, matcher in enumerate(batch):
+        alone = torch.zeros((1, words), dtype=torch.int32)
+        grammars.fill_masks([matcher], alone)
+        assert torch.equal(together[i], alone[0]), f"row {i}"
+    assert len({tuple(row.tolist()) for row in together}) >= 4  # the states differ, so do their masks
