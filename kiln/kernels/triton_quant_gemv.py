@@ -118,11 +118,12 @@ def _quant_gemv_kernel(
 
 
 def default_config(n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages). An 8-bit weight row of 4,096 inputs is 4 KB, so four
-    rows a program keep 16 KB a load in flight, what the 16-bit GEMV's two rows of 4,096 do. Any
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages): four rows of 2,048 inputs a program, 8 warps, the fastest
+    of `benchmarks.quant_gemv --sweep`'s tiles at every projection of Llama-2-7B and Llama-3.1-8B (half
+    the 16-bit GEMV's bytes in flight per load, but twice the programs to hide the latency). Any
     power-of-two group fits a power-of-two BLOCK_K: one divides the other."""
-    block_k = min(4096, triton.next_power_of_2(k))
-    return 4, block_k, 16 if block_k >= 4096 else 8 if block_k >= 2048 else 4, 1
+    block_k = min(2048, triton.next_power_of_2(k))
+    return 4, block_k, 8 if block_k >= 2048 else 4, 1
 
 
 def quant_gemv(
