@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command for the GPU machine: kernel tests against the references, then the benchmarks.
 #   scripts/gpu_check.sh [STAGE...]    stages: env tests kernels gemv quant tune kiln hf served
-#                                     served-eager-mixed startup smollm2 report
+#                                     served-eager-mixed startup prefill smollm2 report
 #                                     (default: all but tune, the tile-shape sweep)
 # Results (results.json, results.md, plots, run.log) go to $OUT if set (the device tool's folder), else
 # benchmarks/results; each stage appends to results.json and run.log.
@@ -46,6 +46,9 @@ PY
       python3 -m benchmarks.gemv --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     quant)  # the quantized kernels beside the 16-bit ones: GEMVs (7B and 8B shapes), GEMMs at 256-4096 tokens
       python3 -m benchmarks.quant_gemv --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
+    prefill)  # TTFT of one prompt of 1k-32k tokens (Llama-3.1-8B bf16) against the bf16 matmul ceiling
+      python3 -m benchmarks.prefill --random llama3.1-8b --json "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" \
+        || status=1 ;;
     tune)
       python3 -m benchmarks.kernels --out "$RESULTS/results.json" --suites tune 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     kiln)

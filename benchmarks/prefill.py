@@ -1,0 +1,193 @@
+"""Prefill: time to first token of one long prompt per length, beside the machine's matmul ceiling.
+
+    python -m benchmarks.prefill --random llama3.1-8b --json prefill.json --markdown prefill.md
+    python -m benchmarks.prefill --model ENGINE_DIR --lengths 1024 8192
+
+Rules of the measurement:
+- One engine: random weights at a preset shape (made on the device) or a model directory, in its dtype,
+  with `max_model_len` one past the longest prompt and a token budget per step (`--max-num-batched-tokens`)
+  of the longest prompt by default, so each prompt is one step; a smaller budget measures chunked prefill.
+- TTFT of a length: one request of that many random token ids and `max_tokens` 1, from `add_request` to
+  its token on the host; one untimed request of the same length first (compiles, captures), then the
+  best of `--repeats`, nothing else running.
+- The work of a prefill of L tokens, in FLOPs: 2 x L x (the layers' projection parameters: q, k, v, o,
+  gate, up, down), plus causal attention 2 x layers x L^2 x (heads x head_dim) (QK^T and PV, each
+  2 x L^2 x d over the lower triangle, half of the square), plus the LM head for the one sampled row.
+- The ceiling: the median time of one [S, S] @ [S, S] matmul in the engine's dtype (S = `--ceiling-size`,
+  8192 by default), measured in the same process after the engine is built; share = achieved / ceiling.
+- Reported per length: TTFT (ms), achieved TFLOP/s, share of the ceiling; `--json` writes the rows
+  (benchmarks.timing's format), `--markdown` the table; both printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.timing import Result, write_results
+from kiln.bench.offline import step_until_done
+from kiln.bench.workload import (
+    add_engine_arguments,
+    build_random_engine,
+    engine_config,
+    greedy,
+    random_prompts,
+    sync,
+)
+from kiln.config import DTYPES, ModelConfig
+from kiln.engine.llm_engine import LLMEngine
+from kiln.engine.process_setup import prepare_process
+
+DEFAULT_LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768]
+
+
+@dataclass(slots=True)
+class PrefillRow:
+    length: int
+    ttft_ms: float
+    tflops: float  # achieved
+    share: float  # of the ceiling
+
+
+def prefill_flops(config: ModelConfig, length: int) -> float:
+    """The FLOPs of one prefill of `length` tokens (the module's rule)."""
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    projections = h * q + 2 * h * kv + q * h + 3 * h * i
+    attention = 2 * layers * length * length * q
+    return 2.0 * length * layers * projections + attention + 2.0 * h * config.vocab_size
+
+
+def matmul_tflops(size: int, dtype: torch.dtype, device: torch.device, repeats: int = 20) -> float:
+    """TFLOP/s of one [size, size] @ [size, size] matmul: the median of `repeats` after a warm-up."""
+    a = torch.randn((size, size), dtype=dtype, device=device)
+    b = torch.randn((size, size), dtype=dtype, device=device)
+    for _ in range(3):
+        torch.matmul(a, b)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.matmul(a, b)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            times.append(time.perf_counter() - t0)
+    return 2.0 * size**3 / statistics.median(times) / 1e12
+
+
+def ttft_ms(engine: LLMEngine, length: int, repeats: int, seed: int = 0) -> float:
+    """The best time to first token of one prompt of `length` tokens (the module's rule)."""
+    vocab = engine.model_config.vocab_size
+    best = float("inf")
+    for rep in range(repeats + 1):
+        (prompt,) = random_prompts(1, [length], vocab, seed + rep)
+        sync(engine)
+        start = time.perf_counter()
+        engine.add_request(f"prefill-{length}-{rep}", prompt_token_ids=prompt, params=greedy(1))
+        first, _, _ = step_until_done(engine)
+        if first is None:
+            raise RuntimeError(f"the prompt of {length} tokens made no token")
+        if rep:  # the first one warms up
+            best = min(best, 1e3 * (first - start))
+    return best
+
+
+def measure(
+    engine: LLMEngine, lengths: list[int], repeats: int, ceiling_size: int
+) -> tuple[float, list[PrefillRow]]:
+    ceiling = matmul_tflops(ceiling_size, DTYPES[engine.dtype], engine.device)
+    rows = []
+    for length in lengths:
+        ms = ttft_ms(engine, length, repeats)
+        achieved = prefill_flops(engine.model_config, length) / (ms / 1e3) / 1e12
+        rows.append(PrefillRow(length, ms, achieved, achieved / ceiling))
+        print(f"prefill {length:6d} tokens: TTFT {ms:9.2f} ms, {achieved:7.1f} TFLOP/s", flush=True)
+    return ceiling, rows
+
+
+def markdown(name: str, device: str, ceiling: float, ceiling_size: int, rows: list[PrefillRow]) -> str:
+    lines = [
+        f"Prefill of one prompt, {name} on {device}; ceiling: {ceiling:,.1f} TFLOP/s "
+        f"([{ceiling_size}]² matmul in the engine's dtype, same process).",
+        "",
+        "| prompt tokens | TTFT, ms | TFLOP/s | share of the ceiling |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    lines += [f"| {r.length:,} | {r.ttft_ms:,.1f} | {r.tflops:,.1f} | {r.share:.1%} |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--random", choices=["llama2-7b", "llama3.1-8b"], help="random weights at this shape")
+    p.add_argument("--model", help="an engine or Hugging Face checkpoint directory")
+    p.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS, help="prompt lengths, tokens")
+    p.add_argument("--repeats", type=int, default=3, help="timed prompts per length (best counts)")
+    p.add_argument("--ceiling-size", type=int, default=8192, help="side of the square matmul ceiling")
+    p.add_argument("--json", type=Path, help="append the rows to this results file")
+    p.add_argument("--markdown", type=Path, help="write the table here")
+    add_engine_arguments(p, skip=("max_model_len",))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    if (args.random is None) == (args.model is None):
+        p.error("give exactly one of --random SHAPE or --model DIR")
+    if min(args.lengths) < 1 or args.repeats < 1 or args.ceiling_size < 1:
+        p.error("--lengths, --repeats and --ceiling-size must be positive")
+    longest = max(args.lengths)
+    budget = args.max_num_batched_tokens or longest
+    try:
+        config = engine_config(args, max_model_len=longest + 1, max_num_batched_tokens=budget)
+        if args.random:
+            engine = build_random_engine(args.random, config)
+        else:
+            engine = LLMEngine.from_path(args.model, config)
+    except ValueError as exc:  # a knob out of range
+        p.error(str(exc))
+    if engine.config.max_model_len <= longest:  # the model's context, or the KV cache, is shorter
+        p.error(
+            f"this engine takes prompts of at most {engine.config.max_model_len - 1} tokens, not {longest}"
+        )
+    prepare_process(engine.config)
+    name = args.random or Path(args.model).name
+    device = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
+    ceiling, rows = measure(engine, sorted(args.lengths), args.repeats, args.ceiling_size)
+    table = markdown(name, device, ceiling, args.ceiling_size, rows)
+    print(table)
+    if args.markdown:
+        args.markdown.write_text(table)
+    if args.json:
+        params: dict[str, Any] = {"max_num_batched_tokens": budget, "dtype": engine.dtype}
+        command = "python -m benchmarks.prefill " + " ".join(sys.argv[1:] if argv is None else argv)
+        results = [
+            Result("prefill", "kiln/matmul_ceiling", f"{args.ceiling_size}^3", "tflops", ceiling, params)
+        ]
+        for r in rows:
+            shape = f"{name} {r.length} tokens"
+            results.append(Result("prefill", "kiln/prefill_ttft", shape, "ms", r.ttft_ms, params, command))
+            results.append(
+                Result("prefill", "kiln/prefill_tflops", shape, "tflops", r.tflops, params, command)
+            )
+            results.append(Result("prefill", "kiln/prefill_share", shape, "ratio", r.share, params, command))
+        write_results(args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
