@@ -138,7 +138,7 @@ def apply_on_device(batch: int, vocab: int, model_vocab: int) -> dict[str, Any]:
     import torch
     import triton.testing  # deferred: CUDA only
 
-    from kiln.engine.structured import apply_token_bitmask  # deferred: torch
+    from kiln.kernels import apply_token_bitmask  # deferred: torch
 
     words = (vocab + 31) // 32
     mask = torch.randint(-(2**31), 2**31 - 1, (batch, words), dtype=torch.int32, device="cuda")

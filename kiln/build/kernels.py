@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from kiln import kernels
 from kiln.config import DTYPES, EngineConfig
 from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.sampling_params import SamplingParams
@@ -169,8 +170,9 @@ def warm_steps(engine: LLMEngine, *, max_num_tokens: int, max_num_seqs: int, see
     now: prefills of assorted lengths (1 to max_num_tokens), a prompt longer than a step's budget
     (chunked) and another reading its cached blocks, ragged steps mixing prefills into running decodes,
     then, with the decode CUDA graphs set aside, eager decode at odd batch sizes and at each context
-    length where the attention split count changes (what an `enforce_eager` server and mixed steps run).
-    Greedy, EOS ignored, random token ids. Returns the number of steps run."""
+    length where the attention split count changes (what an `enforce_eager` server and mixed steps run),
+    and last the structured outputs' mask kernel on its own. Greedy, EOS ignored, random token ids.
+    Returns the number of steps run."""
 
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
@@ -219,6 +221,11 @@ def warm_steps(engine: LLMEngine, *, max_num_tokens: int, max_num_seqs: int, see
     finally:
         if graphs is not None:
             runner.graphs = graphs  # type: ignore[union-attr]
+    # Structured outputs' mask kernel: one variant for every shape, so any logits and mask compile it.
+    kernels.apply_token_bitmask(
+        torch.zeros((1, vocab), device=engine.device),
+        torch.zeros((1, 1), dtype=torch.int32, device=engine.device),
+    )
     return steps
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from kiln.engine.sampling_params import SamplingParams
-from kiln.engine.structured import apply_token_bitmask
+from kiln.kernels import apply_token_bitmask
 
 # Smallest noise value: an Exponential(1) draw of exactly 0 would make p / E a 0 / 0 = NaN for a masked token,
 # and argmax picks NaN.

@@ -84,6 +84,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return reference.silu_and_mul(x)
 
 
+def apply_token_bitmask(logits: torch.Tensor, mask: torch.Tensor) -> None:
+    """A structured output's allowed tokens: every logit of [rows, vocab] whose bit in the int32 [rows,
+    words] mask is 0, or past the mask's 32 * words tokens, becomes -inf, in place."""
+    if _use_triton(logits):
+        return _triton("bitmask").apply_token_bitmask(logits, mask)
+    return reference.apply_token_bitmask(logits, mask)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] @ weight.T (+ bias). One token without bias takes the Triton GEMV on CUDA (the batch-1
     decode step's projections); everything else is torch's linear (cuBLAS)."""

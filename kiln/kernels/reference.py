@@ -140,3 +140,15 @@ def apply_rotary(
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] @ weight [N, K].T (+ bias) -> [T, N]: torch's own linear layer."""
     return F.linear(x, weight, bias)
+
+
+def apply_token_bitmask(logits: torch.Tensor, mask: torch.Tensor) -> None:
+    """Set every logit whose bit in `mask` ([rows, words] int32, on the logits' device) is 0 to -inf;
+    tokens past the mask's width (the model's padded vocabulary) are never allowed."""
+    width = mask.shape[1] * 32
+    shifts = torch.arange(32, device=mask.device, dtype=torch.int32)
+    allowed = ((mask.unsqueeze(-1) >> shifts) & 1).view(mask.shape[0], width).bool()
+    vocab = logits.shape[1]
+    if vocab > width:
+        logits[:, width:] = float("-inf")
+    logits[:, : min(vocab, width)].masked_fill_(~allowed[:, :vocab], float("-inf"))
