@@ -5,7 +5,8 @@
 Rules: the same schema and the same compact answer (its token ids under the given tokenizer) for both;
 each mask is filled for one sequence on the host, then the answer's next token is consumed, so a row is
 the host time a constrained request adds per generated token. `--batch N`: N sequences at once, each
-library's batched fill (threads off the GIL), timed per step; on CUDA also the masks applied to
+library's batched fill (threads off the GIL), timed per step, and Kiln's own fill of N requests that walk
+apart through the schema, with one thread and with its filling threads; on CUDA also the masks applied to
 [N, vocabulary] logits on the device (Kiln's `apply_token_bitmask` beside xgrammar's kernel). A library
 that is not installed is reported as such, not measured. Kiln uses llguidance (docs/server.md says why);
 xgrammar is only here.
@@ -160,6 +161,51 @@ def apply_on_device(batch: int, vocab: int, model_vocab: int) -> dict[str, Any]:
     return rows
 
 
+def batch_families(hf: Any, batch: int, steps: int = 40, seed: int = 0) -> dict[str, Any]:
+    """Kiln's own fill (`Grammars.fill_masks`) of `batch` requests of SCHEMA that walk apart, each taking a
+    random allowed token per step (seeded, so both runs walk alike): with one filling thread (one cached
+    matcher: every copy shares its lexer lock, so this is also what any number of threads did with
+    one family) and with the default threads, one family each. Mean and median ms per step."""
+    import random
+
+    import torch  # deferred: torch
+
+    from kiln.engine.sampling_params import StructuredOutput
+    from kiln.engine.structured import Grammars, default_fill_threads
+
+    structured = StructuredOutput.json_schema(SCHEMA)
+    rows: dict[str, Any] = {}
+    for label, threads in (("one_thread", 1), ("families", default_fill_threads())):
+        grammars = Grammars(hf, threads=threads)
+        matchers: list[Any] = [grammars.matcher(structured) for _ in range(batch)]
+        mask = torch.empty((batch, grammars.mask_words()), dtype=torch.int32)
+        shifts = torch.arange(32, dtype=torch.int32)
+        rng = random.Random(seed)
+        per_step = []
+        for _ in range(steps):
+            if all(m is None for m in matchers):
+                break
+            start = time.perf_counter()
+            grammars.fill_masks(matchers, mask)
+            per_step.append(time.perf_counter() - start)
+            for i, matcher in enumerate(matchers):
+                if matcher is None:
+                    continue
+                bits = ((mask[i].unsqueeze(-1) >> shifts) & 1).view(-1)[: grammars.tokenizer.vocab_size]
+                if (
+                    not matcher.consume_token(rng.choice(bits.nonzero().flatten().tolist()))
+                    or matcher.is_stopped()
+                ):
+                    matchers[i] = None
+        rows[label] = {
+            "threads": threads,
+            "mean_ms": statistics.mean(per_step) * 1e3,
+            "median_ms": statistics.median(per_step) * 1e3,
+            "steps": len(per_step),
+        }
+    return rows
+
+
 def _row(setup: float, compile_s: float, per_token: list[float]) -> dict[str, float]:
     return {
         "tokenizer_setup_ms": setup * 1e3,
@@ -198,6 +244,11 @@ def main(argv: list[str] | None = None) -> int:
             except ImportError:
                 rows[key] = "not installed"
             print(key, rows[key])
+        try:
+            rows[f"kiln_families_batch{args.batch}"] = batch_families(hf, args.batch)
+        except ImportError:
+            rows[f"kiln_families_batch{args.batch}"] = "llguidance not installed"
+        print(f"kiln_families_batch{args.batch}", rows[f"kiln_families_batch{args.batch}"])
         import torch  # deferred: only the device rows need it
 
         if torch.cuda.is_available():
