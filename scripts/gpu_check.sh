@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one command for the GPU machine: kernel tests against the references, then the benchmarks.
-#   scripts/gpu_check.sh [STAGE...]    stages: env tests kernels gemv quant tune kiln hf served
-#                                     served-eager-mixed startup prefill smollm2 report
+#   scripts/gpu_check.sh [STAGE...]    stages: env tests kernels gemv quant quant-engines tune kiln hf
+#                                     served served-eager-mixed startup prefill structured grammar
+#                                     smollm2 report
 #                                     (default: all but tune, the tile-shape sweep)
 # Results (results.json, results.md, plots, run.log) go to $OUT if set (the device tool's folder), else
 # benchmarks/results; each stage appends to results.json and run.log.
@@ -49,6 +50,22 @@ PY
     prefill)  # TTFT of one prompt of 1k-32k tokens (Llama-3.1-8B bf16) against the bf16 matmul ceiling
       python3 -m benchmarks.prefill --random llama3.1-8b --json "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" \
         || status=1 ;;
+    quant-engines)  # each scheme beside the 16-bit engine: batch-1 decode (7B), offline 128/128 (8B), FP8 1000/1000
+      for scheme in none int8-wo fp8 int8-sq; do
+        q=$([ $scheme = none ] || echo "--quantization $scheme")
+        python3 -m kiln.bench --random llama2-7b --latency-only $q --json "$RESULTS/results.json" 2>&1 \
+          | tee -a "$RESULTS/run.log" || status=1
+        python3 -m kiln.bench --random llama3.1-8b --throughput-only --max-num-seqs 512 $q \
+          --json "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1
+      done
+      python3 -m kiln.bench --random llama3.1-8b --throughput-only --max-num-seqs 512 --input-len 1000 \
+        --output-len 1000 --quantization fp8 --json "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
+    structured)  # a JSON schema at 256 streams and at batch 1; SmolLM2's tokenizer files in $KILN_TOKENIZER_DIR (.tok)
+      python3 -m benchmarks.structured "${KILN_TOKENIZER_DIR:-.tok}" --repeats 2 --json "$RESULTS/structured.json" \
+        2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
+    grammar)  # llguidance / xgrammar per mask and at 256 rows, Kiln's fill by families, masks applied on the device
+      python3 -m benchmarks.grammar_backends "${KILN_TOKENIZER_DIR:-.tok}" --batch 256 \
+        --json "$RESULTS/grammar_backends.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     tune)
       python3 -m benchmarks.kernels --out "$RESULTS/results.json" --suites tune 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     kiln)
