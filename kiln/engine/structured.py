@@ -38,7 +38,9 @@ import torch
 from kiln.engine.sampling_params import StructuredOutput
 from kiln.errors import RequestValidationError
 
-GRAMMAR_CACHE_SIZE = 512
+# Cached matchers over all grammars: a matcher keeps the lexer states its requests built (~0.2 MB for a
+# typical schema), and a grammar may hold one per filling thread. The least recently used go first.
+MATCHER_CACHE_SIZE = 1024
 _JSON_OPTIONS = {"whitespace_flexible": False}
 
 
@@ -107,6 +109,7 @@ class Grammars:
             raise ValueError(f"threads must be at least 1, not {self.threads}")
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._grammars: OrderedDict[StructuredOutput, _Grammar] = OrderedDict()
+        self.cached_matchers = 0  # over all grammars
         self._executor: llguidance.LLExecutor | None = None
         self._filler: ThreadPoolExecutor | None = None  # the one thread that waits on background fills
 
@@ -130,13 +133,15 @@ class Grammars:
             if first.is_error():
                 raise RequestValidationError(f"{structured.kind}: {first.get_error()}", "structured")
             grammar = self._grammars[structured] = _Grammar(text, [first])
+            self.cached_matchers += 1
         self._grammars.move_to_end(structured)
-        while len(self._grammars) > GRAMMAR_CACHE_SIZE:
-            self._grammars.popitem(last=False)
         family = grammar.handed % self.threads
         grammar.handed += 1
         if family == len(grammar.families):  # the text compiled once already: this one cannot fail
             grammar.families.append(llguidance.LLMatcher(self.tokenizer, grammar.text))
+            self.cached_matchers += 1
+        while self.cached_matchers > MATCHER_CACHE_SIZE and len(self._grammars) > 1:  # never this one
+            self.cached_matchers -= len(self._grammars.popitem(last=False)[1].families)
         return Matcher(grammar.families[family].deep_copy(), family)
 
     def fill_masks(self, matchers: Sequence[Matcher | None], mask: torch.Tensor) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kiln.engine import structured
 from kiln.engine.sampling_params import StructuredOutput
 from kiln.engine.structured import Grammars
 from kiln.models.tokenizer import Tokenizer
@@ -81,3 +82,24 @@ def test_a_batch_across_families_fills_each_row_as_alone(tiny_gqa_dir):
         grammars.fill_masks([matcher], alone)
         assert torch.equal(together[i], alone[0]), f"row {i}"
     assert len({tuple(row.tolist()) for row in together}) >= 4  # the states differ, so do their masks
+
+
+def test_the_least_recently_used_grammars_leave_the_cache_first(tiny_gqa_dir, monkeypatch):
+    monkeypatch.setattr(structured, "MATCHER_CACHE_SIZE", 4)
+    grammars = Grammars(Tokenizer(tiny_gqa_dir).hf, threads=3)
+    a, b, c = (StructuredOutput("regex", r) for r in ("a+", "b+", "c+"))
+    for _ in range(3):
+        grammars.matcher(a)  # three families
+    grammars.matcher(b)
+    assert grammars.cached_matchers == 4
+    grammars.matcher(b)  # a fifth: `a`, the least recently used, goes with its three
+    assert grammars.cached_matchers == 2
+    assert grammars.matcher(a).family == 0  # compiled again, from its first family
+    grammars.matcher(c)  # b (two) is now the oldest: 1 + 1 + 2 = 4 fits
+    assert grammars.cached_matchers == 4
+    for _ in range(2):  # c's second and third families: b goes first, then nothing needs to
+        grammars.matcher(c)
+    assert grammars.cached_matchers == 4  # a (1) and c (3)
+    monkeypatch.setattr(structured, "MATCHER_CACHE_SIZE", 2)
+    assert grammars.matcher(c).family == 0  # a goes; c alone is past the bound but is the one in use
+    assert grammars.cached_matchers == 3
