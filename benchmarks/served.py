@@ -150,12 +150,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _step_totals(before: EngineStats, after: EngineStats, seconds: float) -> dict[str, float]:
-    """Steps per second, mean sequences and tokens per step between two EngineStats."""
+    """Steps per second, mean sequences and tokens per step between two EngineStats, and the share of
+    `seconds` the engine spent in steps (served: what throughput loses to an engine left idle by the front
+    end, apart from what it loses to smaller batches; the client's few idle-TTFT requests before the load
+    count in the steps but not in the seconds). Offline it exceeds 1 by run_throughput's warm-up request."""
     steps = max(1, after.num_steps - before.num_steps)
     return {
         "steps_per_s": steps / seconds,
         "mean_seqs": (after.num_step_seqs - before.num_step_seqs) / steps,
         "mean_tokens": (after.num_step_tokens - before.num_step_tokens) / steps,
+        "busy_fraction": (after.busy_seconds - before.busy_seconds) / seconds,
     }
 
 
