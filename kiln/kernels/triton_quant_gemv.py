@@ -1,8 +1,8 @@
 """Matrix-vector products for one token over 8-bit weights (batch-1 decode of a quantized engine), in Triton.
 
 The structure of `kiln.kernels.triton_gemv` (read it first): each program owns BLOCK_N output rows and
-reads chunks of up to 4,096 inputs of them in one load, evicted first (read once), while the input
-vector is kept in cache (every program re-reads it); products accumulate in float32 and are summed once
+reads chunks of BLOCK_K inputs of them (2,048 by default) in one load, evicted first (read once), while
+the input vector is kept in cache (every program re-reads it); products accumulate in float32 and are summed once
 at the end; on Hopper the kernel launches with programmatic dependent launch and streams its first weight
 chunk before it waits for the kernel that writes its input. Batch-1 decode is weight streaming, so an
 8-bit weight is half the bytes of a 16-bit one and the GEMV should take about half the time: the
