@@ -9,12 +9,13 @@ Rules of the measurement:
   of the longest prompt by default, so each prompt is one step; a smaller budget measures chunked prefill.
 - TTFT of a length: one request of that many random token ids and `max_tokens` 1, from `add_request` to
   its token on the host; one untimed request of the same length first (compiles, captures), then the
-  best of `--repeats`, nothing else running.
+  best of `--repeats`, nothing else running (`kiln.bench.offline.run_latency`, best by TTFT).
 - The work of a prefill of L tokens, in FLOPs: 2 x L x (the layers' projection parameters: q, k, v, o,
   gate, up, down), plus causal attention 2 x layers x L^2 x (heads x head_dim) (QK^T and PV, each
   2 x L^2 x d over the lower triangle, half of the square), plus the LM head for the one sampled row.
 - The ceiling: the median time of one [S, S] @ [S, S] matmul in the engine's dtype (S = `--ceiling-size`,
-  8192 by default), measured in the same process after the engine is built; share = achieved / ceiling.
+  8192 by default; `benchmarks.timing.bench_us` on CUDA), measured in the same process after the engine
+  is built; share = achieved / ceiling.
 - Reported per length: TTFT (ms), achieved TFLOP/s, share of the ceiling; `--json` writes the rows
   (benchmarks.timing's format), `--markdown` the table; both printed.
 """
@@ -31,16 +32,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.timing import Result, write_results
-from kiln.bench.offline import step_until_done
-from kiln.bench.workload import (
-    add_engine_arguments,
-    build_random_engine,
-    engine_config,
-    greedy,
-    random_prompts,
-    sync,
-)
+from benchmarks.timing import Result, bench_us, write_results
+from kiln.bench.offline import run_latency
+from kiln.bench.workload import add_engine_arguments, build_random_engine, engine_config
 from kiln.config import DTYPES, ModelConfig
 from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.process_setup import prepare_process
@@ -59,50 +53,28 @@ class PrefillRow:
 def prefill_flops(config: ModelConfig, length: int) -> float:
     """The FLOPs of one prefill of `length` tokens (the module's rule)."""
     h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    q = config.num_attention_heads * config.head_dim
-    kv = config.num_key_value_heads * config.head_dim
+    q, kv = config.q_size, config.kv_size
     projections = h * q + 2 * h * kv + q * h + 3 * h * i
     attention = 2 * layers * length * length * q
     return 2.0 * length * layers * projections + attention + 2.0 * h * config.vocab_size
 
 
 def matmul_tflops(size: int, dtype: torch.dtype, device: torch.device, repeats: int = 20) -> float:
-    """TFLOP/s of one [size, size] @ [size, size] matmul: the median of `repeats` after a warm-up."""
+    """TFLOP/s of one [size, size] @ [size, size] matmul: benchmarks.timing's median on CUDA, else the
+    median of `repeats` host-timed runs after a warm-up."""
     a = torch.randn((size, size), dtype=dtype, device=device)
     b = torch.randn((size, size), dtype=dtype, device=device)
-    for _ in range(3):
+    if device.type == "cuda":
+        seconds = bench_us(lambda: torch.matmul(a, b)) / 1e6
+    else:
         torch.matmul(a, b)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
             torch.matmul(a, b)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            torch.matmul(a, b)
-            times.append(time.perf_counter() - t0)
-    return 2.0 * size**3 / statistics.median(times) / 1e12
-
-
-def ttft_ms(engine: LLMEngine, length: int, repeats: int, seed: int = 0) -> float:
-    """The best time to first token of one prompt of `length` tokens (the module's rule)."""
-    vocab = engine.model_config.vocab_size
-    best = float("inf")
-    for rep in range(repeats + 1):
-        (prompt,) = random_prompts(1, [length], vocab, seed + rep)
-        sync(engine)
-        start = time.perf_counter()
-        engine.add_request(f"prefill-{length}-{rep}", prompt_token_ids=prompt, params=greedy(1))
-        first, _, _ = step_until_done(engine)
-        if first is None:
-            raise RuntimeError(f"the prompt of {length} tokens made no token")
-        if rep:  # the first one warms up
-            best = min(best, 1e3 * (first - start))
-    return best
+            times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+    return 2.0 * size**3 / seconds / 1e12
 
 
 def measure(
@@ -111,7 +83,7 @@ def measure(
     ceiling = matmul_tflops(ceiling_size, DTYPES[engine.dtype], engine.device)
     rows = []
     for length in lengths:
-        ms = ttft_ms(engine, length, repeats)
+        ms = run_latency(engine, length, 1, repeats=repeats, best_by="ttft_ms").ttft_ms
         achieved = prefill_flops(engine.model_config, length) / (ms / 1e3) / 1e12
         rows.append(PrefillRow(length, ms, achieved, achieved / ceiling))
         print(f"prefill {length:6d} tokens: TTFT {ms:9.2f} ms, {achieved:7.1f} TFLOP/s", flush=True)
