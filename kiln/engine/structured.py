@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -100,14 +101,17 @@ class _Grammar:
 
 class Grammars:
     """One engine's matchers: the tokenizer llguidance reads, compiled grammars by `StructuredOutput`.
-    `threads` fill a batch's masks (default: `default_fill_threads`)."""
+    `threads` fill a batch's masks (default: `default_fill_threads`); `tokenizer`: llguidance's view of
+    `hf_tokenizer` when one was set up already (it takes ~0.5 s)."""
 
-    def __init__(self, hf_tokenizer: Any, threads: int | None = None) -> None:
+    def __init__(
+        self, hf_tokenizer: Any, threads: int | None = None, tokenizer: llguidance.LLTokenizer | None = None
+    ) -> None:
         self._hf = hf_tokenizer
         self.threads = threads if threads is not None else default_fill_threads()
         if self.threads < 1:
             raise ValueError(f"threads must be at least 1, not {self.threads}")
-        self._tokenizer: llguidance.LLTokenizer | None = None
+        self._tokenizer = tokenizer
         self._grammars: OrderedDict[StructuredOutput, _Grammar] = OrderedDict()
         self.cached_matchers = 0  # over all grammars
         self._executor: llguidance.LLExecutor | None = None
@@ -147,28 +151,57 @@ class Grammars:
     def fill_masks(self, matchers: Sequence[Matcher | None], mask: torch.Tensor) -> None:
         """Fill `mask` ([rows, words] int32, CPU): each matcher's row with its allowed tokens, the rows
         without one with every token allowed."""
-        with torch.inference_mode():  # the buffer may be an inference tensor, and this a helper thread
-            mask.fill_(-1)
-        held = sorted((m.family, i) for i, m in enumerate(matchers) if m is not None)
-        if len(held) == 1:
-            i = held[0][1]
-            matchers[i].inner.unsafe_compute_mask_ptr(mask[i].data_ptr(), mask.shape[1] * 4)  # type: ignore[union-attr]
-        elif held:
-            if self._executor is None:
-                self._executor = llguidance.LLExecutor(self.threads)
-            # Grouped by family, the pool's contiguous shares of the rows seldom wait on each other's lock.
-            rows = [(matchers[i].inner, i) for _, i in held]  # type: ignore[union-attr]
-            self._executor.unsafe_compute_mask_ptr(rows, mask.data_ptr(), mask.shape[1] * 4, mask.shape[0])
+        self._fill_rows(self._held_rows(matchers, mask), mask)
 
     def start_fill(self, matchers: Sequence[Matcher | None], mask: torch.Tensor) -> MaskFill:
         """`fill_masks` begun in the background when more than one row is held (done at once otherwise).
-        Until the fill's `wait` returns, neither `mask` nor those matchers may be touched."""
-        if sum(m is not None for m in matchers) < 2:
-            self.fill_masks(matchers, mask)
+        Until the fill's `wait` returns, neither `mask` nor those matchers may be touched.
+
+        Everything but llguidance's call is done here, and this returns only once the filler thread is
+        inside that call (which runs off the GIL): a Python thread that still needed the GIL would wait
+        for it while the engine's thread runs Python, up to the interpreter's switch interval (5 ms) at
+        every hand-over, longer than a whole fill."""
+        rows = self._held_rows(matchers, mask)
+        if len(rows) < 2:
+            self._fill_rows(rows, mask)
             return MaskFill(mask, None)
         if self._filler is None:
             self._filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-masks")
-        return MaskFill(mask, self._filler.submit(self.fill_masks, matchers, mask))
+        started = threading.Event()
+
+        def fill() -> None:
+            started.set()
+            self._fill_rows(rows, mask)
+
+        future = self._filler.submit(fill)
+        started.wait()  # blocks without the GIL: the filler thread takes it at once
+        return MaskFill(mask, future)
+
+    @staticmethod
+    def _held_rows(
+        matchers: Sequence[Matcher | None], mask: torch.Tensor
+    ) -> list[tuple[llguidance.LLMatcher, int]]:
+        """The rows a matcher holds, with their row index, grouped by family (so the pool's contiguous
+        shares of the rows seldom wait on each other's lexer lock); the rows without one are set to
+        every token allowed now (llguidance writes whole rows, so the others need nothing)."""
+        held = sorted((m.family, i) for i, m in enumerate(matchers) if m is not None)
+        if len(held) < len(matchers):
+            free = [i for i, m in enumerate(matchers) if m is None]
+            with torch.inference_mode():  # the buffer may be an inference tensor
+                mask[free] = -1
+        return [(matchers[i].inner, i) for _, i in held]  # type: ignore[union-attr]
+
+    def _fill_rows(self, rows: list[tuple[llguidance.LLMatcher, int]], mask: torch.Tensor) -> None:
+        """Fill the held rows: one directly, more on llguidance's pool."""
+        if len(rows) == 1:
+            matcher, i = rows[0]
+            matcher.unsafe_compute_mask_ptr(mask[i].data_ptr(), mask.shape[1] * 4)
+            return
+        if not rows:
+            return
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor(self.threads)
+        self._executor.unsafe_compute_mask_ptr(rows, mask.data_ptr(), mask.shape[1] * 4, mask.shape[0])
 
     def mask_words(self) -> int:
         return (self.tokenizer.vocab_size + 31) // 32

@@ -3,6 +3,9 @@ inline, and requests' matchers copied in turn from one cached matcher per gramma
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -31,6 +34,25 @@ def test_masks_filled_in_the_background_equal_the_inline_ones(grammars):
     assert (inline[1] == -1).all() and not (inline[0] == -1).all() and not torch.equal(inline[0], inline[2])
     one = grammars.start_fill([matchers[2]], torch.zeros((1, words), dtype=torch.int32))
     assert one.future is None and torch.equal(one.wait()[0], inline[2])  # one row: filled at once
+
+
+def test_a_background_fill_is_under_way_when_start_fill_returns(tiny_gqa_dir, monkeypatch):
+    # The filler thread must not wait for the GIL behind the engine's thread: start_fill hands it over.
+    grammars = Grammars(Tokenizer(tiny_gqa_dir).hf, threads=2)
+    schema = StructuredOutput.json_schema({"type": "object"})
+    entered = threading.Event()
+
+    def slow_fill(rows, mask):
+        entered.set()
+        time.sleep(0.2)
+
+    matchers = [grammars.matcher(schema), grammars.matcher(schema)]
+    mask = torch.zeros((2, grammars.mask_words()), dtype=torch.int32)
+    grammars.start_fill(matchers, mask).wait()  # the filler thread exists and is idle, as in the engine
+    monkeypatch.setattr(grammars, "_fill_rows", slow_fill)
+    fill = grammars.start_fill(matchers, mask)
+    assert entered.is_set() and not fill.future.done()
+    fill.wait()
 
 
 def test_a_buffer_made_in_inference_mode_fills_on_the_helper_thread(grammars):
