@@ -1,7 +1,7 @@
 """Structured outputs on the GPU: what a JSON schema costs a batch, and batch-1, against the same workload free.
 
     python -m benchmarks.structured TOKENIZER_DIR [--shape llama3.1-8b] [--num-requests 256] [--json OUT.json]
-        [--profile OUT.txt]
+        [--profile OUT.txt] [--fill-threads N [N ...]]
 
 Rules:
 - One random-weight engine at a preset shape (kiln.bench.RANDOM_SHAPES) with a real byte-level tokenizer
@@ -13,6 +13,8 @@ Rules:
   ends outputs early, which alone would shift the share of prefill). The free run at the full output
   length is reported beside it. Runs alternate (`--repeats` each, best kept), so drift on the machine
   falls on all. Batch-1: ms/token after the first token, best of 3.
+- Each run reports the host's milliseconds per step in each engine phase (`kiln.bench.profile.PhaseClock`);
+  `collect` is the wait for the GPU, so a run whose `collect` is near zero is paced by the host.
 - `--profile`: one more constrained run under cProfile, its 40 costliest functions written out: where the
   host's time goes (time spent waiting for the GPU shows as the event's synchronize).
 - Compile: a fresh matcher for each schema in SCHEMAS (cold grammar cache), after the tokenizer is set up
@@ -99,8 +101,9 @@ def run_batch(
     engine: Any, prompts: list[list[int]], max_tokens: int | list[int], schema: dict[str, Any] | None
 ) -> dict[str, Any]:
     """Add every prompt at once (`max_tokens` for all, or one per prompt), step to the end; output tok/s,
-    each output's length and what the constrained outputs were."""
-    from kiln.bench.workload import sync  # deferred: torch
+    each output's length, the host's time per engine phase and what the constrained outputs were."""
+    from kiln.bench.profile import PhaseClock  # deferred: torch
+    from kiln.bench.workload import sync
 
     limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
     sync(engine)
@@ -109,11 +112,12 @@ def run_batch(
         engine.add_request(f"b{i}", prompt_token_ids=prompt, params=_params(limit, schema))
     tokens: dict[str, list[int]] = {}
     reasons: dict[str, str | None] = {}
-    while engine.has_unfinished_requests():
-        for delta in engine.step():
-            for c in delta.outputs:
-                tokens.setdefault(delta.request_id, []).extend(c.token_ids)
-                reasons[delta.request_id] = c.finish_reason
+    with PhaseClock(engine) as clock:
+        while engine.has_unfinished_requests():
+            for delta in engine.step():
+                for c in delta.outputs:
+                    tokens.setdefault(delta.request_id, []).extend(c.token_ids)
+                    reasons[delta.request_id] = c.finish_reason
     sync(engine)
     elapsed = time.perf_counter() - start
     generated = sum(len(t) for t in tokens.values())
@@ -123,6 +127,8 @@ def run_batch(
         "output_tok_per_s": generated / elapsed,
         "mean_output_len": generated / len(prompts),
         "output_lens": [len(tokens.get(f"b{i}", [])) for i in range(len(prompts))],
+        "steps": clock.calls["step"],
+        "phase_ms_per_step": clock.per_step_ms(),
     }
     if schema is not None:
         row.update(_check_outputs(engine, tokens, reasons, schema))
@@ -182,6 +188,17 @@ def profile_run(engine: Any, prompts: list[list[int]], max_tokens: int, schema: 
     return text.getvalue()
 
 
+def set_fill_threads(engine: Any, threads: int) -> None:
+    """Give `engine` a fresh set of matchers whose masks fill on `threads` threads (its compiled grammars
+    and the tokenizer's set-up are kept, as the engine shares them with the runner)."""
+    from kiln.engine.structured import Grammars  # deferred: torch
+
+    if engine.grammars.threads == threads:
+        return
+    grammars = Grammars(engine.tokenizer.hf, threads=threads, tokenizer=engine.grammars.tokenizer)
+    engine.grammars = engine.runner.grammars = grammars
+
+
 def compile_times(engine: Any) -> dict[str, Any]:
     """A new schema's cost: its grammar, a matcher and the first mask (cold cache, tokenizer set up)."""
     import torch  # deferred: as the engine
@@ -213,6 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--profile", type=Path, help="write a host profile of one constrained run here")
+    p.add_argument(
+        "--fill-threads",
+        type=int,
+        nargs="+",
+        help="run the constrained throughput with each of these mask-filling thread counts (default: the"
+        " engine's); the first is the one the ratio and the profile use",
+    )
     args = p.parse_args(argv)
 
     from kiln.bench.workload import build_random_engine, random_prompts  # deferred: torch, the engine
@@ -233,9 +257,16 @@ def main(argv: list[str] | None = None) -> int:
     prompts = random_prompts(args.num_requests, [args.input_len] * args.num_requests, vocab, 0)
     run_batch(engine, prompts[:8], 16, None)  # warm-up: kernels, graphs, both paths
     run_batch(engine, prompts[:8], 16, schema)
+    threads = args.fill_threads or [engine.grammars.threads]
     runs: dict[str, list[dict[str, Any]]] = {"schema": [], "free_same_lengths": [], "free": []}
+    runs |= {f"schema_threads_{t}": [] for t in threads[1:]}
     for _ in range(args.repeats):
-        runs["schema"].append(run_batch(engine, prompts, args.output_len, schema))
+        for i, t in enumerate(threads):
+            set_fill_threads(engine, t)
+            runs["schema" if i == 0 else f"schema_threads_{t}"].append(
+                run_batch(engine, prompts, args.output_len, schema)
+            )
+        set_fill_threads(engine, threads[0])
         lengths = [max(n, 1) for n in runs["schema"][-1]["output_lens"]]
         runs["free_same_lengths"].append(run_batch(engine, prompts, lengths, None))
         runs["free"].append(run_batch(engine, prompts, args.output_len, None))
@@ -245,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in best.values():
         del row["output_lens"]
     result["throughput"] = best
+    result["fill_threads"] = threads
     result["throughput_ratio"] = (
         best["schema"]["output_tok_per_s"] / best["free_same_lengths"]["output_tok_per_s"]
     )
@@ -270,6 +302,15 @@ def main(argv: list[str] | None = None) -> int:
         f" compile median {statistics.median(result['compile']['compile_ms'].values()):.1f} ms"
     )
     print(summary)
+    for t in threads[1:]:
+        row = best[f"schema_threads_{t}"]
+        ratio = row["output_tok_per_s"] / best["free_same_lengths"]["output_tok_per_s"]
+        print(f"schema with {t} filling threads: {row['output_tok_per_s']:.0f} tok/s = {100 * ratio:.1f}%")
+    for label in ("schema", "free_same_lengths"):
+        print(
+            f"{label}: {best[label]['steps']} steps; host ms per step by phase:",
+            best[label]["phase_ms_per_step"],
+        )
     result["summary"] = summary
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -1,9 +1,12 @@
-"""Profiles of the native engine for `kiln bench --profile`: a run of steps, and one prompt to its first token."""
+"""Profiles of the native engine for `kiln bench --profile`: a run of steps, and one prompt to its first token;
+`PhaseClock`, the host's time per engine phase without a profiler's overhead."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from kiln.bench.workload import greedy, random_prompts, sync
 
@@ -107,3 +110,69 @@ def _is_device_work(event) -> bool:
     from torch.autograd import DeviceType
 
     return getattr(event, "device_type", None) == DeviceType.CUDA and not event.key.startswith("phase: ")
+
+
+# (label, owner attribute of the engine or "" for the engine itself, method). Nested phases count in their
+# callers too: `settle_masks` inside `launch`, `collect` and `advance_matchers` inside `collect_step`.
+PHASES: tuple[tuple[str, str, str], ...] = (
+    ("step", "", "step"),
+    ("schedule", "scheduler", "schedule"),
+    ("prepare_inputs", "runner", "host_inputs"),
+    ("launch_forward", "runner", "launch_forward_host"),
+    ("launch", "runner", "launch"),
+    ("settle_masks", "runner", "settle_masks"),
+    ("collect_step", "", "_collect_step"),
+    ("collect", "runner", "collect"),
+    ("advance_matchers", "", "_advance_matchers"),
+    ("start_masks", "runner", "start_masks"),
+    ("process_outputs", "outputs", "process"),
+)
+
+
+class PhaseClock:
+    """Wall time of the engine's host phases, summed per phase while installed on one engine.
+
+    Rule: a phase is an engine method (PHASES), shadowed on the instance by a timed wrapper between
+    `install` and `remove`, so the engine's code is unchanged and the cost is two clock reads a call.
+    `collect` is the host waiting for the GPU's tokens: time there means the GPU, not the host, set the
+    pace of the step."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.seconds: dict[str, float] = {label: 0.0 for label, _, _ in PHASES}
+        self.calls: dict[str, int] = {label: 0 for label, _, _ in PHASES}
+        self._installed: list[tuple[Any, str]] = []
+
+    def install(self) -> PhaseClock:
+        for label, owner, name in PHASES:
+            target = getattr(self.engine, owner) if owner else self.engine
+            setattr(target, name, self._timed(label, getattr(target, name)))
+            self._installed.append((target, name))
+        return self
+
+    def remove(self) -> None:
+        for target, name in self._installed:
+            delattr(target, name)  # the class's method shows through again
+        self._installed.clear()
+
+    def __enter__(self) -> PhaseClock:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def _timed(self, label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[label] += time.perf_counter() - start
+                self.calls[label] += 1
+
+        return timed
+
+    def per_step_ms(self) -> dict[str, float]:
+        """Milliseconds per engine step of each phase that ran (the steps: calls of `step`)."""
+        steps = max(self.calls["step"], 1)
+        return {label: round(1e3 * s / steps, 3) for label, s in self.seconds.items() if self.calls[label]}

@@ -46,6 +46,7 @@ def test_free_and_constrained_runs_side_by_side(
     ]
     profile = tmp_path / "profile.txt"
     argv += ["--output-len", "40", "--repeats", "1", "--json", str(out), "--profile", str(profile)]
+    argv += ["--fill-threads", "2", "1"]
     assert structured.main(argv) == 0
     result = json.loads(out.read_text())
     assert set(result["compile"]["compile_ms"]) == set(structured.SCHEMAS)
@@ -56,7 +57,16 @@ def test_free_and_constrained_runs_side_by_side(
     assert held["completed_by_schema"] == 6 and held["mean_output_len"] <= 12
     # The like-for-like control produced exactly as many tokens as the constrained run.
     assert same["output_tokens"] == held["output_tokens"]
+    # The constrained run with each filling thread count; the first one's is the ratio's.
+    assert (
+        result["fill_threads"] == [2, 1]
+        and runs["schema_threads_1"]["output_tokens"] == held["output_tokens"]
+    )
     assert result["throughput_ratio"] == held["output_tok_per_s"] / same["output_tok_per_s"]
     assert result["throughput_ratio_vs_full_length"] == held["output_tok_per_s"] / free["output_tok_per_s"]
+    # Host time per phase, over as many steps as the longest output took (prefill included).
+    for run in (held, same):
+        assert run["steps"] >= run["mean_output_len"] > 0
+        assert {"step", "schedule", "collect", "advance_matchers"} <= set(run["phase_ms_per_step"])
     assert "tokens in" in profile.read_text() and "function calls" in profile.read_text()
     assert result["batch1"]["free"]["tokens"] == 40 and 2 <= result["batch1"]["schema"]["tokens"] <= 12
