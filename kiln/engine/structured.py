@@ -65,11 +65,16 @@ def grammar_text(structured: StructuredOutput) -> str:
     return llguidance.LLMatcher.grammar_from_lark(spec)
 
 
+# More mask-filling threads than this do not fill a batch faster (llguidance's pool contends; measured
+# at 256 streams on a 16-core host: docs/server.md), and each one is one more cached matcher per grammar.
+MAX_FILL_THREADS = 4
+
+
 def default_fill_threads() -> int:
-    """llguidance's own default for its mask-filling pool, over the cores this process may use: 80% of
-    them, 1 to 32."""
+    """Threads that fill a batch's masks: 80% of the cores this process may use (llguidance's own
+    rule), 1 to MAX_FILL_THREADS."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(32, max(1, cores * 80 // 100))
+    return min(MAX_FILL_THREADS, max(1, cores * 80 // 100))
 
 
 @dataclass(slots=True)

@@ -125,3 +125,9 @@ def test_the_least_recently_used_grammars_leave_the_cache_first(tiny_gqa_dir, mo
     monkeypatch.setattr(structured, "MATCHER_CACHE_SIZE", 2)
     assert grammars.matcher(c).family == 0  # a goes; c alone is past the bound but is the one in use
     assert grammars.cached_matchers == 3
+
+
+@pytest.mark.parametrize(("cores", "threads"), [(1, 1), (2, 1), (4, 3), (16, 4), (128, 4)])
+def test_default_fill_threads_is_most_of_the_cores_up_to_the_cap(monkeypatch, cores, threads):
+    monkeypatch.setattr(structured.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert structured.default_fill_threads() == threads
