@@ -10,6 +10,8 @@ Rules of the measurement:
 - TTFT of a length: one request of that many random token ids and `max_tokens` 1, from `add_request` to
   its token on the host; one untimed request of the same length first (compiles, captures), then the
   best of `--repeats`, nothing else running (`kiln.bench.offline.run_latency`, best by TTFT).
+- Prefix caching is off: every prompt is computed whole. (Prompts drawn with the same seed at two
+  lengths share their first tokens, so with it on a longer prompt reused the shorter one's blocks.)
 - The work of a prefill of L tokens, in FLOPs: 2 x L x (the layers' projection parameters: q, k, v, o,
   gate, up, down), plus causal attention 2 x layers x L^2 x (heads x head_dim) (QK^T and PV, each
   2 x L^2 x d over the lower triangle, half of the square), plus the LM head for the one sampled row.
@@ -111,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ceiling-size", type=int, default=8192, help="side of the square matmul ceiling")
     p.add_argument("--json", type=Path, help="append the rows to this results file")
     p.add_argument("--markdown", type=Path, help="write the table here")
-    add_engine_arguments(p, skip=("max_model_len",))
+    add_engine_arguments(p, skip=("max_model_len", "enable_prefix_caching"))
     return p
 
 
@@ -125,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     longest = max(args.lengths)
     budget = args.max_num_batched_tokens or longest
     try:
-        config = engine_config(args, max_model_len=longest + 1, max_num_batched_tokens=budget)
+        config = engine_config(
+            args, max_model_len=longest + 1, max_num_batched_tokens=budget, enable_prefix_caching=False
+        )
         if args.random:
             engine = build_random_engine(args.random, config)
         else:
@@ -145,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         args.markdown.write_text(table)
     if args.json:
-        params: dict[str, Any] = {"max_num_batched_tokens": budget, "dtype": engine.dtype}
+        params: dict[str, Any] = {
+            "max_num_batched_tokens": budget,
+            "dtype": engine.dtype,
+            "prefix_cache_hits": engine.stats().prefix_cache_hits,
+        }
         command = "python -m benchmarks.prefill " + " ".join(sys.argv[1:] if argv is None else argv)
         results = [
             Result("prefill", "kiln/matmul_ceiling", f"{args.ceiling_size}^3", "tflops", ceiling, params)

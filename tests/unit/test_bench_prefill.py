@@ -44,6 +44,8 @@ def test_rows_and_table_on_the_tiny_model(tiny_gqa_dir, tmp_path, capsys):
     for shape, value in share.items():
         assert value == pytest.approx(tflops[shape] / ceiling[0]["value"])
     assert all(r["params"]["max_num_batched_tokens"] == 48 for r in results)  # the longest prompt: one step
+    # The 48-token prompts begin with the 16-token ones (same seeds): only a cache that is off computes them whole.
+    assert all(r["params"]["prefix_cache_hits"] == 0 for r in results)
     text = table.read_text()
     assert "| prompt tokens | TTFT, ms | TFLOP/s | share of the ceiling |" in text
     assert text.index("| 16 |") < text.index("| 48 |") and text in capsys.readouterr().out
