@@ -45,7 +45,7 @@ def test_free_and_constrained_runs_side_by_side(
         "verdict",
     ]
     profile = tmp_path / "profile.txt"
-    argv += ["--output-len", "40", "--repeats", "1", "--json", str(out), "--profile", str(profile)]
+    argv += ["--output-len", "40", "--repeats", "2", "--json", str(out), "--profile", str(profile)]
     argv += ["--fill-threads", "2", "1"]
     assert structured.main(argv) == 0
     result = json.loads(out.read_text())
@@ -63,6 +63,12 @@ def test_free_and_constrained_runs_side_by_side(
         and runs["schema_threads_1"]["output_tokens"] == held["output_tokens"]
     )
     assert result["throughput_ratio"] == held["output_tok_per_s"] / same["output_tok_per_s"]
+    # The best constrained run against its own twin, which is the control of the same repeat.
+    by_repeat = result["throughput_ratio_by_repeat"]
+    assert len(by_repeat) == 2 and result["throughput_ratio"] in by_repeat
+    i, tok_per_s = by_repeat.index(result["throughput_ratio"]), result["throughput_runs_tok_per_s"]
+    assert tok_per_s["schema"][i] == max(tok_per_s["schema"])
+    assert tok_per_s["free_same_lengths"][i] == round(same["output_tok_per_s"])
     assert result["throughput_ratio_vs_full_length"] == held["output_tok_per_s"] / free["output_tok_per_s"]
     # Host time per phase, over as many steps as the longest output took (prefill included).
     for run in (held, same):
