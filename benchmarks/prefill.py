@@ -19,7 +19,8 @@ Rules of the measurement:
   8192 by default; `benchmarks.timing.bench_us` on CUDA), measured in the same process after the engine
   is built; share = achieved / ceiling.
 - Reported per length: TTFT (ms), achieved TFLOP/s, share of the ceiling; `--json` writes the rows
-  (benchmarks.timing's format), `--markdown` the table; both printed.
+  (benchmarks.timing's format), `--markdown` the table; both printed. `--profile DIR`: after the timed
+  runs, one more prompt of each length under torch.profiler, its op tables in DIR/prefill-LENGTH.txt.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 
 from benchmarks.timing import Result, bench_us, write_results
 from kiln.bench.offline import run_latency
+from kiln.bench.profile import profile_first_token
 from kiln.bench.workload import add_engine_arguments, build_random_engine, engine_config
 from kiln.config import DTYPES, ModelConfig
 from kiln.engine.llm_engine import LLMEngine
@@ -113,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ceiling-size", type=int, default=8192, help="side of the square matmul ceiling")
     p.add_argument("--json", type=Path, help="append the rows to this results file")
     p.add_argument("--markdown", type=Path, help="write the table here")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        help="also profile one more prompt of each length (kiln.bench.profile.profile_first_token): the"
+        " host and GPU op tables in DIR/prefill-LENGTH.txt",
+    )
     add_engine_arguments(p, skip=("max_model_len", "enable_prefix_caching"))
     return p
 
@@ -144,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     name = args.random or Path(args.model).name
     device = torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu"
     ceiling, rows = measure(engine, sorted(args.lengths), args.repeats, args.ceiling_size)
+    if args.profile:
+        for length in sorted(args.lengths):
+            summary = profile_first_token(engine, length, args.profile / f"prefill-{length}.txt")
+            print(f"profile of a {length}-token prompt: {summary}")
     table = markdown(name, device, ceiling, args.ceiling_size, rows)
     print(table)
     if args.markdown:

@@ -32,6 +32,7 @@ def test_rows_and_table_on_the_tiny_model(tiny_gqa_dir, tmp_path, capsys):
     out, table = tmp_path / "prefill.json", tmp_path / "prefill.md"
     args = ["--model", str(tiny_gqa_dir), "--lengths", "48", "16", "--repeats", "1", "--ceiling-size", "64"]
     args += ["--num-kv-blocks", "64", "--no-load-progress", "--json", str(out), "--markdown", str(table)]
+    args += ["--profile", str(tmp_path / "profiles")]
     assert prefill.main(args) == 0
     results = json.loads(out.read_text())["results"]
     ceiling = [r for r in results if r["name"] == "kiln/matmul_ceiling"]
@@ -46,6 +47,9 @@ def test_rows_and_table_on_the_tiny_model(tiny_gqa_dir, tmp_path, capsys):
     assert all(r["params"]["max_num_batched_tokens"] == 48 for r in results)  # the longest prompt: one step
     # The 48-token prompts begin with the 16-token ones (same seeds): only a cache that is off computes them whole.
     assert all(r["params"]["prefix_cache_hits"] == 0 for r in results)
+    for length in (16, 48):  # one profile a length, its prompt's wall time and op table
+        profile = (tmp_path / "profiles" / f"prefill-{length}.txt").read_text()
+        assert f"one prompt of {length} tokens" in profile and "aten::" in profile
     text = table.read_text()
     assert "| prompt tokens | TTFT, ms | TFLOP/s | share of the ceiling |" in text
     assert text.index("| 16 |") < text.index("| 48 |") and text in capsys.readouterr().out
