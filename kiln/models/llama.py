@@ -17,7 +17,7 @@ for any mix of requests (`kiln.engine.piecewise_graphs`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -285,8 +285,13 @@ class LlamaForCausalLM(nn.Module):
         return logits if self.tp is None else self.tp.gather_logits(logits)
 
     @torch.no_grad()
-    def load_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy packed tensors into the parameters (cast to each parameter's dtype and device).
+    def load_weights(
+        self,
+        weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+        copy: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> None:
+        """Copy packed tensors into the parameters (cast to each parameter's dtype and device), through
+        `copy(param, tensor)` when given (`kiln.models.upload.StagedUploader.copy`), else `param.copy_`.
 
         Accepts a mapping or a stream of (name, tensor) pairs, so a loader can feed tensors one at a
         time. Raises CheckpointError naming every missing, unexpected, duplicate or misshaped tensor,
@@ -314,7 +319,10 @@ class LlamaForCausalLM(nn.Module):
                     f"tensor {name!r} is {tensor.dtype}, the engine's {self.quant.scheme} "  # type: ignore[union-attr]
                     f"quantization stores it as torch.{fixed_dtypes[name]}"
                 )
-            params[name].copy_(tensor)
+            if copy is None:
+                params[name].copy_(tensor)
+            else:
+                copy(params[name], tensor)
             loaded.add(name)
         missing = sorted(set(expected) - loaded)
         if missing:

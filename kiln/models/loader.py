@@ -20,6 +20,7 @@ from kiln.errors import CheckpointError, InvalidEngineError
 from kiln.models.llama import LlamaForCausalLM
 from kiln.models.parallel import TensorParallelGroup, read_shard, shard_config, shard_spec
 from kiln.models.quant_linear import check_device_supports
+from kiln.models.upload import StagedUploader
 from kiln.models.weights import expected_packed_shapes, pack_hf_state_dict
 from kiln.progress import build_progress
 
@@ -33,6 +34,7 @@ def load_model(
     device: str | torch.device = "cpu",
     progress: bool = False,
     tp: TensorParallelGroup | None = None,
+    staged: bool = True,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
     """Load the model at `path` in eval mode on `device` (a progress bar on the console if `progress`).
 
@@ -48,6 +50,9 @@ def load_model(
     each tensor is sliced as safetensors reads it, so no rank ever holds a whole weight; a Hugging Face
     directory packs each fused tensor whole first, one at a time. The config returned is the whole
     model's. A quantized engine is refused with tensor parallelism (its scales are not sharded yet).
+
+    On a CUDA device the tensors go through pinned staging buffers (kiln.models.upload); `staged=False`
+    copies each one directly from pageable memory instead (same result, slower: for comparisons).
     """
     path = Path(path)
     quant: QuantConfig | None = None
@@ -79,9 +84,13 @@ def load_model(
             weights = _sharded(weights, config, tp)
     local = config if tp is None else shard_config(config, tp.world)
     model = build_empty_model(local, dtype=dtype, device=device, quant=quant, tp=tp)
+    target = torch.device(device)
+    uploader = StagedUploader(target) if staged and target.type == "cuda" else None
     with build_progress(enabled=progress) as bars:
         advance = bars.step(f"loading weights ({device})", total=len(expected_packed_shapes(local, quant)))
-        model.load_weights(_counted(weights, advance))
+        model.load_weights(_counted(weights, advance), copy=None if uploader is None else uploader.copy)
+    if uploader is not None:
+        uploader.finish()
     return model.eval(), config
 
 
