@@ -12,7 +12,8 @@ new directory), as on a fresh machine, and runs twice per repeat: without the en
 process start to the engine being ready, and to its first token, and the phases between (imports,
 then `LLMEngine.startup_seconds`: the engine's kernels, the weights, the KV cache, CUDA graphs). The
 weight files were just written, so they come from the page cache: a cold disk adds its read time (13 GB
-for Llama-2-7B fp16).
+for Llama-2-7B fp16). `--loading-only` instead times loading the weights onto the GPU in this process,
+through pinned staging buffers and by plain copies, alternating.
 """
 
 from __future__ import annotations
@@ -121,6 +122,26 @@ def measure(engine_dir: Path, *, empty_cache: bool = False, engine_kernels: bool
     }
 
 
+def loading_seconds(engine_dir: Path, rounds: int = 2) -> dict[str, list[float]]:
+    """Seconds to load the engine directory's weights onto the GPU in this process, through the pinned
+    staging buffers and by plain copies from pageable memory, alternating (staged first), `rounds` each."""
+    import torch
+
+    from kiln.models.loader import load_model
+
+    times: dict[str, list[float]] = {"staged": [], "plain": []}
+    for _ in range(rounds):
+        for way in times:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            model, _ = load_model(engine_dir, device="cuda", staged=way == "staged")
+            torch.cuda.synchronize()
+            times[way].append(time.perf_counter() - start)
+            del model
+            torch.cuda.empty_cache()
+    return times
+
+
 def tune_once(engine_dir: Path) -> float | None:
     """Write the engine directory's kernels/ unless it has one; the seconds it took (None: it had one)."""
     from kiln.build.kernels import tune_engine_kernels
@@ -136,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", type=Path, required=True, help="engine directory (written if it holds none)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", type=Path)
+    p.add_argument(
+        "--loading-only",
+        action="store_true",
+        help="only time loading the weights in this process, staged and plain (CUDA), not fresh processes",
+    )
     args = p.parse_args(argv)
     from kiln.engine_dir import is_engine_dir
 
@@ -147,14 +173,25 @@ def main(argv: list[str] | None = None) -> int:
 
     variants = [("kiln/startup_empty_cache", False)]
     rows: list[tuple[str, str, dict[str, float]]] = []  # (name, shape, metrics)
-    if torch.cuda.is_available():  # kernels/ holds CUDA kernels only
+    if args.loading_only:
+        if not torch.cuda.is_available():
+            p.error("--loading-only compares copies to a CUDA device: none here")
+        torch.cuda.empty_cache()
+        for way, seconds in loading_seconds(args.dir).items():
+            print(json.dumps({"load_weights": way, "seconds": seconds}), flush=True)
+            rows += [
+                (f"kiln/load_weights_{way}", f"{args.random} run {i + 1}", {"seconds": t})
+                for i, t in enumerate(seconds)
+            ]
+        variants = []
+    elif torch.cuda.is_available():  # kernels/ holds CUDA kernels only
         torch.cuda.empty_cache()  # what writing the random weights reserved: the children need the memory
         variants.append(("kiln/startup_engine_kernels", True))
         tune_s = tune_once(args.dir)
         if tune_s is not None:
             print(json.dumps({"tune_kernels_s": tune_s}), flush=True)
             rows.append(("kiln/tune_kernels", args.random, {"seconds": tune_s}))
-    for i in range(args.repeats):
+    for i in range(args.repeats if variants else 0):
         for name, kernels in variants:
             run = measure(args.dir, empty_cache=True, engine_kernels=kernels)
             print(json.dumps({"name": name, **run}), flush=True)

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from benchmarks import startup
 from kiln.engine_dir import EngineManifest
 
@@ -54,3 +56,15 @@ def test_warm_start_times_a_real_kiln_serve_to_health_ready_and_first_token(tmp_
         ("tiny median", "ready_s"),
         ("tiny run 1", "health_s"),
     }
+
+
+def test_loading_only_needs_a_gpu(tmp_path, monkeypatch, capsys):
+    import kiln.bench.workload
+
+    monkeypatch.setitem(kiln.bench.workload.RANDOM_SHAPES, "tiny-test", ("float32", TINY))
+    engine_dir = tmp_path / "engine"
+    startup.write_random_engine("tiny-test", engine_dir)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        startup.main(["--dir", str(engine_dir), "--loading-only"])
+    assert "--loading-only compares copies to a CUDA device" in capsys.readouterr().err
