@@ -65,8 +65,8 @@ def grammar_text(structured: StructuredOutput) -> str:
     return llguidance.LLMatcher.grammar_from_lark(spec)
 
 
-# More mask-filling threads than this do not fill a batch faster (llguidance's pool contends; measured
-# at 256 streams on a 16-core host: docs/server.md), and each one is one more cached matcher per grammar.
+# More mask-filling threads than this filled a batch's masks no sooner (256 streams on a 16-core host:
+# docs/server.md), and each one is one more cached matcher per grammar.
 MAX_FILL_THREADS = 4
 
 

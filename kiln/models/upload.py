@@ -3,7 +3,8 @@
 Rules:
 - A tensor read from a safetensors file is pageable memory (a view of the file's mapping). Copied to a
   GPU directly, the driver stages it through a small buffer of its own in the calling thread, faulting
-  the file's pages in as it goes: ~1 GB/s, most of a 7B engine's start-up. Here each tensor goes chunk
+  the file's pages in as it goes, one tensor after another with nothing overlapped (about 4x slower
+  for a 7B directory: docs/results/2026-12-05-h100). Here each tensor goes chunk
   by chunk into one of two pinned buffers (torch's CPU copy, on its intra-op threads, casting when the
   parameter's dtype differs) and from there to the device asynchronously on the current stream, so the
   host's copy of one chunk overlaps the transfer of the one before. A buffer is refilled only once the
