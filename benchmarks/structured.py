@@ -191,8 +191,8 @@ def profile_run(engine: Any, prompts: list[list[int]], max_tokens: int, schema: 
 
 
 def set_fill_threads(engine: Any, threads: int) -> None:
-    """Give `engine` a fresh set of matchers whose masks fill on `threads` threads (its compiled grammars
-    and the tokenizer's set-up are kept, as the engine shares them with the runner)."""
+    """Give `engine` (and its runner, which shares them) fresh matchers whose masks fill on `threads`
+    threads: grammars compile again, llguidance's tokenizer set-up is kept. Nothing when it has them."""
     from kiln.engine.structured import Grammars  # deferred: torch
 
     if engine.grammars.threads == threads:
