@@ -12,16 +12,23 @@ from kiln.models.upload import StagedUploader
 
 
 @pytest.mark.parametrize(
-    ("src_dtype", "dst_dtype"), [(torch.float16, torch.float16), (torch.float32, torch.bfloat16)]
+    ("src_dtype", "dst_dtype"),
+    [
+        (torch.float16, torch.float16),
+        (torch.float32, torch.bfloat16),  # cast while staging
+        (torch.int8, torch.int8),  # quantized weights: their bytes as stored
+        (torch.float8_e4m3fn, torch.float8_e4m3fn),
+    ],
 )
 def test_chunked_copies_equal_a_plain_copy(src_dtype, dst_dtype):
     # 1201 x 1001 elements (over SMALL_BYTES): 37 or 74 chunks of 64 KiB, the last one short.
-    src = torch.randn(1201, 1001, generator=torch.Generator().manual_seed(0)).to(src_dtype)
+    src = torch.randn(1201, 1001, generator=torch.Generator().manual_seed(0)).mul(3).to(src_dtype)
     uploader = StagedUploader(torch.device("cpu"), chunk_bytes=64 << 10)
     staged = torch.empty(src.shape, dtype=dst_dtype)
     uploader.copy(staged, src)
     uploader.finish()
-    assert torch.equal(staged, torch.empty_like(staged).copy_(src))
+    plain = torch.empty_like(staged).copy_(src)
+    assert torch.equal(staged.reshape(-1).view(torch.uint8), plain.reshape(-1).view(torch.uint8))
     assert uploader.staged_bytes == src.numel() * staged.element_size()
 
 
