@@ -47,9 +47,9 @@ PY
       python3 -m benchmarks.gemv --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     quant)  # the quantized kernels beside the 16-bit ones: GEMVs (7B and 8B shapes), GEMMs at 256-4096 tokens
       python3 -m benchmarks.quant_gemv --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
-    prefill)  # TTFT of one prompt of 1k-32k tokens (Llama-3.1-8B bf16) against the bf16 matmul ceiling
-      python3 -m benchmarks.prefill --random llama3.1-8b --json "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" \
-        || status=1 ;;
+    prefill)  # TTFT of one prompt of 1k-32k tokens (Llama-3.1-8B bf16) against the bf16 matmul ceiling, with op profiles
+      python3 -m benchmarks.prefill --random llama3.1-8b --json "$RESULTS/results.json" \
+        --profile "$RESULTS/prefill-profiles" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     quant-engines)  # each scheme beside the 16-bit engine: batch-1 decode (7B), offline 128/128 (8B), FP8 1000/1000
       for scheme in none int8-wo fp8 int8-sq; do
         q=$([ $scheme = none ] || echo "--quantization $scheme")
