@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import typer
 from rich.console import Console
 
-from kiln.config import EngineConfig, EngineLimits, canonical_quantization
+from kiln.config import EngineConfig, EngineLimits, canonical_kv_cache_dtype, canonical_quantization
 from kiln.errors import BackendUnavailableError, KilnError, OfflineError
 from kiln.serve.flags import ENV_HELP, SettingsFlagError, with_settings_flags
 from kiln.serve.settings import ROLLOUT_SETTINGS, ServerSettings
@@ -273,6 +273,13 @@ def build(
             show_default=False,
         ),
     ] = None,
+    kv_cache_dtype: Annotated[
+        str,
+        typer.Option(
+            help="KV-cache dtype: auto (the engine's dtype) or fp8 (E4M3, one calibrated scale per layer for K "
+            "and one for V; with any --quantization; both backends; see docs/quantization.md).",
+        ),
+    ] = "auto",
     tp_size: Annotated[
         int,
         typer.Option(
@@ -284,13 +291,13 @@ def build(
     calib_dataset: Annotated[
         Optional[str],  # noqa: UP045
         typer.Option(
-            help="Calibration dataset for quantization (native int8-sq: a UTF-8 text file; default: the "
-            "standard library's pydoc_data.topics).",
+            help="Calibration dataset for quantization (native int8-sq and fp8 KV cache: a UTF-8 text file; "
+            "default: the standard library's pydoc_data.topics).",
             show_default=False,
         ),
     ] = None,
     calib_size: Annotated[
-        int, typer.Option(help="Calibration samples (native int8-sq: of 512 tokens each).")
+        int, typer.Option(help="Calibration samples (native int8-sq and fp8 KV cache: of 512 tokens each).")
     ] = 512,
     smoothquant_alpha: Annotated[
         Optional[float],  # noqa: UP045
@@ -340,10 +347,15 @@ def build(
         raise _fail("--smoothquant-alpha is for the native backend's int8-sq", code=2)
     try:
         scheme = canonical_quantization(quantization)
+        kv_cache_dtype = canonical_kv_cache_dtype(kv_cache_dtype)
     except ValueError as exc:
         raise _fail(str(exc), code=2) from None
     calibrated = (calib_dataset is not None or calib_size != 512) and backend == "native"
-    if (calibrated or smoothquant_alpha is not None) and scheme != "int8_sq":
+    if calibrated and scheme != "int8_sq" and kv_cache_dtype != "fp8":
+        raise _fail(
+            "--calib-* on the native backend need --quantization int8-sq or --kv-cache-dtype fp8", code=2
+        )
+    if smoothquant_alpha is not None and scheme != "int8_sq":
         raise _fail(
             "--calib-* and --smoothquant-alpha on the native backend need --quantization int8-sq", code=2
         )
@@ -376,6 +388,7 @@ def build(
                 calib_dataset=calib_dataset,
                 calib_size=calib_size,
                 tensor_parallel_size=tp_size,
+                kv_cache_dtype=kv_cache_dtype,
             )
         elif backend == "trtllm":
             from kiln.build.trtllm import build_trtllm_engine  # deferred: TensorRT-LLM
@@ -386,6 +399,7 @@ def build(
                 dtype=dtype or "float16",
                 limits=limits,
                 quantization=quantization,
+                kv_cache_dtype=kv_cache_dtype,
                 tp_size=tp_size,
                 calib_dataset=calib_dataset,
                 calib_size=calib_size,
@@ -412,11 +426,17 @@ def build(
                 calib_dataset=calib_dataset,
                 calib_size=calib_size,
                 tensor_parallel_size=tp_size,
+                kv_cache_dtype=kv_cache_dtype,
             )
     except (KilnError, ValueError, FileExistsError) as exc:
         raise _fail(str(exc)) from None
     what = ", ".join(
-        [manifest.backend, manifest.dtype, *([manifest.quantization] if manifest.quantization else [])]
+        [
+            manifest.backend,
+            manifest.dtype,
+            *([manifest.quantization] if manifest.quantization else []),
+            *(["KV cache fp8"] if getattr(manifest, "kv_cache_dtype", "auto") == "fp8" else []),
+        ]
     )
     err.print(
         f"Built [bold]{manifest.served_model_name}[/bold] ({what}) in {output}. "

@@ -314,6 +314,88 @@ class QuantConfig:
         return config
 
 
+# KV-cache dtypes (vLLM's `--kv-cache-dtype` names): "auto" stores K and V in the model's dtype, "fp8" in
+# float8 E4M3 with one float32 scale per layer for K and one for V (KVCacheConfig).
+KV_CACHE_DTYPES = ("auto", "fp8")
+KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8", "fp8-e4m3": "fp8"}
+FP8_E4M3_MAX = 448.0  # float8_e4m3fn's largest finite value
+KV_SCALE_LAYOUTS = ("per_tensor",)
+
+
+def canonical_kv_cache_dtype(name: str | None) -> str:
+    """None / 'auto' -> 'auto'; 'fp8' / 'fp8_e4m3' -> 'fp8'; ValueError naming the choices otherwise
+    (E5M2, vLLM's other fp8, is not built: E4M3's extra mantissa bit is the accurate one)."""
+    if name is None:
+        return "auto"
+    key = KV_CACHE_DTYPE_ALIASES.get(name.lower(), name.lower())
+    if key not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown KV-cache dtype {name!r}; choose auto (the model's dtype) or fp8 (E4M3)")
+    return key
+
+
+@dataclass(slots=True)
+class KVCacheConfig:
+    """How a native engine's KV cache is quantized: what `engine.json` records under `kv_cache_config`
+    (beside `kv_cache_dtype` "fp8"); an engine without one caches K and V in its own dtype.
+
+    Rules (the build, the loader and the kernels follow them):
+    - `dtype` "fp8": the cache tensors are float8_e4m3fn. Layer i has two float32 [1] tensors,
+      `model.layers.{i}.self_attn.k_scale` and `v_scale` (`scale_layout` "per_tensor": one scale for all
+      of a layer's K, every head and token, and one for its V, as vLLM's k_scale / v_scale and ModelOpt's
+      FP8 KV cache). A key or value x is stored as e4m3(clamp(x / scale, -448, 448)), rounded to nearest
+      even, and read back as stored * scale. K is quantized after the rotary embedding (what the cache holds).
+    - The build measures scale = amax / FP8_E4M3_MAX per layer, amax over every K (V) the engine computes
+      on `calibration`'s text ({"dataset", "sha256", "num_tokens"}, kiln.build.calibrate); a layer whose
+      amax is 0 gets scale 1. `calibration` None: the scales came from elsewhere (a random-weight bench
+      engine's are 1.0).
+    """
+
+    dtype: str = "fp8"
+    scale_layout: str = "per_tensor"
+    calibration: dict[str, Any] | None = None
+
+    @property
+    def storage_dtype(self) -> str:
+        """The torch dtype name of the cache tensors."""
+        return "float8_e4m3fn"
+
+    def validate(self) -> None:
+        """ValueError naming what is wrong: a dtype other than fp8 (auto needs no record), a scale layout
+        Kiln does not run, or a calibration record that is not an object."""
+        if self.dtype != "fp8":
+            raise ValueError(f"a KV-cache quantization record is for dtype fp8, got {self.dtype!r}")
+        if self.scale_layout not in KV_SCALE_LAYOUTS:
+            raise ValueError(
+                f"KV-cache scale layout {self.scale_layout!r} is not one of {list(KV_SCALE_LAYOUTS)}"
+            )
+        if self.calibration is not None and not isinstance(self.calibration, dict):
+            raise ValueError(f"KV-cache calibration must be an object, got {self.calibration!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        # The derived facts too, so a reader of engine.json sees the whole layout without this code.
+        return {
+            **dataclasses.asdict(self),
+            "storage_dtype": self.storage_dtype,
+            "scale_dtype": "float32",
+            "scale_tensors": "model.layers.{i}.self_attn.k_scale, model.layers.{i}.self_attn.v_scale: [1]",
+            "scale_rule": "amax / 448 over the calibration text, K after the rotary embedding",
+            "stored": "e4m3(clamp(x / scale, -448, 448)), round to nearest even; read as stored * scale",
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> KVCacheConfig:
+        """Parse `to_dict`'s output (derived keys ignored); ValueError when it does not validate."""
+        if not isinstance(data, dict) or "dtype" not in data:
+            raise ValueError(f"kv_cache_config must be an object with a 'dtype', got {data!r}")
+        config = cls(
+            dtype=data["dtype"],
+            scale_layout=data.get("scale_layout", "per_tensor"),
+            calibration=data.get("calibration"),
+        )
+        config.validate()
+        return config
+
+
 def knob(default: Any, help: str, **bounds: float) -> Any:
     """An `EngineConfig` field: its one default, its help text (the `kiln serve` and `kiln bench` flag help)
     and its range (`ge`, `gt`, `le`, as pydantic spells them), so every front end reads the same three."""
@@ -415,13 +497,16 @@ class EngineConfig:
         model_config: ModelConfig,
         device: torch.device,
         size_kv_pool: Callable[[int, int, int, int], int],
+        kv_cache_dtype: str = "auto",
     ) -> ResolvedEngineConfig:
         """Every None filled, once: from these knobs, else the engine's limits, else the model.
 
         `size_kv_pool(block_size, max_num_batched_tokens, max_num_seqs, cap)` gives the KV blocks the
         memory budget allows when `num_kv_blocks` is not set (the engine profiles memory for it); cap is
         what max_num_seqs requests of max_model_len tokens could use. A pool smaller than one request's
-        context shortens max_model_len to what fits (tests force preemption this way).
+        context shortens max_model_len to what fits (tests force preemption this way). `kv_cache_dtype`
+        is the model's ("auto" or "fp8", fixed when the engine was built: kiln.config.KVCacheConfig), and
+        `size_kv_pool` counts blocks of that dtype.
         """
         block_size = self.block_size or limits.block_size
         max_model_len = min(
@@ -449,6 +534,7 @@ class EngineConfig:
             piecewise_graphs=on_cuda and not self.enforce_eager and self.piecewise_graphs,
             async_scheduling=on_cuda if self.async_scheduling is None else self.async_scheduling,
             seed=self.seed,
+            kv_cache_dtype=canonical_kv_cache_dtype(kv_cache_dtype),
         )
 
 
@@ -467,3 +553,4 @@ class ResolvedEngineConfig:
     piecewise_graphs: bool  # mixed steps too, piece by piece around attention
     async_scheduling: bool
     seed: int  # what the process's global RNG is seeded with (prepare_process)
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "fp8": E4M3 with per-layer scales

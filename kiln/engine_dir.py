@@ -13,10 +13,14 @@ Rules of the format:
   newer one. Keys this reader does not know are ignored, so additions that old readers may skip
   need no bump. A native build writes the lowest version that holds its layout
   (`format_version_for`): 1 unquantized, 2 with quantized weights, which a version-1 reader would
-  try to load as plain ones; so an older Kiln still loads an unquantized engine this one builds.
+  try to load as plain ones, 3 with an fp8 KV cache, whose scale tensors a version-2 reader does not
+  know; so an older Kiln still loads an engine this one builds whenever it could run it.
 - `quantization` names the scheme (kiln.config's canonical names: int8_wo, fp8, int8_sq) for both
   backends; a native quantized engine also has `quant_config` (kiln.config.QuantConfig: scale
   layout, which linears), and the two must agree; `quant_config` belongs to native engines only.
+- `kv_cache_dtype` ("auto" | "fp8"; absent in older files: "auto") is the KV cache's dtype for both
+  backends; a native fp8 one also has `kv_cache_config` (kiln.config.KVCacheConfig: the scale layout,
+  the calibration set), and the two must agree; `kv_cache_config` belongs to native engines only.
 - `generation_defaults` is the one home of the model's sampling defaults in an engine: the sampling
   fields of the checkpoint's `generation_config.json` (vLLM's and Ollama's source of them), under the
   request's field names (`max_new_tokens` -> `max_tokens`), recorded at build. A Hugging Face directory
@@ -37,7 +41,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kiln.config import EngineLimits, ModelConfig, QuantConfig, canonical_dtype
+from kiln.config import (
+    EngineLimits,
+    KVCacheConfig,
+    ModelConfig,
+    QuantConfig,
+    canonical_dtype,
+    canonical_kv_cache_dtype,
+)
 from kiln.errors import InvalidEngineError
 from kiln.version import ENGINE_FORMAT_VERSION, __version__
 
@@ -59,10 +70,14 @@ BACKENDS = ("native", "trtllm")
 _REQUIRED = ("backend", "model", "dtype", "weight_files", "format_version")
 UNQUANTIZED_FORMAT_VERSION = 1
 QUANTIZED_FORMAT_VERSION = 2  # native quantized weights + `quant_config`
+FP8_KV_CACHE_FORMAT_VERSION = 3  # native fp8 KV cache: per-layer k_scale / v_scale + `kv_cache_config`
 
 
-def format_version_for(quant_config: QuantConfig | None) -> int:
-    """The lowest format version that holds a native engine with this quantization (see the rules)."""
+def format_version_for(quant_config: QuantConfig | None, kv_cache: KVCacheConfig | None = None) -> int:
+    """The lowest format version that holds a native engine with this quantization and KV-cache
+    layout (see the rules)."""
+    if kv_cache is not None:
+        return FP8_KV_CACHE_FORMAT_VERSION
     return UNQUANTIZED_FORMAT_VERSION if quant_config is None else QUANTIZED_FORMAT_VERSION
 
 
@@ -108,12 +123,18 @@ class EngineManifest:
     # A native engine's quantized layout (None: unquantized, or a trtllm engine, whose layout is
     # TensorRT-LLM's own); `quantization` is then its scheme.
     quant_config: QuantConfig | None = None
+    # The KV cache's dtype, "auto" (the engine's dtype) or "fp8" (both backends), and a native fp8
+    # cache's scale layout and calibration (None otherwise; a trtllm engine's scales are its own).
+    kv_cache_dtype: str = "auto"
+    kv_cache_config: KVCacheConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["model"] = self.model.to_dict()
         data["limits"] = dataclasses.asdict(self.limits)
         data["quant_config"] = None if self.quant_config is None else self.quant_config.to_dict()
+        kv = self.kv_cache_config
+        data["kv_cache_config"] = None if kv is None else kv.to_dict()
         return data
 
     @classmethod
@@ -148,6 +169,7 @@ class EngineManifest:
         except ValueError as exc:
             raise InvalidEngineError(f"{MANIFEST_NAME}: generation_defaults: {exc}") from exc
         kwargs["quant_config"] = _checked_quant_config(data, version)
+        kwargs["kv_cache_dtype"], kwargs["kv_cache_config"] = _checked_kv_cache(data, version)
         if not isinstance(kwargs["weight_files"], dict) or not kwargs["weight_files"]:
             raise InvalidEngineError(
                 f"{MANIFEST_NAME}: weight_files must be a non-empty {{name: sha256}} map"
@@ -251,6 +273,41 @@ def _checked_quant_config(data: dict[str, Any], version: int) -> QuantConfig | N
             f"it says {version}"
         )
     return quant
+
+
+def _checked_kv_cache(data: dict[str, Any], version: int) -> tuple[str, KVCacheConfig | None]:
+    """The manifest's `kv_cache_dtype` ("auto" when absent) and `kv_cache_config`, checked against each
+    other, the backend and the format version."""
+    try:
+        dtype = canonical_kv_cache_dtype(data.get("kv_cache_dtype") or "auto")
+    except (AttributeError, ValueError) as exc:
+        raise InvalidEngineError(f"{MANIFEST_NAME}: kv_cache_dtype: {exc}") from exc
+    raw = data.get("kv_cache_config")
+    if raw is None:
+        if dtype == "fp8" and data["backend"] == "native":
+            raise InvalidEngineError(
+                f"{MANIFEST_NAME}: kv_cache_dtype is fp8 but there is no kv_cache_config (its scales' "
+                "layout); rebuild the engine"
+            )
+        return dtype, None
+    if data["backend"] != "native":
+        raise InvalidEngineError(
+            f"{MANIFEST_NAME}: kv_cache_config is for native engines, not {data['backend']!r}"
+        )
+    try:
+        kv = KVCacheConfig.from_dict(raw)
+    except (TypeError, ValueError) as exc:
+        raise InvalidEngineError(f"{MANIFEST_NAME}: kv_cache_config: {exc}") from exc
+    if kv.dtype != dtype:
+        raise InvalidEngineError(
+            f"{MANIFEST_NAME}: kv_cache_dtype {dtype!r} disagrees with kv_cache_config's dtype {kv.dtype!r}"
+        )
+    if version < FP8_KV_CACHE_FORMAT_VERSION:
+        raise InvalidEngineError(
+            f"{MANIFEST_NAME}: an fp8 KV cache needs format_version >= {FP8_KV_CACHE_FORMAT_VERSION}, "
+            f"it says {version}"
+        )
+    return dtype, kv
 
 
 def generation_config_defaults(config: dict[str, Any]) -> dict[str, float | int]:

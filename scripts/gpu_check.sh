@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one command for the GPU machine: kernel tests against the references, then the benchmarks.
-#   scripts/gpu_check.sh [STAGE...]    stages: env tests kernels gemv quant quant-engines tune kiln hf
+#   scripts/gpu_check.sh [STAGE...]    stages: env tests kernels gemv quant quant-engines kv-fp8 tune kiln hf
 #                                     served served-eager-mixed startup prefill structured grammar
 #                                     smollm2 report
 #                                     (default: all but tune, the tile-shape sweep)
@@ -60,6 +60,12 @@ PY
       done
       python3 -m kiln.bench --random llama3.1-8b --throughput-only --max-num-seqs 512 --input-len 1000 \
         --output-len 1000 --quantization fp8 --json "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
+    kv-fp8)  # the fp8 KV cache (every scale 1.0 on random weights) beside the bf16 one: offline 8B 1000/1000 at <= 512
+      for kv in "" "--kv-cache-dtype fp8" "--kv-cache-dtype fp8 --quantization fp8"; do
+        python3 -m kiln.bench --random llama3.1-8b --throughput-only --max-num-seqs 512 --num-requests 1024 \
+          --input-len 1000 --output-len 1000 $kv --json "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" \
+          || status=1
+      done ;;
     structured)  # a JSON schema at 256 streams and at batch 1; SmolLM2's tokenizer files in $KILN_TOKENIZER_DIR (.tok)
       python3 -m benchmarks.structured "${KILN_TOKENIZER_DIR:-.tok}" --repeats 2 --json "$RESULTS/structured.json" \
         2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;

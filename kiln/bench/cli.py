@@ -24,6 +24,10 @@ Rules of the measurements:
   quantizes the random weights on the device as `kiln build --quantization` would, so the quantized
   kernels are timed beside the 16-bit ones; int8-sq's smoothing factors are all 1 (no calibration
   text for random weights). `--quant-group-size G` gives int8-wo one scale per G inputs.
+- `--kv-cache-dtype fp8` (with `--random` only: an engine directory's cache dtype is its build's) gives the
+  random engine an fp8 E4M3 KV cache, with or without `--quantization`. With no calibration text for
+  random weights, every layer's k_scale and v_scale is 1.0 (vLLM's default without checkpoint scales;
+  the time of a step does not depend on them); the JSON's params say so (`kv_cache_scales`).
 """
 
 from __future__ import annotations
@@ -42,10 +46,12 @@ from kiln.bench.offline import run_latency, run_throughput
 from kiln.bench.profile import profile_first_token, profile_steps
 from kiln.bench.workload import (
     RANDOM_ENGINE_LIMITS,
+    RANDOM_KV_SCALES,
     RANDOM_SHAPES,
     add_engine_arguments,
     build_random_engine,
     engine_config,
+    random_kv_cache_config,
     random_prompts,
     random_quant_config,
     request_lengths,
@@ -71,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--quant-group-size", type=int, help="with --random --quantization int8-wo: inputs per weight scale"
+    )
+    parser.add_argument(
+        "--kv-cache-dtype",
+        help="with --random: auto (the model's dtype) or fp8 (E4M3 KV cache, every scale 1.0: no calibration)",
     )
     parser.add_argument("--num-requests", type=int, default=1024)
     parser.add_argument("--input-len", type=int, default=128)
@@ -104,10 +114,11 @@ def main(argv: list[str] | None = None) -> int:
             "kiln bench: give a MODEL directory, --random SHAPE or --url URL (one of them)", file=sys.stderr
         )
         return 2
-    if not args.random and (args.quantization is not None or args.quant_group_size is not None):
+    random_only = (args.quantization, args.quant_group_size, args.kv_cache_dtype)
+    if not args.random and any(flag is not None for flag in random_only):
         print(
-            "kiln bench: --quantization and --quant-group-size apply to --random engines only "
-            "(an engine directory is quantized when it is built)",
+            "kiln bench: --quantization, --quant-group-size and --kv-cache-dtype apply to --random engines "
+            "only (an engine directory is quantized, its KV cache included, when it is built)",
             file=sys.stderr,
         )
         return 2
@@ -116,18 +127,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = engine_config(args)
         quant = random_quant_config(args.quantization, args.quant_group_size)
+        kv_cache = random_kv_cache_config(args.kv_cache_dtype)
     except ValueError as exc:
         print(f"kiln bench: {exc}", file=sys.stderr)
         return 2
     if args.random:
         limits = dataclasses.replace(RANDOM_ENGINE_LIMITS, max_seq_len=4096)
-        engine = build_random_engine(args.random, config, limits, quant=quant)
+        engine = build_random_engine(args.random, config, limits, quant=quant, kv_cache=kv_cache)
         label = args.random if quant is None else f"{args.random} {quant.scheme}"
         if quant is not None and quant.group_size is not None:
             label += f" g{quant.group_size}"
+        if kv_cache is not None:
+            label += " kv-fp8"
+        kv_scales = None if kv_cache is None else RANDOM_KV_SCALES
     else:
         engine = LLMEngine.from_path(args.model, config)
         label = Path(args.model).name
+        kv_scales = "calibrated at build (engine.json)" if engine.config.kv_cache_dtype == "fp8" else None
     prepare_process(engine.config)
     rows: list[dict[str, Any]] = []
     max_num_seqs = engine.config.max_num_seqs
@@ -140,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         "piecewise_graphs": args.piecewise_graphs,
         "quantization": None if quant is None else quant.scheme,
         "quant_group_size": None if quant is None else quant.group_size,
+        "kv_cache_dtype": engine.config.kv_cache_dtype,
+        "kv_cache_scales": kv_scales,
     }
     if not args.latency_only:
         inputs = request_lengths(args.num_requests, args.input_len, _span(args.input_len_range), args.seed)

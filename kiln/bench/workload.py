@@ -21,18 +21,26 @@ from kiln.config import (
     DTYPES,
     EngineConfig,
     EngineLimits,
+    KVCacheConfig,
     ModelConfig,
     QuantConfig,
     canonical_dtype,
+    canonical_kv_cache_dtype,
     canonical_quantization,
 )
 from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.sampling_params import SamplingParams
 from kiln.kernels import quant_reference
 from kiln.models.loader import build_empty_model
-from kiln.models.quant_linear import check_device_supports
+from kiln.models.quant_linear import check_device_supports, check_kv_cache_supports
 from kiln.models.tokenizer import Tokenizer
-from kiln.models.weights import expected_packed_shapes, quantized_weight_names, scale_name, smooth_name
+from kiln.models.weights import (
+    expected_packed_shapes,
+    kv_scale_names,
+    quantized_weight_names,
+    scale_name,
+    smooth_name,
+)
 
 # Hugging Face config.json fields of the preset shapes (the weights are random; the speed is not).
 RANDOM_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -126,12 +134,25 @@ def random_quant_config(quantization: str | None, group_size: int | None = None)
     return quant
 
 
+# What a random engine's fp8 KV cache scales are: no calibration text exists for random weights, so every
+# k_scale and v_scale is 1.0, vLLM's default for a checkpoint without KV scales. The time of a step does
+# not depend on the scales' values.
+RANDOM_KV_SCALES = "1.0 (uncalibrated: vLLM's default without checkpoint scales)"
+
+
+def random_kv_cache_config(kv_cache_dtype: str | None) -> KVCacheConfig | None:
+    """The KVCacheConfig of a random-weight engine's `--kv-cache-dtype` (None: auto, the model's dtype);
+    its scales are RANDOM_KV_SCALES (see `build_random_engine`)."""
+    return KVCacheConfig() if canonical_kv_cache_dtype(kv_cache_dtype) == "fp8" else None
+
+
 def build_random_engine(
     shape: str,
     config: EngineConfig,
     limits: EngineLimits = RANDOM_ENGINE_LIMITS,
     tokenizer_dir: Path | None = None,
     quant: QuantConfig | None = None,
+    kv_cache: KVCacheConfig | None = None,
 ) -> LLMEngine:
     """An LLMEngine over random weights at a preset shape, made directly on the device (no disk
     but a throw-away tokenizer: the engine needs one to detokenize, and any will do for ids).
@@ -142,7 +163,8 @@ def build_random_engine(
     random weights by the build's own functions (kiln.kernels.quant_reference), one at a time, so the
     engine runs exactly the kernels a built quantized engine runs. int8_sq has no calibration data here:
     its smoothing factors are all 1 (the folded norms keep weight 1, `smooth_scale` is 1), which costs
-    the same time as any other factors."""
+    the same time as any other factors. With `kv_cache` (`random_kv_cache_config`: an fp8 KV cache) every
+    layer's k_scale and v_scale is 1.0 (RANDOM_KV_SCALES)."""
     if shape not in RANDOM_SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {sorted(RANDOM_SHAPES)}")
     default_dtype, hf_config = RANDOM_SHAPES[shape]
@@ -152,14 +174,21 @@ def build_random_engine(
     if quant is not None:
         quant.validate(model_config)
     check_device_supports(quant, device)
-    model = build_empty_model(model_config, dtype=DTYPES[dtype], device=device, quant=quant)
+    check_kv_cache_supports(kv_cache, device)
+    model = build_empty_model(
+        model_config, dtype=DTYPES[dtype], device=device, quant=quant, kv_cache=kv_cache
+    )
     generator = torch.Generator(device=device).manual_seed(0)
     quantized = set(quantized_weight_names(model_config, quant))
     derived = {scale_name(n) for n in quantized} | {smooth_name(n) for n in quantized}
+    kv_scales = set(kv_scale_names(model_config, kv_cache))
 
     def random_weights():
-        for name, size in expected_packed_shapes(model_config, quant).items():
+        for name, size in expected_packed_shapes(model_config, quant, kv_cache).items():
             if name in derived:  # yielded with its weight
+                continue
+            if name in kv_scales:  # float32 [1]
+                yield name, torch.ones(size, dtype=torch.float32, device=device)
                 continue
             if len(size) == 1:  # norms
                 yield name, torch.ones(size, device=device)

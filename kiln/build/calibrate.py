@@ -1,10 +1,14 @@
-"""SmoothQuant's calibration pass: per-input-channel activation abs-max at the inputs of the quantized linears.
+"""Calibration passes over a text: SmoothQuant's activation abs-max, and the fp8 KV cache's scales.
 
-The unquantized model (float32 on the CPU) runs over a calibration text in prefills of `CALIB_SEQ_LEN`
-tokens; every call of torch's linear on one of a layer's packed weights (qkv_proj, o_proj, gate_up_proj,
-down_proj) records max |x_j| over that call's tokens, kept as the running maximum per channel. The
-calls are seen through a TorchFunctionMode keyed by the weight tensor, so the model's own forward runs
-unchanged and the statistics are of exactly the inputs it computes.
+- SmoothQuant (`activation_amax`): the unquantized model (float32 on the CPU) runs over a calibration
+  text in prefills of `CALIB_SEQ_LEN` tokens; every call of torch's linear on one of a layer's packed
+  weights (qkv_proj, o_proj, gate_up_proj, down_proj) records max |x_j| over that call's tokens, kept as
+  the running maximum per channel. The calls are seen through a TorchFunctionMode keyed by the weight
+  tensor, so the model's own forward runs unchanged and the statistics are of exactly the inputs it computes.
+- The fp8 KV cache (`kv_cache_scales`): the engine's model (float32 activations on the CPU, its weights
+  as the engine stores them, a cache in float32) runs the same prefills, and each layer's K and V amax is
+  read from the cache it filled: K after the rotary embedding, exactly what an fp8 cache will hold.
+  scale = amax / 448 (kiln.config.KVCacheConfig).
 
 Rules:
 - The default text is `pydoc_data.topics` of the standard library (the English text of the Python docs'
@@ -26,14 +30,15 @@ from typing import Any
 
 import torch
 
-from kiln.config import QuantConfig
+from kiln.config import FP8_E4M3_MAX, KVCacheConfig, QuantConfig
 from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.kvcache.tensors import allocate_kv_cache
 from kiln.models.llama import LlamaForCausalLM
-from kiln.models.weights import quantized_weight_names
+from kiln.models.weights import kv_scale_names, quantized_weight_names
 
 CALIB_SEQ_LEN = 512
 _BLOCK = 16
+_FP8_KV = KVCacheConfig()  # the layout the measured scales are for
 
 
 @dataclass(slots=True)
@@ -100,13 +105,20 @@ class _AbsMaxRecorder(torch.overrides.TorchFunctionMode):
 
 def prefill(model: LlamaForCausalLM, token_ids: list[int]) -> torch.Tensor:
     """One prefill of `token_ids` through the model's own forward over a fresh paged cache: hidden [T, H]."""
-    weight = model.model.embed_tokens.weight  # the activations' dtype and device, whatever the scheme
+    return _prefill_with_cache(model, token_ids)[0]
+
+
+def _prefill_with_cache(
+    model: LlamaForCausalLM, token_ids: list[int]
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """`prefill`, and the cache it filled (the model's KV-cache dtype; slots past the tokens are 0)."""
+    device = model.model.embed_tokens.weight.device  # whatever the scheme
     n = len(token_ids)
-    caches = allocate_kv_cache(model.config, -(-n // _BLOCK), _BLOCK, weight.dtype, weight.device)
-    meta = AttentionMetadata.one_prompt(n, _BLOCK, weight.device)
-    positions = torch.arange(n, device=weight.device)
+    caches = allocate_kv_cache(model.config, -(-n // _BLOCK), _BLOCK, model.kv_cache_dtype, device)
+    meta = AttentionMetadata.one_prompt(n, _BLOCK, device)
+    positions = torch.arange(n, device=device)
     with torch.no_grad():
-        return model(torch.tensor(token_ids, device=weight.device), positions, caches, meta)
+        return model(torch.tensor(token_ids, device=device), positions, caches, meta), caches
 
 
 def activation_amax(
@@ -127,3 +139,21 @@ def activation_amax(
     if missing:
         raise RuntimeError(f"calibration saw no input of {missing[:4]}")
     return recorder.amax
+
+
+def kv_cache_scales(model: LlamaForCausalLM, samples: list[list[int]]) -> dict[str, torch.Tensor]:
+    """The fp8 KV cache's scale tensors (`kv_scale_names` -> float32 [1]): per layer, max |K| (after the
+    rotary embedding) and max |V| over every token of `samples`, divided by 448; 1 where the max is 0.
+
+    The model must cache K and V in its own dtype (no `kv_cache`): the values measured are the ones an
+    fp8 cache is then given to hold."""
+    if model.kv_cache is not None:
+        raise ValueError("KV-cache calibration runs the model with a cache in its own dtype, not fp8")
+    amax = torch.zeros(model.config.num_hidden_layers, 2, dtype=torch.float32)
+    for sample in samples:
+        _, caches = _prefill_with_cache(model, sample)
+        seen = torch.stack([torch.stack([k.abs().amax(), v.abs().amax()]) for k, v in caches]).float()
+        amax = torch.maximum(amax, seen.cpu())
+    scales = torch.where(amax > 0, amax / FP8_E4M3_MAX, torch.ones_like(amax))
+    names = kv_scale_names(model.config, _FP8_KV)
+    return {name: scale.reshape(1).clone() for name, scale in zip(names, scales.flatten(), strict=True)}

@@ -14,6 +14,9 @@ An engine directory holds:
   per-channel abs-max, derives the smoothing factors, folds 1/s into the RMSNorms feeding qkv_proj and
   gate_up_proj, stores s beside o_proj and down_proj, and quantizes W * s; it holds the float32 model
   in memory (4 bytes a parameter) and runs every calibration token through it on the CPU;
+- `kv_cache_dtype` "fp8" (`--kv-cache-dtype fp8`, with any quantization or none): once the engine is
+  built, its fp8 KV cache's per-layer scales are measured on it over the calibration text
+  (kiln.build.fp8_kv) and stored in one more weight file, `kv_cache_scales.safetensors`;
 - the tokenizer files (and `generation_config.json` when the checkpoint has one);
 - `engine.json`, written last; its `generation_defaults` are the sampling fields of the checkpoint's
   `generation_config.json` (checked as a request's would be, so a bad value fails the build, not every
@@ -54,6 +57,7 @@ from kiln.config import (
     ModelConfig,
     QuantConfig,
     canonical_dtype,
+    canonical_kv_cache_dtype,
     canonical_quantization,
 )
 from kiln.engine.sampling_params import SamplingParams
@@ -114,6 +118,7 @@ def build_engine(
     calib_dataset: str | Path | None = None,
     calib_size: int = 512,
     tensor_parallel_size: int = 1,
+    kv_cache_dtype: str | None = None,
 ) -> EngineManifest:
     """Build a native engine from a HF directory, a .gguf file or a hub id; returns its manifest.
 
@@ -129,7 +134,8 @@ def build_engine(
     tensor-parallel size (`kiln serve --tensor-parallel-size` overrides it); unquantized engines only.
     dtype: None means float16, except for a pre-quantized FP8 checkpoint (kiln.build.prequantized), which
     builds an fp8 engine from its stored e4m3 weights in its own dtype (`fp8_engine_plan` says which
-    quantization and dtype may be asked for).
+    quantization and dtype may be asked for). kv_cache_dtype: "auto" (None: the engine's dtype) or "fp8"
+    (E4M3 with per-layer scales calibrated on calib_dataset / calib_size, as int8_sq's; kiln.build.fp8_kv).
 
     Raises CheckpointError / OfflineError for the checkpoint, ValueError for a bad dtype, limits,
     quantization or calibration option, and FileExistsError when output_dir exists and is not empty, unless overwrite=True (the old
@@ -145,15 +151,16 @@ def build_engine(
         raise ValueError(
             "tensor parallelism does not run quantized native engines yet; build with --tp-size 1"
         )
+    kv_fp8 = canonical_kv_cache_dtype(kv_cache_dtype) == "fp8"
     calibration = None
-    if quant is not None and quant.scheme == "int8_sq":
-        from kiln.build.calibrate import calibration_set  # deferred: int8_sq builds only
+    if (quant is not None and quant.scheme == "int8_sq") or kv_fp8:
+        from kiln.build.calibrate import calibration_set  # deferred: calibrated builds only
 
         if calib_size < 1:
             raise ValueError(f"calibration size must be >= 1 sample, got {calib_size}")
         calibration = (calibration_set(calib_dataset), calib_size)
     elif calib_dataset is not None:
-        raise ValueError("a calibration dataset applies to int8_sq (SmoothQuant) only")
+        raise ValueError("a calibration dataset applies to int8_sq (SmoothQuant) and an fp8 KV cache only")
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} exists and is not empty; pass overwrite=True (--overwrite)")
@@ -184,6 +191,11 @@ def build_engine(
             tensor_parallel_size=tensor_parallel_size,
             prequantized=prequant,
         )
+        if kv_fp8:
+            from kiln.build.fp8_kv import add_fp8_kv_cache  # deferred: fp8 KV-cache builds only
+
+            assert calibration is not None
+            manifest = add_fp8_kv_cache(staging, manifest, *calibration, progress=progress)
         move_into_place(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -206,6 +218,7 @@ def build_tiny_engine(
     calib_dataset: str | Path | None = None,
     calib_size: int = 512,
     tensor_parallel_size: int = 1,
+    kv_cache_dtype: str | None = None,
     **tiny_options: Any,
 ) -> EngineManifest:
     """Build an engine from `write_tiny_checkpoint(seed=seed, **tiny_options)`: `kiln build --tiny`."""
@@ -227,6 +240,7 @@ def build_tiny_engine(
             calib_dataset=calib_dataset,
             calib_size=calib_size,
             tensor_parallel_size=tensor_parallel_size,
+            kv_cache_dtype=kv_cache_dtype,
         )
     return manifest
 

@@ -14,6 +14,10 @@ Rules:
   for fp16/bf16; multiple optimization profiles unless turned off.
 - Quantization: `int8_wo` (INT8 weight-only, W8A16, no calibration), `fp8` (FP8 weights+activations,
   calibrated, needs compute capability >= 8.9) and `int8_sq` (INT8 SmoothQuant W8A8, calibrated).
+- `--kv-cache-dtype fp8` is TensorRT-LLM's FP8 KV cache: QuantConfig's `kv_cache_quant_algo` FP8 beside
+  any of the above (or none), which TensorRT-LLM calibrates (through ModelOpt) with the same CalibConfig;
+  compute capability >= 8.9 and a float16 / bfloat16 base dtype, as for fp8. The scales are TensorRT-LLM's
+  own; engine.json records `kv_cache_dtype` "fp8" (and the plan in `extra`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,13 @@ from kiln.build.native import (
     merge_generation_eos,
     read_sampling_defaults,
 )
-from kiln.config import QUANTIZATION_ALIASES, EngineLimits, ModelConfig, canonical_dtype
+from kiln.config import (
+    QUANTIZATION_ALIASES,
+    EngineLimits,
+    ModelConfig,
+    canonical_dtype,
+    canonical_kv_cache_dtype,
+)
 from kiln.engine_dir import EngineManifest, move_into_place, sha256_file
 from kiln.errors import CheckpointError
 from kiln.trtllm import compat
@@ -52,6 +62,9 @@ QUANTIZATIONS: dict[str, tuple[str, bool]] = {
 # The accepted spellings (int8-wo / int8-sq among them: QUANTIZATION_ALIASES) are kiln.config's, shared
 # with the native backend, so the same --quantization name means the same scheme on both.
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # Ada and Hopper and later have FP8 tensor cores
+# Kiln KV-cache dtype -> tensorrt_llm QuantAlgo member of QuantConfig.kv_cache_quant_algo (None: the model's
+# dtype). An FP8 KV cache makes QuantConfig._requires_calibration true whatever the weights' algorithm.
+KV_CACHE_QUANT_ALGOS: dict[str, str | None] = {"auto": None, "fp8": "FP8"}
 DEFAULT_CALIB_DATASET = "cnn_dailymail"  # CalibConfig's own default, a Hugging Face dataset name
 
 
@@ -76,6 +89,8 @@ class TrtLlmBuildPlan:
     quantization: str | None = None  # Kiln's name
     quant_algo: str | None = None  # tensorrt_llm QuantAlgo member name
     calib_config: dict[str, Any] | None = None  # CalibConfig keywords; None: no calibration
+    kv_cache_dtype: str = "auto"  # Kiln's name: "auto" | "fp8"
+    kv_cache_quant_algo: str | None = None  # tensorrt_llm QuantAlgo member name of the KV cache
     gather_generation_logits: bool = False  # runtime flag; logprobs need it
     llm_kwargs: dict[str, Any] = field(default_factory=dict)  # other LLM(...) keywords
 
@@ -93,6 +108,7 @@ def plan_trtllm_build(
     calib_dataset: str | None = None,
     calib_size: int = 512,
     calib_max_seq_len: int = 512,
+    kv_cache_dtype: str | None = None,
     max_input_len: int | None = None,
     multiple_profiles: bool = True,
     gather_logits: bool = False,
@@ -118,14 +134,20 @@ def plan_trtllm_build(
 
     quantization = canonical_quantization(quantization)
     quant_algo, needs_calibration = QUANTIZATIONS[quantization] if quantization else (None, False)
+    kv_cache_dtype = canonical_kv_cache_dtype(kv_cache_dtype)
+    kv_cache_quant_algo = KV_CACHE_QUANT_ALGOS[kv_cache_dtype]
+    needs_calibration = needs_calibration or kv_cache_quant_algo is not None
     if calib_dataset is not None and not needs_calibration:
         raise ValueError(
-            f"calib_dataset only applies to calibrated quantization (fp8, int8_sq), not {quantization}"
+            f"calib_dataset only applies to calibrated quantization (fp8, int8_sq) or an fp8 KV cache, "
+            f"not {quantization}"
         )
     if needs_calibration and calib_size < 1:
         raise ValueError(f"calib_size must be >= 1, got {calib_size}")
     if quantization == "fp8" and dtype == "float32":
         raise ValueError("fp8 quantization needs a float16 or bfloat16 base dtype")
+    if kv_cache_quant_algo is not None and dtype == "float32":
+        raise ValueError("an fp8 KV cache (--kv-cache-dtype fp8) needs a float16 or bfloat16 base dtype")
 
     half = dtype in ("float16", "bfloat16")
     plugin_config: dict[str, Any] = {
@@ -163,6 +185,8 @@ def plan_trtllm_build(
         quantization=quantization,
         quant_algo=quant_algo,
         calib_config=calib,
+        kv_cache_dtype=kv_cache_dtype,
+        kv_cache_quant_algo=kv_cache_quant_algo,
         gather_generation_logits=gather_logits,
         llm_kwargs={"enable_chunked_prefill": True},
     )
@@ -185,6 +209,7 @@ def build_trtllm_engine(
     tp_size: int = 1,
     calib_dataset: str | None = None,
     calib_size: int = 512,
+    kv_cache_dtype: str | None = None,
     served_model_name: str | None = None,
     max_input_len: int | None = None,
     multiple_profiles: bool = True,
@@ -217,6 +242,7 @@ def build_trtllm_engine(
         tp_size=tp_size,
         calib_dataset=calib_dataset,
         calib_size=calib_size,
+        kv_cache_dtype=kv_cache_dtype,
         max_input_len=max_input_len,
         multiple_profiles=multiple_profiles,
         gather_logits=gather_logits,
@@ -260,6 +286,8 @@ def _build_into(
     gpu = compat.probe_gpu()
     if plan.quantization == "fp8" and gpu.compute_capability < FP8_MIN_COMPUTE_CAPABILITY:
         raise ValueError(f"fp8 needs compute capability >= 8.9; {gpu.name} is {gpu.sm}")
+    if plan.kv_cache_quant_algo is not None and gpu.compute_capability < FP8_MIN_COMPUTE_CAPABILITY:
+        raise ValueError(f"--kv-cache-dtype fp8 needs compute capability >= 8.9; {gpu.name} is {gpu.sm}")
     if plan.tp_size > gpu.count:
         raise ValueError(f"tp_size {plan.tp_size} needs {plan.tp_size} GPUs; {gpu.count} visible")
 
@@ -268,8 +296,9 @@ def _build_into(
     build_config = BuildConfig(**plan.build_config)
     _set_attributes(build_config.plugin_config, plan.plugin_config, "PluginConfig")
     kwargs: dict[str, Any] = dict(plan.llm_kwargs)
-    if plan.quant_algo is not None:
-        kwargs["quant_config"] = QuantConfig(quant_algo=getattr(QuantAlgo, plan.quant_algo))
+    quant_kwargs = quant_config_kwargs(plan)
+    if quant_kwargs:
+        kwargs["quant_config"] = QuantConfig(**{k: getattr(QuantAlgo, v) for k, v in quant_kwargs.items()})
     if plan.calib_config is not None:
         kwargs["calib_config"] = CalibConfig(**plan.calib_config)
 
@@ -304,10 +333,17 @@ def _build_into(
         served_model_name=served_model_name or default_name,
         source=source,
         quantization=plan.quantization,
+        kv_cache_dtype=plan.kv_cache_dtype,
         extra=trtllm_manifest_extra(
             plan, compat.build_environment(gpu, str(trtllm.__version__), plan.tp_size)
         ),
     )
+
+
+def quant_config_kwargs(plan: TrtLlmBuildPlan) -> dict[str, str]:
+    """tensorrt_llm QuantConfig keyword -> QuantAlgo member name, of the algorithms the plan sets ({}: none)."""
+    algos = {"quant_algo": plan.quant_algo, "kv_cache_quant_algo": plan.kv_cache_quant_algo}
+    return {key: algo for key, algo in algos.items() if algo is not None}
 
 
 def trtllm_manifest_extra(plan: TrtLlmBuildPlan, environment: dict[str, Any]) -> dict[str, Any]:

@@ -149,6 +149,7 @@ class TrtLlmEngine:
             extra={
                 "tensorrt_llm_version": manifest.extra.get("tensorrt_llm_version"),
                 "quantization": manifest.quantization,
+                "kv_cache_dtype": manifest.kv_cache_dtype,
                 "tp_size": manifest.extra.get("tp_size", 1),
                 "kv_cache": runtime["kv_cache_config"],
             },

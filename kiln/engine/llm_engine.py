@@ -101,7 +101,10 @@ class LLMEngine:
                 return local()
             return workers.size_kv_pool(local, SizeKV(block_size, max_tokens_per_step, max_num_seqs, cap))
 
-        self.config = config.resolve(limits or EngineLimits(), model_config, self.device, size_kv_pool)
+        kv_cache_dtype = "auto" if model.kv_cache is None else model.kv_cache.dtype
+        self.config = config.resolve(
+            limits or EngineLimits(), model_config, self.device, size_kv_pool, kv_cache_dtype
+        )
         resolved = self.config
         self.max_model_len = resolved.max_model_len
         self.kv_cache = KVCacheManager(
@@ -112,8 +115,8 @@ class LLMEngine:
         )
         if workers is not None:
             workers.send(AllocateKV(resolved.num_kv_blocks, resolved.block_size))
-        kv_tensors = allocate_kv_cache(  # model.config: this rank's KV heads
-            model.config, resolved.num_kv_blocks, resolved.block_size, DTYPES[dtype], self.device
+        kv_tensors = allocate_kv_cache(  # model.config: this rank's KV heads; its KV dtype (fp8 or dtype)
+            model.config, resolved.num_kv_blocks, resolved.block_size, model.kv_cache_dtype, self.device
         )
         self.startup_seconds["kv_cache"] = time.perf_counter() - phase_start
         self.scheduler = Scheduler(
@@ -157,6 +160,7 @@ class LLMEngine:
             extra={
                 "num_kv_blocks": resolved.num_kv_blocks,
                 "block_size": resolved.block_size,
+                "kv_cache_dtype": resolved.kv_cache_dtype,
                 "device": str(self.device),
                 "tensor_parallel_size": 1 if workers is None else workers.world,
             },

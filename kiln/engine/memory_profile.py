@@ -20,7 +20,7 @@ def profile_activation_bytes(
     """Peak CUDA memory a step of `num_tokens` prefill tokens needs beyond the weights (one sequence,
     a throwaway KV cache just large enough), so the real KV cache can take the rest."""
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    dtype = model.kv_cache_dtype
     num_tokens = min(num_tokens, model.max_positions)
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -48,9 +48,10 @@ def num_kv_blocks_from_memory(
 ) -> int:
     """KV blocks for `config`'s memory budget: kv_cache_memory_bytes if given; on CUDA what is left of
     gpu_memory_utilization of the card after the weights and the largest step's activations; on CPU
-    1 GiB, at most `cap` blocks. Raises ValueError when not even one block fits."""
+    1 GiB, at most `cap` blocks; blocks of the model's KV-cache dtype (an fp8 cache's are half a 16-bit
+    one's). Raises ValueError when not even one block fits."""
     device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    dtype = model.kv_cache_dtype
     if config.kv_cache_memory_bytes is not None:
         budget = config.kv_cache_memory_bytes
     elif device.type == "cuda":

@@ -327,7 +327,7 @@ def _serve(conn: Connection, spec: WorkerSpec, model: Any, device: torch.device)
             _min_over_ranks(model.tp, torch.tensor([blocks], dtype=torch.int64, device=device))
         elif isinstance(message, AllocateKV):
             kv = allocate_kv_cache(
-                model.config, message.num_blocks, message.block_size, DTYPES[spec.dtype], device
+                model.config, message.num_blocks, message.block_size, model.kv_cache_dtype, device
             )
             runner = ModelRunner(model, kv, message.block_size, device, spec.vocab_size)
         elif isinstance(message, CaptureGraphs):

@@ -11,6 +11,10 @@ Rules:
   linear (cuBLAS) otherwise: at any larger batch cuBLAS's GEMMs are the faster kernel.
 - `rotary_store_kv` is apply_rotary + store_kv in one launch on CUDA (and exactly those two
   calls elsewhere); it returns only the rotated query, since attention reads keys from the cache.
+- An fp8 KV cache (float8_e4m3fn) is written and read with the layer's `k_scale` / `v_scale`
+  (float32 [1] device tensors, read inside the kernels, so CUDA graphs see a later change); a 16-bit
+  cache takes none. `store_kv`, `rotary_store_kv` and `paged_attention` raise ValueError for a mismatch
+  (`reference.check_kv_scales`), on every device.
 - `int8_wo_linear`, `fp8_linear` and `int8_sq_linear` are the quantized matmuls; their references are
   in kiln.kernels.quant_reference, and `triton_quant_linear` picks the CUDA kernel for each number of
   tokens (and says what it hands back to the reference). At one token the FP8 GEMV keeps x in 16 bits
@@ -49,10 +53,14 @@ def store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
+    scales = {"k_scale": k_scale, "v_scale": v_scale}
     if _use_triton(key):
-        return _triton("cache").store_kv(key, value, k_cache, v_cache, slot_mapping)
-    return reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
+        return _triton("cache").store_kv(key, value, k_cache, v_cache, slot_mapping, **scales)
+    return reference.store_kv(key, value, k_cache, v_cache, slot_mapping, **scales)
 
 
 def paged_attention(
@@ -61,10 +69,14 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    scales = {"k_scale": k_scale, "v_scale": v_scale}
     if _use_triton(query):
-        return _triton("attention").paged_attention(query, k_cache, v_cache, meta, scale)
-    return reference.paged_attention(query, k_cache, v_cache, meta, scale)
+        return _triton("attention").paged_attention(query, k_cache, v_cache, meta, scale, **scales)
+    return reference.paged_attention(query, k_cache, v_cache, meta, scale, **scales)
 
 
 def rms_norm(
@@ -120,13 +132,18 @@ def rotary_store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    scales = {"k_scale": k_scale, "v_scale": v_scale}
     if _use_triton(query):
         return _triton("cache").rotary_store_kv(
-            positions, query, key, value, cos_sin_cache, k_cache, v_cache, slot_mapping
+            positions, query, key, value, cos_sin_cache, k_cache, v_cache, slot_mapping, **scales
         )
+    reference.check_kv_scales(k_cache, k_scale, v_scale)  # before the rotation: refuse, compute nothing
     query, key = reference.apply_rotary(positions, query, key, cos_sin_cache)
-    reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
+    reference.store_kv(key, value, k_cache, v_cache, slot_mapping, **scales)
     return query
 
 

@@ -4,6 +4,10 @@ They favour clarity over speed (the attention loops over requests on the host), 
 over tokens in Python. Shapes: T tokens in a step, Hq query heads, Hkv KV heads, D head dim.
 The paged KV cache of one layer is a pair of tensors [num_blocks, block_size, Hkv, D]; token slot
 s lives at block s // block_size, offset s % block_size (see kiln.kernels.attention_metadata).
+
+An fp8 KV cache (float8_e4m3fn tensors, kiln.config.KVCacheConfig) comes with the layer's k_scale and
+v_scale (float32 [1]): `store_kv` writes `quantize_kv(x, scale)` and `paged_attention` reads
+`dequantize_kv(stored, scale)`. A 16-bit cache takes no scales; `check_kv_scales` refuses a mismatch.
 """
 
 from __future__ import annotations
@@ -11,7 +15,36 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kiln.config import FP8_E4M3_MAX
 from kiln.kernels.attention_metadata import AttentionMetadata
+
+FP8_KV_DTYPE = torch.float8_e4m3fn
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3(clamp(x / scale, -448, 448)): the division in float32, the cast rounding to nearest even."""
+    return (x.float() / scale.float()).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(FP8_KV_DTYPE)
+
+
+def dequantize_kv(stored: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """stored * scale in float32 (every e4m3 value is exact in float32)."""
+    return stored.float() * scale.float()
+
+
+def check_kv_scales(
+    k_cache: torch.Tensor, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None
+) -> bool:
+    """True for an fp8 cache with both scales, False for a 16-bit cache with none; ValueError otherwise
+    (an fp8 cache without scales, scales for a cache that is not fp8, or a scale that is not one value)."""
+    fp8 = k_cache.dtype == FP8_KV_DTYPE
+    given = (k_scale is not None, v_scale is not None)
+    if fp8 and given != (True, True):
+        raise ValueError("an fp8 KV cache needs its k_scale and v_scale")
+    if not fp8 and given != (False, False):
+        raise ValueError(f"k_scale / v_scale apply to an fp8 KV cache only, not a {k_cache.dtype} one")
+    if fp8 and (k_scale.numel() != 1 or v_scale.numel() != 1):  # type: ignore[union-attr]
+        raise ValueError("k_scale and v_scale are per-tensor: one value each")
+    return fp8
 
 
 def store_kv(
@@ -20,18 +53,27 @@ def store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Write token t's key/value [T, Hkv, D] into the caches at slot_mapping[t]; slots of -1 are skipped.
 
-    Values are cast to the cache dtype. Slots must be distinct (a slot written twice in one call
-    holds one of the two values, unspecified which).
+    Values are cast to the cache dtype; into an fp8 cache they are `quantize_kv(x, scale)` with the
+    layer's scales. Slots must be distinct (a slot written twice in one call holds one of the two values,
+    unspecified which).
     """
+    fp8 = check_kv_scales(k_cache, k_scale, v_scale)
     block_size = k_cache.shape[1]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     blocks, offsets = slots // block_size, slots % block_size
     # Index by (block, offset) rather than through a flattened view, so it also works when the
     # cache tensors are non-contiguous slices of a larger allocation.
+    if fp8:
+        k_cache[blocks, offsets] = quantize_kv(key[keep], k_scale)  # type: ignore[arg-type]
+        v_cache[blocks, offsets] = quantize_kv(value[keep], v_scale)  # type: ignore[arg-type]
+        return
     k_cache[blocks, offsets] = key[keep].to(k_cache.dtype)
     v_cache[blocks, offsets] = value[keep].to(v_cache.dtype)
 
@@ -42,6 +84,9 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each request's new tokens over its paged context; returns [T, Hq, D].
 
@@ -51,8 +96,10 @@ def paged_attention(
     prefill, a prefill chunk after a cached prefix, and decode (q_len 1). The new tokens' K/V must
     already be in the cache (`store_kv` first). Query head h reads KV head h // (Hq // Hkv).
     Scores and softmax are float32; the output has the query's dtype. Rows past
-    query_start_loc[-1] (padding) are zeros.
+    query_start_loc[-1] (padding) are zeros. An fp8 cache is read as `dequantize_kv(stored, scale)`
+    with the layer's k_scale / v_scale: exactly attention over the dequantized float32 cache.
     """
+    fp8 = check_kv_scales(k_cache, k_scale, v_scale)
     _, num_q_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
     if num_q_heads % num_kv_heads:
@@ -74,6 +121,8 @@ def paged_attention(
         values = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
         # [Hkv, group, q_len, D] against [Hkv, 1, seq_len, D]: GQA without repeating K/V.
         q = query[start:end].float().view(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+        if fp8:
+            keys, values = dequantize_kv(keys, k_scale), dequantize_kv(values, v_scale)  # type: ignore[arg-type]
         k = keys.float().permute(1, 0, 2).unsqueeze(1)
         v = values.float().permute(1, 0, 2).unsqueeze(1)
         scores = torch.matmul(q, k.transpose(-1, -2)) * scale

@@ -8,6 +8,11 @@ Rules (the same as `kiln.kernels.reference.paged_attention`):
   table: nothing is gathered into contiguous memory.
 - Causal: the query at position p attends to keys 0..p.
 - Grouped-query attention: query head h reads KV head h // (num_heads // num_kv_heads).
+- An fp8 cache (float8_e4m3fn, with the layer's k_scale / v_scale): each K and V tile is converted to
+  the query's dtype (every e4m3 value is exact in fp16 and bf16) before its tl.dot; k_scale is folded
+  into the softmax scale and v_scale into the output (exact in math: softmax(q k^T s_k c) V s_v is the
+  attention over the dequantized cache). The scales are read from device memory in the kernel, so a
+  CUDA graph replays with their current values.
 
 How the work is cut: a program owns one KV head and a tile of BLOCK_M rows, each row one (query
 token, query head of that KV head's group) pair, so the group's heads share every K/V load. For
@@ -36,7 +41,9 @@ from kiln.kernels.attention_plan import (
     split_counters,
 )
 from kiln.kernels.pdl import pdl_enabled
+from kiln.kernels.reference import check_kv_scales
 from kiln.kernels.tiles import AttentionConfig
+from kiln.kernels.triton_fp8 import fp8_via_float32, widen
 
 _LOG2E = 1.4426950408889634
 
@@ -79,6 +86,7 @@ def _attend_keys(
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     KEYS_TRANSPOSED: tl.constexpr,
+    FP8_VIA_F32: tl.constexpr,  # an fp8 cache widened through float32 (kiln.kernels.triton_fp8)
 ):
     """One online-softmax step over keys start_n .. start_n+BLOCK_N-1, read through the block table.
 
@@ -111,7 +119,7 @@ def _attend_keys(
             k_t = tl.trans(tl.load(k_ptrs, mask=kv_mask, other=0.0))
         else:
             k_t = tl.trans(tl.load(k_ptrs))
-    s = tl.dot(q, k_t) * scale_log2
+    s = tl.dot(q, widen(k_t, q.dtype, FP8_VIA_F32)) * scale_log2  # an fp8 tile widens exactly
     if MASKED:
         visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -123,7 +131,7 @@ def _attend_keys(
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     else:
         v = tl.load(v_ptrs)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), widen(v, q.dtype, FP8_VIA_F32))
     return acc, l_i, m_new
 
 
@@ -142,6 +150,8 @@ def _paged_attention_kernel(
     query_start_loc_ptr,
     seq_lens_ptr,
     block_tables_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     num_seqs,
     scale_log2,
     stride_qt,
@@ -166,6 +176,8 @@ def _paged_attention_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     KEYS_TRANSPOSED: tl.constexpr,
+    KV_SCALED: tl.constexpr,  # an fp8 cache: k_scale / v_scale apply
+    FP8_VIA_F32: tl.constexpr,  # its tiles widen through float32 (kiln.kernels.triton_fp8)
     LAUNCH_DEPENDENTS: tl.constexpr,  # PDL: the next kernel may start now (kiln.kernels.pdl)
 ):
     if LAUNCH_DEPENDENTS:
@@ -208,6 +220,8 @@ def _paged_attention_kernel(
     lo = split * split_len
     hi = tl.minimum(lo + split_len, kv_end)
 
+    if KV_SCALED:  # k_scale folds into the softmax scale
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P2], dtype=tl.float32)
@@ -223,15 +237,17 @@ def _paged_attention_kernel(
         acc, l_i, m_i = _attend_keys(
             acc, l_i, m_i, q, q_pos, start_n, hi, table_row, k_head, v_head,
             stride_kb, stride_ks, stride_vb, stride_vs, scale_log2,
-            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, BLOCK_N, False, KEYS_TRANSPOSED,
+            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, BLOCK_N, False, KEYS_TRANSPOSED, FP8_VIA_F32,
         )  # fmt: skip
     for start_n in range(unmasked_end, hi, BLOCK_N):
         acc, l_i, m_i = _attend_keys(
             acc, l_i, m_i, q, q_pos, start_n, hi, table_row, k_head, v_head,
             stride_kb, stride_ks, stride_vb, stride_vs, scale_log2,
-            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, BLOCK_N, True, KEYS_TRANSPOSED,
+            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, BLOCK_N, True, KEYS_TRANSPOSED, FP8_VIA_F32,
         )  # fmt: skip
 
+    if KV_SCALED:  # v_scale folds into the output (the splits' partials too: the merge is linear)
+        acc = acc * tl.load(v_scale_ptr)
     store_mask = row_valid[:, None] & d_valid[None, :]
     out_ptrs = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     if NUM_SPLITS == 1:
@@ -301,8 +317,12 @@ def paged_attention(
     scale: float,
     num_splits: int | None = None,
     config: AttentionConfig | None = None,
+    *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the ragged `query` [T, H, D] over the paged caches; returns [T, H, D] in query's dtype.
+    An fp8 cache needs the layer's k_scale / v_scale (float32 [1] device tensors; see the module rules).
 
     `num_splits` fixes the sequence split (CUDA-graph capture wants one value per graph); None picks
     it from the batch shape. `config` overrides the tile shape (for tuning sweeps). Rows of padding tokens (beyond query_start_loc[-1]) are zeros, as in the
@@ -316,6 +336,7 @@ def paged_attention(
         raise ValueError(f"{num_heads} query heads do not divide into {num_kv_heads} KV heads")
     if query.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("paged_attention needs the head dimension contiguous")
+    kv_scaled = check_kv_scales(k_cache, k_scale, v_scale)
     group = num_heads // num_kv_heads
     group_p2 = triton.next_power_of_2(group)
     head_dim_p2 = triton.next_power_of_2(head_dim)
@@ -345,6 +366,8 @@ def paged_attention(
         counters = split_counters(query.device, num_tiles * num_kv_heads)
     else:
         part_out = part_lse = counters = out  # unused by the kernel when NUM_SPLITS == 1
+    if not kv_scaled:  # unused operands: any tensor will do
+        k_scale = v_scale = meta.seq_lens
 
     _paged_attention_kernel[(num_tiles, num_kv_heads, num_splits)](
         query,
@@ -357,6 +380,8 @@ def paged_attention(
         meta.query_start_loc,
         meta.seq_lens,
         meta.block_tables,
+        k_scale,
+        v_scale,
         num_seqs,
         scale * _LOG2E,
         query.stride(0),
@@ -381,6 +406,8 @@ def paged_attention(
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
         KEYS_TRANSPOSED=config.keys_transposed,
+        KV_SCALED=kv_scaled,
+        FP8_VIA_F32=kv_scaled and fp8_via_float32(query.device, query.dtype),
         LAUNCH_DEPENDENTS=pdl_enabled(query.device),
         num_warps=config.num_warps,
         num_stages=config.num_stages,

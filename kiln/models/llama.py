@@ -23,13 +23,13 @@ import torch
 from torch import nn
 
 from kiln import kernels
-from kiln.config import ModelConfig, QuantConfig
+from kiln.config import KVCacheConfig, ModelConfig, QuantConfig
 from kiln.errors import CheckpointError
 from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.models.parallel import TensorParallelGroup
 from kiln.models.quant_linear import QuantizedLinear, make_linear
 from kiln.models.rope import build_cos_sin_cache
-from kiln.models.weights import expected_packed_dtypes, expected_packed_shapes
+from kiln.models.weights import expected_packed_dtypes, expected_packed_shapes, kv_scale_names
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, Hkv, D]
 
@@ -61,7 +61,9 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, quant: QuantConfig | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, quant: QuantConfig | None = None, kv_cache: KVCacheConfig | None = None
+    ) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -83,6 +85,15 @@ class LlamaAttention(nn.Module):
             quant=_for("self_attn.o_proj", quant),
             name="self_attn.o_proj",
         )
+        # An fp8 KV cache's per-layer scales (kiln.config.KVCacheConfig), float32 [1] whatever the model
+        # dtype, read by the kernels from device memory; None for a cache in the model's dtype.
+        self.k_scale: nn.Parameter | None = None
+        self.v_scale: nn.Parameter | None = None
+        self.storage_dtypes: dict[str, torch.dtype] = {}
+        if kv_cache is not None:
+            self.k_scale = nn.Parameter(torch.ones(1, dtype=torch.float32), requires_grad=False)
+            self.v_scale = nn.Parameter(torch.ones(1, dtype=torch.float32), requires_grad=False)
+            self.storage_dtypes = {"k_scale": torch.float32, "v_scale": torch.float32}
 
     def project(
         self,
@@ -100,11 +111,24 @@ class LlamaAttention(nn.Module):
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
         # Rotate q and k, write k and v into the paged cache (one fused launch on CUDA).
-        return kernels.rotary_store_kv(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping)
+        return kernels.rotary_store_kv(
+            positions,
+            q,
+            k,
+            v,
+            cos_sin_cache,
+            k_cache,
+            v_cache,
+            slot_mapping,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
+        )
 
     def attend(self, query: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
         """Attention of the rotated query over the cache: [T, heads, head_dim]."""
-        return kernels.paged_attention(query, kv_cache[0], kv_cache[1], meta, self.scale)
+        return kernels.paged_attention(
+            query, kv_cache[0], kv_cache[1], meta, self.scale, k_scale=self.k_scale, v_scale=self.v_scale
+        )
 
 
 class LlamaMLP(nn.Module):
@@ -132,11 +156,15 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self, config: ModelConfig, quant: QuantConfig | None = None, tp: TensorParallelGroup | None = None
+        self,
+        config: ModelConfig,
+        quant: QuantConfig | None = None,
+        tp: TensorParallelGroup | None = None,
+        kv_cache: KVCacheConfig | None = None,
     ) -> None:
         super().__init__()
         self.tp = tp
-        self.self_attn = LlamaAttention(config, quant)
+        self.self_attn = LlamaAttention(config, quant, kv_cache)
         self.mlp = LlamaMLP(config, quant, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -171,12 +199,16 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(
-        self, config: ModelConfig, quant: QuantConfig | None = None, tp: TensorParallelGroup | None = None
+        self,
+        config: ModelConfig,
+        quant: QuantConfig | None = None,
+        tp: TensorParallelGroup | None = None,
+        kv_cache: KVCacheConfig | None = None,
     ) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, quant, tp) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, quant, tp, kv_cache) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -192,6 +224,9 @@ class LlamaForCausalLM(nn.Module):
     - `load_weights` takes packed names (kiln.models.weights) and is strict.
     - With `quant` (kiln.config.QuantConfig) the linears it names are `QuantizedLinear`s, which load
       the scheme's int8/fp8 weights and float32 scales; embeddings, norms and lm_head are unchanged.
+    - With `kv_cache` (kiln.config.KVCacheConfig, an fp8 KV cache) every attention layer holds its
+      float32 `k_scale` / `v_scale` and the caches passed in must be `kv_cache_dtype` (float8_e4m3fn);
+      without it they are the model's dtype. Whoever allocates the caches asks `kv_cache_dtype`.
     - A module built under `torch.device("meta")` and moved with `to_empty(device=...)` is
       complete after `load_weights`, which also recomputes the RoPE table on the weights' device.
     - With `tp` (kiln.models.parallel) this is one rank's shard: `config` is its `shard_config`, the
@@ -206,13 +241,15 @@ class LlamaForCausalLM(nn.Module):
         max_positions: int | None = None,
         quant: QuantConfig | None = None,
         tp: TensorParallelGroup | None = None,
+        kv_cache: KVCacheConfig | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.quant = quant
+        self.kv_cache = kv_cache
         self.tp = tp
         self.max_positions = max_positions or config.max_position_embeddings
-        self.model = LlamaModel(config, quant, tp)
+        self.model = LlamaModel(config, quant, tp, kv_cache)
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -222,6 +259,14 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer(
             "cos_sin_cache", self._build_rope_table(self.model.embed_tokens.weight.device), persistent=False
         )
+
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        """The dtype of the KV caches this model reads and writes: float8_e4m3fn for an fp8 KV cache,
+        else the model's own dtype (its embedding's)."""
+        if self.kv_cache is not None:
+            return getattr(torch, self.kv_cache.storage_dtype)
+        return self.model.embed_tokens.weight.dtype
 
     def _build_rope_table(self, device: torch.device) -> torch.Tensor:
         if device.type == "meta":
@@ -298,8 +343,8 @@ class LlamaForCausalLM(nn.Module):
         and a quantized weight or scale not stored in the scheme's dtype (casting a float weight into
         int8 would load garbage); on error the parameters may be partly loaded.
         """
-        expected = expected_packed_shapes(self.config, self.quant)
-        fixed_dtypes = expected_packed_dtypes(self.config, self.quant)
+        expected = expected_packed_shapes(self.config, self.quant, self.kv_cache)
+        fixed_dtypes = expected_packed_dtypes(self.config, self.quant, self.kv_cache)
         params = dict(self.named_parameters())
         if set(params) != set(expected):  # the module and the packing rules must agree
             raise AssertionError(f"model parameters differ from packed names: {set(params) ^ set(expected)}")
@@ -316,8 +361,8 @@ class LlamaForCausalLM(nn.Module):
                 )
             if name in fixed_dtypes and tensor.dtype != getattr(torch, fixed_dtypes[name]):
                 raise CheckpointError(
-                    f"tensor {name!r} is {tensor.dtype}, the engine's {self.quant.scheme} "  # type: ignore[union-attr]
-                    f"quantization stores it as torch.{fixed_dtypes[name]}"
+                    f"tensor {name!r} is {tensor.dtype}, the engine's {self._layout_of(name)} "
+                    f"stores it as torch.{fixed_dtypes[name]}"
                 )
             if copy is None:
                 params[name].copy_(tensor)
@@ -328,3 +373,9 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise CheckpointError(f"checkpoint is missing tensors: {missing}")
         self.cos_sin_cache = self._build_rope_table(self.model.embed_tokens.weight.device)
+
+    def _layout_of(self, name: str) -> str:
+        """What fixes tensor `name`'s dtype, for load_weights' errors."""
+        if name in kv_scale_names(self.config, self.kv_cache):
+            return "fp8 KV cache"
+        return f"{self.quant.scheme} quantization"  # type: ignore[union-attr]

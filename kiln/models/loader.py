@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from kiln.config import DTYPES, ModelConfig, QuantConfig, canonical_dtype
+from kiln.config import DTYPES, KVCacheConfig, ModelConfig, QuantConfig, canonical_dtype
 from kiln.engine_dir import MANIFEST_NAME, EngineManifest
 from kiln.errors import CheckpointError, InvalidEngineError
 from kiln.models.llama import LlamaForCausalLM
 from kiln.models.parallel import TensorParallelGroup, read_shard, shard_config, shard_spec
-from kiln.models.quant_linear import check_device_supports
+from kiln.models.quant_linear import check_device_supports, check_kv_cache_supports
 from kiln.models.upload import StagedUploader
 from kiln.models.weights import expected_packed_shapes, pack_hf_state_dict
 from kiln.progress import build_progress
@@ -42,9 +42,11 @@ def load_model(
     Face directory (config.json + *.safetensors, one file or sharded with an index; packed on the
     fly). dtype None means the engine's dtype, or the checkpoint's `dtype`/`torch_dtype` (float32
     when it names none). A quantized engine (`quant_config`) keeps its int8/fp8 weights and float32
-    scales whatever `dtype` says; `dtype` is then the activations' and the unquantized tensors'.
-    Raises CheckpointError / InvalidEngineError for unreadable input, and InvalidEngineError for a
-    quantization `device` cannot run (kiln.models.quant_linear.check_device_supports).
+    scales whatever `dtype` says; `dtype` is then the activations' and the unquantized tensors'. An
+    engine with an fp8 KV cache (`kv_cache_config`) gives a model holding its float32 KV scales, whose
+    `kv_cache_dtype` is float8_e4m3fn. Raises CheckpointError / InvalidEngineError for unreadable input,
+    and InvalidEngineError for a quantization or KV cache `device` cannot run
+    (kiln.models.quant_linear.check_device_supports, check_kv_cache_supports).
 
     With `tp`, only that rank's shard is built and read (kiln.models.parallel): from an engine directory
     each tensor is sliced as safetensors reads it, so no rank ever holds a whole weight; a Hugging Face
@@ -56,16 +58,19 @@ def load_model(
     """
     path = Path(path)
     quant: QuantConfig | None = None
+    kv_cache: KVCacheConfig | None = None
     if (path / MANIFEST_NAME).is_file():
         manifest = EngineManifest.load(path)
         config = manifest.model
         quant = manifest.quant_config
+        kv_cache = manifest.kv_cache_config
         if manifest.quantization is not None and quant is None:
             raise InvalidEngineError(
                 f"{path}: {MANIFEST_NAME} says the weights are quantized {manifest.quantization!r} but not how "
                 "(no quant_config); rebuild the engine"
             )
         check_device_supports(quant, device)
+        check_kv_cache_supports(kv_cache, device)
         dtype = dtype or DTYPES[canonical_dtype(manifest.dtype)]
         if tp is not None and quant is not None:
             raise InvalidEngineError(
@@ -83,11 +88,12 @@ def load_model(
         if tp is not None:
             weights = _sharded(weights, config, tp)
     local = config if tp is None else shard_config(config, tp.world)
-    model = build_empty_model(local, dtype=dtype, device=device, quant=quant, tp=tp)
+    model = build_empty_model(local, dtype=dtype, device=device, quant=quant, tp=tp, kv_cache=kv_cache)
     target = torch.device(device)
     uploader = StagedUploader(target) if staged and target.type == "cuda" else None
     with build_progress(enabled=progress) as bars:
-        advance = bars.step(f"loading weights ({device})", total=len(expected_packed_shapes(local, quant)))
+        total = len(expected_packed_shapes(local, quant, kv_cache))
+        advance = bars.step(f"loading weights ({device})", total=total)
         model.load_weights(_counted(weights, advance), copy=None if uploader is None else uploader.copy)
     if uploader is not None:
         uploader.finish()
@@ -127,14 +133,16 @@ def build_empty_model(
     device: str | torch.device,
     quant: QuantConfig | None = None,
     tp: TensorParallelGroup | None = None,
+    kv_cache: KVCacheConfig | None = None,
 ) -> LlamaForCausalLM:
     """A LlamaForCausalLM with uninitialised parameters on `device`; fill it with load_weights.
 
-    Floating-point parameters and buffers are `dtype`, except those a quantized layer fixes (its
-    `storage_dtypes`: the int8/fp8 weight and float32 scale), which keep their own."""
+    Floating-point parameters and buffers are `dtype`, except those a module fixes (its
+    `storage_dtypes`: a quantized layer's int8/fp8 weight and float32 scale, an fp8 KV cache's float32
+    k_scale / v_scale), which keep their own."""
     with torch.device("meta"), _SkipRandomInit():
-        model = LlamaForCausalLM(config, quant=quant, tp=tp)
-    if quant is None:
+        model = LlamaForCausalLM(config, quant=quant, tp=tp, kv_cache=kv_cache)
+    if quant is None and kv_cache is None:
         # Casting on the meta device costs nothing; then each parameter is allocated once. Not `to_empty`:
         # its empty_like of a meta tensor runs a Python decomposition that imports sympy (~0.3 s).
         model = model.to(dtype=dtype)._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))

@@ -17,6 +17,8 @@ Rules:
   re-layout happens after load and the CPU path is untouched.
 - `check_device_supports` refuses, by name, a scheme the device cannot run: fp8 needs FP8 tensor
   cores on CUDA (compute capability >= 8.9, Ada or Hopper); the CPU runs the references of all three.
+  `check_kv_cache_supports` does the same for an fp8 KV cache, whose Triton kernels convert to and from
+  e4m3 (Triton's fp8e4nv), which needs compute capability >= 8.9 too.
 - `storage_dtypes` names the parameters whose dtype the scheme fixes, so the loader does not cast
   them to the model dtype (kiln.models.loader.build_empty_model).
 """
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 from kiln import kernels
-from kiln.config import QuantConfig
+from kiln.config import KVCacheConfig, QuantConfig
 from kiln.errors import InvalidEngineError
 from kiln.kernels import quant_reference
 
@@ -105,4 +107,20 @@ def check_device_supports(quant: QuantConfig | None, device: str | torch.device)
                 f"this engine is quantized fp8, which needs FP8 tensor cores (compute capability >= "
                 f"{FP8_MIN_COMPUTE_CAPABILITY[0]}.{FP8_MIN_COMPUTE_CAPABILITY[1]}, Ada or Hopper); "
                 f"{name} is {capability[0]}.{capability[1]}: rebuild with --quantization int8-wo or none"
+            )
+
+
+def check_kv_cache_supports(kv_cache: KVCacheConfig | None, device: str | torch.device) -> None:
+    """Raise InvalidEngineError naming the fp8 KV cache when `device` cannot run it (see the module rules)."""
+    if kv_cache is None:
+        return
+    device = torch.device(device)
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < FP8_MIN_COMPUTE_CAPABILITY:
+            name = torch.cuda.get_device_name(device)
+            raise InvalidEngineError(
+                f"this engine's KV cache is fp8 (E4M3), whose kernels need compute capability >= "
+                f"{FP8_MIN_COMPUTE_CAPABILITY[0]}.{FP8_MIN_COMPUTE_CAPABILITY[1]} (Ada or Hopper); "
+                f"{name} is {capability[0]}.{capability[1]}: rebuild with --kv-cache-dtype auto"
             )

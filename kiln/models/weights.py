@@ -9,8 +9,10 @@ checkpoints carry are ignored (Kiln recomputes RoPE from the config).
 
 A quantized native engine (kiln.config.QuantConfig) stores each quantized linear's `...weight` in the
 scheme's dtype (int8 or float8_e4m3fn) with a float32 `...weight_scale` beside it (and, for int8_sq's
-o_proj and down_proj, a float32 `...smooth_scale` [K]: `smooth_name`); the expected shapes
-and the fixed dtypes per scheme are `expected_packed_shapes(config, quant)` and `expected_packed_dtypes`.
+o_proj and down_proj, a float32 `...smooth_scale` [K]: `smooth_name`). An engine with an fp8 KV cache
+(kiln.config.KVCacheConfig) also stores each layer's float32 [1] `model.layers.N.self_attn.k_scale` and
+`v_scale` (`kv_scale_names`). The expected shapes and the fixed dtypes are
+`expected_packed_shapes(config, quant, kv_cache)` and `expected_packed_dtypes`.
 
 `pack_hf_state_dict` streams: it holds back only the parts of a fused group until the group is
 complete, so packing a 7B checkpoint shard by shard never holds two copies of the model.
@@ -23,7 +25,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
-from kiln.config import QUANTIZED_LINEARS, ModelConfig, QuantConfig
+from kiln.config import QUANTIZED_LINEARS, KVCacheConfig, ModelConfig, QuantConfig
 from kiln.errors import CheckpointError
 
 # Fused tensor suffix -> the HF suffixes whose rows it concatenates, in order.
@@ -51,6 +53,17 @@ def quantized_weight_names(config: ModelConfig, quant: QuantConfig | None) -> li
     ]
 
 
+def kv_scale_names(config: ModelConfig, kv_cache: KVCacheConfig | None) -> list[str]:
+    """The fp8 KV cache's scale tensors, k then v of each layer in order (none without `kv_cache`)."""
+    if kv_cache is None:
+        return []
+    return [
+        f"model.layers.{layer}.self_attn.{kind}_scale"
+        for layer in range(config.num_hidden_layers)
+        for kind in ("k", "v")
+    ]
+
+
 def scale_name(weight_name: str) -> str:
     """`...qkv_proj.weight` -> `...qkv_proj.weight_scale`: where a quantized weight's scales are stored."""
     return weight_name + "_scale"
@@ -71,10 +84,13 @@ def explicitly_smoothed_names(config: ModelConfig, quant: QuantConfig | None) ->
     ]
 
 
-def expected_packed_dtypes(config: ModelConfig, quant: QuantConfig | None) -> dict[str, str]:
-    """The tensors whose dtype the scheme fixes, name -> torch dtype name: each quantized weight
-    (int8 or float8_e4m3fn) and its float32 scale. Every other tensor is in the engine's dtype."""
-    dtypes: dict[str, str] = {}
+def expected_packed_dtypes(
+    config: ModelConfig, quant: QuantConfig | None, kv_cache: KVCacheConfig | None = None
+) -> dict[str, str]:
+    """The tensors whose dtype the layout fixes, name -> torch dtype name: each quantized weight
+    (int8 or float8_e4m3fn) and its float32 scale, and an fp8 KV cache's float32 k_scale / v_scale.
+    Every other tensor is in the engine's dtype."""
+    dtypes: dict[str, str] = dict.fromkeys(kv_scale_names(config, kv_cache), "float32")
     for name in quantized_weight_names(config, quant):
         assert quant is not None
         dtypes[name] = quant.weight_dtype
@@ -85,13 +101,15 @@ def expected_packed_dtypes(config: ModelConfig, quant: QuantConfig | None) -> di
 
 
 def expected_packed_shapes(
-    config: ModelConfig, quant: QuantConfig | None = None
+    config: ModelConfig, quant: QuantConfig | None = None, kv_cache: KVCacheConfig | None = None
 ) -> dict[str, tuple[int, ...]]:
     """Every tensor a packed Kiln checkpoint holds for `config`, name -> shape (and nothing else).
 
     With `quant`, each quantized weight keeps its [N, K] shape and gains `scale_name(weight)`: [N] per
-    channel, [N, K // group_size] per group (kiln.config.QuantConfig)."""
+    channel, [N, K // group_size] per group (kiln.config.QuantConfig). With `kv_cache` (fp8), each layer
+    has its `kv_scale_names`, [1] each."""
     shapes = _unquantized_shapes(config)
+    shapes.update(dict.fromkeys(kv_scale_names(config, kv_cache), (1,)))
     for name in quantized_weight_names(config, quant):
         assert quant is not None
         rows, cols = shapes[name]

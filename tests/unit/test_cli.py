@@ -247,7 +247,8 @@ def test_trtllm_only_build_flags_are_refused_for_the_native_backend(tmp_path: Pa
 # Every `kiln build` flag, by the builds it applies to; each one that does not apply to a build is refused.
 BUILD_FLAGS = {
     "every build": {"checkpoint", "output", "dtype", "max_batch_size", "max_num_tokens", "max_seq_len"}
-    | {"block_size", "tiny", "backend", "served_model_name", "overwrite", "quantization", "tp_size"},
+    | {"block_size", "tiny", "backend", "served_model_name", "overwrite", "quantization", "tp_size"}
+    | {"kv_cache_dtype"},
     "trtllm": {
         "max_input_len": ["--max-input-len", "8"],
         "gather_logits": ["--gather-logits"],
@@ -258,7 +259,7 @@ BUILD_FLAGS = {
         "quant_group_size": ["--quant-group-size", "32"],
         "smoothquant_alpha": ["--smoothquant-alpha", "0.6"],
     },
-    # trtllm's calibrated schemes, and the native backend's int8-sq only
+    # trtllm's calibrated schemes, and the native backend's int8-sq and fp8 KV cache only
     "calibrated": {"calib_dataset": ["--calib-dataset", "x"], "calib_size": ["--calib-size", "8"]},
 }
 
