@@ -31,7 +31,7 @@ from benchmarks.timing import Result, bench_graph_us, write_results
 from kiln.kernels import quant_reference as qr
 from kiln.kernels.triton_gemv import gemv
 from kiln.kernels.triton_quant_act import quantize_rows
-from kiln.kernels.triton_quant_gemm import int8_gemm, scale_int32
+from kiln.kernels.triton_quant_gemm import quant_gemm, scale_int32
 from kiln.kernels.triton_quant_gemv import quant_gemv
 
 # (model, projection, N, K); every projection runs once per layer, 32 layers in both models.
@@ -129,8 +129,8 @@ def _gemm_cases(
         "fp8_scaled_mm+quant": lambda: scaled_mm(*quantize_rows(x, torch.float8_e4m3fn)),
         "int8_int_mm+epilogue": lambda: int_mm(xq, xs),
         "int8_int_mm+quant": lambda: int_mm(*quantize_rows(x, torch.int8)),
-        "int8_triton_w8a8": lambda: int8_gemm(xq, q, s, x_scale=xs, out_dtype=x.dtype),
-        "int8_triton_wo": lambda: int8_gemm(x, q, s),
+        "int8_triton_w8a8": lambda: quant_gemm(xq, q, s, x_scale=xs, out_dtype=x.dtype),
+        "int8_triton_wo": lambda: quant_gemm(x, q, s),
     }
 
 

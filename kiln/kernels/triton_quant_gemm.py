@@ -1,6 +1,6 @@
-"""Matrix products of several tokens with int8 weights, in Triton: weight-only (int8 tiles dequantized to
-16 bits inside the K loop) and W8A8 (int8 x int8 tensor-core products summed in int32), and the epilogue
-of cuBLAS's int8 GEMM (`torch._int_mm`).
+"""Matrix products of several tokens with 8-bit weights (int8 or FP8 E4M3), in Triton: weight-only (8-bit
+tiles widened to 16 bits inside the K loop), W8A8 (int8 x int8 tensor-core products summed in int32) and
+FP8 x FP8 (e4m3 x e4m3 summed in float32), and the epilogue of cuBLAS's int8 GEMM (`torch._int_mm`).
 
 Why a GEMM of its own for int8 weight-only: cuBLAS has no mixed int8 x fp16 GEMM, and dequantizing the
 whole weight to a 16-bit temporary before cuBLAS would read the weight once, write it twice as large and
@@ -17,6 +17,12 @@ Rules (the references: `quant_reference.int8_wo_linear`, `int8_sq_linear`):
   sends it to the reference).
 - W8A8: x is int8 (per-token, from `kiln.kernels.triton_quant_act`) with float32 scales [M]; the products
   are summed exactly in int32, then (sum * x_scale[m]) * scale[n] in float32, the reference's order.
+- FP8 x FP8: x is e4m3 (per-token, `triton_quant_act`) with float32 scales [M], the weight e4m3 per
+  channel; float32 sums, then * x_scale[m] * scale[n]: the reference `fp8_linear`'s order. An e4m3 weight
+  with a 16-bit x is widened exactly (kiln.kernels.triton_fp8), the weight-only form of the same product.
+- SWAP puts the weight tile first in the dot ([BLOCK_N, BLOCK_K] x [BLOCK_K, BLOCK_M]) and transposes the
+  result: the same sums, in the layout a tensor core's M side wants when a decode batch has 16 tokens or
+  fewer (wgmma needs M >= 64). Which tiles pay is measured by benchmarks/quant_small_m.py.
 - The output is cast to its dtype before the bias is added, as the references do.
 - Tiles are fixed per batch size (`gemm_config`), not autotuned: an autotuner times candidates on its
   first call, which cannot happen inside a CUDA-graph capture. Nothing syncs with the host.
@@ -27,6 +33,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kiln.kernels.triton_fp8 import fp8_via_float32, widen
 
 
 @triton.jit
@@ -47,11 +55,13 @@ def _epilogue(acc, rm, rn, M, N, scale_ptr, a_scale_ptr, bias_ptr, c_ptr, stride
 
 
 @triton.jit
-def _int8_gemm_kernel(
+def _quant_gemm_kernel(
     a_ptr, b_ptr, scale_ptr, a_scale_ptr, bias_ptr, c_ptr,
     M, N, K, stride_am, stride_bn, stride_s, stride_cm,
     GROUP: tl.constexpr,  # weight-only: inputs per scale group (BLOCK_K divides it); 0: per channel
-    INT_A: tl.constexpr,  # W8A8: a is int8 with float32 scales [M]
+    SCALED_A: tl.constexpr,  # a is quantized like the weight (int8 or e4m3) with float32 scales [M]
+    SWAP: tl.constexpr,  # the weight tile is the dot's first operand (see gemm_config)
+    FP8_VIA_F32: tl.constexpr,  # an e4m3 weight widened through float32 (kiln.kernels.triton_fp8)
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -68,22 +78,28 @@ def _int8_gemm_kernel(
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :]
     b_ptrs = b_ptr + rn.to(tl.int64)[:, None] * stride_bn + rk[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32 if INT_A else tl.float32)
+    INT: tl.constexpr = SCALED_A and a_ptr.dtype.element_ty == tl.int8
+    acc = tl.zeros([BLOCK_N, BLOCK_M] if SWAP else [BLOCK_M, BLOCK_N], dtype=tl.int32 if INT else tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + rk < K)[None, :]
         a = tl.load(a_ptrs, mask=(rm < M)[:, None] & k_ok, other=0.0)
         b = tl.load(b_ptrs, mask=(rn < N)[:, None] & k_ok, other=0.0)
-        if INT_A:
-            acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-        elif GROUP == 0:
-            acc = tl.dot(a, tl.trans(b.to(a.dtype)), acc)
+        if not SCALED_A:
+            if GROUP == 0:
+                b = widen(b, a.dtype, FP8_VIA_F32)
+            else:
+                s = tl.load(scale_ptr + rn.to(tl.int64) * stride_s + k0 // GROUP, mask=rn < N, other=0.0)
+                b = (b.to(tl.float32) * s[:, None]).to(a.dtype)
+        if SWAP:
+            acc = tl.dot(b, tl.trans(a), acc, out_dtype=acc.dtype)
         else:
-            s = tl.load(scale_ptr + rn.to(tl.int64) * stride_s + k0 // GROUP, mask=rn < N, other=0.0)
-            acc = tl.dot(a, tl.trans((b.to(tl.float32) * s[:, None]).to(a.dtype)), acc)
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=acc.dtype)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+    if SWAP:
+        acc = tl.trans(acc)
     _epilogue(acc, rm, rn, M, N, scale_ptr, a_scale_ptr, bias_ptr, c_ptr, stride_cm,
-              GROUP == 0, INT_A, HAS_BIAS)  # fmt: skip
+              GROUP == 0, SCALED_A, HAS_BIAS)  # fmt: skip
 
 
 @triton.jit
@@ -98,27 +114,31 @@ def _scale_int32_kernel(
     _epilogue(acc, rm, rn, M, N, scale_ptr, a_scale_ptr, bias_ptr, c_ptr, stride_cm, True, True, HAS_BIAS)
 
 
-def gemm_config(m: int, group: int = 0) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) for M tokens. Decode batches (M <= 64)
-    are weight streaming: narrow column tiles give enough programs to keep HBM busy (N / 64 of them) with
-    deep K tiles and four stages in flight; larger M is compute-bound: 128 x 128 tiles, two warpgroups.
-    A per-group weight caps BLOCK_K at its group size."""
+def gemm_config(m: int, group: int = 0) -> tuple[int, int, int, int, int, int, bool]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, SWAP) for M tokens. Decode batches
+    (M <= 64) are weight streaming: narrow column tiles give enough programs to keep HBM busy (N / 64 of
+    them) with deep K tiles and four stages in flight; larger M is compute-bound: 128 x 128 tiles, two
+    warpgroups. A per-group weight caps BLOCK_K at its group size. SWAP makes the weight tile the
+    dot's first operand (x's tile the second), the layout a tensor core wants when BLOCK_M is small."""
     if m <= 16:
-        cfg = [16, 64, 128, 8, 4, 4]
+        cfg = [16, 64, 128, 8, 4, 4, False]
     elif m <= 32:
-        cfg = [32, 64, 128, 8, 4, 4]
+        cfg = [32, 64, 128, 8, 4, 4, False]
     elif m <= 64:
-        cfg = [64, 64, 128, 8, 4, 4]
+        cfg = [64, 64, 128, 8, 4, 4, False]
     elif m <= 128:
-        cfg = [64, 128, 64, 8, 4, 4]
+        cfg = [64, 128, 64, 8, 4, 4, False]
     else:
-        cfg = [128, 128, 64, 8, 8, 4]
+        cfg = [128, 128, 64, 8, 8, 4, False]
     if group:
         cfg[2] = min(cfg[2], group)
     return tuple(cfg)  # type: ignore[return-value]
 
 
-def int8_gemm(
+WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
+
+
+def quant_gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
     scale: torch.Tensor,
@@ -126,36 +146,41 @@ def int8_gemm(
     *,
     x_scale: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
-    config: tuple[int, int, int, int, int, int] | None = None,
+    config: tuple[int, int, int, int, int, int, bool] | None = None,
 ) -> torch.Tensor:
-    """x [M, K] @ int8 weight [N, K].T -> [M, N]. Weight-only: x float16/bfloat16, scale float32 [N] or
-    [N, K // G] (G a power of two >= 16). W8A8: x int8 with `x_scale` float32 [M], scale [N]; the output
-    is `out_dtype` (else x's dtype). See the module rules."""
+    """x [M, K] @ 8-bit weight [N, K].T -> [M, N]. Weight-only: x float16/bfloat16, an int8 weight with
+    scale float32 [N] or [N, K // G] (G a power of two >= 16), or an e4m3 weight with scale [N]. Both
+    quantized (W8A8 with an int8 weight, FP8 with an e4m3 one): x has the weight's dtype and `x_scale`
+    float32 [M], scale [N]; the output is `out_dtype` (else x's dtype). See the module rules."""
     m, k = x.shape
     n = weight.shape[0]
-    if weight.shape[1] != k or weight.dtype != torch.int8 or weight.stride(1) != 1:
-        raise ValueError(f"int8_gemm needs an int8 weight [N, {k}] with K contiguous")
+    if weight.shape[1] != k or weight.dtype not in WEIGHT_DTYPES or weight.stride(1) != 1:
+        raise ValueError(f"quant_gemm needs an int8 or e4m3 weight [N, {k}] with K contiguous")
     groups = scale.shape[1] if scale.dim() == 2 else 1
     group = k // groups if groups > 1 else 0
-    if group and (k % groups or group < 16 or group & (group - 1)):
-        raise ValueError(f"per-group scales need a power-of-two group of at least 16, got {k / groups:g}")
-    int_a = x_scale is not None
-    if int_a != (x.dtype == torch.int8) or (int_a and group):
-        raise ValueError("an int8 x (W8A8) comes with its x_scale and per-channel scales, and only then")
-    if not int_a and x.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"int8_gemm takes float16 or bfloat16 activations, not {x.dtype}")
+    if group and (k % groups or group < 16 or group & (group - 1) or weight.dtype != torch.int8):
+        raise ValueError(
+            f"per-group scales need an int8 weight and a power-of-two group >= 16, got {k / groups:g}"
+        )
+    scaled_a = x_scale is not None
+    if scaled_a != (x.dtype == weight.dtype) or (scaled_a and group):
+        raise ValueError(
+            "a quantized x comes with its x_scale, the weight's dtype and per-channel scales, and only then"
+        )
+    if not scaled_a and x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"quant_gemm takes float16 or bfloat16 activations, not {x.dtype}")
     if x.stride(1) != 1:
         x = x.contiguous()
     out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return out
-    block_m, block_n, block_k, group_m, num_warps, num_stages = config or gemm_config(m, group)
+    block_m, block_n, block_k, group_m, num_warps, num_stages, swap = config or gemm_config(m, group)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
-    _int8_gemm_kernel[grid](
+    _quant_gemm_kernel[grid](
         x,
         weight,
         scale,
-        x_scale if int_a else scale,
+        x_scale if scaled_a else scale,
         bias if bias is not None else out,
         out,
         m,
@@ -166,7 +191,9 @@ def int8_gemm(
         scale.stride(0),
         out.stride(0),
         GROUP=group,
-        INT_A=int_a,
+        SCALED_A=scaled_a,
+        SWAP=swap,
+        FP8_VIA_F32=not scaled_a and weight.dtype != torch.int8 and fp8_via_float32(x.device, x.dtype),
         HAS_BIAS=bias is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,

@@ -34,7 +34,7 @@ import torch
 
 from kiln.kernels import quant_reference
 from kiln.kernels.triton_quant_act import quantize_rows
-from kiln.kernels.triton_quant_gemm import int8_gemm, scale_int32
+from kiln.kernels.triton_quant_gemm import quant_gemm, scale_int32
 from kiln.kernels.triton_quant_gemv import quant_gemv
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -60,7 +60,7 @@ def int8_wo_linear(
         scale = scale.view(-1)  # one group a row is per channel
     if x.shape[0] == 1:
         return quant_gemv(x, q, scale, bias)
-    return int8_gemm(x, q, scale, bias)
+    return quant_gemm(x, q, scale, bias)
 
 
 @functools.cache
@@ -114,5 +114,5 @@ def int8_sq_linear(
     if m == 1:
         return quant_gemv(xq, q, scale, bias, x_scale=x_scale, out_dtype=x.dtype)
     if m < INT_MM_MIN_TOKENS or k % 8 or n % 8:
-        return int8_gemm(xq, q, scale, bias, x_scale=x_scale, out_dtype=x.dtype)
+        return quant_gemm(xq, q, scale, bias, x_scale=x_scale, out_dtype=x.dtype)
     return scale_int32(torch._int_mm(xq, q.t()), x_scale, scale, bias, x.dtype)

@@ -124,23 +124,60 @@ def test_gemv_matches_the_references(device, dtype, n, k):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("n", "k"), SHAPES)
 @pytest.mark.parametrize("m", TOKENS)
-def test_int8_gemm_matches_the_references(device, dtype, n, k, m):
+def test_quant_gemm_matches_the_references(device, dtype, n, k, m):
     from kiln.kernels.triton_quant_act import quantize_rows
-    from kiln.kernels.triton_quant_gemm import int8_gemm, scale_int32
+    from kiln.kernels.triton_quant_gemm import quant_gemm, scale_int32
 
     w, x, bias, smooth = _case(device, n, k, dtype, m=m)
     q, scale = qr.quantize_int8(w)
     for b in (None, bias):
-        out = int8_gemm(x, q, scale, b)
+        out = quant_gemm(x, q, scale, b)
         assert out.shape == (m, n) and out.dtype == dtype
         assert rel_error(out, _weight_only_exact(x, q, scale, b)) < BOUND[dtype]
         xq, x_scale = quantize_rows(x, torch.int8, smooth)
         expected = qr.int8_sq_linear(x, q, scale, smooth, b)
-        assert rel_error(int8_gemm(xq, q, scale, b, x_scale=x_scale, out_dtype=dtype), expected) < W8A8_BOUND
+        assert rel_error(quant_gemm(xq, q, scale, b, x_scale=x_scale, out_dtype=dtype), expected) < W8A8_BOUND
         assert rel_error(scale_int32(qr.int8_matmul(xq, q), x_scale, scale, b, dtype), expected) < W8A8_BOUND
     for group in _groups(k):
         qg, scale_g = qr.quantize_int8(w, group)
-        assert rel_error(int8_gemm(x, qg, scale_g), _weight_only_exact(x, qg, scale_g, None)) < BOUND[dtype]
+        assert rel_error(quant_gemm(x, qg, scale_g), _weight_only_exact(x, qg, scale_g, None)) < BOUND[dtype]
+
+
+# Narrow column tiles, the weight as the dot's first operand or its second, as decode batches use them.
+SMALL_TILES = [(16, 64, 128, 8, 4, 3, False), (16, 64, 256, 8, 4, 4, True), (16, 32, 128, 8, 2, 3, True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+@pytest.mark.parametrize("m", [1, *TOKENS])
+def test_quant_gemm_fp8_and_swapped_tiles(device, dtype, n, k, m):
+    """The e4m3 weight widened to x's dtype (weight-only) and e4m3 x e4m3 (FP8), and every path under the
+    small-batch tiles, the operands swapped or not: each against its exact product."""
+    from kiln.kernels.triton_quant_act import quantize_rows
+    from kiln.kernels.triton_quant_gemm import quant_gemm
+
+    w, x, bias, smooth = _case(device, n, k, dtype, m=m)
+    q, scale = qr.quantize_int8(w)
+    q8, scale8 = qr.quantize_fp8(w)
+    x8, x8_scale = quantize_rows(x, torch.float8_e4m3fn)
+    xq, x_scale = quantize_rows(x, torch.int8, smooth)
+    fp8_wo = torch.nn.functional.linear(
+        x.double(), qr.dequantize_fp8(q8, scale8, torch.float64), bias.double()
+    )
+    for config in (None, *SMALL_TILES):
+        if INTERPRET and config is not None and config[2] > 128:
+            continue
+        got = quant_gemm(x, q8, scale8, bias, config=config)
+        assert got.dtype == dtype and rel_error(got, fp8_wo) < BOUND[dtype], config
+        if not INTERPRET:  # the interpreter has no e4m3 dot
+            got = quant_gemm(x8, q8, scale8, bias, x_scale=x8_scale, out_dtype=dtype, config=config)
+            assert rel_error(got, _fp8_exact(x8, x8_scale, q8, scale8, bias)) < BOUND[dtype], config
+        got = quant_gemm(x, q, scale, bias, config=config)
+        assert rel_error(got, _weight_only_exact(x, q, scale, bias)) < BOUND[dtype], config
+        got = quant_gemm(xq, q, scale, bias, x_scale=x_scale, out_dtype=dtype, config=config)
+        assert rel_error(got, qr.int8_sq_linear(x, q, scale, smooth, bias)) < W8A8_BOUND, config
+    with pytest.raises(ValueError, match="quantized x"):
+        quant_gemm(x8, q, scale, x_scale=x8_scale)  # an e4m3 x with an int8 weight
 
 
 @needs_cuda
@@ -178,7 +215,7 @@ def test_dispatch_picks_the_kernel_for_each_batch(monkeypatch):
     from kiln.kernels import triton_quant_linear as tql
 
     calls: list[str] = []
-    for name in ("quant_gemv", "int8_gemm", "scale_int32"):
+    for name in ("quant_gemv", "quant_gemm", "scale_int32"):
         real = getattr(tql, name)
         monkeypatch.setattr(tql, name, lambda *a, _n=name, _f=real, **kw: calls.append(_n) or _f(*a, **kw))
     for name in ("_scaled_mm", "_int_mm"):
@@ -205,10 +242,10 @@ def test_dispatch_picks_the_kernel_for_each_batch(monkeypatch):
         ("int8_wo", 1): ["quant_gemv"],
         ("fp8", 1): ["quant_gemv"],
         ("int8_sq", 1): ["quant_gemv"],
-        ("int8_wo", 7): ["int8_gemm"],
+        ("int8_wo", 7): ["quant_gemm"],
         ("fp8", 7): ["_scaled_mm"],
-        ("int8_sq", 7): ["int8_gemm"],
-        ("int8_wo", 33): ["int8_gemm"],
+        ("int8_sq", 7): ["quant_gemm"],
+        ("int8_wo", 33): ["quant_gemm"],
         ("fp8", 33): ["_scaled_mm"],
         ("int8_sq", 33): ["_int_mm", "scale_int32"],
     }
