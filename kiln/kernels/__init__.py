@@ -20,6 +20,9 @@ Rules:
   tokens (and says what it hands back to the reference). At one token the FP8 GEMV keeps x in 16 bits
   rather than quantizing it: more accurate than its reference, within that reference's activation
   rounding (see triton_quant_gemv).
+- `rms_norm_quant` and `silu_and_mul_quant` end in the per-token quantization the 8-bit matmul after
+  them needs, and hand a `QuantizedActivation` to `fp8_matmul` / `int8_sq_matmul` (the second halves
+  of `fp8_linear` / `int8_sq_linear`): the same numbers as the unfused calls, bit for bit.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 
 from kiln.kernels import quant_reference, reference
 from kiln.kernels.attention_metadata import AttentionMetadata
+from kiln.kernels.quant_reference import QuantizedActivation
 
 _FORCE_REFERENCE = os.environ.get("KILN_KERNELS", "").lower() == "reference"
 
@@ -175,15 +179,52 @@ def int8_sq_linear(
     return quant_reference.int8_sq_linear(x, q, scale, smooth, bias)
 
 
+def rms_norm_quant(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[QuantizedActivation, torch.Tensor | None]:
+    if _use_triton(x):
+        return _triton("norm").rms_norm_quant(x, weight, eps, residual, dtype)
+    return quant_reference.rms_norm_quant(x, weight, eps, residual, dtype)
+
+
+def silu_and_mul_quant(
+    x: torch.Tensor, dtype: torch.dtype, smooth: torch.Tensor | None = None
+) -> QuantizedActivation:
+    if _use_triton(x):
+        return _triton("quant_act").silu_and_mul_quant(x, dtype, smooth)
+    return quant_reference.silu_and_mul_quant(x, dtype, smooth)
+
+
+def fp8_matmul(
+    a: QuantizedActivation, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    if _use_triton(a.q):
+        return _triton("quant_linear").fp8_matmul(a, q, scale, bias)
+    return quant_reference.fp8_matmul(a, q, scale, bias)
+
+
+def int8_sq_matmul(
+    a: QuantizedActivation, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    if _use_triton(a.q):
+        return _triton("quant_linear").int8_sq_matmul(a, q, scale, bias)
+    return quant_reference.int8_sq_matmul(a, q, scale, bias)
+
+
 __all__ = [
+    "QuantizedActivation",
     "apply_rotary",
     "fp8_linear",
+    "fp8_matmul",
     "int8_sq_linear",
+    "int8_sq_matmul",
     "int8_wo_linear",
     "linear",
     "paged_attention",
     "rms_norm",
+    "rms_norm_quant",
     "rotary_store_kv",
     "silu_and_mul",
+    "silu_and_mul_quant",
     "store_kv",
 ]

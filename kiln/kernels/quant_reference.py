@@ -29,12 +29,20 @@ Rules:
   the CPU, float64 elsewhere: |sum| <= 127 * 127 * K < 2^31 for K < 133,000, so both are exact and
   agree), then converted to float32 and scaled by both scales (the int32 GEMM's epilogue), cast to the
   activation dtype, then + bias.
+- Quantizing an activation inside the kernel that makes it (`rms_norm_quant`, `silu_and_mul_quant`) is
+  that kernel's 16-bit output, then the per-token quantization above: the same bytes as the two steps,
+  one launch and one write fewer. The matmul then takes the `QuantizedActivation` (`fp8_matmul`,
+  `int8_sq_matmul`: the second halves of `fp8_linear` and `int8_sq_linear`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+
+from kiln.kernels import reference
 
 INT8_MAX = 127.0
 FP8_DTYPE = torch.float8_e4m3fn
@@ -106,15 +114,61 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = to
     return (q.float() * scale.float()[:, None]).to(dtype)
 
 
+@dataclass(frozen=True, slots=True)
+class QuantizedActivation:
+    """An activation quantized per token by the kernel that made it: q [T, K] int8 or e4m3, scale float32
+    [T], and `dtype`, the 16-bit dtype it stands for (the matmul's output dtype)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+
+def quantize_activation(
+    x: torch.Tensor, dtype: torch.dtype, smooth: torch.Tensor | None = None
+) -> QuantizedActivation:
+    """x [T, K] (divided by `smooth` first when given) quantized per token to int8 or e4m3."""
+    x32 = x.float() if smooth is None else x.float() / smooth.float()
+    if dtype == torch.int8:
+        q, scale = quantize_int8_rows(x32)
+    elif dtype == FP8_DTYPE:
+        q, scale = quantize_fp8_rows(x32)
+    else:
+        raise ValueError(f"activations quantize to int8 or float8_e4m3fn, not {dtype}")
+    return QuantizedActivation(q, scale, x.dtype)
+
+
+def rms_norm_quant(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[QuantizedActivation, torch.Tensor | None]:
+    """`reference.rms_norm`, its output quantized per token: (activation, new residual)."""
+    out, new_residual = reference.rms_norm(x, weight, eps, residual)
+    return quantize_activation(out.reshape(-1, out.shape[-1]), dtype), new_residual
+
+
+def silu_and_mul_quant(
+    x: torch.Tensor, dtype: torch.dtype, smooth: torch.Tensor | None = None
+) -> QuantizedActivation:
+    """`reference.silu_and_mul` of x [T, 2I], divided by `smooth` [I] when given, quantized per token."""
+    return quantize_activation(reference.silu_and_mul(x), dtype, smooth)
+
+
+def fp8_matmul(
+    a: QuantizedActivation, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The FP8 GEMM over an e4m3 activation: both operands dequantized, the product in float32, cast to
+    a.dtype, then + bias (in that dtype). a.q [T, K], q [N, K], scale [N] -> [T, N]."""
+    out = torch.matmul(a.q.float(), q.float().t()) * a.scale[:, None] * scale.float()[None, :]
+    out = out.to(a.dtype)
+    return out if bias is None else out + bias
+
+
 def fp8_linear(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The FP8 GEMM's numerics: x quantized per token to e4m3, both operands dequantized, the product
-    in float32, cast to x's dtype, then + bias (in x's dtype). x [T, K], q [N, K], scale [N] -> [T, N]."""
-    xq, x_scale = quantize_fp8_rows(x)
-    out = torch.matmul(xq.float(), q.float().t()) * x_scale[:, None] * scale.float()[None, :]
-    out = out.to(x.dtype)
-    return out if bias is None else out + bias
+    """The FP8 GEMM's numerics: x quantized per token to e4m3, then `fp8_matmul`. x [T, K], q [N, K],
+    scale [N] -> [T, N] in x's dtype."""
+    return fp8_matmul(quantize_activation(x, FP8_DTYPE), q, scale, bias)
 
 
 def smoothing_factors(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -157,8 +211,14 @@ def int8_sq_linear(
     """The W8A8 GEMM's numerics: x [T, K] (divided by `smooth` [K] when given: the explicit smoothing of
     a layer with no norm to fold it into) quantized per token to int8, times q int8 [N, K] summed
     exactly, * x_scale * scale in float32, cast to x's dtype, then + bias -> [T, N]."""
-    x32 = x.float() if smooth is None else x.float() / smooth.float()
-    xq, x_scale = quantize_int8_rows(x32)
-    out = int8_matmul(xq, q).float() * x_scale[:, None] * scale.float()[None, :]
-    out = out.to(x.dtype)
+    return int8_sq_matmul(quantize_activation(x, torch.int8, smooth), q, scale, bias)
+
+
+def int8_sq_matmul(
+    a: QuantizedActivation, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The W8A8 GEMM over an int8 activation: a.q x q summed exactly, * a.scale * scale in float32, cast
+    to a.dtype, then + bias."""
+    out = int8_matmul(a.q, q).float() * a.scale[:, None] * scale.float()[None, :]
+    out = out.to(a.dtype)
     return out if bias is None else out + bias

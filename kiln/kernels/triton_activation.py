@@ -3,6 +3,7 @@
 Rule (the same as `kiln.kernels.reference.silu_and_mul`): x is [..., 2I] with the gate in
 the first half and the up projection in the second; returns silu(gate) * up [..., I] in x's dtype.
 silu is computed in float32 and rounded to x's dtype before the multiply, as torch's F.silu does.
+`silu_mul` is that rule for other kernels (`triton_quant_act.silu_and_mul_quant` quantizes the product).
 """
 
 from __future__ import annotations
@@ -31,8 +32,14 @@ def _silu_and_mul_kernel(
     valid = offs < inter
     gate = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + inter + offs, mask=valid, other=0.0).to(tl.float32)
-    silu = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, (silu * up).to(out_ptr.dtype.element_ty), mask=valid)
+    tl.store(out_ptr + row * stride_o + offs, silu_mul(gate, up, out_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def silu_mul(gate, up, DTYPE: tl.constexpr):
+    """silu(gate) * up from float32 inputs in DTYPE, silu rounded to DTYPE first (the module's rule)."""
+    silu = (gate / (1.0 + tl.exp(-gate))).to(DTYPE).to(tl.float32)
+    return (silu * up).to(DTYPE)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,11 @@ Rules (the same as `kiln.kernels.reference.rms_norm`): without a residual, retur
 x's dtype before the weight multiply (Hugging Face's LlamaRMSNorm), and the output has the dtype
 torch gives `weight * x`. One program normalises one row in a single pass: a Llama hidden size
 (<= 16384) fits in registers, so x and the residual are each read once and the sum written once.
+
+`rms_norm_quant` is the same kernel ending in the per-token quantization of its output for the 8-bit
+matmul after it (the rules of `kiln.kernels.triton_quant_act`: IEEE divisions, ties to even for int8):
+the 16-bit row is never written, and its quantization needs no second pass, since the row is in
+registers. Its result equals `quant_reference.rms_norm_quant` bit for bit.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.pdl import pdl_enabled
+from kiln.kernels.quant_reference import QuantizedActivation
+from kiln.kernels.triton_quant_act import QMAX, quantize_values
 
 
 @triton.jit
@@ -24,6 +31,8 @@ def _rms_norm_kernel(
     weight_ptr,
     out_ptr,
     new_residual_ptr,
+    q_ptr,  # QUANT: the quantized row and its scale instead of out
+    scale_ptr,
     stride_x,
     stride_r,
     stride_o,
@@ -31,6 +40,9 @@ def _rms_norm_kernel(
     hidden,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    QUANT: tl.constexpr,
+    QMAX: tl.constexpr,
+    TO_INT8: tl.constexpr,
     BLOCK: tl.constexpr,
     LAUNCH_DEPENDENTS: tl.constexpr,  # PDL: the next kernel may start now (kiln.kernels.pdl)
 ):
@@ -49,8 +61,58 @@ def _rms_norm_kernel(
     mean_square = tl.sum(x32 * x32, axis=0) / hidden
     normed = (x32 * tl.rsqrt(mean_square + eps)).to(x_ptr.dtype.element_ty)
     w = tl.load(weight_ptr + offs, mask=valid, other=0.0)
-    out = w.to(tl.float32) * normed.to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=valid)
+    out = (w.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    if QUANT:
+        q, scale = quantize_values(out.to(tl.float32), QMAX, TO_INT8)
+        tl.store(scale_ptr + row, scale)
+        tl.store(q_ptr + row * stride_o + offs, q.to(q_ptr.dtype.element_ty), mask=valid)
+    else:
+        tl.store(out_ptr + row * stride_o + offs, out, mask=valid)
+
+
+def _launch(x, weight, eps, residual, quant_dtype):
+    hidden = x.shape[-1]
+    if x.stride(-1) != 1 or weight.stride(-1) != 1:
+        raise ValueError("rms_norm needs the hidden dimension contiguous")
+    x2 = x.reshape(-1, hidden)
+    rows = x2.shape[0]
+    out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    out = torch.empty(x2.shape, dtype=quant_dtype or out_dtype, device=x.device)
+    scale = torch.empty(rows, dtype=torch.float32, device=x.device) if quant_dtype else out
+    new_residual = None
+    res2 = x2
+    if residual is not None:
+        res2 = residual.reshape(-1, hidden)
+        if res2.stride(-1) != 1:
+            res2 = res2.contiguous()
+        new_residual = torch.empty_like(x2)
+    if rows:
+        block = triton.next_power_of_2(hidden)
+        # The 16-bit output's dtype, for its rounding, when only the quantized row is written.
+        typed_out = out if quant_dtype is None else torch.empty(0, dtype=out_dtype, device=x.device)
+        _rms_norm_kernel[(rows,)](
+            x2,
+            res2,
+            weight,
+            typed_out,
+            new_residual if new_residual is not None else out,
+            out,
+            scale,
+            x2.stride(0),
+            res2.stride(0),
+            out.stride(0),
+            new_residual.stride(0) if new_residual is not None else 0,
+            hidden,
+            eps,
+            HAS_RESIDUAL=residual is not None,
+            QUANT=quant_dtype is not None,
+            QMAX=QMAX.get(quant_dtype, 1.0),
+            TO_INT8=quant_dtype == torch.int8,
+            BLOCK=block,
+            LAUNCH_DEPENDENTS=pdl_enabled(x.device),
+            num_warps=min(16, max(1, block // 512)),
+        )
+    return out, scale, (new_residual.view(x.shape) if new_residual is not None else None)
 
 
 def rms_norm(
@@ -60,37 +122,15 @@ def rms_norm(
     residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """RMSNorm over the last dim of x [..., hidden], optionally adding `residual` first (see module doc)."""
-    hidden = x.shape[-1]
-    if x.stride(-1) != 1 or weight.stride(-1) != 1:
-        raise ValueError("rms_norm needs the hidden dimension contiguous")
-    x2 = x.reshape(-1, hidden)
-    out = torch.empty(x2.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-    new_residual = None
-    res2 = x2
-    if residual is not None:
-        res2 = residual.reshape(-1, hidden)
-        if res2.stride(-1) != 1:
-            res2 = res2.contiguous()
-        new_residual = torch.empty_like(x2)
-    rows = x2.shape[0]
-    if rows:
-        block = triton.next_power_of_2(hidden)
-        _rms_norm_kernel[(rows,)](
-            x2,
-            res2,
-            weight,
-            out,
-            new_residual if new_residual is not None else out,
-            x2.stride(0),
-            res2.stride(0),
-            out.stride(0),
-            new_residual.stride(0) if new_residual is not None else 0,
-            hidden,
-            eps,
-            HAS_RESIDUAL=residual is not None,
-            BLOCK=block,
-            LAUNCH_DEPENDENTS=pdl_enabled(x.device),
-            num_warps=min(16, max(1, block // 512)),
-        )
-    out = out.view(x.shape)
-    return out, (new_residual.view(x.shape) if new_residual is not None else None)
+    out, _, new_residual = _launch(x, weight, eps, residual, None)
+    return out.view(x.shape), new_residual
+
+
+def rms_norm_quant(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[QuantizedActivation, torch.Tensor | None]:
+    """`rms_norm` of x [T, hidden] quantized per token to `dtype` (int8 or e4m3): (activation, residual)."""
+    if dtype not in QMAX:
+        raise ValueError(f"rms_norm_quant makes int8 or float8_e4m3fn, not {dtype}")
+    q, scale, new_residual = _launch(x, weight, eps, residual, dtype)
+    return QuantizedActivation(q, scale, torch.promote_types(weight.dtype, x.dtype)), new_residual

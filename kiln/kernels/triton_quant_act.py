@@ -15,6 +15,9 @@ division of `int8_sq_linear`):
   multiplies the very integers (or e4m3 values) the reference does.
 - Under programmatic dependent launch (`kiln.kernels.pdl`) the kernel lets its dependent start at once:
   the quantized GEMV after it streams weights while this runs, and waits before it reads q or the scale.
+- `silu_and_mul_quant` is the same kernel reading a gate_up row [2K] and quantizing silu(gate) * up
+  (`triton_activation.silu_mul`'s rounding): SiLU-and-mul and the quantization of the down projection's
+  input in one launch, the 16-bit product never written (`quant_reference.silu_and_mul_quant`).
 - Nothing here syncs with the host or depends on values for its shapes, so CUDA graphs capture it.
 """
 
@@ -25,14 +28,22 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.pdl import pdl_enabled
+from kiln.kernels.quant_reference import QuantizedActivation
+from kiln.kernels.triton_activation import silu_mul
 
-_QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
 
 
 @triton.jit
-def _smoothed_chunk(x_row, smooth_ptr, cols, K, HAS_SMOOTH: tl.constexpr):
-    """x[cols] in float32, divided by smooth[cols] when there is one (0 past the row's end)."""
-    x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+def _smoothed_chunk(x_row, smooth_ptr, cols, K, HAS_SMOOTH: tl.constexpr, GATED: tl.constexpr):
+    """x[cols] in float32 (GATED: silu(x[cols]) * x[K + cols] in x's dtype, a row of 2K), divided by
+    smooth[cols] when there is one (0 past the row's end)."""
+    if GATED:
+        gate = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+        up = tl.load(x_row + K + cols, mask=cols < K, other=0.0).to(tl.float32)
+        x = silu_mul(gate, up, x_row.dtype.element_ty).to(tl.float32)
+    else:
+        x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
     if HAS_SMOOTH:
         s = tl.load(smooth_ptr + cols, mask=cols < K, other=1.0).to(tl.float32)
         x = tl.div_rn(x, s)
@@ -50,6 +61,25 @@ def _round_half_even(v):
 
 
 @triton.jit
+def quantize_chunk(v, scale, QMAX: tl.constexpr, TO_INT8: tl.constexpr):
+    """float32 values / scale, clamped to [-QMAX, QMAX], and for int8 rounded half to even."""
+    v = tl.div_rn(v, scale)
+    v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+    if TO_INT8:
+        v = _round_half_even(v)
+    return v
+
+
+@triton.jit
+def quantize_values(v, QMAX: tl.constexpr, TO_INT8: tl.constexpr):
+    """A whole row held in registers (float32, 0 where masked): (its quantized values, still float32, and
+    its scale), by the rules above; for kernels that end in the quantization of what they computed."""
+    row_max = tl.max(tl.abs(v), axis=0)
+    scale = tl.where(row_max > 0, tl.div_rn(row_max, QMAX), 1.0)
+    return quantize_chunk(v, scale, QMAX, TO_INT8), scale
+
+
+@triton.jit
 def _quantize_rows_kernel(
     x_ptr,
     smooth_ptr,
@@ -61,6 +91,7 @@ def _quantize_rows_kernel(
     QMAX: tl.constexpr,
     TO_INT8: tl.constexpr,  # int8 (rounded, clamped) or float8_e4m3fn (clamped, cast)
     HAS_SMOOTH: tl.constexpr,
+    GATED: tl.constexpr,  # x is [T, 2K]: quantize silu(gate) * up (silu_and_mul_quant)
     BLOCK: tl.constexpr,
     LAUNCH_DEPENDENTS: tl.constexpr,  # PDL: the next kernel may start now (kiln.kernels.pdl)
 ):
@@ -70,32 +101,32 @@ def _quantize_rows_kernel(
     x_row = x_ptr + row * stride_x
     amax = tl.zeros([BLOCK], dtype=tl.float32)
     for k0 in range(0, K, BLOCK):
-        x = _smoothed_chunk(x_row, smooth_ptr, k0 + tl.arange(0, BLOCK), K, HAS_SMOOTH)
+        x = _smoothed_chunk(x_row, smooth_ptr, k0 + tl.arange(0, BLOCK), K, HAS_SMOOTH, GATED)
         amax = tl.maximum(amax, tl.abs(x))
     row_max = tl.max(amax, axis=0)
     scale = tl.where(row_max > 0, tl.div_rn(row_max, QMAX), 1.0)
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         cols = k0 + tl.arange(0, BLOCK)
-        v = tl.div_rn(_smoothed_chunk(x_row, smooth_ptr, cols, K, HAS_SMOOTH), scale)
-        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
-        if TO_INT8:
-            v = _round_half_even(v)
+        v = quantize_chunk(
+            _smoothed_chunk(x_row, smooth_ptr, cols, K, HAS_SMOOTH, GATED), scale, QMAX, TO_INT8
+        )
         tl.store(q_ptr + row * stride_q + cols, v.to(q_ptr.dtype.element_ty), mask=cols < K)
 
 
 def quantize_rows(
-    x: torch.Tensor, dtype: torch.dtype, smooth: torch.Tensor | None = None
+    x: torch.Tensor, dtype: torch.dtype, smooth: torch.Tensor | None = None, *, gated: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, K] (divided by `smooth` [K] first when given) -> (q [T, K] in `dtype`, scale float32 [T]).
+    With `gated`, x is [T, 2K] and what is quantized is silu(x[:, :K]) * x[:, K:] (`silu_and_mul_quant`).
 
     `dtype` is torch.int8 (the reference `quantize_int8_rows`) or torch.float8_e4m3fn
     (`quantize_fp8_rows`); see the module rules."""
-    if dtype not in _QMAX:
+    if dtype not in QMAX:
         raise ValueError(f"quantize_rows makes int8 or float8_e4m3fn, not {dtype}")
-    if x.dim() != 2:
-        raise ValueError(f"quantize_rows takes x [T, K], got shape {tuple(x.shape)}")
-    rows, k = x.shape
+    if x.dim() != 2 or (gated and x.shape[1] % 2):
+        raise ValueError(f"quantize_rows takes x [T, {'2K' if gated else 'K'}], got shape {tuple(x.shape)}")
+    rows, k = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
     if x.stride(1) != 1:
         x = x.contiguous()
     if smooth is not None and (smooth.shape != (k,) or smooth.stride(0) != 1):
@@ -112,11 +143,21 @@ def quantize_rows(
             k,
             x.stride(0),
             q.stride(0),
-            QMAX=_QMAX[dtype],
+            QMAX=QMAX[dtype],
             TO_INT8=dtype == torch.int8,
             HAS_SMOOTH=smooth is not None,
+            GATED=gated,
             BLOCK=block,
             LAUNCH_DEPENDENTS=pdl_enabled(x.device),
             num_warps=max(1, min(8, block // 256)),
         )
     return q, scale
+
+
+def silu_and_mul_quant(
+    x: torch.Tensor, dtype: torch.dtype, smooth: torch.Tensor | None = None
+) -> QuantizedActivation:
+    """`triton_activation.silu_and_mul` of x [T, 2I] (divided by `smooth` [I] when given) quantized per
+    token to `dtype`, in one launch: the 16-bit product is never written."""
+    q, scale = quantize_rows(x, dtype, smooth, gated=True)
+    return QuantizedActivation(q, scale, x.dtype)

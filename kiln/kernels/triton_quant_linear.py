@@ -23,6 +23,10 @@ Rules:
   float32 activations (Triton's dot would round them to TF32), x that is not 2-D, per-group sizes that
   are not a power of two of at least 16, and FP8 GEMMs whose K or N is not a multiple of 16 (a
   `_scaled_mm` requirement; no Llama shape).
+- `fp8_matmul` and `int8_sq_matmul` take an activation the kernel before them already quantized
+  (`kiln.kernels.triton_norm.rms_norm_quant`, `triton_quant_act.silu_and_mul_quant`) and run the
+  second half of `fp8_linear` / `int8_sq_linear`, with the same kernels; an e4m3 activation of one
+  token goes through the Triton GEMM (the GEMV takes 16-bit x).
 - Nothing here syncs with the host or has a data-dependent shape: CUDA graphs capture every path.
 """
 
@@ -33,6 +37,7 @@ import functools
 import torch
 
 from kiln.kernels import quant_reference
+from kiln.kernels.quant_reference import QuantizedActivation
 from kiln.kernels.triton_quant_act import quantize_rows
 from kiln.kernels.triton_quant_gemm import quant_gemm, scale_int32
 from kiln.kernels.triton_quant_gemv import quant_gemv
@@ -84,17 +89,31 @@ def fp8_linear(
     if k % 16 or n % 16:
         return quant_reference.fp8_linear(x, q, scale, bias)
     xq, x_scale = quantize_rows(x, torch.float8_e4m3fn)
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    direct = x.dtype == torch.bfloat16 or _fp16_rowwise(index)
+    return fp8_matmul(QuantizedActivation(xq, x_scale, x.dtype), q, scale, bias)
+
+
+def fp8_matmul(
+    a: QuantizedActivation, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """quant_reference.fp8_matmul on CUDA: cuBLASLt's FP8 GEMM (see the module rules); one token, or K or
+    N not a multiple of 16, the Triton GEMM."""
+    m = a.q.shape[0]
+    n, k = q.shape
+    if m == 0 or a.dtype not in _HALF:
+        return quant_reference.fp8_matmul(a, q, scale, bias)
+    if m == 1 or k % 16 or n % 16:
+        return quant_gemm(a.q, q, scale, bias, x_scale=a.scale, out_dtype=a.dtype)
+    index = a.q.device.index if a.q.device.index is not None else torch.cuda.current_device()
+    direct = a.dtype == torch.bfloat16 or _fp16_rowwise(index)
     out = torch._scaled_mm(
-        xq,
+        a.q,
         q.t(),
-        scale_a=x_scale.view(m, 1),
+        scale_a=a.scale.view(m, 1),
         scale_b=scale.view(1, n),
-        out_dtype=x.dtype if direct else torch.bfloat16,
+        out_dtype=a.dtype if direct else torch.bfloat16,
     )
     if not direct:
-        out = out.to(x.dtype)
+        out = out.to(a.dtype)
     return out if bias is None else out.add_(bias)
 
 
@@ -108,11 +127,20 @@ def int8_sq_linear(
     """quant_reference.int8_sq_linear on CUDA (see the module rules)."""
     if x.dim() != 2 or x.dtype not in _HALF or x.shape[0] == 0:
         return quant_reference.int8_sq_linear(x, q, scale, smooth, bias)
-    m = x.shape[0]
-    n, k = q.shape
     xq, x_scale = quantize_rows(x, torch.int8, smooth)
+    return int8_sq_matmul(QuantizedActivation(xq, x_scale, x.dtype), q, scale, bias)
+
+
+def int8_sq_matmul(
+    a: QuantizedActivation, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """quant_reference.int8_sq_matmul on CUDA (see the module rules)."""
+    m = a.q.shape[0]
+    n, k = q.shape
+    if m == 0 or a.dtype not in _HALF:
+        return quant_reference.int8_sq_matmul(a, q, scale, bias)
     if m == 1:
-        return quant_gemv(xq, q, scale, bias, x_scale=x_scale, out_dtype=x.dtype)
+        return quant_gemv(a.q, q, scale, bias, x_scale=a.scale, out_dtype=a.dtype)
     if m < INT_MM_MIN_TOKENS or k % 8 or n % 8:
-        return quant_gemm(xq, q, scale, bias, x_scale=x_scale, out_dtype=x.dtype)
-    return scale_int32(torch._int_mm(xq, q.t()), x_scale, scale, bias, x.dtype)
+        return quant_gemm(a.q, q, scale, bias, x_scale=a.scale, out_dtype=a.dtype)
+    return scale_int32(torch._int_mm(a.q, q.t()), a.scale, scale, bias, a.dtype)

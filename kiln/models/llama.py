@@ -26,6 +26,7 @@ from kiln import kernels
 from kiln.config import KVCacheConfig, ModelConfig, QuantConfig
 from kiln.errors import CheckpointError
 from kiln.kernels.attention_metadata import AttentionMetadata
+from kiln.kernels.quant_reference import QuantizedActivation
 from kiln.models.parallel import TensorParallelGroup
 from kiln.models.quant_linear import QuantizedLinear, make_linear
 from kiln.models.rope import build_cos_sin_cache
@@ -34,13 +35,18 @@ from kiln.models.weights import expected_packed_dtypes, expected_packed_shapes, 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, Hkv, D]
 
 
-def _linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _linear(layer: nn.Module, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
     # A quantized layer goes through its own dispatch (kiln.models.quant_linear.quantized_linear, the
     # seam for the quantized GPU kernels). Otherwise the kernel dispatch rather than nn.Linear: one
     # token takes the Triton GEMV on CUDA.
     if isinstance(layer, QuantizedLinear):
         return layer(x)
-    return kernels.linear(x, layer.weight, layer.bias)
+    return kernels.linear(x, layer.weight, layer.bias)  # type: ignore[arg-type]
+
+
+def _quantization(layer: nn.Module, num_tokens: int) -> torch.dtype | None:
+    """The 8-bit dtype `layer` takes its input in at `num_tokens` (the producing kernel quantizes)."""
+    return layer.input_quantization(num_tokens) if isinstance(layer, QuantizedLinear) else None
 
 
 def _for(linear: str, quant: QuantConfig | None) -> QuantConfig | None:
@@ -55,8 +61,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, quantize: torch.dtype | None = None
+    ) -> tuple[torch.Tensor | QuantizedActivation, torch.Tensor | None]:
+        """(norm, new residual); with `quantize`, the norm quantized per token for an 8-bit matmul."""
+        if quantize is not None:
+            return kernels.rms_norm_quant(x, self.weight, self.eps, residual, quantize)
         return kernels.rms_norm(x, self.weight, self.eps, residual)
 
 
@@ -104,8 +113,9 @@ class LlamaAttention(nn.Module):
         cos_sin_cache: torch.Tensor,
     ) -> torch.Tensor:
         """The rotated query [T, heads, head_dim]; K and V are rotated and written into the cache."""
-        num_tokens = hidden.shape[0]
-        q, k, v = _linear(self.qkv_proj, hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = _linear(self.qkv_proj, hidden)
+        num_tokens = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
@@ -149,8 +159,14 @@ class LlamaMLP(nn.Module):
             inter, config.hidden_size, bias=bias, quant=_for("mlp.down_proj", quant), name="mlp.down_proj"
         )
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = _linear(self.down_proj, kernels.silu_and_mul(_linear(self.gate_up_proj, hidden)))
+    def forward(self, hidden: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        gate_up = _linear(self.gate_up_proj, hidden)
+        quantize = _quantization(self.down_proj, gate_up.shape[0])
+        if quantize is None:
+            act = kernels.silu_and_mul(gate_up)
+        else:
+            act = kernels.silu_and_mul_quant(gate_up, quantize, self.down_proj.smooth_scale)
+        out = _linear(self.down_proj, act)
         return out if self.tp is None else self.tp.all_reduce(out)  # row-parallel: partial sums
 
 
@@ -181,11 +197,12 @@ class LlamaDecoderLayer(nn.Module):
         cos_sin_cache: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Up to attention: returns (rotated query, residual stream)."""
+        quantize = _quantization(self.self_attn.qkv_proj, hidden.shape[0])
         if residual is None:
             residual = hidden
-            normed, _ = self.input_layernorm(hidden)
+            normed, _ = self.input_layernorm(hidden, quantize=quantize)
         else:
-            normed, residual = self.input_layernorm(hidden, residual)
+            normed, residual = self.input_layernorm(hidden, residual, quantize)
         return self.self_attn.project(positions, normed, kv_cache, slot_mapping, cos_sin_cache), residual
 
     def finish(self, attended: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,7 +210,8 @@ class LlamaDecoderLayer(nn.Module):
         hidden = _linear(self.self_attn.o_proj, attended.reshape(attended.shape[0], -1))
         if self.tp is not None:  # row-parallel: partial sums
             hidden = self.tp.all_reduce(hidden)
-        normed, residual = self.post_attention_layernorm(hidden, residual)
+        quantize = _quantization(self.mlp.gate_up_proj, hidden.shape[0])
+        normed, residual = self.post_attention_layernorm(hidden, residual, quantize)
         return self.mlp(normed), residual
 
 

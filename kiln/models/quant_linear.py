@@ -19,6 +19,10 @@ Rules:
   cores on CUDA (compute capability >= 8.9, Ada or Hopper); the CPU runs the references of all three.
   `check_kv_cache_supports` does the same for an fp8 KV cache, whose Triton kernels convert to and from
   e4m3 (Triton's fp8e4nv), which needs compute capability >= 8.9 too.
+- `input_quantization(num_tokens)` says which 8-bit dtype the layer's kernel takes x in (int8_sq: int8;
+  fp8 above one token: e4m3); the kernel that makes x (RMSNorm, SiLU-and-mul) then quantizes it in
+  its own launch (`kernels.rms_norm_quant`, `silu_and_mul_quant`, with the layer's `smooth_scale`),
+  the same numbers as quantizing inside the matmul, and the layer takes the `QuantizedActivation`.
 - `storage_dtypes` names the parameters whose dtype the scheme fixes, so the loader does not cast
   them to the model dtype (kiln.models.loader.build_empty_model).
 """
@@ -32,6 +36,7 @@ from kiln import kernels
 from kiln.config import KVCacheConfig, QuantConfig
 from kiln.errors import InvalidEngineError
 from kiln.kernels import quant_reference
+from kiln.kernels.quant_reference import QuantizedActivation
 
 FP8_MIN_COMPUTE_CAPABILITY = (8, 9)  # Ada and Hopper and later have FP8 tensor cores
 _STORAGE = {"int8_wo": torch.int8, "fp8": quant_reference.FP8_DTYPE, "int8_sq": torch.int8}
@@ -66,16 +71,32 @@ class QuantizedLinear(nn.Module):
                 torch.empty(in_features, dtype=torch.float32), requires_grad=False
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         return quantized_linear(self, x)
+
+    def input_quantization(self, num_tokens: int) -> torch.dtype | None:
+        """The dtype this layer's kernel for `num_tokens` quantizes x to, so that the kernel producing x
+        can quantize it instead (see the module rules); None when it takes x in 16 bits."""
+        if self.scheme == "int8_sq":
+            return torch.int8
+        if self.scheme == "fp8" and num_tokens > 1:  # one token: the GEMV keeps x in 16 bits
+            return quant_reference.FP8_DTYPE
+        return None
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, scheme={self.scheme}, scales={tuple(self.weight_scale.shape)}"
 
 
-def quantized_linear(layer: QuantizedLinear, x: torch.Tensor) -> torch.Tensor:
+def quantized_linear(layer: QuantizedLinear, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
     """x [T, K] through a quantized layer -> [T, N] in x's dtype, by the scheme's kernel for x's device
-    (see the module rules)."""
+    (see the module rules). A `QuantizedActivation` is x already quantized (and smoothed) as the layer's
+    `input_quantization` asks."""
+    if isinstance(x, QuantizedActivation):
+        if x.q.dtype != layer.input_quantization(x.q.shape[0]):
+            raise ValueError(f"a {layer.scheme} layer does not take a {x.q.dtype} activation")
+        if layer.scheme == "int8_sq":
+            return kernels.int8_sq_matmul(x, layer.weight, layer.weight_scale, layer.bias)
+        return kernels.fp8_matmul(x, layer.weight, layer.weight_scale, layer.bias)
     if layer.scheme == "int8_wo":
         return kernels.int8_wo_linear(x, layer.weight, layer.weight_scale, layer.bias)
     if layer.scheme == "int8_sq":

@@ -1,0 +1,85 @@
+"""The quantized and fp8-KV-cache Triton kernels compile for Hopper (sm_90) and Ada (sm_89), with no GPU needed.
+
+Triton compiles ahead of time for a named target (its own ptxas ships in the wheel), so a machine without a
+GPU can still catch what the interpreter cannot: a construct the compiler refuses for the target (an e4m3
+dot, a layout, shared memory), or a constexpr branch the interpreter never took. This compiles each kernel's
+variants with the signature its launcher passes; what they compute is checked by the other tests here, on
+a GPU or under TRITON_INTERPRET=1. Skipped where Triton is not installed (the CPU CI).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+ARCHS = [90, 89]
+ACTS = ["fp16", "bf16"]
+
+
+def _compile(
+    kernel, pointers: dict[str, str], constexprs: dict, arch: int, floats: tuple[str, ...] = ()
+) -> str:
+    """PTX of `kernel` for sm_`arch`: pointer types from `pointers`, `floats` fp32, other arguments i32."""
+    signature = {}
+    for param in kernel.params:
+        name = param.name
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = pointers.get(name, "fp32" if name in floats else "i32")
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize(
+    ("x", "weight"), [("act", "i8"), ("act", "fp8e4nv"), ("fp8e4nv", "fp8e4nv"), ("i8", "i8")]
+)
+def test_quant_gemm_compiles_for_every_operand_pair_and_tile(arch, act, x, weight):
+    from kiln.kernels.triton_quant_gemm import _quant_gemm_kernel, gemm_config
+
+    x = act if x == "act" else x
+    pointers = {"a_ptr": f"*{x}", "b_ptr": f"*{weight}", "scale_ptr": "*fp32", "a_scale_ptr": "*fp32"}
+    pointers |= {"bias_ptr": f"*{act}", "c_ptr": f"*{act}"}
+    tiles = [(*gemm_config(m)[:3], gemm_config(m)[6]) for m in (1, 32, 256)]
+    tiles += [(16, n, k, True) for n, k in itertools.product((16, 64), (128, 512))]
+    for block_m, block_n, block_k, swap in tiles:
+        via_f32 = arch < 90 and x == "bf16" and weight == "fp8e4nv"  # kiln.kernels.triton_fp8's rule
+        constexprs = dict(GROUP=0, SCALED_A=x == weight, SWAP=swap, FP8_VIA_F32=via_f32, HAS_BIAS=True)
+        constexprs |= dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8)
+        ptx = _compile(_quant_gemm_kernel, pointers, constexprs, arch)
+        assert "mma" in ptx, (block_m, block_n, block_k, swap)  # a tensor-core product, mma.sync or wgmma
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("quant", [None, "i8", "fp8e4nv"])
+def test_norm_and_activation_quantization_compile(arch, act, quant):
+    from kiln.kernels.triton_norm import _rms_norm_kernel
+    from kiln.kernels.triton_quant_act import _quantize_rows_kernel
+
+    q = quant or act
+    common = dict(QMAX=127.0 if quant == "i8" else 448.0, TO_INT8=quant == "i8", LAUNCH_DEPENDENTS=arch >= 90)
+    for residual in (False, True):
+        pointers = {
+            name: f"*{act}" for name in ("x_ptr", "residual_ptr", "weight_ptr", "out_ptr", "new_residual_ptr")
+        }
+        pointers |= {"q_ptr": f"*{q}", "scale_ptr": "*fp32"}
+        constexprs = dict(HAS_RESIDUAL=residual, QUANT=quant is not None, BLOCK=4096, **common)
+        ptx = _compile(_rms_norm_kernel, pointers, constexprs, arch, floats=("eps",))
+        assert ("div.rn.f32" in ptx) == (quant is not None)  # the IEEE divisions of the quantization
+    if quant is None:
+        return
+    for smooth, gated in itertools.product((False, True), (False, True)):
+        pointers = {"x_ptr": f"*{act}", "smooth_ptr": "*fp32", "q_ptr": f"*{q}", "scale_ptr": "*fp32"}
+        _compile(
+            _quantize_rows_kernel, pointers, dict(HAS_SMOOTH=smooth, GATED=gated, BLOCK=4096, **common), arch
+        )

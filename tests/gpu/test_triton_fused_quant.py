@@ -1,0 +1,90 @@
+"""Activation quantization fused into the kernel that makes the activation (RMSNorm, SiLU-and-mul), and the
+8-bit matmuls that take it, against kiln.kernels.quant_reference.
+
+The fused kernels must give the reference's bytes: the scales bit for bit, the int8 values bit for bit,
+the e4m3 values bit for bit on a GPU (Triton's interpreter casts float32 -> e4m3 its own way, so there
+only the scales are compared, as in test_triton_quant.py). The matmuls over the quantized activation
+are held to the bounds of the unfused paths in test_triton_quant.py, whose kernels they are.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_cases import DTYPES, INTERPRET, rel_error
+
+from kiln import kernels
+from kiln.kernels import quant_reference as qr
+
+pytestmark = pytest.mark.gpu
+QUANT_DTYPES = [torch.int8, torch.float8_e4m3fn]
+HIDDEN = [96, 100, 128] if INTERPRET else [100, 2048, 4096, 5120]
+TOKENS = [1, 3] if INTERPRET else [1, 7, 33, 256]
+
+
+def _same(got: qr.QuantizedActivation, want: qr.QuantizedActivation) -> None:
+    assert got.dtype == want.dtype and got.q.dtype == want.q.dtype and got.q.shape == want.q.shape
+    assert torch.equal(got.scale, want.scale.to(got.scale.device))
+    if got.q.dtype == torch.int8 or not INTERPRET:
+        assert torch.equal(got.q.cpu().view(torch.uint8), want.q.cpu().view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("quant", QUANT_DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_quant_is_the_reference_bit_for_bit(device, dtype, quant, with_residual):
+    from kiln.kernels.triton_norm import rms_norm_quant
+
+    gen = torch.Generator().manual_seed(3)
+    for hidden in HIDDEN:
+        for m in TOKENS:
+            x = (torch.randn(m, hidden, generator=gen) * 3).to(dtype)
+            residual = torch.randn(m, hidden, generator=gen).to(dtype) if with_residual else None
+            weight = (torch.rand(hidden, generator=gen) + 0.5).to(dtype)
+            if m > 2:
+                x[2] = 0  # an all-zero row (without a residual) gets scale 1
+            want, want_residual = qr.rms_norm_quant(x, weight, 1e-5, residual, quant)
+            on = (x.to(device), weight.to(device), None if residual is None else residual.to(device))
+            got, got_residual = rms_norm_quant(*on[:2], 1e-5, on[2], quant)
+            _same(got, want)
+            if with_residual:
+                assert torch.equal(got_residual.cpu(), want_residual)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("quant", QUANT_DTYPES)
+@pytest.mark.parametrize("smooth", [False, True])
+def test_silu_and_mul_quant_is_the_reference_bit_for_bit(device, dtype, quant, smooth):
+    from kiln.kernels.triton_quant_act import silu_and_mul_quant
+
+    gen = torch.Generator().manual_seed(4)
+    for inter in [*HIDDEN, 11008] if not INTERPRET else HIDDEN:
+        for m in TOKENS:
+            x = (torch.randn(m, 2 * inter, generator=gen) * 2).to(dtype)
+            s = torch.rand(inter, generator=gen) + 0.5 if smooth else None
+            want = qr.silu_and_mul_quant(x, quant, s)
+            got = silu_and_mul_quant(x.to(device), quant, None if s is None else s.to(device))
+            _same(got, want)
+
+
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 7, 16, 17, 33, 256])
+def test_matmuls_over_a_quantized_activation_match_the_references(dtype, m):
+    gen = torch.Generator().manual_seed(m)
+    for n, k in [(64, 128), (70, 100), (4096, 4096), (1000, 4000)]:
+        w = (torch.randn(n, k, generator=gen) / k**0.5).cuda()
+        x = torch.randn(m, k, generator=gen).to(dtype).cuda()
+        bias = torch.randn(n, generator=gen).to(dtype).cuda()
+        q, scale = qr.quantize_int8(w)
+        a = qr.quantize_activation(x, torch.int8)
+        assert (
+            rel_error(kernels.int8_sq_matmul(a, q, scale, bias), qr.int8_sq_matmul(a, q, scale, bias)) < 1e-4
+        )
+        q8, scale8 = qr.quantize_fp8(w)
+        a8 = qr.quantize_activation(x, torch.float8_e4m3fn)
+        exact = (a8.q.double() @ q8.double().t()) * a8.scale.double()[:, None] * scale8.double()[None, :]
+        got = kernels.fp8_matmul(a8, q8, scale8, bias)
+        assert got.dtype == dtype and rel_error(got, exact + bias.double()) < (
+            2e-3 if dtype == torch.float16 else 1.6e-2
+        )
