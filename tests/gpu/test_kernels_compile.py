@@ -83,3 +83,60 @@ def test_norm_and_activation_quantization_compile(arch, act, quant):
         _compile(
             _quantize_rows_kernel, pointers, dict(HAS_SMOOTH=smooth, GATED=gated, BLOCK=4096, **common), arch
         )
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("cache", ["act", "fp8e4nv"])
+def test_kv_cache_kernels_compile_for_16_bit_and_fp8_caches(arch, act, cache):
+    from kiln.kernels.triton_attention import _paged_attention_kernel
+    from kiln.kernels.triton_cache import _rotary_kernel, _store_kv_kernel
+
+    cache = act if cache == "act" else cache
+    scaled = cache == "fp8e4nv"
+    scale = "*fp32" if scaled else "*i32"
+    pointers = {
+        "q_ptr": f"*{act}",
+        "out_ptr": f"*{act}",
+        "k_cache_ptr": f"*{cache}",
+        "v_cache_ptr": f"*{cache}",
+    }
+    pointers |= {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "k_scale_ptr": scale, "v_scale_ptr": scale}
+    for name in ("split_counters_ptr", "query_start_loc_ptr", "seq_lens_ptr", "block_tables_ptr"):
+        pointers[name] = "*i32"
+    for splits, block_q, transposed in ((1, 16, False), (4, 1, True)):
+        constexprs = dict(NUM_HEADS=32, GROUP=4, GROUP_P2=4, HEAD_DIM=128, HEAD_DIM_P2=128, BLOCK_SIZE=16)
+        constexprs |= dict(BLOCK_Q=block_q, BLOCK_M=64 if block_q > 1 else 16, BLOCK_N=64, NUM_SPLITS=splits)
+        constexprs |= dict(KEYS_TRANSPOSED=transposed, KV_SCALED=scaled, LAUNCH_DEPENDENTS=arch >= 90)
+        constexprs |= dict(
+            FP8_VIA_F32=scaled and act == "bf16" and arch < 90
+        )  # kiln.kernels.triton_fp8's rule
+        _compile(_paged_attention_kernel, pointers, constexprs, arch, floats=("scale_log2",))
+    scale = "*fp32" if scaled else "*i64"
+    pointers = {
+        "key_ptr": f"*{act}",
+        "value_ptr": f"*{act}",
+        "k_cache_ptr": f"*{cache}",
+        "v_cache_ptr": f"*{cache}",
+    }
+    pointers |= {"slot_ptr": "*i64", "k_scale_ptr": scale, "v_scale_ptr": scale}
+    constexprs = dict(NUM_HEADS=8, HEADS_P2=8, HEAD_DIM=128, HEAD_DIM_P2=128, SCALED=scaled)
+    _compile(_store_kv_kernel, pointers, constexprs, arch)
+    pointers = {"positions_ptr": "*i64", "cos_sin_ptr": "*fp32", "q_ptr": f"*{act}", "q_out_ptr": f"*{act}"}
+    pointers |= {"k_ptr": f"*{act}", "k_out_ptr": f"*{cache}", "v_ptr": f"*{act}", "v_cache_ptr": f"*{cache}"}
+    pointers |= {"slot_ptr": "*i64", "k_scale_ptr": scale, "v_scale_ptr": scale}
+    constexprs = dict(NUM_Q_HEADS=32, Q_HEADS_P2=32, NUM_KV_HEADS=8, KV_HEADS_P2=8, HALF=64, HALF_P2=64)
+    _compile(_rotary_kernel, pointers, constexprs | dict(TO_CACHE=True, SCALED=scaled), arch)
+
+
+def test_only_bfloat16_before_hopper_widens_e4m3_through_float32(monkeypatch):
+    import torch
+
+    from kiln.kernels import triton_fp8
+
+    cuda = torch.device("cuda", 0)
+    for capability, bf16 in (((8, 9), True), ((9, 0), False), ((10, 0), False)):
+        monkeypatch.setattr(triton_fp8, "_capability", lambda index, c=capability: c)
+        assert triton_fp8.fp8_via_float32(cuda, torch.bfloat16) is bf16
+        assert triton_fp8.fp8_via_float32(cuda, torch.float16) is False
+    assert triton_fp8.fp8_via_float32(torch.device("cpu"), torch.bfloat16) is False
