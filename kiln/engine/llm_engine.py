@@ -16,6 +16,7 @@ import dataclasses
 import itertools
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -209,6 +210,11 @@ class LLMEngine:
         if world > 1:
             device = torch.device("cuda", 0) if device.type == "cuda" else device
             workers = start_workers(path, config, world, dtype, device)
+        # The tokenizer (transformers' import, ~0.5-1.5 s, and its files) loads on a thread while the
+        # weights stream to the device, mostly in calls that release the GIL.
+        tokenizer_loader = ThreadPoolExecutor(1, thread_name_prefix="kiln-tokenizer")
+        tokenizer_future = tokenizer_loader.submit(Tokenizer, path)
+        tokenizer_loader.shutdown(wait=False)
         try:
             model, model_config = load_model(
                 path,
@@ -217,7 +223,7 @@ class LLMEngine:
                 progress=config.load_progress,
                 tp=None if workers is None else workers.group,
             )
-            tokenizer = Tokenizer(path)
+            tokenizer = tokenizer_future.result()
             if workers is not None:
                 workers.wait_ready()
             loading["weights"] = time.perf_counter() - phase_start

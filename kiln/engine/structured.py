@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import llguidance
-import llguidance.hf
 import torch
 
 from kiln.engine.sampling_params import StructuredOutput
@@ -125,6 +124,10 @@ class Grammars:
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
         if self._tokenizer is None:  # ~0.4 s for a 50k vocabulary: only once a request asks
+            # Imported here, not at the top: llguidance.hf imports transformers, which an engine's
+            # start would otherwise wait for before it loads its weights (kiln.engine.llm_engine).
+            import llguidance.hf
+
             self._tokenizer = llguidance.hf.from_tokenizer(self._hf)
         return self._tokenizer
 

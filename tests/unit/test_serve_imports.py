@@ -112,3 +112,28 @@ def test_may_import_runs_before_an_engine_on_a_thread_loads(tiny_gqa_dir, monkey
     open_engine(tiny_gqa_dir, EngineConfig(device="cpu", engine_process=False), may_import=lambda: None)
     assert len(loads) == 1
     assert open_module.open_engine is open_engine
+
+
+def test_the_engine_imports_transformers_beside_its_weights_not_before(tmp_path: Path) -> None:
+    # Importing the engine leaves transformers out (structured outputs import llguidance.hf on first use);
+    # from_path then loads the tokenizer, and with it transformers, on a thread while the weights load.
+    from kiln.build import build_tiny_engine
+
+    build_tiny_engine(tmp_path / "tiny")
+    out = _run(
+        f"""
+        import sys, threading
+        from kiln.engine.llm_engine import LLMEngine
+        assert "transformers" not in sys.modules, "imported with the engine"
+        import kiln.models.tokenizer as tok
+        real, threads = tok.Tokenizer.__init__, []
+        def spy(self, *a, **kw):
+            threads.append(threading.current_thread().name)
+            real(self, *a, **kw)
+        tok.Tokenizer.__init__ = spy
+        from kiln.config import EngineConfig
+        engine = LLMEngine.from_path({str(tmp_path / "tiny")!r}, EngineConfig(load_progress=False, device="cpu"))
+        print(threads[0].split("_")[0], engine.tokenizer is not None)
+        """
+    )
+    assert out == "kiln-tokenizer True"
