@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one command for the GPU machine: kernel tests against the references, then the benchmarks.
-#   scripts/gpu_check.sh [STAGE...]    stages: env tests kernels gemv quant quant-engines kv-fp8 tune kiln hf
+#   scripts/gpu_check.sh [STAGE...]    stages: env tests kernels gemv quant small-m quant-engines kv-fp8 tune kiln hf
 #                                     served served-eager-mixed startup prefill structured grammar
 #                                     smollm2 report
 #                                     (default: all but tune, the tile-shape sweep)
@@ -47,6 +47,9 @@ PY
       python3 -m benchmarks.gemv --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     quant)  # the quantized kernels beside the 16-bit ones: GEMVs (7B and 8B shapes), GEMMs at 256-4096 tokens
       python3 -m benchmarks.quant_gemv --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
+    small-m)  # decode batches of 1 and 16 tokens over 8-bit weights: the GEMV / today's dispatch against quant_gemm's tiles
+      python3 -m benchmarks.quant_small_m --tokens 1 16 --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" \
+        || status=1 ;;
     prefill)  # TTFT of one prompt of 1k-32k tokens (Llama-3.1-8B bf16) against the bf16 matmul ceiling, with op profiles
       python3 -m benchmarks.prefill --random llama3.1-8b --json "$RESULTS/results.json" \
         --profile "$RESULTS/prefill-profiles" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
