@@ -135,6 +135,7 @@ def tune_and_warm(engine_dir: Path, device: str, say: Callable[[str], None] = pr
         max_context=min(MAX_TUNE_CONTEXT, max_len),
         max_tokens=min(MAX_TUNE_CONTEXT, limits.max_num_tokens, max_len),
         log=lambda line: say(f"  {line}"),
+        kv_cache_dtype=torch.float8_e4m3fn if manifest.kv_cache_dtype == "fp8" else None,
     )
     profile = KernelProfile(
         gpu_name=target.name,
@@ -147,6 +148,7 @@ def tune_and_warm(engine_dir: Path, device: str, say: Callable[[str], None] = pr
         head_dim=config.head_dim,
         block_size=limits.block_size,
         dtype=manifest.dtype,
+        kv_cache_dtype=manifest.kv_cache_dtype,
         decode=result.decode,
         prefill=result.prefill,
         timings=result.timings,

@@ -11,6 +11,7 @@ Rules:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import statistics
@@ -69,16 +70,18 @@ def paged_batch(
     block_size: int,
     dtype: torch.dtype,
     generator: torch.Generator,
+    cache_dtype: torch.dtype | None = None,
 ) -> PagedBatch:
     """Random K/V in one pool holding `copies` independent replicas of the batch, each request's blocks
-    scattered through it (block 0 stays unused: padding entries of a table point at it)."""
+    scattered through it (block 0 stays unused: padding entries of a table point at it). The pool is
+    `cache_dtype` when given (an fp8 cache: the values cast to e4m3), else `dtype`."""
     device = generator.device
     seq_lens = [c + q for c, q in zip(ctx_lens, q_lens, strict=True)]
     per_seq = [-(-s // block_size) for s in seq_lens]
     num_blocks = copies * sum(per_seq) + 1
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    v_cache = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    k_cache = torch.randn(shape, generator=generator, device=device, dtype=dtype).to(cache_dtype or dtype)
+    v_cache = torch.randn(shape, generator=generator, device=device, dtype=dtype).to(cache_dtype or dtype)
     order = torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(num_blocks)) + 1
     starts = [0]
     for q in q_lens:
@@ -196,17 +199,24 @@ def tune_attention(
     max_context: int = 2048,
     max_tokens: int = 2048,
     log: Callable[[str], None] | None = None,
+    kv_cache_dtype: torch.dtype | None = None,
 ) -> TuneResult:
     """Time `candidate_configs` for decode and prefill on these shapes; per kind the candidate with the
     lowest total time over `tuning_cases` wins (the built-in choice on a tie). A candidate that fails to
     run (e.g. out of shared memory) or whose output differs from the built-in's is recorded and skipped.
-    Raises when the built-in choice itself cannot run."""
+    Raises when the built-in choice itself cannot run. `kv_cache_dtype` float8_e4m3fn sweeps over an fp8
+    cache (with scales of 1: the tiles' speed does not depend on them), as an fp8-cache engine runs."""
     from kiln.kernels import triton_attention  # imports Triton, which only CUDA machines have
 
     start = time.perf_counter()
     say = log or logger.info
     gen = torch.Generator(device=torch.device(device)).manual_seed(0)
-    token_bytes = 2 * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+    cache_dtype = kv_cache_dtype or dtype
+    token_bytes = 2 * num_kv_heads * head_dim * torch.empty(0, dtype=cache_dtype).element_size()
+    attention = triton_attention.paged_attention
+    if kv_cache_dtype is not None:
+        ones = torch.ones(1, dtype=torch.float32, device=device)
+        attention = functools.partial(attention, k_scale=ones, v_scale=ones)
     heads = {"num_heads": num_heads, "num_kv_heads": num_kv_heads, "head_dim": head_dim}
     scale = head_dim**-0.5
     timings: list[CandidateTiming] = []
@@ -227,23 +237,20 @@ def tune_attention(
                 block_size=block_size,
                 dtype=dtype,
                 generator=gen,
+                cache_dtype=kv_cache_dtype,
             )
             for _, q_lens, ctx_lens in cases
         ]
-        expected = [triton_attention.paged_attention(*first_args(b), scale, config=default) for b in batches]
+        expected = [attention(*first_args(b), scale, config=default) for b in batches]
         best, best_total = default, math.inf
         for config in candidate_configs(default, decode):
             timing = CandidateTiming(kind, config)
             try:
                 for (label, _, _), batch, want in zip(cases, batches, expected, strict=True):
-                    err = rel_error(
-                        triton_attention.paged_attention(*first_args(batch), scale, config=config), want
-                    )
+                    err = rel_error(attention(*first_args(batch), scale, config=config), want)
                     if not err <= TOLERANCE[dtype]:  # NaN fails too
                         raise ValueError(f"{label}: output differs from the built-in choice's by {err:.1e}")
-                    timing.case_us.append(
-                        graph_time_us(triton_attention.paged_attention, batch, scale, config, calls)
-                    )
+                    timing.case_us.append(graph_time_us(attention, batch, scale, config, calls))
                 timing.total_us = sum(timing.case_us)
             except Exception as exc:  # a tile shape this GPU cannot run, or a wrong result: it cannot win
                 timing.case_us, timing.error = [], f"{type(exc).__name__}: {exc}"[:400]

@@ -76,6 +76,7 @@ class KernelProfile:
     decode: AttentionConfig
     prefill: AttentionConfig
     timings: list[CandidateTiming] = field(default_factory=list)
+    kv_cache_dtype: str = "auto"  # the cache the sweep ran over: "auto" (dtype's) or "fp8" (E4M3)
     cases: dict[str, list[str]] = field(default_factory=dict)  # kind -> case labels, in case_us order
     tune_seconds: float = 0.0
     format: int = PROFILE_FORMAT

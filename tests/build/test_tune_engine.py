@@ -173,6 +173,40 @@ def test_the_sweep_picks_the_fastest_candidate_that_matches_the_builtin(
     assert len([t for t in result.timings if t.kind == "prefill"]) == 4
 
 
+def test_an_fp8_cache_engine_is_swept_over_an_fp8_cache_with_its_scales(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sweep of an fp8-cache engine times the tiles on e4m3 caches with k_scale / v_scale, as the
+    engine runs them (CPU tensors, the reference attention standing in for the kernel)."""
+    pytest.importorskip("triton")
+    import torch
+
+    import kiln.kernels.tile_sweep as shapes
+    import kiln.kernels.triton_attention as ta
+    from kiln.kernels import reference
+
+    seen: set[tuple] = set()
+
+    def attention(query, k_cache, v_cache, meta, scale, config=None, k_scale=None, v_scale=None):
+        seen.add((k_cache.dtype, v_cache.dtype, None if k_scale is None else k_scale.item()))
+        return reference.paged_attention(
+            query, k_cache, v_cache, meta, scale, k_scale=k_scale, v_scale=v_scale
+        )
+
+    monkeypatch.setattr(ta, "paged_attention", attention)
+    monkeypatch.setattr(
+        shapes,
+        "graph_time_us",
+        lambda fn, batch, scale, config, calls: (fn(*shapes.first_args(batch), scale, config=config), 1.0)[1],
+    )
+    result = shapes.tune_attention(
+        num_heads=4, num_kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32, device="cpu",
+        max_context=64, max_tokens=32, kv_cache_dtype=torch.float8_e4m3fn,
+    )  # fmt: skip
+    assert seen == {(torch.float8_e4m3fn, torch.float8_e4m3fn, 1.0)}
+    assert all(t.error is None for t in result.timings)
+
+
 def test_the_child_tunes_before_loading_and_reports_the_profile(
     tiny_engine_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -219,6 +253,7 @@ def test_the_child_tunes_before_loading_and_reports_the_profile(
         "float32",
     )
     assert (seen["max_context"], seen["max_tokens"]) == (256, 64)  # the engine's limits bound the sweep
+    assert seen["kv_cache_dtype"] is None and profile.kv_cache_dtype == "auto"  # a 16-bit cache
     assert data["warm_seconds"] > 0
 
 
