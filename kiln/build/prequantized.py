@@ -1,4 +1,5 @@
-"""Pre-quantized FP8 Hugging Face checkpoints (the compressed-tensors layout llm-compressor writes).
+"""Pre-quantized FP8 Hugging Face checkpoints: the compressed-tensors layout llm-compressor writes, and
+NVIDIA ModelOpt's (kiln.build.modelopt reads its config; its tensors are named as here).
 
 Such a checkpoint's config.json has a `quantization_config` with `"quant_method": "compressed-tensors"`;
 each quantized linear stores `<name>.weight` (float8_e4m3fn [out, in]), `<name>.weight_scale` (float32 or
@@ -12,8 +13,8 @@ Rules (`prequantized_fp8` checks them; anything else is a CheckpointError naming
   Kiln always quantizes activations per token at run time (at least as accurate as one static scale), so
   a static `input_scale` is read, checked and dropped, and engine.json says so;
 - `ignore` is `[]` or `["lm_head"]` (or `"re:.*lm_head"`): every decoder linear quantized, lm_head left in 16 bits;
-- no sparsity, no quantized KV cache. Other quant methods (gptq, awq, bitsandbytes, fbgemm_fp8, modelopt,
-  ...) and ModelOpt's `hf_quant_config.json` are refused by name.
+- no sparsity, no quantized KV cache. Other quant methods (gptq, awq, bitsandbytes, fbgemm_fp8, ...) are
+  refused by name; ModelOpt's FP8 layouts follow kiln.build.modelopt's rules.
 
 Packing (`pack_prequantized`): each scale becomes float32 [out] (a per-tensor scale broadcast over its own
 rows first), and q/k/v and gate/up are fused as weights and scales alike, rows in the same order.
@@ -28,11 +29,13 @@ from typing import Any
 
 import torch
 
+from kiln.build.modelopt import KV_SCALES_NOTE, is_modelopt, modelopt_fp8
 from kiln.config import DTYPE_ALIASES, DTYPE_NAMES, ModelConfig, QuantConfig
 from kiln.errors import CheckpointError
 from kiln.models.weights import FUSED_GROUPS, pack_hf_state_dict, scale_name
 
 SOURCE = "pre-quantized (compressed-tensors)"
+MODELOPT_SOURCE = "pre-quantized (NVIDIA ModelOpt)"
 FORMATS = ("float-quantized", "naive-quantized")
 STATIC_NOTE = "static per-tensor input_scale dropped: Kiln quantizes activations per token at run time"
 LM_HEAD_IGNORES = ("lm_head", "re:.*lm_head")  # how llm-compressor spells "leave lm_head unquantized"
@@ -45,13 +48,15 @@ class PreQuantizedFP8:
 
     weight_strategy: str  # "channel" | "tensor"
     static_input_scales: bool  # True: per-tensor input_scale tensors, dropped by the build
-    format: str
+    format: str  # compressed-tensors' format, or ModelOpt's quant_algo
     dtype: str  # the checkpoint's dtype for its unquantized tensors (config.json's torch_dtype)
+    source: str = SOURCE
+    kv_scales: bool = False  # FP8 k/v scales in the checkpoint (ModelOpt), dropped by the build
 
     def record(self) -> dict[str, Any]:
         """What engine.json's quant_config records under `prequantized`."""
-        return {
-            "source": SOURCE,
+        record = {
+            "source": self.source,
             "format": self.format,
             "weight_strategy": self.weight_strategy,
             "scales": "per channel, as stored"
@@ -59,16 +64,20 @@ class PreQuantizedFP8:
             else "per tensor, broadcast to each channel",
             "checkpoint_activations": STATIC_NOTE if self.static_input_scales else "fp8 per-token dynamic",
         }
+        if self.kv_scales:
+            record["checkpoint_kv_cache"] = KV_SCALES_NOTE
+        return record
 
 
 def prequantized_fp8(checkpoint_dir: Path, hf: dict[str, Any]) -> PreQuantizedFP8 | None:
     """The checkpoint's pre-quantized FP8 layout, None for a 16-bit checkpoint; CheckpointError naming
     anything quantized that Kiln does not build (module rules)."""
     where = f"{checkpoint_dir}/config.json"
-    if (Path(checkpoint_dir) / "hf_quant_config.json").is_file():
-        raise CheckpointError(
-            f"{checkpoint_dir} is a NVIDIA ModelOpt checkpoint (hf_quant_config.json); Kiln builds only 16-bit "
-            "checkpoints and compressed-tensors FP8 ones (see docs/quantization.md)"
+    if is_modelopt(checkpoint_dir, hf):
+        m = modelopt_fp8(checkpoint_dir, hf)
+        dtype = _checkpoint_dtype(hf, where)
+        return PreQuantizedFP8(
+            m.weight_strategy, m.static_input_scales, m.quant_algo, dtype, MODELOPT_SOURCE, m.kv_scales
         )
     qc = hf.get("quantization_config") or hf.get("compression_config")
     if qc is None:
@@ -209,6 +218,10 @@ def _per_channel(
     """HF tensors with each weight_scale as float32 [rows] and the static input scales dropped."""
     for name, tensor in tensors:
         linear = _linear(name)
+        if pre.kv_scales and ".self_attn." in name and name.endswith((".k_scale", ".v_scale")):
+            if tensor.numel() != 1:
+                raise CheckpointError(f"{name!r} has shape {tuple(tensor.shape)}; a KV scale has one value")
+            continue  # dropped (module rules of kiln.build.modelopt); the record says so
         if name.endswith(".input_scale") and linear is not None:
             if not pre.static_input_scales:
                 raise CheckpointError(
@@ -248,7 +261,7 @@ def fp8_engine_plan(
     quantized engines run on one rank."""
     if requested is not None and (requested.scheme != "fp8" or requested.group_size is not None):
         raise ValueError(
-            f"this checkpoint is already quantized to FP8 ({SOURCE}); it builds an fp8 engine only, "
+            f"this checkpoint is already quantized to FP8 ({pre.source}); it builds an fp8 engine only, "
             f"not {requested.scheme}{'' if requested.group_size is None else ' with a group size'}"
         )
     if dtype is not None and dtype not in (pre.dtype, "float32"):

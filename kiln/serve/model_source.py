@@ -53,8 +53,8 @@ def _refuse_quantized_checkpoint(checkpoint_dir: Path) -> None:
     from kiln.build.prequantized import prequantized_fp8
 
     hf = read_hf_config(checkpoint_dir)
-    if "quantization_config" not in hf:
-        return
+    if "quantization_config" not in hf and not (checkpoint_dir / "hf_quant_config.json").is_file():
+        return  # hf_quant_config.json: ModelOpt's older exports say it there only (kiln.build.modelopt)
     prequantized_fp8(checkpoint_dir, hf)  # CheckpointError naming what Kiln cannot build
     raise CheckpointError(
         f"{checkpoint_dir} is a pre-quantized FP8 checkpoint: build it into an fp8 engine first "

@@ -214,10 +214,12 @@ def test_unsupported_quantization_is_refused_by_name(
     assert not (tmp_path / "e").exists()
 
 
-def test_modelopt_checkpoint_is_refused_by_name(channel, tmp_path: Path) -> None:
+def test_a_modelopt_config_that_the_tensors_contradict_is_refused(channel, tmp_path: Path) -> None:
+    # hf_quant_config.json (ModelOpt, tests/build/test_modelopt_fp8.py) announces per-tensor FP8; these
+    # tensors are per channel.
     bad = shutil.copytree(channel[0], tmp_path / "modelopt")
     (bad / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "FP8"}}))
-    with pytest.raises(CheckpointError, match="ModelOpt"):
+    with pytest.raises(CheckpointError, match=r"has shape \(64, 1\), not a tensor scale of 64 rows"):
         build_engine(bad, tmp_path / "e", progress=False)
 
 
