@@ -348,11 +348,14 @@ class KVCacheConfig:
       on `calibration`'s text ({"dataset", "sha256", "num_tokens"}, kiln.build.calibrate); a layer whose
       amax is 0 gets scale 1. `calibration` None: the scales came from elsewhere (a random-weight bench
       engine's are 1.0).
+    - `checkpoint` (instead of a calibration): the scales are a pre-quantized checkpoint's own
+      (kiln.build.modelopt, kiln.build.prequantized; the string names its layout), used as stored.
     """
 
     dtype: str = "fp8"
     scale_layout: str = "per_tensor"
     calibration: dict[str, Any] | None = None
+    checkpoint: str | None = None
 
     @property
     def storage_dtype(self) -> str:
@@ -370,6 +373,8 @@ class KVCacheConfig:
             )
         if self.calibration is not None and not isinstance(self.calibration, dict):
             raise ValueError(f"KV-cache calibration must be an object, got {self.calibration!r}")
+        if self.calibration is not None and self.checkpoint is not None:
+            raise ValueError("KV-cache scales are calibrated or a checkpoint's, not both")
 
     def to_dict(self) -> dict[str, Any]:
         # The derived facts too, so a reader of engine.json sees the whole layout without this code.
@@ -378,7 +383,9 @@ class KVCacheConfig:
             "storage_dtype": self.storage_dtype,
             "scale_dtype": "float32",
             "scale_tensors": "model.layers.{i}.self_attn.k_scale, model.layers.{i}.self_attn.v_scale: [1]",
-            "scale_rule": "amax / 448 over the calibration text, K after the rotary embedding",
+            "scale_rule": "amax / 448 over the calibration text, K after the rotary embedding"
+            if self.checkpoint is None
+            else "the checkpoint's own k/v scales, used as stored",
             "stored": "e4m3(clamp(x / scale, -448, 448)), round to nearest even; read as stored * scale",
         }
 
@@ -391,6 +398,7 @@ class KVCacheConfig:
             dtype=data["dtype"],
             scale_layout=data.get("scale_layout", "per_tensor"),
             calibration=data.get("calibration"),
+            checkpoint=data.get("checkpoint"),
         )
         config.validate()
         return config

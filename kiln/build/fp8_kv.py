@@ -12,6 +12,9 @@ Rules:
   every weight file; engine.json gains `kv_cache_dtype` "fp8" and `kv_cache_config` (kiln.config.
   KVCacheConfig: the scale layout and the calibration record) and its format version becomes 3
   (kiln.engine_dir.format_version_for). Nothing else of the engine changes.
+- A pre-quantized checkpoint that carries FP8 k/v scales (ModelOpt's `kv_cache_quant_algo` FP8,
+  compressed-tensors' `kv_cache_scheme`) gives them instead (`add_checkpoint_kv_cache`): no calibration
+  runs, and `kv_cache_config.checkpoint` names where they came from.
 - It all happens in the build's staging directory, before the directory is moved into place.
 """
 
@@ -25,8 +28,10 @@ from safetensors.torch import save_file
 from kiln.build.calibrate import CalibrationSet, calibration_tokens, kv_cache_scales
 from kiln.config import KVCacheConfig
 from kiln.engine_dir import EngineManifest, format_version_for, sha256_file
+from kiln.errors import CheckpointError
 from kiln.models.loader import load_model
 from kiln.models.tokenizer import Tokenizer
+from kiln.models.weights import kv_scale_names
 from kiln.progress import build_progress
 
 KV_SCALES_NAME = "kv_cache_scales.safetensors"
@@ -47,9 +52,30 @@ def add_fp8_kv_cache(
         scales = kv_cache_scales(model, samples)
         done()
     del model
+    return _save_scales(out, manifest, scales, KVCacheConfig(calibration=calib.record(num_tokens)))
+
+
+def add_checkpoint_kv_cache(
+    out: Path, manifest: EngineManifest, scales: dict[str, torch.Tensor], checkpoint: str
+) -> EngineManifest:
+    """The fp8 KV cache of the engine built in `out` with a pre-quantized checkpoint's own k/v scales
+    (`scales`: kiln names -> float32 [1], every layer's k and v), `checkpoint` naming its layout; no
+    calibration runs. CheckpointError when a layer's scale is missing."""
+    kv_cache = KVCacheConfig(checkpoint=checkpoint)
+    missing = [name for name in kv_scale_names(manifest.model, kv_cache) if name not in scales]
+    if missing:
+        raise CheckpointError(f"the checkpoint's FP8 KV-cache scales lack {missing[:4]}")
+    return _save_scales(out, manifest, scales, kv_cache)
+
+
+def _save_scales(
+    out: Path, manifest: EngineManifest, scales: dict[str, torch.Tensor], kv_cache: KVCacheConfig
+) -> EngineManifest:
+    """Write `scales` as `KV_SCALES_NAME` beside the weights and save engine.json with `kv_cache`."""
+    if manifest.backend != "native" or manifest.kv_cache_config is not None:
+        raise ValueError(f"{out} is not a native engine with a 16-bit KV cache")
     path = Path(out) / KV_SCALES_NAME
     save_file(scales, str(path), metadata={"format": "pt"})
-    kv_cache = KVCacheConfig(calibration=calib.record(num_tokens))
     manifest.weight_files[KV_SCALES_NAME] = sha256_file(path)
     manifest.file_sizes[KV_SCALES_NAME] = path.stat().st_size
     manifest.kv_cache_dtype = kv_cache.dtype

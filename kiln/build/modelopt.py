@@ -14,10 +14,10 @@ Rules (`modelopt_fp8`; anything else is a CheckpointError naming it):
   `FP8_PER_CHANNEL_PER_TOKEN` (per-channel weight scales, activations dynamic per token). Other algorithms
   (NVFP4, W4A16 / INT4-AWQ, MXFP8, block-wise FP8, mixed precision) are refused by name.
 - `exclude_modules` may leave lm_head in 16 bits (any pattern matching `lm_head` alone) but no decoder linear.
-- `kv_cache_quant_algo` `FP8`: the checkpoint's K/V scales (`...k_proj.k_scale`, `...v_proj.v_scale`) are
-  read, checked and dropped, and engine.json says so: the engine's KV cache is 16-bit unless it is built with
-  `--kv-cache-dtype fp8`, which calibrates Kiln's own scales (kiln.build.fp8_kv). Any other KV algorithm is
-  refused.
+- `kv_cache_quant_algo` `FP8`: the checkpoint's K/V scales (`...k_proj.k_scale`, `...v_proj.v_scale`) become
+  the engine's fp8 KV cache scales when it is built with `--kv-cache-dtype fp8` (no calibration runs; they are
+  used as vLLM uses them, for the cache's K after the rotary embedding); without the flag they are checked
+  and dropped, and engine.json says which. Any other KV algorithm is refused.
 - As for compressed-tensors, static input scales are dropped: Kiln quantizes activations per token at run
   time, and the record says so.
 """
@@ -35,8 +35,7 @@ from kiln.errors import CheckpointError
 CONFIG_NAME = "hf_quant_config.json"
 ALGOS = {"FP8": ("tensor", True), "FP8_PER_CHANNEL_PER_TOKEN": ("channel", False)}  # -> (weights, static)
 KV_SCALES_NOTE = (
-    "FP8 k/v scales dropped: the engine's KV cache is its dtype unless built with --kv-cache-dtype fp8 "
-    "(Kiln calibrates its own scales)"
+    "FP8 k/v scales dropped: the engine's KV cache is its dtype; build with --kv-cache-dtype fp8 to use them"
 )
 # One name per kind of decoder linear: an exclude pattern matching any of them leaves it unquantized.
 _DECODER_LINEARS = [

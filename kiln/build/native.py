@@ -170,8 +170,16 @@ def build_engine(
     prequant = (
         None if resolved.kind != "hf" else prequantized_fp8(resolved.path, read_hf_config(resolved.path))
     )
+    checkpoint_kv: dict[str, Any] | None = None  # a pre-quantized checkpoint's own FP8 k/v scales
     if prequant is not None:
-        quant, dtype = fp8_engine_plan(prequant, quant, requested_dtype, tensor_parallel_size)
+        quant, dtype = fp8_engine_plan(prequant, quant, requested_dtype, tensor_parallel_size, kv_fp8)
+        if kv_fp8 and prequant.kv_scales:
+            if calib_dataset is not None or calib_size != 512:
+                raise ValueError(
+                    "this checkpoint carries its own FP8 KV-cache scales, which the fp8 KV cache uses: "
+                    "--calib-dataset / --calib-size do not apply"
+                )
+            checkpoint_kv, calibration = {}, None
     else:
         dtype = requested_dtype or "float16"
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -190,12 +198,17 @@ def build_engine(
             calibration,
             tensor_parallel_size=tensor_parallel_size,
             prequantized=prequant,
+            kv_scales=checkpoint_kv,
         )
         if kv_fp8:
-            from kiln.build.fp8_kv import add_fp8_kv_cache  # deferred: fp8 KV-cache builds only
+            from kiln.build import fp8_kv  # deferred: fp8 KV-cache builds only
 
-            assert calibration is not None
-            manifest = add_fp8_kv_cache(staging, manifest, *calibration, progress=progress)
+            if checkpoint_kv is not None:
+                assert prequant is not None
+                manifest = fp8_kv.add_checkpoint_kv_cache(staging, manifest, checkpoint_kv, prequant.source)
+            else:
+                assert calibration is not None
+                manifest = fp8_kv.add_fp8_kv_cache(staging, manifest, *calibration, progress=progress)
         move_into_place(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -259,6 +272,7 @@ def _build_into(
     *,
     tensor_parallel_size: int = 1,
     prequantized: PreQuantizedFP8 | None = None,
+    kv_scales: dict[str, Any] | None = None,
 ) -> EngineManifest:
     if quant is not None and quant.scheme == "int8_sq":
         assert calibration is not None
@@ -310,6 +324,7 @@ def _build_into(
             max_shard_bytes,
             quant,
             prequantized=prequantized,
+            kv_scales=kv_scales,
         )
 
     weight_files = {name: sha256_file(out / name) for name in sizes if name.endswith(".safetensors")}
@@ -522,6 +537,7 @@ def _write_packed_weights(
     packed: bool = False,
     smooth_scales: dict[str, Any] | None = None,
     prequantized: PreQuantizedFP8 | None = None,
+    kv_scales: dict[str, Any] | None = None,
 ) -> dict[str, int]:
     """Pack, convert (or quantize) and write the weights in shards; returns {file name: size} written.
 
@@ -530,7 +546,8 @@ def _write_packed_weights(
     from the checkpoint's own values (not from their `dtype` rounding) and its scale goes into the
     same shard. packed: the tensors already have packed names (int8_sq's smoothed float32 model);
     smooth_scales: {weight name: s} stored beside those weights as `smooth_name(weight)`. prequantized:
-    the checkpoint's linears are already e4m3 (`pack_prequantized` yields each as (q, scale)), stored as given.
+    the checkpoint's linears are already e4m3 (`pack_prequantized` yields each as (q, scale)), stored as given;
+    its FP8 k/v scales, if any, go into `kv_scales` when given (the fp8 KV cache's, written after).
     """
     from safetensors.torch import save_file
 
@@ -551,7 +568,7 @@ def _write_packed_weights(
     if packed:
         stream: Iterable[tuple[str, Any]] = tensors
     elif prequantized is not None:
-        stream = pack_prequantized(tensors, model, prequantized)
+        stream = pack_prequantized(tensors, model, prequantized, kv_scales)
     else:
         stream = pack_hf_state_dict(tensors, model)
     for name, item in stream:

@@ -13,7 +13,10 @@ Rules (`prequantized_fp8` checks them; anything else is a CheckpointError naming
   Kiln always quantizes activations per token at run time (at least as accurate as one static scale), so
   a static `input_scale` is read, checked and dropped, and engine.json says so;
 - `ignore` is `[]` or `["lm_head"]` (or `"re:.*lm_head"`): every decoder linear quantized, lm_head left in 16 bits;
-- no sparsity, no quantized KV cache. Other quant methods (gptq, awq, bitsandbytes, fbgemm_fp8, ...) are
+- no sparsity. A quantized KV cache (`kv_cache_scheme`: 8-bit float, static per tensor) brings one k and one v
+  scale per layer (`self_attn.k_scale` / `v_scale`, or ModelOpt's `k_proj.k_scale` / `v_proj.v_scale`):
+  with `--kv-cache-dtype fp8` they become the engine's fp8 KV cache scales (`pack_prequantized` hands them to
+  the build), otherwise they are checked and dropped, and engine.json says which. Other quant methods (gptq, awq, bitsandbytes, fbgemm_fp8, ...) are
   refused by name; ModelOpt's FP8 layouts follow kiln.build.modelopt's rules.
 
 Packing (`pack_prequantized`): each scale becomes float32 [out] (a per-tensor scale broadcast over its own
@@ -36,6 +39,7 @@ from kiln.models.weights import FUSED_GROUPS, pack_hf_state_dict, scale_name
 
 SOURCE = "pre-quantized (compressed-tensors)"
 MODELOPT_SOURCE = "pre-quantized (NVIDIA ModelOpt)"
+KV_SCALES_USED = "FP8 k/v scales used as the fp8 KV cache's (--kv-cache-dtype fp8)"
 FORMATS = ("float-quantized", "naive-quantized")
 STATIC_NOTE = "static per-tensor input_scale dropped: Kiln quantizes activations per token at run time"
 LM_HEAD_IGNORES = ("lm_head", "re:.*lm_head")  # how llm-compressor spells "leave lm_head unquantized"
@@ -51,10 +55,17 @@ class PreQuantizedFP8:
     format: str  # compressed-tensors' format, or ModelOpt's quant_algo
     dtype: str  # the checkpoint's dtype for its unquantized tensors (config.json's torch_dtype)
     source: str = SOURCE
-    kv_scales: bool = False  # FP8 k/v scales in the checkpoint (ModelOpt), dropped by the build
+    kv_scales: bool = False  # FP8 k/v scales in the checkpoint: the fp8 KV cache's, or dropped
 
-    def record(self) -> dict[str, Any]:
-        """What engine.json's quant_config records under `prequantized`."""
+    def record(self, kv_cache_fp8: bool = False) -> dict[str, Any]:
+        """What engine.json's quant_config records under `prequantized` (`kv_cache_fp8`: the engine's KV
+        cache is fp8, so the checkpoint's k/v scales are its scales)."""
+        record = self._record()
+        if self.kv_scales:
+            record["checkpoint_kv_cache"] = KV_SCALES_USED if kv_cache_fp8 else KV_SCALES_NOTE
+        return record
+
+    def _record(self) -> dict[str, Any]:
         record = {
             "source": self.source,
             "format": self.format,
@@ -64,8 +75,6 @@ class PreQuantizedFP8:
             else "per tensor, broadcast to each channel",
             "checkpoint_activations": STATIC_NOTE if self.static_input_scales else "fp8 per-token dynamic",
         }
-        if self.kv_scales:
-            record["checkpoint_kv_cache"] = KV_SCALES_NOTE
         return record
 
 
@@ -90,9 +99,17 @@ def prequantized_fp8(checkpoint_dir: Path, hf: dict[str, Any]) -> PreQuantizedFP
             f"{where}: quant_method {method!r} is not supported; Kiln builds 16-bit checkpoints and pre-quantized "
             "FP8 compressed-tensors ones only (quantize with `kiln build --quantization` from a 16-bit checkpoint)"
         )
-    for key in ("sparsity_config", "kv_cache_scheme"):
-        if qc.get(key):
-            raise CheckpointError(f"{where}: compressed-tensors {key} is not supported")
+    if qc.get("sparsity_config"):
+        raise CheckpointError(f"{where}: compressed-tensors sparsity_config is not supported")
+    kv = qc.get("kv_cache_scheme")
+    if kv and (
+        (kv.get("num_bits"), kv.get("type"), kv.get("strategy"), kv.get("dynamic"))
+        != (8, "float", "tensor", False)
+        or kv.get("symmetric") is False
+    ):
+        raise CheckpointError(
+            f"{where}: kv_cache_scheme {kv} is not supported; only static per-tensor symmetric 8-bit float (FP8)"
+        )
     ignore = list(qc.get("ignore") or [])
     if any(name not in LM_HEAD_IGNORES for name in ignore):
         raise CheckpointError(
@@ -122,7 +139,7 @@ def prequantized_fp8(checkpoint_dir: Path, hf: dict[str, Any]) -> PreQuantizedFP
         raise CheckpointError(
             f"{where}: compressed-tensors format {fmt!r} is not supported (only {list(FORMATS)})"
         )
-    return PreQuantizedFP8(strategy, static, fmt, _checkpoint_dtype(hf, where))
+    return PreQuantizedFP8(strategy, static, fmt, _checkpoint_dtype(hf, where), kv_scales=bool(kv))
 
 
 def _check_weights(w: dict[str, Any], where: str) -> str:
@@ -167,13 +184,17 @@ def _checkpoint_dtype(hf: dict[str, Any], where: str) -> str:
 
 
 def pack_prequantized(
-    tensors: Iterable[tuple[str, torch.Tensor]], model: ModelConfig, pre: PreQuantizedFP8
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    model: ModelConfig,
+    pre: PreQuantizedFP8,
+    kv_scales: dict[str, torch.Tensor] | None = None,
 ) -> Iterator[tuple[str, Any]]:
     """Yield (packed name, tensor) for unquantized tensors and (packed weight name, (q e4m3, scale float32
     [N])) for each quantized linear, fused like `pack_hf_state_dict`; CheckpointError for a wrong dtype,
-    scale shape, a missing scale or an input_scale the config did not announce."""
+    scale shape, a missing scale or an input_scale the config did not announce. The checkpoint's FP8 k/v
+    scales go into `kv_scales` (Kiln's names, float32 [1]) when it is given, else they are dropped."""
     pending: dict[str, dict[str, torch.Tensor]] = {}
-    for packed, tensor in pack_hf_state_dict(_per_channel(tensors, model, pre), model):
+    for packed, tensor in pack_hf_state_dict(_per_channel(tensors, model, pre, kv_scales), model):
         if not packed.endswith((".weight", ".weight_scale")) or _linear(packed) is None:
             yield packed, tensor
             continue
@@ -213,15 +234,23 @@ def _rows(model: ModelConfig, linear: str) -> int:
 
 
 def _per_channel(
-    tensors: Iterable[tuple[str, torch.Tensor]], model: ModelConfig, pre: PreQuantizedFP8
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    model: ModelConfig,
+    pre: PreQuantizedFP8,
+    kv_scales: dict[str, torch.Tensor] | None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF tensors with each weight_scale as float32 [rows] and the static input scales dropped."""
+    """HF tensors with each weight_scale as float32 [rows], the static input scales dropped and the k/v
+    scales taken out (into `kv_scales` when given)."""
     for name, tensor in tensors:
         linear = _linear(name)
         if pre.kv_scales and ".self_attn." in name and name.endswith((".k_scale", ".v_scale")):
-            if tensor.numel() != 1:
-                raise CheckpointError(f"{name!r} has shape {tuple(tensor.shape)}; a KV scale has one value")
-            continue  # dropped (module rules of kiln.build.modelopt); the record says so
+            value = tensor.float().reshape(-1)
+            if value.numel() != 1 or not bool(torch.isfinite(value).all()) or float(value) <= 0:
+                raise CheckpointError(f"{name!r} is not one positive finite KV-cache scale: {tensor}")
+            if kv_scales is not None:  # model.layers.N.self_attn[.k_proj].k_scale -> ...self_attn.k_scale
+                layer = name.split(".self_attn.")[0]
+                kv_scales[f"{layer}.self_attn.{name.rsplit('.', 1)[1]}"] = value.clone()
+            continue
         if name.endswith(".input_scale") and linear is not None:
             if not pre.static_input_scales:
                 raise CheckpointError(
@@ -252,7 +281,11 @@ def _per_channel(
 
 
 def fp8_engine_plan(
-    pre: PreQuantizedFP8, requested: QuantConfig | None, dtype: str | None, tensor_parallel_size: int = 1
+    pre: PreQuantizedFP8,
+    requested: QuantConfig | None,
+    dtype: str | None,
+    tensor_parallel_size: int = 1,
+    kv_cache_fp8: bool = False,
 ) -> tuple[QuantConfig, str]:
     """The QuantConfig and engine dtype of an engine built from `pre`; ValueError for a conflicting flag.
 
@@ -273,6 +306,6 @@ def fp8_engine_plan(
         raise ValueError(
             "tensor parallelism does not run quantized native engines yet; build with --tp-size 1"
         )
-    quant = QuantConfig(scheme="fp8", prequantized=pre.record())
+    quant = QuantConfig(scheme="fp8", prequantized=pre.record(kv_cache_fp8))
     quant.validate()
     return quant, dtype or pre.dtype

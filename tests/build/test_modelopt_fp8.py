@@ -135,3 +135,18 @@ def test_serving_the_export_directly_says_to_build_it(tiny_gqa_dir: Path, tmp_pa
     ckpt = write_modelopt(tiny_gqa_dir, tmp_path / "modelopt")
     with pytest.raises(CheckpointError, match=r"pre-quantized FP8 checkpoint: build it"):
         resolve_model_dir(str(ckpt))
+
+
+def test_its_kv_scales_become_the_fp8_kv_cache_without_calibrating(
+    tiny_gqa_dir: Path, tmp_path: Path
+) -> None:
+    ckpt = write_modelopt(tiny_gqa_dir, tmp_path / "modelopt")
+    manifest = build_engine(ckpt, tmp_path / "engine", kv_cache_dtype="fp8", progress=False)
+    assert manifest.kv_cache_dtype == "fp8" and manifest.kv_cache_config.calibration is None
+    assert manifest.kv_cache_config.checkpoint == "pre-quantized (NVIDIA ModelOpt)"
+    assert "used as the fp8 KV cache's" in manifest.quant_config.prequantized["checkpoint_kv_cache"]
+    model = load_model(tmp_path / "engine", device="cpu")[0]
+    for layer in model.model.layers:
+        assert float(layer.self_attn.k_scale) == float(layer.self_attn.v_scale) == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="carries its own FP8 KV-cache scales"):
+        build_engine(ckpt, tmp_path / "e", kv_cache_dtype="fp8", calib_size=4, progress=False)

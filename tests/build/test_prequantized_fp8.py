@@ -233,3 +233,32 @@ def test_serving_the_checkpoint_directly_says_to_build_it(channel, tmp_path: Pat
         resolve_model_dir(str(gptq))
     assert resolve_model_dir(str(channel[1])) == channel[1]  # the dequantized copy opens as before
     assert resolve_model_dir(str(channel[2])) == channel[2]  # the built engine too
+
+
+def _with_kv_scales(pre: Path, dst: Path, scheme: dict) -> Path:
+    """`pre` with llm-compressor's FP8 KV cache: `kv_cache_scheme` and a k/v scale per layer."""
+    dst = _with_config(pre, dst, kv_cache_scheme=scheme)
+    tensors = load_file(str(pre / "model.safetensors"))
+    for layer in range(2):
+        tensors[f"model.layers.{layer}.self_attn.k_scale"] = torch.tensor(0.03 + layer)
+        tensors[f"model.layers.{layer}.self_attn.v_scale"] = torch.tensor(0.04 + layer)
+    save_file(tensors, str(dst / "model.safetensors"))
+    return dst
+
+
+def test_a_kv_cache_scheme_gives_the_fp8_kv_cache_its_scales_or_is_dropped(channel, tmp_path: Path) -> None:
+    fp8_kv = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+    pre = _with_kv_scales(channel[0], tmp_path / "kv", fp8_kv)
+    used = build_engine(pre, tmp_path / "fp8kv", kv_cache_dtype="fp8", progress=False)
+    assert used.kv_cache_config.checkpoint == "pre-quantized (compressed-tensors)"
+    scales = load_file(str(tmp_path / "fp8kv" / "kv_cache_scales.safetensors"))
+    assert float(scales["model.layers.1.self_attn.k_scale"]) == pytest.approx(1.03)
+    assert float(scales["model.layers.0.self_attn.v_scale"]) == pytest.approx(0.04)
+    dropped = build_engine(pre, tmp_path / "auto", progress=False)
+    assert (
+        dropped.kv_cache_dtype == "auto"
+        and "dropped" in dropped.quant_config.prequantized["checkpoint_kv_cache"]
+    )
+    bad = _with_kv_scales(channel[0], tmp_path / "dynamic", {**fp8_kv, "dynamic": True})
+    with pytest.raises(CheckpointError, match=r"kv_cache_scheme .* is not supported"):
+        build_engine(bad, tmp_path / "e", progress=False)
