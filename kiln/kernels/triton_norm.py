@@ -10,7 +10,8 @@ torch gives `weight * x`. One program normalises one row in a single pass: a Lla
 `rms_norm_quant` is the same kernel ending in the per-token quantization of its output for the 8-bit
 matmul after it (the rules of `kiln.kernels.triton_quant_act`: IEEE divisions, ties to even for int8):
 the 16-bit row is never written, and its quantization needs no second pass, since the row is in
-registers. Its result equals `quant_reference.rms_norm_quant` bit for bit.
+registers. Its bytes are those of `rms_norm` followed by `triton_quant_act.quantize_rows` (the unfused
+path), bit for bit; against the reference (`quant_reference.rms_norm_quant`) it inherits rms_norm's tolerance.
 """
 
 from __future__ import annotations
