@@ -117,31 +117,34 @@ def make_linear(
 
 def check_device_supports(quant: QuantConfig | None, device: str | torch.device) -> None:
     """Raise InvalidEngineError naming the scheme when `device` cannot run it (see the module rules)."""
-    if quant is None:
-        return
-    device = torch.device(device)
-    if quant.scheme == "fp8" and device.type == "cuda":
-        capability = torch.cuda.get_device_capability(device)
-        if capability < FP8_MIN_COMPUTE_CAPABILITY:
-            name = torch.cuda.get_device_name(device)
-            raise InvalidEngineError(
-                f"this engine is quantized fp8, which needs FP8 tensor cores (compute capability >= "
-                f"{FP8_MIN_COMPUTE_CAPABILITY[0]}.{FP8_MIN_COMPUTE_CAPABILITY[1]}, Ada or Hopper); "
-                f"{name} is {capability[0]}.{capability[1]}: rebuild with --quantization int8-wo or none"
-            )
+    if quant is not None and quant.scheme == "fp8":
+        _require_fp8(
+            device,
+            "this engine is quantized fp8, which needs FP8 tensor cores",
+            "rebuild with --quantization int8-wo or none",
+        )
 
 
 def check_kv_cache_supports(kv_cache: KVCacheConfig | None, device: str | torch.device) -> None:
     """Raise InvalidEngineError naming the fp8 KV cache when `device` cannot run it (see the module rules)."""
-    if kv_cache is None:
-        return
+    if kv_cache is not None:
+        _require_fp8(
+            device,
+            "this engine's KV cache is fp8 (E4M3), whose kernels need FP8 conversions",
+            "rebuild with --kv-cache-dtype auto",
+        )
+
+
+def _require_fp8(device: str | torch.device, what: str, instead: str) -> None:
+    """InvalidEngineError `what (compute capability >= 8.9, ...); <GPU> is X.Y: instead` on a CUDA GPU
+    without FP8 (before Ada); nothing elsewhere (the CPU runs the references)."""
     device = torch.device(device)
-    if device.type == "cuda":
-        capability = torch.cuda.get_device_capability(device)
-        if capability < FP8_MIN_COMPUTE_CAPABILITY:
-            name = torch.cuda.get_device_name(device)
-            raise InvalidEngineError(
-                f"this engine's KV cache is fp8 (E4M3), whose kernels need compute capability >= "
-                f"{FP8_MIN_COMPUTE_CAPABILITY[0]}.{FP8_MIN_COMPUTE_CAPABILITY[1]} (Ada or Hopper); "
-                f"{name} is {capability[0]}.{capability[1]}: rebuild with --kv-cache-dtype auto"
-            )
+    if device.type != "cuda":
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FP8_MIN_COMPUTE_CAPABILITY:
+        major, minor = FP8_MIN_COMPUTE_CAPABILITY
+        raise InvalidEngineError(
+            f"{what} (compute capability >= {major}.{minor}, Ada or Hopper); "
+            f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}: {instead}"
+        )
