@@ -24,15 +24,16 @@ from kiln.kernels.pdl import pdl_enabled
 from kiln.kernels.quant_reference import QuantizedActivation
 from kiln.kernels.triton_quant_act import QMAX, quantize_values
 
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr,
     residual_ptr,
     weight_ptr,
-    out_ptr,
+    out_ptr,  # QUANT: the quantized row, with its scale at scale_ptr
     new_residual_ptr,
-    q_ptr,  # QUANT: the quantized row and its scale instead of out
     scale_ptr,
     stride_x,
     stride_r,
@@ -41,6 +42,7 @@ def _rms_norm_kernel(
     hidden,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,  # the normalised row's dtype (what QUANT quantizes, rounded to it first)
     QUANT: tl.constexpr,
     QMAX: tl.constexpr,
     TO_INT8: tl.constexpr,
@@ -62,11 +64,11 @@ def _rms_norm_kernel(
     mean_square = tl.sum(x32 * x32, axis=0) / hidden
     normed = (x32 * tl.rsqrt(mean_square + eps)).to(x_ptr.dtype.element_ty)
     w = tl.load(weight_ptr + offs, mask=valid, other=0.0)
-    out = (w.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    out = (w.to(tl.float32) * normed.to(tl.float32)).to(OUT_DTYPE)
     if QUANT:
         q, scale = quantize_values(out.to(tl.float32), QMAX, TO_INT8)
         tl.store(scale_ptr + row, scale)
-        tl.store(q_ptr + row * stride_o + offs, q.to(q_ptr.dtype.element_ty), mask=valid)
+        tl.store(out_ptr + row * stride_o + offs, q.to(out_ptr.dtype.element_ty), mask=valid)
     else:
         tl.store(out_ptr + row * stride_o + offs, out, mask=valid)
 
@@ -89,15 +91,12 @@ def _launch(x, weight, eps, residual, quant_dtype):
         new_residual = torch.empty_like(x2)
     if rows:
         block = triton.next_power_of_2(hidden)
-        # The 16-bit output's dtype, for its rounding, when only the quantized row is written.
-        typed_out = out if quant_dtype is None else torch.empty(0, dtype=out_dtype, device=x.device)
         _rms_norm_kernel[(rows,)](
             x2,
             res2,
             weight,
-            typed_out,
-            new_residual if new_residual is not None else out,
             out,
+            new_residual if new_residual is not None else out,
             scale,
             x2.stride(0),
             res2.stride(0),
@@ -106,6 +105,7 @@ def _launch(x, weight, eps, residual, quant_dtype):
             hidden,
             eps,
             HAS_RESIDUAL=residual is not None,
+            OUT_DTYPE=_TL_DTYPES[out_dtype],
             QUANT=quant_dtype is not None,
             QMAX=QMAX.get(quant_dtype, 1.0),
             TO_INT8=quant_dtype == torch.int8,

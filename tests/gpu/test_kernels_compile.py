@@ -72,8 +72,11 @@ def test_norm_and_activation_quantization_compile(arch, act, quant):
         pointers = {
             name: f"*{act}" for name in ("x_ptr", "residual_ptr", "weight_ptr", "out_ptr", "new_residual_ptr")
         }
-        pointers |= {"q_ptr": f"*{q}", "scale_ptr": "*fp32"}
-        constexprs = dict(HAS_RESIDUAL=residual, QUANT=quant is not None, BLOCK=4096, **common)
+        pointers |= {"out_ptr": f"*{q}", "scale_ptr": "*fp32"}
+        out_dtype = {"fp16": triton.language.float16, "bf16": triton.language.bfloat16}[act]
+        constexprs = dict(
+            HAS_RESIDUAL=residual, OUT_DTYPE=out_dtype, QUANT=quant is not None, BLOCK=4096, **common
+        )
         ptx = _compile(_rms_norm_kernel, pointers, constexprs, arch, floats=("eps",))
         assert ("div.rn.f32" in ptx) == (quant is not None)  # the IEEE divisions of the quantization
     if quant is None:
