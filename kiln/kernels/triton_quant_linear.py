@@ -21,8 +21,8 @@ Rules:
   the result is the reference's bit for bit but for rare one-unit roundings of the final cast.
 - What these kernels do not take runs the reference, on the GPU, with the same result (slower):
   float32 activations (Triton's dot would round them to TF32), x that is not 2-D, per-group sizes that
-  are not a power of two of at least 16, and FP8 GEMMs whose K or N is not a multiple of 16 (a
-  `_scaled_mm` requirement; no Llama shape).
+  are not a power of two of at least 16. FP8 GEMMs whose K or N is not a multiple of 16 (a
+  `_scaled_mm` requirement; no Llama shape) take the Triton FP8 x FP8 GEMM.
 - `fp8_matmul` and `int8_sq_matmul` take an activation the kernel before them already quantized
   (`kiln.kernels.triton_norm.rms_norm_quant`, `triton_quant_act.silu_and_mul_quant`) and run the
   second half of `fp8_linear` / `int8_sq_linear`, with the same kernels; an e4m3 activation of one
@@ -81,13 +81,10 @@ def fp8_linear(
 ) -> torch.Tensor:
     """quant_reference.fp8_linear on CUDA (see the module rules)."""
     m = x.shape[0] if x.dim() == 2 else 0
-    n, k = q.shape
     if x.dim() != 2 or x.dtype not in _HALF or m == 0:
         return quant_reference.fp8_linear(x, q, scale, bias)
     if m == 1:
         return quant_gemv(x, q, scale, bias)
-    if k % 16 or n % 16:
-        return quant_reference.fp8_linear(x, q, scale, bias)
     xq, x_scale = quantize_rows(x, torch.float8_e4m3fn)
     return fp8_matmul(QuantizedActivation(xq, x_scale, x.dtype), q, scale, bias)
 
