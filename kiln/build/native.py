@@ -82,6 +82,7 @@ from kiln.models.weights import (
 from kiln.progress import build_progress
 
 WEIGHTS_NAME = "model.safetensors"
+DEFAULT_CALIB_SIZE = 512  # calibration samples (TensorRT-LLM's default too)
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 2 * 1024**3
 # Copied from a Hugging Face checkpoint directory when present. At least one of the first three
@@ -116,7 +117,7 @@ def build_engine(
     quant_group_size: int | None = None,
     smoothquant_alpha: float | None = None,
     calib_dataset: str | Path | None = None,
-    calib_size: int = 512,
+    calib_size: int = DEFAULT_CALIB_SIZE,
     tensor_parallel_size: int = 1,
     kv_cache_dtype: str | None = None,
 ) -> EngineManifest:
@@ -174,7 +175,7 @@ def build_engine(
     if prequant is not None:
         quant, dtype = fp8_engine_plan(prequant, quant, requested_dtype, tensor_parallel_size, kv_fp8)
         if kv_fp8 and prequant.kv_scales:
-            if calib_dataset is not None or calib_size != 512:
+            if calib_dataset is not None or calib_size != DEFAULT_CALIB_SIZE:
                 raise ValueError(
                     "this checkpoint carries its own FP8 KV-cache scales, which the fp8 KV cache uses: "
                     "--calib-dataset / --calib-size do not apply"
@@ -229,7 +230,7 @@ def build_tiny_engine(
     quant_group_size: int | None = None,
     smoothquant_alpha: float | None = None,
     calib_dataset: str | Path | None = None,
-    calib_size: int = 512,
+    calib_size: int = DEFAULT_CALIB_SIZE,
     tensor_parallel_size: int = 1,
     kv_cache_dtype: str | None = None,
     **tiny_options: Any,
