@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random-weight Llama checkpoints (made here, deterministic) and the default model.
+"""Shared fixtures: tiny random-weight Llama checkpoints (made here, deterministic), a tiny `kiln bench
+--random` shape, and the default model.
 
 Also the collection check: a run over the configured test paths (plain `pytest`, as the README and CI
 run it) fails when a `test_*.py` file under tests/ was never collected — a folder that a `norecursedirs`
@@ -60,3 +61,31 @@ def smollm2_gguf() -> Path:
     from kiln.build.default_model import fetch_default_gguf
 
     return fetch_default_gguf()
+
+
+# A `kiln bench --random` shape small enough for the CPU (registered by the fixture below).
+TINY_RANDOM_SHAPE = (
+    "float32",
+    {
+        "vocab_size": 300,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+)
+
+
+@pytest.fixture
+def tiny_shape(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The name of TINY_RANDOM_SHAPE in kiln.bench.workload.RANDOM_SHAPES, for this test only."""
+    from kiln.bench import workload
+
+    monkeypatch.setitem(workload.RANDOM_SHAPES, "tiny-test", TINY_RANDOM_SHAPE)
+    return "tiny-test"

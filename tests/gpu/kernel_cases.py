@@ -107,3 +107,29 @@ def make_paged_batch(
         block_size=block_size,
     )
     return PagedBatch(query, key, value, k_cache, v_cache, meta)
+
+
+def greedy_agreement(engine, engine_dir) -> tuple[int, int]:
+    """Greedy decoding through `engine` (its CUDA graphs): one request alone, then four together, 16 tokens
+    each; returns (tokens that are the CPU reference's argmax given the same prefix, tokens generated)."""
+    from kiln.bench.accuracy import text_logits
+    from kiln.engine.sampling_params import SamplingParams
+
+    gen = torch.Generator().manual_seed(7)
+    batches = [[torch.randint(3, 500, (9,), generator=gen).tolist()]]
+    batches.append([torch.randint(3, 500, (n,), generator=gen).tolist() for n in (4, 21, 13, 30)])
+    greedy = SamplingParams(temperature=0, max_tokens=16, min_tokens=16)
+    agree = total = 0
+    for batch in batches:
+        for i, prompt in enumerate(batch):
+            engine.add_request(str(i), params=greedy, prompt_token_ids=prompt)
+        tokens: dict[str, list[int]] = {str(i): [] for i in range(len(batch))}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                tokens[out.request_id].extend(out.outputs[0].token_ids)
+        for i, prompt in enumerate(batch):
+            generated = tokens[str(i)]
+            ref = text_logits(engine_dir, prompt + generated)[len(prompt) - 1 : -1]
+            agree += (ref.argmax(-1) == torch.tensor(generated)).sum().item()
+            total += len(generated)
+    return agree, total

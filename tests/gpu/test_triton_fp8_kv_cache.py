@@ -24,7 +24,7 @@ import codecs
 
 import pytest
 import torch
-from kernel_cases import DTYPES, INTERPRET, make_paged_batch, rel_error
+from kernel_cases import DTYPES, INTERPRET, greedy_agreement, make_paged_batch, rel_error
 
 from kiln.config import ModelConfig
 from kiln.kernels import reference
@@ -287,7 +287,6 @@ def test_tiny_fp8_kv_engine_on_cuda_tracks_the_reference(tmp_path, fp8_device):
     from kiln.build import build_tiny_engine
     from kiln.config import EngineConfig
     from kiln.engine.llm_engine import LLMEngine
-    from kiln.engine.sampling_params import SamplingParams
     from kiln.models.loader import load_model
     from kiln.models.tokenizer import Tokenizer
 
@@ -308,22 +307,6 @@ def test_tiny_fp8_kv_engine_on_cuda_tracks_the_reference(tmp_path, fp8_device):
     engine = LLMEngine.from_path(engine_dir, EngineConfig(device="cuda", dtype="float16", max_num_seqs=8))
     assert engine.config.cuda_graphs and engine.config.kv_cache_dtype == "fp8"
     assert all(k.dtype == FP8 for k, _ in engine.runner.kv_caches)
-    gen = torch.Generator().manual_seed(7)
-    batches = [[torch.randint(3, 500, (9,), generator=gen).tolist()]]
-    batches.append([torch.randint(3, 500, (n,), generator=gen).tolist() for n in (4, 21, 13, 30)])
-    greedy = SamplingParams(temperature=0, max_tokens=16, min_tokens=16)
-    agree = total = 0
-    for batch in batches:
-        for i, prompt in enumerate(batch):
-            engine.add_request(str(i), params=greedy, prompt_token_ids=prompt)
-        tokens: dict[str, list[int]] = {str(i): [] for i in range(len(batch))}
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                tokens[out.request_id].extend(out.outputs[0].token_ids)
-        for i, prompt in enumerate(batch):
-            generated = tokens[str(i)]
-            ref = text_logits(engine_dir, prompt + generated)[len(prompt) - 1 : -1]
-            agree += (ref.argmax(-1) == torch.tensor(generated)).sum().item()
-            total += len(generated)
+    agree, total = greedy_agreement(engine, engine_dir)
     print(f"fp8 KV greedy on CUDA: {agree}/{total} tokens the reference's argmax")
     assert agree / total >= least_top1

@@ -29,7 +29,7 @@ import codecs
 
 import pytest
 import torch
-from kernel_cases import DTYPES, INTERPRET, rel_error
+from kernel_cases import DTYPES, INTERPRET, greedy_agreement, rel_error
 
 from kiln import kernels
 from kiln.kernels import quant_reference as qr
@@ -310,7 +310,6 @@ def test_tiny_quantized_engine_on_cuda_tracks_the_reference(tmp_path, scheme, gr
     from kiln.build import build_tiny_engine
     from kiln.config import EngineConfig
     from kiln.engine.llm_engine import LLMEngine
-    from kiln.engine.sampling_params import SamplingParams
     from kiln.models.loader import load_model
     from kiln.models.tokenizer import Tokenizer
 
@@ -329,22 +328,6 @@ def test_tiny_quantized_engine_on_cuda_tracks_the_reference(tmp_path, scheme, gr
     # Greedy decoding through the engine (CUDA graphs): one request alone (the batch-1 GEMVs), then
     # four together. Each generated token is scored against the reference given the same prefix.
     engine = LLMEngine.from_path(engine_dir, EngineConfig(device="cuda", dtype="float16", max_num_seqs=8))
-    gen = torch.Generator().manual_seed(7)
-    batches = [[torch.randint(3, 500, (9,), generator=gen).tolist()]]
-    batches.append([torch.randint(3, 500, (n,), generator=gen).tolist() for n in (4, 21, 13, 30)])
-    greedy = SamplingParams(temperature=0, max_tokens=16, min_tokens=16)
-    agree = total = 0
-    for batch in batches:
-        for i, prompt in enumerate(batch):
-            engine.add_request(str(i), params=greedy, prompt_token_ids=prompt)
-        tokens: dict[str, list[int]] = {str(i): [] for i in range(len(batch))}
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                tokens[out.request_id].extend(out.outputs[0].token_ids)
-        for i, prompt in enumerate(batch):
-            generated = tokens[str(i)]
-            ref = text_logits(engine_dir, prompt + generated)[len(prompt) - 1 : -1]
-            agree += (ref.argmax(-1) == torch.tensor(generated)).sum().item()
-            total += len(generated)
+    agree, total = greedy_agreement(engine, engine_dir)
     print(f"{scheme} g={group} greedy on CUDA: {agree}/{total} tokens the reference's argmax")
     assert agree / total >= least_top1

@@ -16,13 +16,13 @@ catches a scale that is not applied or applied twice (near-zero agreement), not 
 
 from __future__ import annotations
 
-import codecs
 from pathlib import Path
 
 import pytest
 import torch
+from accuracy_gates import check_gate, zen_of_python
 
-from kiln.bench.accuracy import agreement, perplexity, text_logits
+from kiln.bench.accuracy import text_logits
 from kiln.build import build_engine, build_tiny_engine
 from kiln.engine_dir import EngineManifest
 from kiln.models.tokenizer import Tokenizer
@@ -37,29 +37,15 @@ SMOLLM2_GATES = {
 CALIB_SAMPLES = 4
 
 
-def zen_of_python() -> str:
-    import this  # prints the text once; the module holds it rot13-encoded
-
-    return codecs.decode(this.s, "rot13")
-
-
-def _check(name: str, reference: torch.Tensor, fp8: torch.Tensor, ids: list[int], gate: tuple) -> None:
-    top1, kl = agreement(reference, fp8)
-    print(
-        f"{name}: top-1 {top1:.3f}, KL {kl:.4f}, perplexity {perplexity(fp8, ids):.2f} "
-        f"(float32 cache, unquantized {perplexity(reference, ids):.2f}) over {len(ids)} tokens"
-    )
-    least_top1, most_kl = gate
-    assert top1 >= least_top1 and kl <= most_kl, (name, top1, kl)
-
-
 def test_tiny_engine_with_an_fp8_kv_cache_tracks_the_16_bit_one(tmp_path: Path) -> None:
     reference_dir, fp8_dir = tmp_path / "float32", tmp_path / "fp8-kv"
     build_tiny_engine(reference_dir)
     build_tiny_engine(fp8_dir, kv_cache_dtype="fp8", calib_size=CALIB_SAMPLES)
     assert EngineManifest.load(fp8_dir).kv_cache_dtype == "fp8"
     ids = Tokenizer(reference_dir).encode(zen_of_python())
-    _check("tiny fp8 KV", text_logits(reference_dir, ids), text_logits(fp8_dir, ids), ids, TINY_GATES[None])
+    check_gate(
+        "tiny fp8 KV", text_logits(reference_dir, ids), text_logits(fp8_dir, ids), ids, TINY_GATES[None]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +73,7 @@ def test_smollm2_with_an_fp8_kv_cache_tracks_the_16_bit_one(
         calib_size=CALIB_SAMPLES,
         progress=False,
     )
-    _check(
+    check_gate(
         f"SmolLM2 fp8 KV, weights {quantization or 'unquantized'}",
         reference,
         text_logits(engine, ids),

@@ -16,14 +16,14 @@ they catch a broken scale layout or dequantization (which gives near-zero agreem
 
 from __future__ import annotations
 
-import codecs
 from pathlib import Path
 
 import pytest
 import torch
+from accuracy_gates import check_gate, zen_of_python
 
 from kiln import LLM, SamplingParams
-from kiln.bench.accuracy import agreement, perplexity, text_logits
+from kiln.bench.accuracy import text_logits
 from kiln.build import build_engine, build_tiny_engine
 from kiln.models.tokenizer import Tokenizer
 
@@ -50,22 +50,6 @@ def _options(scheme: str, model: str) -> dict:
     return {"calib_size": CALIB_SAMPLES[model]} if scheme == "int8_sq" else {}
 
 
-def zen_of_python() -> str:
-    import this  # prints the text once; the module holds it rot13-encoded
-
-    return codecs.decode(this.s, "rot13")
-
-
-def _check(name: str, reference: torch.Tensor, quantized: torch.Tensor, ids: list[int], gate: tuple) -> None:
-    top1, kl = agreement(reference, quantized)
-    print(
-        f"{name}: top-1 {top1:.3f}, KL {kl:.4f}, perplexity {perplexity(quantized, ids):.2f} "
-        f"(unquantized {perplexity(reference, ids):.2f}) over {len(ids)} tokens"
-    )
-    least_top1, most_kl = gate
-    assert top1 >= least_top1 and kl <= most_kl, (name, top1, kl)
-
-
 @pytest.fixture(scope="module")
 def tiny_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[int], torch.Tensor]:
     engine = tmp_path_factory.mktemp("tiny-quant") / "float32"
@@ -81,7 +65,7 @@ def test_tiny_quantized_engine_tracks_the_unquantized_one(
     _, ids, reference = tiny_reference
     engine = tmp_path / "engine"
     build_tiny_engine(engine, quantization=scheme, quant_group_size=group_size, **_options(scheme, "tiny"))
-    _check(
+    check_gate(
         f"tiny {scheme} g={group_size}",
         reference,
         text_logits(engine, ids),
@@ -115,7 +99,7 @@ def test_smollm2_quantized_engine_tracks_the_unquantized_one(
         progress=False,
         **_options(scheme, "smollm2"),
     )
-    _check(
+    check_gate(
         f"SmolLM2 {scheme} g={group_size}",
         reference,
         text_logits(engine, ids),

@@ -11,29 +11,6 @@ import torch
 from kiln.bench import cli, workload
 from kiln.config import EngineConfig
 
-TINY = (
-    "float32",
-    {
-        "vocab_size": 300,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    },
-)
-
-
-@pytest.fixture
-def tiny_shape(monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setitem(workload.RANDOM_SHAPES, "tiny-kv", TINY)
-    return "tiny-kv"
-
 
 @pytest.mark.parametrize("quantization", [None, "fp8"])
 def test_random_engine_has_an_fp8_cache_with_unit_scales(tiny_shape: str, quantization: str | None) -> None:
@@ -65,7 +42,7 @@ def test_kiln_bench_times_an_fp8_kv_cache_and_says_how_it_was_scaled(tiny_shape:
     rows = json.loads(out.read_text())["results"]
     assert {row["name"] for row in rows} == {"kiln/batch1_decode", "kiln/ttft"}
     for row in rows:
-        assert row["shape"].startswith("tiny-kv kv-fp8")
+        assert row["shape"].startswith("tiny-test kv-fp8")
         assert row["params"]["kv_cache_dtype"] == "fp8"
         assert row["params"]["kv_cache_scales"] == workload.RANDOM_KV_SCALES
         assert row["params"]["kv_cache_scales"].startswith("1.0")

@@ -13,29 +13,6 @@ from kiln.config import EngineConfig
 from kiln.kernels import quant_reference
 from kiln.models.quant_linear import QuantizedLinear
 
-TINY = (
-    "float32",
-    {
-        "vocab_size": 300,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    },
-)
-
-
-@pytest.fixture
-def tiny_shape(monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setitem(workload.RANDOM_SHAPES, "tiny-test", TINY)
-    return "tiny-test"
-
 
 def test_quant_config_from_the_flags() -> None:
     assert workload.random_quant_config(None) is None
