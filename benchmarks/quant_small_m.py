@@ -10,11 +10,12 @@ bits (weight-only) instead. Which is faster at which tile is measured here, not 
 
 Each case runs L2-cold (cycling through >= 256 MB of weight copies inside a CUDA graph, as
 `benchmarks.quant_gemv` does) at the Llama-2-7B projections (and the Llama-3.1-8B ones with `--models`).
-Modes, each with what the dispatch runs today as its baseline:
-- `int8_wo`: int8 weight per channel, x 16-bit (baseline: the GEMV at 1 token, the GEMM's default tile above);
-- `fp8_wo`: e4m3 weight widened to x's dtype, x 16-bit (baseline: the GEMV);
+Modes, each beside what the dispatch runs (`kiln.kernels.*_linear`, "baseline"; `gemm_config`'s tiles):
+- `int8_wo`: int8 weight per channel, x 16-bit (baseline: the GEMV at 1 token, the GEMM above);
+- `fp8_wo`: e4m3 weight widened to x's dtype, x 16-bit (baseline: `kiln.kernels.fp8_linear`, which runs
+  this up to 16 tokens);
 - `fp8`: x quantized per token to e4m3 (`quantize_rows`, timed with it), e4m3 x e4m3 products (baseline:
-  the GEMV at 1 token, `torch._scaled_mm` above, both through `kiln.kernels.fp8_linear`);
+  `kiln.kernels.fp8_linear`);
 - `int8_sq`: x quantized to int8 (timed with it), int8 x int8 (baseline: `kiln.kernels.int8_sq_linear`).
 Reported per mode and tile: microseconds per projection, weight TB/s, and the sum over a decode step's
 projections (x 32 layers); the best tile per mode; the float16 GEMV of the same shapes beside them.

@@ -23,11 +23,16 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)  # type: ignore[return-value]
 
 
+def is_hopper(device: torch.device) -> bool:
+    """Whether `device` is a CUDA GPU of compute capability 9.0 or later."""
+    if device.type != "cuda":
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= HOPPER
+
+
 def fp8_via_float32(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether e4m3 tiles widened to `dtype` on `device` go through float32 (bfloat16 before Hopper)."""
-    if dtype != torch.bfloat16 or device.type != "cuda":
-        return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) < HOPPER
+    return dtype == torch.bfloat16 and device.type == "cuda" and not is_hopper(device)
 
 
 @triton.jit

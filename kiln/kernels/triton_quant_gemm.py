@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton_fp8 import fp8_via_float32, widen
+from kiln.kernels.triton_fp8 import fp8_via_float32, is_hopper, widen
 
 
 @triton.jit
@@ -114,14 +114,35 @@ def _scale_int32_kernel(
     _epilogue(acc, rm, rn, M, N, scale_ptr, a_scale_ptr, bias_ptr, c_ptr, stride_cm, True, True, HAS_BIAS)
 
 
-def gemm_config(m: int, group: int = 0) -> tuple[int, int, int, int, int, int, bool]:
+# Decode batches (<= 16 tokens) on Hopper, by operands (x quantized, weight dtype): the tile with the least
+# time over a Llama-2-7B decode step's four projections in benchmarks/quant_small_m.py (H100, 2026-12-05).
+# Their deep K tiles need Hopper's shared memory (up to 160 KB in four stages); earlier GPUs take
+# SMALL_BATCH_TILE.
+SMALL_BATCH_TILES: dict[tuple[bool, torch.dtype], tuple[int, int, int, int, int, int, bool]] = {
+    (False, torch.int8): (16, 32, 256, 8, 4, 4, False),
+    (False, torch.float8_e4m3fn): (16, 32, 512, 8, 4, 4, True),
+    (True, torch.int8): (16, 32, 512, 8, 4, 4, False),
+    (True, torch.float8_e4m3fn): (16, 64, 512, 8, 4, 4, True),
+}
+SMALL_BATCH_TILE = (16, 64, 128, 8, 4, 4, False)
+
+
+def gemm_config(
+    m: int,
+    group: int = 0,
+    *,
+    quantized_x: bool = False,
+    weight_dtype: torch.dtype = torch.int8,
+    hopper: bool = True,
+) -> tuple[int, int, int, int, int, int, bool]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, SWAP) for M tokens. Decode batches
-    (M <= 64) are weight streaming: narrow column tiles give enough programs to keep HBM busy (N / 64 of
-    them) with deep K tiles and four stages in flight; larger M is compute-bound: 128 x 128 tiles, two
-    warpgroups. A per-group weight caps BLOCK_K at its group size. SWAP makes the weight tile the
-    dot's first operand (x's tile the second), the layout a tensor core wants when BLOCK_M is small."""
+    (M <= 64) are weight streaming: narrow column tiles give enough programs to keep HBM busy, with deep
+    K tiles and four stages in flight (up to 16 tokens on Hopper, the measured tile of the operand pair);
+    larger M is compute-bound: 128 x 128 tiles, two warpgroups. A per-group weight caps BLOCK_K at its group size.
+    SWAP makes the weight tile the dot's first operand (x's tile the second), the layout a tensor core
+    wants when BLOCK_M is small."""
     if m <= 16:
-        cfg = [16, 64, 128, 8, 4, 4, False]
+        cfg = list(SMALL_BATCH_TILES[quantized_x, weight_dtype] if hopper else SMALL_BATCH_TILE)
     elif m <= 32:
         cfg = [32, 64, 128, 8, 4, 4, False]
     elif m <= 64:
@@ -174,7 +195,9 @@ def quant_gemm(
     out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return out
-    block_m, block_n, block_k, group_m, num_warps, num_stages, swap = config or gemm_config(m, group)
+    block_m, block_n, block_k, group_m, num_warps, num_stages, swap = config or gemm_config(
+        m, group, quantized_x=scaled_a, weight_dtype=weight.dtype, hopper=is_hopper(x.device)
+    )
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _quant_gemm_kernel[grid](
         x,

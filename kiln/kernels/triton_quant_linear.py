@@ -6,14 +6,16 @@ signature and semantics of its reference in `kiln.kernels.quant_reference` (x [M
 Rules:
 - int8_wo: one token -> the quantized GEMV (`triton_quant_gemv`); more -> the Triton GEMM that widens int8
   tiles inside its K loop (`triton_quant_gemm`). The weight crosses HBM once, 1 byte an element.
-- fp8: one token -> the GEMV with x kept in 16 bits (batch 1 is bandwidth-bound; see triton_quant_gemv
-  for why, and for its tolerance against the reference). More -> per-token e4m3 quantization
-  (`triton_quant_act`, bit-identical to the reference's) and cuBLASLt's FP8 GEMM, `torch._scaled_mm`,
-  with row-wise scales: scale_a [M, 1] float32 (the tokens'), scale_b [1, N] float32 (the channels'),
-  products summed in float32 (use_fast_accum off, the reference's numerics). Its second operand must be
-  column-major [K, N]: `q.t()` of the row-major [N, K] weight is exactly that, a view, so no copy is made
-  per call and no re-layout at load. Its output is x's dtype when row-wise scaling can write it (bfloat16
-  always; float16 from cuBLAS 12.9 on Hopper, `_fp16_rowwise`), else bfloat16 then cast.
+- fp8: one token -> the GEMV with x kept in 16 bits; up to `FP8_WEIGHT_ONLY_MAX_TOKENS` -> the Triton GEMM
+  with x still in 16 bits and the e4m3 weight widened in registers (a decode batch is bandwidth-bound;
+  see triton_quant_gemv for why, and for its tolerance against the reference). More -> per-token e4m3
+  quantization (`triton_quant_act`, bit-identical to the reference's) and cuBLASLt's FP8 GEMM,
+  `torch._scaled_mm`, with row-wise scales: scale_a [M, 1] float32 (the tokens'), scale_b [1, N]
+  float32 (the channels'), products summed in float32 (use_fast_accum off, the reference's numerics).
+  Its second operand must be column-major [K, N]: `q.t()` of the row-major [N, K] weight is exactly
+  that, a view, so no copy is made per call and no re-layout at load. Its output is x's dtype when
+  row-wise scaling can write it (bfloat16 always; float16 from cuBLAS 12.9 on Hopper, `_fp16_rowwise`),
+  else bfloat16 then cast.
 - int8_sq: per-token int8 quantization (`triton_quant_act`, smoothing division included, bit-identical to
   the reference's), then one token -> the W8A8 GEMV; 2..16 tokens -> the Triton W8A8 GEMM; more ->
   cuBLAS's int8 GEMM, `torch._int_mm` (int32 sums; it needs M > 16, K and N multiples of 8: otherwise the
@@ -25,8 +27,9 @@ Rules:
   `_scaled_mm` requirement; no Llama shape) take the Triton FP8 x FP8 GEMM.
 - `fp8_matmul` and `int8_sq_matmul` take an activation the kernel before them already quantized
   (`kiln.kernels.triton_norm.rms_norm_quant`, `triton_quant_act.silu_and_mul_quant`) and run the
-  second half of `fp8_linear` / `int8_sq_linear`, with the same kernels; an e4m3 activation of one
-  token goes through the Triton GEMM (the GEMV takes 16-bit x).
+  second half of `fp8_linear` / `int8_sq_linear`, with the same kernels; an e4m3 activation of up to
+  `FP8_WEIGHT_ONLY_MAX_TOKENS` tokens goes through the Triton FP8 x FP8 GEMM (faster than cuBLASLt's
+  there; the GEMV takes 16-bit x).
 - Nothing here syncs with the host or has a data-dependent shape: CUDA graphs capture every path.
 """
 
@@ -36,7 +39,7 @@ import functools
 
 import torch
 
-from kiln.kernels import quant_reference
+from kiln.kernels import FP8_WEIGHT_ONLY_MAX_TOKENS, quant_reference
 from kiln.kernels.quant_reference import QuantizedActivation
 from kiln.kernels.triton_quant_act import quantize_rows
 from kiln.kernels.triton_quant_gemm import quant_gemm, scale_int32
@@ -85,6 +88,8 @@ def fp8_linear(
         return quant_reference.fp8_linear(x, q, scale, bias)
     if m == 1:
         return quant_gemv(x, q, scale, bias)
+    if m <= FP8_WEIGHT_ONLY_MAX_TOKENS:
+        return quant_gemm(x, q, scale, bias)
     xq, x_scale = quantize_rows(x, torch.float8_e4m3fn)
     return fp8_matmul(QuantizedActivation(xq, x_scale, x.dtype), q, scale, bias)
 
@@ -92,13 +97,13 @@ def fp8_linear(
 def fp8_matmul(
     a: QuantizedActivation, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """quant_reference.fp8_matmul on CUDA: cuBLASLt's FP8 GEMM (see the module rules); one token, or K or
-    N not a multiple of 16, the Triton GEMM."""
+    """quant_reference.fp8_matmul on CUDA: cuBLASLt's FP8 GEMM (see the module rules); a decode batch, or
+    K or N not a multiple of 16, the Triton GEMM."""
     m = a.q.shape[0]
     n, k = q.shape
     if m == 0 or a.dtype not in _HALF:
         return quant_reference.fp8_matmul(a, q, scale, bias)
-    if m == 1 or k % 16 or n % 16:
+    if m <= FP8_WEIGHT_ONLY_MAX_TOKENS or k % 16 or n % 16:
         return quant_gemm(a.q, q, scale, bias, x_scale=a.scale, out_dtype=a.dtype)
     index = a.q.device.index if a.q.device.index is not None else torch.cuda.current_device()
     direct = a.dtype == torch.bfloat16 or _fp16_rowwise(index)

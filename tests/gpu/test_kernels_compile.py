@@ -44,12 +44,13 @@ def _compile(
     ("x", "weight"), [("act", "i8"), ("act", "fp8e4nv"), ("fp8e4nv", "fp8e4nv"), ("i8", "i8")]
 )
 def test_quant_gemm_compiles_for_every_operand_pair_and_tile(arch, act, x, weight):
-    from kiln.kernels.triton_quant_gemm import _quant_gemm_kernel, gemm_config
+    from kiln.kernels.triton_quant_gemm import SMALL_BATCH_TILES, _quant_gemm_kernel, gemm_config
 
     x = act if x == "act" else x
     pointers = {"a_ptr": f"*{x}", "b_ptr": f"*{weight}", "scale_ptr": "*fp32", "a_scale_ptr": "*fp32"}
     pointers |= {"bias_ptr": f"*{act}", "c_ptr": f"*{act}"}
-    tiles = [(*gemm_config(m)[:3], gemm_config(m)[6]) for m in (1, 32, 256)]
+    configs = [gemm_config(m, hopper=False) for m in (1, 32, 256)] + list(SMALL_BATCH_TILES.values())
+    tiles = [(*config[:3], config[6]) for config in configs]
     tiles += [(16, n, k, True) for n, k in itertools.product((16, 64), (128, 512))]
     for block_m, block_n, block_k, swap in tiles:
         via_f32 = arch < 90 and x == "bf16" and weight == "fp8e4nv"  # kiln.kernels.triton_fp8's rule
