@@ -34,6 +34,22 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30)).item()
 
 
+def quant_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many quantization steps apart a and b (int8 or e4m3 tensors of one dtype) are, element by element.
+    e4m3: sign-magnitude bit patterns are monotonic in the magnitude, so the distance is that of their
+    ordinals (+0 and -0 are both 0)."""
+    assert a.dtype == b.dtype
+    if a.dtype == torch.int8:
+        return (a.to(torch.int32) - b.to(torch.int32)).abs()
+
+    def ordinal(x: torch.Tensor) -> torch.Tensor:
+        bits = x.view(torch.uint8).to(torch.int32)
+        magnitude = bits & 0x7F
+        return torch.where(bits >= 0x80, -magnitude, magnitude)
+
+    return (ordinal(a) - ordinal(b)).abs()
+
+
 @dataclass(slots=True)
 class PagedBatch:
     query: torch.Tensor  # [T, Hq, D]

@@ -7,9 +7,11 @@ float16 on CUDA against the same engine's float32 CPU reference.
 Tolerances, and why:
 - store_kv: bit for bit. The kernel widens x to float32, divides with an IEEE division (div_rn, as torch
   divides) and casts rounding to nearest even, as `reference.quantize_kv` does.
-- rotary_store_kv: within one e4m3 step. The rotated key may differ from the reference's by one unit
-  in the last 16-bit place (tests/gpu/test_triton_small_kernels.py), which can move its rounding to the
-  neighbouring e4m3 value; the value is stored bit for bit.
+- rotary_store_kv: bit for bit the Triton rotation (`apply_rotary`) stored by `reference.store_kv`, and the
+  value bit for bit. The Triton rotation itself differs from the reference's by one unit in the last
+  16-bit place in a few percent of elements (tests/gpu/test_triton_small_kernels.py), which can move
+  their e4m3 rounding: against the reference rotation the stored key is held to e4m3's own error
+  (KEY_VS_REFERENCE).
 - paged_attention: the 16-bit cache's bounds (test_triton_attention.py) over the same fp8 cache: every
   e4m3 value is exact in fp16 / bf16, and the scales fold into the softmax scale and the output.
 - Under TRITON_INTERPRET=1 (CPU) Triton's interpreter rounds float32 -> e4m3 its own way: it rounds ties
@@ -24,7 +26,7 @@ import codecs
 
 import pytest
 import torch
-from kernel_cases import DTYPES, INTERPRET, greedy_agreement, make_paged_batch, rel_error
+from kernel_cases import DTYPES, INTERPRET, greedy_agreement, make_paged_batch, quant_steps, rel_error
 
 from kiln.config import ModelConfig
 from kiln.kernels import reference
@@ -35,6 +37,7 @@ pytestmark = pytest.mark.gpu
 FP8 = torch.float8_e4m3fn
 BOUNDS = {torch.float16: 3e-3, torch.bfloat16: 2e-2}  # test_triton_attention.py's
 HEAD_SHAPES = [(64, 1), (64, 4), (128, 1), (128, 8)]  # (head_dim, query heads per KV head)
+KEY_VS_REFERENCE = 0.05  # e4m3 keeps 3 mantissa bits: about 2.6% relative error on random values
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -49,31 +52,17 @@ def _long(n: int) -> int:
     return min(n, 300) if INTERPRET else n
 
 
-def e4m3_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """How many e4m3 values apart a and b are, element by element (sign-magnitude bit patterns are
-    monotonic in the magnitude, so the distance is that of their ordinals; +0 and -0 are both 0)."""
-
-    def ordinal(x: torch.Tensor) -> torch.Tensor:
-        bits = x.view(torch.uint8).to(torch.int32)
-        magnitude = bits & 0x7F
-        return torch.where(bits >= 0x80, -magnitude, magnitude)
-
-    return (ordinal(a) - ordinal(b)).abs()
-
-
-def assert_e4m3_equal(out: torch.Tensor, ref: torch.Tensor, steps: int = 0) -> None:
-    """out and ref (fp8 tensors) at most `steps` e4m3 values apart; bit for bit when steps is 0 (NaN
-    poison included). Under the interpreter, also its own rounding (see the module docstring)."""
+def assert_e4m3_equal(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """out and ref (fp8 tensors) bit for bit (NaN poison included); under the interpreter, but for its own
+    rounding (see the module docstring)."""
     assert out.dtype == ref.dtype == FP8
     out, ref = out.cpu(), ref.cpu()
-    if steps == 0 and not INTERPRET:
+    if not INTERPRET:
         assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8))
         return
-    apart = e4m3_steps(out, ref)
-    ok = apart <= max(steps, 1 if INTERPRET else 0)
-    if INTERPRET:
-        ok |= out.float() * 2 == ref.float()  # the interpreter's lost carry
-    assert ok.all(), f"{(~ok).sum().item()} values more than {steps} e4m3 steps apart"
+    ok = quant_steps(out, ref) <= 1
+    ok |= out.float() * 2 == ref.float()  # the interpreter's lost carry
+    assert ok.all(), f"{(~ok).sum().item()} values apart beyond the interpreter's rounding"
 
 
 def _scales(k: torch.Tensor, v: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +131,7 @@ def _config(head_dim: int) -> ModelConfig:
 def test_rotary_store_kv_into_fp8_matches_rotary_then_store(
     fp8_device, dtype, head_dim, num_heads, num_kv_heads, block_size
 ):
-    from kiln.kernels.triton_cache import rotary_store_kv
+    from kiln.kernels.triton_cache import apply_rotary, rotary_store_kv
 
     batch = make_paged_batch(
         [5, 1, 12],
@@ -164,11 +153,18 @@ def test_rotary_store_kv_into_fp8_matches_rotary_then_store(
     q_out = rotary_store_kv(
         positions, batch.query, batch.key, batch.value, table, k_out, v_out, batch.meta.slot_mapping, **scales
     )
-    q_ref, key_ref = reference.apply_rotary(positions, batch.query, batch.key, table)
-    reference.store_kv(key_ref, batch.value, k_ref, v_ref, batch.meta.slot_mapping, **scales)
-    assert rel_error(q_out, q_ref) < {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
-    assert_e4m3_equal(k_out, k_ref, steps=1)
+    _, key_rotated = apply_rotary(positions, batch.query, batch.key, table)
+    reference.store_kv(key_rotated, batch.value, k_ref, v_ref, batch.meta.slot_mapping, **scales)
+    assert_e4m3_equal(k_out, k_ref)
     assert_e4m3_equal(v_out, v_ref)
+    q_ref, key_ref = reference.apply_rotary(positions, batch.query, batch.key, table)
+    assert rel_error(q_out, q_ref) < {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    if INTERPRET:
+        return  # the interpreter's own e4m3 rounding (module docstring) is not held to e4m3's error
+    real = batch.meta.slot_mapping >= 0  # padding tokens are not stored
+    stored = reference.dequantize_kv(k_out.flatten(0, 1)[batch.meta.slot_mapping[real]], k_scale)
+    limit = 448 * k_scale  # what the cache can hold
+    assert rel_error(stored, key_ref[real].float().clamp(-limit, limit)) < KEY_VS_REFERENCE
 
 
 def _fp8_batch(q_lens, contexts, num_heads, num_kv_heads, head_dim, block_size, dtype, device, seed=0):
