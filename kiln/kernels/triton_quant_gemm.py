@@ -138,9 +138,9 @@ def gemm_config(
     """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, SWAP) for M tokens. Decode batches
     (M <= 64) are weight streaming: narrow column tiles give enough programs to keep HBM busy, with deep
     K tiles and four stages in flight (up to 16 tokens on Hopper, the measured tile of the operand pair);
-    larger M is compute-bound: 128 x 128 tiles, two warpgroups. A per-group weight caps BLOCK_K at its group size.
-    SWAP makes the weight tile the dot's first operand (x's tile the second), the layout a tensor core
-    wants when BLOCK_M is small."""
+    larger M is compute-bound: 128 x 128 tiles, two warpgroups. A per-group weight caps BLOCK_K at its
+    group size. SWAP makes the weight tile the dot's first operand (x's tile the second), the layout a
+    tensor core wants when BLOCK_M is small."""
     if m <= 16:
         cfg = list(SMALL_BATCH_TILES[quantized_x, weight_dtype] if hopper else SMALL_BATCH_TILE)
     elif m <= 32:

@@ -20,9 +20,10 @@ Rules:
   `check_kv_cache_supports` does the same for an fp8 KV cache, whose Triton kernels convert to and from
   e4m3 (Triton's fp8e4nv), which needs compute capability >= 8.9 too.
 - `input_quantization(num_tokens)` says which 8-bit dtype the layer's kernel takes x in (int8_sq: int8;
-  fp8 above `kernels.FP8_WEIGHT_ONLY_MAX_TOKENS` tokens: e4m3); the kernel that makes x (RMSNorm, SiLU-and-mul) then quantizes it in
-  its own launch (`kernels.rms_norm_quant`, `silu_and_mul_quant`, with the layer's `smooth_scale`),
-  the same numbers as quantizing inside the matmul, and the layer takes the `QuantizedActivation`.
+  fp8 above `kernels.FP8_WEIGHT_ONLY_MAX_TOKENS` tokens: e4m3); the kernel that makes x (RMSNorm,
+  SiLU-and-mul) then quantizes it in its own launch (`kernels.rms_norm_quant`, `silu_and_mul_quant`,
+  with the layer's `smooth_scale`), the same numbers as quantizing inside the matmul, and the layer
+  takes the `QuantizedActivation`.
 - `storage_dtypes` names the parameters whose dtype the scheme fixes, so the loader does not cast
   them to the model dtype (kiln.models.loader.build_empty_model).
 """
