@@ -17,10 +17,8 @@ Rules:
   (`reference.check_kv_scales`), on every device.
 - `int8_wo_linear`, `fp8_linear` and `int8_sq_linear` are the quantized matmuls; their references are
   in kiln.kernels.quant_reference, and `triton_quant_linear` picks the CUDA kernel for each number of
-  tokens (and says what it hands back to the reference). Up to FP8_WEIGHT_ONLY_MAX_TOKENS tokens the
-  FP8 kernels keep x in 16 bits (the e4m3 weight widened) rather than quantizing it: a decode batch is
-  bound by the weight bytes, not the tensor cores, and the activation's quantization only adds work
-  (benchmarks/quant_small_m.py). That is more accurate than the reference, within its activation
+  tokens (and says what it hands back to the reference). At one token the FP8 GEMV keeps x in 16 bits
+  rather than quantizing it: more accurate than its reference, within that reference's activation
   rounding (see triton_quant_gemv).
 - `rms_norm_quant` and `silu_and_mul_quant` end in the per-token quantization the 8-bit matmul after
   them needs, and hand a `QuantizedActivation` to `fp8_matmul` / `int8_sq_matmul` (the second halves
@@ -39,7 +37,6 @@ from kiln.kernels import quant_reference, reference
 from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.kernels.quant_reference import QuantizedActivation
 
-FP8_WEIGHT_ONLY_MAX_TOKENS = 16  # see the module rules
 _FORCE_REFERENCE = os.environ.get("KILN_KERNELS", "").lower() == "reference"
 
 

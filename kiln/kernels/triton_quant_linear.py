@@ -6,11 +6,11 @@ signature and semantics of its reference in `kiln.kernels.quant_reference` (x [M
 Rules:
 - int8_wo: one token -> the quantized GEMV (`triton_quant_gemv`); more -> the Triton GEMM that widens int8
   tiles inside its K loop (`triton_quant_gemm`). The weight crosses HBM once, 1 byte an element.
-- fp8: one token -> the GEMV with x kept in 16 bits; up to `FP8_WEIGHT_ONLY_MAX_TOKENS` -> the Triton GEMM
-  with x still in 16 bits and the e4m3 weight widened in registers (a decode batch is bandwidth-bound;
-  see triton_quant_gemv for why, and for its tolerance against the reference). More -> per-token e4m3
-  quantization (`triton_quant_act`, bit-identical to the reference's) and cuBLASLt's FP8 GEMM,
-  `torch._scaled_mm`, with row-wise scales: scale_a [M, 1] float32 (the tokens'), scale_b [1, N]
+- fp8: one token -> the GEMV with x kept in 16 bits (batch 1 is bandwidth-bound; see triton_quant_gemv
+  for why, and for its tolerance against the reference). More -> per-token e4m3 quantization
+  (`triton_quant_act`, bit-identical to the reference's), then up to 16 tokens the Triton FP8 x FP8 GEMM
+  (its decode-batch tile beat cuBLASLt there: benchmarks/quant_small_m.py), above that cuBLASLt's FP8
+  GEMM, `torch._scaled_mm`, with row-wise scales: scale_a [M, 1] float32 (the tokens'), scale_b [1, N]
   float32 (the channels'), products summed in float32 (use_fast_accum off, the reference's numerics).
   Its second operand must be column-major [K, N]: `q.t()` of the row-major [N, K] weight is exactly
   that, a view, so no copy is made per call and no re-layout at load. Its output is x's dtype when
@@ -27,9 +27,8 @@ Rules:
   `_scaled_mm` requirement; no Llama shape) take the Triton FP8 x FP8 GEMM.
 - `fp8_matmul` and `int8_sq_matmul` take an activation the kernel before them already quantized
   (`kiln.kernels.triton_norm.rms_norm_quant`, `triton_quant_act.silu_and_mul_quant`) and run the
-  second half of `fp8_linear` / `int8_sq_linear`, with the same kernels; an e4m3 activation of up to
-  `FP8_WEIGHT_ONLY_MAX_TOKENS` tokens goes through the Triton FP8 x FP8 GEMM (faster than cuBLASLt's
-  there; the GEMV takes 16-bit x).
+  second half of `fp8_linear` / `int8_sq_linear`, with the same kernels (an e4m3 activation of one
+  token too goes through the Triton GEMM: the GEMV takes 16-bit x).
 - Nothing here syncs with the host or has a data-dependent shape: CUDA graphs capture every path.
 """
 
@@ -39,7 +38,7 @@ import functools
 
 import torch
 
-from kiln.kernels import FP8_WEIGHT_ONLY_MAX_TOKENS, quant_reference
+from kiln.kernels import quant_reference
 from kiln.kernels.quant_reference import QuantizedActivation
 from kiln.kernels.triton_quant_act import quantize_rows
 from kiln.kernels.triton_quant_gemm import quant_gemm, scale_int32
@@ -47,6 +46,7 @@ from kiln.kernels.triton_quant_gemv import quant_gemv
 
 _HALF = (torch.float16, torch.bfloat16)
 INT_MM_MIN_TOKENS = 17  # torch._int_mm: "self.size(0) needs to be greater than 16"
+SCALED_MM_MIN_TOKENS = 17  # fewer: the Triton FP8 GEMM's decode-batch tile is faster (module rules)
 
 
 def _group(q: torch.Tensor, scale: torch.Tensor) -> int | None:
@@ -88,8 +88,6 @@ def fp8_linear(
         return quant_reference.fp8_linear(x, q, scale, bias)
     if m == 1:
         return quant_gemv(x, q, scale, bias)
-    if m <= FP8_WEIGHT_ONLY_MAX_TOKENS:
-        return quant_gemm(x, q, scale, bias)
     xq, x_scale = quantize_rows(x, torch.float8_e4m3fn)
     return fp8_matmul(QuantizedActivation(xq, x_scale, x.dtype), q, scale, bias)
 
@@ -103,7 +101,7 @@ def fp8_matmul(
     n, k = q.shape
     if m == 0 or a.dtype not in _HALF:
         return quant_reference.fp8_matmul(a, q, scale, bias)
-    if m <= FP8_WEIGHT_ONLY_MAX_TOKENS or k % 16 or n % 16:
+    if m < SCALED_MM_MIN_TOKENS or k % 16 or n % 16:
         return quant_gemm(a.q, q, scale, bias, x_scale=a.scale, out_dtype=a.dtype)
     index = a.q.device.index if a.q.device.index is not None else torch.cuda.current_device()
     direct = a.dtype == torch.bfloat16 or _fp16_rowwise(index)

@@ -20,10 +20,9 @@ Rules:
   `check_kv_cache_supports` does the same for an fp8 KV cache, whose Triton kernels convert to and from
   e4m3 (Triton's fp8e4nv), which needs compute capability >= 8.9 too.
 - `input_quantization(num_tokens)` says which 8-bit dtype the layer's kernel takes x in (int8_sq: int8;
-  fp8 above `kernels.FP8_WEIGHT_ONLY_MAX_TOKENS` tokens: e4m3); the kernel that makes x (RMSNorm,
-  SiLU-and-mul) then quantizes it in its own launch (`kernels.rms_norm_quant`, `silu_and_mul_quant`,
-  with the layer's `smooth_scale`), the same numbers as quantizing inside the matmul, and the layer
-  takes the `QuantizedActivation`.
+  fp8 above one token: e4m3); the kernel that makes x (RMSNorm, SiLU-and-mul) then quantizes it in
+  its own launch (`kernels.rms_norm_quant`, `silu_and_mul_quant`, with the layer's `smooth_scale`),
+  the same numbers as quantizing inside the matmul, and the layer takes the `QuantizedActivation`.
 - `storage_dtypes` names the parameters whose dtype the scheme fixes, so the loader does not cast
   them to the model dtype (kiln.models.loader.build_empty_model).
 """
@@ -80,7 +79,7 @@ class QuantizedLinear(nn.Module):
         can quantize it instead (see the module rules); None when it takes x in 16 bits."""
         if self.scheme == "int8_sq":
             return torch.int8
-        if self.scheme == "fp8" and num_tokens > kernels.FP8_WEIGHT_ONLY_MAX_TOKENS:  # else x stays 16-bit
+        if self.scheme == "fp8" and num_tokens > 1:  # one token: the GEMV keeps x in 16 bits
             return quant_reference.FP8_DTYPE
         return None
 
