@@ -9,8 +9,10 @@ capture) and run one 128-token request. Each child gets an EMPTY Triton cache (T
 new directory), as on a fresh machine, and runs twice per repeat: without the engine directory's
 `kernels/` (KILN_ENGINE_KERNELS=off: every Triton kernel compiles) and with it (written once by
 `kiln.build.kernels.tune_engine_kernels`, whose time is reported too). Reported: seconds from the
-process start to the engine being ready, and to its first token, and the phases between (imports,
-then `LLMEngine.startup_seconds`: the engine's kernels, the weights, the KV cache, CUDA graphs). The
+process start to the engine being ready, and to its first token, and the phases between (imports —
+the interpreter's start, then importing the engine, whose module-by-module `-X importtime` report
+`--import-profile DIR` keeps — then `LLMEngine.startup_seconds`: the engine's kernels, the weights,
+the KV cache, CUDA graphs). The
 weight files were just written, so they come from the page cache: a cold disk adds its read time (13 GB
 for Llama-2-7B fp16). `--loading-only` instead times loading the weights onto the GPU in this process,
 through pinned staging buffers and by plain copies, alternating.
@@ -28,7 +30,9 @@ import time
 from pathlib import Path
 
 CHILD = """
-import json, sys, time
+import time
+started = time.time()
+import json, sys
 from kiln.engine.llm_engine import LLMEngine
 imported = time.time()
 from kiln.config import EngineConfig
@@ -40,7 +44,8 @@ ready = time.time()
 engine.add_request("r", params=SamplingParams(temperature=0, max_tokens=1), prompt_token_ids=list(range(10, 138)))
 while engine.has_unfinished_requests():
     engine.step()
-print(json.dumps({"imported": imported, "ready": ready, "first_token": time.time(), "phases": engine.startup_seconds}))
+marks = {"started": started, "imported": imported, "ready": ready, "first_token": time.time()}
+print(json.dumps({**marks, "phases": engine.startup_seconds}))
 """
 
 
@@ -96,9 +101,17 @@ def write_random_engine(shape: str, out: Path, max_shard_bytes: int = 2 << 30) -
     ).save(out)
 
 
-def measure(engine_dir: Path, *, empty_cache: bool = False, engine_kernels: bool = True) -> dict[str, float]:
+def measure(
+    engine_dir: Path,
+    *,
+    empty_cache: bool = False,
+    engine_kernels: bool = True,
+    import_profile: Path | None = None,
+) -> dict[str, float]:
     """Times of one fresh child; `empty_cache` gives it a new empty Triton cache, `engine_kernels=False`
-    makes it ignore the engine directory's kernels/."""
+    makes it ignore the engine directory's kernels/, and `import_profile` runs it under `-X importtime`,
+    writing that report there. `imports_s` splits into the interpreter's start (`interpreter_s`) and
+    importing the engine (`engine_import_s`)."""
     env = dict(os.environ)
     if not engine_kernels:
         env["KILN_ENGINE_KERNELS"] = "off"
@@ -106,18 +119,23 @@ def measure(engine_dir: Path, *, empty_cache: bool = False, engine_kernels: bool
         if empty_cache:
             env["TRITON_CACHE_DIR"] = cache
         start = time.time()
+        profiling = ["-X", "importtime"] if import_profile else []
         done = subprocess.run(
-            [sys.executable, "-c", CHILD, str(engine_dir)],
+            [sys.executable, *profiling, "-c", CHILD, str(engine_dir)],
             capture_output=True,
             text=True,
             check=True,
             env=env,
         )
+    if import_profile:
+        import_profile.write_text(done.stderr)
     marks = json.loads(done.stdout.strip().splitlines()[-1])
     return {
         "start_to_ready_s": marks["ready"] - start,
         "start_to_first_token_s": marks["first_token"] - start,
         "imports_s": marks["imported"] - start,
+        "interpreter_s": marks["started"] - start,
+        "engine_import_s": marks["imported"] - marks["started"],
         **{f"{phase}_s": seconds for phase, seconds in marks["phases"].items()},
     }
 
@@ -158,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", type=Path)
     p.add_argument(
+        "--import-profile",
+        type=Path,
+        help="directory: each child also runs under `python -X importtime` and leaves its report there",
+    )
+    p.add_argument(
         "--loading-only",
         action="store_true",
         help="only time loading the weights in this process, staged and plain (CUDA), not fresh processes",
@@ -193,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(("kiln/tune_kernels", args.random, {"seconds": tune_s}))
     for i in range(args.repeats if variants else 0):
         for name, kernels in variants:
-            run = measure(args.dir, empty_cache=True, engine_kernels=kernels)
+            profile = None
+            if args.import_profile:
+                args.import_profile.mkdir(parents=True, exist_ok=True)
+                profile = args.import_profile / f"{name.split('/')[-1]}-{i + 1}.txt"
+            run = measure(args.dir, empty_cache=True, engine_kernels=kernels, import_profile=profile)
             print(json.dumps({"name": name, **run}), flush=True)
             rows.append((name, f"{args.random} run {i + 1}", run))
     if args.out:

@@ -33,8 +33,12 @@ def test_random_engine_dir_is_valid_and_start_is_timed(tmp_path, monkeypatch):
     manifest = EngineManifest.load(engine_dir, verify_checksums=True)
     assert len(manifest.weight_files) > 1  # sharded
     assert manifest.model.vocab_size == 300 and "tokenizer.json" in manifest.tokenizer_files
-    times = startup.measure(engine_dir)
+    profile = tmp_path / "imports.txt"
+    times = startup.measure(engine_dir, import_profile=profile)
     assert 0 < times["start_to_ready_s"] <= times["start_to_first_token_s"]
+    assert times["imports_s"] == pytest.approx(times["interpreter_s"] + times["engine_import_s"])
+    assert 0 < times["interpreter_s"] < times["imports_s"]
+    assert "| kiln.engine.llm_engine" in profile.read_text()  # the child's -X importtime report
 
 
 def test_warm_start_times_a_real_kiln_serve_to_health_ready_and_first_token(tmp_path):
