@@ -88,7 +88,7 @@ PY
         --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     startup)
       python3 -m benchmarks.startup --random llama2-7b --dir /tmp/kiln-llama2-7b --repeats 2 \
-        --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
+        --import-profile "$RESULTS/imports" --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     smollm2)  # the default model in fp16/bf16: needs its GGUF in $KILN_CACHE_DIR/gguf (see benchmarks/README.md)
       python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_default_model_gpu.py 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     report)
