@@ -4,12 +4,12 @@
 The fused kernels must give the bytes of the unfused path they replace (the Triton RMSNorm or SiLU-and-mul,
 then the Triton per-token quantization): scales and int8 values bit for bit, e4m3 values bit for bit on a
 GPU (Triton's interpreter casts float32 -> e4m3 its own way, so there only the scales are compared, as in
-test_triton_quant.py). RMSNorm's fused kernel is held to that but for its sum of squares: Triton picks
-each kernel's register layout from all its loads and stores (an 8-bit output is not a 16-bit one), so
-the fused kernel may reduce the row in another order, and a rare element of the normalised row lands
-one 16-bit unit away, which moves its 8-bit value by one step (on an H100, 2026-12-05: at most 2 of
-256 x 4096 elements). The SiLU-and-mul kernel is the quantization kernel itself and has no reduction
-before its product, so it stays bit for bit. Against the PyTorch reference they differ where the 16-bit activation does (the
+test_triton_quant.py). RMSNorm's fused kernel is held to that but for a rare element one step away:
+there the normalised row it quantizes is one 16-bit unit off the plain kernel's (on an H100, 2026-12-05:
+at most 2 of 256 x 4096 elements, every scale equal), as a different order of the row's float32 sum of
+squares gives; the two kernels are compiled separately, and Triton lays each out from its own loads and
+stores. The SiLU-and-mul kernel is the quantization kernel itself, with no reduction before its product,
+and stays bit for bit. Against the PyTorch reference they differ where the 16-bit activation does (the
 Triton RMSNorm is within 2e-3 / 1e-2 of torch's, tests/gpu/test_triton_small_kernels.py): the dequantized
 values are held to QUANT_BOUND. The matmuls over the quantized activation are held to the bounds of the
 unfused paths in test_triton_quant.py, whose kernels they are.
