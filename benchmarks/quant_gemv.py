@@ -6,7 +6,8 @@ Llama-3.1-8B projection shapes, and GEMM TFLOP/s at M = 256, 1024 and 4096 token
 GEMV (one token, L2 cold: each case cycles through enough weight copies, >= 256 MB, inside a CUDA graph,
 as `benchmarks.gemv` does): the 16-bit Triton GEMV (kiln.kernels.triton_gemv) against the quantized GEMV
 (kiln.kernels.triton_quant_gemv) with int8 per-channel, int8 in groups of 128 and FP8 weights, and the
-W8A8 path (per-token int8 quantization, then the W8A8 GEMV: two launches). TB/s counts the weight bytes
+W8A8 path (per-token int8 quantization, then the W8A8 GEMV: two launches), and the int8 and FP8 GEMVs with
+`bit_widen` (weights widened by integer operations, not conversion instructions). TB/s counts the weight bytes
 and scales read. Then each decode step's sum over the 4 quantized projections x 32 layers (lm_head, 16-bit
 in every scheme, left out). `--sweep` also times a few (BLOCK_N, BLOCK_K, warps) tiles of the int8 GEMV.
 
@@ -79,6 +80,9 @@ def bench_gemv_shape(model: str, name: str, n: int, k: int, sweep: bool, results
         lambda t, s_: quant_gemv(x, t, s_),
     )
     cases["fp8"] = ([(q8.clone(), s8.clone()) for _ in range(copies8)], lambda t, s_: quant_gemv(x, t, s_))
+    # The same weights widened by integer operations instead of conversion instructions (bit_widen).
+    cases["int8_wo_bits"] = (cases["int8_wo"][0], lambda t, s_: quant_gemv(x, t, s_, bit_widen=True))
+    cases["fp8_bits"] = (cases["fp8"][0], lambda t, s_: quant_gemv(x, t, s_, bit_widen=True))
 
     def w8a8(t: torch.Tensor, s_: torch.Tensor) -> torch.Tensor:
         xq, xs = quantize_rows(x, torch.int8)

@@ -28,6 +28,20 @@ Three weight layouts, one kernel (constexpr switches):
 
 The output is x's dtype (for W8A8, the dtype asked for), cast before the bias is added (in that dtype), as
 the references do. Nothing syncs with the host; CUDA graphs capture it.
+
+Widening a weight byte to float32 takes conversion instructions (int8: one I2F an element; e4m3: one
+e4m3x2 -> f16x2 per pair, then one f16 -> f32 an element), which Hopper issues at 16 an SM a clock, an
+eighth of its FMA rate; streaming 8-bit weights at full bandwidth needs about 13 a clock. `bit_widen`
+builds the float32 from the byte's bits with integer operations instead (the output is the same, bit for
+bit):
+- int8 v: the float32 with bits 0x4B000000 | (v + 128) is 2^23 + v + 128, exactly; subtracting 2^23 + 128
+  leaves v (exact: both are in [2^23, 2^24)).
+- e4m3: its sign to bit 31 and its exponent and mantissa to bits 30..20 give a float32 of the same
+  exponent field, which is the e4m3 value times 2^-120, subnormals included (both formats' subnormals have
+  the exponent of field 1). x is multiplied by 2^60 and the sum by 2^60 again: powers of two, so every
+  product and partial sum is the conversion path's times 2^-60, rounded alike, and none is subnormal.
+Which is faster is measured (`benchmarks.quant_gemv`), not assumed: until then the conversions are the
+default.
 """
 
 from __future__ import annotations
@@ -38,12 +52,31 @@ import triton.language as tl
 
 from kiln.kernels.pdl import pdl_enabled
 
+FP8_BIT_SCALE: tl.constexpr = tl.constexpr(2.0**60)  # x's and the sum's factor with bit_widen (module doc)
+
+
+@triton.jit
+def _widen(w, BITS: tl.constexpr, FP8_W: tl.constexpr):
+    """8-bit weights as float32: conversion instructions, or with BITS integer operations on the bits (the
+    e4m3 value then comes times 2^-120; see the module doc)."""
+    if BITS:
+        u = w.to(tl.uint8, bitcast=True).to(tl.int32)
+        if FP8_W:
+            # The byte at bits 31..24, shifted arithmetically to 27..20: sign copies fill 31..27; keep
+            # bit 31 and the exponent and mantissa (mask 0x87F00000, as a negative int32).
+            wide = (((u << 24) >> 4) & -2014314496).to(tl.float32, bitcast=True)
+        else:
+            wide = ((u ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+    else:
+        wide = w.to(tl.float32)
+    return wide
+
 
 @triton.jit
 def _chunk_sum(
     w, x_ptr, scale_rows, row_ok, k0, K, G,
     EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP: tl.constexpr, INT_X: tl.constexpr,
+    GROUP: tl.constexpr, INT_X: tl.constexpr, BITS: tl.constexpr, FP8_W: tl.constexpr,
 ):  # fmt: skip
     """One chunk's contribution: products [BLOCK_N, BLOCK_K] (int32 for W8A8, else float32), or per
     group (GROUP > 0) the products summed per group and scaled, [BLOCK_N, groups in the chunk]."""
@@ -54,12 +87,15 @@ def _chunk_sum(
         x = tl.load(x_ptr + cols, mask=cols < K, other=0.0, eviction_policy="evict_last")
     # One return, at the end: Triton's compiler goes on past a `return` under a constexpr `if`, so the
     # grouped branch would be compiled (and divide by GROUP = 0) for every layout.
+    xf = x.to(tl.float32)
+    if BITS and FP8_W:
+        xf = xf * FP8_BIT_SCALE
     if INT_X:
         out = w.to(tl.int32) * x.to(tl.int32)[None, :]
     elif GROUP == 0:
-        out = w.to(tl.float32) * x.to(tl.float32)[None, :]
+        out = _widen(w, BITS, FP8_W) * xf[None, :]
     else:
-        products = w.to(tl.float32) * x.to(tl.float32)[None, :]
+        products = _widen(w, BITS, FP8_W) * xf[None, :]
         PER_CHUNK: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1
         SPAN: tl.constexpr = GROUP if BLOCK_K >= GROUP else BLOCK_K
         groups = k0 // GROUP + tl.arange(0, PER_CHUNK)
@@ -88,6 +124,8 @@ def _quant_gemv_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP: tl.constexpr,  # inputs per scale group (a power of two); 0: one scale per row
     INT_X: tl.constexpr,  # W8A8: x is int8 with a float32 scale, products summed in int32
+    BITS: tl.constexpr,  # widen the weight by its bits, not conversion instructions (bit_widen)
+    FP8_W: tl.constexpr,  # the weight is e4m3
     HAS_BIAS: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch (kiln.kernels.pdl)
 ):  # fmt: skip
@@ -100,11 +138,15 @@ def _quant_gemv_kernel(
     w = _weight_chunk(w_rows, row_ok, 0, K, EVEN, BLOCK_K)
     if PDL:
         tl.extra.cuda.gdc_wait()
-    acc = _chunk_sum(w, x_ptr, scale_rows, row_ok, 0, K, G, EVEN, BLOCK_N, BLOCK_K, GROUP, INT_X)
+    acc = _chunk_sum(w, x_ptr, scale_rows, row_ok, 0, K, G, EVEN, BLOCK_N, BLOCK_K, GROUP, INT_X, BITS, FP8_W)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         w = _weight_chunk(w_rows, row_ok, k0, K, EVEN, BLOCK_K)
-        acc += _chunk_sum(w, x_ptr, scale_rows, row_ok, k0, K, G, EVEN, BLOCK_N, BLOCK_K, GROUP, INT_X)
+        acc += _chunk_sum(
+            w, x_ptr, scale_rows, row_ok, k0, K, G, EVEN, BLOCK_N, BLOCK_K, GROUP, INT_X, BITS, FP8_W
+        )
     total = tl.sum(acc, axis=1)
+    if BITS and FP8_W:
+        total = total * FP8_BIT_SCALE
     if INT_X:
         total = total.to(tl.float32) * tl.load(x_scale_ptr)
     if GROUP == 0:
@@ -135,12 +177,14 @@ def quant_gemv(
     x_scale: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     config: tuple[int, int, int, int] | None = None,
+    bit_widen: bool = False,
 ) -> torch.Tensor:
     """One token x [1, K] (or [K]) through an 8-bit weight [N, K] (K contiguous) -> [1, N].
 
     weight int8 with scale float32 [N] (per channel) or [N, K // G] (per group, G a power of two), or
     float8_e4m3fn with scale [N]; x in float16/bfloat16. With `x_scale` (float32, one element) x is the
-    int8 per-token-quantized input of a W8A8 layer, and `out_dtype` the output dtype (else x's)."""
+    int8 per-token-quantized input of a W8A8 layer, and `out_dtype` the output dtype (else x's).
+    `bit_widen` widens a weight-only product's weights by integer operations (see the module doc)."""
     n, k = weight.shape
     if x.numel() != k:
         raise ValueError(f"quant_gemv takes one token of {k} features, got shape {tuple(x.shape)}")
@@ -176,6 +220,8 @@ def quant_gemv(
         BLOCK_K=block_k,
         GROUP=group,
         INT_X=int_x,
+        BITS=bit_widen and not int_x,
+        FP8_W=weight.dtype == torch.float8_e4m3fn,
         HAS_BIAS=bias is not None,
         PDL=pdl,
         num_warps=num_warps,

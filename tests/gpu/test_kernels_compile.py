@@ -62,6 +62,24 @@ def test_quant_gemm_compiles_for_every_operand_pair_and_tile(arch, act, x, weigh
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("weight", ["i8", "fp8e4nv"])
+def test_quant_gemv_widens_by_bits_without_conversion_instructions(arch, act, weight):
+    """`bit_widen`'s GEMV compiles, and widens its weights by integer operations: no int8 -> float or e4m3
+    conversion instruction is left, where the default path has one for every weight element (or pair)."""
+    from kiln.kernels.triton_quant_gemv import _quant_gemv_kernel
+
+    pointers = {"x_ptr": f"*{act}", "w_ptr": f"*{weight}", "scale_ptr": "*fp32", "x_scale_ptr": "*fp32"}
+    pointers |= {"bias_ptr": f"*{act}", "out_ptr": f"*{act}"}
+    weight_conversion = "cvt.rn.f32.s" if weight == "i8" else "e4m3"
+    for bits in (False, True):
+        constexprs = dict(EVEN=True, BLOCK_N=4, BLOCK_K=2048, GROUP=0, INT_X=False, HAS_BIAS=True)
+        constexprs |= dict(BITS=bits, FP8_W=weight == "fp8e4nv", PDL=arch >= 90)
+        ptx = _compile(_quant_gemv_kernel, pointers, constexprs, arch)
+        assert (weight_conversion in ptx) != bits, bits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("quant", [None, "i8", "fp8e4nv"])
 def test_norm_and_activation_quantization_compile(arch, act, quant):
     from kiln.kernels.triton_norm import _rms_norm_kernel

@@ -121,6 +121,35 @@ def test_gemv_matches_the_references(device, dtype, n, k):
         assert rel_error(out, qr.int8_sq_linear(x, q, scale, smooth, b)) < W8A8_BOUND
 
 
+def _every_code(q: torch.Tensor) -> torch.Tensor:
+    """q with its first row cycling through every byte pattern of its dtype (e4m3: but NaN, 0x7F / 0xFF;
+    its subnormals and both zeros included)."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    if q.dtype == torch.float8_e4m3fn:
+        codes = codes[(codes & 0x7F) != 0x7F]
+    q = q.clone()
+    q[0] = codes.repeat(q.shape[1] // codes.numel() + 1)[: q.shape[1]].to(q.device).view(q.dtype)
+    return q
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_gemv_bit_widening_is_the_conversions_bit_for_bit(device, dtype, n, k):
+    """`bit_widen` builds the float32 weights from their bits (triton_quant_gemv's module doc): the output
+    of the conversion instructions' path, bit for bit, for int8 per channel and per group and for e4m3,
+    every byte pattern included."""
+    from kiln.kernels.triton_quant_gemv import quant_gemv
+
+    w, x, bias, _ = _case(device, n, k, dtype)
+    cases = [qr.quantize_int8(w), *(qr.quantize_int8(w, g) for g in _groups(k)), qr.quantize_fp8(w)]
+    for q, scale in cases:
+        q = _every_code(q)
+        for b in (None, bias):
+            assert torch.equal(quant_gemv(x, q, scale, b, bit_widen=True), quant_gemv(x, q, scale, b)), (
+                q.dtype
+            )
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("n", "k"), SHAPES)
 @pytest.mark.parametrize("m", TOKENS)
