@@ -74,12 +74,18 @@ def bench_gemv_shape(model: str, name: str, n: int, k: int, sweep: bool, results
     qg, sg = qr.quantize_int8(w, 128)
     q8, s8 = qr.quantize_fp8(w)
     del w
-    cases["int8_wo"] = ([(q.clone(), s.clone()) for _ in range(copies8)], lambda t, s_: quant_gemv(x, t, s_))
+    cases["int8_wo"] = (
+        [(q.clone(), s.clone()) for _ in range(copies8)],
+        lambda t, s_: quant_gemv(x, t, s_, bit_widen=False),
+    )
     cases["int8_wo_g128"] = (
         [(qg.clone(), sg.clone()) for _ in range(copies8)],
         lambda t, s_: quant_gemv(x, t, s_),
     )
-    cases["fp8"] = ([(q8.clone(), s8.clone()) for _ in range(copies8)], lambda t, s_: quant_gemv(x, t, s_))
+    cases["fp8"] = (
+        [(q8.clone(), s8.clone()) for _ in range(copies8)],
+        lambda t, s_: quant_gemv(x, t, s_, bit_widen=False),
+    )
     # The same weights widened by integer operations instead of conversion instructions (bit_widen).
     cases["int8_wo_bits"] = (cases["int8_wo"][0], lambda t, s_: quant_gemv(x, t, s_, bit_widen=True))
     cases["fp8_bits"] = (cases["fp8"][0], lambda t, s_: quant_gemv(x, t, s_, bit_widen=True))

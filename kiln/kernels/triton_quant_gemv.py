@@ -41,10 +41,13 @@ bit):
   the exponent of field 1). x is multiplied by 2^60 and the sum by 2^60 again: powers of two, so every
   product and partial sum is the conversion path's times 2^-60, rounded alike, and none is subnormal.
 Which is faster is measured (`benchmarks.quant_gemv`), not assumed: until then the conversions are the
-default.
+default, and KILN_GEMV_BITS=1 (read once, at import) makes bit widening the default, to compare whole
+engines (`kiln bench --latency-only --quantization ...`) without a code change.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -52,6 +55,7 @@ import triton.language as tl
 
 from kiln.kernels.pdl import pdl_enabled
 
+BIT_WIDEN_DEFAULT = os.environ.get("KILN_GEMV_BITS", "0") == "1"
 FP8_BIT_SCALE: tl.constexpr = tl.constexpr(2.0**60)  # x's and the sum's factor with bit_widen (module doc)
 
 
@@ -177,14 +181,15 @@ def quant_gemv(
     x_scale: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     config: tuple[int, int, int, int] | None = None,
-    bit_widen: bool = False,
+    bit_widen: bool | None = None,
 ) -> torch.Tensor:
     """One token x [1, K] (or [K]) through an 8-bit weight [N, K] (K contiguous) -> [1, N].
 
     weight int8 with scale float32 [N] (per channel) or [N, K // G] (per group, G a power of two), or
     float8_e4m3fn with scale [N]; x in float16/bfloat16. With `x_scale` (float32, one element) x is the
     int8 per-token-quantized input of a W8A8 layer, and `out_dtype` the output dtype (else x's).
-    `bit_widen` widens a weight-only product's weights by integer operations (see the module doc)."""
+    `bit_widen` widens a weight-only product's weights by integer operations (see the module doc; None:
+    BIT_WIDEN_DEFAULT)."""
     n, k = weight.shape
     if x.numel() != k:
         raise ValueError(f"quant_gemv takes one token of {k} features, got shape {tuple(x.shape)}")
@@ -220,7 +225,7 @@ def quant_gemv(
         BLOCK_K=block_k,
         GROUP=group,
         INT_X=int_x,
-        BITS=bit_widen and not int_x,
+        BITS=(BIT_WIDEN_DEFAULT if bit_widen is None else bit_widen) and not int_x,
         FP8_W=weight.dtype == torch.float8_e4m3fn,
         HAS_BIAS=bias is not None,
         PDL=pdl,
