@@ -12,6 +12,7 @@ Each case runs L2-cold (cycling through >= 256 MB of weight copies inside a CUDA
 `benchmarks.quant_gemv` does) at the Llama-2-7B projections (and the Llama-3.1-8B ones with `--models`).
 Modes, each beside what the dispatch runs (`kiln.kernels.*_linear`, "baseline"; `gemm_config`'s tiles):
 - `int8_wo`: int8 weight per channel, x 16-bit (baseline: the GEMV at 1 token, the GEMM above);
+- `int8_wo_bits`: the same, its tiles widened by integer operations (`quant_gemm(..., bit_widen=True)`);
 - `fp8_wo`: e4m3 weight widened to x's dtype, x 16-bit (baseline: `kiln.kernels.fp8_linear`, which runs
   this up to 16 tokens);
 - `fp8`: x quantized per token to e4m3 (`quantize_rows`, timed with it), e4m3 x e4m3 products (baseline:
@@ -39,7 +40,7 @@ from kiln.kernels.triton_gemv import gemv
 from kiln.kernels.triton_quant_act import quantize_rows
 from kiln.kernels.triton_quant_gemm import quant_gemm
 
-MODES = ("fp8", "int8_wo", "fp8_wo", "int8_sq")
+MODES = ("fp8", "int8_wo", "int8_wo_bits", "fp8_wo", "int8_sq")
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, SWAP)
 TILES = [
     (16, bn, bk, 8, 4, 4, swap)
@@ -58,7 +59,13 @@ def _cycled_us(fn: Callable[[int], object], copies: int) -> float:
 def _mode_fns(mode: str, x: torch.Tensor) -> tuple[Callable, Callable]:
     """(baseline(q, s), tiled(q, s, config)) for one mode; both include the activation quantization."""
     if mode == "int8_wo":
-        return (lambda q, s: kernels.int8_wo_linear(x, q, s)), (lambda q, s, c: quant_gemm(x, q, s, config=c))
+        return (lambda q, s: kernels.int8_wo_linear(x, q, s)), (
+            lambda q, s, c: quant_gemm(x, q, s, config=c, bit_widen=False)
+        )
+    if mode == "int8_wo_bits":
+        return (lambda q, s: kernels.int8_wo_linear(x, q, s)), (
+            lambda q, s, c: quant_gemm(x, q, s, config=c, bit_widen=True)
+        )
     if mode == "fp8_wo":
         return (lambda q, s: kernels.fp8_linear(x, q, s)), (lambda q, s, c: quant_gemm(x, q, s, config=c))
     if mode == "fp8":
@@ -131,7 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         step = {label: ms for label, ms in step.items() if seen[label] == shapes[label.split(" ")[0]]}
         for mode in ["fp16_gemv", *args.modes]:
             for model in args.models:
-                mine = {label: ms for label, ms in step.items() if label.startswith(f"{model} {mode}")}
+                # "mode/" and the bare "fp16_gemv": "fp8" must not take "fp8_wo/..." (nor int8_wo "int8_wo_bits/...")
+                mine = {
+                    label: ms
+                    for label, ms in step.items()
+                    if label.startswith(f"{model} {mode}/") or label == f"{model} {mode}"
+                }
                 if not mine:
                     continue
                 best = min(mine, key=mine.get)

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.triton_fp8 import fp8_via_float32, is_hopper, widen
+from kiln.kernels.triton_quant_gemv import BIT_WIDEN_DEFAULT, int8_to_16_bits, int8_to_float32_by_bits
 
 
 @triton.jit
@@ -62,6 +63,7 @@ def _quant_gemm_kernel(
     SCALED_A: tl.constexpr,  # a is quantized like the weight (int8 or e4m3) with float32 scales [M]
     SWAP: tl.constexpr,  # the weight tile is the dot's first operand (see gemm_config)
     FP8_VIA_F32: tl.constexpr,  # an e4m3 weight widened through float32 (kiln.kernels.triton_fp8)
+    BITS: tl.constexpr,  # an int8 weight-only tile widened by integer operations (bit_widen)
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -86,10 +88,11 @@ def _quant_gemm_kernel(
         b = tl.load(b_ptrs, mask=(rn < N)[:, None] & k_ok, other=0.0)
         if not SCALED_A:
             if GROUP == 0:
-                b = widen(b, a.dtype, FP8_VIA_F32)
+                b = int8_to_16_bits(b, a.dtype) if BITS else widen(b, a.dtype, FP8_VIA_F32)
             else:
                 s = tl.load(scale_ptr + rn.to(tl.int64) * stride_s + k0 // GROUP, mask=rn < N, other=0.0)
-                b = (b.to(tl.float32) * s[:, None]).to(a.dtype)
+                wide = int8_to_float32_by_bits(b) if BITS else b.to(tl.float32)
+                b = (wide * s[:, None]).to(a.dtype)
         if SWAP:
             acc = tl.dot(b, tl.trans(a), acc, out_dtype=acc.dtype)
         else:
@@ -168,11 +171,14 @@ def quant_gemm(
     x_scale: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     config: tuple[int, int, int, int, int, int, bool] | None = None,
+    bit_widen: bool | None = None,
 ) -> torch.Tensor:
     """x [M, K] @ 8-bit weight [N, K].T -> [M, N]. Weight-only: x float16/bfloat16, an int8 weight with
     scale float32 [N] or [N, K // G] (G a power of two >= 16), or an e4m3 weight with scale [N]. Both
     quantized (W8A8 with an int8 weight, FP8 with an e4m3 one): x has the weight's dtype and `x_scale`
-    float32 [M], scale [N]; the output is `out_dtype` (else x's dtype). See the module rules."""
+    float32 [M], scale [N]; the output is `out_dtype` (else x's dtype). See the module rules.
+    `bit_widen` widens an int8 weight-only tile by integer operations, not conversion instructions (the
+    same values; kiln.kernels.triton_quant_gemv's module doc; None: its BIT_WIDEN_DEFAULT)."""
     m, k = x.shape
     n = weight.shape[0]
     if weight.shape[1] != k or weight.dtype not in WEIGHT_DTYPES or weight.stride(1) != 1:
@@ -217,6 +223,9 @@ def quant_gemm(
         SCALED_A=scaled_a,
         SWAP=swap,
         FP8_VIA_F32=not scaled_a and weight.dtype != torch.int8 and fp8_via_float32(x.device, x.dtype),
+        BITS=(BIT_WIDEN_DEFAULT if bit_widen is None else bit_widen)
+        and not scaled_a
+        and weight.dtype == torch.int8,
         HAS_BIAS=bias is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,

@@ -40,9 +40,11 @@ bit):
   exponent field, which is the e4m3 value times 2^-120, subnormals included (both formats' subnormals have
   the exponent of field 1). x is multiplied by 2^60 and the sum by 2^60 again: powers of two, so every
   product and partial sum is the conversion path's times 2^-60, rounded alike, and none is subnormal.
-Which is faster is measured (`benchmarks.quant_gemv`), not assumed: until then the conversions are the
-default, and KILN_GEMV_BITS=1 (read once, at import) makes bit widening the default, to compare whole
-engines (`kiln bench --latency-only --quantization ...`) without a code change.
+`triton_quant_gemm` widens int8 tiles to 16 bits the same way with `bit_widen` (`int8_to_16_bits`).
+Which is faster is measured (`benchmarks.quant_gemv`, `benchmarks.quant_small_m`), not assumed: until
+then the conversions are the default, and KILN_WIDEN_BITS=1 (read once, at import) makes bit widening
+the default of both kernels, to compare whole engines (`kiln bench --latency-only --quantization ...`)
+without a code change.
 """
 
 from __future__ import annotations
@@ -55,8 +57,29 @@ import triton.language as tl
 
 from kiln.kernels.pdl import pdl_enabled
 
-BIT_WIDEN_DEFAULT = os.environ.get("KILN_GEMV_BITS", "0") == "1"
+BIT_WIDEN_DEFAULT = os.environ.get("KILN_WIDEN_BITS", "0") == "1"
 FP8_BIT_SCALE: tl.constexpr = tl.constexpr(2.0**60)  # x's and the sum's factor with bit_widen (module doc)
+
+
+@triton.jit
+def int8_to_float32_by_bits(w):
+    """int8 values as float32 by integer operations: float32(0x4B000000 | (v + 128)) - (2^23 + 128), exact."""
+    u = w.to(tl.uint8, bitcast=True).to(tl.int32)
+    return ((u ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def int8_to_16_bits(w, dtype: tl.constexpr):
+    """int8 values as float16 by integer operations (float16(0x6400 | (v + 128)) - 1152, exact), where
+    Triton converts each with two conversion instructions; bfloat16 by Triton's own conversion, which
+    already is such a trick (a byte permute and one bfloat16x2 subtraction a pair)."""
+    if dtype == tl.float16:
+        u = w.to(tl.uint8, bitcast=True).to(tl.uint16)
+        magic = ((u ^ 0x80) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
+        wide = magic - tl.full([], 1152.0, tl.float16)
+    else:
+        wide = w.to(dtype)
+    return wide
 
 
 @triton.jit
@@ -64,13 +87,13 @@ def _widen(w, BITS: tl.constexpr, FP8_W: tl.constexpr):
     """8-bit weights as float32: conversion instructions, or with BITS integer operations on the bits (the
     e4m3 value then comes times 2^-120; see the module doc)."""
     if BITS:
-        u = w.to(tl.uint8, bitcast=True).to(tl.int32)
         if FP8_W:
             # The byte at bits 31..24, shifted arithmetically to 27..20: sign copies fill 31..27; keep
             # bit 31 and the exponent and mantissa (mask 0x87F00000, as a negative int32).
+            u = w.to(tl.uint8, bitcast=True).to(tl.int32)
             wide = (((u << 24) >> 4) & -2014314496).to(tl.float32, bitcast=True)
         else:
-            wide = ((u ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+            wide = int8_to_float32_by_bits(w)
     else:
         wide = w.to(tl.float32)
     return wide

@@ -55,6 +55,7 @@ def test_quant_gemm_compiles_for_every_operand_pair_and_tile(arch, act, x, weigh
     for block_m, block_n, block_k, swap in tiles:
         via_f32 = arch < 90 and x == "bf16" and weight == "fp8e4nv"  # kiln.kernels.triton_fp8's rule
         constexprs = dict(GROUP=0, SCALED_A=x == weight, SWAP=swap, FP8_VIA_F32=via_f32, HAS_BIAS=True)
+        constexprs |= dict(BITS=x != weight and weight == "i8")  # int8 weight-only: the bit widening too
         constexprs |= dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8)
         ptx = _compile(_quant_gemm_kernel, pointers, constexprs, arch)
         assert "mma" in ptx, (block_m, block_n, block_k, swap)  # a tensor-core product, mma.sync or wgmma
@@ -76,6 +77,21 @@ def test_quant_gemv_widens_by_bits_without_conversion_instructions(arch, act, we
         constexprs |= dict(BITS=bits, FP8_W=weight == "fp8e4nv", PDL=arch >= 90)
         ptx = _compile(_quant_gemv_kernel, pointers, constexprs, arch)
         assert (weight_conversion in ptx) != bits, bits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_quant_gemm_widens_int8_to_float16_by_bits(arch):
+    """The weight-only GEMM's `bit_widen` for a float16 x: no int8 -> float16 conversion instruction is
+    left (Triton's own widening to bfloat16 already is an integer trick, so bfloat16 keeps it)."""
+    from kiln.kernels.triton_quant_gemm import _quant_gemm_kernel
+
+    pointers = {"a_ptr": "*fp16", "b_ptr": "*i8", "scale_ptr": "*fp32", "a_scale_ptr": "*fp32"}
+    pointers |= {"bias_ptr": "*fp16", "c_ptr": "*fp16"}
+    for bits in (False, True):
+        constexprs = dict(GROUP=0, SCALED_A=False, SWAP=True, FP8_VIA_F32=False, BITS=bits, HAS_BIAS=False)
+        constexprs |= dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=8)
+        ptx = _compile(_quant_gemm_kernel, pointers, constexprs, arch)
+        assert ("cvt.rn.f16.s16" in ptx) != bits, bits
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -152,6 +152,21 @@ def test_gemv_bit_widening_is_the_conversions_bit_for_bit(device, dtype, n, k):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("n", "k"), SHAPES)
+@pytest.mark.parametrize("m", [1, 16, 33])
+def test_gemm_bit_widening_is_the_conversions_bit_for_bit(device, dtype, n, k, m):
+    """`quant_gemm(..., bit_widen=True)` widens int8 weight-only tiles by integer operations: the same
+    16-bit values (and per group, float32), so the output of the conversions' path bit for bit."""
+    from kiln.kernels.triton_quant_gemm import quant_gemm
+
+    w, x, bias, _ = _case(device, n, k, dtype, m=m)
+    for q, scale in [qr.quantize_int8(w), *(qr.quantize_int8(w, g) for g in _groups(k))]:
+        q = _every_code(q)
+        got = quant_gemm(x, q, scale, bias, bit_widen=True)
+        assert torch.equal(got, quant_gemm(x, q, scale, bias, bit_widen=False)), scale.shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "k"), SHAPES)
 @pytest.mark.parametrize("m", TOKENS)
 def test_quant_gemm_matches_the_references(device, dtype, n, k, m):
     from kiln.kernels.triton_quant_act import quantize_rows
