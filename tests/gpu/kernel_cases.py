@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from kiln.config import ModelConfig
 from kiln.kernels.attention_metadata import AttentionMetadata
+from kiln.models.rope import build_cos_sin_cache
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Triton 3.6's CPU interpreter truncates float32 -> bf16 (GPUs round to nearest) and miscomputes bf16
@@ -48,6 +50,23 @@ def quant_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.where(bits >= 0x80, -magnitude, magnitude)
 
     return (ordinal(a) - ordinal(b)).abs()
+
+
+def rope_table(head_dim: int, max_positions: int, device, rope_scaling: dict | None = None) -> torch.Tensor:
+    """A Llama-3 RoPE cos/sin table (theta 500,000) for `head_dim`, `max_positions` rows on `device`."""
+    config = ModelConfig(
+        vocab_size=32,
+        hidden_size=head_dim * 4,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=head_dim,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rope_scaling=rope_scaling,
+    )
+    return build_cos_sin_cache(config, max_positions, device=device)
 
 
 @dataclass(slots=True)
@@ -123,6 +142,24 @@ def make_paged_batch(
         block_size=block_size,
     )
     return PagedBatch(query, key, value, k_cache, v_cache, meta)
+
+
+def rotary_case(head_dim, num_heads, num_kv_heads, block_size, dtype, device):
+    """The rotary-store tests' ragged batch: three sequences (5 new tokens, 1 after 33, 12 after 4) and two
+    padding tokens, their positions and a RoPE table -> (batch, positions, table)."""
+    batch = make_paged_batch(
+        [5, 1, 12],
+        [0, 33, 4],
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        dtype,
+        device,
+        num_padding_tokens=2,
+    )
+    positions = torch.tensor([*range(5), 33, *range(4, 16), 0, 0], device=device)
+    return batch, positions, rope_table(head_dim, 64, device)
 
 
 def greedy_agreement(engine, engine_dir) -> tuple[int, int]:

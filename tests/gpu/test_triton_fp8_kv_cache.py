@@ -26,11 +26,18 @@ import codecs
 
 import pytest
 import torch
-from kernel_cases import DTYPES, INTERPRET, greedy_agreement, make_paged_batch, quant_steps, rel_error
+from kernel_cases import (
+    DTYPES,
+    INTERPRET,
+    greedy_agreement,
+    make_paged_batch,
+    quant_steps,
+    rel_error,
+    rope_table,
+    rotary_case,
+)
 
-from kiln.config import ModelConfig
 from kiln.kernels import reference
-from kiln.models.rope import build_cos_sin_cache
 
 pytestmark = pytest.mark.gpu
 
@@ -109,20 +116,6 @@ def test_store_kv_into_fp8_is_the_reference_bit_for_bit(
     assert written >= 28 * num_kv_heads * head_dim * 0.99  # 28 real tokens (a stored NaN is vanishingly rare)
 
 
-def _config(head_dim: int) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=32,
-        hidden_size=head_dim * 4,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        head_dim=head_dim,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-    )
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("head_dim", "num_heads", "num_kv_heads", "block_size"),
@@ -133,19 +126,7 @@ def test_rotary_store_kv_into_fp8_matches_rotary_then_store(
 ):
     from kiln.kernels.triton_cache import apply_rotary, rotary_store_kv
 
-    batch = make_paged_batch(
-        [5, 1, 12],
-        [0, 33, 4],
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        block_size,
-        dtype,
-        fp8_device,
-        num_padding_tokens=2,
-    )
-    positions = torch.tensor([*range(5), 33, *range(4, 16), 0, 0], device=fp8_device)
-    table = build_cos_sin_cache(_config(head_dim), 64, device=fp8_device)
+    batch, positions, table = rotary_case(head_dim, num_heads, num_kv_heads, block_size, dtype, fp8_device)
     k_scale, v_scale = _scales(batch.key, batch.value, fp8_device)
     scales = {"k_scale": k_scale, "v_scale": v_scale}
     k_out, v_out = _poisoned(batch.k_cache), _poisoned(batch.v_cache)
@@ -240,7 +221,7 @@ def test_a_cuda_graph_reads_the_scales_when_it_replays(fp8_device):
     dtype = torch.float16
     batch = make_paged_batch([1, 1, 1], [300, 37, 1000], 16, 4, 128, 16, dtype, fp8_device, seed=5)
     positions = batch.meta.seq_lens.long() - 1
-    table = build_cos_sin_cache(_config(128), 2048, device=fp8_device)
+    table = rope_table(128, 2048, fp8_device)
     k_scale, v_scale = _scales(batch.k_cache, batch.v_cache, fp8_device)
     k8, v8 = reference.quantize_kv(batch.k_cache, k_scale), reference.quantize_kv(batch.v_cache, v_scale)
     scales = {"k_scale": k_scale, "v_scale": v_scale}

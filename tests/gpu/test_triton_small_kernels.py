@@ -5,30 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import DTYPES, make_paged_batch, rel_error
+from kernel_cases import DTYPES, make_paged_batch, rel_error, rope_table, rotary_case
 
-from kiln.config import ModelConfig
 from kiln.kernels import reference
-from kiln.models.rope import build_cos_sin_cache
 
 pytestmark = pytest.mark.gpu
 
 ROTARY_BOUNDS = {torch.float16: 1e-3, torch.bfloat16: 8e-3}  # about one unit in the last place
-
-
-def _config(head_dim: int, rope_scaling: dict | None = None) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=32,
-        hidden_size=head_dim * 4,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        head_dim=head_dim,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        rope_scaling=rope_scaling,
-    )
 
 
 LLAMA3_SCALING = {
@@ -78,7 +61,7 @@ def test_apply_rotary_matches_reference(device, dtype, head_dim, num_heads, num_
 
     gen = torch.Generator().manual_seed(11)
     num_tokens = 37
-    table = build_cos_sin_cache(_config(head_dim, scaling), 8192, device=device)
+    table = rope_table(head_dim, 8192, device, scaling)
     positions = torch.randint(0, 8192, (num_tokens,), generator=gen).to(device)
     qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
     query, key = qkv[:, :num_heads], qkv[:, num_heads : num_heads + num_kv_heads]
@@ -99,19 +82,7 @@ def test_rotary_store_kv_equals_rotary_then_store(
 ):
     from kiln.kernels.triton_cache import rotary_store_kv
 
-    batch = make_paged_batch(
-        [5, 1, 12],
-        [0, 33, 4],
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        block_size,
-        dtype,
-        device,
-        num_padding_tokens=2,
-    )
-    positions = torch.tensor([*range(5), 33, *range(4, 16), 0, 0], device=device)
-    table = build_cos_sin_cache(_config(head_dim), 64, device=device)
+    batch, positions, table = rotary_case(head_dim, num_heads, num_kv_heads, block_size, dtype, device)
     k_out, v_out = batch.k_cache.clone(), batch.v_cache.clone()
     k_ref, v_ref = batch.k_cache.clone(), batch.v_cache.clone()
     q_out = rotary_store_kv(
