@@ -144,6 +144,26 @@ def make_paged_batch(
     return PagedBatch(query, key, value, k_cache, v_cache, meta)
 
 
+def long_context(n: int) -> int:
+    """n tokens of context, at most 300 under Triton's interpreter (which is slow)."""
+    return min(n, 300) if INTERPRET else n
+
+
+def store_case(head_dim, num_kv_heads, block_size, dtype, device):
+    """The store tests' ragged batch: 7 new tokens after 3, 1 after 40, 20 from empty, 3 padding tokens."""
+    return make_paged_batch(
+        [7, 1, 20],
+        [3, 40, 0],
+        num_kv_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+        dtype,
+        device,
+        num_padding_tokens=3,
+    )
+
+
 def rotary_case(head_dim, num_heads, num_kv_heads, block_size, dtype, device):
     """The rotary-store tests' ragged batch: three sequences (5 new tokens, 1 after 33, 12 after 4) and two
     padding tokens, their positions and a RoPE table -> (batch, positions, table)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import DTYPES, INTERPRET, make_paged_batch, rel_error
+from kernel_cases import DTYPES, long_context, make_paged_batch, rel_error
 
 from kiln.kernels import reference
 
@@ -35,16 +35,12 @@ def _check(batch, dtype, num_splits=None):
     return out
 
 
-def _long(n: int) -> int:
-    return min(n, 300) if INTERPRET else n
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize(("head_dim", "group"), HEAD_SHAPES)
 def test_decode_long_contexts(device, head_dim, group, block_size, dtype):
     num_kv_heads = 2 if group == 8 else 4
-    contexts = [_long(4100), 0, 37, _long(1999), 16, _long(777)]
+    contexts = [long_context(4100), 0, 37, long_context(1999), 16, long_context(777)]
     batch = make_paged_batch(
         [1] * len(contexts), contexts, num_kv_heads * group, num_kv_heads, head_dim, block_size, dtype, device
     )
@@ -55,7 +51,7 @@ def test_decode_long_contexts(device, head_dim, group, block_size, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_batch_one_every_split_count(device, num_splits, dtype):
     # Batch 1 is where the split pays; every count must give the same answer as no split.
-    batch = make_paged_batch([1], [_long(6000)], 32, 8, 128, 16, dtype, device, seed=1)
+    batch = make_paged_batch([1], [long_context(6000)], 32, 8, 128, 16, dtype, device, seed=1)
     _check(batch, dtype, num_splits=num_splits)
 
 
@@ -65,7 +61,7 @@ def test_decode_batch_one_every_split_count(device, num_splits, dtype):
 def test_prefill_chunks_and_decodes_mixed(device, head_dim, group, block_size, dtype):
     # Full prefills, chunks after a cached prefix (aligned and not), and decodes in one ragged step.
     q_lens = [37, 64, 5, 1, 130, 1]
-    contexts = [0, 96, 40, _long(1500), 17, 0]
+    contexts = [0, 96, 40, long_context(1500), 17, 0]
     num_kv_heads = 2
     batch = make_paged_batch(
         q_lens, contexts, num_kv_heads * group, num_kv_heads, head_dim, block_size, dtype, device, seed=2
@@ -84,7 +80,9 @@ def test_split_merge_leaves_its_counters_at_zero_and_repeats_exactly(device):
     # replay is the same) must find every counter at zero and give the same output bit for bit.
     from kiln.kernels import attention_plan
 
-    batch = make_paged_batch([1, 1, 5], [_long(900), 40, _long(300)], 16, 4, 64, 16, torch.float16, device)
+    batch = make_paged_batch(
+        [1, 1, 5], [long_context(900), 40, long_context(300)], 16, 4, 64, 16, torch.float16, device
+    )
     first = _check(batch, torch.float16, num_splits=8)
     counters = attention_plan._COUNTERS[batch.query.device]
     assert int(counters.count_nonzero()) == 0
@@ -96,7 +94,7 @@ def test_split_merge_leaves_its_counters_at_zero_and_repeats_exactly(device):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_long_prefill_split(device, dtype):
     # A long chunk attending to a long prefix, forced through the split path too.
-    batch = make_paged_batch([_long(700)], [_long(2000)], 8, 2, 128, 16, dtype, device, seed=4)
+    batch = make_paged_batch([long_context(700)], [long_context(2000)], 8, 2, 128, 16, dtype, device, seed=4)
     unsplit = _check(batch, dtype, num_splits=1)
     split = _check(batch, dtype, num_splits=4)
     assert rel_error(split, unsplit) < BOUNDS[dtype]
@@ -134,7 +132,7 @@ def test_every_tuning_config_is_correct(device, block_m, block_n, num_warps, num
     # A ragged head dim too (96, padded to 128), so the masked transposed-key load is exercised.
     head_dim = 96 if block_m == 16 else 128
     batch = make_paged_batch(
-        [70, 1, 33], [50, _long(900), 0], 32, 8, head_dim, 16, torch.float16, device, seed=6
+        [70, 1, 33], [50, long_context(900), 0], 32, 8, head_dim, 16, torch.float16, device, seed=6
     )
     out = _triton_attention().paged_attention(
         batch.query, batch.k_cache, batch.v_cache, batch.meta, head_dim**-0.5, config=config

@@ -30,11 +30,13 @@ from kernel_cases import (
     DTYPES,
     INTERPRET,
     greedy_agreement,
+    long_context,
     make_paged_batch,
     quant_steps,
     rel_error,
     rope_table,
     rotary_case,
+    store_case,
 )
 
 from kiln.kernels import reference
@@ -53,10 +55,6 @@ def fp8_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         pytest.skip("an fp8 KV cache needs compute capability >= 8.9")
     return device
-
-
-def _long(n: int) -> int:
-    return min(n, 300) if INTERPRET else n
 
 
 def assert_e4m3_equal(out: torch.Tensor, ref: torch.Tensor) -> None:
@@ -91,17 +89,7 @@ def test_store_kv_into_fp8_is_the_reference_bit_for_bit(
 ):
     from kiln.kernels.triton_cache import store_kv
 
-    batch = make_paged_batch(
-        [7, 1, 20],
-        [3, 40, 0],
-        num_kv_heads,
-        num_kv_heads,
-        head_dim,
-        block_size,
-        dtype,
-        fp8_device,
-        num_padding_tokens=3,
-    )
+    batch = store_case(head_dim, num_kv_heads, block_size, dtype, fp8_device)
     # Strided inputs, as slices of a fused QKV projection output would be; keys larger than values.
     fused = torch.cat([4 * batch.key, batch.value], dim=1)
     key, value = fused[:, :num_kv_heads], fused[:, num_kv_heads:]
@@ -179,7 +167,7 @@ def _check(batch, k8, v8, k_scale, v_scale, dtype, num_splits=None):
 @pytest.mark.parametrize(("head_dim", "group"), HEAD_SHAPES)
 def test_decode_over_an_fp8_cache(fp8_device, head_dim, group, block_size, dtype):
     num_kv_heads = 2 if group == 8 else 4
-    contexts = [_long(4100), 0, 37, _long(1999), 16, _long(777)]
+    contexts = [long_context(4100), 0, 37, long_context(1999), 16, long_context(777)]
     parts = _fp8_batch(
         [1] * len(contexts),
         contexts,
@@ -197,7 +185,7 @@ def test_decode_over_an_fp8_cache(fp8_device, head_dim, group, block_size, dtype
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_split_k_decode_over_an_fp8_cache(fp8_device, num_splits, dtype):
     # The splits' partials carry v_scale; the merge is linear in them, so every count gives the same answer.
-    parts = _fp8_batch([1], [_long(6000)], 32, 8, 128, 16, dtype, fp8_device, seed=1)
+    parts = _fp8_batch([1], [long_context(6000)], 32, 8, 128, 16, dtype, fp8_device, seed=1)
     _check(*parts, dtype, num_splits=num_splits)
 
 
@@ -206,7 +194,7 @@ def test_split_k_decode_over_an_fp8_cache(fp8_device, num_splits, dtype):
 @pytest.mark.parametrize(("head_dim", "group"), HEAD_SHAPES)
 def test_prefill_chunks_and_decodes_over_an_fp8_cache(fp8_device, head_dim, group, block_size, dtype):
     q_lens = [37, 64, 5, 1, 130, 1]
-    contexts = [0, 96, 40, _long(1500), 17, 0]
+    contexts = [0, 96, 40, long_context(1500), 17, 0]
     parts = _fp8_batch(q_lens, contexts, 2 * group, 2, head_dim, block_size, dtype, fp8_device, seed=2)
     _check(*parts, dtype)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import DTYPES, make_paged_batch, rel_error, rope_table, rotary_case
+from kernel_cases import DTYPES, rel_error, rope_table, rotary_case, store_case
 
 from kiln.kernels import reference
 
@@ -28,17 +28,7 @@ LLAMA3_SCALING = {
 def test_store_kv_matches_reference_and_skips_padding(device, dtype, head_dim, num_kv_heads, block_size):
     from kiln.kernels.triton_cache import store_kv
 
-    batch = make_paged_batch(
-        [7, 1, 20],
-        [3, 40, 0],
-        num_kv_heads,
-        num_kv_heads,
-        head_dim,
-        block_size,
-        dtype,
-        device,
-        num_padding_tokens=3,
-    )
+    batch = store_case(head_dim, num_kv_heads, block_size, dtype, device)
     # Fresh poisoned caches: every written slot must come out right, every other slot untouched.
     k_ref = torch.full_like(batch.k_cache, float("nan"))
     v_ref = torch.full_like(batch.v_cache, float("nan"))
