@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from accuracy_gates import check_gate, zen_of_python
 
 from kiln.bench.accuracy import text_logits
@@ -46,15 +45,6 @@ def test_tiny_engine_with_an_fp8_kv_cache_tracks_the_16_bit_one(tmp_path: Path) 
     check_gate(
         "tiny fp8 KV", text_logits(reference_dir, ids), text_logits(fp8_dir, ids), ids, TINY_GATES[None]
     )
-
-
-@pytest.fixture(scope="module")
-def smollm2_reference(smollm2_gguf: Path) -> tuple[list[int], torch.Tensor]:
-    from kiln.build.default_model import ensure_default_engine
-
-    engine = ensure_default_engine(dtype="float32")  # built once into ~/.cache/kiln from the same GGUF
-    ids = Tokenizer(engine).encode(zen_of_python())
-    return ids, text_logits(engine, ids)
 
 
 @pytest.mark.slow

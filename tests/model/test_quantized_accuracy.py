@@ -74,15 +74,6 @@ def test_tiny_quantized_engine_tracks_the_unquantized_one(
     )
 
 
-@pytest.fixture(scope="module")
-def smollm2_reference(smollm2_gguf: Path) -> tuple[list[int], torch.Tensor]:
-    from kiln.build.default_model import ensure_default_engine
-
-    engine = ensure_default_engine(dtype="float32")  # built once into ~/.cache/kiln from the same GGUF
-    ids = Tokenizer(engine).encode(zen_of_python())
-    return ids, text_logits(engine, ids)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("scheme", "group_size"), list(SMOLLM2_GATES))
 def test_smollm2_quantized_engine_tracks_the_unquantized_one(
