@@ -3,10 +3,9 @@ all 1.0 (no calibration text for random weights; the bench's JSON says so), on t
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from bench_cases import bench_latency_rows, greedy_tokens
 
 from kiln.bench import cli, workload
 from kiln.config import EngineConfig
@@ -25,21 +24,12 @@ def test_random_engine_has_an_fp8_cache_with_unit_scales(tiny_shape: str, quanti
         assert torch.equal(layer.self_attn.k_scale, torch.ones(1)) and torch.equal(
             layer.self_attn.v_scale, torch.ones(1)
         )
-    engine.add_request("r", params=workload.greedy(3), prompt_token_ids=[5, 9, 11])
-    tokens = []
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            tokens += out.outputs[0].token_ids
-    assert len(tokens) == 3
+    assert len(greedy_tokens(engine, [5, 9, 11], 3)) == 3
     assert workload.random_kv_cache_config("auto") is None and workload.random_kv_cache_config(None) is None
 
 
 def test_kiln_bench_times_an_fp8_kv_cache_and_says_how_it_was_scaled(tiny_shape: str, tmp_path) -> None:
-    out = tmp_path / "results.json"
-    argv = ["--random", tiny_shape, "--kv-cache-dtype", "fp8", "--latency-only", "--device", "cpu"]
-    argv += ["--input-len", "4", "--output-len", "3", "--json", str(out)]
-    assert cli.main(argv) == 0
-    rows = json.loads(out.read_text())["results"]
+    rows = bench_latency_rows(tiny_shape, tmp_path, "--kv-cache-dtype", "fp8")
     assert {row["name"] for row in rows} == {"kiln/batch1_decode", "kiln/ttft"}
     for row in rows:
         assert row["shape"].startswith("tiny-test kv-fp8")

@@ -3,10 +3,9 @@ a tiny shape (the references run there), so the plumbing is checked before it co
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
+from bench_cases import bench_latency_rows, greedy_tokens
 
 from kiln.bench import cli, workload
 from kiln.config import EngineConfig
@@ -43,20 +42,11 @@ def test_random_engine_is_quantized_and_generates(tiny_shape: str, scheme: str, 
         assert torch.equal(layer.post_attention_layernorm.weight, torch.ones(64))
     else:
         assert down.smooth_scale is None
-    engine.add_request("r", params=workload.greedy(3), prompt_token_ids=[5, 9, 11])
-    tokens = []
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            tokens += out.outputs[0].token_ids
-    assert len(tokens) == 3
+    assert len(greedy_tokens(engine, [5, 9, 11], 3)) == 3
 
 
 def test_kiln_bench_runs_a_quantized_random_engine(tiny_shape: str, tmp_path) -> None:
-    out = tmp_path / "results.json"
-    argv = ["--random", tiny_shape, "--quantization", "fp8", "--latency-only", "--device", "cpu"]
-    argv += ["--input-len", "4", "--output-len", "3", "--json", str(out)]
-    assert cli.main(argv) == 0
-    rows = json.loads(out.read_text())["results"]
+    rows = bench_latency_rows(tiny_shape, tmp_path, "--quantization", "fp8")
     assert {row["name"] for row in rows} == {"kiln/batch1_decode", "kiln/ttft"}
     assert all(
         row["params"]["quantization"] == "fp8" and row["shape"].startswith("tiny-test fp8") for row in rows
