@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 from accuracy_gates import check_gate, zen_of_python
+from engine_checks import assert_greedy_is_the_prefill_argmax
 
-from kiln import LLM, SamplingParams
+from kiln import LLM
 from kiln.bench.accuracy import text_logits
 from kiln.build import build_engine, build_tiny_engine
 from kiln.models.tokenizer import Tokenizer
@@ -105,14 +106,4 @@ def test_greedy_generation_through_llm_engine(tmp_path: Path, scheme: str) -> No
     of two prompts); its greedy tokens equal the model's own one-prefill argmax continuation."""
     engine = tmp_path / "engine"
     build_tiny_engine(engine, quantization=scheme, **({"calib_size": 2} if scheme == "int8-sq" else {}))
-    llm = LLM(engine, device="cpu")
-    prompts = [[5, 17, 99, 3], [42, 7, 7, 300, 12, 9]]
-    outs = llm.generate(
-        [{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=6)
-    )
-    for prompt, out in zip(prompts, outs, strict=True):
-        tokens = out.outputs[0].token_ids
-        assert len(tokens) == 6
-        # Each generated token is the argmax of the logits over prompt + the tokens before it.
-        logits = text_logits(engine, prompt + tokens[:-1])
-        assert logits[len(prompt) - 1 :].argmax(-1).tolist() == tokens
+    assert_greedy_is_the_prefill_argmax(LLM(engine, device="cpu"), engine)

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from engine_checks import assert_greedy_is_the_prefill_argmax
 from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import kiln.cli
-from kiln import LLM, SamplingParams
-from kiln.bench.accuracy import text_logits
+from kiln import LLM
 from kiln.build import build_engine, build_tiny_engine
 from kiln.build.calibrate import calibration_set, calibration_tokens, kv_cache_scales
 from kiln.build.fp8_kv import KV_SCALES_NAME
@@ -210,15 +210,7 @@ def test_the_engine_allocates_an_fp8_cache_and_generates_with_it(fp8_kv_dir: Pat
     engine = llm.engine
     assert engine.config.kv_cache_dtype == "fp8" and engine.model_info.extra["kv_cache_dtype"] == "fp8"
     assert all(k.dtype == v.dtype == torch.float8_e4m3fn for k, v in engine.runner.kv_caches)
-    prompts = [[5, 17, 99, 3], [42, 7, 7, 300, 12, 9]]
-    outs = llm.generate(
-        [{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=6)
-    )
-    for prompt, out in zip(prompts, outs, strict=True):
-        tokens = out.outputs[0].token_ids
-        assert len(tokens) == 6
-        logits = text_logits(fp8_kv_dir, prompt + tokens[:-1])
-        assert logits[len(prompt) - 1 :].argmax(-1).tolist() == tokens
+    assert_greedy_is_the_prefill_argmax(llm, fp8_kv_dir)
 
 
 def test_an_fp8_cache_holds_twice_the_blocks_of_a_bf16_one(tmp_path: Path) -> None:
