@@ -36,10 +36,11 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kiln.config import (
     EngineLimits,
@@ -71,6 +72,7 @@ _REQUIRED = ("backend", "model", "dtype", "weight_files", "format_version")
 UNQUANTIZED_FORMAT_VERSION = 1
 QUANTIZED_FORMAT_VERSION = 2  # native quantized weights + `quant_config`
 FP8_KV_CACHE_FORMAT_VERSION = 3  # native fp8 KV cache: per-layer k_scale / v_scale + `kv_cache_config`
+_Section = TypeVar("_Section")  # a parsed manifest section (QuantConfig, KVCacheConfig)
 
 
 def format_version_for(quant_config: QuantConfig | None, kv_cache: KVCacheConfig | None = None) -> int:
@@ -250,27 +252,38 @@ class EngineManifest:
         return [Path(engine_dir) / name for name in self.weight_files]
 
 
+def _native_section(
+    data: dict[str, Any], key: str, parse: Callable[[Any], _Section], version: int, minimum: int, needs: str
+) -> _Section:
+    """`data[key]` parsed by `parse`: a native engine's only, of format version `minimum` or later
+    (`needs`: what requires that version, with its verb, e.g. "an fp8 KV cache needs")."""
+    if data["backend"] != "native":
+        raise InvalidEngineError(f"{MANIFEST_NAME}: {key} is for native engines, not {data['backend']!r}")
+    try:
+        section = parse(data[key])
+    except (TypeError, ValueError) as exc:
+        raise InvalidEngineError(f"{MANIFEST_NAME}: {key}: {exc}") from exc
+    if version < minimum:
+        raise InvalidEngineError(f"{MANIFEST_NAME}: {needs} format_version >= {minimum}, it says {version}")
+    return section
+
+
 def _checked_quant_config(data: dict[str, Any], version: int) -> QuantConfig | None:
     """The manifest's `quant_config`, checked against its backend, `quantization` and format version."""
-    raw, scheme = data.get("quant_config"), data.get("quantization")
-    if raw is None:
+    if data.get("quant_config") is None:
         return None  # a native engine quantized without one is refused by the loader (kiln.models.loader)
-    if data["backend"] != "native":
-        raise InvalidEngineError(
-            f"{MANIFEST_NAME}: quant_config is for native engines, not {data['backend']!r}"
-        )
-    try:
-        quant = QuantConfig.from_dict(raw)
-    except (TypeError, ValueError) as exc:
-        raise InvalidEngineError(f"{MANIFEST_NAME}: quant_config: {exc}") from exc
+    quant = _native_section(
+        data,
+        "quant_config",
+        QuantConfig.from_dict,
+        version,
+        QUANTIZED_FORMAT_VERSION,
+        "quantized weights need",
+    )
+    scheme = data.get("quantization")
     if scheme != quant.scheme:
         raise InvalidEngineError(
             f"{MANIFEST_NAME}: quantization {scheme!r} disagrees with quant_config's scheme {quant.scheme!r}"
-        )
-    if version < QUANTIZED_FORMAT_VERSION:
-        raise InvalidEngineError(
-            f"{MANIFEST_NAME}: quantized weights need format_version >= {QUANTIZED_FORMAT_VERSION}, "
-            f"it says {version}"
         )
     return quant
 
@@ -282,30 +295,24 @@ def _checked_kv_cache(data: dict[str, Any], version: int) -> tuple[str, KVCacheC
         dtype = canonical_kv_cache_dtype(data.get("kv_cache_dtype") or "auto")
     except (AttributeError, ValueError) as exc:
         raise InvalidEngineError(f"{MANIFEST_NAME}: kv_cache_dtype: {exc}") from exc
-    raw = data.get("kv_cache_config")
-    if raw is None:
+    if data.get("kv_cache_config") is None:
         if dtype == "fp8" and data["backend"] == "native":
             raise InvalidEngineError(
                 f"{MANIFEST_NAME}: kv_cache_dtype is fp8 but there is no kv_cache_config (its scales' "
                 "layout); rebuild the engine"
             )
         return dtype, None
-    if data["backend"] != "native":
-        raise InvalidEngineError(
-            f"{MANIFEST_NAME}: kv_cache_config is for native engines, not {data['backend']!r}"
-        )
-    try:
-        kv = KVCacheConfig.from_dict(raw)
-    except (TypeError, ValueError) as exc:
-        raise InvalidEngineError(f"{MANIFEST_NAME}: kv_cache_config: {exc}") from exc
+    kv = _native_section(
+        data,
+        "kv_cache_config",
+        KVCacheConfig.from_dict,
+        version,
+        FP8_KV_CACHE_FORMAT_VERSION,
+        "an fp8 KV cache needs",
+    )
     if kv.dtype != dtype:
         raise InvalidEngineError(
             f"{MANIFEST_NAME}: kv_cache_dtype {dtype!r} disagrees with kv_cache_config's dtype {kv.dtype!r}"
-        )
-    if version < FP8_KV_CACHE_FORMAT_VERSION:
-        raise InvalidEngineError(
-            f"{MANIFEST_NAME}: an fp8 KV cache needs format_version >= {FP8_KV_CACHE_FORMAT_VERSION}, "
-            f"it says {version}"
         )
     return dtype, kv
 
