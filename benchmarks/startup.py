@@ -12,7 +12,7 @@ new directory), as on a fresh machine, and runs twice per repeat: without the en
 process start to the engine being ready, and to its first token, and the phases between (imports —
 the interpreter's start, then importing the engine, whose module-by-module `-X importtime` report
 `--import-profile DIR` keeps — then `LLMEngine.startup_seconds`: the engine's kernels, the weights,
-the KV cache, CUDA graphs). The weight files were just written, so they come from the page cache: a
+the KV cache, CUDA graphs, and these by family: piecewise, prefill, decode). The weight files were just written, so they come from the page cache: a
 cold disk adds its read time (13 GB for Llama-2-7B fp16). `--loading-only` instead times loading the weights onto the GPU in this process,
 through pinned staging buffers and by plain copies, alternating.
 """
@@ -44,7 +44,7 @@ engine.add_request("r", params=SamplingParams(temperature=0, max_tokens=1), prom
 while engine.has_unfinished_requests():
     engine.step()
 marks = {"started": started, "imported": imported, "ready": ready, "first_token": time.time()}
-print(json.dumps({**marks, "phases": engine.startup_seconds}))
+print(json.dumps({**marks, "phases": engine.startup_seconds, "graphs": engine.graph_capture_seconds}))
 """
 
 
@@ -136,6 +136,7 @@ def measure(
         "interpreter_s": marks["started"] - start,
         "engine_import_s": marks["imported"] - marks["started"],
         **{f"{phase}_s": seconds for phase, seconds in marks["phases"].items()},
+        **{f"graphs_{family}_s": seconds for family, seconds in marks["graphs"].items()},
     }
 
 

@@ -86,6 +86,7 @@ class LLMEngine:
         phase_start = time.perf_counter()
         # Seconds per start-up phase, logged once ready (from_path adds its loading phases first).
         self.startup_seconds: dict[str, float] = {}
+        self.graph_capture_seconds: dict[str, float] = {}  # the cuda_graphs phase by graph family
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -147,7 +148,9 @@ class LLMEngine:
                 workers.send(
                     CaptureGraphs(resolved.max_num_seqs, resolved.max_model_len, max_prefill, max_mixed)
                 )
-            self.runner.capture_graphs(resolved.max_num_seqs, resolved.max_model_len, max_prefill, max_mixed)
+            self.graph_capture_seconds = self.runner.capture_graphs(
+                resolved.max_num_seqs, resolved.max_model_len, max_prefill, max_mixed
+            )
             self.startup_seconds["cuda_graphs"] = time.perf_counter() - phase_start
         self.outputs = OutputProcessor(tokenizer)
         eos = list(model_config.eos_token_ids) + list(tokenizer.eos_token_ids)
@@ -247,6 +250,11 @@ class LLMEngine:
             "engine ready; start-up seconds: %s",
             ", ".join(f"{phase} {seconds:.2f}" for phase, seconds in engine.startup_seconds.items()),
         )
+        if engine.graph_capture_seconds:
+            logger.info(
+                "CUDA graphs by family: %s",
+                ", ".join(f"{name} {s:.2f}" for name, s in engine.graph_capture_seconds.items()),
+            )
         return engine
 
     # -- requests ------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ host inputs (`host_inputs(next, after=forwarded)`) before it queues that samplin
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -236,24 +237,30 @@ class ModelRunner:
 
     def capture_graphs(
         self, max_batch_size: int, max_model_len: int, max_prefill_tokens: int, max_mixed_tokens: int = 0
-    ) -> None:
+    ) -> dict[str, float]:
         """Decode graphs up to max_batch_size requests; when max_prefill_tokens > 1, single-request
         prefill graphs up to that many tokens; when max_mixed_tokens > 0, piecewise graphs for any
-        step up to that many tokens. All in one memory pool."""
+        step up to that many tokens. All in one memory pool. Returns each family's capture seconds."""
         pool = torch.cuda.graph_pool_handle()
+        seconds: dict[str, float] = {}
+        start = time.perf_counter()
         if max_mixed_tokens > 0:
             self.piecewise_graphs = PiecewiseGraphs(
                 self.model, self.kv_caches, max_tokens=max_mixed_tokens, device=self.device
             )
             self.piecewise_graphs.capture(pool)
+            seconds["piecewise"], start = time.perf_counter() - start, time.perf_counter()
         shapes = {"max_model_len": max_model_len, "block_size": self.block_size, "device": self.device}
         if max_prefill_tokens > 1:
             prefill = PrefillLayout(max_tokens=max_prefill_tokens, **shapes)
             self.prefill_graphs = BucketedGraphs(self.model, self.kv_caches, prefill)
             self.prefill_graphs.capture(pool)
+            seconds["prefill"], start = time.perf_counter() - start, time.perf_counter()
         decode = DecodeLayout(max_batch_size=max_batch_size, **shapes)
         self.graphs = BucketedGraphs(self.model, self.kv_caches, decode)
         self.graphs.capture(pool)
+        seconds["decode"] = time.perf_counter() - start
+        return seconds
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         meta = inputs.metadata

@@ -152,6 +152,7 @@ def test_piecewise_graphs_give_the_same_tokens_as_eager(tiny_gqa_dir):
         )
         engine = LLMEngine.from_path(tiny_gqa_dir, options)
         used = []
+        assert list(engine.graph_capture_seconds) == ([] if eager else ["piecewise", "prefill", "decode"])
         if not eager:
             graphs = engine.runner.piecewise_graphs
             assert graphs is not None and graphs.buckets[-1] == 256
