@@ -22,9 +22,11 @@ every context length up to max_model_len, cached prefix or not.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import logging
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Iterator
 from typing import Protocol, TypeVar
 
 import torch
@@ -54,15 +56,37 @@ def capture_graph(
     forward: Callable[[], torch.Tensor], pool: tuple[int, int], stream: torch.cuda.Stream
 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """Run `forward` once on the side `stream` (every kernel compiled and warmed outside the capture),
-    then capture one call of it into the memory `pool`; returns the graph and its output tensor."""
+    then capture one call of it, on the same stream, into the memory `pool`; returns the graph and its
+    output tensor. Calls `CUDAGraph.capture_begin` itself rather than entering `torch.cuda.graph`,
+    whose per-capture device sync and `empty_cache` would hand the warm-up's blocks back to the driver
+    only for the next warm-up to allocate them again: hundreds of times with piecewise graphs."""
     stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream):
         forward()  # one warm-up is enough: later calls of a kernel allocate and compile nothing
+        graph.capture_begin(pool=pool)
+        try:
+            output = forward()
+        finally:
+            graph.capture_end()
     torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        output = forward()
     return graph, output
+
+
+@contextlib.contextmanager
+def capture_session() -> Iterator[None]:
+    """Around a run of captures: garbage is collected and the allocator's cache emptied once, then the
+    cyclic collector stays off until the run ends (restored as it was), so no collection walks the heap
+    mid-capture or finalizes an object (a Triton kernel's module) that a capture is using."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def capture_largest_first(
@@ -76,9 +100,11 @@ def capture_largest_first(
     None). `capture(size, pool, stream)` captures one bucket."""
     pool = pool if pool is not None else torch.cuda.graph_pool_handle()
     stream = torch.cuda.Stream()
-    for size in reversed(buckets):
-        into[size] = capture(size, pool, stream)
+    with capture_session():
+        for size in reversed(buckets):
+            into[size] = capture(size, pool, stream)
     torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # the warm-ups' blocks: the graphs hold theirs in `pool`
 
 
 def smallest_bucket(buckets: list[int], captured: Container[int], size: int) -> int | None:

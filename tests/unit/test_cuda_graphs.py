@@ -1,3 +1,5 @@
+import gc
+
 import pytest
 import torch
 
@@ -216,3 +218,27 @@ def test_a_prefill_step_of_two_requests_is_refused(monkeypatch):
     )
     assert hidden.tolist() == [[i, i] for i in range(20)]
     assert graphs.replays == [(32, list(range(20)) + [-1] * 12, [20])]  # type: ignore[attr-defined]
+
+
+def test_captures_run_with_the_cyclic_collector_off_and_leave_it_as_it_was(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: "stream")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    seen: list[bool] = []
+    into: dict[int, None] = {}
+    cuda_graphs.capture_largest_first(
+        [1, 2, 4], lambda size, pool, stream: seen.append(gc.isenabled()), "pool", into
+    )
+    assert seen == [False, False, False] and list(into) == [4, 2, 1] and gc.isenabled()
+
+    def fails(size, pool, stream):
+        raise RuntimeError("capture failed")
+
+    with pytest.raises(RuntimeError, match="capture failed"):
+        cuda_graphs.capture_largest_first([1], fails, "pool", {})
+    assert gc.isenabled()  # back on after a failed capture too
+    gc.disable()
+    try:
+        cuda_graphs.capture_largest_first([1], lambda size, pool, stream: None, "pool", {})
+        assert not gc.isenabled()  # a caller that had it off keeps it off
+    finally:
+        gc.enable()
