@@ -12,7 +12,9 @@ new directory), as on a fresh machine, and runs twice per repeat: without the en
 process start to the engine being ready, and to its first token, and the phases between (imports —
 the interpreter's start, then importing the engine, whose module-by-module `-X importtime` report
 `--import-profile DIR` keeps — then `LLMEngine.startup_seconds`: the engine's kernels, the weights,
-the KV cache, CUDA graphs, and these by family: piecewise, prefill, decode). The weight files were just written, so they come from the page cache: a
+what the tokenizer's thread (transformers' import) adds after them, the KV cache, CUDA graphs, and these
+by family: piecewise, prefill, decode). `-X importtime` slows imports itself: figures to compare come
+from runs without `--import-profile`. The weight files were just written, so they come from the page cache: a
 cold disk adds its read time (13 GB for Llama-2-7B fp16). `--loading-only` instead times loading the weights onto the GPU in this process,
 through pinned staging buffers and by plain copies, alternating.
 """

@@ -226,10 +226,13 @@ class LLMEngine:
                 progress=config.load_progress,
                 tp=None if workers is None else workers.group,
             )
-            tokenizer = tokenizer_future.result()
             if workers is not None:
                 workers.wait_ready()
             loading["weights"] = time.perf_counter() - phase_start
+            # What the tokenizer thread adds once the weights are in: zero unless it is the longer path.
+            phase_start = time.perf_counter()
+            tokenizer = tokenizer_future.result()
+            loading["tokenizer_wait"] = time.perf_counter() - phase_start
             engine = cls(
                 model,
                 model_config,

@@ -221,7 +221,7 @@ def test_from_path_reports_its_start_up_phases(tiny_gqa_dir, caplog):
     with caplog.at_level("INFO", logger="kiln.engine.llm_engine"):
         engine = LLMEngine.from_path(tiny_gqa_dir, EngineConfig(num_kv_blocks=16))
     # No CUDA graphs on CPU, and a Hugging Face dir has no engine kernels to seed.
-    assert list(engine.startup_seconds) == ["weights", "kv_cache"]
+    assert list(engine.startup_seconds) == ["weights", "tokenizer_wait", "kv_cache"]
     assert engine.graph_capture_seconds == {}  # no CUDA graphs on the CPU
     assert all(seconds >= 0 for seconds in engine.startup_seconds.values())
     assert "start-up seconds: weights" in caplog.text
