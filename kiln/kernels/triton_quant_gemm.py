@@ -18,8 +18,11 @@ Rules (the references: `quant_reference.int8_wo_linear`, `int8_sq_linear`):
 - W8A8: x is int8 (per-token, from `kiln.kernels.triton_quant_act`) with float32 scales [M]; the products
   are summed exactly in int32, then (sum * x_scale[m]) * scale[n] in float32, the reference's order.
 - FP8 x FP8: x is e4m3 (per-token, `triton_quant_act`) with float32 scales [M], the weight e4m3 per
-  channel; float32 sums, then * x_scale[m] * scale[n]: the reference `fp8_linear`'s order. An e4m3 weight
-  with a 16-bit x is widened exactly (kiln.kernels.triton_fp8), the weight-only form of the same product.
+  channel; float32 sums, then * x_scale[m] * scale[n]: the reference `fp8_linear`'s order. Hopper's e4m3
+  tensor-core accumulator keeps fewer bits than float32 (Triton's sm_90 default sums a whole K loop in it),
+  so every FP8_PRECISE_K inputs its partial sum is added to a true float32 one: at K = 11008 the fast
+  sums were 2.4e-3 off the exact product, above one float16 rounding. An e4m3 weight with a 16-bit x is
+  widened exactly (kiln.kernels.triton_fp8), the weight-only form of the same product.
 - SWAP puts the weight tile first in the dot ([BLOCK_N, BLOCK_K] x [BLOCK_K, BLOCK_M]) and transposes the
   result: the same sums, in the layout a tensor core's M side wants when a decode batch has 16 tokens or
   fewer (wgmma needs M >= 64). Which tiles pay is measured by benchmarks/quant_small_m.py.
@@ -65,6 +68,7 @@ def _quant_gemm_kernel(
     FP8_VIA_F32: tl.constexpr,  # an e4m3 weight widened through float32 (kiln.kernels.triton_fp8)
     BITS: tl.constexpr,  # an int8 weight-only tile widened by integer operations (bit_widen)
     HAS_BIAS: tl.constexpr,
+    PRECISE_K: tl.constexpr,  # e4m3 x e4m3: inputs summed in the tensor core's accumulator between promotions
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # Grouped program order: GROUP_M row tiles walk the same column tiles together, so a weight tile is
@@ -94,9 +98,9 @@ def _quant_gemm_kernel(
                 wide = int8_to_float32_by_bits(b) if BITS else b.to(tl.float32)
                 b = (wide * s[:, None]).to(a.dtype)
         if SWAP:
-            acc = tl.dot(b, tl.trans(a), acc, out_dtype=acc.dtype)
+            acc = tl.dot(b, tl.trans(a), acc, out_dtype=acc.dtype, max_num_imprecise_acc=PRECISE_K)
         else:
-            acc = tl.dot(a, tl.trans(b), acc, out_dtype=acc.dtype)
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=acc.dtype, max_num_imprecise_acc=PRECISE_K)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if SWAP:
@@ -160,6 +164,7 @@ def gemm_config(
 
 
 WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
+FP8_PRECISE_K = 128  # four Hopper e4m3 wgmma steps (K = 32 each) between float32 promotions
 
 
 def quant_gemm(
@@ -227,6 +232,7 @@ def quant_gemm(
         and not scaled_a
         and weight.dtype == torch.int8,
         HAS_BIAS=bias is not None,
+        PRECISE_K=min(block_k, FP8_PRECISE_K),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
