@@ -20,9 +20,10 @@ Rules (the references: `quant_reference.int8_wo_linear`, `int8_sq_linear`):
 - FP8 x FP8: x is e4m3 (per-token, `triton_quant_act`) with float32 scales [M], the weight e4m3 per
   channel; float32 sums, then * x_scale[m] * scale[n]: the reference `fp8_linear`'s order. Hopper's e4m3
   tensor-core accumulator keeps fewer bits than float32 (Triton's sm_90 default sums a whole K loop in it),
-  so every FP8_PRECISE_K inputs its partial sum is added to a true float32 one: at K = 11008 the fast
-  sums were 2.4e-3 off the exact product, above one float16 rounding. An e4m3 weight with a 16-bit x is
-  widened exactly (kiln.kernels.triton_fp8), the weight-only form of the same product.
+  so its partial sum is added to a true float32 one at least every FP8_PRECISE_K inputs, once per K tile
+  of the decode-batch tile: summed whole, K = 11008 was 2.4e-3 off the exact product, above one float16
+  rounding. Promoting every 128 or 256 inputs instead cost that tile 8% (quant_small_m). An e4m3 weight
+  with a 16-bit x is widened exactly (kiln.kernels.triton_fp8), the weight-only form of the same product.
 - SWAP puts the weight tile first in the dot ([BLOCK_N, BLOCK_K] x [BLOCK_K, BLOCK_M]) and transposes the
   result: the same sums, in the layout a tensor core's M side wants when a decode batch has 16 tokens or
   fewer (wgmma needs M >= 64). Which tiles pay is measured by benchmarks/quant_small_m.py.
@@ -164,7 +165,7 @@ def gemm_config(
 
 
 WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
-FP8_PRECISE_K = 128  # four Hopper e4m3 wgmma steps (K = 32 each) between float32 promotions
+FP8_PRECISE_K = 512  # at most 16 Hopper e4m3 wgmma steps (K = 32 each) between float32 promotions
 
 
 def quant_gemm(
