@@ -8,7 +8,11 @@ random model, with the model runner's launch replaced by a sleep of `--step-ms` 
 GPU step that takes that long and leaves the host free. The same workload runs offline (`LLMEngine.step`
 in a loop) and then through `kiln serve`'s HTTP/SSE API with the load from a separate client process,
 as benchmarks/served.py does; the ratio says what the front end and the engine's relay cost, on any machine,
-without a GPU. Runs on CPU; results are this machine's, not the GPU host's (which has more cores).
+without a GPU. Beside it, the engine's own view of each run (`served.step_totals`): steps per second, mean
+sequences per step, the share of the time spent in steps. A served run that keeps fewer sequences running
+than offline lost throughput to requests arriving late (the client's turnaround and the server's work per
+new request), one whose steps take longer lost it to the host. Runs on CPU; results are this machine's,
+not the GPU host's (which has more cores).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.served import step_totals
 from kiln.config import EngineConfig
 from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.model_runner import LaunchedStep
@@ -98,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     batch = prompts(args.num_requests, args.input_len)
     engine = factory()
     prepare_process(engine.config)
+    before = engine.stats()
     tokens, seconds = offline(engine, batch, args.output_len)
+    offline_steps = step_totals(before, engine.stats(), seconds)
     offline_tok_s = tokens / seconds
     del engine
     if args.thread:
@@ -111,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         port=0, log_level="warning", max_waiting_sequences=None, max_waiting_tokens=None
     )
     with serve_in_background(server_engine, settings) as (url, _server):
+        before = server_engine.stats()
         client = [sys.executable, "-m", "benchmarks.served", "--client", url]
         client += ["--served-model", server_engine.model_info.name, "--vocab", str(VOCAB_HIGH)]
         client += ["--num-requests", str(args.num_requests), "--input-len", str(args.input_len)]
@@ -119,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         served = json.loads(
             subprocess.run(client, check=True, stdout=subprocess.PIPE, text=True, cwd=root).stdout
         )
+        served_steps = step_totals(before, server_engine.stats(), served["wall_s"])
     result = {
         "step_ms": args.step_ms,
         "engine": "thread" if args.thread else "process",
@@ -127,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         "served_over_offline": served["output_tok_s"] / offline_tok_s,
         "itl_ms": served["itl_ms"],
         "ttft_ms": served["ttft_ms"],
+        "offline_engine_steps": offline_steps,
+        "served_engine_steps": served_steps,
         "command": "python -m benchmarks.frontend " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     print(json.dumps(result, indent=1))

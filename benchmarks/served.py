@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     run_throughput(engine, warm, [inp] * warm, [min(out, 16)] * warm, seed=prompts_seed + 1)
     before = engine.stats()
     offline = run_throughput(engine, n, [inp] * n, [out] * n, seed=prompts_seed)
-    offline_steps = _step_totals(before, engine.stats(), offline.elapsed_s)
+    offline_steps = step_totals(before, engine.stats(), offline.elapsed_s)
     offline_tok_s = offline.output_tokens / offline.elapsed_s
     kv_blocks = engine.model_info.extra["num_kv_blocks"]
     print(f"offline: {offline_tok_s:,.0f} output tok/s ({kv_blocks} KV blocks)", flush=True)
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--concurrency", str(args.concurrency), "--request-rate", str(args.request_rate)]
         served = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         # The engine's own view: how many steps it ran and at what batch (the client's wall clock).
-        served["engine_steps"] = _step_totals(before, server_engine.stats(), served["wall_s"])
+        served["engine_steps"] = step_totals(before, server_engine.stats(), served["wall_s"])
     served["offline_output_tok_s"] = offline_tok_s
     served["kv_blocks"] = kv_blocks
     served["offline_engine_steps"] = offline_steps
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _step_totals(before: EngineStats, after: EngineStats, seconds: float) -> dict[str, float]:
+def step_totals(before: EngineStats, after: EngineStats, seconds: float) -> dict[str, float]:
     """Steps per second, mean sequences and tokens per step between two EngineStats, and the share of
     `seconds` the engine spent in steps (served: what throughput loses to an engine left idle by the front
     end, apart from what it loses to smaller batches; the client's few idle-TTFT requests before the load

@@ -28,3 +28,9 @@ def test_frontend_run_reports_served_beside_offline(tmp_path, monkeypatch, capsy
     (row,) = json.loads(out.read_text())
     assert row["engine"] == "thread" and row["served_output_tok_s"] > 0
     assert row["served_over_offline"] == row["served_output_tok_s"] / row["offline_output_tok_s"]
+    # The engine's own view of each run: 8 requests of 4 tokens, at most 4 running.
+    offline, served = row["offline_engine_steps"], row["served_engine_steps"]
+    assert 1 < offline["mean_seqs"] <= 4 and 0 < served["mean_seqs"] <= 4
+    # Served steps include the client's idle-TTFT requests before the load; its clock does not.
+    assert 0 < offline["busy_fraction"] <= 1.01 and served["busy_fraction"] > 0
+    assert offline["steps_per_s"] > 0 and served["steps_per_s"] > 0
