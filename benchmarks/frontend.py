@@ -11,13 +11,16 @@ as benchmarks/served.py does; the ratio says what the front end and the engine's
 without a GPU. Beside it, the engine's own view of each run (`served.step_totals`): steps per second, mean
 sequences per step, the share of the time spent in steps. A served run that keeps fewer sequences running
 than offline lost throughput to requests arriving late (the client's turnaround and the server's work per
-new request), one whose steps take longer lost it to the host. Runs on CPU; results are this machine's,
+new request), one whose steps take longer lost it to the host. And the CPU time of the server's event-loop
+thread per request (HTTP, SSE, the relay to the engine; `time.thread_time` read on that thread): the cost
+that decides how fast a wave of new requests reaches the engine. Runs on CPU; results are this machine's,
 not the GPU host's (which has more cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import json
 import random
@@ -30,12 +33,14 @@ from pathlib import Path
 import torch
 
 from benchmarks.served import step_totals
+from kiln.bench.client import IDLE_TTFT_REQUESTS
 from kiln.config import EngineConfig
 from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.model_runner import LaunchedStep
 from kiln.engine.process_setup import prepare_process
 from kiln.engine.sampler import SamplerOutput
 from kiln.engine.sampling_params import SamplingParams
+from kiln.serve.runner import DrainingServer
 
 VOCAB_LOW, VOCAB_HIGH = 10, 500  # token ids the tiny model's tokenizer decodes to ordinary text
 
@@ -63,6 +68,16 @@ def model_free_engine(path: str, step_s: float, max_num_seqs: int = 256) -> LLME
 
     runner.launch = launch
     return engine
+
+
+def server_cpu_seconds(server: DrainingServer) -> float:
+    """CPU seconds the server's event-loop thread has used so far, read on that thread."""
+
+    async def read() -> float:
+        return time.thread_time()
+
+    assert server.state.loop is not None  # set by the app's lifespan, before the server is ready
+    return asyncio.run_coroutine_threadsafe(read(), server.state.loop).result(timeout=30)
 
 
 def prompts(n: int, length: int, seed: int = 1) -> list[list[int]]:
@@ -117,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = ServerSettings(
         port=0, log_level="warning", max_waiting_sequences=None, max_waiting_tokens=None
     )
-    with serve_in_background(server_engine, settings) as (url, _server):
-        before = server_engine.stats()
+    with serve_in_background(server_engine, settings) as (url, server):
+        before, cpu_before = server_engine.stats(), server_cpu_seconds(server)
         client = [sys.executable, "-m", "benchmarks.served", "--client", url]
         client += ["--served-model", server_engine.model_info.name, "--vocab", str(VOCAB_HIGH)]
         client += ["--num-requests", str(args.num_requests), "--input-len", str(args.input_len)]
@@ -128,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(client, check=True, stdout=subprocess.PIPE, text=True, cwd=root).stdout
         )
         served_steps = step_totals(before, server_engine.stats(), served["wall_s"])
+        server_cpu = server_cpu_seconds(server) - cpu_before
     result = {
         "step_ms": args.step_ms,
         "engine": "thread" if args.thread else "process",
@@ -138,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         "ttft_ms": served["ttft_ms"],
         "offline_engine_steps": offline_steps,
         "served_engine_steps": served_steps,
+        # The client's idle-TTFT requests before the load (benchmarks.served) count among the requests.
+        "server_cpu_ms_per_request": 1000 * server_cpu / (args.num_requests + IDLE_TTFT_REQUESTS),
         "command": "python -m benchmarks.frontend " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     print(json.dumps(result, indent=1))

@@ -12,7 +12,8 @@ Rules of the measurements:
 - TTFT = request sent -> first chunk with text; inter-token latency = gaps between text chunks (a chunk
   may carry several tokens when the server batches them); end-to-end = sent -> `[DONE]`; p50/p90/p99 in
   ms. Throughput = completion tokens / wall time of the whole load.
-- Idle TTFT: before the load, 6 two-token requests one at a time; the median of the last 5.
+- Idle TTFT: before the load, IDLE_TTFT_REQUESTS (6) two-token requests one at a time; the median of the
+  last 5.
 - The load generator must not be what limits the load, so it is lean: aiohttp (C-accelerated HTTP
   parsing, as vLLM's serving benchmark uses) on uvloop where installed, and each response is read to its
   end so its keep-alive connection is reused (`connections` counts those opened). With httpx the client
@@ -31,6 +32,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+IDLE_TTFT_REQUESTS = 6  # two-token requests one at a time before the load (the module rules)
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -119,7 +121,7 @@ async def run_client(
     timeout = aiohttp.ClientTimeout(total=None)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, trace_configs=[trace]) as client:
         idle = []
-        for i in range(6):
+        for i in range(IDLE_TTFT_REQUESTS):
             r = await _one(client, url, model, prompts[i % len(prompts)][:128], 2)
             if i and r["chunks"]:
                 idle.append(1000 * (r["chunks"][0] - r["sent"]))
