@@ -20,9 +20,9 @@ Rules (the references: `quant_reference.int8_wo_linear`, `int8_sq_linear`):
 - FP8 x FP8: x is e4m3 (per-token, `triton_quant_act`) with float32 scales [M], the weight e4m3 per
   channel; float32 sums, then * x_scale[m] * scale[n]: the reference `fp8_linear`'s order. Hopper's e4m3
   tensor-core accumulator keeps fewer bits than float32 (Triton's sm_90 default sums a whole K loop in it),
-  so its partial sum is added to a true float32 one at least every FP8_PRECISE_K inputs, once per K tile
-  of the decode-batch tile: summed whole, K = 11008 was 2.4e-3 off the exact product, above one float16
-  rounding. Promoting every 128 or 256 inputs instead cost that tile 8% (quant_small_m). An e4m3 weight
+  so its partial sum is added to a true float32 one once per K tile (gemm_config's BLOCK_K, 512 at most):
+  summed whole, K = 11008 was 2.4e-3 off the exact product, above one float16 rounding. Promoting every 128
+  or 256 inputs instead cost the decode-batch tile (BLOCK_K 512) 8% (quant_small_m). An e4m3 weight
   with a 16-bit x is widened exactly (kiln.kernels.triton_fp8), the weight-only form of the same product.
 - SWAP puts the weight tile first in the dot ([BLOCK_N, BLOCK_K] x [BLOCK_K, BLOCK_M]) and transposes the
   result: the same sums, in the layout a tensor core's M side wants when a decode batch has 16 tokens or
@@ -69,7 +69,6 @@ def _quant_gemm_kernel(
     FP8_VIA_F32: tl.constexpr,  # an e4m3 weight widened through float32 (kiln.kernels.triton_fp8)
     BITS: tl.constexpr,  # an int8 weight-only tile widened by integer operations (bit_widen)
     HAS_BIAS: tl.constexpr,
-    PRECISE_K: tl.constexpr,  # e4m3 x e4m3: inputs summed in the tensor core's accumulator between promotions
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     # Grouped program order: GROUP_M row tiles walk the same column tiles together, so a weight tile is
@@ -99,9 +98,9 @@ def _quant_gemm_kernel(
                 wide = int8_to_float32_by_bits(b) if BITS else b.to(tl.float32)
                 b = (wide * s[:, None]).to(a.dtype)
         if SWAP:
-            acc = tl.dot(b, tl.trans(a), acc, out_dtype=acc.dtype, max_num_imprecise_acc=PRECISE_K)
+            acc = tl.dot(b, tl.trans(a), acc, out_dtype=acc.dtype, max_num_imprecise_acc=BLOCK_K)
         else:
-            acc = tl.dot(a, tl.trans(b), acc, out_dtype=acc.dtype, max_num_imprecise_acc=PRECISE_K)
+            acc = tl.dot(a, tl.trans(b), acc, out_dtype=acc.dtype, max_num_imprecise_acc=BLOCK_K)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if SWAP:
@@ -165,7 +164,6 @@ def gemm_config(
 
 
 WEIGHT_DTYPES = (torch.int8, torch.float8_e4m3fn)
-FP8_PRECISE_K = 512  # at most 16 Hopper e4m3 wgmma steps (K = 32 each) between float32 promotions
 
 
 def quant_gemm(
@@ -233,7 +231,6 @@ def quant_gemm(
         and not scaled_a
         and weight.dtype == torch.int8,
         HAS_BIAS=bias is not None,
-        PRECISE_K=min(block_k, FP8_PRECISE_K),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,

@@ -50,12 +50,7 @@ def _compile(
     ("x", "weight"), [("act", "i8"), ("act", "fp8e4nv"), ("fp8e4nv", "fp8e4nv"), ("i8", "i8")]
 )
 def test_quant_gemm_compiles_for_every_operand_pair_and_tile(arch, act, x, weight):
-    from kiln.kernels.triton_quant_gemm import (
-        FP8_PRECISE_K,
-        SMALL_BATCH_TILES,
-        _quant_gemm_kernel,
-        gemm_config,
-    )
+    from kiln.kernels.triton_quant_gemm import SMALL_BATCH_TILES, _quant_gemm_kernel, gemm_config
 
     x = act if x == "act" else x
     pointers = {"a_ptr": f"*{x}", "b_ptr": f"*{weight}", "scale_ptr": "*fp32", "a_scale_ptr": "*fp32"}
@@ -67,34 +62,26 @@ def test_quant_gemm_compiles_for_every_operand_pair_and_tile(arch, act, x, weigh
         via_f32 = arch < 90 and x == "bf16" and weight == "fp8e4nv"  # kiln.kernels.triton_fp8's rule
         constexprs = dict(GROUP=0, SCALED_A=x == weight, SWAP=swap, FP8_VIA_F32=via_f32, HAS_BIAS=True)
         constexprs |= dict(BITS=x != weight and weight == "i8")  # int8 weight-only: the bit widening too
-        constexprs |= dict(PRECISE_K=min(block_k, FP8_PRECISE_K))
         constexprs |= dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8)
         ptx = _compile(_quant_gemm_kernel, pointers, constexprs, arch)
         assert "mma" in ptx, (block_m, block_n, block_k, swap)  # a tensor-core product, mma.sync or wgmma
 
 
 def test_fp8_gemm_promotes_hoppers_accumulator_into_float32():
-    """The decode-batch FP8 x FP8 tile on sm_90 (a wgmma product, the weight tile first): its dot carries
-    quant_gemm's promotion interval, where Triton's default (2**30, PRECISE_K=None) sums all of K in the
-    tensor core's reduced-precision accumulator; promoting adds float32 additions beside the same wgmma
-    steps, where the default has none."""
+    """The decode-batch FP8 x FP8 tile on sm_90 (a wgmma product, the weight tile first): its dot promotes
+    the tensor core's reduced-precision accumulator into float32 once per K tile, where Triton's default
+    (2**30) would sum all of K in it."""
     import torch
 
-    from kiln.kernels.triton_quant_gemm import FP8_PRECISE_K, SMALL_BATCH_TILES, _quant_gemm_kernel
+    from kiln.kernels.triton_quant_gemm import SMALL_BATCH_TILES, _quant_gemm_kernel
 
     block_m, block_n, block_k, group_m, *_, swap = SMALL_BATCH_TILES[True, torch.float8_e4m3fn]
     pointers = {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "a_scale_ptr": "*fp32"}
     pointers |= {"bias_ptr": "*fp16", "c_ptr": "*fp16"}
     constexprs = dict(GROUP=0, SCALED_A=True, SWAP=swap, FP8_VIA_F32=False, BITS=False, HAS_BIAS=False)
     constexprs |= dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m)
-    precise = min(block_k, FP8_PRECISE_K)
-    ttgir = _compile(_quant_gemm_kernel, pointers, constexprs | dict(PRECISE_K=precise), 90, stage="ttgir")
-    assert f"maxNumImpreciseAcc = {precise}" in ttgir
-    ptx = {
-        k: _compile(_quant_gemm_kernel, pointers, constexprs | dict(PRECISE_K=k), 90) for k in (precise, None)
-    }
-    assert ptx[precise].count("wgmma.mma_async") == ptx[None].count("wgmma.mma_async") > 0
-    assert ptx[precise].count("add.f32") > ptx[None].count("add.f32")
+    ttgir = _compile(_quant_gemm_kernel, pointers, constexprs, 90, stage="ttgir")
+    assert f"maxNumImpreciseAcc = {block_k}" in ttgir and "warp_group_dot" in ttgir
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -125,7 +112,7 @@ def test_quant_gemm_widens_int8_to_float16_by_bits(arch):
     pointers |= {"bias_ptr": "*fp16", "c_ptr": "*fp16"}
     for bits in (False, True):
         constexprs = dict(GROUP=0, SCALED_A=False, SWAP=True, FP8_VIA_F32=False, BITS=bits, HAS_BIAS=False)
-        constexprs |= dict(PRECISE_K=128, BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=8)
+        constexprs |= dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=8)
         ptx = _compile(_quant_gemm_kernel, pointers, constexprs, arch)
         assert ("cvt.rn.f16.s16" in ptx) != bits, bits
 
