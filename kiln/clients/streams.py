@@ -2,7 +2,7 @@
 
 Rules:
 - `generate` validates before anything is queued, refuses an id already open, then submits an
-  `AddRequest`; each request's outputs arrive on its own asyncio.Queue.
+  `AddRequest`; each request's outputs arrive in its own `Mailbox`.
 - `receive` takes the loop's reports (on the step thread, or `ProcessEngine`'s receiver thread) and hands
   every item to its request's queue with one `call_soon_threadsafe` per event loop per report, not one per
   request: with hundreds of streams, per-request wake-ups were a large share of the front end's work.
@@ -24,6 +24,7 @@ import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
+from kiln.clients.mailbox import Mailbox
 from kiln.clients.messages import (
     AbortRequest,
     AddRequest,
@@ -34,7 +35,7 @@ from kiln.clients.messages import (
     StepReport,
 )
 from kiln.engine.info import BatchingLimits, EngineStats, check_batching
-from kiln.engine.outputs import RequestOutput, accumulate
+from kiln.engine.outputs import RequestOutput, coalesce
 from kiln.engine.sampling_params import SamplingParams
 
 # How often an abort still waiting for its ack checks that a loop is still there to send it.
@@ -46,7 +47,7 @@ class Sink:
     """Where one open request's outputs go, and its prompt (a pipe's outputs do not carry it)."""
 
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[RequestOutput | BaseException]
+    mailbox: Mailbox[RequestOutput | BaseException]
     prompt: str | None
     prompt_token_ids: list[int]
 
@@ -57,10 +58,10 @@ def _wake(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
 
 
 def _put_all(
-    batch: list[tuple[asyncio.Queue[RequestOutput | BaseException], RequestOutput | BaseException]],
+    batch: list[tuple[Mailbox[RequestOutput | BaseException], RequestOutput | BaseException]],
 ) -> None:
     for target, item in batch:
-        target.put_nowait(item)
+        target.put(item)
 
 
 class RequestStreams:
@@ -99,30 +100,28 @@ class RequestStreams:
         if request_id in self.sinks:
             raise ValueError(f"request id {request_id!r} is already in use")
         await self._start()
-        outputs: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        outputs: Mailbox[RequestOutput | BaseException] = Mailbox()
         prompt_token_ids = list(prompt_token_ids)
         self.sinks[request_id] = Sink(asyncio.get_running_loop(), outputs, prompt, prompt_token_ids)
         self._submit(AddRequest(request_id, prompt, prompt_token_ids, params, priority, owner))
         finished = False
-        error: BaseException | None = None
         try:
             while True:
-                item = error or await outputs.get()
-                if isinstance(item, BaseException):
-                    raise item
-                pieces = [item]
-                while not pieces[-1].finished and not outputs.empty():
-                    queued = outputs.get_nowait()
-                    if isinstance(queued, BaseException):
-                        error = queued  # raised once what came before it has been handed over
+                deltas: list[RequestOutput] = []
+                error: BaseException | None = None
+                for item in await outputs.take():
+                    if isinstance(item, BaseException):
+                        error = item
                         break
-                    pieces.append(queued)
-                if len(pieces) > 1:
-                    item = functools.reduce(accumulate, pieces, None)
-                finished = item.finished
-                yield item
-                if finished:
-                    return
+                    deltas.append(item)
+                if deltas:  # what came before an error is handed over first
+                    item = coalesce(deltas)
+                    finished = item.finished
+                    yield item
+                    if finished:
+                        return
+                if error is not None:
+                    raise error
         finally:
             self.sinks.pop(request_id, None)
             # Closed early (client gone, task cancelled) or failed: give the blocks back now. Shielded, so a
@@ -192,12 +191,12 @@ class RequestStreams:
     def _deliver(self, items: Iterable[tuple[str, RequestOutput | BaseException]]) -> None:
         batches: dict[
             asyncio.AbstractEventLoop,
-            list[tuple[asyncio.Queue[RequestOutput | BaseException], RequestOutput | BaseException]],
+            list[tuple[Mailbox[RequestOutput | BaseException], RequestOutput | BaseException]],
         ] = {}
         for request_id, item in items:
             sink = self.sinks.get(request_id)
             if sink is not None:  # else the request is closed: nobody to tell
-                batches.setdefault(sink.loop, []).append((sink.queue, item))
+                batches.setdefault(sink.loop, []).append((sink.mailbox, item))
         for loop, batch in batches.items():
             with contextlib.suppress(RuntimeError):  # that caller's loop has closed: nobody to tell
                 loop.call_soon_threadsafe(_put_all, batch)

@@ -94,3 +94,41 @@ def accumulate(total: RequestOutput | None, delta: RequestOutput) -> RequestOutp
     total.metrics = delta.metrics
     total.num_cached_tokens = delta.num_cached_tokens
     return total
+
+
+def coalesce(deltas: list[RequestOutput]) -> RequestOutput:
+    """One delta standing for consecutive deltas of one request, as folding them with `accumulate`
+    would give, in one pass: a stream that fell behind sends its backlog as one chunk."""
+    if len(deltas) == 1:
+        return deltas[0]
+    pieces: dict[int, list[CompletionOutput]] = {}
+    for delta in deltas:
+        for piece in delta.outputs:
+            pieces.setdefault(piece.index, []).append(piece)
+    outputs = []
+    for index in sorted(pieces):
+        run, last = pieces[index], pieces[index][-1]
+        logprobs = None
+        if run[0].logprobs is not None:
+            logprobs = [entry for piece in run if piece.logprobs is not None for entry in piece.logprobs]
+        outputs.append(
+            CompletionOutput(
+                index=index,
+                text="".join(piece.text for piece in run),
+                token_ids=[token for piece in run for token in piece.token_ids],
+                logprobs=logprobs,
+                cumulative_logprob=last.cumulative_logprob,
+                finish_reason=last.finish_reason,
+                stop_reason=last.stop_reason,
+            )
+        )
+    first, last = deltas[0], deltas[-1]
+    return RequestOutput(
+        request_id=first.request_id,
+        prompt=first.prompt,
+        prompt_token_ids=first.prompt_token_ids,
+        outputs=outputs,
+        finished=last.finished,
+        metrics=last.metrics,
+        num_cached_tokens=last.num_cached_tokens,
+    )

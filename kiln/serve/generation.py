@@ -2,7 +2,9 @@
 
 Rules:
 - `outputs()` yields `(prompt_index, RequestOutput delta)` for every prompt of the request (a
-  completions request may batch several; each runs as its own engine request `<id>-<i>`).
+  completions request may batch several; each runs as its own engine request `<id>-<i>`). A reader
+  that fell behind gets each prompt's backlog folded into one delta, so a busy server sends fewer,
+  larger chunks instead of falling further behind.
 - However it ends — finished, client gone (the iterator is closed or cancelled), or failed — every
   engine request that has not finished is closed and aborted, so its KV blocks return to the pool.
   Each engine stream is consumed by its own asyncio task, even for one prompt: a disconnect then
@@ -41,8 +43,9 @@ from typing import Annotated
 import anyio
 from fastapi import Header
 
+from kiln.clients.mailbox import Mailbox
 from kiln.clients.messages import EngineDeadError
-from kiln.engine.outputs import RequestOutput
+from kiln.engine.outputs import RequestOutput, coalesce
 from kiln.engine.sampling_params import SamplingParams
 from kiln.errors import RequestValidationError
 from kiln.serve.admission import Ticket
@@ -201,7 +204,7 @@ class Generation:
         self._last_output_time: dict[int, float] = {}
         self._cached_tokens: dict[int, int] = {}
         self._finish_reasons: list[str] = []
-        self._items: asyncio.Queue[_PumpItem] = asyncio.Queue()
+        self._items: Mailbox[_PumpItem] = Mailbox()
         self._pumps: list[asyncio.Future[None]] | None = None
         self._finished = False
         self._timer: asyncio.TimerHandle | None = None
@@ -329,10 +332,10 @@ class Generation:
         source = self._one(prompt_index)
         try:
             async for _, output in source:
-                self._items.put_nowait(_PromptOutput(prompt_index, output))
-            self._items.put_nowait(_PromptDone(prompt_index))
+                self._items.put(_PromptOutput(prompt_index, output))
+            self._items.put(_PromptDone(prompt_index))
         except Exception as exc:
-            self._items.put_nowait(_PromptFailed(prompt_index, exc))
+            self._items.put(_PromptFailed(prompt_index, exc))
         finally:
             with anyio.CancelScope(shield=True):
                 await source.aclose()
@@ -343,13 +346,21 @@ class Generation:
         try:
             remaining = len(self.prompts)
             while remaining:
-                item = await self._items.get()
-                if isinstance(item, _PromptOutput):
-                    yield item.prompt_index, item.output
-                elif isinstance(item, _PromptDone):
-                    remaining -= 1
-                else:
-                    raise item.error
+                # A reader that fell behind folds each prompt's backlog into one delta (one chunk).
+                backlog: dict[int, list[RequestOutput]] = {}
+                failed: Exception | None = None
+                for item in await self._items.take():
+                    if isinstance(item, _PromptOutput):
+                        backlog.setdefault(item.prompt_index, []).append(item.output)
+                    elif isinstance(item, _PromptDone):
+                        remaining -= 1
+                    else:
+                        failed = item.error
+                        break
+                for prompt_index, deltas in backlog.items():
+                    yield prompt_index, coalesce(deltas)
+                if failed is not None:
+                    raise failed
         finally:
             await self._stop_pumps()
 
@@ -396,7 +407,7 @@ class Generation:
     def fail(self, error: APIError) -> None:
         """End the request with `error` (the engine went down, the drain ran out): its reader raises it
         after what came before, its engine requests are aborted as it closes."""
-        self._items.put_nowait(_PromptFailed(-1, error))
+        self._items.put(_PromptFailed(-1, error))
 
     def _finish(self, outcome: str) -> None:
         self._finished = True
