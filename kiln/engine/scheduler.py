@@ -201,15 +201,21 @@ class Scheduler:
         every request that received a token (finished or not), in scheduling order. A request that
         finished or was aborted since that step was scheduled gets nothing: its token is dropped (with
         overlapped steps it may have been scheduled once more before its stop was known). One that was
-        preempted meanwhile still gets its token: it is valid, and its recompute needs it.
+        preempted meanwhile still gets its token: it is valid, and its recompute needs it. Each request
+        that got one has its metrics' first and last token times set (when its token came back).
         """
         advanced = []
+        now = time.monotonic()
         for item in output.scheduled:
             request = item.request
             if not item.sample or request.status.finished or request.request_id not in self.requests:
                 continue
             request.num_pending_tokens -= 1
             request.append_output_token(sampled[request.request_id])
+            metrics = request.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
             advanced.append(request)
             status = self._stop_status(request)
             if status is not None:

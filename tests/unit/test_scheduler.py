@@ -330,3 +330,18 @@ def test_sequences_of_an_owner_with_fewer_running_are_admitted_first():
     # One slot is free: y (running nothing) gets it although x3 arrived first.
     assert [i.request.request_id for i in out.scheduled][-1] == "y0"
     assert out.preempted_ids == ()
+
+
+def test_token_times_are_the_first_and_latest_token_arrivals():
+    sched = make_scheduler(budget=16)
+    request = make_request("a", [1, 2, 3], t=0, max_tokens=3)
+    sched.add_request(request)
+    m = request.metrics
+    run_step(sched)
+    assert m.first_scheduled_time is not None and m.first_token_time is not None
+    assert m.first_scheduled_time <= m.first_token_time == m.last_token_time
+    first = m.first_token_time
+    run_step(sched)
+    run_step(sched)
+    assert request.status.finished and m.first_token_time == first
+    assert first < m.last_token_time <= m.finished_time
