@@ -79,7 +79,7 @@ PY
       python3 -m benchmarks.kernels --out "$RESULTS/results.json" --suites tune 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     kiln)
       python3 -m benchmarks.engine --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
-    served)  # needs fastapi/uvicorn/sse-starlette/pydantic: carry .whl (see ../shared/device/README.md)
+    served)  # needs fastapi/uvicorn/pydantic: carry .whl (see ../shared/device/README.md)
       python3 -m benchmarks.served --random llama3.1-8b --num-requests 1024 --input-len 128 --output-len 128 \
         --concurrency 256 --max-num-seqs 256 --engine-process --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     served-eager-mixed)  # the same with mixed steps run eagerly (no piecewise graphs)

@@ -8,12 +8,12 @@ Rules:
 - However it ends — finished, client gone (the iterator is closed or cancelled), or failed — every
   engine request that has not finished is closed and aborted, so its KV blocks return to the pool.
   Each engine stream is consumed by its own asyncio task, even for one prompt: a disconnect then
-  reaches the engine as one plain task cancellation, never as sse-starlette's anyio cancel scope,
-  which re-cancels every await and would cut short the engine's own cleanup (its abort). Our
+  reaches the engine as one plain task cancellation, never as the SSE response's anyio cancel
+  scope, which re-cancels every await and would cut short the engine's own cleanup (its abort). Our
   cleanup awaits run shielded for the same reason.
 - `start()` submits the prompts at once (the handlers call it before they return): the engine then
   gets a request one loop iteration after its handler ran. Submitted lazily, from inside the response
-  (sse-starlette's tasks, several iterations later), a burst of arrivals reached the engine only once
+  (several loop iterations later), a burst of arrivals reached the engine only once
   every handler of the burst had run: ~130 ms per wave of 256 streams on the H100 host.
 - `aclose()` (the response's on_close) ends it whatever happened, even when the response never read
   an output (a client gone before its stream began): pumps cancelled, engine requests aborted, ticket

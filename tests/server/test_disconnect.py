@@ -51,7 +51,7 @@ def test_disconnect_mid_stream_frees_blocks(server: LiveServer) -> None:
     # closed mid-stream: aborted within a step, blocks back, nothing left running
     assert wait_for(lambda: engine.stats().kv_blocks_used == 0 and engine.stats().num_running == 0)
     assert wait_for(lambda: cancelled_count(server.url) == before + 1)
-    # The engine's own cleanup ran to the end (sse-starlette's cancel scope must not cut it short):
+    # The engine's own cleanup ran to the end (the SSE response's cancel scope must not cut it short):
     # no per-request output sink is left behind.
     assert wait_for(lambda: not engine._sinks)  # type: ignore[attr-defined]
 

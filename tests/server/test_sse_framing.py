@@ -29,6 +29,8 @@ def test_chat_stream_framing(server: LiveServer) -> None:
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/event-stream")
     assert r.headers["x-request-id"]
+    # Neither a cache nor a buffering proxy (nginx) may hold a stream back.
+    assert (r.headers["cache-control"], r.headers["x-accel-buffering"]) == ("no-store", "no")
     frames = events(r.text)
     assert all(f.startswith("data: ") for f in frames), frames
     payloads = data_of(frames)

@@ -109,7 +109,7 @@ class RestCall:
                     yield buffer.decode()
                     return
                 continue
-            # One event per `data:` line; events end at a blank line (sse-starlette's LF framing).
+            # One event per `data:` line; events end at a blank line (kiln.serve.sse's LF framing).
             *whole, buffer = buffer.split(b"\n\n")
             for event in whole:
                 for line in event.decode().split("\n"):
