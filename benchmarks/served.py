@@ -6,11 +6,15 @@
 
 Rules of the measurements:
 - The engine (native, random weights at a preset shape or a model dir) first runs a warm-up at the
-  workload's shapes, then the workload offline (`kiln.bench.offline.run_throughput`), then serves it: the OpenAI server runs in this process and the load
-  comes from a separate client process, so the load generator never competes with the engine for the GIL.
+  workload's shapes, then the workload offline (`kiln.bench.offline.run_throughput`), then serves it:
+  the OpenAI server runs in this process and the load comes from a separate client process, so the
+  load generator never competes with the engine for the GIL.
 - The client is `kiln.bench.client` (its docstring has the rules of the measurement): streamed
   completions, at most `--concurrency` in flight, arriving all at once or at `--request-rate` per
   second (Poisson); throughput, TTFT, inter-token and end-to-end p50/p90/p99, idle TTFT.
+- Beside them, the engine's view (`engine_steps`: steps per second, mean sequences and tokens a step,
+  busy fraction) and where each request's time went on average (`request_phases_ms`, from the server's
+  `kiln_request_<phase>_time_seconds` histograms: intake, queue, prefill, decode).
 """
 
 from __future__ import annotations
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         port=0, log_level="warning", max_waiting_sequences=None, max_waiting_tokens=None
     )
     with serve_in_background(server_engine, settings) as (url, _server):
-        before = server_engine.stats()
+        before, phases_before = server_engine.stats(), scrape_metrics(url)
         cmd = [
             sys.executable,
             "-m",
@@ -139,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         served = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         # The engine's own view: how many steps it ran and at what batch (the client's wall clock).
         served["engine_steps"] = step_totals(before, server_engine.stats(), served["wall_s"])
+        # Where the time to first token went, per request on average (the server's own histograms).
+        served["request_phases_ms"] = phase_means(phases_before, scrape_metrics(url))
     served["offline_output_tok_s"] = offline_tok_s
     served["kv_blocks"] = kv_blocks
     served["offline_engine_steps"] = offline_steps
@@ -161,6 +167,40 @@ def step_totals(before: EngineStats, after: EngineStats, seconds: float) -> dict
         "mean_tokens": (after.num_step_tokens - before.num_step_tokens) / steps,
         "busy_fraction": (after.busy_seconds - before.busy_seconds) / seconds,
     }
+
+
+PHASES = ("intake", "queue", "prefill", "decode")  # kiln.serve.metrics: kiln_request_<phase>_time_seconds
+
+
+def scrape_metrics(url: str) -> str:
+    """The server's /metrics text."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+        return response.read().decode()
+
+
+def phase_means(before: str, after: str) -> dict[str, float | None]:
+    """Each request phase's mean in ms over the engine requests that finished between two /metrics
+    scrapes (None: none recorded that phase)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def totals(text: str) -> dict[str, float]:
+        return {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name.endswith(("_time_seconds_sum", "_time_seconds_count"))
+        }
+
+    b, a = totals(before), totals(after)
+    means: dict[str, float | None] = {}
+    for phase in PHASES:
+        name = f"kiln_request_{phase}_time_seconds"
+        count = a.get(f"{name}_count", 0.0) - b.get(f"{name}_count", 0.0)
+        total = a.get(f"{name}_sum", 0.0) - b.get(f"{name}_sum", 0.0)
+        means[phase] = 1000 * total / count if count else None
+    return means
 
 
 def _append(path: Path, args: argparse.Namespace, served: dict[str, Any], max_num_seqs: int) -> None:

@@ -390,6 +390,8 @@ class Generation:
             if slo is not None:
                 slo.observe_itl(now - previous, new_tokens)
         self._last_output_time[prompt_index] = now
+        if out.finished and out.metrics is not None:
+            self.state.metrics.observe_phases(self.arrival, out.metrics)
         self.record.completion_tokens += new_tokens
         self._cached_tokens[prompt_index] = out.num_cached_tokens
         for c in out.outputs:

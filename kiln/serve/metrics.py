@@ -8,6 +8,7 @@ Two sources:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -15,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from kiln.engine.info import EngineStats
+from kiln.engine.outputs import RequestMetrics
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -99,6 +101,19 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        # A finished engine request's life in phases, from its RequestMetrics (the native engine's times;
+        # time.monotonic is one clock for the server and the engine's process on the same host).
+        phases = {
+            "intake": "The server's arrival of a request (its handler) to the engine's: admission and the "
+            "hand-over to the engine, waiting for the step the engine is in.",
+            "queue": "Engine arrival to first scheduled: waiting in the engine's queue.",
+            "prefill": "First scheduled to first token: the prompt's computation, all its chunks.",
+            "decode": "First token to last token.",
+        }
+        self.request_phases = {
+            phase: Histogram(f"kiln_request_{phase}_time_seconds", doc, buckets=_LATENCY_BUCKETS, registry=r)
+            for phase, doc in phases.items()
+        }
         self.prompt_tokens = Counter("kiln_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
         self.generation_tokens = Counter("kiln_generation_tokens", "Tokens generated.", registry=r)
         self.engine_restarts = Counter(
@@ -117,6 +132,21 @@ class ServerMetrics:
             per_token = seconds / num_tokens
             for _ in range(num_tokens):
                 self.inter_token_latency.observe(per_token)
+
+    def observe_phases(self, server_arrival: float, metrics: RequestMetrics) -> None:
+        """A finished engine request's phases (each that both its ends were recorded for)."""
+        times = (
+            server_arrival,
+            metrics.arrival_time,
+            metrics.first_scheduled_time,
+            metrics.first_token_time,
+            metrics.last_token_time,
+        )
+        for (start, end), histogram in zip(
+            itertools.pairwise(times), self.request_phases.values(), strict=True
+        ):
+            if start is not None and end is not None:
+                histogram.observe(max(0.0, end - start))
 
     def observe_finished(
         self,

@@ -10,6 +10,9 @@ import pytest
 from server_harness import LiveServer, run_live_server
 
 from kiln.clients.thread import AsyncEngine
+from kiln.engine.info import EngineStats
+from kiln.engine.outputs import RequestMetrics
+from kiln.serve.metrics import ServerMetrics
 from kiln.version import __version__
 
 CHAT = {
@@ -33,6 +36,10 @@ def test_metrics_cover_the_issue_list(server: LiveServer) -> None:
         "kiln_time_to_first_token_seconds_count",
         "kiln_inter_token_latency_seconds_count",
         "kiln_e2e_request_latency_seconds_count",
+        "kiln_request_intake_time_seconds_count",
+        "kiln_request_queue_time_seconds_count",
+        "kiln_request_prefill_time_seconds_count",
+        "kiln_request_decode_time_seconds_count",
         "kiln_prompt_tokens_total",
         "kiln_generation_tokens_total",
         "kiln_num_requests_running",
@@ -52,6 +59,8 @@ def test_metrics_cover_the_issue_list(server: LiveServer) -> None:
         if not line.startswith("#")
     }
     assert values["kiln_generation_tokens_total"] >= 3
+    for phase in ("intake", "queue", "prefill", "decode"):  # the one request, each phase recorded
+        assert values[f"kiln_request_{phase}_time_seconds_count"] == 1, phase
     assert values["kiln_kv_cache_blocks_total"] == server.engine.stats().kv_blocks_total
     assert values["kiln_engine_steps_total"] >= 3  # the prompt, then a decode per token after the first
     assert values["kiln_engine_step_sequences_total"] >= values["kiln_engine_steps_total"]
@@ -158,3 +167,17 @@ def test_the_request_line_is_built_only_when_info_is_on(caplog: pytest.LogCaptur
         line,
         json.dumps(with_prompt),
     ]
+
+
+def test_a_finished_requests_phases_are_the_gaps_between_its_times() -> None:
+    metrics = ServerMetrics(EngineStats, lambda: 0)
+    times = RequestMetrics(arrival_time=10.5, first_scheduled_time=10.625, first_token_time=11.0)
+    times.last_token_time = 13.0
+    metrics.observe_phases(10.0, times)
+    # A backend that does not say when it scheduled (TensorRT-LLM): its queue and prefill are not guessed.
+    metrics.observe_phases(20.0, RequestMetrics(arrival_time=20.25, first_token_time=21.0, last_token_time=22.0))
+    sample = metrics.registry.get_sample_value
+    sums = {p: sample(f"kiln_request_{p}_time_seconds_sum") for p in ("intake", "queue", "prefill", "decode")}
+    counts = {p: sample(f"kiln_request_{p}_time_seconds_count") for p in sums}
+    assert sums == {"intake": 0.75, "queue": 0.125, "prefill": 0.375, "decode": 3.0}
+    assert counts == {"intake": 2, "queue": 1, "prefill": 1, "decode": 2}

@@ -34,7 +34,24 @@ def test_served_run_counts_every_token_and_writes_rows(
     # On the CPU the engine is busy for most of the load; the client's idle-TTFT requests before it count
     # in the steps but not in the wall time, which at this size is a few percent.
     assert report["engine_steps"]["mean_seqs"] > 0 and 0.5 < report["engine_steps"]["busy_fraction"] < 1.3
+    # The mean of each phase over the engine requests of the run (its idle-TTFT requests among them).
+    phases = report["request_phases_ms"]
+    assert set(phases) == {"intake", "queue", "prefill", "decode"} and all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) <= report["e2e_ms"]["p99"]
     rows = {row["metric"]: row for row in json.loads(out.read_text())["results"]}
     assert rows["served_output_tok_s"]["value"] == report["output_tok_s"]
     assert {"offline_output_tok_s", "served_over_offline", "idle_ttft_ms", "itl_ms_p99"} <= set(rows)
     assert rows["served_output_tok_s"]["params"]["engine_process"] is engine_process
+
+
+def test_phase_means_are_per_request_over_the_requests_between_two_scrapes():
+    def text(count: int, sums: tuple[float, float, float]) -> str:
+        lines = []
+        for phase, total in zip(("intake", "queue", "prefill"), sums, strict=True):
+            name = f"kiln_request_{phase}_time_seconds"
+            lines += [f"# TYPE {name} histogram", f'{name}_bucket{{le="+Inf"}} {count}']
+            lines += [f"{name}_sum {total}", f"{name}_count {count}"]
+        return "\n".join(lines) + "\n"
+
+    means = served.phase_means(text(2, (0.1, 0.2, 0.0)), text(6, (0.5, 1.0, 0.0)))
+    assert means == pytest.approx({"intake": 100.0, "queue": 200.0, "prefill": 0.0, "decode": None})
