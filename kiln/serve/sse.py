@@ -132,7 +132,9 @@ class EventStream(StreamingResponse):
                 message = await receive()
             if waited.cancel_called:
                 if self._open and self._quiet:
-                    with contextlib.suppress(OSError):  # the client is gone: its disconnect comes next
+                    # OSError: the client is gone (its disconnect comes next); RuntimeError: the stream's
+                    # last message went out while this one waited for the socket to drain.
+                    with contextlib.suppress(OSError, RuntimeError):
                         await send({"type": "http.response.body", "body": _KEEPALIVE, "more_body": True})
                 self._quiet = True
             elif message["type"] == "http.disconnect":
