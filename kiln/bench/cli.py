@@ -103,6 +103,12 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="also profile 30 steps (at batch 1 with --latency-only); text report here",
     )
+    parser.add_argument(
+        "--profile-after",
+        type=int,
+        help="with --profile: steps run before the profiled ones (default 3; more to profile the decode "
+        "of long sequences)",
+    )
     return parser
 
 
@@ -121,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             "only (an engine directory is quantized, its KV cache included, when it is built)",
             file=sys.stderr,
         )
+        return 2
+    if args.profile_after is not None and (args.profile is None or args.profile_after < 0):
+        print("kiln bench: --profile-after takes a count of steps >= 0, and needs --profile", file=sys.stderr)
         return 2
     if args.url:
         return _bench_server(args, argv)
@@ -190,7 +199,16 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(_row(label, "ttft", "ms", lat.ttft_ms, workload, params))
     if args.profile:
         batch = 1 if args.latency_only else min(args.num_requests, max_num_seqs)
-        summary = profile_steps(engine, batch, args.input_len, args.output_len, 30, args.profile, args.seed)
+        summary = profile_steps(
+            engine,
+            batch,
+            args.input_len,
+            args.output_len,
+            30,
+            args.profile,
+            args.seed,
+            3 if args.profile_after is None else args.profile_after,
+        )
         print(
             f"{label}: profile of 30 steps at batch {batch}: "
             + ", ".join(f"{k} {v:.2f}" for k, v in summary.items())

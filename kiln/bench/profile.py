@@ -12,12 +12,22 @@ from kiln.bench.workload import greedy, random_prompts, sync
 
 
 def profile_steps(
-    engine, num_requests: int, input_len: int, output_len: int, num_steps: int, path: Path, seed: int = 0
+    engine,
+    num_requests: int,
+    input_len: int,
+    output_len: int,
+    num_steps: int,
+    path: Path,
+    seed: int = 0,
+    after_steps: int = 3,
 ) -> dict[str, float]:
-    """Profile `num_steps` engine steps of a throughput-shaped run; writes a text report to `path`.
+    """Profile `num_steps` engine steps of a throughput-shaped run, begun after `after_steps` unprofiled
+    steps (3: past the first prefill-heavy steps; more to profile decode deep into long sequences);
+    writes a text report to `path`.
 
     The report says how much of each step's wall time the GPU was busy (the rest is host work the
-    GPU waits for), the host time of each engine phase, and the top kernels. Returns the summary.
+    GPU waits for), the host time of each engine phase, the running sequences and their mean length
+    when profiling began, and the top kernels. Returns the summary.
     """
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -40,9 +50,11 @@ def profile_steps(
     vocab = engine.model_config.vocab_size
     for i, prompt in enumerate(random_prompts(num_requests, [input_len] * num_requests, vocab, seed)):
         engine.add_request(f"p{i}", prompt_token_ids=prompt, params=greedy(output_len))
-    for _ in range(3):  # past the first prefill-heavy steps
+    for _ in range(after_steps):
         engine.step()
     sync(engine)
+    running = len(engine.scheduler.running)
+    context = sum(r.num_tokens for r in engine.scheduler.running) / running if running else 0.0
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if engine.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         start = time.perf_counter()
@@ -58,9 +70,15 @@ def profile_steps(
     for e in events:  # a label appears twice: its host range and its (host-time-free) GPU range
         if e.key.startswith("phase: "):
             phases[e.key] = max(phases.get(e.key, 0.0), e.cpu_time_total / 1000 / num_steps)
-    summary = {"step_ms": 1000 * wall / num_steps, "gpu_busy_ms_per_step": gpu_us / 1000 / num_steps}
+    summary = {
+        "step_ms": 1000 * wall / num_steps,
+        "gpu_busy_ms_per_step": gpu_us / 1000 / num_steps,
+        "running_at_start": float(running),
+        "mean_tokens_at_start": context,
+    }
     lines = [
-        f"{num_steps} steps, {num_requests} requests of {input_len} in / {output_len} out",
+        f"{num_steps} steps, {num_requests} requests of {input_len} in / {output_len} out, after {after_steps} steps",
+        f"at the start: {running} running, {context:.1f} tokens each on average",
         f"wall per step: {summary['step_ms']:.2f} ms; GPU kernels per step: {summary['gpu_busy_ms_per_step']:.2f} ms",
         "host time per step by phase (ms, inclusive):",
         *(f"  {name[7:]:24s} {ms:8.2f}" for name, ms in sorted(phases.items(), key=lambda kv: -kv[1])),

@@ -92,6 +92,23 @@ def test_profile_reports_phases(tiny_gqa_dir, tmp_path):
     assert not engine.has_unfinished_requests()
 
 
+def test_profile_begins_after_the_steps_asked(tiny_gqa_dir, tmp_path):
+    engine = LLMEngine.from_path(tiny_gqa_dir, EngineConfig(device="cpu", max_num_seqs=4))
+    report = tmp_path / "profile.txt"
+    summary = profile.profile_steps(engine, 4, 8, 12, num_steps=2, path=report, after_steps=6)
+    # One step prefills all four prompts and samples each one's first token; five more add one each.
+    assert summary["running_at_start"] == 4
+    assert summary["mean_tokens_at_start"] == 8 + 6
+    assert "after 6 steps" in report.read_text()
+    assert not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("flags", [["--profile-after", "5"], ["--profile", "p.txt", "--profile-after", "-1"]])
+def test_profile_after_needs_profile_and_a_count(flags, capsys):
+    assert cli.main(["--random", "llama2-7b", *flags]) == 2
+    assert "--profile-after" in capsys.readouterr().err
+
+
 def test_profile_first_token_reports_one_prompt(tiny_gqa_dir, tmp_path):
     engine = LLMEngine.from_path(tiny_gqa_dir, EngineConfig(device="cpu", async_scheduling=True))
     report = tmp_path / "ttft.txt"
