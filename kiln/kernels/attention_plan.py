@@ -30,17 +30,27 @@ def num_sms(device: torch.device) -> int:
     return _NUM_SMS_CACHE[index]
 
 
-def default_config(decode: bool, head_dim_p2: int) -> AttentionConfig:
+def default_config(decode: bool, head_dim_p2: int, *, fp8_cache: bool = False) -> AttentionConfig:
     """The tile shape used unless the caller passes one: the engine directory's tuned choice when
-    `kiln.kernels.tiles.apply_profile` installed one for this head size, else `builtin_config`."""
-    return tuned_config(decode, head_dim_p2) or builtin_config(decode, head_dim_p2)
+    `kiln.kernels.tiles.apply_profile` installed one for this head size (tuned over the engine's own
+    cache dtype), else `builtin_config`."""
+    return tuned_config(decode, head_dim_p2) or builtin_config(decode, head_dim_p2, fp8_cache=fp8_cache)
 
 
-def builtin_config(decode: bool, head_dim_p2: int) -> AttentionConfig:
-    """The untuned tile shape (chosen from sweeps on an H100, see docs/results/2026-11-25-h100/README.md)."""
+def builtin_config(decode: bool, head_dim_p2: int, *, fp8_cache: bool = False) -> AttentionConfig:
+    """The untuned tile shape (chosen from sweeps on an H100, see docs/results/2026-11-25-h100/README.md).
+
+    Decode over an fp8 cache takes five stages, which is what makes Triton double-buffer the K/V tiles
+    behind the block-table load: such a loop is bound by its instructions and latency, not by memory
+    (on an H100, 512 sequences of 1-2k tokens: 635 us a layer against 711 us with two stages; contexts
+    of 128-256 tokens lose 10 us; docs/results/2026-12-06-h100/README.md). A 16-bit cache streams at
+    the memory's rate either way, and two stages stay."""
     if decode:
         return AttentionConfig(
-            block_m=16, block_n=64 if head_dim_p2 <= 128 else 32, num_warps=4, num_stages=2
+            block_m=16,
+            block_n=64 if head_dim_p2 <= 128 else 32,
+            num_warps=4,
+            num_stages=5 if fp8_cache and head_dim_p2 <= 128 else 2,
         )
     if head_dim_p2 <= 128:
         return AttentionConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)

@@ -225,7 +225,9 @@ def tune_attention(
     for kind in ("decode", "prefill"):
         decode = kind == "decode"
         calls = 20 if decode else 5  # launches per timed graph
-        default = triton_attention.builtin_config(decode, head_dim_p2(head_dim))
+        default = triton_attention.builtin_config(
+            decode, head_dim_p2(head_dim), fp8_cache=kv_cache_dtype is not None
+        )
         cases = tuning_cases(decode, max_context, max_tokens)
         labels[kind] = [label for label, _, _ in cases]
         batches = [

@@ -9,10 +9,15 @@ Rules (the same as `kiln.kernels.reference.paged_attention`):
 - Causal: the query at position p attends to keys 0..p.
 - Grouped-query attention: query head h reads KV head h // (num_heads // num_kv_heads).
 - An fp8 cache (float8_e4m3fn, with the layer's k_scale / v_scale): each K and V tile is converted to
-  the query's dtype (every e4m3 value is exact in fp16 and bf16) before its tl.dot; k_scale is folded
-  into the softmax scale and v_scale into the output (exact in math: softmax(q k^T s_k c) V s_v is the
-  attention over the dequantized cache). The scales are read from device memory in the kernel, so a
-  CUDA graph replays with their current values.
+  float16 (every e4m3 value is exact in it) before its tl.dot; k_scale is folded into the softmax scale
+  and v_scale into the output (exact in math: softmax(q k^T s_k c) V s_v is the attention over the
+  dequantized cache). The scales are read from device memory in the kernel, so a CUDA graph replays
+  with their current values.
+- A bfloat16 query over an fp8 cache runs its products in float16 too: widening e4m3 to bfloat16 costs
+  a second conversion per element, and decode over long contexts is bound by those instructions, not
+  by memory. The tile's query is divided by the power of two that brings its largest |q| under 2^15
+  (exact; 1 for any ordinary query) and the softmax scale multiplied by it; the softmax weights round to
+  float16, finer than bfloat16.
 
 How the work is cut: a program owns one KV head and a tile of BLOCK_M rows, each row one (query
 token, query head of that KV head's group) pair, so the group's heads share every K/V load. For
@@ -43,7 +48,6 @@ from kiln.kernels.attention_plan import (
 from kiln.kernels.pdl import pdl_enabled
 from kiln.kernels.reference import check_kv_scales
 from kiln.kernels.tiles import AttentionConfig
-from kiln.kernels.triton_fp8 import fp8_via_float32, widen
 
 _LOG2E = 1.4426950408889634
 
@@ -86,7 +90,6 @@ def _attend_keys(
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     KEYS_TRANSPOSED: tl.constexpr,
-    FP8_VIA_F32: tl.constexpr,  # an fp8 cache widened through float32 (kiln.kernels.triton_fp8)
 ):
     """One online-softmax step over keys start_n .. start_n+BLOCK_N-1, read through the block table.
 
@@ -119,7 +122,7 @@ def _attend_keys(
             k_t = tl.trans(tl.load(k_ptrs, mask=kv_mask, other=0.0))
         else:
             k_t = tl.trans(tl.load(k_ptrs))
-    s = tl.dot(q, widen(k_t, q.dtype, FP8_VIA_F32)) * scale_log2  # an fp8 tile widens exactly
+    s = tl.dot(q, k_t.to(q.dtype)) * scale_log2  # an fp8 tile widens exactly (a no-op for 16 bits)
     if MASKED:
         visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -131,7 +134,7 @@ def _attend_keys(
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     else:
         v = tl.load(v_ptrs)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), widen(v, q.dtype, FP8_VIA_F32))
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
     return acc, l_i, m_new
 
 
@@ -177,7 +180,7 @@ def _paged_attention_kernel(
     NUM_SPLITS: tl.constexpr,
     KEYS_TRANSPOSED: tl.constexpr,
     KV_SCALED: tl.constexpr,  # an fp8 cache: k_scale / v_scale apply
-    FP8_VIA_F32: tl.constexpr,  # its tiles widen through float32 (kiln.kernels.triton_fp8)
+    F16_DOTS: tl.constexpr,  # a bfloat16 query over an fp8 cache: the products in float16 (see the rules)
     LAUNCH_DEPENDENTS: tl.constexpr,  # PDL: the next kernel may start now (kiln.kernels.pdl)
 ):
     if LAUNCH_DEPENDENTS:
@@ -222,6 +225,11 @@ def _paged_attention_kernel(
 
     if KV_SCALED:  # k_scale folds into the softmax scale
         scale_log2 = scale_log2 * tl.load(k_scale_ptr)
+    if F16_DOTS:  # a power of two brings the tile's largest |q| within float16's range; the scale undoes it
+        q_max = tl.max(tl.max(tl.abs(q.to(tl.float32)), axis=1), axis=0)
+        shift = tl.exp2(tl.maximum(tl.ceil(tl.log2(tl.maximum(q_max, 1.0) / 32768.0)), 0.0))
+        q = (q.to(tl.float32) / shift).to(tl.float16)
+        scale_log2 = scale_log2 * shift
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P2], dtype=tl.float32)
@@ -237,13 +245,13 @@ def _paged_attention_kernel(
         acc, l_i, m_i = _attend_keys(
             acc, l_i, m_i, q, q_pos, start_n, hi, table_row, k_head, v_head,
             stride_kb, stride_ks, stride_vb, stride_vs, scale_log2,
-            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, BLOCK_N, False, KEYS_TRANSPOSED, FP8_VIA_F32,
+            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, BLOCK_N, False, KEYS_TRANSPOSED,
         )  # fmt: skip
     for start_n in range(unmasked_end, hi, BLOCK_N):
         acc, l_i, m_i = _attend_keys(
             acc, l_i, m_i, q, q_pos, start_n, hi, table_row, k_head, v_head,
             stride_kb, stride_ks, stride_vb, stride_vs, scale_log2,
-            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, BLOCK_N, True, KEYS_TRANSPOSED, FP8_VIA_F32,
+            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, BLOCK_N, True, KEYS_TRANSPOSED,
         )  # fmt: skip
 
     if KV_SCALED:  # v_scale folds into the output (the splits' partials too: the merge is linear)
@@ -349,7 +357,7 @@ def paged_attention(
         return out
 
     decode = meta.max_query_len == 1
-    config = config or default_config(decode, head_dim_p2)
+    config = config or default_config(decode, head_dim_p2, fp8_cache=kv_scaled)
     # Decode tiles hold one token's group; prefill tiles as many tokens as fill config.block_m rows.
     block_q = 1 if decode else max(1, config.block_m // group_p2)
     block_m = max(16, block_q * group_p2)
@@ -407,7 +415,7 @@ def paged_attention(
         NUM_SPLITS=num_splits,
         KEYS_TRANSPOSED=config.keys_transposed,
         KV_SCALED=kv_scaled,
-        FP8_VIA_F32=kv_scaled and fp8_via_float32(query.device, query.dtype),
+        F16_DOTS=kv_scaled and query.dtype == torch.bfloat16,
         LAUNCH_DEPENDENTS=pdl_enabled(query.device),
         num_warps=config.num_warps,
         num_stages=config.num_stages,

@@ -115,6 +115,8 @@ def test_apply_profile_changes_default_config_and_the_builtin_stays_the_fallback
     builtin = {decode: builtin_config(decode, 128) for decode in (True, False)}
     assert default_config(True, 128) == builtin[True] == AttentionConfig(16, 64, 4, 2)
     assert default_config(False, 128) == builtin[False] == AttentionConfig(128, 64, 4, 3)
+    # decode over an fp8 cache: five stages, which double-buffer its K/V tiles (attention_plan.builtin_config)
+    assert default_config(True, 128, fp8_cache=True) == AttentionConfig(16, 64, 4, 5)
     profile = make_profile(head_dim=96)  # tuned by its power-of-two size, as the kernel pads it
     apply_profile(profile, H100)
     assert default_config(True, 128) == profile.decode != builtin[True]

@@ -189,6 +189,27 @@ def test_split_k_decode_over_an_fp8_cache(fp8_device, num_splits, dtype):
     _check(*parts, dtype, num_splits=num_splits)
 
 
+@pytest.mark.skipif(INTERPRET, reason="bf16 is checked on a GPU only")
+def test_a_bfloat16_query_beyond_float16s_range_over_an_fp8_cache(fp8_device):
+    # A bf16 query's products with an fp8 cache run in float16: a power of two brings the tile's largest
+    # |q| into range and the softmax scale takes it back, so a query float16 cannot hold still attends
+    # as the reference does (here the first head of each group, ~1e5: its softmax nearly one key).
+    parts = _fp8_batch(
+        [1, 1, 7, 1], [long_context(900), 40, 30, 0], 16, 4, 128, 16, torch.bfloat16, fp8_device
+    )
+    batch, k8, v8, k_scale, v_scale = parts
+    batch.query[:, ::4] *= 4e4
+    assert batch.query.abs().max() > 65504
+    scale = batch.query.shape[-1] ** -0.5
+    scales = {"k_scale": k_scale, "v_scale": v_scale}
+    from kiln.kernels.triton_attention import paged_attention
+
+    out = paged_attention(batch.query, k8, v8, batch.meta, scale, **scales)
+    ref = reference.paged_attention(batch.query, k8, v8, batch.meta, scale, **scales)
+    assert torch.isfinite(out).all()
+    assert rel_error(out, ref) < BOUNDS[torch.bfloat16]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize(("head_dim", "group"), HEAD_SHAPES)
