@@ -112,7 +112,8 @@ def bench_shape(
                 continue
             times[f"{mode}/{tile}"] = t
     for label, t in times.items():
-        results.append(Result("quant_small_m", label, where, "us", t, {"tb_s": n * k / t / 1e6}))
+        weight_bytes = n * k * (2 if label == "fp16_gemv" else 1)  # the 16-bit GEMV reads two bytes a weight
+        results.append(Result("quant_small_m", label, where, "us", t, {"tb_s": weight_bytes / t / 1e6}))
     return times
 
 
