@@ -21,8 +21,9 @@ Rules (the same as `kiln.kernels.reference.paged_attention`):
 
 How the work is cut: a program owns one KV head and a tile of BLOCK_M rows, each row one (query
 token, query head of that KV head's group) pair, so the group's heads share every K/V load. For
-decode a tile is one token's whole group. Tiles never straddle requests; their owner is found by a
-binary search over `query_start_loc`, so the grid depends only on tensor shapes (CUDA-graph safe).
+decode a tile is one token's whole group, and tile i is request i's. Otherwise tiles never straddle
+requests and their owner is found by a binary search over `query_start_loc`. Either way the grid
+depends only on tensor shapes (CUDA-graph safe).
 Long contexts with few query tiles are split along the sequence into `num_splits` ranges, so a
 batch-1 decode still fills the GPU. Each split writes its partial result (output and log-sum-exp)
 and bumps a per-tile counter; the split that finds itself last merges them, in the same launch
@@ -178,6 +179,7 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    DECODE: tl.constexpr,  # every request has one query token (a decode step)
     KEYS_TRANSPOSED: tl.constexpr,
     KV_SCALED: tl.constexpr,  # an fp8 cache: k_scale / v_scale apply
     F16_DOTS: tl.constexpr,  # a bfloat16 query over an fp8 cache: the products in float16 (see the rules)
@@ -191,10 +193,15 @@ def _paged_attention_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    seq = _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
+    if DECODE:  # one token a request: tile i is request i's, and the grid has one tile a token
+        seq = tile
+        if seq >= num_seqs:
+            return  # a padding token
+    else:
+        seq = _find_seq(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    q_tile = tile - (q_start // BLOCK_Q + seq)
+    q_tile = 0 if DECODE else tile - (q_start // BLOCK_Q + seq)
     if q_tile * BLOCK_Q >= q_len:
         return  # a spare program: the grid is sized for the worst case
     kv_len = tl.load(seq_lens_ptr + seq)
@@ -362,7 +369,9 @@ def paged_attention(
     block_q = 1 if decode else max(1, config.block_m // group_p2)
     block_m = max(16, block_q * group_p2)
     block_n = config.block_n
-    num_tiles = num_tokens // block_q + num_seqs  # an upper bound on every request's ceil(q_len / block_q)
+    # Decode: one tile a request (and a token). Otherwise an upper bound on every request's
+    # ceil(q_len / block_q), each request's tiles found by a binary search.
+    num_tiles = max(num_tokens, num_seqs) if decode else num_tokens // block_q + num_seqs
     if num_splits is None:
         real_tiles = num_seqs if meta.max_query_len == 1 else num_tiles
         num_splits = choose_num_splits(real_tiles, num_kv_heads, meta.max_seq_len, num_sms(query.device))
@@ -413,6 +422,7 @@ def paged_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
+        DECODE=decode,
         KEYS_TRANSPOSED=config.keys_transposed,
         KV_SCALED=kv_scaled,
         F16_DOTS=kv_scaled and query.dtype == torch.bfloat16,

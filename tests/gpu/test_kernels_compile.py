@@ -168,7 +168,9 @@ def test_kv_cache_kernels_compile_for_16_bit_and_fp8_caches(arch, act, cache):
     for splits, block_q, transposed in ((1, 16, False), (4, 1, True)):
         constexprs = dict(NUM_HEADS=32, GROUP=4, GROUP_P2=4, HEAD_DIM=128, HEAD_DIM_P2=128, BLOCK_SIZE=16)
         constexprs |= dict(BLOCK_Q=block_q, BLOCK_M=64 if block_q > 1 else 16, BLOCK_N=64, NUM_SPLITS=splits)
-        constexprs |= dict(KEYS_TRANSPOSED=transposed, KV_SCALED=scaled, LAUNCH_DEPENDENTS=arch >= 90)
+        constexprs |= dict(
+            KEYS_TRANSPOSED=transposed, DECODE=block_q == 1, KV_SCALED=scaled, LAUNCH_DEPENDENTS=arch >= 90
+        )
         constexprs |= dict(F16_DOTS=scaled and act == "bf16")  # paged_attention's rule
         _compile(_paged_attention_kernel, pointers, constexprs, arch, floats=("scale_log2",))
     scale = "*fp32" if scaled else "*i64"

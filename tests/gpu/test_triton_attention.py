@@ -108,6 +108,16 @@ def test_padding_rows_are_zero_and_caches_untouched(device):
     assert torch.equal(batch.k_cache, k_before) and torch.equal(batch.v_cache, v_before)
 
 
+def test_a_padded_decode_batch(device):
+    # A decode step runs one program a token, request i's being tile i: the padding tokens' programs
+    # have no request and leave their rows to the host's zeroing.
+    batch = make_paged_batch(
+        [1, 1, 1], [5, 20, 300], 8, 2, 64, 16, torch.float16, device, num_padding_tokens=5
+    )
+    out = _check(batch, torch.float16)
+    assert torch.equal(out[3:], torch.zeros_like(out[3:]))
+
+
 def test_odd_head_dim_and_group(device):
     # Not a Llama shape, but the masks must hold: head_dim 96 (padded to 128), 3 query heads per KV head.
     batch = make_paged_batch([4, 1], [10, 70], 6, 2, 96, 16, torch.float16, device, seed=5)
