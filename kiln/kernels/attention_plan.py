@@ -40,11 +40,11 @@ def default_config(decode: bool, head_dim_p2: int, *, fp8_cache: bool = False) -
 def builtin_config(decode: bool, head_dim_p2: int, *, fp8_cache: bool = False) -> AttentionConfig:
     """The untuned tile shape (chosen from sweeps on an H100, see docs/results/2026-11-25-h100/README.md).
 
-    Decode over an fp8 cache takes five stages, which is what makes Triton double-buffer the K/V tiles
-    behind the block-table load: such a loop is bound by its instructions and latency, not by memory
-    (on an H100, 512 sequences of 1-2k tokens: 635 us a layer against 711 us with two stages; contexts
-    of 128-256 tokens lose 10 us; docs/results/2026-12-06-h100/README.md). A 16-bit cache streams at
-    the memory's rate either way, and two stages stay."""
+    Decode over an fp8 cache takes five stages: that is what makes Triton double-buffer the K/V tiles
+    behind the block-table load, and such a loop is bound by instructions and latency, not by memory. It
+    pays over long contexts, where an fp8 cache is worth having, and costs a little over short ones
+    (docs/results/2026-12-06-h100/README.md). A 16-bit cache streams at the memory's rate either way,
+    and keeps two stages."""
     if decode:
         return AttentionConfig(
             block_m=16,

@@ -193,7 +193,7 @@ def _paged_attention_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    if DECODE:  # one token a request: tile i is request i's, and the grid has one tile a token
+    if DECODE:  # one token a request: tile i is request i's (the grid has a tile for each)
         seq = tile
         if seq >= num_seqs:
             return  # a padding token
