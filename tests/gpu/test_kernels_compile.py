@@ -10,6 +10,7 @@ a GPU or under TRITON_INTERPRET=1. Skipped where Triton is not installed (the CP
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 
@@ -30,9 +31,12 @@ def _compile(
     arch: int,
     floats: tuple[str, ...] = (),
     stage: str = "ptx",
+    aligned: tuple[str, ...] = (),
+    options: dict | None = None,
 ) -> str:
     """`stage` (PTX, or "ttgir") of `kernel` for sm_`arch`: pointer types from `pointers`, `floats` fp32,
-    other arguments i32."""
+    other arguments i32. `aligned` arguments are known multiples of 16, as the JIT marks an aligned
+    pointer or stride (what lets Triton vectorize and pipeline a load); `options` e.g. num_stages."""
     signature = {}
     for param in kernel.params:
         name = param.name
@@ -40,8 +44,10 @@ def _compile(
             signature[name] = "constexpr"
         else:
             signature[name] = pointers.get(name, "fp32" if name in floats else "i32")
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm[stage]
+    names = [param.name for param in kernel.params]
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options).asm[stage]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -146,16 +152,9 @@ def test_norm_and_activation_quantization_compile(arch, act, quant):
         )
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("cache", ["act", "fp8e4nv"])
-def test_kv_cache_kernels_compile_for_16_bit_and_fp8_caches(arch, act, cache):
-    from kiln.kernels.triton_attention import _paged_attention_kernel
-    from kiln.kernels.triton_cache import _rotary_kernel, _store_kv_kernel
-
-    cache = act if cache == "act" else cache
-    scaled = cache == "fp8e4nv"
-    scale = "*fp32" if scaled else "*i32"
+def _attention_pointers(act: str, cache: str) -> dict[str, str]:
+    """The pointer types paged_attention passes its kernel (a 16-bit cache takes no scales: any tensor)."""
+    scale = "*fp32" if cache == "fp8e4nv" else "*i32"
     pointers = {
         "q_ptr": f"*{act}",
         "out_ptr": f"*{act}",
@@ -165,13 +164,35 @@ def test_kv_cache_kernels_compile_for_16_bit_and_fp8_caches(arch, act, cache):
     pointers |= {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "k_scale_ptr": scale, "v_scale_ptr": scale}
     for name in ("split_counters_ptr", "query_start_loc_ptr", "seq_lens_ptr", "block_tables_ptr"):
         pointers[name] = "*i32"
+    return pointers
+
+
+def _attention_constexprs(
+    act: str, cache: str, arch: int, *, block_q: int, block_n: int, splits: int
+) -> dict:
+    """Llama-3.1-8B's heads (32 query, 8 KV, 128 wide), blocks of 16, as paged_attention sets them."""
+    scaled = cache == "fp8e4nv"
+    constexprs = dict(NUM_HEADS=32, GROUP=4, GROUP_P2=4, HEAD_DIM=128, HEAD_DIM_P2=128, BLOCK_SIZE=16)
+    constexprs |= dict(BLOCK_Q=block_q, BLOCK_M=64 if block_q > 1 else 16, BLOCK_N=block_n, NUM_SPLITS=splits)
+    constexprs |= dict(
+        KEYS_TRANSPOSED=False, DECODE=block_q == 1, KV_SCALED=scaled, LAUNCH_DEPENDENTS=arch >= 90
+    )
+    return constexprs | dict(F16_DOTS=scaled and act == "bf16")  # paged_attention's rule
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("cache", ["act", "fp8e4nv"])
+def test_kv_cache_kernels_compile_for_16_bit_and_fp8_caches(arch, act, cache):
+    from kiln.kernels.triton_attention import _paged_attention_kernel
+    from kiln.kernels.triton_cache import _rotary_kernel, _store_kv_kernel
+
+    cache = act if cache == "act" else cache
+    scaled = cache == "fp8e4nv"
+    pointers = _attention_pointers(act, cache)
     for splits, block_q, transposed in ((1, 16, False), (4, 1, True)):
-        constexprs = dict(NUM_HEADS=32, GROUP=4, GROUP_P2=4, HEAD_DIM=128, HEAD_DIM_P2=128, BLOCK_SIZE=16)
-        constexprs |= dict(BLOCK_Q=block_q, BLOCK_M=64 if block_q > 1 else 16, BLOCK_N=64, NUM_SPLITS=splits)
-        constexprs |= dict(
-            KEYS_TRANSPOSED=transposed, DECODE=block_q == 1, KV_SCALED=scaled, LAUNCH_DEPENDENTS=arch >= 90
-        )
-        constexprs |= dict(F16_DOTS=scaled and act == "bf16")  # paged_attention's rule
+        constexprs = _attention_constexprs(act, cache, arch, block_q=block_q, block_n=64, splits=splits)
+        constexprs |= dict(KEYS_TRANSPOSED=transposed)
         _compile(_paged_attention_kernel, pointers, constexprs, arch, floats=("scale_log2",))
     scale = "*fp32" if scaled else "*i64"
     pointers = {
@@ -188,6 +209,38 @@ def test_kv_cache_kernels_compile_for_16_bit_and_fp8_caches(arch, act, cache):
     pointers |= {"slot_ptr": "*i64", "k_scale_ptr": scale, "v_scale_ptr": scale}
     constexprs = dict(NUM_Q_HEADS=32, Q_HEADS_P2=32, NUM_KV_HEADS=8, KV_HEADS_P2=8, HALF=64, HALF_P2=64)
     _compile(_rotary_kernel, pointers, constexprs | dict(TO_CACHE=True, SCALED=scaled), arch)
+
+
+def test_fp8_decode_tiles_double_buffer_their_keys_and_values():
+    """The built-in fp8-cache decode tile has five stages for one reason: with them Triton keeps the next
+    K/V tiles' copies in flight while a tile is computed (an async wait that leaves copies pending), where
+    with two it waits for every copy, the block-table load in front taking a stage. A Triton that pipelines
+    differently should fail here, not only slow down. Compiled as the JIT compiles it: pointers and the
+    cache's strides 16-aligned."""
+    from kiln.kernels.attention_plan import builtin_config
+    from kiln.kernels.triton_attention import _paged_attention_kernel
+
+    config = builtin_config(True, 128, fp8_cache=True)
+    pointers = _attention_pointers("bf16", "fp8e4nv")
+    strides = (
+        "stride_qt",
+        "stride_qh",
+        "stride_ot",
+        "stride_oh",
+        *(f"stride_{t}{d}" for t in "kv" for d in "bsh"),
+    )
+    constexprs = _attention_constexprs("bf16", "fp8e4nv", 90, block_q=1, block_n=config.block_n, splits=1)
+
+    def pending(num_stages: int) -> list[int]:
+        options = dict(num_warps=config.num_warps, num_stages=num_stages)
+        ttgir = _compile(
+            _paged_attention_kernel, pointers, constexprs, 90, floats=("scale_log2",), stage="ttgir",
+            aligned=(*pointers, *strides), options=options,
+        )  # fmt: skip
+        return [int(n) for n in re.findall(r"async_wait[^{]*\{num = (\d+)", ttgir)]
+
+    assert max(pending(config.num_stages)) > 0
+    assert pending(2) and max(pending(2)) == 0
 
 
 def test_only_bfloat16_before_hopper_widens_e4m3_through_float32(monkeypatch):

@@ -175,7 +175,9 @@ def test_a_finished_requests_phases_are_the_gaps_between_its_times() -> None:
     times.last_token_time = 13.0
     metrics.observe_phases(10.0, times)
     # A backend that does not say when it scheduled (TensorRT-LLM): its queue and prefill are not guessed.
-    metrics.observe_phases(20.0, RequestMetrics(arrival_time=20.25, first_token_time=21.0, last_token_time=22.0))
+    metrics.observe_phases(
+        20.0, RequestMetrics(arrival_time=20.25, first_token_time=21.0, last_token_time=22.0)
+    )
     sample = metrics.registry.get_sample_value
     sums = {p: sample(f"kiln_request_{p}_time_seconds_sum") for p in ("intake", "queue", "prefill", "decode")}
     counts = {p: sample(f"kiln_request_{p}_time_seconds_count") for p in sums}
