@@ -4,7 +4,8 @@ An e4m3 value is exact in float16, bfloat16 and float32, so widening never round
 the GPU. Triton 3.6 converts e4m3 to bfloat16 through float16 with a `cvt.bf16.f16` instruction that only
 sm_90 (Hopper) has: on Ada (sm_89) such a kernel fails in ptxas (tests/gpu/test_kernels_compile.py compiles
 both targets). There the tile goes through float32 instead (e4m3 -> float16 -> float32 -> bfloat16, each
-exact). `fp8_via_float32` says where that is needed; `widen` is the one way kernels widen e4m3 tiles.
+exact). `fp8_via_float32` says where that is needed; `widen` is how kernels widen e4m3 tiles to a dtype that
+may be bfloat16. Widening to float16 is one conversion on both (paged attention's products are float16).
 """
 
 from __future__ import annotations
