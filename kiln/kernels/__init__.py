@@ -7,6 +7,8 @@ Rules:
 - The choice follows the device of the first tensor argument, so CPU code never imports Triton.
 - KILN_KERNELS=reference forces the references on CUDA too (to compare or to bisect a bug);
   read once at import.
+- `paged_attention` on a Hopper GPU hands long fresh prompts to cuDNN's fused attention
+  (`kiln.kernels.long_prompts`, which says when) and the rest of the step to the Triton kernel.
 - `linear` runs the Triton GEMV only for one token without bias (batch-1 decode) and torch's
   linear (cuBLAS) otherwise: at any larger batch cuBLAS's GEMMs are the faster kernel.
 - `rotary_store_kv` is apply_rotary + store_kv in one launch on CUDA (and exactly those two
@@ -33,7 +35,7 @@ from types import ModuleType
 
 import torch
 
-from kiln.kernels import quant_reference, reference
+from kiln.kernels import long_prompts, quant_reference, reference
 from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.kernels.quant_reference import QuantizedActivation
 
@@ -79,7 +81,14 @@ def paged_attention(
 ) -> torch.Tensor:
     scales = {"k_scale": k_scale, "v_scale": v_scale}
     if _use_triton(query):
-        return _triton("attention").paged_attention(query, k_cache, v_cache, meta, scale, **scales)
+        offloaded = (
+            long_prompts.offloaded_requests(meta) if long_prompts.device_offloads(query, k_cache) else []
+        )
+        out = _triton("attention").paged_attention(
+            query, k_cache, v_cache, meta, scale, **scales, offloaded=offloaded
+        )
+        long_prompts.attend_offloaded(query, k_cache, v_cache, meta, scale, offloaded, out)
+        return out
     return reference.paged_attention(query, k_cache, v_cache, meta, scale, **scales)
 
 

@@ -34,6 +34,8 @@ CUDA-graph replay, finds them at zero.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -46,6 +48,7 @@ from kiln.kernels.attention_plan import (
     num_sms,
     split_counters,
 )
+from kiln.kernels.long_prompts import LONG_PROMPT_TOKENS
 from kiln.kernels.pdl import pdl_enabled
 from kiln.kernels.reference import check_kv_scales
 from kiln.kernels.tiles import AttentionConfig
@@ -180,6 +183,8 @@ def _paged_attention_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DECODE: tl.constexpr,  # every request has one query token (a decode step)
+    SKIP_LONG_PROMPTS: tl.constexpr,  # leave long fresh prompts to kiln.kernels.long_prompts
+    LONG_PROMPT_TOKENS: tl.constexpr,
     KEYS_TRANSPOSED: tl.constexpr,
     KV_SCALED: tl.constexpr,  # an fp8 cache: k_scale / v_scale apply
     F16_DOTS: tl.constexpr,  # a bfloat16 query over an fp8 cache: the products in float16 (see the rules)
@@ -205,6 +210,10 @@ def _paged_attention_kernel(
     if q_tile * BLOCK_Q >= q_len:
         return  # a spare program: the grid is sized for the worst case
     kv_len = tl.load(seq_lens_ptr + seq)
+    # kiln.kernels.long_prompts.is_offloaded: another kernel attends this request
+    if SKIP_LONG_PROMPTS:  # noqa: SIM102 (a constexpr branch)
+        if (q_len >= LONG_PROMPT_TOKENS) & (kv_len == q_len):
+            return
     context_len = kv_len - q_len
 
     rows = tl.arange(0, BLOCK_M)
@@ -335,9 +344,12 @@ def paged_attention(
     *,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    offloaded: Sequence[int] = (),
 ) -> torch.Tensor:
     """Attention of the ragged `query` [T, H, D] over the paged caches; returns [T, H, D] in query's dtype.
     An fp8 cache needs the layer's k_scale / v_scale (float32 [1] device tensors; see the module rules).
+    `offloaded`: the requests `kiln.kernels.long_prompts.offloaded_requests` picked for the step; the
+    kernel leaves their rows unwritten (the caller fills them), and is not launched when that is all.
 
     `num_splits` fixes the sequence split (CUDA-graph capture wants one value per graph); None picks
     it from the batch shape. `config` overrides the tile shape (for tuning sweeps). Rows of padding tokens (beyond query_start_loc[-1]) are zeros, as in the
@@ -360,7 +372,7 @@ def paged_attention(
     num_real_tokens = meta.query_start_loc_cpu[-1] if num_seqs else 0
     if num_real_tokens < num_tokens:
         out[num_real_tokens:].zero_()
-    if num_seqs == 0 or num_tokens == 0:
+    if num_seqs == 0 or num_tokens == 0 or len(offloaded) == num_seqs:
         return out
 
     decode = meta.max_query_len == 1
@@ -423,6 +435,8 @@ def paged_attention(
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
         DECODE=decode,
+        SKIP_LONG_PROMPTS=bool(offloaded),
+        LONG_PROMPT_TOKENS=LONG_PROMPT_TOKENS,
         KEYS_TRANSPOSED=config.keys_transposed,
         KV_SCALED=kv_scaled,
         F16_DOTS=kv_scaled and query.dtype == torch.bfloat16,

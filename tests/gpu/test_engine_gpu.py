@@ -9,9 +9,11 @@ import pytest
 import torch
 import transformers
 
+from kiln.build.tiny import write_tiny_checkpoint
 from kiln.config import EngineConfig
 from kiln.engine.llm_engine import LLMEngine
 from kiln.engine.sampling_params import SamplingParams
+from kiln.kernels import long_prompts
 
 pytestmark = [
     pytest.mark.gpu,
@@ -170,3 +172,39 @@ def test_piecewise_graphs_give_the_same_tokens_as_eager(tiny_gqa_dir):
         if not eager:
             assert len(used) >= 10  # the mixed steps went through the pieces
     assert results[0] == results[1]
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+    reason="long prompts go to cuDNN on Hopper GPUs only",
+)
+def test_long_prompts_give_the_same_tokens_through_cudnn_as_through_triton(tmp_path, monkeypatch):
+    """Two fresh prompts of 1,300 and 2,000 tokens and a short one in one step: the long ones' attention
+    runs in cuDNN (kiln.kernels.long_prompts), against the same engine with everything in Triton. The
+    kernels round differently, so a near-tie may flip a late token: the first tokens must agree, and
+    most sequences wholly."""
+    # Heads of 64 (256 wide, 4 heads), positions enough for a 2,000-token prompt.
+    model_dir = write_tiny_checkpoint(
+        tmp_path / "tiny", seed=7, hidden_size=256, num_attention_heads=4, max_position_embeddings=4096
+    )
+    batch = prompts(512, [2000, 1300, 30], seed=8)
+    greedy = SamplingParams(temperature=0, max_tokens=16, min_tokens=16)
+    calls: list[int] = []
+    real = long_prompts.attend_fresh_prompt
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(long_prompts, "attend_fresh_prompt", counted)
+    results = []
+    for offload in (True, False):
+        if not offload:
+            monkeypatch.setattr(long_prompts, "device_offloads", lambda *_: False)
+        config = EngineConfig(device="cuda", dtype="float16", max_model_len=4096, max_num_batched_tokens=4096)
+        engine = LLMEngine.from_path(model_dir, config)
+        assert not calls  # the start-up's memory profile runs with the offload suspended
+        results.append(run(engine, batch, greedy))
+        assert len(calls) == (2 * 2 if offload else 0)  # both long prompts, in each of the two layers
+    assert [r[0] for r in results[0]] == [r[0] for r in results[1]]
+    assert sum(a == b for a, b in zip(*results, strict=True)) >= 2

@@ -177,6 +177,7 @@ def _attention_constexprs(
     constexprs |= dict(
         KEYS_TRANSPOSED=False, DECODE=block_q == 1, KV_SCALED=scaled, LAUNCH_DEPENDENTS=arch >= 90
     )
+    constexprs |= dict(SKIP_LONG_PROMPTS=block_q > 1 and not scaled, LONG_PROMPT_TOKENS=1024)
     return constexprs | dict(F16_DOTS=scaled and act == "bf16")  # paged_attention's rule
 
 

@@ -1,0 +1,129 @@
+"""kiln.kernels.long_prompts on the CPU: which requests go to cuDNN, the buckets, and the gathering and
+padding around SDPA against the reference attention (the GPU test runs the cuDNN side)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln.kernels import long_prompts, reference
+from kiln.kernels.attention_metadata import AttentionMetadata
+
+
+def _batch(q_lens, contexts, num_heads, num_kv_heads, head_dim, dtype, block_size=16, seed=0):
+    """A ragged step whose requests own shuffled cache blocks; every slot no request owns is NaN."""
+    gen = torch.Generator().manual_seed(seed)
+    seq_lens = [c + q for c, q in zip(contexts, q_lens, strict=True)]
+    blocks = [-(-s // block_size) for s in seq_lens]
+    order = (torch.randperm(sum(blocks) + 2, generator=gen) + 1).tolist()
+    tables = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32)
+    slots, used = [], 0
+    for i, n in enumerate(blocks):
+        own = order[used : used + n]
+        used += n
+        tables[i, :n] = torch.tensor(own, dtype=torch.int32)
+        for pos in range(seq_lens[i]):
+            slots.append(own[pos // block_size] * block_size + pos % block_size)
+    shape = (len(order) + 1, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    keys = torch.randn(len(slots), num_kv_heads, head_dim, generator=gen).to(dtype)
+    values = torch.randn(len(slots), num_kv_heads, head_dim, generator=gen).to(dtype)
+    reference.store_kv(keys, values, k_cache, v_cache, torch.tensor(slots))
+    starts = [0]
+    for q_len in q_lens:
+        starts.append(starts[-1] + q_len)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(starts[-1], dtype=torch.int64),  # not read by attention
+        query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables=tables,
+        max_query_len=max(q_lens),
+        max_seq_len=max(seq_lens),
+        query_start_loc_cpu=starts,
+        seq_lens_cpu=seq_lens,
+        block_size=block_size,
+    )
+    query = torch.randn(starts[-1], num_heads, head_dim, generator=gen).to(dtype)
+    return query, k_cache, v_cache, meta
+
+
+def test_the_rule_takes_fresh_prompts_of_at_least_1024_tokens():
+    assert long_prompts.LONG_PROMPT_TOKENS == 1024
+    assert long_prompts.is_offloaded(1024, 1024)
+    assert long_prompts.is_offloaded(5000, 5000)
+    assert not long_prompts.is_offloaded(1023, 1023)  # too short
+    assert not long_prompts.is_offloaded(2048, 2049)  # a chunk after a cached prefix
+    assert not long_prompts.is_offloaded(1, 4096)  # a decode
+
+
+def test_offloaded_requests_are_picked_from_the_host_lists():
+    starts = [0, 1, 1025, 3073, 3573, 3574, 5074]
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(0),
+        query_start_loc=torch.zeros(0),
+        seq_lens=torch.zeros(0),
+        block_tables=torch.zeros(0),
+        max_query_len=2048,
+        max_seq_len=9000,
+        query_start_loc_cpu=starts,
+        # a decode, a fresh 1024, a 2048 chunk after 100 cached, a 500 prompt, a decode, a fresh 1500
+        seq_lens_cpu=[9000, 1024, 2148, 500, 17, 1500],
+        block_size=16,
+    )
+    assert long_prompts.offloaded_requests(meta) == [1, 5]
+
+
+@pytest.mark.parametrize(
+    ("length", "padded"),
+    [
+        (1, 256),
+        (256, 256),
+        (1000, 1024),
+        (1024, 1024),
+        (1025, 1280),
+        (5000, 5120),
+        (20000, 20480),
+        (32768, 32768),
+    ],
+)
+def test_buckets(length, padded):
+    assert long_prompts.bucket(length) == padded
+
+
+def test_buckets_add_at_most_a_sixteenth_past_256_tokens_and_16_plans_an_octave():
+    for octave in range(8, 16):
+        lengths = range((1 << octave) + 1, (1 << (octave + 1)) + 1)
+        buckets = {long_prompts.bucket(n) for n in lengths}
+        assert len(buckets) <= 16
+        assert all(0 <= long_prompts.bucket(n) - n < max(256, (1 << (octave + 1)) // 16) for n in lengths)
+
+
+def test_a_cpu_tensor_is_never_offloaded():
+    query = torch.zeros(4, 2, 64, dtype=torch.bfloat16)
+    assert not long_prompts.device_offloads(query, torch.zeros(1, 16, 2, 64, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(8, 2, 64), (4, 4, 32)])
+def test_a_fresh_prompt_matches_the_reference_whatever_the_stale_slots_hold(
+    dtype, num_heads, num_kv_heads, head_dim
+):
+    # 1030 tokens: neither a bucket (1280) nor a whole number of blocks, between a decode and a chunk.
+    query, k_cache, v_cache, meta = _batch(
+        [1, 1030, 40], [300, 0, 70], num_heads, num_kv_heads, head_dim, dtype
+    )
+    scale = head_dim**-0.5
+    expected = reference.paged_attention(query, k_cache, v_cache, meta, scale)
+    out = torch.full_like(query, 7.0)
+    long_prompts.attend_offloaded(query, k_cache, v_cache, meta, scale, [1], out)
+    rows = slice(1, 1031)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out[rows].float(), expected[rows].float(), atol=tolerance, rtol=tolerance)
+    assert (out[0] == 7.0).all() and (out[1031:] == 7.0).all()  # other requests' rows are not touched
+
+
+def test_a_request_with_a_cached_context_is_refused():
+    query, k_cache, v_cache, meta = _batch([1100], [20], 2, 2, 32, torch.float32)
+    with pytest.raises(ValueError, match="cached context"):
+        long_prompts.attend_fresh_prompt(query, k_cache, v_cache, meta, 1.0, 0, torch.empty_like(query))
