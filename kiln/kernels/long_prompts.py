@@ -1,9 +1,9 @@
 """Long fresh prompts' attention through cuDNN's fused attention (torch SDPA), beside the Triton kernel.
 
 On Hopper, cuDNN's causal attention runs 1.5-1.9x the Triton kernel's TFLOP/s on a prompt of 1k-32k
-tokens (H100, Llama-3.1-8B heads: docs/results/2026-12-06-h100/README.md), so a step hands such prompts
-to it and the Triton launch skips them. Everything else (decodes, short prompts, chunks after a cached
-prefix, fp8 caches) stays in the Triton kernel.
+tokens (H100, Llama-3.1-8B heads: docs/results/2026-12-06-h100/README.md), so a step hands long prompts
+to it and the Triton launch skips them. Everything else (decodes, shorter prompts, chunks after a
+cached prefix, fp8 caches) stays in the Triton kernel.
 
 Rules:
 - A request is offloaded when it is a fresh prompt (no cached context: its whole context is this
@@ -12,16 +12,16 @@ Rules:
   on the device (`is_offloaded`, with the same constant), so the two never both write a row.
 - Its keys and values are gathered from the paged cache into contiguous buffers. Query, keys and
   values are padded with zeros to `bucket(length)` tokens: cuDNN builds an execution plan for each new
-  shape (~50 ms on an H100, then cached for the process), so lengths share a plan per bucket. Causal
+  shape (55-80 ms on an H100, then cached for the process), so lengths share a plan per bucket. Causal
   attention from position 0 never lets a real query see a padding key; the padding queries' rows are
-  dropped.
+  dropped. Padding costs quadratic work, so the buckets are fine (at most 1/64 longer).
 - The semantics are `kiln.kernels.reference.paged_attention`'s; off CUDA, `attend_fresh_prompt` runs
   torch's default SDPA (the CPU tests check the gathering and padding there).
 - Never inside a CUDA graph: the shapes come from the host's view of the step. The graphed steps
   (decode, single prompts up to 512 tokens) hold no request this long.
-- The first offload of a process loads cuDNN (~0.8 s on an H100). The start-up's memory profile runs
-  `suspended()`, so start-to-ready does not pay it; the first long prompt served does, once. (The
-  offload's buffers, a few copies of one prompt's K/V and output, stay below the MLP's peak.)
+- The first offload of a process also loads cuDNN (0.1-0.8 s on an H100). The start-up's memory
+  profile runs `suspended()`, so start-to-ready does not pay it; the first long prompt served does,
+  once. (The offload's buffers, copies of one prompt's query, K/V and output, stay below the MLP's peak.)
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kiln.kernels.attention_metadata import AttentionMetadata
 
-# The shortest prompt handed to cuDNN. At 1,024 tokens it already took 0.58x the Triton kernel's time
-# (H100), and the host's few extra launches per layer hide behind a step of that many tokens.
-LONG_PROMPT_TOKENS = 1024
+# The shortest prompt handed to cuDNN. Attention's share of a prefill grows with its length: on an
+# H100 (Llama-3.1-8B), the offload cut TTFT by 2-6% from 1k to 4k tokens, 7% at 8k and 13-20% at 16k-32k,
+# while each new bucket's plan costs a one-time 55-80 ms: below 8k that takes 10-30 prompts to repay.
+LONG_PROMPT_TOKENS = 8192
 _MIN_BUCKET = 256
 
 
@@ -48,9 +49,9 @@ def is_offloaded(q_len: int, seq_len: int) -> bool:
 
 
 def bucket(num_tokens: int) -> int:
-    """The padded length of a prompt: a multiple of 1/16 of its power of two, at least 256 tokens
-    (at most 1/16 more work, and about 16 plans an octave)."""
-    step = max(_MIN_BUCKET, (1 << (num_tokens - 1).bit_length()) // 16)
+    """The padded length of a prompt: a multiple of 256 tokens and of 1/64 of its power of two. A
+    prompt long enough to offload grows by under 1/32 (under ~6% more work); 32 plans an octave."""
+    step = max(_MIN_BUCKET, (1 << (num_tokens - 1).bit_length()) // 64)
     return -(-num_tokens // step) * step
 
 

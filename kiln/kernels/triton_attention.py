@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels import long_prompts
 from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.kernels.attention_plan import (
     builtin_config,
@@ -48,7 +49,6 @@ from kiln.kernels.attention_plan import (
     num_sms,
     split_counters,
 )
-from kiln.kernels.long_prompts import LONG_PROMPT_TOKENS
 from kiln.kernels.pdl import pdl_enabled
 from kiln.kernels.reference import check_kv_scales
 from kiln.kernels.tiles import AttentionConfig
@@ -436,7 +436,7 @@ def paged_attention(
         NUM_SPLITS=num_splits,
         DECODE=decode,
         SKIP_LONG_PROMPTS=bool(offloaded),
-        LONG_PROMPT_TOKENS=LONG_PROMPT_TOKENS,
+        LONG_PROMPT_TOKENS=long_prompts.LONG_PROMPT_TOKENS,
         KEYS_TRANSPOSED=config.keys_transposed,
         KV_SCALED=kv_scaled,
         F16_DOTS=kv_scaled and query.dtype == torch.bfloat16,

@@ -16,6 +16,13 @@ pytestmark = pytest.mark.gpu
 BOUNDS = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
+@pytest.fixture
+def from_1024_tokens(monkeypatch):
+    """Offload from 1,024 tokens, so the reference attention's score matrices stay small; the Triton
+    kernel reads the threshold from the module at each launch, as the host rule does."""
+    monkeypatch.setattr(long_prompts, "LONG_PROMPT_TOKENS", 1024)
+
+
 def _hopper() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
@@ -36,7 +43,9 @@ def _check(batch, dtype, offloaded):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(32, 8, 128), (9, 3, 64), (4, 4, 128)])
-def test_a_mixed_step_with_long_fresh_prompts(device, num_heads, num_kv_heads, head_dim, dtype):
+def test_a_mixed_step_with_long_fresh_prompts(
+    device, from_1024_tokens, num_heads, num_kv_heads, head_dim, dtype
+):
     if INTERPRET:
         pytest.skip("prompts of 1,024+ tokens are too slow for the interpreter")
     # A decode, a fresh 1030 (offloaded), a short chunk, a fresh 1023 (not), a 1100 chunk after a cached
@@ -52,11 +61,19 @@ def test_a_mixed_step_with_long_fresh_prompts(device, num_heads, num_kv_heads, h
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_a_step_of_one_long_prompt_launches_no_triton_kernel(device, dtype):
+def test_a_step_of_one_long_prompt_launches_no_triton_kernel(device, from_1024_tokens, dtype):
     if INTERPRET:
         pytest.skip("prompts of 1,024+ tokens are too slow for the interpreter")
     batch = make_paged_batch([4097], [0], 32, 8, 128, 32, dtype, device, seed=5)
     _check(batch, dtype, [0])
+
+
+def test_the_threshold_itself(device):
+    # 8,192 tokens offloaded and 8,191 not, in one step; small heads keep the reference affordable.
+    if INTERPRET:
+        pytest.skip("prompts of 8,192 tokens are too slow for the interpreter")
+    batch = make_paged_batch([8191, 8192, 1], [0, 0, 40], 2, 1, 64, 16, torch.bfloat16, device, seed=6)
+    _check(batch, torch.bfloat16, [1])
 
 
 def test_an_fp8_cache_stays_in_the_triton_kernel(device):

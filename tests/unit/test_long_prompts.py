@@ -48,27 +48,27 @@ def _batch(q_lens, contexts, num_heads, num_kv_heads, head_dim, dtype, block_siz
     return query, k_cache, v_cache, meta
 
 
-def test_the_rule_takes_fresh_prompts_of_at_least_1024_tokens():
-    assert long_prompts.LONG_PROMPT_TOKENS == 1024
-    assert long_prompts.is_offloaded(1024, 1024)
-    assert long_prompts.is_offloaded(5000, 5000)
-    assert not long_prompts.is_offloaded(1023, 1023)  # too short
-    assert not long_prompts.is_offloaded(2048, 2049)  # a chunk after a cached prefix
-    assert not long_prompts.is_offloaded(1, 4096)  # a decode
+def test_the_rule_takes_fresh_prompts_of_at_least_8192_tokens():
+    assert long_prompts.LONG_PROMPT_TOKENS == 8192
+    assert long_prompts.is_offloaded(8192, 8192)
+    assert long_prompts.is_offloaded(30000, 30000)
+    assert not long_prompts.is_offloaded(8191, 8191)  # too short
+    assert not long_prompts.is_offloaded(9000, 9001)  # a chunk after a cached prefix
+    assert not long_prompts.is_offloaded(1, 20000)  # a decode
 
 
 def test_offloaded_requests_are_picked_from_the_host_lists():
-    starts = [0, 1, 1025, 3073, 3573, 3574, 5074]
+    starts = [0, 1, 8193, 17193, 17693, 17694, 27694]
     meta = AttentionMetadata(
         slot_mapping=torch.zeros(0),
         query_start_loc=torch.zeros(0),
         seq_lens=torch.zeros(0),
         block_tables=torch.zeros(0),
-        max_query_len=2048,
-        max_seq_len=9000,
+        max_query_len=10000,
+        max_seq_len=20000,
         query_start_loc_cpu=starts,
-        # a decode, a fresh 1024, a 2048 chunk after 100 cached, a 500 prompt, a decode, a fresh 1500
-        seq_lens_cpu=[9000, 1024, 2148, 500, 17, 1500],
+        # a decode, a fresh 8192, a 9000 chunk after 100 cached, a 500 prompt, a decode, a fresh 10000
+        seq_lens_cpu=[20000, 8192, 9100, 500, 17, 10000],
         block_size=16,
     )
     assert long_prompts.offloaded_requests(meta) == [1, 5]
@@ -77,26 +77,24 @@ def test_offloaded_requests_are_picked_from_the_host_lists():
 @pytest.mark.parametrize(
     ("length", "padded"),
     [
-        (1, 256),
-        (256, 256),
         (1000, 1024),
-        (1024, 1024),
-        (1025, 1280),
-        (5000, 5120),
+        (8192, 8192),
+        (8193, 8448),
+        (16385, 16896),
         (20000, 20480),
         (32768, 32768),
+        (100000, 100352),
     ],
 )
 def test_buckets(length, padded):
     assert long_prompts.bucket(length) == padded
 
 
-def test_buckets_add_at_most_a_sixteenth_past_256_tokens_and_16_plans_an_octave():
-    for octave in range(8, 16):
+def test_an_offloaded_prompt_grows_by_under_a_32nd_and_an_octave_has_32_buckets():
+    for octave in (13, 14, 15, 16):
         lengths = range((1 << octave) + 1, (1 << (octave + 1)) + 1)
-        buckets = {long_prompts.bucket(n) for n in lengths}
-        assert len(buckets) <= 16
-        assert all(0 <= long_prompts.bucket(n) - n < max(256, (1 << (octave + 1)) // 16) for n in lengths)
+        assert len({long_prompts.bucket(n) for n in lengths}) == 32
+        assert all(0 <= long_prompts.bucket(n) - n < n / 32 for n in lengths)
 
 
 def test_a_cpu_tensor_is_never_offloaded():
