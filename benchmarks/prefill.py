@@ -16,8 +16,9 @@ Rules of the measurement:
   gate, up, down), plus causal attention 2 x layers x L^2 x (heads x head_dim) (QK^T and PV, each
   2 x L^2 x d over the lower triangle, half of the square), plus the LM head for the one sampled row.
 - The ceiling: the median time of one [S, S] @ [S, S] matmul in the engine's dtype (S = `--ceiling-size`,
-  8192 by default; `benchmarks.timing.bench_us` on CUDA), measured in the same process after the engine
-  is built; share = achieved / ceiling.
+  8192 by default; `benchmarks.timing.bench_us` on CUDA), timed in the same process before the prompts
+  and again after them, the faster of the two counting; share = achieved / ceiling. (One timing alone
+  read 682 and 772 TFLOP/s in two processes on one H100, minutes apart, with the same prefill speed.)
 - Reported per length: TTFT (ms), achieved TFLOP/s, share of the ceiling; `--json` writes the rows
   (benchmarks.timing's format), `--markdown` the table; both printed. `--profile DIR`: after the timed
   runs, one more prompt of each length under torch.profiler, its op tables in DIR/prefill-LENGTH.txt.
@@ -84,14 +85,18 @@ def matmul_tflops(size: int, dtype: torch.dtype, device: torch.device, repeats: 
 def measure(
     engine: LLMEngine, lengths: list[int], repeats: int, ceiling_size: int
 ) -> tuple[float, list[PrefillRow]]:
-    ceiling = matmul_tflops(ceiling_size, DTYPES[engine.dtype], engine.device)
-    rows = []
+    dtype = DTYPES[engine.dtype]
+    before = matmul_tflops(ceiling_size, dtype, engine.device)
+    timed = []
     for length in lengths:
         ms = run_latency(engine, length, 1, repeats=repeats, best_by="ttft_ms").ttft_ms
         achieved = prefill_flops(engine.model_config, length) / (ms / 1e3) / 1e12
-        rows.append(PrefillRow(length, ms, achieved, achieved / ceiling))
+        timed.append((length, ms, achieved))
         print(f"prefill {length:6d} tokens: TTFT {ms:9.2f} ms, {achieved:7.1f} TFLOP/s", flush=True)
-    return ceiling, rows
+    after = matmul_tflops(ceiling_size, dtype, engine.device)
+    print(f"matmul ceiling: {before:.1f} TFLOP/s before the prompts, {after:.1f} after", flush=True)
+    ceiling = max(before, after)
+    return ceiling, [PrefillRow(length, ms, achieved, achieved / ceiling) for length, ms, achieved in timed]
 
 
 def markdown(name: str, device: str, ceiling: float, ceiling_size: int, rows: list[PrefillRow]) -> str:

@@ -55,6 +55,22 @@ def test_rows_and_table_on_the_tiny_model(tiny_gqa_dir, tmp_path, capsys):
     assert text.index("| 16 |") < text.index("| 48 |") and text in capsys.readouterr().out
 
 
+def test_the_ceiling_is_the_faster_of_its_timings_before_and_after_the_prompts(
+    tiny_gqa_dir, monkeypatch, tmp_path
+):
+    timings = iter([300.0, 400.0])
+    monkeypatch.setattr(prefill, "matmul_tflops", lambda *_: next(timings))
+    out = tmp_path / "prefill.json"
+    args = ["--model", str(tiny_gqa_dir), "--lengths", "16", "--repeats", "1", "--num-kv-blocks", "64"]
+    assert prefill.main([*args, "--no-load-progress", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["value"] for r in results if r["name"] == "kiln/matmul_ceiling"] == [400.0]
+    tflops = next(r["value"] for r in results if r["name"] == "kiln/prefill_tflops")
+    assert next(r["value"] for r in results if r["name"] == "kiln/prefill_share") == pytest.approx(
+        tflops / 400
+    )
+
+
 def test_a_prompt_longer_than_the_engine_takes_is_refused(tiny_gqa_dir, capsys):
     with pytest.raises(SystemExit):
         prefill.main(["--model", str(tiny_gqa_dir), "--lengths", "100000", "--no-load-progress"])
