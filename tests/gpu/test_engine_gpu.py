@@ -203,6 +203,7 @@ def test_long_prompts_give_the_same_tokens_through_cudnn_as_through_triton(tmp_p
         if not offload:
             monkeypatch.setattr(long_prompts, "device_offloads", lambda *_: False)
         config = EngineConfig(device="cuda", dtype="float16", max_model_len=4096, max_num_batched_tokens=4096)
+        calls.clear()
         engine = LLMEngine.from_path(model_dir, config)
         assert not calls  # the start-up's memory profile runs with the offload suspended
         results.append(run(engine, batch, greedy))
