@@ -1,5 +1,6 @@
 """Kernel microbenchmarks: each Triton kernel against its PyTorch reference and, for attention,
-against torch's fused SDPA on contiguous (non-paged) K/V, at Llama-2-7B / Llama-3.1-8B head shapes.
+against torch's fused SDPA on contiguous (non-paged) K/V (its cuDNN and flash backends for prefill),
+at Llama-2-7B / Llama-3.1-8B head shapes.
 
 Reported per case: median microseconds, and the rate that bounds the kernel (GB/s of HBM traffic
 for the memory-bound ones, TFLOP/s for prefill attention). Run: `python -m benchmarks.kernels --out F`.
@@ -124,53 +125,60 @@ def _causal_flops(q_lens, ctx_lens, hq, d) -> float:
 
 
 def bench_prefill_attention(results: list[Result]) -> None:
+    """Prefill attention, TFLOP/s: the Triton kernel on the paged cache (and its transposed-key tile),
+    what `kiln.kernels.paged_attention` runs (it hands long fresh prompts to cuDNN on Hopper), and
+    torch SDPA's cuDNN and flash backends on contiguous K/V for the fresh prompts."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kiln import kernels
     from kiln.kernels.triton_attention import default_config, paged_attention
 
     transposed = dataclasses.replace(default_config(False, 128), keys_transposed=True)
     cases = [
         ("4x1024 prefill", [1024] * 4, [0] * 4),
         ("1x4096 prefill", [4096], [0]),
+        ("1x8192 prefill", [8192], [0]),
+        ("1x32768 prefill", [32768], [0]),
         ("512 after 3584", [512], [3584]),
+        ("8192 after 24576", [8192], [24576]),
     ]
     for label, hq, hkv, d, dtype in ATTENTION_SHAPES:
         for name, q_lens, ctx_lens in cases:
             q, kc, vc, meta = paged_batch(q_lens, ctx_lens, hq, hkv, d, dtype)
             flops = _causal_flops(q_lens, ctx_lens, hq, d)
             case = f"{label} {name}"
-            us = bench_us(partial(paged_attention, q, kc, vc, meta, d**-0.5))
-            results.append(Result("kernels", "prefill_attention/triton", case, "us", us))
-            # A/B of the key-tile layout (the default loads [block_n, head_dim] and transposes).
-            us_t = bench_us(partial(paged_attention, q, kc, vc, meta, d**-0.5, config=transposed))
-            results.append(
-                Result(
-                    "kernels",
-                    "prefill_attention/triton_keys_transposed",
-                    case,
-                    "TFLOP_per_s",
-                    flops / us_t / 1e6,
+
+            def record(what: str, us: float, case: str = case, flops: float = flops) -> None:
+                results.append(Result("kernels", f"prefill_attention/{what}", case, "us", us))
+                results.append(
+                    Result("kernels", f"prefill_attention/{what}", case, "TFLOP_per_s", flops / us / 1e6)
                 )
+
+            record("triton", bench_us(partial(paged_attention, q, kc, vc, meta, d**-0.5)))
+            # A/B of the key-tile layout (the default loads [block_n, head_dim] and transposes).
+            record(
+                "triton_keys_transposed",
+                bench_us(partial(paged_attention, q, kc, vc, meta, d**-0.5, config=transposed)),
             )
-            results.append(
-                Result("kernels", "prefill_attention/triton", case, "TFLOP_per_s", flops / us / 1e6)
-            )
+            record("kiln_dispatch", bench_us(partial(kernels.paged_attention, q, kc, vc, meta, d**-0.5)))
             if all(c == 0 for c in ctx_lens) and len(set(q_lens)) == 1:
                 b, length = len(q_lens), q_lens[0]
                 q4 = q.view(b, length, hq, d).transpose(1, 2)
                 k = torch.randn(b, hkv, length, d, device="cuda", dtype=dtype)
                 v = torch.randn_like(k)
-                us = bench_us(
-                    partial(F.scaled_dot_product_attention, q4, k, v, is_causal=True, enable_gqa=hq != hkv)
-                )
-                results.append(Result("kernels", "prefill_attention/torch_sdpa_contiguous", case, "us", us))
-                results.append(
-                    Result(
-                        "kernels",
-                        "prefill_attention/torch_sdpa_contiguous",
-                        case,
-                        "TFLOP_per_s",
-                        flops / us / 1e6,
-                    )
-                )
+                for backend, what in (
+                    (SDPBackend.CUDNN_ATTENTION, "sdpa_cudnn"),
+                    (SDPBackend.FLASH_ATTENTION, "sdpa_flash"),
+                ):
+
+                    def sdpa(backend=backend, q4=q4, k=k, v=v, gqa=hq != hkv):
+                        with sdpa_kernel(backend):
+                            return F.scaled_dot_product_attention(q4, k, v, is_causal=True, enable_gqa=gqa)
+
+                    record(f"{what}_contiguous", bench_us(sdpa))
+                del k, v
+            del q, kc, vc
+            torch.cuda.empty_cache()
 
 
 def bench_elementwise(results: list[Result]) -> None:
