@@ -30,6 +30,8 @@ and bumps a per-tile counter; the split that finds itself last merges them, in t
 (a separate merge kernel cost a launch per layer: 1.7 us of GPU time each in a 7B batch-1 step). The
 counters live in a zeroed workspace that the merging program resets, so every launch, and every
 CUDA-graph replay, finds them at zero.
+Requests the dispatcher hands to cuDNN (`offloaded`, kiln.kernels.long_prompts) are skipped: their tiles
+exit at once, by the same rule evaluated on the device.
 """
 
 from __future__ import annotations
