@@ -30,7 +30,7 @@ def profile_activation_bytes(
     kv = allocate_kv_cache(model.config, num_blocks, block_size, dtype, device)
     meta = AttentionMetadata.one_prompt(num_tokens, block_size, device)
     ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
-    with long_prompts.suspended():  # loading cuDNN would cost start-up ~0.8 s (see long_prompts)
+    with long_prompts.suspended():  # loading cuDNN would cost start-up up to ~0.9 s (long_prompts)
         hidden = model(ids, torch.arange(num_tokens, device=device), kv, meta)
     model.compute_logits(hidden[: min(num_logits, num_tokens)])
     torch.cuda.synchronize(device)

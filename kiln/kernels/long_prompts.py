@@ -14,12 +14,12 @@ Rules:
   values are padded with zeros to `bucket(length)` tokens: cuDNN builds an execution plan for each new
   shape (55-80 ms on an H100, then cached for the process), so lengths share a plan per bucket. Causal
   attention from position 0 never lets a real query see a padding key; the padding queries' rows are
-  dropped. Padding costs quadratic work, so the buckets are fine (at most 1/64 longer).
+  dropped. Padding costs quadratic work, so the buckets are fine (under 1/32 longer).
 - The semantics are `kiln.kernels.reference.paged_attention`'s; off CUDA, `attend_fresh_prompt` runs
   torch's default SDPA (the CPU tests check the gathering and padding there).
 - Never inside a CUDA graph: the shapes come from the host's view of the step. The graphed steps
   (decode, single prompts up to 512 tokens) hold no request this long.
-- The first offload of a process also loads cuDNN (0.1-0.8 s on an H100). The start-up's memory
+- The first offload of a process also loads cuDNN (0.1-0.9 s on an H100). The start-up's memory
   profile runs `suspended()`, so start-to-ready does not pay it; the first long prompt served does,
   once. (The offload's buffers, copies of one prompt's query, K/V and output, stay below the MLP's peak.)
 """
@@ -37,8 +37,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from kiln.kernels.attention_metadata import AttentionMetadata
 
 # The shortest prompt handed to cuDNN. Attention's share of a prefill grows with its length: on an
-# H100 (Llama-3.1-8B), the offload cut TTFT by 2-6% from 1k to 4k tokens, 7% at 8k and 13-20% at 16k-32k,
-# while each new bucket's plan costs a one-time 55-80 ms: below 8k that takes 10-30 prompts to repay.
+# H100 (Llama-3.1-8B), the offload cut TTFT by 2-6% from 1k to 4k tokens (within the runs' spread),
+# 7-9% at 8k and 13-20% at 16k-32k, while a new bucket's plan costs its first prompt 35-80 ms: below 8k
+# a plan takes tens of prompts to repay.
 LONG_PROMPT_TOKENS = 8192
 _MIN_BUCKET = 256
 
