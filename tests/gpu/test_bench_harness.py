@@ -140,6 +140,14 @@ def test_report_shows_only_measured_rows(tmp_path):
          "value": 13.0, "params": {}, "note": ""},
         {"suite": "kernels", "name": "decode_attention/torch_sdpa_contiguous_graph", "shape": "B=1",
          "metric": "us", "value": 12.5, "params": {}, "note": ""},
+        {"suite": "kiln", "name": "kiln/batch1_decode", "shape": "llama2-7b fp8 batch 1, 128 in / 128 out",
+         "metric": "ms_per_token", "value": 1.8, "params": {}, "note": ""},
+        {"suite": "prefill", "name": "kiln/prefill_share", "shape": "llama3.1-8b 32768 tokens",
+         "metric": "ratio", "value": 0.825, "params": {}, "note": ""},
+        {"suite": "kernels", "name": "prefill_attention/triton", "shape": "1x8192", "metric": "TFLOP_per_s",
+         "value": 364.0, "params": {}, "note": ""},
+        {"suite": "kernels", "name": "prefill_attention/sdpa_cudnn_contiguous", "shape": "1x8192",
+         "metric": "TFLOP_per_s", "value": 556.0, "params": {}, "note": ""},
     ]  # fmt: skip
     served = [
         {"suite": "served", "name": "kiln/served", "shape": "llama3.1-8b 1024x128/128",
@@ -156,15 +164,31 @@ def test_report_shows_only_measured_rows(tmp_path):
     loaded, devices = report.load([path, second])
     text = report.markdown(loaded, devices)
     assert (
-        "| served over HTTP/SSE / offline, same workload (benchmarks.served) | 0.950, 0.850 | – | >= 0.90 | not in every run |"
-        in text
+        "| 16 | served over HTTP/SSE / offline, same workload (benchmarks.served) | 0.950, 0.850 | – | >= 0.95 "
+        "| not in every run |" in text
     )
-    assert "| start-to-ready, Llama-2-7B engine dir with kernels/, s | 19.00 | – | <= 20 | yes |" in text
+    assert "| 16 | start-to-ready, Llama-2-7B engine dir with kernels/, s | 19.00 | – | <= 8 | no |" in text
     assert "| kiln/served | llama3.1-8b 1024x128/128 | served_over_offline | 0.850 |" in text  # the last run
     assert "Test GPU" in text
-    assert "| batch-1 decode, Llama-2-7B fp16, ms/token | 6.50 | generate_eager 30.00 | <= 5.0 | no |" in text
-    assert "| offline, Llama-3.1-8B bf16, 1024 x 128/128, output tok/s | not measured | – |" in text
+    # The fp16 and FP8 rows share a model and a metric: each target finds its own by the shape's prefix.
+    assert (
+        "| 16 | batch-1 decode, Llama-2-7B fp16, ms/token | 6.50 | generate_eager 30.00 | <= 3.5 | no |"
+        in text
+    )
+    assert "| 16 | batch-1 decode, Llama-2-7B FP8, ms/token | 1.80 | – | <= 1.9 | yes |" in text
+    assert "| 16 | batch-1 decode, Llama-2-7B INT8 weight-only, ms/token | not measured | – |" in text
+    assert "| 16 | offline, Llama-3.1-8B bf16, 1024 x 128/128, output tok/s | not measured | – |" in text
+    assert (
+        "| 16 | prefill of 32,768 tokens, Llama-3.1-8B bf16, share of the matmul ceiling | 0.825 | – | >= 0.85 | no |"
+        in text
+    )
+    assert (
+        "| 16 | prefill of 1,024 tokens, Llama-3.1-8B bf16, share of the matmul ceiling | not measured |"
+        in text
+    )
+    assert "| kiln/prefill_share | llama3.1-8b 32768 tokens | ratio | 0.825 |" in text
     assert "| B=1 | 13.00 | 12.50 |" in text
+    assert "| 1x8192 | 364 | 556 |" in text
     pytest.importorskip("matplotlib")
     assert report.plot(loaded, tmp_path / "plots.png")
     assert (tmp_path / "plots.png").stat().st_size > 1000
