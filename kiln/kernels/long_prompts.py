@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.torch_version import TorchVersion
 
 from kiln.kernels.attention_metadata import AttentionMetadata
 
@@ -72,12 +73,18 @@ def suspended() -> Iterator[None]:
 
 @functools.cache
 def _hopper(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) == (9, 0) and torch.backends.cudnn.is_available()
+    # torch 2.11 is the version measured and tested; SDPA took `enable_gqa` only from 2.5.
+    return (
+        torch.cuda.get_device_capability(index) == (9, 0)
+        and torch.backends.cudnn.is_available()
+        and TorchVersion(torch.__version__) >= "2.11"
+    )
 
 
 def device_offloads(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether this step's long prompts may go to cuDNN: a Hopper GPU, a 16-bit query and cache of
-    one dtype, and heads of 64 or 128 (the sizes tested; Llama's and SmolLM2's)."""
+    """Whether this step's long prompts may go to cuDNN: a Hopper GPU with cuDNN and torch 2.11 or
+    later, a 16-bit query and cache of one dtype, and heads of 64 or 128 (the sizes tested; Llama's and
+    SmolLM2's)."""
     return (
         not _suspended
         and query.is_cuda

@@ -97,6 +97,24 @@ def test_an_offloaded_prompt_grows_by_under_a_32nd_and_an_octave_has_32_buckets(
         assert all(0 <= long_prompts.bucket(n) - n < n / 32 for n in lengths)
 
 
+@pytest.mark.parametrize(
+    ("capability", "cudnn", "version", "offloads"),
+    [
+        ((9, 0), True, "2.11.0+cu130", True),
+        ((9, 0), True, "2.13.0", True),
+        ((9, 0), True, "2.10.0+cu128", False),  # older than the torch measured and tested
+        ((9, 0), False, "2.11.0", False),  # no cuDNN
+        ((8, 0), True, "2.11.0", False),  # not Hopper: not measured
+        ((10, 0), True, "2.11.0", False),
+    ],
+)
+def test_which_gpus_offload(monkeypatch, capability, cudnn, version, offloads):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: cudnn)
+    monkeypatch.setattr(torch, "__version__", version)
+    assert long_prompts._hopper.__wrapped__(0) == offloads  # uncached: the rule itself
+
+
 def test_a_cpu_tensor_is_never_offloaded():
     query = torch.zeros(4, 2, 64, dtype=torch.bfloat16)
     assert not long_prompts.device_offloads(query, torch.zeros(1, 16, 2, 64, dtype=torch.bfloat16))
