@@ -87,7 +87,8 @@ def paged_attention(
         out = _triton("attention").paged_attention(
             query, k_cache, v_cache, meta, scale, **scales, offloaded=offloaded
         )
-        long_prompts.attend_offloaded(query, k_cache, v_cache, meta, scale, offloaded, out)
+        for request in offloaded:
+            long_prompts.attend_fresh_prompt(query, k_cache, v_cache, meta, scale, request, out)
         return out
     return reference.paged_attention(query, k_cache, v_cache, meta, scale, **scales)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +72,7 @@ def suspended() -> Iterator[None]:
 
 
 @functools.cache
-def _hopper(index: int) -> bool:
+def _offloading_gpu(index: int) -> bool:
     # torch 2.11 is the version measured and tested; SDPA took `enable_gqa` only from 2.5.
     return (
         torch.cuda.get_device_capability(index) == (9, 0)
@@ -91,12 +91,17 @@ def device_offloads(query: torch.Tensor, k_cache: torch.Tensor) -> bool:
         and query.dtype in (torch.float16, torch.bfloat16)
         and k_cache.dtype == query.dtype
         and query.shape[-1] in (64, 128)
-        and _hopper(query.device.index if query.device.index is not None else torch.cuda.current_device())
+        and _offloading_gpu(
+            query.device.index if query.device.index is not None else torch.cuda.current_device()
+        )
     )
 
 
 def offloaded_requests(meta: AttentionMetadata) -> list[int]:
-    """The requests of the step that `is_offloaded` picks (from the host's lists, no device sync)."""
+    """The requests of the step that `is_offloaded` picks (from the host's lists, no device sync). It
+    runs for every layer of an eager step, so a step with no long query returns before the scan."""
+    if meta.max_query_len < LONG_PROMPT_TOKENS:
+        return []
     starts = meta.query_start_loc_cpu
     return [
         i for i, seq_len in enumerate(meta.seq_lens_cpu) if is_offloaded(starts[i + 1] - starts[i], seq_len)
@@ -145,17 +150,3 @@ def attend_fresh_prompt(
             q, keys, values, is_causal=True, scale=scale, enable_gqa=num_heads != keys.shape[1]
         )
     out[start:end] = attended[0, :, :length].transpose(0, 1)
-
-
-def attend_offloaded(
-    query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    scale: float,
-    requests: Sequence[int],
-    out: torch.Tensor,
-) -> None:
-    """`attend_fresh_prompt` for each of `requests`."""
-    for request in requests:
-        attend_fresh_prompt(query, k_cache, v_cache, meta, scale, request, out)

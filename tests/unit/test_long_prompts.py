@@ -112,7 +112,7 @@ def test_which_gpus_offload(monkeypatch, capability, cudnn, version, offloads):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: capability)
     monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: cudnn)
     monkeypatch.setattr(torch, "__version__", version)
-    assert long_prompts._hopper.__wrapped__(0) == offloads  # uncached: the rule itself
+    assert long_prompts._offloading_gpu.__wrapped__(0) == offloads  # uncached: the rule itself
 
 
 def test_a_cpu_tensor_is_never_offloaded():
@@ -132,7 +132,7 @@ def test_a_fresh_prompt_matches_the_reference_whatever_the_stale_slots_hold(
     scale = head_dim**-0.5
     expected = reference.paged_attention(query, k_cache, v_cache, meta, scale)
     out = torch.full_like(query, 7.0)
-    long_prompts.attend_offloaded(query, k_cache, v_cache, meta, scale, [1], out)
+    long_prompts.attend_fresh_prompt(query, k_cache, v_cache, meta, scale, 1, out)
     rows = slice(1, 1031)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out[rows].float(), expected[rows].float(), atol=tolerance, rtol=tolerance)
