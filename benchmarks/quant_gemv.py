@@ -9,7 +9,8 @@ as `benchmarks.gemv` does): the 16-bit Triton GEMV (kiln.kernels.triton_gemv) ag
 W8A8 path (per-token int8 quantization, then the W8A8 GEMV: two launches), and the int8 and FP8 GEMVs with
 `bit_widen` (weights widened by integer operations, not conversion instructions). TB/s counts the weight bytes
 and scales read. Then each decode step's sum over the 4 quantized projections x 32 layers (lm_head, 16-bit
-in every scheme, left out). `--sweep` also times a few (BLOCK_N, BLOCK_K, warps) tiles of the int8 GEMV.
+in every scheme, left out). `--sweep` also times (BLOCK_N, BLOCK_K, warps) tiles of the int8 and FP8
+GEMVs, each with its default widening.
 
 GEMM (CUDA-graph replay, L2 warm, as a prefill or a large decode batch runs them): bf16 cuBLAS
 (`F.linear`) against FP8 `torch._scaled_mm` with row-wise scales (the GEMM alone, and with the per-token
@@ -50,7 +51,18 @@ LAYERS = 32
 GEMM_SHAPES = [("gate_up_proj", 28672, 4096), ("o_proj", 4096, 4096)]
 GEMM_TOKENS = [256, 1024, 4096]
 FLUSH_BYTES = 256 << 20
-SWEEP = [(2, 4096, 16), (4, 4096, 16), (8, 2048, 8), (8, 4096, 16), (4, 2048, 8), (16, 1024, 8)]
+SWEEP = [
+    (2, 1024, 2),
+    (2, 1024, 1),
+    (2, 512, 1),
+    (4, 1024, 4),
+    (4, 1024, 2),
+    (4, 512, 2),
+    (2, 2048, 4),
+    (4, 2048, 8),
+    (8, 1024, 8),
+    (2, 4096, 8),
+]
 
 
 def _cycled_us(fn_for_copy: Callable[[int], object], copies: int) -> float:
@@ -106,16 +118,17 @@ def bench_gemv_shape(model: str, name: str, n: int, k: int, sweep: bool, results
             )
         )
         print(f"{model:12s} {name:13s} {label:13s} {t:8.1f} us {nbytes / t / 1e6:5.2f} TB/s", flush=True)
-    if sweep:
-        weights = cases["int8_wo"][0]
+    for scheme in ("int8_wo", "fp8") if sweep else ():
+        weights = cases[scheme][0]
         for bn, bk, warps in SWEEP:
             cfg = (bn, bk, warps, 1)
-            t = _cycled_us(lambda i, c=cfg: quant_gemv(x, *weights[i], config=c), len(weights))
+            t = _cycled_us(lambda i, c=cfg, w=weights: quant_gemv(x, *w[i], config=c), len(weights))
             results.append(
-                Result("quant_gemv", "gemv/int8_wo_sweep", f"{model} {name}", "us", t, {"config": cfg})
+                Result("quant_gemv", f"gemv/{scheme}_sweep", f"{model} {name}", "us", t, {"config": cfg})
             )
             print(
-                f"{model:12s} {name:13s} int8 {cfg!s:22s} {t:8.1f} us {n * k / t / 1e6:5.2f} TB/s", flush=True
+                f"{model:12s} {name:13s} {scheme:7s} {cfg!s:20s} {t:8.1f} us {n * k / t / 1e6:5.2f} TB/s",
+                flush=True,
             )
     return times
 

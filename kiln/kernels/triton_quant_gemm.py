@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.triton_fp8 import fp8_via_float32, is_hopper, widen
-from kiln.kernels.triton_quant_gemv import BIT_WIDEN_DEFAULT, int8_to_16_bits, int8_to_float32_by_bits
+from kiln.kernels.triton_quant_gemv import int8_to_16_bits, int8_to_float32_by_bits, widen_by_bits
 
 
 @triton.jit
@@ -182,7 +182,8 @@ def quant_gemm(
     quantized (W8A8 with an int8 weight, FP8 with an e4m3 one): x has the weight's dtype and `x_scale`
     float32 [M], scale [N]; the output is `out_dtype` (else x's dtype). See the module rules.
     `bit_widen` widens an int8 weight-only tile by integer operations, not conversion instructions (the
-    same values; kiln.kernels.triton_quant_gemv's module doc; None: its BIT_WIDEN_DEFAULT)."""
+    same values; kiln.kernels.triton_quant_gemv's module doc; None: off, its speed here unmeasured,
+    unless KILN_WIDEN_BITS=1)."""
     m, k = x.shape
     n = weight.shape[0]
     if weight.shape[1] != k or weight.dtype not in WEIGHT_DTYPES or weight.stride(1) != 1:
@@ -227,7 +228,7 @@ def quant_gemm(
         SCALED_A=scaled_a,
         SWAP=swap,
         FP8_VIA_F32=not scaled_a and weight.dtype != torch.int8 and fp8_via_float32(x.device, x.dtype),
-        BITS=(BIT_WIDEN_DEFAULT if bit_widen is None else bit_widen)
+        BITS=(widen_by_bits(False) if bit_widen is None else bit_widen)
         and not scaled_a
         and weight.dtype == torch.int8,
         HAS_BIAS=bias is not None,

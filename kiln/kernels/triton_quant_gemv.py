@@ -1,7 +1,7 @@
 """Matrix-vector products for one token over 8-bit weights (batch-1 decode of a quantized engine), in Triton.
 
 The structure of `kiln.kernels.triton_gemv` (read it first): each program owns BLOCK_N output rows and
-reads chunks of BLOCK_K inputs of them (2,048 by default) in one load, evicted first (read once), while
+reads chunks of BLOCK_K inputs of them (1,024 by default) in one load, evicted first (read once), while
 the input vector is kept in cache (every program re-reads it); products accumulate in float32 and are summed once
 at the end; on Hopper the kernel launches with programmatic dependent launch and streams its first weight
 chunk before it waits for the kernel that writes its input. Batch-1 decode is weight streaming, so an
@@ -30,9 +30,8 @@ The output is x's dtype (for W8A8, the dtype asked for), cast before the bias is
 the references do. Nothing syncs with the host; CUDA graphs capture it.
 
 Widening a weight byte to float32 takes conversion instructions (int8: one I2F an element; e4m3: one
-e4m3x2 -> f16x2 per pair, then one f16 -> f32 an element), which Hopper issues at 16 an SM a clock, an
-eighth of its FMA rate; streaming 8-bit weights at full bandwidth needs about 13 a clock. `bit_widen`
-builds the float32 from the byte's bits with integer operations instead (the output is the same, bit for
+e4m3x2 -> f16x2 per pair, then a float16 -> float32 step an element), which Hopper issues at an eighth
+of its FMA rate, close to what streaming 8-bit weights at full bandwidth needs. `bit_widen` builds the float32 from the byte's bits with integer operations instead (the output is the same, bit for
 bit):
 - int8 v: the float32 with bits 0x4B000000 | (v + 128) is 2^23 + v + 128, exactly; subtracting 2^23 + 128
   leaves v (exact: both are in [2^23, 2^24)).
@@ -41,10 +40,11 @@ bit):
   the exponent of field 1). x is multiplied by 2^60 and the sum by 2^60 again: powers of two, so every
   product and partial sum is the conversion path's times 2^-60, rounded alike, and none is subnormal.
 `triton_quant_gemm` widens int8 tiles to 16 bits the same way with `bit_widen` (`int8_to_16_bits`).
-Which is faster is measured (`benchmarks.quant_gemv`, `benchmarks.quant_small_m`), not assumed: until
-then the conversions are the default, and KILN_WIDEN_BITS=1 (read once, at import) makes bit widening
-the default of both kernels, to compare whole engines (`kiln bench --latency-only --quantization ...`)
-without a code change.
+Which is faster is measured, not assumed (`benchmarks.quant_gemv` times both). On an H100 the int8 GEMV
+is faster by its bits (a Llama-2-7B step's GEMVs 2.70 against 2.74 ms; 3.35 against 3.45 ms a token with
+the earlier tile) and the e4m3 one by its conversions (2.86 against 3.32 ms, 3.27 against 3.74 ms a
+token): the defaults follow. KILN_WIDEN_BITS=1 or 0 (read once, at import) forces either in both
+kernels, to compare whole engines (`kiln bench --latency-only --quantization ...`) without a code change.
 """
 
 from __future__ import annotations
@@ -57,7 +57,15 @@ import triton.language as tl
 
 from kiln.kernels.pdl import pdl_enabled
 
-BIT_WIDEN_DEFAULT = os.environ.get("KILN_WIDEN_BITS", "0") == "1"
+_WIDEN_BITS_ENV = os.environ.get("KILN_WIDEN_BITS")  # "1" / "0": on / off in both kernels, to compare
+
+
+def widen_by_bits(measured_default: bool) -> bool:
+    """Whether a kernel widens 8-bit weights by their bits: KILN_WIDEN_BITS where it is set, else the
+    kernel's measured default for the weight's dtype."""
+    return measured_default if _WIDEN_BITS_ENV is None else _WIDEN_BITS_ENV == "1"
+
+
 FP8_BIT_SCALE: tl.constexpr = tl.constexpr(2.0**60)  # x's and the sum's factor with bit_widen (module doc)
 
 
@@ -187,12 +195,11 @@ def _quant_gemv_kernel(
 
 
 def default_config(n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages): four rows of 2,048 inputs a program, 8 warps, the fastest
-    of `benchmarks.quant_gemv --sweep`'s tiles at every projection of Llama-2-7B and Llama-3.1-8B (half
-    the 16-bit GEMV's bytes in flight per load, but twice the programs to hide the latency). Any
-    power-of-two group fits a power-of-two BLOCK_K: one divides the other."""
-    block_k = min(2048, triton.next_power_of_2(k))
-    return 4, block_k, 8 if block_k >= 2048 else 4, 1
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages): two rows of 1,024 inputs a program, 2 warps. Small
+    programs, many of them: the fastest of 31 tiles swept at Llama-2-7B's four projections for FP8 and
+    int8 alike (H100; a Llama-2-7B step's GEMVs 5.7% faster than four rows of 2,048 in 8 warps, the
+    default before). Any power-of-two group fits a power-of-two BLOCK_K: one divides the other."""
+    return 2, min(1024, triton.next_power_of_2(k)), 2, 1
 
 
 def quant_gemv(
@@ -212,7 +219,7 @@ def quant_gemv(
     float8_e4m3fn with scale [N]; x in float16/bfloat16. With `x_scale` (float32, one element) x is the
     int8 per-token-quantized input of a W8A8 layer, and `out_dtype` the output dtype (else x's).
     `bit_widen` widens a weight-only product's weights by integer operations (see the module doc; None:
-    BIT_WIDEN_DEFAULT)."""
+    on for int8 weights, off for e4m3, unless KILN_WIDEN_BITS says otherwise)."""
     n, k = weight.shape
     if x.numel() != k:
         raise ValueError(f"quant_gemv takes one token of {k} features, got shape {tuple(x.shape)}")
@@ -248,7 +255,7 @@ def quant_gemv(
         BLOCK_K=block_k,
         GROUP=group,
         INT_X=int_x,
-        BITS=(BIT_WIDEN_DEFAULT if bit_widen is None else bit_widen) and not int_x,
+        BITS=(widen_by_bits(weight.dtype == torch.int8) if bit_widen is None else bit_widen) and not int_x,
         FP8_W=weight.dtype == torch.float8_e4m3fn,
         HAS_BIAS=bias is not None,
         PDL=pdl,
