@@ -41,10 +41,11 @@ bit):
   product and partial sum is the conversion path's times 2^-60, rounded alike, and none is subnormal.
 `triton_quant_gemm` widens int8 tiles to 16 bits the same way with `bit_widen` (`int8_to_16_bits`).
 Which is faster is measured, not assumed (`benchmarks.quant_gemv` times both). On an H100 the int8 GEMV
-is faster by its bits (a Llama-2-7B step's GEMVs 2.70 against 2.74 ms; 3.35 against 3.45 ms a token with
-the earlier tile) and the e4m3 one by its conversions (2.86 against 3.32 ms, 3.27 against 3.74 ms a
-token): the defaults follow. KILN_WIDEN_BITS=1 or 0 (read once, at import) forces either in both
-kernels, to compare whole engines (`kiln bench --latency-only --quantization ...`) without a code change.
+is faster by its bits (a Llama-2-7B step's GEMVs 2.70 against 2.73 ms; batch-1 decode 3.08 against 3.14
+ms a token) and the e4m3 one by its conversions (2.66 against 2.71 ms; 3.27 against 3.74 ms a token with
+the earlier tile): the defaults follow. KILN_WIDEN_BITS=1 or 0 (read once, at import) forces either in
+both kernels, to compare whole engines (`kiln bench --latency-only --quantization ...`) without a code
+change.
 """
 
 from __future__ import annotations
@@ -195,10 +196,11 @@ def _quant_gemv_kernel(
 
 
 def default_config(n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages): two rows of 1,024 inputs a program, 2 warps. Small
-    programs, many of them: the fastest of 31 tiles swept at Llama-2-7B's four projections for FP8 and
-    int8 alike (H100; a Llama-2-7B step's GEMVs 5.7% faster than four rows of 2,048 in 8 warps, the
-    default before). Any power-of-two group fits a power-of-two BLOCK_K: one divides the other."""
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages): two rows of 1,024 inputs a program, 2 warps: small
+    programs, many of them. Of `benchmarks.quant_gemv --sweep`'s tiles on an H100 it is the fastest for
+    int8 and within 0.4% of the fastest for FP8, at Llama-2-7B's and Llama-3.1-8B's projections; a 7B
+    step's GEMVs take 6-7% less time than with four rows of 2,048 in 8 warps, the default before. Any
+    power-of-two group fits a power-of-two BLOCK_K: one divides the other."""
     return 2, min(1024, triton.next_power_of_2(k)), 2, 1
 
 
