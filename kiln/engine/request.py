@@ -19,15 +19,15 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self in (
-            RequestStatus.FINISHED_STOPPED,
-            RequestStatus.FINISHED_LENGTH,
-            RequestStatus.FINISHED_ABORTED,
-        )
+        # Read for every request several times a step: a module tuple, not the class's members each call.
+        return self in _FINISHED
 
     @property
     def finish_reason(self) -> FinishReason | None:
-        return self.value if self.finished else None  # type: ignore[return-value]
+        return self.value if self in _FINISHED else None  # type: ignore[return-value]
+
+
+_FINISHED = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
 
 
 @dataclass(slots=True, eq=False)

@@ -113,6 +113,18 @@ class KVCacheManager:
         num_held = len(request.block_ids) if request is not None else 0
         if num_computed_tokens < 0 or num_new_tokens < 0:
             raise ValueError("num_computed_tokens and num_new_tokens must be >= 0")
+        num_total = num_computed_tokens + num_new_tokens
+        if (
+            request is not None
+            and not new_computed_blocks
+            and num_total <= num_held * bs
+            and len(token_ids) + num_unknown_tokens >= num_total
+        ):
+            # Room in the blocks held (most decode steps): what the general path below does when it
+            # allocates nothing, without its bookkeeping for hits and new blocks.
+            if self.enable_prefix_caching:
+                self._register_full_blocks(request, token_ids, min(num_total, len(token_ids)))
+            return []
         if num_computed_tokens > num_held * bs:
             raise ValueError(f"{num_computed_tokens} computed tokens do not fit in {num_held} blocks")
         hit_blocks = [self.pool.blocks[block_id] for block_id in new_computed_blocks]
