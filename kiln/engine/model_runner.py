@@ -31,6 +31,8 @@ from kiln.engine.structured import Grammars, MaskFill
 from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.models.llama import LlamaForCausalLM
 
+_NO_GENERATOR_YET = object()  # a request's first sampling makes its generator (None: unseeded)
+
 
 @dataclass(slots=True)
 class StepInputs:
@@ -396,22 +398,24 @@ class ModelRunner:
         )
 
     def _sampling_row(self, item: ScheduledRequest) -> SamplingRow:
+        # Built for every sampled request every step: one dict lookup, positional fields.
         request = item.request
-        request_id = request.request_id
-        if request_id not in self._generators:
-            self._generators[request_id] = make_generator(request.params.seed, self.device)
+        generator = self._generators.get(request.request_id, _NO_GENERATOR_YET)
+        if generator is _NO_GENERATOR_YET:
+            generator = make_generator(request.params.seed, self.device)
+            self._generators[request.request_id] = generator
         return SamplingRow(
-            params=request.params,
-            prompt_token_ids=request.prompt_token_ids,
-            output_token_ids=request.output_token_ids,
-            generator=self._generators[request_id],
-            eos_token_ids=request.eos_token_ids,
+            request.params,
+            request.prompt_token_ids,
+            request.output_token_ids,
+            generator,
+            request.eos_token_ids,
             # The tokens before the one this step samples that the host has not read yet (counted from
             # the step, not the request: a later step may be scheduled before this one samples).
-            num_pending_tokens=max(0, item.start + item.num_new_tokens - request.num_tokens),
+            max(0, item.start + item.num_new_tokens - len(request.all_token_ids)),
             # A request that finished since the step was scheduled samples unconstrained: its token is
             # dropped, and its grammar allows nothing more.
-            matcher=None if request.status.finished else request.matcher,
+            None if request.status.finished else request.matcher,
         )
 
     def _mask_staging(self, rows: int) -> torch.Tensor:

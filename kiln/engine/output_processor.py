@@ -32,7 +32,10 @@ class _Group:
 
     @property
     def finished(self) -> bool:
-        return all(seq.finish_reason is not None for seq in self.sequences)
+        sequences = self.sequences
+        if len(sequences) == 1:  # n = 1, nearly every request: no generator per step
+            return sequences[0].finish_reason is not None
+        return all(seq.finish_reason is not None for seq in sequences)
 
 
 class OutputProcessor:
@@ -140,7 +143,7 @@ class OutputProcessor:
         delta_text = text[seq.sent_chars : max(release_to, seq.sent_chars)]
         seq.sent_chars = max(release_to, seq.sent_chars)
         seq.finish_reason, seq.stop_reason = finish_reason, stop_reason
-        logprobs = self._logprobs(request, sampled, seq)
+        logprobs = None if request.params.logprobs is None else self._logprobs(request, sampled, seq)
         return (
             CompletionOutput(
                 index=request.index,

@@ -149,7 +149,7 @@ class Scheduler:
         # and, while others run, once every admission_interval steps.
         self._steps_since_admission += 1
         due = not self.running or self._steps_since_admission >= self.config.admission_interval
-        if len(preempted) == self._fairness_preemptions and due:
+        if self.waiting and len(preempted) == self._fairness_preemptions and due:
             for request in self._admission_order():
                 if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                     break
@@ -267,7 +267,7 @@ class Scheduler:
             request=request,
             start=start,
             num_new_tokens=num_new,
-            block_ids=tuple(self.kv_cache.block_ids(request.request_id)),
+            block_ids=self.kv_cache.block_ids(request.request_id),
             sample=start + num_new == request.num_tokens_with_pending,
         )
 

@@ -168,10 +168,10 @@ class KVCacheManager:
             return
         self.pool.free(self.pool.blocks[block_id] for block_id in reversed(request.block_ids))
 
-    def block_ids(self, request_id: str) -> list[int]:
-        """The request's block table (a copy); [] if unknown."""
+    def block_ids(self, request_id: str) -> tuple[int, ...]:
+        """The request's block table (a snapshot); () if unknown."""
         request = self._requests.get(request_id)
-        return list(request.block_ids) if request is not None else []
+        return tuple(request.block_ids) if request is not None else ()
 
     def num_free_blocks(self) -> int:
         """Blocks allocatable now (ref 0, cached or not)."""

@@ -1,9 +1,9 @@
 """`IncrementalDetokenizer`: a request's output tokens to text, one step at a time, never broken UTF-8.
 
-The technique (TGI's and vLLM's prefix/read offsets): keep two offsets into prompt + output ids.
-`read_offset` is where the tokens not yet turned into text begin; `prefix_offset` a few tokens before
-it. Each step decodes only ids[prefix_offset:] and ids[prefix_offset:read_offset] and emits the
-difference. Decoding that short window of preceding tokens matters for SentencePiece-style tokenizers,
+The technique (TGI's and vLLM's prefix/read offsets): keep a window of prompt + output ids whose
+first `read_offset` tokens (the prefix) were already turned into text and whose rest were not. Each step
+decodes only the window and its prefix and emits the difference; once text is released, the released
+tokens become the next prefix and the ids before them are dropped. Decoding that short window of preceding tokens matters for SentencePiece-style tokenizers,
 whose decoder drops the leading space of the first token it sees: in the window, a token's space is
 kept. The cost per step is the window, not the whole sequence.
 
@@ -41,8 +41,9 @@ class IncrementalDetokenizer:
     ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        # The window: ids[:read_offset] is the prefix already turned into text, ids[read_offset:] the tokens
+        # not yet released. Ids before the window are dropped as it moves, so the prefix starts at 0.
         self._ids = self._prompt_context(list(prompt_token_ids))
-        self._prefix_offset = 0
         self._read_offset = len(self._ids)
         self._text = ""
 
@@ -55,20 +56,17 @@ class IncrementalDetokenizer:
         """Append generated tokens; returns the text that became stable with them (possibly "")."""
         if not token_ids:
             return ""
-        self._ids.extend(token_ids)
-        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        new_text = self._decode(self._ids[self._prefix_offset :])
+        ids = self._ids
+        ids.extend(token_ids)
+        prefix_text = self._decode(ids[: self._read_offset])
+        new_text = self._decode(ids)
         if len(new_text) <= len(prefix_text) or new_text.endswith(REPLACEMENT_CHAR):
             # Nothing visible yet (a skipped special token) or an incomplete character: wait for more.
             return ""
         delta = new_text[len(prefix_text) :]
-        self._prefix_offset = self._read_offset
-        self._read_offset = len(self._ids)
-        # Drop ids before the window: they are never decoded again.
-        if self._prefix_offset > 0:
-            del self._ids[: self._prefix_offset]
-            self._read_offset -= self._prefix_offset
-            self._prefix_offset = 0
+        # The released tokens become the next prefix; the old prefix is never decoded again.
+        del ids[: self._read_offset]
+        self._read_offset = len(ids)
         self._text += delta
         return delta
 

@@ -89,8 +89,10 @@ class Tokenizer:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        if self._rust is not None:
-            return self._rust.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        if self._rust is not None:  # a list goes as it is: decoding runs for every token of every request
+            return self._rust.decode(
+                ids if isinstance(ids, list) else list(ids), skip_special_tokens=skip_special_tokens
+            )
         return self.hf.decode(
             list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
         )

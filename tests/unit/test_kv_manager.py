@@ -78,8 +78,8 @@ def test_allocation_returns_exact_block_ids_and_grows_on_decode() -> None:
     assert m.allocate_slots("a", tokens[:10], 9, 1) == []  # 10 tokens fit 3 blocks
     assert m.allocate_slots("a", tokens, 11, 1) == []  # 12 tokens: block 2 now full
     assert m.allocate_slots("a", [*tokens, 41], 12, 1) == [5]
-    assert m.block_ids("a") == [0, 1, 2, 5]
-    assert m.block_ids("b") == [3, 4]
+    assert m.block_ids("a") == (0, 1, 2, 5)
+    assert m.block_ids("b") == (3, 4)
     assert m.num_free_blocks() == 4
     assert m.usage() == pytest.approx(0.6)
 
@@ -92,7 +92,7 @@ def test_allocate_validates_its_arguments() -> None:
         m.allocate_slots("a", PROMPT, 4, 1)  # computed tokens in blocks it does not have
     with pytest.raises(ValueError):
         m.allocate_slots("a", PROMPT, 0, -1)
-    assert m.block_ids("a") == [] and m.num_free_blocks() == 10
+    assert m.block_ids("a") == () and m.num_free_blocks() == 10
 
 
 def test_allocate_returning_none_leaves_state_unchanged() -> None:
@@ -120,7 +120,7 @@ def test_hits_on_free_blocks_count_against_the_free_pool() -> None:
     assert _state(m) == before
     # 12 tokens: 2 hit blocks + 1 new = 3 blocks; the new one is 2, the only non-hit free block.
     assert m.allocate_slots("b", longer[:12], 0, 4, hits) == [2]
-    assert m.block_ids("b") == [0, 1, 2]
+    assert m.block_ids("b") == (0, 1, 2)
     assert m.num_free_blocks() == 0
 
 
@@ -150,7 +150,7 @@ def test_free_of_unknown_request_is_a_noop() -> None:
     after = _state(m)
     m.free("a")  # twice: the second is unknown too
     assert _state(m) == after
-    assert m.block_ids("a") == []
+    assert m.block_ids("a") == ()
 
 
 # --- prefix hits ----------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def test_hit_touches_free_blocks_and_takes_refs() -> None:
     assert (hits, num_hit_tokens) == ([0, 1], 8)
     assert m.pool.blocks[0].ref_cnt == 0  # get_computed_blocks takes no refs
     assert m.allocate_slots("b", PROMPT, 0, 1, hits) == [3]
-    assert m.block_ids("b") == [0, 1, 3]
+    assert m.block_ids("b") == (0, 1, 3)
     assert [m.pool.blocks[i].ref_cnt for i in (0, 1, 3)] == [1, 1, 1]
     assert m.pool.free_queue() == [4, 5, 6, 7, 8, 9, 2]
 
@@ -195,7 +195,7 @@ def test_hash_collision_is_caught_by_token_verification(monkeypatch: pytest.Monk
     assert m.get_computed_blocks([9, 9, 9, 9, 5]) == ([], 0)  # same hash, other tokens: a miss
     assert m.get_computed_blocks([1, 2, 3, 4, 6]) == ([0], 4)  # same tokens: a real hit
     assert _prefill(m, "b", [9, 9, 9, 9, 5]) == [2, 3]  # computed afresh, not aliased to block 0
-    assert m.block_ids("b") == [2, 3]
+    assert m.block_ids("b") == (2, 3)
     with pytest.raises(ValueError):  # a forged hit is refused too
         m.allocate_slots("x", [9, 9, 9, 9, 5], 0, 1, [0])
 
@@ -226,7 +226,7 @@ def test_two_requests_sharing_a_prefix_share_blocks_by_ref_count() -> None:
     _prefill(m, "a", PROMPT)  # [0, 1, 2]
     other = [*PROMPT[:8], 99, 98]
     assert _prefill(m, "b", other) == [3]
-    assert m.block_ids("b") == [0, 1, 3]
+    assert m.block_ids("b") == (0, 1, 3)
     assert [b.ref_cnt for b in m.pool.blocks[:4]] == [2, 2, 1, 1]
     assert m.stats().num_used_blocks == 4
     m.free("a")
@@ -302,7 +302,7 @@ def test_each_block_is_hashed_once_over_decode(monkeypatch: pytest.MonkeyPatch) 
         tokens.append(100 + step)
         m.allocate_slots("a", tokens, len(tokens) - 1, 1)
     assert calls == [(0, 1, 2, 3), (4, 100, 101, 102), (103, 104, 105, 106), (107, 108, 109, 110)]
-    assert m.block_ids("a") == [0, 1, 2, 3]
+    assert m.block_ids("a") == (0, 1, 2, 3)
 
 
 def test_num_blocks_needed() -> None:
