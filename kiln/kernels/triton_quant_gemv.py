@@ -31,8 +31,8 @@ the references do. Nothing syncs with the host; CUDA graphs capture it.
 
 Widening a weight byte to float32 takes conversion instructions (int8: one I2F an element; e4m3: one
 e4m3x2 -> f16x2 per pair, then a float16 -> float32 step an element), which Hopper issues at an eighth
-of its FMA rate, close to what streaming 8-bit weights at full bandwidth needs. `bit_widen` builds the float32 from the byte's bits with integer operations instead (the output is the same, bit for
-bit):
+of its FMA rate, close to what streaming 8-bit weights at full bandwidth needs. `bit_widen` builds the
+float32 from the byte's bits with integer operations instead (the output is the same, bit for bit):
 - int8 v: the float32 with bits 0x4B000000 | (v + 128) is 2^23 + v + 128, exactly; subtracting 2^23 + 128
   leaves v (exact: both are in [2^23, 2^24)).
 - e4m3: its sign to bit 31 and its exponent and mantissa to bits 30..20 give a float32 of the same

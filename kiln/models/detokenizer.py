@@ -3,9 +3,10 @@
 The technique (TGI's and vLLM's prefix/read offsets): keep a window of prompt + output ids whose
 first `read_offset` tokens (the prefix) were already turned into text and whose rest were not. Each step
 decodes only the window and its prefix and emits the difference; once text is released, the released
-tokens become the next prefix and the ids before them are dropped. Decoding that short window of preceding tokens matters for SentencePiece-style tokenizers,
-whose decoder drops the leading space of the first token it sees: in the window, a token's space is
-kept. The cost per step is the window, not the whole sequence.
+tokens become the next prefix and the ids before them are dropped. Decoding that short window of
+preceding tokens matters for SentencePiece-style tokenizers, whose decoder drops the leading space of the
+first token it sees: in the window, a token's space is kept. The cost per step is the window, not the
+whole sequence.
 
 Rules of the interface:
 - `add` returns only text that is stable: when the window's text ends in U+FFFD, a token ended in the
