@@ -30,7 +30,7 @@ from kiln.engine.sampling_params import SamplingParams
 PROMPT_TOKENS = 128
 
 
-def model_free_engine(path: str, max_num_seqs: int, seed: int = 0) -> LLMEngine:
+def stubbed_model_engine(path: str, max_num_seqs: int, seed: int = 0) -> LLMEngine:
     """An LLMEngine on the tiny model at `path` whose forward pass computes nothing: hidden states are
     zeros and logits random over [VOCAB_LOW, VOCAB_HIGH)."""
     engine = LLMEngine.from_path(
@@ -52,7 +52,7 @@ def model_free_engine(path: str, max_num_seqs: int, seed: int = 0) -> LLMEngine:
 
 def host_ms_per_step(path: str, running: int, steps: int, warmup: int = 10) -> float:
     """Mean wall milliseconds of `steps` decode steps with `running` requests decoding."""
-    engine = model_free_engine(path, running)
+    engine = stubbed_model_engine(path, running)
     max_tokens = engine.max_model_len - PROMPT_TOKENS
     if steps + warmup + 8 > max_tokens:
         raise ValueError(f"at most {max_tokens - warmup - 8} steps fit the tiny model's context")

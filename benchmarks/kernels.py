@@ -43,21 +43,8 @@ def paged_batch(q_lens, ctx_lens, num_heads, num_kv_heads, head_dim, dtype, devi
         used += n
     k_cache = torch.randn(num_blocks, bs, num_kv_heads, head_dim, device=device, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
-    starts = [0]
-    for q in q_lens:
-        starts.append(starts[-1] + q)
-    query = torch.randn(starts[-1], num_heads, head_dim, device=device, dtype=dtype)
-    meta = AttentionMetadata(
-        slot_mapping=torch.zeros(starts[-1], dtype=torch.int64, device=device),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_tables=tables,
-        max_query_len=max(q_lens),
-        max_seq_len=max(seq_lens),
-        query_start_loc_cpu=starts,
-        seq_lens_cpu=seq_lens,
-        block_size=bs,
-    )
+    query = torch.randn(sum(q_lens), num_heads, head_dim, device=device, dtype=dtype)
+    meta = AttentionMetadata.for_batch(q_lens, seq_lens, tables, bs)
     return query, k_cache, v_cache, meta
 
 

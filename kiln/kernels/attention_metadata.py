@@ -9,6 +9,8 @@ seq_lens[i]-q_len_i .. seq_lens[i]-1, so they attend causally to everything befo
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +48,35 @@ class AttentionMetadata:
             max_seq_len=num_tokens,
             query_start_loc_cpu=[0, num_tokens],
             seq_lens_cpu=[num_tokens],
+            block_size=block_size,
+        )
+
+    @classmethod
+    def for_batch(
+        cls,
+        q_lens: Sequence[int],
+        seq_lens: Sequence[int],
+        block_tables: torch.Tensor,
+        block_size: int,
+        slot_mapping: torch.Tensor | None = None,
+    ) -> AttentionMetadata:
+        """Requests of these query lengths and context lengths (cached + new), whose blocks are the rows of
+        `block_tables` (int32, on the batch's device): tests, benchmarks and tile sweeps. `slot_mapping`
+        None: zeros, for attention alone, which never reads it (the KV store does)."""
+        device = block_tables.device
+        starts = [0, *itertools.accumulate(q_lens)]
+        seq_lens = list(seq_lens)
+        if slot_mapping is None:
+            slot_mapping = torch.zeros(starts[-1], dtype=torch.int64, device=device)
+        return cls(
+            slot_mapping=slot_mapping,
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_tables=block_tables,
+            max_query_len=max(q_lens),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=starts,
+            seq_lens_cpu=seq_lens,
             block_size=block_size,
         )
 

@@ -83,9 +83,6 @@ def paged_batch(
     k_cache = torch.randn(shape, generator=generator, device=device, dtype=dtype).to(cache_dtype or dtype)
     v_cache = torch.randn(shape, generator=generator, device=device, dtype=dtype).to(cache_dtype or dtype)
     order = torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(num_blocks)) + 1
-    starts = [0]
-    for q in q_lens:
-        starts.append(starts[-1] + q)
     replicas = []
     used = 0
     for _ in range(copies):
@@ -93,18 +90,8 @@ def paged_batch(
         for i, n in enumerate(per_seq):
             table[i, :n] = order[used : used + n]
             used += n
-        query = torch.randn(starts[-1], num_heads, head_dim, generator=generator, device=device, dtype=dtype)
-        meta = AttentionMetadata(
-            slot_mapping=torch.zeros(starts[-1], dtype=torch.int64, device=device),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            block_tables=table.to(device),
-            max_query_len=max(q_lens),
-            max_seq_len=max(seq_lens),
-            query_start_loc_cpu=starts,
-            seq_lens_cpu=seq_lens,
-            block_size=block_size,
-        )
+        query = torch.randn(sum(q_lens), num_heads, head_dim, generator=generator, device=device, dtype=dtype)
+        meta = AttentionMetadata.for_batch(q_lens, seq_lens, table.to(device), block_size)
         replicas.append((query, meta))
     return k_cache, v_cache, replicas
 

@@ -127,20 +127,7 @@ def make_paged_batch(
     real = slot_mapping >= 0
     k_cache.view(-1, num_kv_heads, head_dim)[slot_mapping[real]] = key[real]
     v_cache.view(-1, num_kv_heads, head_dim)[slot_mapping[real]] = value[real]
-    starts = [0]
-    for q_len in q_lens:
-        starts.append(starts[-1] + q_len)
-    meta = AttentionMetadata(
-        slot_mapping=slot_mapping,
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_tables=tables.to(device),
-        max_query_len=max(q_lens),
-        max_seq_len=max(seq_lens),
-        query_start_loc_cpu=starts,
-        seq_lens_cpu=seq_lens,
-        block_size=block_size,
-    )
+    meta = AttentionMetadata.for_batch(q_lens, seq_lens, tables.to(device), block_size, slot_mapping)
     return PagedBatch(query, key, value, k_cache, v_cache, meta)
 
 

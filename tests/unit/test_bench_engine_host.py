@@ -9,8 +9,8 @@ from benchmarks.frontend import VOCAB_HIGH, VOCAB_LOW
 from kiln.engine.sampling_params import SamplingParams
 
 
-def test_model_free_engine_runs_the_real_step_with_text_tokens(tiny_gqa_dir):
-    engine = engine_host.model_free_engine(str(tiny_gqa_dir), max_num_seqs=3)
+def test_stubbed_model_engine_runs_the_real_step_with_text_tokens(tiny_gqa_dir):
+    engine = engine_host.stubbed_model_engine(str(tiny_gqa_dir), max_num_seqs=3)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     for i in range(3):
         engine.add_request(f"r{i}", params=params, prompt_token_ids=[VOCAB_LOW + i] * 9)

@@ -60,20 +60,8 @@ CPU = torch.device("cpu")
 def _meta(
     seq_lens: list[int], query_lens: list[int], tables: list[list[int]], slots: list[int]
 ) -> AttentionMetadata:
-    starts = [0]
-    for q in query_lens:
-        starts.append(starts[-1] + q)
-    return AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=torch.tensor(tables, dtype=torch.int32),
-        max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens),
-        query_start_loc_cpu=starts,
-        seq_lens_cpu=seq_lens,
-        block_size=4,
-    )
+    block_tables = torch.tensor(tables, dtype=torch.int32)
+    return AttentionMetadata.for_batch(query_lens, seq_lens, block_tables, 4, torch.tensor(slots))
 
 
 def _shares_memory(view: torch.Tensor, buffer: torch.Tensor) -> bool:

@@ -91,18 +91,7 @@ def _batch(gen: torch.Generator, dtype: torch.dtype) -> tuple:
     k = torch.randn(num_blocks, block_size, 2, 8, generator=gen) * 3
     v = torch.randn(num_blocks, block_size, 2, 8, generator=gen)
     query = torch.randn(sum(q_lens), 4, 8, generator=gen).to(dtype)
-    starts = [0, 3, 4, 10]
-    meta = AttentionMetadata(
-        slot_mapping=torch.zeros(sum(q_lens), dtype=torch.int64),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=tables,
-        max_query_len=max(q_lens),
-        max_seq_len=max(seq_lens),
-        query_start_loc_cpu=starts,
-        seq_lens_cpu=seq_lens,
-        block_size=block_size,
-    )
+    meta = AttentionMetadata.for_batch(q_lens, seq_lens, tables, block_size)
     return query, k, v, meta
 
 

@@ -30,21 +30,8 @@ def _batch(q_lens, contexts, num_heads, num_kv_heads, head_dim, dtype, block_siz
     keys = torch.randn(len(slots), num_kv_heads, head_dim, generator=gen).to(dtype)
     values = torch.randn(len(slots), num_kv_heads, head_dim, generator=gen).to(dtype)
     reference.store_kv(keys, values, k_cache, v_cache, torch.tensor(slots))
-    starts = [0]
-    for q_len in q_lens:
-        starts.append(starts[-1] + q_len)
-    meta = AttentionMetadata(
-        slot_mapping=torch.zeros(starts[-1], dtype=torch.int64),  # not read by attention
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=tables,
-        max_query_len=max(q_lens),
-        max_seq_len=max(seq_lens),
-        query_start_loc_cpu=starts,
-        seq_lens_cpu=seq_lens,
-        block_size=block_size,
-    )
-    query = torch.randn(starts[-1], num_heads, head_dim, generator=gen).to(dtype)
+    meta = AttentionMetadata.for_batch(q_lens, seq_lens, tables, block_size)
+    query = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen).to(dtype)
     return query, k_cache, v_cache, meta
 
 

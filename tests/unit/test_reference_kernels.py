@@ -31,7 +31,7 @@ def _paged_batch(
     order = torch.randperm(num_blocks, generator=gen).tolist()
     k_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_dim)
     v_cache = torch.zeros_like(k_cache)
-    tables, contexts, slots, starts = [], [], [], [0]
+    tables, contexts, slots = [], [], []
     for seq_len, q_len, n_blocks in zip(seq_lens, q_lens, blocks_needed, strict=True):
         table = [order.pop() for _ in range(n_blocks)]
         keys = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen)
@@ -45,19 +45,9 @@ def _paged_batch(
         tables.append(table)
         contexts.append((keys, values))
         slots.append(seq_slots[prefix:])
-        starts.append(starts[-1] + q_len)
     width = max(len(t) for t in tables)
-    meta = AttentionMetadata(
-        slot_mapping=torch.cat(slots),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
-        max_query_len=max(q_lens),
-        max_seq_len=max(seq_lens),
-        query_start_loc_cpu=starts,
-        seq_lens_cpu=seq_lens,
-        block_size=block_size,
-    )
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    meta = AttentionMetadata.for_batch(q_lens, seq_lens, block_tables, block_size, torch.cat(slots))
     return meta, contexts, k_cache, v_cache
 
 
