@@ -13,9 +13,10 @@ in every scheme, left out). `--sweep` also times (BLOCK_N, BLOCK_K, warps) tiles
 GEMVs, each with its default widening.
 
 GEMM (CUDA-graph replay, L2 warm, as a prefill or a large decode batch runs them): bf16 cuBLAS
-(`F.linear`) against FP8 `torch._scaled_mm` with row-wise scales (the GEMM alone, and with the per-token
-quantization of x it needs), int8 `torch._int_mm` + the Triton epilogue (with and without quantization),
-the Triton W8A8 GEMM and the Triton int8 weight-only GEMM, at the 8B gate_up (28672 x 4096) and o_proj
+(`F.linear`) against FP8 `torch._scaled_mm` with row-wise scales and the engine's accumulator
+(`FAST_ACCUM`; the GEMM alone, and with the per-token quantization of x it needs; and alone with either
+accumulator), int8 `torch._int_mm` +
+the Triton epilogue (with and without quantization), the Triton W8A8 GEMM and the Triton int8 weight-only GEMM, at the 8B gate_up (28672 x 4096) and o_proj
 (4096 x 4096) shapes. TFLOP/s = 2 M N K / time.
 """
 
@@ -35,6 +36,7 @@ from kiln.kernels.triton_gemv import gemv
 from kiln.kernels.triton_quant_act import quantize_rows
 from kiln.kernels.triton_quant_gemm import quant_gemm, scale_int32
 from kiln.kernels.triton_quant_gemv import quant_gemv
+from kiln.kernels.triton_quant_linear import FAST_ACCUM
 
 # (model, projection, N, K); every projection runs once per layer, 32 layers in both models.
 GEMV_SHAPES = [
@@ -140,8 +142,10 @@ def _gemm_cases(
     xq8, xs8 = quantize_rows(x, torch.float8_e4m3fn)
     xq, xs = quantize_rows(x, torch.int8)
 
-    def scaled_mm(a: torch.Tensor, sa: torch.Tensor) -> torch.Tensor:
-        return torch._scaled_mm(a, q8.t(), scale_a=sa.view(-1, 1), scale_b=s8.view(1, -1), out_dtype=x.dtype)
+    def scaled_mm(a: torch.Tensor, sa: torch.Tensor, fast: bool = FAST_ACCUM) -> torch.Tensor:
+        return torch._scaled_mm(
+            a, q8.t(), scale_a=sa.view(-1, 1), scale_b=s8.view(1, -1), out_dtype=x.dtype, use_fast_accum=fast
+        )
 
     def int_mm(a: torch.Tensor, sa: torch.Tensor) -> torch.Tensor:
         return scale_int32(torch._int_mm(a, q.t()), sa, s, None, x.dtype)
@@ -150,6 +154,8 @@ def _gemm_cases(
         "bf16_cublas": lambda: F.linear(x, wb),
         "fp8_scaled_mm": lambda: scaled_mm(xq8, xs8),
         "fp8_scaled_mm+quant": lambda: scaled_mm(*quantize_rows(x, torch.float8_e4m3fn)),
+        "fp8_scaled_mm_fast_accum": lambda: scaled_mm(xq8, xs8, fast=True),
+        "fp8_scaled_mm_float32_sums": lambda: scaled_mm(xq8, xs8, fast=False),
         "int8_int_mm+epilogue": lambda: int_mm(xq, xs),
         "int8_int_mm+quant": lambda: int_mm(*quantize_rows(x, torch.int8)),
         "int8_triton_w8a8": lambda: quant_gemm(xq, q, s, x_scale=xs, out_dtype=x.dtype),

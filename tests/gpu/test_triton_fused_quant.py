@@ -115,6 +115,8 @@ def test_silu_and_mul_quant_is_the_unfused_path_bit_for_bit(device, dtype, quant
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 2, 7, 16, 17, 33, 256])
 def test_matmuls_over_a_quantized_activation_match_the_references(dtype, m):
+    from kiln.kernels.triton_quant_linear import FAST_ACCUM, SCALED_MM_MIN_TOKENS
+
     gen = torch.Generator().manual_seed(m)
     for n, k in [(64, 128), (70, 100), (4096, 4096), (1000, 4000)]:
         w = (torch.randn(n, k, generator=gen) / k**0.5).cuda()
@@ -129,6 +131,8 @@ def test_matmuls_over_a_quantized_activation_match_the_references(dtype, m):
         a8 = qr.quantize_activation(x, torch.float8_e4m3fn)
         exact = (a8.q.double() @ q8.double().t()) * a8.scale.double()[:, None] * scale8.double()[None, :]
         got = kernels.fp8_matmul(a8, q8, scale8, bias)
+        # cuBLASLt's reduced-precision sums (tests/gpu/test_triton_quant.py's FAST_ACCUM_BOUND)
+        fast = FAST_ACCUM and m >= SCALED_MM_MIN_TOKENS
         assert got.dtype == dtype and rel_error(got, exact + bias.double()) < (
-            2e-3 if dtype == torch.float16 else 1.6e-2
+            (5e-3 if fast else 2e-3) if dtype == torch.float16 else 1.6e-2
         )
