@@ -1,6 +1,7 @@
 """Kernel microbenchmarks: each Triton kernel against its PyTorch reference and, for attention,
 against torch's fused SDPA on contiguous (non-paged) K/V (its cuDNN and flash backends for prefill),
-at Llama-2-7B / Llama-3.1-8B head shapes.
+at Llama-2-7B / Llama-3.1-8B head shapes. The elementwise suite also times the per-token FP8 quantization
+of o_proj's and down_proj's inputs (no reference: `tests/gpu/test_triton_quant.py` holds them to it).
 
 Reported per case: median microseconds, and the rate that bounds the kernel (GB/s of HBM traffic
 for the memory-bound ones, TFLOP/s for prefill attention). Run: `python -m benchmarks.kernels --out F`.
@@ -198,6 +199,7 @@ def bench_elementwise(results: list[Result]) -> None:
                     "kernels", f"silu_and_mul/{impl}", f"{label} T={tokens}", "GB_per_s", nbytes / us / 1e3
                 )
             )
+        _bench_activation_quant(results, label, x, gate_up)
         d = 128
         qkv = torch.randn(tokens, hq + 2 * hkv, d, device="cuda", dtype=dtype)
         q, k, v = qkv[:, :hq], qkv[:, hq : hq + hkv], qkv[:, hq + hkv :]
@@ -220,6 +222,31 @@ def bench_elementwise(results: list[Result]) -> None:
                 Result(
                     "kernels", f"rotary_store_kv/{impl}", f"{label} T={tokens}", "GB_per_s", nbytes / us / 1e3
                 )
+            )
+
+
+def _bench_activation_quant(
+    results: list[Result], label: str, x: torch.Tensor, gate_up: torch.Tensor
+) -> None:
+    """Per-token FP8 quantization of o_proj's input (x) and of down_proj's (SiLU-and-mul of gate_up, fused)
+    at a decode batch (512 tokens) and a prefill step (all of x's)."""
+    from kiln.kernels.triton_quant_act import quantize_rows, silu_and_mul_quant
+
+    fp8 = torch.float8_e4m3fn
+    for tokens in (512, x.shape[0]):
+        a, g = x[:tokens], gate_up[:tokens]
+        for name, fn, nbytes in [
+            ("quantize_rows_fp8", partial(quantize_rows, a, fp8), a.numel() * (a.element_size() + 1)),
+            (
+                "silu_and_mul_quant_fp8",
+                partial(silu_and_mul_quant, g, fp8),
+                g.numel() * g.element_size() * 5 // 4,
+            ),
+        ]:
+            us = bench_us(fn)
+            results.append(Result("kernels", f"{name}/triton", f"{label} T={tokens}", "us", us))
+            results.append(
+                Result("kernels", f"{name}/triton", f"{label} T={tokens}", "GB_per_s", nbytes / us / 1e3)
             )
 
 

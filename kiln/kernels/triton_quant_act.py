@@ -1,9 +1,16 @@
 """Dynamic per-token quantization of activations in Triton: each row of x to int8 or FP8 E4M3 with its own scale.
 
 The first half of the W8A8 (`int8_sq`) and FP8 GEMMs: their matmuls take 8-bit activations, quantized at
-run time from this step's values, one scale per token (row). One program quantizes one row in two passes
-over it (the absolute maximum, then the quantized values): a row is at most a few tens of KB, so the
-second pass reads it from L1/L2, and any row length works (Llama-3-70B's 28,672 inputs included).
+run time from this step's values, one scale per token (row). One program quantizes one row, in one of two
+ways (`one_pass_pays`):
+- in two passes over it in chunks of up to 4,096 (the absolute maximum, then the quantized values; the
+  second pass reads the row from L1/L2): any row length works (Llama-3-70B's 28,672 inputs included);
+- in one pass, the whole row held in registers (16 warps), for rows of more than 4,096 inputs that fill at
+  least three quarters of their power-of-two block, up to 16,384. Measured on an H100 with Llama-3.1-8B's
+  14,336 (its down projection's input, SiLU-and-mul fused, below): 27.6 against 32.6 µs at 512 tokens and
+  248 against 331 µs at 8,192 (FP8). Llama-2-7B's 11,008, a block two thirds full, was slower in one pass
+  at 8,192 tokens (262 against 229 µs), so it keeps two; so do rows of up to 4,096 (one pass
+  was slower for Llama-3.1-8B's o_proj input at 256 and 8,192 tokens; docs/results/2026-12-06-h100).
 
 Rules (the references are `quant_reference.quantize_int8_rows`, `quantize_fp8_rows` and the smoothing
 division of `int8_sq_linear`):
@@ -32,6 +39,14 @@ from kiln.kernels.quant_reference import QuantizedActivation
 from kiln.kernels.triton_activation import silu_mul
 
 QMAX = {torch.int8: 127.0, torch.float8_e4m3fn: 448.0}
+ONE_PASS_MAX = 16384  # the longest row a program holds in registers (module rules)
+
+
+def one_pass_pays(k: int) -> bool:
+    """Whether a row of `k` inputs is quantized in one pass (module rules): longer than 4,096 and filling
+    at least three quarters of its power-of-two block, up to ONE_PASS_MAX."""
+    block = triton.next_power_of_2(k)
+    return k > 4096 and 4 * k >= 3 * block and block <= ONE_PASS_MAX
 
 
 @triton.jit
@@ -93,25 +108,34 @@ def _quantize_rows_kernel(
     HAS_SMOOTH: tl.constexpr,
     GATED: tl.constexpr,  # x is [T, 2K]: quantize silu(gate) * up (silu_and_mul_quant)
     BLOCK: tl.constexpr,
+    ONE_PASS: tl.constexpr,  # BLOCK >= K: the row is read once and held in registers
     LAUNCH_DEPENDENTS: tl.constexpr,  # PDL: the next kernel may start now (kiln.kernels.pdl)
 ):
     if LAUNCH_DEPENDENTS:
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
-    amax = tl.zeros([BLOCK], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        x = _smoothed_chunk(x_row, smooth_ptr, k0 + tl.arange(0, BLOCK), K, HAS_SMOOTH, GATED)
-        amax = tl.maximum(amax, tl.abs(x))
-    row_max = tl.max(amax, axis=0)
-    scale = tl.where(row_max > 0, tl.div_rn(row_max, QMAX), 1.0)
-    tl.store(scale_ptr + row, scale)
-    for k0 in range(0, K, BLOCK):
-        cols = k0 + tl.arange(0, BLOCK)
-        v = quantize_chunk(
-            _smoothed_chunk(x_row, smooth_ptr, cols, K, HAS_SMOOTH, GATED), scale, QMAX, TO_INT8
+    if ONE_PASS:
+        cols = tl.arange(0, BLOCK)
+        v, scale = quantize_values(
+            _smoothed_chunk(x_row, smooth_ptr, cols, K, HAS_SMOOTH, GATED), QMAX, TO_INT8
         )
+        tl.store(scale_ptr + row, scale)
         tl.store(q_ptr + row * stride_q + cols, v.to(q_ptr.dtype.element_ty), mask=cols < K)
+    else:
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            x = _smoothed_chunk(x_row, smooth_ptr, k0 + tl.arange(0, BLOCK), K, HAS_SMOOTH, GATED)
+            amax = tl.maximum(amax, tl.abs(x))
+        row_max = tl.max(amax, axis=0)
+        scale = tl.where(row_max > 0, tl.div_rn(row_max, QMAX), 1.0)
+        tl.store(scale_ptr + row, scale)
+        for k0 in range(0, K, BLOCK):
+            cols = k0 + tl.arange(0, BLOCK)
+            v = quantize_chunk(
+                _smoothed_chunk(x_row, smooth_ptr, cols, K, HAS_SMOOTH, GATED), scale, QMAX, TO_INT8
+            )
+            tl.store(q_ptr + row * stride_q + cols, v.to(q_ptr.dtype.element_ty), mask=cols < K)
 
 
 def quantize_rows(
@@ -134,7 +158,8 @@ def quantize_rows(
     q = torch.empty((rows, k), dtype=dtype, device=x.device)
     scale = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows:
-        block = min(4096, triton.next_power_of_2(k))
+        one_pass = one_pass_pays(k)
+        block = triton.next_power_of_2(k) if one_pass else min(4096, triton.next_power_of_2(k))
         _quantize_rows_kernel[(rows,)](
             x,
             smooth if smooth is not None else scale,
@@ -148,8 +173,9 @@ def quantize_rows(
             HAS_SMOOTH=smooth is not None,
             GATED=gated,
             BLOCK=block,
+            ONE_PASS=one_pass,
             LAUNCH_DEPENDENTS=pdl_enabled(x.device),
-            num_warps=max(1, min(8, block // 256)),
+            num_warps=16 if one_pass else max(1, min(8, block // 256)),
         )
     return q, scale
 

@@ -193,3 +193,12 @@ def greedy_agreement(engine, engine_dir) -> tuple[int, int]:
             agree += (ref.argmax(-1) == torch.tensor(generated)).sum().item()
             total += len(generated)
     return agree, total
+
+
+def force_one_pass(monkeypatch: pytest.MonkeyPatch, one_pass: bool | None) -> None:
+    """Make `triton_quant_act.quantize_rows` take one pass (rows up to its ONE_PASS_MAX) or two, or (None)
+    its own measured choice."""
+    from kiln.kernels import triton_quant_act as qa
+
+    if one_pass is not None:
+        monkeypatch.setattr(qa, "one_pass_pays", lambda k: one_pass and k <= qa.ONE_PASS_MAX)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import DTYPES, INTERPRET, quant_steps, rel_error
+from kernel_cases import DTYPES, INTERPRET, force_one_pass, quant_steps, rel_error
 
 from kiln import kernels
 from kiln.kernels import quant_reference as qr
@@ -94,12 +94,16 @@ def test_rms_norm_quant_is_the_unfused_path(device, dtype, quant, with_residual)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("quant", QUANT_DTYPES)
 @pytest.mark.parametrize("smooth", [False, True])
-def test_silu_and_mul_quant_is_the_unfused_path_bit_for_bit(device, dtype, quant, smooth):
+@pytest.mark.parametrize("one_pass", [None, True, False])  # None: the measured choice; else forced
+def test_silu_and_mul_quant_is_the_unfused_path_bit_for_bit(
+    device, dtype, quant, smooth, one_pass, monkeypatch
+):
     from kiln.kernels.triton_activation import silu_and_mul
     from kiln.kernels.triton_quant_act import quantize_rows, silu_and_mul_quant
 
+    force_one_pass(monkeypatch, one_pass)
     gen = torch.Generator().manual_seed(4)
-    for inter in [*HIDDEN, 11008] if not INTERPRET else HIDDEN:
+    for inter in [*HIDDEN, 11008, 14336] if not INTERPRET else HIDDEN:
         for m in TOKENS:
             x = (torch.randn(m, 2 * inter, generator=gen) * 2).to(dtype)
             s = torch.rand(inter, generator=gen) + 0.5 if smooth else None

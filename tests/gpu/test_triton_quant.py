@@ -34,7 +34,7 @@ import sys
 
 import pytest
 import torch
-from kernel_cases import DTYPES, INTERPRET, greedy_agreement, rel_error
+from kernel_cases import DTYPES, INTERPRET, force_one_pass, greedy_agreement, rel_error
 
 from kiln import kernels
 from kiln.kernels import quant_reference as qr
@@ -79,10 +79,13 @@ def _fp8_exact(xq, x_scale, q, scale, bias):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("smooth", [False, True])
-def test_quantize_rows_is_the_reference_bit_for_bit(device, dtype, smooth):
+@pytest.mark.parametrize("one_pass", [None, True, False])  # None: the measured choice; else forced
+def test_quantize_rows_is_the_reference_bit_for_bit(device, dtype, smooth, one_pass, monkeypatch):
     from kiln.kernels.triton_quant_act import quantize_rows
 
-    for n, k in SHAPES:
+    force_one_pass(monkeypatch, one_pass)
+    # 14,336: Llama-3.1-8B's down_proj input (one pass); 28,672: Llama-3-70B's (two, whatever is forced)
+    for n, k in SHAPES if INTERPRET else [*SHAPES, (8, 14336), (8, 28672)]:
         _, x, _, s = _case(device, 5, k, dtype, m=n)
         x[3] = 0  # an all-zero row gets scale 1
         s = s if smooth else None
