@@ -18,6 +18,7 @@ Rules of the interface:
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -97,6 +98,13 @@ class Tokenizer:
             list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
         )
 
+    def decode_stream(self, context: Sequence[int], skip_special_tokens: bool = True) -> StreamDecoder | None:
+        """The Rust tokenizer's incremental decoder for one sequence whose text so far ends with the
+        tokens `context`; None where this tokenizer or the installed `tokenizers` has none."""
+        if self._rust is None or not _has_primed_decode_stream():
+            return None
+        return StreamDecoder(self._rust, context, skip_special_tokens)
+
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return list(self.hf.convert_ids_to_tokens(list(ids)))
 
@@ -152,6 +160,42 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name_or_path!r}, vocab_size={self.vocab_size})"
+
+
+class StreamDecoder:
+    """`tokenizers.decoders.DecodeStream` over one sequence: the windowed decoding of
+    `kiln.models.detokenizer` done in Rust, one call a step instead of two decodes.
+
+    `step` returns the text the new ids made stable, or None while they end inside a character (or add
+    no text). It raises when a window's text does not extend the text before it, which a ByteFallback
+    decoder does around invalid byte runs; the caller then starts a new stream."""
+
+    __slots__ = ("_rust", "_stream")
+
+    def __init__(self, rust: Any, context: Sequence[int], skip_special_tokens: bool) -> None:
+        from tokenizers.decoders import DecodeStream
+
+        self._rust = rust
+        self._stream = DecodeStream(list(context), skip_special_tokens=skip_special_tokens)
+
+    def step(self, ids: Sequence[int]) -> str | None:
+        if len(ids) == 1:  # every decode step
+            return self._stream.step(self._rust, ids[0])
+        chunks = [self._stream.step(self._rust, i) for i in ids]
+        text = "".join(c for c in chunks if c is not None)
+        return text or None
+
+
+@functools.cache
+def _has_primed_decode_stream() -> bool:
+    """Whether `tokenizers` has a DecodeStream that starts from context ids."""
+    try:
+        from tokenizers.decoders import DecodeStream
+
+        DecodeStream([], skip_special_tokens=True)
+    except (ImportError, TypeError):
+        return False
+    return True
 
 
 def _content_text(content: Any) -> str:

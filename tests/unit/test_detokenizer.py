@@ -18,6 +18,15 @@ SETTINGS = settings(
 )
 
 
+@pytest.fixture(autouse=True, params=["stream", "window"])
+def decoding(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs twice: through the tokenizer's Rust stream decoder, and through the detokenizer's
+    own windows (what a tokenizer without a stream decoder gets)."""
+    if request.param == "window":
+        monkeypatch.setattr(Tokenizer, "decode_stream", lambda self, context, skip_special_tokens=True: None)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_gqa_dir: Path) -> Tokenizer:
     return Tokenizer(tiny_gqa_dir)
@@ -171,13 +180,46 @@ def test_invalid_bytes_are_released_once_valid_text_follows(tiny: Tokenizer):
 def test_decode_window_stays_short(tiny: Tokenizer):
     lengths: list[int] = []
 
-    class Recording:  # the detokenizer only calls decode
+    class Recording:  # a tokenizer without a stream decoder: the detokenizer keeps its own windows
         def decode(self, ids, skip_special_tokens=True):
             lengths.append(len(ids))
             return tiny.decode(ids, skip_special_tokens)
+
+        def decode_stream(self, context, skip_special_tokens=True):
+            return None
 
     recording = Recording()
     output = tiny.encode("The quick brown fox jumps over the lazy dog. " * 20)
     text = "".join(stream(recording, tiny.encode("prompt " * 50), output))
     assert text == tiny.decode(output)
     assert max(lengths) <= 8
+
+
+def test_a_stream_that_cannot_extend_its_window_restarts(tiny: Tokenizer, decoding: str):
+    if decoding == "window":
+        pytest.skip("the stream decoder's path")
+    starts: list[list[int]] = []
+    real = Tokenizer.decode_stream
+
+    class Failing:  # a stream whose third step raises, as DecodeStream does around invalid byte runs
+        def __init__(self, inner):
+            self.inner, self.steps = inner, 0
+
+        def step(self, ids):
+            self.steps += 1
+            if self.steps == 3:
+                raise Exception("Invalid prefix encountered")
+            return self.inner.step(ids)
+
+    def decode_stream(self, context, skip_special_tokens=True):
+        starts.append(list(context))
+        stream = real(self, context, skip_special_tokens)
+        return Failing(stream) if len(starts) == 1 else stream
+
+    prompt = tiny.encode("Say hi to")
+    output = tiny.encode(" the world, and again.", add_special_tokens=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Tokenizer, "decode_stream", decode_stream)
+        text = "".join(stream(tiny, prompt, output))
+    assert len(starts) == 2 and starts[1] == (prompt + output[:2])[-len(starts[1]) :]
+    assert text == tiny.decode(output)
