@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kiln.models.tokenizer import Tokenizer
+from kiln.models.tokenizer import StreamDecoder, Tokenizer
 
 # How many prompt tokens give the first output token its context (vLLM uses the same number).
 PROMPT_CONTEXT_TOKENS = 5
@@ -88,16 +88,25 @@ class IncrementalDetokenizer:
             delta = self._stream.step(token_ids)
         except Exception:  # tokenizers raises a bare Exception for a window whose text it cannot extend
             # A ByteFallback decoder re-decoded an invalid byte run: restart from the ids before these,
-            # as from a prompt (text the old stream still held back for them is not released).
-            context = self._prompt_context(ids[: len(ids) - len(token_ids)])
-            self._stream = self.tokenizer.decode_stream(context, self.skip_special_tokens)
-            delta = self._stream.step(token_ids)
+            # as from a prompt (text the old stream still held back for them is not released). Should
+            # those ids end in a byte run that the new ones change too, restart from nothing: a stream
+            # with no context has no text to extend.
+            try:
+                delta = self._restart(self._prompt_context(ids[: len(ids) - len(token_ids)])).step(token_ids)
+            except Exception:
+                delta = self._restart([]).step(token_ids)
         if len(ids) > 4 * PROMPT_CONTEXT_TOKENS:
             del ids[: -2 * PROMPT_CONTEXT_TOKENS]  # enough for _prompt_context to step back from
         if delta is None:
             return ""
         self._text += delta
         return delta
+
+    def _restart(self, context: list[int]) -> StreamDecoder:
+        stream = self.tokenizer.decode_stream(context, self.skip_special_tokens)
+        assert stream is not None  # the tokenizer gave one when this detokenizer began
+        self._stream = stream
+        return stream
 
     def _prompt_context(self, prompt: list[int]) -> list[int]:
         """The prompt's last tokens, starting at a character's first byte and ending at a character's end.

@@ -163,6 +163,17 @@ def test_random_sentencepiece_streams_match_windowed_decode(llama_style: Tokeniz
     assert text == llama_style.decode(prompt + output)[len(llama_style.decode(prompt)) :]
 
 
+@SETTINGS
+@given(data=st.data())
+def test_random_byte_fallback_ids_never_fail(llama_style: Tokenizer, data):
+    # Invalid byte runs included: where DecodeStream refuses a window, the detokenizer restarts it, so no
+    # step raises and the deltas add up to the text (`stream` checks); the text itself may differ from a
+    # full decode, whose ByteFallback replaces a whole invalid run (see the module docstring).
+    ids = st.integers(0, llama_style.vocab_size - 1)
+    output = data.draw(st.lists(ids, max_size=30))
+    stream(llama_style, data.draw(st.lists(ids, max_size=5)), output, data.draw(st.integers(1, 3)))
+
+
 def test_skip_special_tokens(tiny: Tokenizer):
     output = [*tiny.encode("Hi"), 2, *tiny.encode(" there"), 1]
     assert "".join(stream(tiny, [], output)) == "Hi there"
@@ -195,31 +206,38 @@ def test_decode_window_stays_short(tiny: Tokenizer):
     assert max(lengths) <= 8
 
 
-def test_a_stream_that_cannot_extend_its_window_restarts(tiny: Tokenizer, decoding: str):
+@pytest.mark.parametrize("failing_starts", [1, 2])
+def test_a_stream_that_cannot_extend_its_window_restarts(tiny: Tokenizer, decoding: str, failing_starts: int):
     if decoding == "window":
         pytest.skip("the stream decoder's path")
     starts: list[list[int]] = []
     real = Tokenizer.decode_stream
 
-    class Failing:  # a stream whose third step raises, as DecodeStream does around invalid byte runs
-        def __init__(self, inner):
-            self.inner, self.steps = inner, 0
+    class Failing:  # a stream that raises at its third step, as DecodeStream does around invalid byte runs
+        def __init__(self, inner, fail_at):
+            self.inner, self.steps, self.fail_at = inner, 0, fail_at
 
         def step(self, ids):
             self.steps += 1
-            if self.steps == 3:
+            if self.steps == self.fail_at:
                 raise Exception("Invalid prefix encountered")
             return self.inner.step(ids)
 
     def decode_stream(self, context, skip_special_tokens=True):
         starts.append(list(context))
         stream = real(self, context, skip_special_tokens)
-        return Failing(stream) if len(starts) == 1 else stream
+        if len(starts) > failing_starts:
+            return stream
+        return Failing(stream, 3 if len(starts) == 1 else 1)  # a restart fails at once
 
     prompt = tiny.encode("Say hi to")
     output = tiny.encode(" the world, and again.", add_special_tokens=False)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Tokenizer, "decode_stream", decode_stream)
         text = "".join(stream(tiny, prompt, output))
-    assert len(starts) == 2 and starts[1] == (prompt + output[:2])[-len(starts[1]) :]
+    # Restarted from the ids before the third output token; if that fails too, from nothing.
+    assert len(starts) == 1 + failing_starts
+    assert starts[1] and starts[1] == (prompt + output[:2])[-len(starts[1]) :]
+    if failing_starts == 2:
+        assert starts[2] == []
     assert text == tiny.decode(output)
