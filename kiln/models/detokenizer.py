@@ -66,7 +66,7 @@ class IncrementalDetokenizer:
         if not token_ids:
             return ""
         if self._stream is not None:
-            return self._add_streamed(token_ids)
+            return self._add_streamed(self._stream, token_ids)
         ids = self._ids
         ids.extend(token_ids)
         prefix_text = self._decode(ids[: self._read_offset])
@@ -81,11 +81,11 @@ class IncrementalDetokenizer:
         self._text += delta
         return delta
 
-    def _add_streamed(self, token_ids: Sequence[int]) -> str:
+    def _add_streamed(self, stream: StreamDecoder, token_ids: Sequence[int]) -> str:
         ids = self._ids
         ids.extend(token_ids)
         try:
-            delta = self._stream.step(token_ids)
+            delta = stream.step(token_ids)
         except Exception:  # tokenizers raises a bare Exception for a window whose text it cannot extend
             # A ByteFallback decoder re-decoded an invalid byte run: restart from the ids before these,
             # as from a prompt (text the old stream still held back for them is not released). Should
