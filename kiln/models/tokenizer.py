@@ -168,7 +168,8 @@ class StreamDecoder:
 
     `step` returns the text the new ids made stable, or None while they end inside a character (or add
     no text). It raises when a window's text does not extend the text before it, which a ByteFallback
-    decoder does around invalid byte runs; the caller then starts a new stream."""
+    decoder does around invalid byte runs; the caller then starts a new stream. A stream holds its
+    sequence's state: one caller (the engine's output processing) steps it."""
 
     __slots__ = ("_rust", "_stream")
 
