@@ -15,9 +15,9 @@ GEMVs, each with its default widening.
 GEMM (CUDA-graph replay, L2 warm, as a prefill or a large decode batch runs them): bf16 cuBLAS
 (`F.linear`) against FP8 `torch._scaled_mm` with row-wise scales and the engine's accumulator
 (`FAST_ACCUM`; the GEMM alone, and with the per-token quantization of x it needs; and alone with either
-accumulator), int8 `torch._int_mm` +
-the Triton epilogue (with and without quantization), the Triton W8A8 GEMM and the Triton int8 weight-only GEMM, at the 8B gate_up (28672 x 4096) and o_proj
-(4096 x 4096) shapes. TFLOP/s = 2 M N K / time.
+accumulator), int8 `torch._int_mm` + the Triton epilogue (with and without quantization), the Triton W8A8
+GEMM and the Triton int8 weight-only GEMM, at the 8B gate_up (28672 x 4096) and o_proj (4096 x 4096)
+shapes. TFLOP/s = 2 M N K / time.
 """
 
 from __future__ import annotations
