@@ -101,7 +101,7 @@ class Tokenizer:
     def decode_stream(self, context: Sequence[int], skip_special_tokens: bool = True) -> StreamDecoder | None:
         """The Rust tokenizer's incremental decoder for one sequence whose text so far ends with the
         tokens `context`; None where this tokenizer or the installed `tokenizers` has none."""
-        if self._rust is None or not _has_primed_decode_stream():
+        if self._rust is None or not has_primed_decode_stream():
             return None
         return StreamDecoder(self._rust, context, skip_special_tokens)
 
@@ -188,7 +188,7 @@ class StreamDecoder:
 
 
 @functools.cache
-def _has_primed_decode_stream() -> bool:
+def has_primed_decode_stream() -> bool:
     """Whether `tokenizers` has a DecodeStream that starts from context ids."""
     try:
         from tokenizers.decoders import DecodeStream
