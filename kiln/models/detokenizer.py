@@ -11,7 +11,8 @@ DecodeStream), that decoder keeps the same window itself, in one call a step ins
 (the engine's host step 5-6% shorter, docs/results/2026-12-06-cpu). It refuses a window whose text does
 not extend the text before it, which a ByteFallback decoder produces around invalid byte runs; the
 detokenizer then restarts it from the ids before the new ones, as from a prompt, and text the old stream
-still held back for them (at most an incomplete character's replacement) is not released.
+still held back for them (at most an incomplete character's replacement) is not released. Refused again,
+the sequence goes on in the window here, which takes any window.
 
 Rules of the interface:
 - `add` returns only text that is stable: when the window's text ends in U+FFFD, a token ended in the
@@ -88,25 +89,23 @@ class IncrementalDetokenizer:
             delta = stream.step(token_ids)
         except Exception:  # tokenizers raises a bare Exception for a window whose text it cannot extend
             # A ByteFallback decoder re-decoded an invalid byte run: restart from the ids before these,
-            # as from a prompt (text the old stream still held back for them is not released). Should
-            # those ids end in a byte run that the new ones change too, restart from nothing: a stream
-            # with no context has no text to extend.
+            # as from a prompt (text the old stream still held back for them is not released).
+            context = self._prompt_context(ids[: len(ids) - len(token_ids)])
+            stream = self.tokenizer.decode_stream(context, self.skip_special_tokens)
             try:
-                delta = self._restart(self._prompt_context(ids[: len(ids) - len(token_ids)])).step(token_ids)
+                delta = stream.step(token_ids) if stream is not None else None
             except Exception:
-                delta = self._restart([]).step(token_ids)
+                stream = None
+            if stream is None:  # refused again: the sequence goes on in the Python window (any window works)
+                self._stream, self._ids, self._read_offset = None, context, len(context)
+                return self.add(token_ids)
+            self._stream = stream
         if len(ids) > 4 * PROMPT_CONTEXT_TOKENS:
             del ids[: -2 * PROMPT_CONTEXT_TOKENS]  # enough for _prompt_context to step back from
         if delta is None:
             return ""
         self._text += delta
         return delta
-
-    def _restart(self, context: list[int]) -> StreamDecoder:
-        stream = self.tokenizer.decode_stream(context, self.skip_special_tokens)
-        assert stream is not None  # the tokenizer gave one when this detokenizer began
-        self._stream = stream
-        return stream
 
     def _prompt_context(self, prompt: list[int]) -> list[int]:
         """The prompt's last tokens, starting at a character's first byte and ending at a character's end.

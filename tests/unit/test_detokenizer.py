@@ -237,9 +237,7 @@ def test_a_stream_that_cannot_extend_its_window_restarts(tiny: Tokenizer, decodi
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Tokenizer, "decode_stream", decode_stream)
         text = "".join(stream(tiny, prompt, output))
-    # Restarted from the ids before the third output token; if that fails too, from nothing.
-    assert len(starts) == 1 + failing_starts
+    # Restarted from the ids before the third output token; if that fails too, on in the Python window.
+    assert len(starts) == 2
     assert starts[1] and starts[1] == (prompt + output[:2])[-len(starts[1]) :]
-    if failing_starts == 2:
-        assert starts[2] == []
     assert text == tiny.decode(output)
