@@ -6,7 +6,7 @@ Rules:
   comparing the two on random shapes (tests/gpu).
 - The choice follows the device of the first tensor argument, so CPU code never imports Triton.
 - KILN_KERNELS=reference forces the references on CUDA too (to compare or to bisect a bug);
-  read once at import.
+  read once at import; any other value is an error.
 - `paged_attention` on a Hopper GPU hands long fresh prompts to cuDNN's fused attention
   (`kiln.kernels.long_prompts`, which says when) and the rest of the step to the Triton kernel.
 - `linear` runs the Triton GEMV only for one token without bias (batch-1 decode) and torch's
@@ -39,7 +39,12 @@ from kiln.kernels import long_prompts, quant_reference, reference
 from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.kernels.quant_reference import QuantizedActivation
 
-_FORCE_REFERENCE = os.environ.get("KILN_KERNELS", "").lower() == "reference"
+_KERNELS = os.environ.get("KILN_KERNELS", "").strip().lower()
+if _KERNELS not in ("", "reference"):
+    raise ValueError(
+        f"KILN_KERNELS={os.environ['KILN_KERNELS']!r}: it takes only 'reference' (unset: Triton on CUDA)"
+    )
+_FORCE_REFERENCE = _KERNELS == "reference"
 
 
 @functools.cache

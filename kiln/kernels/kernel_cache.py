@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from kiln.engine_dir import move_into_place
+from kiln.kernels.switches import env_switch
 from kiln.kernels.tiles import KernelProfile, apply_profile, current_target
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class KernelPrep:
 def engine_kernels_enabled() -> bool:
     """KILN_ENGINE_KERNELS=off (or 0/false/no) makes loads ignore an engine directory's kernels/: to
     measure without it, or to keep its compiled code out of this process."""
-    return os.environ.get("KILN_ENGINE_KERNELS", "").strip().lower() not in ("0", "off", "false", "no")
+    return bool(env_switch("KILN_ENGINE_KERNELS", True))
 
 
 def triton_cache_dir() -> Path:

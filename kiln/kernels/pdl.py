@@ -21,7 +21,9 @@ import os
 
 import torch
 
-_DISABLED = os.environ.get("KILN_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1"
+from kiln.kernels.switches import env_switch
+
+_DISABLED = not env_switch("KILN_PDL", True) or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.cache

@@ -50,21 +50,20 @@ change.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from kiln.kernels.pdl import pdl_enabled
+from kiln.kernels.switches import env_switch
 
-_WIDEN_BITS_ENV = os.environ.get("KILN_WIDEN_BITS")  # "1" / "0": on / off in both kernels, to compare
+_WIDEN_BITS = env_switch("KILN_WIDEN_BITS", None)  # on / off in both kernels, to compare
 
 
 def widen_by_bits(measured_default: bool) -> bool:
     """Whether a kernel widens 8-bit weights by their bits: KILN_WIDEN_BITS where it is set, else the
     kernel's measured default for the weight's dtype."""
-    return measured_default if _WIDEN_BITS_ENV is None else _WIDEN_BITS_ENV == "1"
+    return measured_default if _WIDEN_BITS is None else _WIDEN_BITS
 
 
 FP8_BIT_SCALE: tl.constexpr = tl.constexpr(2.0**60)  # x's and the sum's factor with bit_widen (module doc)

@@ -39,12 +39,12 @@ Rules:
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
 from kiln.kernels import quant_reference
 from kiln.kernels.quant_reference import QuantizedActivation
+from kiln.kernels.switches import env_switch
 from kiln.kernels.triton_quant_act import quantize_rows
 from kiln.kernels.triton_quant_gemm import quant_gemm, scale_int32
 from kiln.kernels.triton_quant_gemv import quant_gemv
@@ -52,7 +52,7 @@ from kiln.kernels.triton_quant_gemv import quant_gemv
 _HALF = (torch.float16, torch.bfloat16)
 INT_MM_MIN_TOKENS = 17  # torch._int_mm: "self.size(0) needs to be greater than 16"
 SCALED_MM_MIN_TOKENS = 17  # fewer: the Triton FP8 GEMM's decode-batch tile is faster (module rules)
-FAST_ACCUM = os.environ.get("KILN_FP8_FAST_ACCUM", "1") != "0"  # cuBLASLt's FP8 accumulator (module rules)
+FAST_ACCUM = bool(env_switch("KILN_FP8_FAST_ACCUM", True))  # cuBLASLt's FP8 accumulator (module rules)
 
 
 def _group(q: torch.Tensor, scale: torch.Tensor) -> int | None:
