@@ -8,7 +8,9 @@ says which steps, which buckets, and how the padding past the real tokens is mad
 
 - `DecodeLayout`, one graph per bucketed batch size: a step of n decodes runs the smallest bucket >= n,
   the extra rows padded as harmless dummy decodes (slot -1: no KV is written; context length 1 over a
-  block their table row already holds, so every read stays inside the cache).
+  block their table row already holds, so every read stays inside the cache). Where attention's
+  decode tile depends on the longest context, one family of these graphs per length class: a step
+  replays the family of the shortest class that holds its longest context.
 - `PrefillLayout`, one graph per bucketed token count, for a step that computes T > 1 tokens of ONE
   request (a prompt arriving at an idle engine: its time to first token). The T real tokens run in the
   smallest bucket >= T, the padding tokens after them with slot -1 (not stored) and outside the
@@ -17,7 +19,8 @@ says which steps, which buckets, and how the padding past the real tokens is mad
 Rules: the static input buffers are the only way in, the captured output tensor the only way out;
 capture happens once, after the KV cache is allocated; the attention split count and the host-side
 shapes (the bucket's token count, the longest context) are fixed per graph, so a graph is valid for
-every context length up to max_model_len, cached prefix or not.
+every context length up to the longest it was captured with (max_model_len unless its layout says
+less), cached prefix or not.
 """
 
 from __future__ import annotations
@@ -171,16 +174,26 @@ class GraphLayout(Protocol):
 class DecodeLayout:
     """n decodes of one token each in the smallest batch bucket >= n; the rows past them are dummy
     decodes: context length 1 (over the block their table row last held, block 0 until a larger step
-    wrote it; a valid block either way) and slot -1 from `TokenBuffers`, so they write nothing."""
-
-    name = "decode"
+    wrote it; a valid block either way) and slot -1 from `TokenBuffers`, so they write nothing.
+    `max_seq_len` (default max_model_len): the longest context its graphs serve; the graphs are
+    captured with it, so attention picks its split count and tile for that length
+    (`kiln.kernels.attention_plan.decode_context_bounds` says where the tile changes)."""
 
     def __init__(
-        self, *, max_batch_size: int, max_model_len: int, block_size: int, device: torch.device
+        self,
+        *,
+        max_batch_size: int,
+        max_model_len: int,
+        block_size: int,
+        device: torch.device,
+        max_seq_len: int | None = None,
     ) -> None:
         self.buckets = batch_buckets(max_batch_size)
         self.device = device
-        self.max_model_len = max_model_len
+        self.max_seq_len = max_model_len if max_seq_len is None else min(max_seq_len, max_model_len)
+        self.name = (
+            "decode" if self.max_seq_len == max_model_len else f"decode (contexts <= {self.max_seq_len})"
+        )
         self.block_size = block_size
         n = self.buckets[-1]
         max_blocks = -(-max_model_len // block_size)
@@ -189,7 +202,7 @@ class DecodeLayout:
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
 
     def covers(self, meta: AttentionMetadata) -> bool:
-        return meta.max_query_len == 1
+        return meta.max_query_len == 1 and meta.max_seq_len <= self.max_seq_len
 
     def capture_metadata(self, slot_mapping: torch.Tensor, size: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -198,9 +211,9 @@ class DecodeLayout:
             seq_lens=self.seq_lens[:size],
             block_tables=self.block_tables[:size],
             max_query_len=1,
-            max_seq_len=self.max_model_len,  # fixes the split count for the longest context
+            max_seq_len=self.max_seq_len,  # fixes the split count and tile for the longest context
             query_start_loc_cpu=list(range(size + 1)),
-            seq_lens_cpu=[self.max_model_len] * size,
+            seq_lens_cpu=[self.max_seq_len] * size,
             block_size=self.block_size,
         )
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln import kernels
 from kiln.engine.cuda_graphs import BucketedGraphs, DecodeLayout, PrefillLayout
 from kiln.engine.host_transfer import HostStaging, to_host
 from kiln.engine.piecewise_graphs import PiecewiseGraphs
@@ -113,6 +114,8 @@ class ModelRunner:
         self.vocab_size = vocab_size
         self.sampler = Sampler()
         self.graphs: BucketedGraphs | None = None  # decode graphs, set by capture_graphs on CUDA
+        # Decode graphs for shorter contexts, shortest first, where attention's tile depends on length.
+        self.short_graphs: list[BucketedGraphs] = []
         self.prefill_graphs: BucketedGraphs | None = None
         self.piecewise_graphs: PiecewiseGraphs | None = None
         self._staging = HostStaging(device)
@@ -240,9 +243,11 @@ class ModelRunner:
     def capture_graphs(
         self, max_batch_size: int, max_model_len: int, max_prefill_tokens: int, max_mixed_tokens: int = 0
     ) -> dict[str, float]:
-        """Decode graphs up to max_batch_size requests; when max_prefill_tokens > 1, single-request
-        prefill graphs up to that many tokens; when max_mixed_tokens > 0, piecewise graphs for any
-        step up to that many tokens. All in one memory pool. Returns each family's capture seconds."""
+        """Decode graphs up to max_batch_size requests, a family per context-length class where
+        attention's decode tile depends on the length (`kernels.decode_context_bounds`); when
+        max_prefill_tokens > 1, single-request prefill graphs up to that many tokens; when
+        max_mixed_tokens > 0, piecewise graphs for any step up to that many tokens. All in one memory
+        pool. Returns each family's capture seconds."""
         pool = torch.cuda.graph_pool_handle()
         seconds: dict[str, float] = {}
         start = time.perf_counter()
@@ -261,13 +266,20 @@ class ModelRunner:
         decode = DecodeLayout(max_batch_size=max_batch_size, **shapes)
         self.graphs = BucketedGraphs(self.model, self.kv_caches, decode)
         self.graphs.capture(pool)
+        for bound in kernels.decode_context_bounds(self.kv_caches[0][0]):
+            if bound < max_model_len:
+                layout = DecodeLayout(max_batch_size=max_batch_size, max_seq_len=bound, **shapes)
+                self.short_graphs.append(BucketedGraphs(self.model, self.kv_caches, layout))
+                self.short_graphs[-1].capture(pool)
         seconds["decode"] = time.perf_counter() - start
         return seconds
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         meta = inputs.metadata
-        if self.graphs is not None and meta.is_pure_decode and self.graphs.bucket_for(meta.num_seqs):
-            return self.graphs.run(inputs.input_ids, inputs.positions, meta)
+        if self.graphs is not None and meta.is_pure_decode:
+            for graphs in (*self.short_graphs, self.graphs):
+                if graphs.layout.covers(meta) and graphs.bucket_for(meta.num_seqs):
+                    return graphs.run(inputs.input_ids, inputs.positions, meta)
         num_tokens = inputs.input_ids.shape[0]
         if (
             self.prefill_graphs is not None

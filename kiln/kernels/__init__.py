@@ -8,7 +8,8 @@ Rules:
 - KILN_KERNELS=reference forces the references on CUDA too (to compare or to bisect a bug);
   read once at import; any other value is an error.
 - `paged_attention` on a Hopper GPU hands long fresh prompts to cuDNN's fused attention
-  (`kiln.kernels.long_prompts`, which says when) and the rest of the step to the Triton kernel.
+  (`kiln.kernels.long_prompts`, which says when) and the rest of the step to the Triton kernel,
+  whose decode tile may depend on the step's longest context (`decode_context_bounds` says where).
 - `linear` runs the Triton GEMV only for one token without bias (batch-1 decode) and torch's
   linear (cuBLAS) otherwise: at any larger batch cuBLAS's GEMMs are the faster kernel.
 - `rotary_store_kv` is apply_rotary + store_kv in one launch on CUDA (and exactly those two
@@ -38,6 +39,7 @@ import torch
 from kiln.kernels import long_prompts, quant_reference, reference
 from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.kernels.quant_reference import QuantizedActivation
+from kiln.kernels.tiles import head_dim_p2
 
 _KERNELS = os.environ.get("KILN_KERNELS", "").strip().lower()
 if _KERNELS not in ("", "reference"):
@@ -96,6 +98,16 @@ def paged_attention(
             long_prompts.attend_fresh_prompt(query, k_cache, v_cache, meta, scale, request, out)
         return out
     return reference.paged_attention(query, k_cache, v_cache, meta, scale, **scales)
+
+
+def decode_context_bounds(k_cache: torch.Tensor) -> tuple[int, ...]:
+    """The longest-context bounds, ascending, at which `paged_attention`'s decode tile over this cache
+    changes; a CUDA graph of decode steps is valid for every length but fast only within its class, so
+    the engine captures one family of decode graphs per class. None on the reference path."""
+    if _use_triton(k_cache):
+        fp8_cache = k_cache.dtype == reference.FP8_KV_DTYPE
+        return _triton("attention").decode_context_bounds(head_dim_p2(k_cache.shape[-1]), fp8_cache=fp8_cache)
+    return ()
 
 
 def rms_norm(

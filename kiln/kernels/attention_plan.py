@@ -30,31 +30,54 @@ def num_sms(device: torch.device) -> int:
     return _NUM_SMS_CACHE[index]
 
 
-def default_config(decode: bool, head_dim_p2: int, *, fp8_cache: bool = False) -> AttentionConfig:
+# Decode over an fp8 cache whose longest context is at most this many keys takes the short-context tile.
+SHORT_FP8_DECODE_KEYS = 512
+
+
+def default_config(
+    decode: bool, head_dim_p2: int, *, fp8_cache: bool = False, max_seq_len: int | None = None
+) -> AttentionConfig:
     """The tile shape used unless the caller passes one: the engine directory's tuned choice when
     `kiln.kernels.tiles.apply_profile` installed one for this head size (tuned over the engine's own
     cache dtype), else `builtin_config`."""
-    return tuned_config(decode, head_dim_p2) or builtin_config(decode, head_dim_p2, fp8_cache=fp8_cache)
+    return tuned_config(decode, head_dim_p2) or builtin_config(
+        decode, head_dim_p2, fp8_cache=fp8_cache, max_seq_len=max_seq_len
+    )
 
 
-def builtin_config(decode: bool, head_dim_p2: int, *, fp8_cache: bool = False) -> AttentionConfig:
+def builtin_config(
+    decode: bool, head_dim_p2: int, *, fp8_cache: bool = False, max_seq_len: int | None = None
+) -> AttentionConfig:
     """The untuned tile shape (chosen from sweeps on an H100, see docs/results/2026-11-25-h100/README.md).
+    `max_seq_len`: the step's longest context (None: any length).
 
-    Decode over an fp8 cache takes five stages: that is what makes Triton double-buffer the K/V tiles
-    behind the block-table load, and such a loop is bound by instructions and latency, not by memory. It
-    pays over long contexts, where an fp8 cache is worth having, and costs a little over short ones
-    (docs/results/2026-12-06-h100/README.md). A 16-bit cache streams at the memory's rate either way,
-    and keeps two stages."""
+    Decode over an fp8 cache is bound by instructions and latency, not by memory, and its best tile
+    depends on the context (docs/results/2026-12-06-h100/README.md). Over long contexts, five stages:
+    that is what makes Triton double-buffer the K/V tiles behind the block-table load. Over contexts of
+    at most SHORT_FP8_DECODE_KEYS, where a program sees a few tiles only, a small tile (32 keys, two warps,
+    two stages) that keeps more programs on each SM. A 16-bit cache streams at the memory's rate with
+    one tile at every length, and keeps two stages."""
     if decode:
+        if fp8_cache and head_dim_p2 <= 128:
+            if max_seq_len is not None and max_seq_len <= SHORT_FP8_DECODE_KEYS:
+                return AttentionConfig(block_m=16, block_n=32, num_warps=2, num_stages=2)
+            return AttentionConfig(block_m=16, block_n=64, num_warps=4, num_stages=5)
         return AttentionConfig(
-            block_m=16,
-            block_n=64 if head_dim_p2 <= 128 else 32,
-            num_warps=4,
-            num_stages=5 if fp8_cache and head_dim_p2 <= 128 else 2,
+            block_m=16, block_n=64 if head_dim_p2 <= 128 else 32, num_warps=4, num_stages=2
         )
     if head_dim_p2 <= 128:
         return AttentionConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
     return AttentionConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
+
+
+def decode_context_bounds(head_dim_p2: int, *, fp8_cache: bool) -> tuple[int, ...]:
+    """The longest-context bounds, ascending, at which `default_config`'s decode tile changes: a CUDA
+    graph captured for contexts up to a bound runs the tile of that bound (none: one tile serves every
+    length, or a tuned tile is installed)."""
+    if tuned_config(True, head_dim_p2) is not None:
+        return ()
+    short = builtin_config(True, head_dim_p2, fp8_cache=fp8_cache, max_seq_len=SHORT_FP8_DECODE_KEYS)
+    return (SHORT_FP8_DECODE_KEYS,) if short != builtin_config(True, head_dim_p2, fp8_cache=fp8_cache) else ()
 
 
 def choose_num_splits(num_tiles: int, num_kv_heads: int, max_kv_len: int, num_sms: int) -> int:

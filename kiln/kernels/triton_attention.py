@@ -47,6 +47,7 @@ from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.kernels.attention_plan import (
     builtin_config,
     choose_num_splits,
+    decode_context_bounds,
     default_config,
     num_sms,
     split_counters,
@@ -378,7 +379,7 @@ def paged_attention(
         return out
 
     decode = meta.max_query_len == 1
-    config = config or default_config(decode, head_dim_p2, fp8_cache=kv_scaled)
+    config = config or default_config(decode, head_dim_p2, fp8_cache=kv_scaled, max_seq_len=meta.max_seq_len)
     # Decode tiles hold one token's group; prefill tiles as many tokens as fill config.block_m rows.
     block_q = 1 if decode else max(1, config.block_m // group_p2)
     block_m = max(16, block_q * group_p2)
@@ -449,4 +450,10 @@ def paged_attention(
     return out
 
 
-__all__ = ["builtin_config", "choose_num_splits", "default_config", "paged_attention"]
+__all__ = [
+    "builtin_config",
+    "choose_num_splits",
+    "decode_context_bounds",
+    "default_config",
+    "paged_attention",
+]

@@ -110,18 +110,29 @@ def test_a_matching_profile_is_installed_for_its_head_size_only() -> None:
 
 def test_apply_profile_changes_default_config_and_the_builtin_stays_the_fallback() -> None:
     pytest.importorskip("triton")
-    from kiln.kernels.triton_attention import builtin_config, default_config
+    from kiln.kernels.triton_attention import builtin_config, decode_context_bounds, default_config
 
     builtin = {decode: builtin_config(decode, 128) for decode in (True, False)}
     assert default_config(True, 128) == builtin[True] == AttentionConfig(16, 64, 4, 2)
     assert default_config(False, 128) == builtin[False] == AttentionConfig(128, 64, 4, 3)
-    # decode over an fp8 cache: five stages, which double-buffer its K/V tiles (attention_plan.builtin_config)
-    assert default_config(True, 128, fp8_cache=True) == AttentionConfig(16, 64, 4, 5)
+    # decode over an fp8 cache: five stages, which double-buffer its K/V tiles (attention_plan.builtin_config),
+    # except where every context is short: a small tile that keeps more programs on each SM
+    long_fp8 = AttentionConfig(16, 64, 4, 5)
+    assert default_config(True, 128, fp8_cache=True) == long_fp8
+    assert default_config(True, 128, fp8_cache=True, max_seq_len=513) == long_fp8
+    assert default_config(True, 128, fp8_cache=True, max_seq_len=512) == AttentionConfig(16, 32, 2, 2)
+    assert default_config(True, 128, max_seq_len=100) == builtin[True]  # a 16-bit cache: one tile
+    assert default_config(False, 128, fp8_cache=True, max_seq_len=100) == builtin[False]
+    assert decode_context_bounds(128, fp8_cache=True) == (512,)
+    assert decode_context_bounds(128, fp8_cache=False) == decode_context_bounds(256, fp8_cache=True) == ()
     profile = make_profile(head_dim=96)  # tuned by its power-of-two size, as the kernel pads it
     apply_profile(profile, H100)
     assert default_config(True, 128) == profile.decode != builtin[True]
     assert default_config(False, 128) == profile.prefill != builtin[False]
     assert default_config(True, 256) == builtin_config(True, 256)  # another head size: untouched
+    # a tuned decode tile serves every length: no length classes
+    assert default_config(True, 128, fp8_cache=True, max_seq_len=100) == profile.decode
+    assert decode_context_bounds(128, fp8_cache=True) == ()
     clear_profile()
     assert default_config(True, 128) == builtin[True] and default_config(False, 128) == builtin[False]
 

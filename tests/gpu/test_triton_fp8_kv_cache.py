@@ -1,8 +1,9 @@
 """The fp8 (E4M3) KV cache on the GPU: Triton store_kv and rotary_store_kv into an fp8 cache, and
-paged_attention over one (prefill, chunked prefill, decode, split-K decode, GQA, block sizes, head dims 64
-and 128, fp16 and bf16), each against its PyTorch reference (kiln.kernels.reference); a CUDA graph that
-replays with the scales' current values; and a tiny `kiln build --tiny --kv-cache-dtype fp8` engine in
-float16 on CUDA against the same engine's float32 CPU reference.
+paged_attention over one (prefill, chunked prefill, decode over short and long contexts, split-K decode,
+GQA, block sizes, head dims 64 and 128, fp16 and bf16), each against its PyTorch reference
+(kiln.kernels.reference); a CUDA graph that replays with the scales' current values; and a tiny
+`kiln build --tiny --kv-cache-dtype fp8` engine in float16 on CUDA against the same engine's float32 CPU
+reference, through both families of its decode graphs.
 
 Tolerances, and why:
 - store_kv: bit for bit. The kernel widens x to float32, divides with an IEEE division (div_rn, as torch
@@ -162,12 +163,23 @@ def _check(batch, k8, v8, k_scale, v_scale, dtype, num_splits=None):
     assert rel_error(out, unquantized) < 0.1
 
 
+# Decode tiles by the batch's longest context (attention_plan.builtin_config): up to 512 keys the
+# short-context tile, beyond it the five-stage one.
+DECODE_CONTEXTS = {
+    "long": [long_context(4100), 0, 37, long_context(1999), 16, long_context(777)],
+    "short": [511, 0, 37, 200, 16, 300, 64],
+}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize(("head_dim", "group"), HEAD_SHAPES)
-def test_decode_over_an_fp8_cache(fp8_device, head_dim, group, block_size, dtype):
+@pytest.mark.parametrize("lengths", ["long", "short"])
+def test_decode_over_an_fp8_cache(fp8_device, lengths, head_dim, group, block_size, dtype):
+    from kiln.kernels.attention_plan import SHORT_FP8_DECODE_KEYS, builtin_config, default_config
+
     num_kv_heads = 2 if group == 8 else 4
-    contexts = [long_context(4100), 0, 37, long_context(1999), 16, long_context(777)]
+    contexts = DECODE_CONTEXTS[lengths]
     parts = _fp8_batch(
         [1] * len(contexts),
         contexts,
@@ -178,6 +190,10 @@ def test_decode_over_an_fp8_cache(fp8_device, head_dim, group, block_size, dtype
         dtype,
         fp8_device,
     )
+    if lengths == "short":
+        assert parts[0].meta.max_seq_len == SHORT_FP8_DECODE_KEYS
+        short = default_config(True, head_dim, fp8_cache=True, max_seq_len=SHORT_FP8_DECODE_KEYS)
+        assert short != builtin_config(True, head_dim, fp8_cache=True)
     _check(*parts, dtype)
 
 
@@ -273,6 +289,7 @@ def test_tiny_fp8_kv_engine_on_cuda_tracks_the_reference(tmp_path, fp8_device):
     from kiln.build import build_tiny_engine
     from kiln.config import EngineConfig
     from kiln.engine.llm_engine import LLMEngine
+    from kiln.engine.sampling_params import SamplingParams
     from kiln.models.loader import load_model
     from kiln.models.tokenizer import Tokenizer
 
@@ -293,6 +310,31 @@ def test_tiny_fp8_kv_engine_on_cuda_tracks_the_reference(tmp_path, fp8_device):
     engine = LLMEngine.from_path(engine_dir, EngineConfig(device="cuda", dtype="float16", max_num_seqs=8))
     assert engine.config.cuda_graphs and engine.config.kv_cache_dtype == "fp8"
     assert all(k.dtype == FP8 for k, _ in engine.runner.kv_caches)
+    # Decodes whose longest context is at most 512 replay the short-context family of decode graphs (its
+    # own attention tile), longer ones the family for every length (attention_plan.decode_context_bounds).
+    families = [*engine.runner.short_graphs, engine.runner.graphs]
+    assert [g.layout.max_seq_len for g in families] == [512, engine.max_model_len]
+    replays = dict.fromkeys((g.layout.name for g in families), 0)
+    for graphs in families:
+        graphs.run = _counted(graphs.run, graphs.layout.name, replays)
     agree, total = greedy_agreement(engine, engine_dir)
-    print(f"fp8 KV greedy on CUDA: {agree}/{total} tokens the reference's argmax")
+    print(f"fp8 KV greedy on CUDA: {agree}/{total} tokens the reference's argmax; replays {replays}")
     assert agree / total >= least_top1
+    assert replays == {"decode (contexts <= 512)": replays["decode (contexts <= 512)"], "decode": 0}
+    assert replays["decode (contexts <= 512)"] > 0
+    long_prompt = torch.randint(3, 500, (600,), generator=torch.Generator().manual_seed(3)).tolist()
+    engine.add_request("long", params=SamplingParams(temperature=0, max_tokens=8, min_tokens=8),
+                       prompt_token_ids=long_prompt)  # fmt: skip
+    generated = [t for _ in range(64) if engine.has_unfinished_requests() for out in engine.step()
+                 for t in out.outputs[0].token_ids]  # fmt: skip
+    assert len(generated) == 8 and replays["decode"] > 0
+    ref = text_logits(engine_dir, long_prompt + generated)[len(long_prompt) - 1 : -1]
+    assert (ref.argmax(-1) == torch.tensor(generated)).float().mean().item() >= least_top1
+
+
+def _counted(run, name: str, replays: dict[str, int]):
+    def counting(*args):
+        replays[name] += 1
+        return run(*args)
+
+    return counting

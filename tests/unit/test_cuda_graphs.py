@@ -95,6 +95,24 @@ def test_a_decode_step_pads_its_bucket_with_dummy_decodes_of_context_1():
     assert not layout.covers(_meta([5, 3], [1, 2], [[1], [2]], [0, 1, 2]))
 
 
+def test_a_short_context_decode_family_is_captured_at_its_bound_and_covers_only_steps_within_it():
+    layout = DecodeLayout(max_batch_size=8, max_model_len=32, block_size=4, device=CPU, max_seq_len=12)
+    assert layout.name == "decode (contexts <= 12)" and layout.max_seq_len == 12
+    assert layout.block_tables.shape == (8, 8)  # as wide as the longest context: any step's table fits
+    meta = layout.capture_metadata(torch.full((2,), -1, dtype=torch.int64), 2)
+    assert (meta.max_seq_len, meta.seq_lens_cpu) == (12, [12, 12])  # attention picks its tile for 12
+    assert layout.covers(_meta([12, 5], [1, 1], [[1, 2, 3], [4, 5, 0]], [0, 1]))
+    assert not layout.covers(_meta([13, 5], [1, 1], [[1, 2, 3, 4], [5, 6, 0, 0]], [0, 1]))
+    full = DecodeLayout(max_batch_size=8, max_model_len=32, block_size=4, device=CPU)
+    assert full.name == "decode" and full.max_seq_len == 32
+    assert full.covers(_meta([13, 5], [1, 1], [[1, 2, 3, 4], [5, 6, 0, 0]], [0, 1]))
+    # A bound past the model's context is the model's context.
+    assert (
+        DecodeLayout(max_batch_size=8, max_model_len=32, block_size=4, device=CPU, max_seq_len=64).name
+        == "decode"
+    )
+
+
 def test_a_prefill_bucket_is_captured_as_one_uncached_prompt_of_the_bucket_s_tokens():
     layout = PrefillLayout(max_tokens=100, max_model_len=30, block_size=4, device=CPU)
     assert layout.buckets == [16, 32, 64, 100]
