@@ -32,7 +32,9 @@ from kiln.engine.request import Request, RequestStatus
 from kiln.kvcache.manager import KVCacheManager
 
 
-@dataclass(slots=True, frozen=True)
+# Not frozen: one is made for every running request every step, and a frozen dataclass's __init__ costs
+# three times as much (each field set through object.__setattr__). Nothing changes one once made.
+@dataclass(slots=True)
 class ScheduledRequest:
     request: Request
     start: int  # first position computed this step (num_computed_tokens before this step)
@@ -263,12 +265,10 @@ class Scheduler:
     # -- helpers -------------------------------------------------------------------------------------
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
+        block_ids = self.kv_cache.block_ids(request.request_id)
+        # Positional: the per-request record of every step (keywords cost twice as much to pass).
         return ScheduledRequest(
-            request=request,
-            start=start,
-            num_new_tokens=num_new,
-            block_ids=self.kv_cache.block_ids(request.request_id),
-            sample=start + num_new == request.num_tokens_with_pending,
+            request, start, num_new, block_ids, start + num_new == request.num_tokens_with_pending
         )
 
     def _preempt(self, request: Request) -> None:
