@@ -106,15 +106,17 @@ class OutputProcessor:
             group = self._groups[request_id]
             finished = group.finished
             first = group.sequences[0].request
+            # Positional here and in `_advance`: one of each per request every step, and passing fields by
+            # keyword costs twice as much (fields in the records' order, kiln.engine.outputs).
             outputs.append(
                 RequestOutput(
-                    request_id=request_id,
-                    prompt=group.prompt,
-                    prompt_token_ids=group.prompt_token_ids,
-                    outputs=completions,
-                    finished=finished,
-                    metrics=first.metrics,
-                    num_cached_tokens=first.num_cached_tokens or 0,
+                    request_id,
+                    group.prompt,
+                    group.prompt_token_ids,
+                    completions,
+                    finished,
+                    first.metrics,
+                    first.num_cached_tokens or 0,
                 )
             )
             if finished:
@@ -146,13 +148,13 @@ class OutputProcessor:
         logprobs = None if request.params.logprobs is None else self._logprobs(request, sampled, seq)
         return (
             CompletionOutput(
-                index=request.index,
-                text=delta_text,
-                token_ids=[token],
-                logprobs=logprobs,
-                cumulative_logprob=seq.cumulative_logprob if logprobs is not None else None,
-                finish_reason=finish_reason,  # type: ignore[arg-type]
-                stop_reason=stop_reason,
+                request.index,
+                delta_text,
+                [token],
+                logprobs,
+                seq.cumulative_logprob if logprobs is not None else None,
+                finish_reason,  # type: ignore[arg-type]
+                stop_reason,
             ),
             hit_stop,
         )
