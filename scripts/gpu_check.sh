@@ -53,7 +53,8 @@ PY
     prefill)  # TTFT of one prompt of 1k-32k tokens (Llama-3.1-8B bf16) against the bf16 matmul ceiling, with op profiles
       python3 -m benchmarks.prefill --random llama3.1-8b --json "$RESULTS/results.json" \
         --profile "$RESULTS/prefill-profiles" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
-    quant-engines)  # each scheme beside the 16-bit engine: batch-1 decode (7B), offline 128/128 (8B), FP8 1000/1000
+    quant-engines)  # each scheme beside the 16-bit engine: batch-1 decode (7B), offline 128/128 (8B; FP8 also with
+                    # the fp8 KV cache), FP8 1000/1000
       for scheme in none int8-wo fp8 int8-sq; do
         q=$([ $scheme = none ] || echo "--quantization $scheme")
         python3 -m kiln.bench --random llama2-7b --latency-only $q --json "$RESULTS/results.json" 2>&1 \
@@ -61,6 +62,8 @@ PY
         python3 -m kiln.bench --random llama3.1-8b --throughput-only --max-num-seqs 512 $q \
           --json "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1
       done
+      python3 -m kiln.bench --random llama3.1-8b --throughput-only --max-num-seqs 512 --quantization fp8 \
+        --kv-cache-dtype fp8 --json "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1
       python3 -m kiln.bench --random llama3.1-8b --throughput-only --max-num-seqs 512 --input-len 1000 \
         --output-len 1000 --quantization fp8 --json "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     kv-fp8)  # the fp8 KV cache (every scale 1.0 on random weights) beside the bf16 one: offline 8B 1000/1000 at <= 512
