@@ -103,7 +103,7 @@ def paged_attention(
 def decode_context_bounds(k_cache: torch.Tensor) -> tuple[int, ...]:
     """The longest-context bounds, ascending, at which `paged_attention`'s decode tile over this cache
     changes; a CUDA graph of decode steps is valid for every length but fast only within its class, so
-    the engine captures one family of decode graphs per class. None on the reference path."""
+    the engine captures one family of decode graphs per class. Empty on the reference path."""
     if _use_triton(k_cache):
         fp8_cache = k_cache.dtype == reference.FP8_KV_DTYPE
         return _triton("attention").decode_context_bounds(head_dim_p2(k_cache.shape[-1]), fp8_cache=fp8_cache)
