@@ -2,7 +2,7 @@
 # The one command for the GPU machine: kernel tests against the references, then the benchmarks.
 #   scripts/gpu_check.sh [STAGE...]    stages: env tests kernels gemv quant small-m quant-engines kv-fp8 tune kiln hf
 #                                     served served-eager-mixed startup prefill structured grammar
-#                                     smollm2 report
+#                                     smollm2 targets report
 #                                     (default: all but tune, the tile-shape sweep)
 # Results (results.json, results.md, plots, run.log) go to $OUT if set (the device tool's folder), else
 # benchmarks/results; each stage appends to results.json and run.log.
@@ -94,6 +94,9 @@ PY
         --import-profile "$RESULTS/imports" --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     smollm2)  # the default model in fp16/bf16: needs its GGUF in $KILN_CACHE_DIR/gguf (see benchmarks/README.md)
       python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_default_model_gpu.py 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
+    targets)  # issue 16's figures in priority order within $TARGETS_BUDGET seconds; later calls skip what is done
+      python3 -m benchmarks.targets --budget "${TARGETS_BUDGET:-540}" --out "$RESULTS/results.json" \
+        --done "$RESULTS/targets.done" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     report)
       python3 -m benchmarks.report "$RESULTS/results.json" --md "$RESULTS/results.md" --png "$RESULTS" || status=1 ;;
     *)

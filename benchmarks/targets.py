@@ -1,0 +1,145 @@
+"""Issue 16's figures in priority order within a time budget: what one device call of limited length can
+measure, spread over as many calls as it takes.
+
+    python -m benchmarks.targets --budget 540 --out results.json --done targets.done
+    python -m benchmarks.targets --list
+
+Rules:
+- Steps run in the order of STEPS, the figures furthest from being judged on an H200 first; each is a
+  subprocess that appends its rows to `--out` (benchmarks.timing's format, what `benchmarks.report`
+  judges), its output in `--log-dir`/NAME.log.
+- A step starts only if its estimate fits what is left of the budget, and is stopped at the budget's end
+  (then it counts as failed); a step that does not fit is skipped and the later, shorter ones still run.
+- `--done FILE` lists each step that exited 0, and steps listed there are not run again: the set spreads
+  over several calls, each with its own budget.
+- Estimates are wall seconds on an H100 (random weights built on the device, compiles, warm-up, the run),
+  2026-12-06; the peers' (transformers) include their own model builds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = (sys.executable, "-m", "kiln.bench")
+OFFLINE_8B = (*BENCH, "--random", "llama3.1-8b", "--throughput-only", "--max-num-seqs", "512")
+BATCH1_7B = (*BENCH, "--random", "llama2-7b", "--latency-only")
+FP8_CACHE = ("--quantization", "fp8", "--kv-cache-dtype", "fp8")
+LONG = ("--num-requests", "1024", "--input-len", "1000", "--output-len", "1000")
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    name: str
+    estimate_s: int
+    argv: tuple[str, ...]  # "{out}" stands for the results file
+
+    def command(self, out: Path) -> list[str]:
+        return [str(out) if arg == "{out}" else arg for arg in self.argv]
+
+
+STEPS = (
+    Step("offline-fp8-fp8kv", 75, (*OFFLINE_8B, *FP8_CACHE, "--json", "{out}")),
+    Step("batch1-fp16", 70, (*BATCH1_7B, "--json", "{out}")),
+    Step("batch1-fp8", 70, (*BATCH1_7B, "--quantization", "fp8", "--json", "{out}")),
+    Step("offline-bf16", 75, (*OFFLINE_8B, "--json", "{out}")),
+    Step("batch1-int8-wo", 70, (*BATCH1_7B, "--quantization", "int8-wo", "--json", "{out}")),
+    Step("hf-static", 150, (sys.executable, "-m", "benchmarks.hf_baselines", "--modes", "static_compile",
+                            "--out", "{out}")),
+    Step("fp8-1000-fp8kv", 170, (*OFFLINE_8B, *LONG, *FP8_CACHE, "--json", "{out}")),
+    Step("offline-fp8", 75, (*OFFLINE_8B, "--quantization", "fp8", "--json", "{out}")),
+    Step("startup", 120, (sys.executable, "-m", "benchmarks.startup", "--random", "llama2-7b", "--dir",
+                          "/tmp/kiln-llama2-7b", "--repeats", "1", "--out", "{out}")),
+    Step("served", 200, (sys.executable, "-m", "benchmarks.served", "--random", "llama3.1-8b", "--num-requests",
+                         "1024", "--input-len", "128", "--output-len", "128", "--concurrency", "256",
+                         "--max-num-seqs", "256", "--engine-process", "--out", "{out}")),
+    Step("prefill", 150, (sys.executable, "-m", "benchmarks.prefill", "--random", "llama3.1-8b", "--json", "{out}")),
+    Step("hf-batch", 200, (sys.executable, "-m", "benchmarks.hf_baselines", "--modes", "batch", "--out", "{out}")),
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class Outcome:
+    ran: list[str] = field(default_factory=list)  # exited 0
+    failed: list[tuple[str, int]] = field(
+        default_factory=list
+    )  # (name, exit status; -1: stopped at the budget)
+    skipped: list[str] = field(default_factory=list)  # did not fit what was left
+
+
+def launch(command: list[str], log: Path, timeout_s: float) -> int:
+    """Run one step; its exit status, or -1 when it ran past `timeout_s` (then it is killed)."""
+    with log.open("w") as out:
+        try:
+            return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            return -1
+
+
+def run(
+    steps: Sequence[Step],
+    budget_s: float,
+    out: Path,
+    log_dir: Path,
+    done: Path | None = None,
+    *,
+    run_step: Callable[[list[str], Path, float], int] = launch,
+    clock: Callable[[], float] = time.monotonic,
+) -> Outcome:
+    """Run `steps` in order within `budget_s` seconds (see the module rules)."""
+    finished = set(done.read_text().split()) if done is not None and done.exists() else set()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    began, outcome = clock(), Outcome()
+    for step in steps:
+        if step.name in finished:
+            continue
+        left = budget_s - (clock() - began)
+        if left < step.estimate_s:
+            outcome.skipped.append(step.name)
+            continue
+        print(f"=== {step.name} ({left:.0f} s left): {' '.join(step.command(out))}", flush=True)
+        status = run_step(step.command(out), log_dir / f"{step.name}.log", left)
+        if status == 0:
+            outcome.ran.append(step.name)
+            if done is not None:
+                with done.open("a") as f:
+                    f.write(step.name + "\n")
+        else:
+            outcome.failed.append((step.name, status))
+    return outcome
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budget", type=float, default=540.0, help="seconds this call may spend (default 540)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/results.json"))
+    p.add_argument("--log-dir", type=Path, help="where each step's output goes (default: --out's folder)")
+    p.add_argument("--done", type=Path, help="steps finished in earlier calls, extended by this one")
+    p.add_argument("--only", nargs="+", metavar="STEP", help="these steps, in STEPS' order")
+    p.add_argument("--list", action="store_true", help="print the steps and their estimates, run nothing")
+    args = p.parse_args(argv)
+    names = [step.name for step in STEPS]
+    unknown = sorted(set(args.only or ()) - set(names))
+    if unknown:
+        p.error(f"unknown step(s) {', '.join(unknown)}; the steps are {', '.join(names)}")
+    if args.budget <= 0:
+        p.error("--budget must be > 0 seconds")
+    steps = [step for step in STEPS if not args.only or step.name in args.only]
+    if args.list:
+        for step in steps:
+            print(f"{step.name:20s} ~{step.estimate_s:4d} s  {' '.join(step.command(args.out))}")
+        return 0
+    outcome = run(steps, args.budget, args.out, args.log_dir or args.out.parent, args.done)
+    print(f"ran: {', '.join(outcome.ran) or '-'}")
+    print(f"failed: {', '.join(f'{n} ({s})' for n, s in outcome.failed) or '-'}")
+    print(f"did not fit: {', '.join(outcome.skipped) or '-'}")
+    return 1 if outcome.failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
