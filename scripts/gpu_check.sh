@@ -94,9 +94,11 @@ PY
         --import-profile "$RESULTS/imports" --out "$RESULTS/results.json" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     smollm2)  # the default model in fp16/bf16: needs its GGUF in $KILN_CACHE_DIR/gguf (see benchmarks/README.md)
       python3 -m pytest -q -p no:cacheprovider -rs tests/gpu/test_default_model_gpu.py 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
-    targets)  # issue 16's figures in priority order within $TARGETS_BUDGET seconds; later calls skip what is done
+    targets)  # issue 16's figures in priority order within $TARGETS_BUDGET seconds; later calls skip the steps
+              # listed in $TARGETS_DONE (default $RESULTS/targets.done; where $OUT starts empty each call, a file
+              # brought along from the last call's $OUT)
       python3 -m benchmarks.targets --budget "${TARGETS_BUDGET:-540}" --out "$RESULTS/results.json" \
-        --done "$RESULTS/targets.done" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
+        --done "${TARGETS_DONE:-$RESULTS/targets.done}" 2>&1 | tee -a "$RESULTS/run.log" || status=1 ;;
     report)
       python3 -m benchmarks.report "$RESULTS/results.json" --md "$RESULTS/results.md" --png "$RESULTS" || status=1 ;;
     *)
