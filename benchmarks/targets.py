@@ -13,7 +13,8 @@ Rules:
 - `--done FILE` lists each step that exited 0, and steps listed there are not run again: the set spreads
   over several calls, each with its own budget.
 - Estimates are wall seconds on an H100 (random weights built on the device, compiles, warm-up, the run),
-  2026-12-06; the peers' (transformers) include their own model builds.
+  2026-12-06; the peers' (transformers) include their own model builds. The profile steps' are guesses
+  until they have run.
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ LONG = ("--num-requests", "1024", "--input-len", "1000", "--output-len", "1000")
 class Step:
     name: str
     estimate_s: int
-    argv: tuple[str, ...]  # "{out}" stands for the results file
+    argv: tuple[str, ...]  # "{out}" stands for the results file, "{dir}" in an argument for its folder
 
     def command(self, out: Path) -> list[str]:
-        return [str(out) if arg == "{out}" else arg for arg in self.argv]
+        return [str(out) if arg == "{out}" else arg.replace("{dir}", str(out.parent)) for arg in self.argv]
 
 
 STEPS = (
@@ -60,6 +61,20 @@ STEPS = (
                          "--max-num-seqs", "256", "--engine-process", "--out", "{out}")),
     Step("prefill", 150, (sys.executable, "-m", "benchmarks.prefill", "--random", "llama3.1-8b", "--json", "{out}")),
     Step("hf-batch", 200, (sys.executable, "-m", "benchmarks.hf_baselines", "--modes", "batch", "--out", "{out}")),
+    # Where the time goes, for the targets most likely missed: the figure again, then 30 steps under
+    # torch.profiler (deep into the decode where --profile-after says), the report beside the results.
+    Step("profile-batch1-fp8", 100, (*BATCH1_7B, "--quantization", "fp8", "--profile",
+                                     "{dir}/profile-batch1-fp8.txt", "--json", "{out}")),
+    Step("profile-offline-fp8-fp8kv", 120, (*OFFLINE_8B, *FP8_CACHE, "--profile",
+                                            "{dir}/profile-offline-fp8-fp8kv.txt", "--profile-after", "60",
+                                            "--json", "{out}")),
+    Step("profile-fp8-1000-fp8kv", 150, (*OFFLINE_8B, "--num-requests", "512", "--input-len", "1000",
+                                         "--output-len", "1000", *FP8_CACHE, "--profile",
+                                         "{dir}/profile-fp8-1000-fp8kv.txt", "--profile-after", "560",
+                                         "--json", "{out}")),
+    Step("profile-batch1-fp16", 100, (*BATCH1_7B, "--profile", "{dir}/profile-batch1-fp16.txt", "--json", "{out}")),
+    Step("profile-offline-bf16", 120, (*OFFLINE_8B, "--profile", "{dir}/profile-offline-bf16.txt",
+                                       "--profile-after", "60", "--json", "{out}")),
 )  # fmt: skip
 
 

@@ -86,6 +86,26 @@ def test_the_figure_set_covers_every_issue_16_target_the_report_judges() -> None
     assert all("{out}" in step.argv for step in targets.STEPS)  # every step writes where the report reads
 
 
+def test_profile_steps_write_their_reports_beside_the_results(tmp_path: Path) -> None:
+    out = tmp_path / "call" / "results.json"
+    profiled = [step for step in targets.STEPS if "--profile" in step.argv]
+    # The targets most likely missed on the H200 each get a profile: batch-1 FP8 and fp16, offline FP8
+    # (fp8 cache) and bf16, FP8 1000/1000 deep into its decode.
+    assert [step.name for step in profiled] == [
+        "profile-batch1-fp8",
+        "profile-offline-fp8-fp8kv",
+        "profile-fp8-1000-fp8kv",
+        "profile-batch1-fp16",
+        "profile-offline-bf16",
+    ]
+    for step in profiled:
+        command = step.command(out)
+        report = Path(command[command.index("--profile") + 1])
+        assert report == out.parent / f"{step.name}.txt"
+        assert command[command.index("--json") + 1] == str(out)
+    assert profiled[2].command(out)[profiled[2].command(out).index("--profile-after") + 1] == "560"
+
+
 def test_the_cli_lists_steps_and_refuses_an_unknown_one_or_no_budget(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
