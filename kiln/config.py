@@ -463,6 +463,16 @@ class EngineConfig:
         "On CUDA: also run steps that mix prompts and decodes (up to 1,024 tokens) as CUDA graphs, "
         "piece by piece around attention.",
     )
+    # kiln.engine.cuda_graphs.PrefillLayout: a graph per power-of-two bucket up to it, all captured at
+    # start-up. At most kiln.kernels.long_prompts.LONG_PROMPT_TOKENS - 1: longer fresh prompts take cuDNN,
+    # which a graph captured for another prompt would not.
+    prefill_graph_tokens: int = knob(
+        512,
+        "On CUDA: a prompt of up to this many tokens that prefills alone in its step replays one CUDA "
+        "graph (its time to first token); each power of two below it is captured at start-up too. 0: none.",
+        ge=0,
+        le=8191,
+    )
     # Off on CPU: nothing runs asynchronously there, so it would only cost the extra step a stopping
     # request takes.
     async_scheduling: bool | None = knob(
@@ -530,6 +540,9 @@ class EngineConfig:
         if num_kv_blocks < blocks_per_seq:
             max_model_len = num_kv_blocks * block_size
         on_cuda = device.type == "cuda"
+        cuda_graphs = on_cuda and not self.enforce_eager
+        # A prompt alone fits one step and leaves room for a token.
+        prefill_graph_tokens = min(self.prefill_graph_tokens, max_num_batched_tokens, max_model_len - 1)
         return ResolvedEngineConfig(
             block_size=block_size,
             max_model_len=max_model_len,
@@ -538,8 +551,9 @@ class EngineConfig:
             num_kv_blocks=num_kv_blocks,
             enable_prefix_caching=self.enable_prefix_caching,
             admission_interval=self.admission_interval,
-            cuda_graphs=on_cuda and not self.enforce_eager,
-            piecewise_graphs=on_cuda and not self.enforce_eager and self.piecewise_graphs,
+            cuda_graphs=cuda_graphs,
+            piecewise_graphs=cuda_graphs and self.piecewise_graphs,
+            prefill_graph_tokens=prefill_graph_tokens if cuda_graphs else 0,
             async_scheduling=on_cuda if self.async_scheduling is None else self.async_scheduling,
             seed=self.seed,
             kv_cache_dtype=canonical_kv_cache_dtype(kv_cache_dtype),
@@ -559,6 +573,7 @@ class ResolvedEngineConfig:
     admission_interval: int
     cuda_graphs: bool  # decode (and single-prompt) steps replay CUDA graphs
     piecewise_graphs: bool  # mixed steps too, piece by piece around attention
+    prefill_graph_tokens: int  # prompts alone up to this many tokens replay a graph (0: none)
     async_scheduling: bool
     seed: int  # what the process's global RNG is seeded with (prepare_process)
     kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "fp8": E4M3 with per-layer scales

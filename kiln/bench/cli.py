@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "enforce_eager": args.enforce_eager,
         "admission_interval": args.admission_interval,
         "piecewise_graphs": args.piecewise_graphs,
+        "prefill_graph_tokens": engine.config.prefill_graph_tokens,
         "quantization": None if quant is None else quant.scheme,
         "quant_group_size": None if quant is None else quant.group_size,
         "kv_cache_dtype": engine.config.kv_cache_dtype,

@@ -40,7 +40,13 @@ logger = logging.getLogger(__name__)
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # EngineConfig knobs of the native engine's scheduling and CUDA graphs, which TensorRT-LLM has no use for.
-NATIVE_ONLY_KNOBS = ("enforce_eager", "piecewise_graphs", "async_scheduling", "admission_interval")
+NATIVE_ONLY_KNOBS = (
+    "enforce_eager",
+    "piecewise_graphs",
+    "prefill_graph_tokens",
+    "async_scheduling",
+    "admission_interval",
+)
 
 
 def runtime_llm_kwargs(manifest: Any, options: EngineConfig) -> dict[str, Any]:

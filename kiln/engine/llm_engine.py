@@ -51,10 +51,6 @@ from kiln.models.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-# Prompts up to this many tokens arriving alone run as one CUDA graph (their time to first token);
-# longer ones are computed eagerly, where launch overhead is a small share of the work.
-MAX_PREFILL_GRAPH_TOKENS = 512
-
 
 class LLMEngine:
     """Rules: `add_request` validates and raises RequestValidationError (a ValueError) before anything is
@@ -139,7 +135,7 @@ class LLMEngine:
             self.runner.on_step = workers.send
         if resolved.cuda_graphs:
             max_tokens_per_step = resolved.max_num_batched_tokens
-            max_prefill = min(MAX_PREFILL_GRAPH_TOKENS, max_tokens_per_step, resolved.max_model_len - 1)
+            max_prefill = resolved.prefill_graph_tokens
             max_mixed = (
                 min(MAX_PIECEWISE_GRAPH_TOKENS, max_tokens_per_step) if resolved.piecewise_graphs else 0
             )

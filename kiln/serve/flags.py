@@ -74,6 +74,7 @@ HELP_PANELS: dict[str, tuple[str, ...]] = {
         "tensor_parallel_size",
         "enforce_eager",
         "piecewise_graphs",
+        "prefill_graph_tokens",
         "async_scheduling",
         "load_progress",
     ),

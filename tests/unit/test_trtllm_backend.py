@@ -336,6 +336,7 @@ def test_runtime_options_may_only_lower_the_built_limits(engine_dir: Path):
     for knob in (
         {"enforce_eager": True},
         {"piecewise_graphs": False},
+        {"prefill_graph_tokens": 1024},
         {"async_scheduling": False},
         {"admission_interval": 4},
     ):
