@@ -109,18 +109,27 @@ def test_overlapped_steps_give_the_same_outputs_as_one_at_a_time(tiny_gqa_dir):
     assert results[0] == results[2] and results[1] == results[3]
 
 
-def test_prefill_graphs_give_the_same_tokens_as_eager(tiny_gqa_dir):
-    """Prompts arriving alone run their prefill as a graph (padded to a bucket); the second of each
-    pair hits the first one's cached blocks, so the graph also attends over a cached prefix."""
+@pytest.mark.parametrize(
+    ("bound", "lengths"),
+    [
+        (None, [2, 5, 16, 17, 100, 128, 300, 511, 512, 513, 700]),
+        (1000, [2, 5, 16, 513, 700, 999, 1000, 1001]),
+    ],
+    ids=["default", "prefill_graph_tokens=1000"],
+)
+def test_prefill_graphs_give_the_same_tokens_as_eager(tiny_gqa_dir, bound, lengths):
+    """Prompts arriving alone, up to `prefill_graph_tokens` (512 by default), run their prefill as a graph
+    (padded to a bucket); the second of each pair hits the first one's cached blocks, so the graph also
+    attends over a cached prefix."""
     shared = prompts(512, [40], seed=9)[0]
-    lengths = [2, 5, 16, 17, 100, 128, 300, 511, 512, 513, 700]
     singles = prompts(512, lengths, seed=8)
     greedy = SamplingParams(temperature=0, max_tokens=8, min_tokens=8)
+    knobs = {} if bound is None else {"prefill_graph_tokens": bound}
     results = []
     for eager in (True, False):
         engine = LLMEngine.from_path(
             tiny_gqa_dir,
-            EngineConfig(device="cuda", dtype="float16", enforce_eager=eager, max_model_len=1024),
+            EngineConfig(device="cuda", dtype="float16", enforce_eager=eager, max_model_len=1024, **knobs),
         )
         replays = []
         if not eager:
@@ -133,8 +142,8 @@ def test_prefill_graphs_give_the_same_tokens_as_eager(tiny_gqa_dir):
         got += [run(engine, [shared + p[:7]], greedy)[0] for p in singles[:3]]
         results.append(got)
         if not eager:
-            # Every prompt of 2..512 tokens; then 42 tokens, and 13 and 15 after a 32-token prefix hit.
-            assert set(replays) == {n for n in lengths if n <= 512} | {42, 13, 15}
+            # Every prompt up to the bound; then 42 tokens, and 13 and 15 after a 32-token prefix hit.
+            assert set(replays) == {n for n in lengths if n <= (bound or 512)} | {42, 13, 15}
     assert results[0] == results[1]
 
 
