@@ -16,12 +16,15 @@ what the tokenizer's thread (transformers' import) adds after them, the KV cache
 by family: piecewise, prefill, decode). `-X importtime` slows imports itself: figures to compare come
 from runs without `--import-profile`. The weight files were just written, so they come from the page cache: a
 cold disk adds its read time (13 GB for Llama-2-7B fp16). `--loading-only` instead times loading the weights onto the GPU in this process,
-through pinned staging buffers and by plain copies, alternating.
+through pinned staging buffers and by plain copies, alternating. The engine's knobs (`--max-num-seqs`,
+`--prefill-graph-tokens`, ...) reach the children; a run with any set away from its default is named after
+them, so a figure for the default is never mixed with one for another setting.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -29,6 +32,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+from kiln.bench.workload import add_engine_arguments, engine_config
 
 CHILD = """
 import time
@@ -39,7 +45,7 @@ imported = time.time()
 from kiln.config import EngineConfig
 from kiln.engine.process_setup import prepare_process
 from kiln.engine.sampling_params import SamplingParams
-engine = LLMEngine.from_path(sys.argv[1], EngineConfig(load_progress=False))
+engine = LLMEngine.from_path(sys.argv[1], EngineConfig(**json.loads(sys.argv[2])))
 prepare_process(engine.config)
 ready = time.time()
 engine.add_request("r", params=SamplingParams(temperature=0, max_tokens=1), prompt_token_ids=list(range(10, 138)))
@@ -108,11 +114,13 @@ def measure(
     empty_cache: bool = False,
     engine_kernels: bool = True,
     import_profile: Path | None = None,
+    knobs: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Times of one fresh child; `empty_cache` gives it a new empty Triton cache, `engine_kernels=False`
-    makes it ignore the engine directory's kernels/, and `import_profile` runs it under `-X importtime`,
-    writing that report there. `imports_s` splits into the interpreter's start (`interpreter_s`) and
-    importing the engine (`engine_import_s`)."""
+    makes it ignore the engine directory's kernels/, `import_profile` runs it under `-X importtime`,
+    writing that report there, and `knobs` are EngineConfig fields it opens the engine with.
+    `imports_s` splits into the interpreter's start (`interpreter_s`) and importing the engine
+    (`engine_import_s`)."""
     env = dict(os.environ)
     if not engine_kernels:
         env["KILN_ENGINE_KERNELS"] = "off"
@@ -122,7 +130,14 @@ def measure(
         start = time.time()
         profiling = ["-X", "importtime"] if import_profile else []
         done = subprocess.run(
-            [sys.executable, *profiling, "-c", CHILD, str(engine_dir)],
+            [
+                sys.executable,
+                *profiling,
+                "-c",
+                CHILD,
+                str(engine_dir),
+                json.dumps({"load_progress": False, **(knobs or {})}),
+            ],
             capture_output=True,
             text=True,
             check=True,
@@ -187,7 +202,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only time loading the weights in this process, staged and plain (CUDA), not fresh processes",
     )
+    # The engine's knobs, for the children; runs with any set away from its default are named after
+    # them (`kiln/startup_engine_kernels[prefill_graph_tokens=4096]`), so the report judges the default's.
+    add_engine_arguments(p, skip={"engine_process", "load_progress"})
     args = p.parse_args(argv)
+    try:
+        config = engine_config(args)
+    except ValueError as exc:
+        p.error(str(exc))
+    knobs = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if getattr(config, f.name) != f.default and f.name != "load_progress"
+    }
+    tag = "[" + ",".join(f"{k}={v}" for k, v in knobs.items()) + "]" if knobs else ""
     from kiln.engine_dir import is_engine_dir
 
     if not is_engine_dir(args.dir):
@@ -222,9 +250,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.import_profile:
                 args.import_profile.mkdir(parents=True, exist_ok=True)
                 profile = args.import_profile / f"{name.split('/')[-1]}-{i + 1}.txt"
-            run = measure(args.dir, empty_cache=True, engine_kernels=kernels, import_profile=profile)
-            print(json.dumps({"name": name, **run}), flush=True)
-            rows.append((name, f"{args.random} run {i + 1}", run))
+            run = measure(
+                args.dir, empty_cache=True, engine_kernels=kernels, import_profile=profile, knobs=knobs
+            )
+            print(json.dumps({"name": name + tag, **run}), flush=True)
+            rows.append((name + tag, f"{args.random} run {i + 1}", run))
     if args.out:
         data = json.loads(args.out.read_text()) if args.out.exists() else {"device": {}, "results": []}
         note = "python -m benchmarks.startup " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,26 @@ def test_loading_only_needs_a_gpu(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         startup.main(["--dir", str(engine_dir), "--loading-only"])
     assert "--loading-only compares copies to a CUDA device" in capsys.readouterr().err
+
+
+def test_engine_knobs_reach_the_children_and_name_their_runs(tmp_path, monkeypatch, capsys):
+    import kiln.bench.workload
+
+    monkeypatch.setitem(kiln.bench.workload.RANDOM_SHAPES, "tiny-test", ("float32", TINY))
+    monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    engine_dir = tmp_path / "engine"
+    startup.write_random_engine("tiny-test", engine_dir)
+    out = tmp_path / "results.json"
+    argv = ["--dir", str(engine_dir), "--repeats", "1", "--out", str(out)]
+    assert startup.main([*argv, "--max-num-seqs", "3"]) == 0
+    # Not the default's name: the report's start-to-ready target reads only runs at the defaults.
+    assert {row["name"] for row in json.loads(out.read_text())["results"]} == {
+        "kiln/startup_empty_cache[max_num_seqs=3]"
+    }
+    # The child opens the engine with the knobs: one 16-token block cannot hold its 128-token prompt.
+    with pytest.raises(subprocess.CalledProcessError):
+        startup.measure(engine_dir, knobs={"num_kv_blocks": 1})
+    with pytest.raises(SystemExit):
+        startup.main([*argv, "--prefill-graph-tokens", "9000"])
+    assert "prefill_graph_tokens must be <= 8191" in capsys.readouterr().err
