@@ -421,6 +421,9 @@ BOUNDS: dict[str, tuple[str, Any]] = {
 }
 
 
+DEFAULT_PREFILL_GRAPH_TOKENS = 512  # EngineConfig.prefill_graph_tokens
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     """Runtime knobs of an engine. Each field has one default, help text and range, and `kiln serve`'s
@@ -467,9 +470,10 @@ class EngineConfig:
     # start-up. At most kiln.kernels.long_prompts.LONG_PROMPT_TOKENS - 1: longer fresh prompts take cuDNN,
     # which a graph captured for another prompt would not.
     prefill_graph_tokens: int = knob(
-        512,
+        DEFAULT_PREFILL_GRAPH_TOKENS,
         "On CUDA: a prompt of up to this many tokens that prefills alone in its step replays one CUDA "
-        "graph (its time to first token); each power of two below it is captured at start-up too. 0: none.",
+        "graph (its time to first token); each power of two below it is captured at start-up too. 0: none; "
+        "another value without CUDA graphs is an error.",
         ge=0,
         le=8191,
     )
@@ -541,6 +545,12 @@ class EngineConfig:
             max_model_len = num_kv_blocks * block_size
         on_cuda = device.type == "cuda"
         cuda_graphs = on_cuda and not self.enforce_eager
+        if not cuda_graphs and self.prefill_graph_tokens not in (0, DEFAULT_PREFILL_GRAPH_TOKENS):
+            why = "enforce_eager is set" if on_cuda else f"the engine runs on {device.type}"
+            raise ValueError(
+                f"prefill_graph_tokens {self.prefill_graph_tokens} sizes CUDA graphs, and this engine "
+                f"captures none ({why})"
+            )
         # A prompt alone fits one step and leaves room for a token.
         prefill_graph_tokens = min(self.prefill_graph_tokens, max_num_batched_tokens, max_model_len - 1)
         return ResolvedEngineConfig(

@@ -39,6 +39,14 @@ def test_no_prefill_graphs_without_cuda_graphs_or_when_asked_for_none() -> None:
     assert resolved(EngineConfig(prefill_graph_tokens=0)) == 0
     assert resolved(EngineConfig(enforce_eager=True)) == 0
     assert resolved(EngineConfig(), torch.device("cpu")) == 0
+    assert resolved(EngineConfig(prefill_graph_tokens=0), torch.device("cpu")) == 0
+
+
+def test_a_size_for_graphs_that_are_never_captured_is_an_error() -> None:
+    with pytest.raises(ValueError, match=r"prefill_graph_tokens 2048 .* \(enforce_eager is set\)"):
+        resolved(EngineConfig(prefill_graph_tokens=2048, enforce_eager=True))
+    with pytest.raises(ValueError, match=r"prefill_graph_tokens 1024 .* \(the engine runs on cpu\)"):
+        resolved(EngineConfig(prefill_graph_tokens=1024), torch.device("cpu"))
 
 
 def test_out_of_range_values_are_refused_by_name_and_the_cap_stays_below_cudnn_s_prompts() -> None:
