@@ -9,6 +9,7 @@ seq_lens[i]-q_len_i .. seq_lens[i]-1, so they attend causally to everything befo
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,6 +84,14 @@ class AttentionMetadata:
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_cpu)
+
+    @property
+    def num_leading_decodes(self) -> int:
+        """How many requests at the batch's start compute one token each (the scheduler puts running
+        requests, most of them decoding, before the prompts it admits). O(log B): query_start_loc[i] - i
+        never decreases, and is 0 exactly up to the first request of more than one token."""
+        starts = self.query_start_loc_cpu
+        return bisect.bisect_right(range(len(starts)), 0, key=lambda i: starts[i] - i) - 1
 
     @property
     def is_pure_decode(self) -> bool:

@@ -37,6 +37,7 @@ exit at once, by the same rule evaluated on the device.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -45,6 +46,7 @@ import triton.language as tl
 from kiln.kernels import long_prompts
 from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.kernels.attention_plan import (
+    MIN_SPLIT_DECODES,
     builtin_config,
     choose_num_splits,
     decode_context_bounds,
@@ -148,7 +150,7 @@ def _attend_keys(
 # num_seqs and the block-table width change from step to step: specialising on them (Triton compiles a
 # variant per value class, == 1 or a multiple of 16) had a serving engine compiling for seconds
 # mid-load whenever a batch crossed into a new class.
-@triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
+@triton.jit(do_not_specialize=["num_seqs", "tile_base", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
@@ -163,6 +165,7 @@ def _paged_attention_kernel(
     k_scale_ptr,
     v_scale_ptr,
     num_seqs,
+    tile_base,  # the first tile's number: a launch over a later part of the batch starts past 0
     scale_log2,
     stride_qt,
     stride_qh,
@@ -197,7 +200,7 @@ def _paged_attention_kernel(
         tl.extra.cuda.gdc_launch_dependents()
     # Last tiles first: under the causal mask they see the most keys, so starting them early
     # shortens the tail of the launch.
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    tile = tile_base + tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
@@ -355,21 +358,18 @@ def paged_attention(
     kernel leaves their rows unwritten (the caller fills them), and is not launched when that is all.
 
     `num_splits` fixes the sequence split (CUDA-graph capture wants one value per graph); None picks
-    it from the batch shape. `config` overrides the tile shape (for tuning sweeps). Rows of padding tokens (beyond query_start_loc[-1]) are zeros, as in the
-    reference; the zeroing follows the host copy of query_start_loc, so a replayed CUDA graph leaves
-    a different number of padding rows unspecified (nothing reads them).
+    it from the batch shape. `config` overrides the tile shape (for tuning sweeps). With neither, a
+    mixed step whose first MIN_SPLIT_DECODES or more requests decode takes two launches: those requests
+    in decode tiles, the rest in prefill tiles. Rows of padding tokens (beyond query_start_loc[-1]) are
+    zeros, as in the reference; the zeroing follows the host copy of query_start_loc, so a replayed CUDA
+    graph leaves a different number of padding rows unspecified (nothing reads them).
     """
-    num_tokens, num_heads, head_dim = query.shape
-    num_kv_heads = k_cache.shape[2]
-    block_size = k_cache.shape[1]
-    if num_heads % num_kv_heads:
-        raise ValueError(f"{num_heads} query heads do not divide into {num_kv_heads} KV heads")
+    num_tokens, num_heads, _ = query.shape
+    if num_heads % k_cache.shape[2]:
+        raise ValueError(f"{num_heads} query heads do not divide into {k_cache.shape[2]} KV heads")
     if query.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("paged_attention needs the head dimension contiguous")
     kv_scaled = check_kv_scales(k_cache, k_scale, v_scale)
-    group = num_heads // num_kv_heads
-    group_p2 = triton.next_power_of_2(group)
-    head_dim_p2 = triton.next_power_of_2(head_dim)
     num_seqs = meta.num_seqs
     out = torch.empty_like(query)
     num_real_tokens = meta.query_start_loc_cpu[-1] if num_seqs else 0
@@ -378,24 +378,81 @@ def paged_attention(
     if num_seqs == 0 or num_tokens == 0 or len(offloaded) == num_seqs:
         return out
 
-    decode = meta.max_query_len == 1
+    # A mixed step's leading decodes get a launch of decode tiles (one token's group a tile, not a
+    # prefill tile's BLOCK_Q tokens of which they would fill one): see MIN_SPLIT_DECODES.
+    num_decodes = 0
+    if meta.max_query_len > 1 and config is None and num_splits is None:
+        num_decodes = meta.num_leading_decodes
+    if num_decodes >= MIN_SPLIT_DECODES:
+        parts = [(0, num_decodes, True), (num_decodes, num_seqs, False)]
+    else:
+        parts = [(0, num_seqs, meta.max_query_len == 1)]
+    for first, last, decode in parts:
+        if not decode and len(offloaded) == last - first:
+            continue  # every prompt of this part is attended elsewhere
+        part = _Part(first, last, decode, meta.query_start_loc_cpu[first], last == num_seqs)
+        _launch(query, k_cache, v_cache, out, meta, part, scale, num_splits, config, k_scale, v_scale,
+                kv_scaled, skip_long_prompts=bool(offloaded))  # fmt: skip
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """Requests first..last-1 of a step, launched together; their tokens start at first_token."""
+
+    first: int
+    last: int
+    decode: bool  # every request of the part has one query token
+    first_token: int
+    ends_batch: bool  # the batch's padding tokens, if any, follow this part
+
+
+def _launch(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    meta: AttentionMetadata,
+    part: _Part,
+    scale: float,
+    num_splits: int | None,
+    config: AttentionConfig | None,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    kv_scaled: bool,
+    *,
+    skip_long_prompts: bool,
+) -> None:
+    """One kernel launch over `part` of the batch, writing its rows of `out`. The metadata tensors are
+    passed as views from the part's first request; query and out stay whole (rows are absolute)."""
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    group_p2 = triton.next_power_of_2(group)
+    head_dim_p2 = triton.next_power_of_2(head_dim)
+    num_seqs = part.last - part.first
+    end_token = num_tokens if part.ends_batch else meta.query_start_loc_cpu[part.last]
+    part_tokens = end_token - part.first_token
+    decode = part.decode
     config = config or default_config(decode, head_dim_p2, fp8_cache=kv_scaled, max_seq_len=meta.max_seq_len)
     # Decode tiles hold one token's group; prefill tiles as many tokens as fill config.block_m rows.
     block_q = 1 if decode else max(1, config.block_m // group_p2)
     block_m = max(16, block_q * group_p2)
     block_n = config.block_n
     # Decode: one tile a request (and a token). Otherwise an upper bound on every request's
-    # ceil(q_len / block_q), each request's tiles found by a binary search.
-    num_tiles = max(num_tokens, num_seqs) if decode else num_tokens // block_q + num_seqs
+    # ceil(q_len / block_q), each request's tiles found by a binary search; request i's first tile is
+    # query_start_loc[i] // block_q + i, so a part's tiles start at tile_base.
+    tile_base = 0 if decode else part.first_token // block_q
+    num_tiles = max(part_tokens, num_seqs) if decode else end_token // block_q - tile_base + num_seqs
     if num_splits is None:
-        real_tiles = num_seqs if meta.max_query_len == 1 else num_tiles
+        real_tiles = num_seqs if decode else num_tiles
         num_splits = choose_num_splits(real_tiles, num_kv_heads, meta.max_seq_len, num_sms(query.device))
     if num_splits > 1:
         part_out = torch.empty(
             (num_tokens, num_heads, num_splits, head_dim_p2), dtype=torch.float32, device=query.device
         )
         part_lse = torch.empty((num_tokens, num_heads, num_splits), dtype=torch.float32, device=query.device)
-        counters = split_counters(query.device, num_tiles * num_kv_heads)
+        counters = split_counters(query.device, (tile_base + num_tiles) * num_kv_heads)
     else:
         part_out = part_lse = counters = out  # unused by the kernel when NUM_SPLITS == 1
     if not kv_scaled:  # unused operands: any tensor will do
@@ -409,12 +466,13 @@ def paged_attention(
         part_out,
         part_lse,
         counters,
-        meta.query_start_loc,
-        meta.seq_lens,
-        meta.block_tables,
+        meta.query_start_loc[part.first :],
+        meta.seq_lens[part.first :],
+        meta.block_tables[part.first :],
         k_scale,
         v_scale,
         num_seqs,
+        tile_base,
         scale * _LOG2E,
         query.stride(0),
         query.stride(1),
@@ -432,13 +490,13 @@ def paged_attention(
         GROUP_P2=group_p2,
         HEAD_DIM=head_dim,
         HEAD_DIM_P2=head_dim_p2,
-        BLOCK_SIZE=block_size,
+        BLOCK_SIZE=k_cache.shape[1],
         BLOCK_Q=block_q,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
         DECODE=decode,
-        SKIP_LONG_PROMPTS=bool(offloaded),
+        SKIP_LONG_PROMPTS=skip_long_prompts and not decode,
         LONG_PROMPT_TOKENS=long_prompts.LONG_PROMPT_TOKENS,
         KEYS_TRANSPOSED=config.keys_transposed,
         KV_SCALED=kv_scaled,
@@ -447,7 +505,6 @@ def paged_attention(
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    return out
 
 
 __all__ = [

@@ -69,6 +69,93 @@ def test_prefill_chunks_and_decodes_mixed(device, head_dim, group, block_size, d
     _check(batch, dtype)
 
 
+# Mixed steps whose first requests decode (the scheduler's usual order: running requests, then the prompts
+# it admits): from MIN_SPLIT_DECODES of them on, those take a launch of decode tiles and the rest prefill
+# tiles. The small batches here lower the bound (`split_early`) to take that path.
+DECODES_FIRST = ([1, 1, 1, 37, 64, 1, 130], [long_context(1500), 16, 300, 0, 96, 40, 17])
+
+
+@pytest.fixture
+def split_early(monkeypatch):
+    from kiln.kernels import triton_attention
+
+    monkeypatch.setattr(triton_attention, "MIN_SPLIT_DECODES", 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize(("head_dim", "group"), HEAD_SHAPES)
+def test_leading_decodes_then_prompts(device, split_early, head_dim, group, block_size, dtype):
+    q_lens, contexts = DECODES_FIRST
+    batch = make_paged_batch(q_lens, contexts, 2 * group, 2, head_dim, block_size, dtype, device, seed=4)
+    _check(batch, dtype)
+
+
+def _record_launches(monkeypatch, run: bool) -> list:
+    from kiln.kernels import triton_attention
+
+    launched = []
+    real = triton_attention._launch
+    monkeypatch.setattr(
+        triton_attention, "_launch", lambda *a, **k: launched.append(a[5]) or (real(*a, **k) if run else None)
+    )
+    return launched
+
+
+def test_leading_decodes_take_a_launch_of_their_own(device, split_early, monkeypatch):
+    """The launches a mixed step makes: leading decodes alone in decode tiles, then the rest (the decode
+    after the prompts among them) from their first token, the whole batch's padding rows zero; a forced
+    split count or tile keeps one launch, as does a step with fewer leading decodes than the bound."""
+    from kiln.kernels import triton_attention
+
+    q_lens, contexts = DECODES_FIRST
+    batch = make_paged_batch(
+        q_lens, contexts, 8, 2, 64, 16, torch.float16, device, seed=5, num_padding_tokens=3
+    )
+    launched = _record_launches(monkeypatch, run=True)
+    out = _check(batch, torch.float16)
+    assert [(p.first, p.last, p.decode, p.first_token, p.ends_batch) for p in launched] == [
+        (0, 3, True, 0, False),
+        (3, 7, False, 3, True),
+    ]
+    assert not out[-3:].any()
+
+    launched.clear()
+    _check(batch, torch.float16, num_splits=1)
+    assert [(p.first, p.last, p.decode) for p in launched] == [(0, 7, False)]
+    launched.clear()
+    monkeypatch.setattr(triton_attention, "MIN_SPLIT_DECODES", 4)
+    _check(batch, torch.float16)
+    assert [(p.first, p.last, p.decode) for p in launched] == [(0, 7, False)]
+
+
+def test_the_bound_on_leading_decodes(device, monkeypatch):
+    """At the built-in bound: MIN_SPLIT_DECODES leading decodes split the step, one fewer does not."""
+    from kiln.kernels import triton_attention
+    from kiln.kernels.attention_plan import MIN_SPLIT_DECODES
+
+    launched = _record_launches(monkeypatch, run=False)
+    for decodes, expected in [(MIN_SPLIT_DECODES, 2), (MIN_SPLIT_DECODES - 1, 1)]:
+        batch = make_paged_batch(
+            [1] * decodes + [20], [5] * decodes + [0], 4, 1, 16, 16, torch.float16, device
+        )
+        launched.clear()
+        triton_attention.paged_attention(batch.query, batch.k_cache, batch.v_cache, batch.meta, 0.25)
+        assert len(launched) == expected, decodes
+
+
+def test_a_split_prefill_part_from_a_later_tile(device, split_early):
+    """The prompts' launch starts at tile first_token // BLOCK_Q, not 0, and with few programs splits the
+    sequence: its split counters are indexed from that tile, and must end at zero for the next launch."""
+    from kiln.kernels.attention_plan import split_counters
+
+    batch = make_paged_batch([1] * 40 + [70], [20] * 40 + [long_context(2000)], 4, 1, 64, 16, torch.float16,
+                             device, seed=6)  # fmt: skip
+    first = _check(batch, torch.float16)
+    assert torch.equal(_check(batch, torch.float16), first)
+    assert not split_counters(device, 1).any()
+
+
 @pytest.mark.parametrize(("head_dim", "group"), [(64, 4), (128, 8)])
 def test_block_size_one(device, head_dim, group):
     batch = make_paged_batch([9, 1, 1], [3, 50, 0], 2 * group, 2, head_dim, 1, torch.float16, device, seed=3)

@@ -226,12 +226,25 @@ def test_a_bfloat16_query_beyond_float16s_range_over_an_fp8_cache(fp8_device):
     assert rel_error(out, ref) < BOUNDS[torch.bfloat16]
 
 
+# Prompts first: one launch. Decodes first (the bound lowered to 2 for this small batch): those in a launch
+# of decode tiles, the rest in prefill tiles.
+MIXED = {
+    "prompts first": ([37, 64, 5, 1, 130, 1], [0, 96, 40, long_context(1500), 17, 0]),
+    "decodes first": ([1, 1, 37, 64, 5, 130, 1], [long_context(1500), 300, 0, 96, 40, 17, 0]),
+}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize(("head_dim", "group"), HEAD_SHAPES)
-def test_prefill_chunks_and_decodes_over_an_fp8_cache(fp8_device, head_dim, group, block_size, dtype):
-    q_lens = [37, 64, 5, 1, 130, 1]
-    contexts = [0, 96, 40, long_context(1500), 17, 0]
+@pytest.mark.parametrize("order", list(MIXED))
+def test_prefill_chunks_and_decodes_over_an_fp8_cache(
+    fp8_device, monkeypatch, order, head_dim, group, block_size, dtype
+):
+    from kiln.kernels import triton_attention
+
+    monkeypatch.setattr(triton_attention, "MIN_SPLIT_DECODES", 2)
+    q_lens, contexts = MIXED[order]
     parts = _fp8_batch(q_lens, contexts, 2 * group, 2, head_dim, block_size, dtype, fp8_device, seed=2)
     _check(*parts, dtype)
 

@@ -79,6 +79,16 @@ def test_paged_attention_matches_dense_causal(num_q_heads: int, num_kv_heads: in
     assert torch.equal(out[-2:], torch.zeros_like(out[-2:])), "padding rows are zeros"
 
 
+@pytest.mark.parametrize(
+    ("q_lens", "expected"),
+    [([1, 1, 1, 5, 1], 3), ([5, 1], 0), ([1], 1), ([1, 1], 2), ([3], 0), ([1, 2, 1, 1], 1)],
+)
+def test_leading_decodes_are_counted_up_to_the_first_prompt(q_lens: list[int], expected: int) -> None:
+    tables = torch.zeros(len(q_lens), 1, dtype=torch.int32)
+    meta = AttentionMetadata.for_batch(q_lens, [8] * len(q_lens), tables, 16)
+    assert meta.num_leading_decodes == expected
+
+
 def test_store_kv_writes_each_slot_at_block_and_offset() -> None:
     k_cache = torch.zeros(3, 4, 1, 2)
     v_cache = torch.zeros(3, 4, 1, 2)
