@@ -33,9 +33,11 @@ def num_sms(device: torch.device) -> int:
 # A mixed step (prompts and decodes) whose first requests decode, at least this many, runs them in a
 # launch of decode tiles of their own; the rest in prefill tiles. A prefill tile holds BLOCK_Q tokens'
 # query heads (128 rows), of which a decoding request fills one token's group, so its K/V tiles pay 8 to
-# 32 times a decode tile's products and softmax. On an H100 (docs/results/2026-12-06-h100, call 39) the
+# 32 times a decode tile's products and softmax. On an H100 (docs/results/2026-12-06-h100, calls 39-40) the
 # split took 255 decodes beside a prompt from 167 to 125 us a layer, and 511 over an fp8 cache from 1,509
-# to 706; with 16 decodes the second launch cost more (42 to 55 us, and twice the host's time eager).
+# to 706. Over short contexts its GPU time stops losing at 96-128 decodes (the second launch costs more
+# than it saves below), and a step of that many decodes is bound by the GPU, not by the launches' host time.
+# (Over long fp8 contexts it pays from 16 decodes; this bound does not look at contexts.)
 MIN_SPLIT_DECODES = 128
 
 # Decode over an fp8 cache whose longest context is at most this many keys takes the short-context tile.
