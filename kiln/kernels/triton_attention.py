@@ -457,6 +457,9 @@ def _launch(
         part_out = part_lse = counters = out  # unused by the kernel when NUM_SPLITS == 1
     if not kv_scaled:  # unused operands: any tensor will do
         k_scale = v_scale = meta.seq_lens
+    tensors = (meta.query_start_loc, meta.seq_lens, meta.block_tables)
+    if part.first:  # views from the part's first request (no view at all for the usual whole batch)
+        tensors = tuple(t[part.first :] for t in tensors)
 
     _paged_attention_kernel[(num_tiles, num_kv_heads, num_splits)](
         query,
@@ -466,9 +469,7 @@ def _launch(
         part_out,
         part_lse,
         counters,
-        meta.query_start_loc[part.first :],
-        meta.seq_lens[part.first :],
-        meta.block_tables[part.first :],
+        *tensors,
         k_scale,
         v_scale,
         num_seqs,
