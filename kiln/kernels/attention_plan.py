@@ -7,6 +7,8 @@ workspace of per-tile counters with which the last split of a tile knows to merg
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 
@@ -37,8 +39,22 @@ def num_sms(device: torch.device) -> int:
 # split took 255 decodes beside a prompt from 167 to 125 us a layer, and 511 over an fp8 cache from 1,509
 # to 706. Over short contexts its GPU time stops losing at 96-128 decodes (the second launch costs more
 # than it saves below), and a step of that many decodes is bound by the GPU, not by the launches' host time.
-# (Over long fp8 contexts it pays from 16 decodes; this bound does not look at contexts.)
+# Over an fp8 cache, where decode is bound by instructions, long contexts pay from fewer decodes: 16 to 128
+# decodes of 1,000-2,100 keys beside a 1,000-token prompt gained 21-40% (154 to 121 us a layer at 16).
 MIN_SPLIT_DECODES = 128
+MIN_SPLIT_LONG_FP8_DECODES = 16
+LONG_FP8_DECODE_KEYS = 1000  # the leading decodes' mean context from which MIN_SPLIT_LONG_FP8_DECODES holds
+
+
+def split_leading_decodes(num_decodes: int, seq_lens: Sequence[int], *, fp8_cache: bool) -> bool:
+    """Whether a mixed step's `num_decodes` leading decodes (contexts `seq_lens[:num_decodes]`, host
+    copies) take a launch of decode tiles of their own (the rules above)."""
+    if num_decodes >= MIN_SPLIT_DECODES:
+        return True
+    if not fp8_cache or num_decodes < MIN_SPLIT_LONG_FP8_DECODES:
+        return False
+    return sum(seq_lens[:num_decodes]) >= num_decodes * LONG_FP8_DECODE_KEYS
+
 
 # Decode over an fp8 cache whose longest context is at most this many keys takes the short-context tile.
 SHORT_FP8_DECODE_KEYS = 512

@@ -46,13 +46,13 @@ import triton.language as tl
 from kiln.kernels import long_prompts
 from kiln.kernels.attention_metadata import AttentionMetadata
 from kiln.kernels.attention_plan import (
-    MIN_SPLIT_DECODES,
     builtin_config,
     choose_num_splits,
     decode_context_bounds,
     default_config,
     num_sms,
     split_counters,
+    split_leading_decodes,
 )
 from kiln.kernels.pdl import pdl_enabled
 from kiln.kernels.reference import check_kv_scales
@@ -359,8 +359,8 @@ def paged_attention(
 
     `num_splits` fixes the sequence split (CUDA-graph capture wants one value per graph); None picks
     it from the batch shape. `config` overrides the tile shape (for tuning sweeps). With neither, a
-    mixed step whose first MIN_SPLIT_DECODES or more requests decode takes two launches: those requests
-    in decode tiles, the rest in prefill tiles. Rows of padding tokens (beyond query_start_loc[-1]) are
+    mixed step whose first requests decode, enough of them (`attention_plan.split_leading_decodes`),
+    takes two launches: those requests in decode tiles, the rest in prefill tiles. Rows of padding tokens (beyond query_start_loc[-1]) are
     zeros, as in the reference; the zeroing follows the host copy of query_start_loc, so a replayed CUDA
     graph leaves a different number of padding rows unspecified (nothing reads them).
     """
@@ -379,11 +379,11 @@ def paged_attention(
         return out
 
     # A mixed step's leading decodes get a launch of decode tiles (one token's group a tile, not a
-    # prefill tile's BLOCK_Q tokens of which they would fill one): see MIN_SPLIT_DECODES.
+    # prefill tile's BLOCK_Q tokens of which they would fill one): see split_leading_decodes.
     num_decodes = 0
     if meta.max_query_len > 1 and config is None and num_splits is None:
         num_decodes = meta.num_leading_decodes
-    if num_decodes >= MIN_SPLIT_DECODES:
+    if num_decodes and split_leading_decodes(num_decodes, meta.seq_lens_cpu, fp8_cache=kv_scaled):
         parts = [(0, num_decodes, True), (num_decodes, num_seqs, False)]
     else:
         parts = [(0, num_seqs, meta.max_query_len == 1)]

@@ -77,9 +77,9 @@ DECODES_FIRST = ([1, 1, 1, 37, 64, 1, 130], [long_context(1500), 16, 300, 0, 96,
 
 @pytest.fixture
 def split_early(monkeypatch):
-    from kiln.kernels import triton_attention
+    from kiln.kernels import attention_plan
 
-    monkeypatch.setattr(triton_attention, "MIN_SPLIT_DECODES", 2)
+    monkeypatch.setattr(attention_plan, "MIN_SPLIT_DECODES", 2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -106,7 +106,7 @@ def test_leading_decodes_take_a_launch_of_their_own(device, split_early, monkeyp
     """The launches a mixed step makes: leading decodes alone in decode tiles, then the rest (the decode
     after the prompts among them) from their first token, the whole batch's padding rows zero; a forced
     split count or tile keeps one launch, as does a step with fewer leading decodes than the bound."""
-    from kiln.kernels import triton_attention
+    from kiln.kernels import attention_plan
 
     q_lens, contexts = DECODES_FIRST
     batch = make_paged_batch(
@@ -124,24 +124,41 @@ def test_leading_decodes_take_a_launch_of_their_own(device, split_early, monkeyp
     _check(batch, torch.float16, num_splits=1)
     assert [(p.first, p.last, p.decode) for p in launched] == [(0, 7, False)]
     launched.clear()
-    monkeypatch.setattr(triton_attention, "MIN_SPLIT_DECODES", 4)
+    monkeypatch.setattr(attention_plan, "MIN_SPLIT_DECODES", 4)
     _check(batch, torch.float16)
     assert [(p.first, p.last, p.decode) for p in launched] == [(0, 7, False)]
 
 
-def test_the_bound_on_leading_decodes(device, monkeypatch):
-    """At the built-in bound: MIN_SPLIT_DECODES leading decodes split the step, one fewer does not."""
+@pytest.mark.parametrize("cache", ["float16", "fp8"])
+def test_the_bounds_on_leading_decodes(device, monkeypatch, cache):
+    """At the built-in bounds (attention_plan.split_leading_decodes): MIN_SPLIT_DECODES leading decodes
+    split the step and one fewer does not; over an fp8 cache MIN_SPLIT_LONG_FP8_DECODES do where their
+    mean context reaches LONG_FP8_DECODE_KEYS, which a 16-bit cache does not look at."""
+    from kiln.kernels import attention_plan as plan
     from kiln.kernels import triton_attention
-    from kiln.kernels.attention_plan import MIN_SPLIT_DECODES
 
+    fp8 = cache == "fp8"
     launched = _record_launches(monkeypatch, run=False)
-    for decodes, expected in [(MIN_SPLIT_DECODES, 2), (MIN_SPLIT_DECODES - 1, 1)]:
+    few, long = plan.MIN_SPLIT_LONG_FP8_DECODES, plan.LONG_FP8_DECODE_KEYS
+    cases = [
+        (plan.MIN_SPLIT_DECODES, 5, True),
+        (plan.MIN_SPLIT_DECODES - 1, 5, False),
+        (few, long, fp8),
+        (few, long - 1, False),
+        (few - 1, 2 * long, False),
+    ]
+    for decodes, context, split in cases:
         batch = make_paged_batch(
-            [1] * decodes + [20], [5] * decodes + [0], 4, 1, 16, 16, torch.float16, device
+            [1] * decodes + [20], [context - 1] * decodes + [0], 4, 1, 16, 16, torch.float16, device
         )
+        scales = {}
+        k_cache, v_cache = batch.k_cache, batch.v_cache
+        if fp8:
+            k_cache, v_cache = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
+            scales = {"k_scale": torch.ones(1, device=device), "v_scale": torch.ones(1, device=device)}
         launched.clear()
-        triton_attention.paged_attention(batch.query, batch.k_cache, batch.v_cache, batch.meta, 0.25)
-        assert len(launched) == expected, decodes
+        triton_attention.paged_attention(batch.query, k_cache, v_cache, batch.meta, 0.25, **scales)
+        assert len(launched) == (2 if split else 1), (decodes, context)
 
 
 def test_a_split_prefill_part_from_a_later_tile(device, split_early):

@@ -241,9 +241,9 @@ MIXED = {
 def test_prefill_chunks_and_decodes_over_an_fp8_cache(
     fp8_device, monkeypatch, order, head_dim, group, block_size, dtype
 ):
-    from kiln.kernels import triton_attention
+    from kiln.kernels import attention_plan
 
-    monkeypatch.setattr(triton_attention, "MIN_SPLIT_DECODES", 2)
+    monkeypatch.setattr(attention_plan, "MIN_SPLIT_DECODES", 2)
     q_lens, contexts = MIXED[order]
     parts = _fp8_batch(q_lens, contexts, 2 * group, 2, head_dim, block_size, dtype, fp8_device, seed=2)
     _check(*parts, dtype)
