@@ -44,7 +44,6 @@ exit at once, by the same rule evaluated on the device.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -405,21 +404,9 @@ def paged_attention(
     for first, last, decode in parts:
         if not decode and len(offloaded) == last - first:
             continue  # every prompt of this part is attended elsewhere
-        part = _Part(first, last, decode, meta.query_start_loc_cpu[first], last == num_seqs)
-        _launch(query, k_cache, v_cache, out, meta, part, scale, num_splits, config, k_scale, v_scale,
-                kv_scaled, skip_long_prompts=bool(offloaded))  # fmt: skip
+        _launch(query, k_cache, v_cache, out, meta, first, last, decode, scale, num_splits, config,
+                k_scale, v_scale, kv_scaled, skip_long_prompts=bool(offloaded))  # fmt: skip
     return out
-
-
-@dataclass(frozen=True, slots=True)
-class _Part:
-    """Requests first..last-1 of a step, launched together; their tokens start at first_token."""
-
-    first: int
-    last: int
-    decode: bool  # every request of the part has one query token
-    first_token: int
-    ends_batch: bool  # the batch's padding tokens, if any, follow this part
 
 
 def _launch(
@@ -428,7 +415,9 @@ def _launch(
     v_cache: torch.Tensor,
     out: torch.Tensor,
     meta: AttentionMetadata,
-    part: _Part,
+    first: int,
+    last: int,
+    decode: bool,
     scale: float,
     num_splits: int | None,
     config: AttentionConfig | None,
@@ -438,17 +427,18 @@ def _launch(
     *,
     skip_long_prompts: bool,
 ) -> None:
-    """One kernel launch over `part` of the batch, writing its rows of `out`. The metadata tensors are
-    passed as views from the part's first request; query and out stay whole (rows are absolute)."""
+    """One kernel launch over requests first..last-1 of the batch (`decode`: each has one query token),
+    writing their rows of `out`. The metadata tensors are passed as views from request `first`; query
+    and out stay whole (rows are absolute). The last part also covers the batch's padding tokens."""
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     group_p2 = triton.next_power_of_2(group)
     head_dim_p2 = triton.next_power_of_2(head_dim)
-    num_seqs = part.last - part.first
-    end_token = num_tokens if part.ends_batch else meta.query_start_loc_cpu[part.last]
-    part_tokens = end_token - part.first_token
-    decode = part.decode
+    num_seqs = last - first
+    first_token = meta.query_start_loc_cpu[first]
+    end_token = num_tokens if last == meta.num_seqs else meta.query_start_loc_cpu[last]
+    part_tokens = end_token - first_token
     config = config or default_config(decode, head_dim_p2, fp8_cache=kv_scaled, max_seq_len=meta.max_seq_len)
     # Decode tiles hold one token's group; prefill tiles as many tokens as fill config.block_m rows.
     block_q = 1 if decode else max(1, config.block_m // group_p2)
@@ -457,7 +447,7 @@ def _launch(
     # Decode: one tile a request (and a token). Otherwise an upper bound on every request's
     # ceil(q_len / block_q), each request's tiles found by a binary search; request i's first tile is
     # query_start_loc[i] // block_q + i, so a part's tiles start at tile_base.
-    tile_base = 0 if decode else part.first_token // block_q
+    tile_base = 0 if decode else first_token // block_q
     num_tiles = max(part_tokens, num_seqs) if decode else end_token // block_q - tile_base + num_seqs
     if num_splits is None:
         real_tiles = num_seqs if decode else num_tiles
@@ -473,8 +463,8 @@ def _launch(
     if not kv_scaled:  # unused operands: any tensor will do
         k_scale = v_scale = meta.seq_lens
     tensors = (meta.query_start_loc, meta.seq_lens, meta.block_tables)
-    if part.first:  # views from the part's first request (no view at all for the usual whole batch)
-        tensors = tuple(t[part.first :] for t in tensors)
+    if first:  # views from the part's first request (no view at all for the usual whole batch)
+        tensors = tuple(t[first:] for t in tensors)
 
     _paged_attention_kernel[(num_tiles, num_kv_heads, num_splits)](
         query,
