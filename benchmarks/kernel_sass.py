@@ -58,7 +58,7 @@ def compile_attention(
         "q_ptr": "*bf16", "k_cache_ptr": f"*{k_type}", "v_cache_ptr": f"*{TRITON_TYPES[v_dtype or cache]}",
         "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "split_counters_ptr": "*i32",
         "query_start_loc_ptr": "*i32", "seq_lens_ptr": "*i32", "block_tables_ptr": "*i32",
-        "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "num_seqs": "i32", "tile_base": "i32",
+        "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "num_seqs": "i32", "tile_base": "i32", "seq_base": "i32",
         "scale_log2": "fp32", "stride_bt": "i32", **dict.fromkeys(STRIDES, "i32"),
     }  # fmt: skip
     group, block_q = 4, 1 if decode else 32

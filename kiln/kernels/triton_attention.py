@@ -163,7 +163,7 @@ def _attend_keys(
 # num_seqs and the block-table width change from step to step: specialising on them (Triton compiles a
 # variant per value class, == 1 or a multiple of 16) had a serving engine compiling for seconds
 # mid-load whenever a batch crossed into a new class.
-@triton.jit(do_not_specialize=["num_seqs", "tile_base", "stride_bt"])
+@triton.jit(do_not_specialize=["num_seqs", "tile_base", "seq_base", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
@@ -179,6 +179,7 @@ def _paged_attention_kernel(
     v_scale_ptr,
     num_seqs,
     tile_base,  # the first tile's number: a launch over a later part of the batch starts past 0
+    seq_base,  # that part's first request: the metadata is read from there on
     scale_log2,
     stride_qt,
     stride_qh,
@@ -217,6 +218,11 @@ def _paged_attention_kernel(
     tile = tile_base + tl.num_programs(0) - 1 - tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    # Moved here rather than passed as views: a view's alignment would make a kernel variant of its own,
+    # compiled the first time a mixed step splits there.
+    query_start_loc_ptr += seq_base
+    seq_lens_ptr += seq_base
+    block_tables_ptr += seq_base.to(tl.int64) * stride_bt
 
     if DECODE:  # one token a request: tile i is request i's (the grid has a tile for each)
         seq = tile
@@ -428,8 +434,8 @@ def _launch(
     skip_long_prompts: bool,
 ) -> None:
     """One kernel launch over requests first..last-1 of the batch (`decode`: each has one query token),
-    writing their rows of `out`. The metadata tensors are passed as views from request `first`; query
-    and out stay whole (rows are absolute). The last part also covers the batch's padding tokens."""
+    writing their rows of `out`. The kernel reads the metadata from request `first` on; query and out
+    stay whole (rows are absolute). The last part also covers the batch's padding tokens."""
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -462,9 +468,6 @@ def _launch(
         part_out = part_lse = counters = out  # unused by the kernel when NUM_SPLITS == 1
     if not kv_scaled:  # unused operands: any tensor will do
         k_scale = v_scale = meta.seq_lens
-    tensors = (meta.query_start_loc, meta.seq_lens, meta.block_tables)
-    if first:  # views from the part's first request (no view at all for the usual whole batch)
-        tensors = tuple(t[first:] for t in tensors)
 
     _paged_attention_kernel[(num_tiles, num_kv_heads, num_splits)](
         query,
@@ -474,11 +477,14 @@ def _launch(
         part_out,
         part_lse,
         counters,
-        *tensors,
+        meta.query_start_loc,
+        meta.seq_lens,
+        meta.block_tables,
         k_scale,
         v_scale,
         num_seqs,
         tile_base,
+        first,
         scale * _LOG2E,
         query.stride(0),
         query.stride(1),
