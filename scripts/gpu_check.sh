@@ -5,7 +5,9 @@
 #                                     smollm2 targets report
 #                                     (default: all but tune, the tile-shape sweep)
 # Results (results.json, results.md, plots, run.log) go to $OUT if set (the device tool's folder), else
-# benchmarks/results; each stage appends to results.json and run.log.
+# benchmarks/results; each stage appends to results.json and run.log. The device tool brings back at most
+# eight files from $OUT, so with $OUT set the script ends by packing everything there but results.json,
+# results.md and targets.done into $OUT/results.tgz.
 # Run from the repository root; needs a CUDA GPU, torch, triton and transformers (matplotlib for plots).
 # The whole default run takes about 12 minutes on an H100 (tests 4.5, kernels 1, kiln 2.5, hf 4; tests
 # 1 + 6.5 at 3ce8b08 with the quantized kernels, the kernel tests under pytest-xdist); under
@@ -17,6 +19,14 @@ export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
 RESULTS="${OUT:-benchmarks/results}"
 mkdir -p "$RESULTS"
 STAGES=("$@")
+pack_out() {  # see the header: keep the three small summary files loose, the logs and profiles in one archive
+  local files
+  files=$(cd "$OUT" && find . -mindepth 1 -maxdepth 1 ! -name results.json ! -name results.md \
+    ! -name targets.done ! -name results.tgz -printf '%P\n')
+  [ -n "$files" ] || return 0
+  (cd "$OUT" && tar -czf results.tgz $files && rm -rf $files)
+}
+[ -n "${OUT:-}" ] && trap pack_out EXIT
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(env tests kernels kiln hf report)
 status=0
 
