@@ -36,16 +36,9 @@ class Loop:
 
 
 def compile_attention(
-    cache: str,
-    v_dtype: str | None,
-    block_n: int,
-    warps: int,
-    stages: int,
-    decode: bool = True,
-    v_f16_first: bool = False,
+    cache: str, v_dtype: str | None, block_n: int, warps: int, stages: int, decode: bool = True
 ) -> bytes:
-    """The cubin of the paged-attention kernel for sm_90 with these operand types and tile
-    (`v_f16_first`: KILN_FP8_V_F16_FIRST's variant, for an fp8 V)."""
+    """The cubin of the paged-attention kernel for sm_90 with these operand types and tile."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -67,7 +60,6 @@ def compile_attention(
         "BLOCK_SIZE": 16, "BLOCK_Q": block_q, "BLOCK_M": max(16, block_q * group), "BLOCK_N": block_n,
         "NUM_SPLITS": 1, "DECODE": decode, "SKIP_LONG_PROMPTS": False, "LONG_PROMPT_TOKENS": 8192,
         "KEYS_TRANSPOSED": False, "KV_SCALED": fp8, "F16_DOTS": fp8, "LAUNCH_DEPENDENTS": True,
-        "V_F16_FIRST": v_f16_first,
     }  # fmt: skip
     names = kernel.arg_names
     signature = {name: "constexpr" if name in constexprs else types[name] for name in names}
@@ -132,22 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--prefill", action="store_true", help="the prefill tile (128 rows) instead of decode"
     )
-    parser.add_argument(
-        "--v-f16-first", action="store_true", help="KILN_FP8_V_F16_FIRST's variant (an fp8 V widened first)"
-    )
     parser.add_argument("--top", type=int, default=14, help="opcodes shown a loop")
     args = parser.parse_args(argv)
     stages = args.stages or (5 if args.cache == "fp8" else 2)
-    v_dtype = args.v_dtype or args.cache
-    if args.v_f16_first and v_dtype != "fp8":
-        parser.error("--v-f16-first is for an fp8 V")
-    cubin = compile_attention(
-        args.cache, args.v_dtype, args.block_n, args.warps, stages, not args.prefill, args.v_f16_first
-    )
+    cubin = compile_attention(args.cache, args.v_dtype, args.block_n, args.warps, stages, not args.prefill)
     usage, sass = disassemble(cubin)
     kind = "prefill" if args.prefill else "decode"
-    widened = " widened to float16 first" if args.v_f16_first else ""
-    print(f"{kind}, K {args.cache}, V {v_dtype}{widened}, {args.block_n} keys, {args.warps} warps, "
+    print(f"{kind}, K {args.cache}, V {args.v_dtype or args.cache}, {args.block_n} keys, {args.warps} warps, "
           f"{stages} stages (sm_90): {usage}")  # fmt: skip
     for loop in loops(sass):
         common = ", ".join(f"{op} {n}" for op, n in loop.opcodes.most_common(args.top))

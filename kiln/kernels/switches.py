@@ -1,5 +1,4 @@
-"""The kernels' environment switches (KILN_PDL, KILN_WIDEN_BITS, KILN_FP8_FAST_ACCUM, KILN_FP8_V_F16_FIRST,
-KILN_ENGINE_KERNELS).
+"""The kernels' environment switches (KILN_PDL, KILN_WIDEN_BITS, KILN_FP8_FAST_ACCUM, KILN_ENGINE_KERNELS).
 
 The kernel switches are read once, where their modules are imported; KILN_ENGINE_KERNELS at each engine
 load. A switch is on for 1/on/true/yes and off for

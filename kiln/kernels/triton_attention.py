@@ -16,10 +16,8 @@ Rules (the same as `kiln.kernels.reference.paged_attention`):
 - An fp8 V tile is the second product's B operand, [keys, head dim] with the head dimension contiguous: the
   tensor cores want each thread's keys side by side, which a 16-bit tile gets from `ldmatrix.trans` and an
   8-bit one (no such form on sm_90) from byte-wise shared-memory loads, 64 a thread a 64-key tile
-  (`benchmarks.kernel_sass`). With KILN_FP8_V_F16_FIRST=1 the tile is widened to float16 first and
-  passed through an identity (split into even and odd head dims, interleaved back) that makes Triton
-  lay it out for the product in 16 bits: vector loads, one 16-bit store and `ldmatrix.trans`, the same
-  values (docs/results/2026-12-06-cpu). Off by default until a GPU has timed it.
+  (`benchmarks.kernel_sass`). Widening the tile first and laying it out in 16 bits removes those loads
+  but was slower on an H200 (docs/results/2026-12-06-h200).
 - A bfloat16 query over an fp8 cache runs its products in float16 too: widening e4m3 to bfloat16 costs
   a second conversion per element, and decode over long contexts is bound by those instructions, not
   by memory. The tile's query is divided by the power of two that brings its largest |q| under 2^15
@@ -62,11 +60,9 @@ from kiln.kernels.attention_plan import (
 )
 from kiln.kernels.pdl import pdl_enabled
 from kiln.kernels.reference import check_kv_scales
-from kiln.kernels.switches import env_switch
 from kiln.kernels.tiles import AttentionConfig
 
 _LOG2E = 1.4426950408889634
-FP8_V_F16_FIRST = bool(env_switch("KILN_FP8_V_F16_FIRST", False))  # read once, at import (module rules)
 
 
 @triton.jit
@@ -107,7 +103,6 @@ def _attend_keys(
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     KEYS_TRANSPOSED: tl.constexpr,
-    V_F16_FIRST: tl.constexpr,
 ):
     """One online-softmax step over keys start_n .. start_n+BLOCK_N-1, read through the block table.
 
@@ -152,11 +147,7 @@ def _attend_keys(
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     else:
         v = tl.load(v_ptrs)
-    v = v.to(q.dtype)
-    if V_F16_FIRST:  # the identity that lays the widened tile out in 16 bits (module rules)
-        even, odd = tl.split(tl.reshape(v, [BLOCK_N, HEAD_DIM_P2 // 2, 2]))
-        v = tl.interleave(even, odd)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
     return acc, l_i, m_new
 
 
@@ -209,7 +200,6 @@ def _paged_attention_kernel(
     KV_SCALED: tl.constexpr,  # an fp8 cache: k_scale / v_scale apply
     F16_DOTS: tl.constexpr,  # a bfloat16 query over an fp8 cache: the products in float16 (see the rules)
     LAUNCH_DEPENDENTS: tl.constexpr,  # PDL: the next kernel may start now (kiln.kernels.pdl)
-    V_F16_FIRST: tl.constexpr,  # an fp8 V tile widened and laid out in 16 bits (see the rules)
 ):
     if LAUNCH_DEPENDENTS:
         tl.extra.cuda.gdc_launch_dependents()
@@ -287,13 +277,13 @@ def _paged_attention_kernel(
         acc, l_i, m_i = _attend_keys(
             acc, l_i, m_i, q, q_pos, start_n, hi, table_row, k_head, v_head,
             stride_kb, stride_ks, stride_vb, stride_vs, scale_log2,
-            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, BLOCK_N, False, KEYS_TRANSPOSED, V_F16_FIRST,
+            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, BLOCK_N, False, KEYS_TRANSPOSED,
         )  # fmt: skip
     for start_n in range(unmasked_end, hi, BLOCK_N):
         acc, l_i, m_i = _attend_keys(
             acc, l_i, m_i, q, q_pos, start_n, hi, table_row, k_head, v_head,
             stride_kb, stride_ks, stride_vb, stride_vs, scale_log2,
-            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, BLOCK_N, True, KEYS_TRANSPOSED, V_F16_FIRST,
+            HEAD_DIM, HEAD_DIM_P2, BLOCK_SIZE, BLOCK_N, True, KEYS_TRANSPOSED,
         )  # fmt: skip
 
     if KV_SCALED:  # v_scale folds into the output (the splits' partials too: the merge is linear)
@@ -514,7 +504,6 @@ def _launch(
         KV_SCALED=kv_scaled,
         F16_DOTS=kv_scaled and query.dtype == torch.bfloat16,
         LAUNCH_DEPENDENTS=pdl_enabled(query.device),
-        V_F16_FIRST=kv_scaled and FP8_V_F16_FIRST,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -178,7 +178,6 @@ def _attention_constexprs(
         KEYS_TRANSPOSED=False, DECODE=block_q == 1, KV_SCALED=scaled, LAUNCH_DEPENDENTS=arch >= 90
     )
     constexprs |= dict(SKIP_LONG_PROMPTS=block_q > 1 and not scaled, LONG_PROMPT_TOKENS=1024)
-    constexprs |= dict(V_F16_FIRST=False)
     return constexprs | dict(F16_DOTS=scaled and act == "bf16")  # paged_attention's rule
 
 
@@ -196,9 +195,6 @@ def test_kv_cache_kernels_compile_for_16_bit_and_fp8_caches(arch, act, cache):
         constexprs = _attention_constexprs(act, cache, arch, block_q=block_q, block_n=64, splits=splits)
         constexprs |= dict(KEYS_TRANSPOSED=transposed)
         _compile(_paged_attention_kernel, pointers, constexprs, arch, floats=("scale_log2",))
-        if scaled:  # KILN_FP8_V_F16_FIRST's variant
-            constexprs |= dict(V_F16_FIRST=True)
-            _compile(_paged_attention_kernel, pointers, constexprs, arch, floats=("scale_log2",))
     scale = "*fp32" if scaled else "*i64"
     pointers = {
         "key_ptr": f"*{act}",

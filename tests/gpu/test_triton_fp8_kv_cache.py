@@ -137,15 +137,6 @@ def test_rotary_store_kv_into_fp8_matches_rotary_then_store(
     assert rel_error(stored, key_ref[real].float().clamp(-limit, limit)) < KEY_VS_REFERENCE
 
 
-@pytest.fixture(params=[False, True], ids=["v-fp8-tile", "v-f16-first"])
-def v_f16_first(request, monkeypatch) -> bool:
-    """Both ways an fp8 V tile reaches the product: as Triton lays out 8 bits, and KILN_FP8_V_F16_FIRST's."""
-    from kiln.kernels import triton_attention
-
-    monkeypatch.setattr(triton_attention, "FP8_V_F16_FIRST", request.param)
-    return request.param
-
-
 def _fp8_batch(q_lens, contexts, num_heads, num_kv_heads, head_dim, block_size, dtype, device, seed=0):
     """make_paged_batch's ragged batch with its caches quantized to e4m3 by the reference, and the scales."""
     batch = make_paged_batch(
@@ -184,7 +175,7 @@ DECODE_CONTEXTS = {
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize(("head_dim", "group"), HEAD_SHAPES)
 @pytest.mark.parametrize("lengths", ["long", "short"])
-def test_decode_over_an_fp8_cache(fp8_device, v_f16_first, lengths, head_dim, group, block_size, dtype):
+def test_decode_over_an_fp8_cache(fp8_device, lengths, head_dim, group, block_size, dtype):
     from kiln.kernels.attention_plan import SHORT_FP8_DECODE_KEYS, builtin_config, default_config
 
     num_kv_heads = 2 if group == 8 else 4
@@ -208,14 +199,14 @@ def test_decode_over_an_fp8_cache(fp8_device, v_f16_first, lengths, head_dim, gr
 
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_split_k_decode_over_an_fp8_cache(fp8_device, v_f16_first, num_splits, dtype):
+def test_split_k_decode_over_an_fp8_cache(fp8_device, num_splits, dtype):
     # The splits' partials carry v_scale; the merge is linear in them, so every count gives the same answer.
     parts = _fp8_batch([1], [long_context(6000)], 32, 8, 128, 16, dtype, fp8_device, seed=1)
     _check(*parts, dtype, num_splits=num_splits)
 
 
 @pytest.mark.skipif(INTERPRET, reason="bf16 is checked on a GPU only")
-def test_a_bfloat16_query_beyond_float16s_range_over_an_fp8_cache(fp8_device, v_f16_first):
+def test_a_bfloat16_query_beyond_float16s_range_over_an_fp8_cache(fp8_device):
     # A bf16 query's products with an fp8 cache run in float16: a power of two brings the tile's largest
     # |q| into range and the softmax scale takes it back, so a query float16 cannot hold still attends
     # as the reference does (here the first head of each group, ~1e5: its softmax nearly one key).
@@ -248,7 +239,7 @@ MIXED = {
 @pytest.mark.parametrize(("head_dim", "group"), HEAD_SHAPES)
 @pytest.mark.parametrize("order", list(MIXED))
 def test_prefill_chunks_and_decodes_over_an_fp8_cache(
-    fp8_device, v_f16_first, monkeypatch, order, head_dim, group, block_size, dtype
+    fp8_device, monkeypatch, order, head_dim, group, block_size, dtype
 ):
     from kiln.kernels import attention_plan
 
