@@ -18,6 +18,7 @@ Rules:
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import random
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -171,8 +172,9 @@ def warm_steps(engine: LLMEngine, *, max_num_tokens: int, max_num_seqs: int, see
     """Drive `engine` through the kinds of step a server meets, so the Triton variants they need compile
     now: prefills of assorted lengths (1 to max_num_tokens), a prompt longer than a step's budget
     (chunked) and another reading its cached blocks, ragged steps mixing prefills into running decodes,
-    then, with the decode CUDA graphs set aside, eager decode at odd batch sizes and at each context
-    length where the attention split count changes (what an `enforce_eager` server and mixed steps run),
+    then, with the decode CUDA graphs set aside, eager decode at odd batch sizes, each also at every
+    context length where its attention variant changes (`decode_lengths`: what an `enforce_eager` server,
+    a mixed step's leading decodes and batches beyond the graphs run),
     and last the structured outputs' mask kernel on its own. Greedy, EOS ignored, random token ids.
     Returns the number of steps run."""
 
@@ -217,9 +219,12 @@ def warm_steps(engine: LLMEngine, *, max_num_tokens: int, max_num_seqs: int, see
             if batch <= max_num_seqs:
                 add([prompt(rng.randint(5, 200)) for _ in range(batch)], max_tokens=4)
                 steps += drain()
-        for length in split_change_lengths(engine):
-            add([prompt(length - 1)])  # its decode step attends over `length` keys
-            steps += drain()
+                for length in decode_lengths(engine, batch):
+                    # Decoding over about `length` keys, all together once the last prompt is in: each makes
+                    # enough tokens to outlast the prefill steps the batch's prompts take.
+                    chunks = -(-batch * length // max_num_tokens)
+                    add([prompt(length - 1) for _ in range(batch)], max_tokens=min(8, chunks + 2))
+                    steps += drain()
     finally:
         if graphs is not None:
             runner.graphs = graphs  # type: ignore[union-attr]
@@ -231,18 +236,29 @@ def warm_steps(engine: LLMEngine, *, max_num_tokens: int, max_num_seqs: int, see
     return steps
 
 
-def split_change_lengths(engine: LLMEngine) -> list[int]:
-    """The shortest context of a batch-1 decode for each split count `choose_num_splits` can give (none
-    off CUDA, where no Triton kernel runs)."""
-    if engine.device.type != "cuda":
+def decode_lengths(engine: LLMEngine, batch: int) -> list[int]:
+    """The shortest context of a decode batch of `batch` requests for each attention variant it can meet:
+    each split count `choose_num_splits` gives, in each class of context whose decode tile differs
+    (`kernels.decode_context_bounds`: an fp8 cache's tile changes past 512 keys). None off CUDA, where no
+    Triton kernel runs, and for an engine whose model runs in worker processes."""
+    runner = getattr(engine, "runner", None)
+    if engine.device.type != "cuda" or runner is None:
         return []
     from kiln.kernels.triton_attention import choose_num_splits  # Triton: CUDA machines only
 
     sms = torch.cuda.get_device_properties(engine.device).multi_processor_count
     kv_heads = engine.model_config.num_key_value_heads
-    first: dict[int, int] = {}
-    for length in range(2, min(engine.max_model_len - 6, 64 * 33)):  # 32 splits of 64 keys at most
-        first.setdefault(choose_num_splits(1, kv_heads, length, sms), length)
+    bounds = kernels.decode_context_bounds(runner.kv_caches[0][0])
+    longest = min(engine.max_model_len - 6, 64 * 33)  # 32 splits of 64 keys at most
+    return variant_lengths(lambda n: choose_num_splits(batch, kv_heads, n, sms), bounds, longest)
+
+
+def variant_lengths(num_splits: Callable[[int], int], bounds: Sequence[int], longest: int) -> list[int]:
+    """The shortest context from 2 to `longest` keys for each pair (split count, tile class): the class is
+    how many of the ascending `bounds` the context exceeds."""
+    first: dict[tuple[int, int], int] = {}
+    for length in range(2, longest + 1):
+        first.setdefault((num_splits(length), bisect.bisect_left(bounds, length)), length)
     return sorted(first.values())
 
 

@@ -57,6 +57,46 @@ def test_warm_steps_cover_every_kind_of_step(tiny_engine_dir: Path) -> None:
     assert {1, 3} <= decode_batches
 
 
+def test_warm_steps_decode_each_batch_at_every_variant_length(
+    tiny_engine_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where decode_lengths names contexts (on CUDA: where the split count or the decode tile changes),
+    every eager batch size runs decode-only steps at each: all of its requests at once (here three prompts
+    of 69 tokens take four prefill steps of 64), the longest context a few tokens past the length."""
+    from kiln.config import EngineConfig
+    from kiln.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine.from_path(tiny_engine_dir, EngineConfig(device="cpu"))
+    asked: list[int] = []
+    monkeypatch.setattr(bk, "decode_lengths", lambda eng, batch: asked.append(batch) or [40, 70])
+    decodes: list[tuple[int, int]] = []  # (batch, longest context) of each decode-only step
+    launch = engine.runner.launch
+
+    def recording_launch(scheduled: Any, forwarded: Any = None) -> Any:
+        items = scheduled.scheduled
+        if all(item.num_new_tokens == 1 for item in items):
+            decodes.append((len(items), max(item.start for item in items) + 1))
+        return launch(scheduled, forwarded)
+
+    engine.runner.launch = recording_launch  # type: ignore[method-assign]
+    bk.warm_steps(engine, max_num_tokens=LIMITS.max_num_tokens, max_num_seqs=LIMITS.max_batch_size)
+    assert asked == [1, 3]  # the eager batch sizes within max_num_seqs
+    for batch in (1, 3):
+        for length in (40, 70):
+            assert any(n == batch and length <= ctx < length + 8 for n, ctx in decodes), (batch, length)
+    assert not engine.has_unfinished_requests() and engine.stats().kv_blocks_used == 0
+
+
+def test_variant_lengths_are_the_first_of_each_split_count_and_tile_class() -> None:
+    def splits(n: int) -> int:
+        return 1 if n < 128 else 2 if n < 256 else 4
+
+    assert bk.variant_lengths(splits, (), 300) == [2, 128, 256]
+    assert bk.variant_lengths(splits, (512,), 1000) == [2, 128, 256, 513]  # the tile past 512 keys
+    assert bk.variant_lengths(splits, (100,), 1000) == [2, 101, 128, 256]  # 101-127: one split, long tile
+    assert bk.variant_lengths(splits, (512,), 200) == [2, 128]
+
+
 def test_tune_engine_kernels_refuses_a_machine_without_a_gpu(
     tiny_engine_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
