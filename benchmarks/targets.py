@@ -75,6 +75,13 @@ STEPS = (
     Step("profile-batch1-fp16", 100, (*BATCH1_7B, "--profile", "{dir}/profile-batch1-fp16.txt", "--json", "{out}")),
     Step("profile-offline-bf16", 120, (*OFFLINE_8B, "--profile", "{dir}/profile-offline-bf16.txt",
                                        "--profile-after", "60", "--json", "{out}")),
+    # No target of their own, but each scheme must run on the H200: SmoothQuant, and the 8-bit schemes
+    # offline beside the others.
+    Step("batch1-int8-sq", 90, (*BATCH1_7B, "--quantization", "int8-sq", "--json", "{out}")),
+    Step("offline-int8-wo", 90, (*OFFLINE_8B, "--quantization", "int8-wo", "--json", "{out}")),
+    Step("offline-int8-sq", 100, (*OFFLINE_8B, "--quantization", "int8-sq", "--json", "{out}")),
+    Step("profile-batch1-int8-wo", 100, (*BATCH1_7B, "--quantization", "int8-wo", "--profile",
+                                         "{dir}/profile-batch1-int8-wo.txt", "--json", "{out}")),
 )  # fmt: skip
 
 

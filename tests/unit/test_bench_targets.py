@@ -75,6 +75,9 @@ def test_the_figure_set_covers_every_issue_16_target_the_report_judges() -> None
         "--quantization fp8 --kv-cache-dtype fp8" in c and "--input-len 1000" not in c for c in commands
     )
     assert any("--input-len 1000" in c and "--kv-cache-dtype fp8" in c for c in commands)
+    for scheme in ("fp8", "int8-wo", "int8-sq"):  # every scheme runs at batch 1 and offline
+        assert any("--latency-only" in c and f"--quantization {scheme}" in c for c in commands), scheme
+        assert any("--throughput-only" in c and f"--quantization {scheme}" in c for c in commands), scheme
     for module in (
         "benchmarks.prefill",
         "benchmarks.served",
@@ -89,14 +92,15 @@ def test_the_figure_set_covers_every_issue_16_target_the_report_judges() -> None
 def test_profile_steps_write_their_reports_beside_the_results(tmp_path: Path) -> None:
     out = tmp_path / "call" / "results.json"
     profiled = [step for step in targets.STEPS if "--profile" in step.argv]
-    # The targets most likely missed on the H200 each get a profile: batch-1 FP8 and fp16, offline FP8
-    # (fp8 cache) and bf16, FP8 1000/1000 deep into its decode.
+    # The targets most likely missed on the H200 each get a profile: batch-1 FP8, fp16 and INT8
+    # weight-only, offline FP8 (fp8 cache) and bf16, FP8 1000/1000 deep into its decode.
     assert [step.name for step in profiled] == [
         "profile-batch1-fp8",
         "profile-offline-fp8-fp8kv",
         "profile-fp8-1000-fp8kv",
         "profile-batch1-fp16",
         "profile-offline-bf16",
+        "profile-batch1-int8-wo",
     ]
     for step in profiled:
         command = step.command(out)
