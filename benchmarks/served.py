@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from kiln.bench.offline import run_throughput
+    from kiln.bench.offline import run_throughput, warm_up
     from kiln.bench.workload import build_random_engine
     from kiln.clients.process import ProcessEngine
     from kiln.clients.thread import AsyncEngine
@@ -101,12 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     max_num_seqs = engine.config.max_num_seqs
     vocab = engine.model_config.vocab_size
     n, inp, out = args.num_requests, args.input_len, args.output_len
-    # Warm-up at the workload's own shapes (a full batch of prompts, then decodes as it drains), so a
-    # machine whose Triton cache is cold compiles here rather than inside the timed offline pass.
-    warm = min(n, max_num_seqs)
-    run_throughput(engine, warm, [inp] * warm, [min(out, 16)] * warm, seed=prompts_seed + 1)
+    # Warm-up at the workload's own shapes, so a machine whose Triton cache is cold compiles here rather
+    # than inside the timed offline pass (whose step counters are read around it).
+    warm_up(engine, n, [inp] * n, [out] * n, seed=prompts_seed)
     before = engine.stats()
-    offline = run_throughput(engine, n, [inp] * n, [out] * n, seed=prompts_seed)
+    offline = run_throughput(engine, n, [inp] * n, [out] * n, seed=prompts_seed, warm=False)
     offline_steps = step_totals(before, engine.stats(), offline.elapsed_s)
     offline_tok_s = offline.output_tokens / offline.elapsed_s
     kv_blocks = engine.model_info.extra["num_kv_blocks"]

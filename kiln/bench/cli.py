@@ -12,8 +12,8 @@ Rules of the measurements:
   with --input-len-range / --output-len-range each request draws its lengths uniformly.
 - Every request is greedy with `ignore_eos`, so it produces exactly its output length.
 - Throughput: all requests are added at once and the engine is stepped until none is left; output
-  tokens per second = generated tokens / wall time from the first step to the last (a warm-up
-  request runs first, so one-off compilation is not counted).
+  tokens per second = generated tokens / wall time from the first step to the last (a warm-up at
+  the workload's shapes runs first, so one-off compilation is not counted).
 - Latency: one request alone; TTFT = time from add_request to the step that returns its first
   token; ms per token = (end - first token) / (output_len - 1).
 - Served (`--url`): the load goes to a running OpenAI-compatible server (Kiln's or any other) from

@@ -1,7 +1,8 @@
 """The offline measurements of `kiln bench`: throughput of a batch added at once, and batch-1 latency.
 
 Rules (the module doc of kiln.bench.cli has the whole list): prompts are random token ids, every request
-is greedy with `ignore_eos`, and a warm-up runs before anything is timed.
+is greedy with `ignore_eos`, and a warm-up runs before anything is timed (for throughput, one at the
+workload's shapes).
 """
 
 from __future__ import annotations
@@ -43,25 +44,40 @@ def run_throughput(
     input_lens: list[int],
     output_lens: list[int],
     seed: int = 0,
+    warm: bool = True,
 ) -> ThroughputResult:
-    """Add every request at once, step until all finish; see the module doc for the rules."""
-    vocab = engine.model_config.vocab_size
-    prompts = random_prompts(num_requests, input_lens, vocab, seed)
-    # Warm-up: one short request compiles/initialises whatever the first step needs.
-    engine.add_request("warmup", prompt_token_ids=prompts[0][:16], params=greedy(4))
-    while engine.has_unfinished_requests():
-        engine.step()
-    sync(engine)
+    """Add every request at once, step until all finish; see the module doc for the rules. `warm`: run
+    `warm_up` first (a caller that reads the engine's counters around the timed pass runs it itself)."""
+    if warm:
+        warm_up(engine, num_requests, input_lens, output_lens, seed)
+    prompts = random_prompts(num_requests, input_lens, engine.model_config.vocab_size, seed)
     start = time.perf_counter()
+    generated = _generate(engine, "r", prompts, output_lens)
+    sync(engine)
+    elapsed = time.perf_counter() - start
+    return ThroughputResult(num_requests, sum(input_lens), generated, elapsed)
+
+
+def warm_up(engine, num_requests: int, input_lens: list[int], output_lens: list[int], seed: int = 0) -> None:
+    """A throughput workload's warm-up, at its own shapes: as many requests as run at once, with its first
+    prompt lengths and at most 16 tokens out each, so whatever the timed pass would compile on a cold
+    Triton cache (its prefill chunks, the mixed steps as prompts join running decodes, full decode
+    batches) compiles here instead."""
+    warm = min(num_requests, engine.config.max_num_seqs)
+    prompts = random_prompts(warm, input_lens[:warm], engine.model_config.vocab_size, seed + 1)
+    _generate(engine, "warmup", prompts, [min(n, 16) for n in output_lens[:warm]])
+    sync(engine)
+
+
+def _generate(engine, prefix: str, prompts: list[list[int]], output_lens: list[int]) -> int:
+    """Add every prompt at once (ids prefix0, prefix1, ...), step until all finish; the tokens made."""
     for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}", prompt_token_ids=prompt, params=greedy(output_lens[i]))
+        engine.add_request(f"{prefix}{i}", prompt_token_ids=prompt, params=greedy(output_lens[i]))
     generated = 0
     while engine.has_unfinished_requests():
         for delta in engine.step():
             generated += sum(len(c.token_ids) for c in delta.outputs)
-    sync(engine)
-    elapsed = time.perf_counter() - start
-    return ThroughputResult(num_requests, sum(input_lens), generated, elapsed)
+    return generated
 
 
 def step_until_done(engine) -> tuple[float | None, int, float]:

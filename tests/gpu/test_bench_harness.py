@@ -33,6 +33,27 @@ def test_throughput_counts_every_generated_token(tiny_engine):
     assert not tiny_engine.has_unfinished_requests()
 
 
+def test_throughput_warms_up_at_the_workloads_shapes(tiny_engine, monkeypatch):
+    # As many requests as run at once (max_num_seqs 8), the workload's first prompt lengths, at most 16
+    # tokens out; none of them counted.
+    added = []
+    add_request = tiny_engine.add_request
+
+    def recording(request_id, *, prompt_token_ids, params):
+        added.append((request_id, len(prompt_token_ids), params.max_tokens))
+        return add_request(request_id, prompt_token_ids=prompt_token_ids, params=params)
+
+    monkeypatch.setattr(tiny_engine, "add_request", recording)
+    result = offline.run_throughput(tiny_engine, 10, [7] * 5 + [3] * 5, [20] * 5 + [4] * 5)
+    assert [a for a in added if a[0].startswith("warmup")] == [
+        (f"warmup{i}", 7 if i < 5 else 3, 16 if i < 5 else 4) for i in range(8)
+    ]
+    assert len(added) == 18 and result.output_tokens == 5 * 20 + 5 * 4
+    added.clear()
+    offline.run_throughput(tiny_engine, 2, [5, 5], [3, 3], warm=False)
+    assert [a[0] for a in added] == ["r0", "r1"]
+
+
 def test_latency_measures_one_request(tiny_engine):
     result = offline.run_latency(tiny_engine, input_len=10, output_len=6, repeats=2)
     assert result.output_len == 6
