@@ -158,7 +158,7 @@ def step_totals(before: EngineStats, after: EngineStats, seconds: float) -> dict
     """Steps per second, mean sequences and tokens per step between two EngineStats, and the share of
     `seconds` the engine spent in steps (served: what throughput loses to an engine left idle by the front
     end, apart from what it loses to smaller batches; the client's few idle-TTFT requests before the load
-    count in the steps but not in the seconds). Offline it exceeds 1 by run_throughput's warm-up request."""
+    count in the steps but not in the seconds)."""
     steps = max(1, after.num_steps - before.num_steps)
     return {
         "steps_per_s": steps / seconds,
