@@ -370,9 +370,10 @@ def paged_attention(
     `num_splits` fixes the sequence split (CUDA-graph capture wants one value per graph); None picks
     it from the batch shape. `config` overrides the tile shape (for tuning sweeps). With neither, a
     mixed step whose first requests decode, enough of them (`attention_plan.split_leading_decodes`),
-    takes two launches: those requests in decode tiles, the rest in prefill tiles. Rows of padding tokens (beyond query_start_loc[-1]) are
-    zeros, as in the reference; the zeroing follows the host copy of query_start_loc, so a replayed CUDA
-    graph leaves a different number of padding rows unspecified (nothing reads them).
+    takes two launches: those requests in decode tiles, the rest in prefill tiles. Rows of padding
+    tokens (beyond query_start_loc[-1]) are zeros, as in the reference; the zeroing follows the host copy
+    of query_start_loc, so a replayed CUDA graph leaves a different number of padding rows unspecified
+    (nothing reads them).
     """
     num_tokens, num_heads, _ = query.shape
     if num_heads % k_cache.shape[2]:
