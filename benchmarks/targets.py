@@ -14,8 +14,9 @@ Rules:
   over several calls, each with its own budget.
 - Estimates are wall seconds (random weights built on the device, compiles, warm-up, the run): what each
   step took on the H200 on 2026-12-06 at 0015b55, with a margin and the workload-shaped warm-up added
-  since; the peers' (transformers) include their own model builds. The int8-sq and offline int8 steps'
-  are guesses until they have run.
+  since; the peers' (transformers) include their own model builds. The int8 steps' and offline FP8's
+  (the first FP8 run on an empty Triton cache compiles its kernels) come from an H100's run at d7ef3c1;
+  the served host profile's is the served step's with py-spy's start added.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ OFFLINE_8B = (*BENCH, "--random", "llama3.1-8b", "--throughput-only", "--max-num
 BATCH1_7B = (*BENCH, "--random", "llama2-7b", "--latency-only")
 FP8_CACHE = ("--quantization", "fp8", "--kv-cache-dtype", "fp8")
 LONG = ("--num-requests", "1024", "--input-len", "1000", "--output-len", "1000")
+SERVED = (sys.executable, "-m", "benchmarks.served", "--random", "llama3.1-8b", "--num-requests", "1024",
+          "--input-len", "128", "--output-len", "128", "--concurrency", "256", "--max-num-seqs", "256",
+          "--engine-process")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,11 +53,15 @@ STEPS = (
     # What the H200 has not judged yet: SmoothQuant (each scheme must run there; it and the 8-bit schemes
     # offline have no target of their own), and the two figures whose output an earlier call lost.
     Step("batch1-int8-sq", 45, (*BATCH1_7B, "--quantization", "int8-sq", "--json", "{out}")),
-    Step("offline-fp8", 40, (*OFFLINE_8B, "--quantization", "fp8", "--json", "{out}")),
+    Step("offline-fp8", 75, (*OFFLINE_8B, "--quantization", "fp8", "--json", "{out}")),
     Step("startup", 150, (sys.executable, "-m", "benchmarks.startup", "--random", "llama2-7b", "--dir",
                           "/tmp/kiln-llama2-7b", "--repeats", "1", "--out", "{out}")),
-    Step("offline-int8-sq", 60, (*OFFLINE_8B, "--quantization", "int8-sq", "--json", "{out}")),
-    Step("offline-int8-wo", 60, (*OFFLINE_8B, "--quantization", "int8-wo", "--json", "{out}")),
+    Step("offline-int8-sq", 35, (*OFFLINE_8B, "--quantization", "int8-sq", "--json", "{out}")),
+    Step("offline-int8-wo", 35, (*OFFLINE_8B, "--quantization", "int8-wo", "--json", "{out}")),
+    # The served miss's host side: the server's threads, the engine process and the client under py-spy
+    # (benchmarks.host_profile), the figure again beside it.
+    Step("profile-served-host", 100, (sys.executable, "-m", "benchmarks.host_profile", "--report",
+                                      "{dir}/profile-served-host.txt", "--", *SERVED, "--out", "{out}")),
     Step("offline-fp8-fp8kv", 90, (*OFFLINE_8B, *FP8_CACHE, "--json", "{out}")),
     Step("batch1-fp16", 40, (*BATCH1_7B, "--json", "{out}")),
     Step("batch1-fp8", 30, (*BATCH1_7B, "--quantization", "fp8", "--json", "{out}")),
@@ -62,9 +70,7 @@ STEPS = (
     Step("hf-static", 75, (sys.executable, "-m", "benchmarks.hf_baselines", "--modes", "static_compile",
                             "--out", "{out}")),
     Step("fp8-1000-fp8kv", 125, (*OFFLINE_8B, *LONG, *FP8_CACHE, "--json", "{out}")),
-    Step("served", 80, (sys.executable, "-m", "benchmarks.served", "--random", "llama3.1-8b", "--num-requests",
-                         "1024", "--input-len", "128", "--output-len", "128", "--concurrency", "256",
-                         "--max-num-seqs", "256", "--engine-process", "--out", "{out}")),
+    Step("served", 80, (*SERVED, "--out", "{out}")),
     Step("prefill", 40, (sys.executable, "-m", "benchmarks.prefill", "--random", "llama3.1-8b", "--json", "{out}")),
     Step("hf-batch", 90, (sys.executable, "-m", "benchmarks.hf_baselines", "--modes", "batch", "--out", "{out}")),
     # Where the time goes, for the targets most likely missed: the figure again, then 30 steps under
