@@ -8,7 +8,8 @@ Rules:
   so it reads only its own descendants' memory (what Yama's default ptrace scope allows), and follows the
   command's subprocesses: a served run's engine process and its load client are profiled beside the
   server's threads. The command runs under a small Python trampoline that keeps its exit status, which
-  py-spy does not pass on; this command exits with it.
+  py-spy does not pass on; this command exits with it. It runs in this command's process group, which
+  is ended when py-spy returns: nothing of it outlives the profile.
 - Samples are read without pausing the processes (`--nonblocking`), `--rate` times a second. py-spy does
   not record a thread that is waiting (in epoll, a lock, a sleep), so a thread's samples divided by the
   rate are the seconds it was busy: its CPU and its time in system calls.
@@ -22,9 +23,11 @@ Rules:
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,7 +39,7 @@ from pathlib import Path
 MIN_SHARE = 0.02  # threads below this share of all samples get a line in the list, not a section
 TOP_INCLUSIVE, TOP_SELF = 30, 20
 # Runs the command and keeps its exit status (argv: status file, command...).
-_TRAMPOLINE = "import subprocess, sys; open(sys.argv[1], 'w').write(str(subprocess.call(sys.argv[2:])))"
+_TRAMPOLINE = "import subprocess, sys; rc = subprocess.call(sys.argv[2:]); open(sys.argv[1], 'w').write(str(rc))"
 _PROCESS = re.compile(r'^process (\d+):"(.*)"$', re.S)
 _THREAD = re.compile(r"^thread \((\d+)\)(?:: (.*))?$")
 _LOCATION = re.compile(r"^(.*) \((.*?)(?::(\d+))?\)$")
@@ -140,6 +143,16 @@ def py_spy_command(py_spy: str, raw: Path, rate: int, status: Path, command: lis
     ]  # fmt: skip
 
 
+def _stop_the_rest() -> None:
+    """Ends whatever py-spy left of the command (it may stop sampling and exit while the command runs
+    on): everything in this process group but this process."""
+    ignored = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        os.killpg(os.getpgrp(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, ignored)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--report", type=Path, required=True, help="where the text report goes")
@@ -155,11 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     py_spy = shutil.which("py-spy")
     if py_spy is None:
         p.error("py-spy is not installed (pip install py-spy, or kiln[bench])")
+    if os.getpgrp() != os.getpid():
+        os.setpgrp()  # a group of its own: what it starts can be stopped with it (benchmarks.targets does)
     with tempfile.TemporaryDirectory(prefix="kiln-host-profile-") as tmp:
         raw = args.raw or Path(tmp, "samples.raw")
         status = Path(tmp, "status")
         started = time.monotonic()
-        spy = subprocess.run(py_spy_command(py_spy, raw, args.rate, status, command))
+        try:
+            spy = subprocess.run(py_spy_command(py_spy, raw, args.rate, status, command))
+        finally:
+            _stop_the_rest()
         wall = time.monotonic() - started
         if not status.exists():
             print(f"py-spy exited with {spy.returncode} before the command finished", file=sys.stderr)

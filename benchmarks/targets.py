@@ -22,6 +22,9 @@ Rules:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -102,12 +105,21 @@ class Outcome:
 
 
 def launch(command: list[str], log: Path, timeout_s: float) -> int:
-    """Run one step; its exit status, or -1 when it ran past `timeout_s` (then it is killed)."""
+    """Run one step; its exit status, or -1 when it ran past `timeout_s` (then it is killed).
+
+    The step runs in a session of its own, and whatever is left of it when it ends or runs out of time
+    is killed with it: a served run's engine process or load client, or a profiled command under
+    py-spy, must not hold the GPU or the host through the next step."""
     with log.open("w") as out:
+        step = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            return subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s).returncode
+            return step.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             return -1
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(step.pid, signal.SIGKILL)
+            step.wait()
 
 
 def run(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,3 +124,31 @@ def test_the_cli_lists_steps_and_refuses_an_unknown_one_or_no_budget(
     with pytest.raises(SystemExit):
         targets.main(["--budget", "0"])
     assert "--budget must be > 0" in capsys.readouterr().err
+
+
+LEAVES_A_CHILD = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+open(sys.argv[1], "w").write(str(child.pid))
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:  # a killed child not yet reaped is a zombie: state Z
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize(("runs_s", "status"), [(0.0, 0), (30.0, -1)], ids=["ends", "runs-out-of-time"])
+def test_a_step_leaves_nothing_running(tmp_path: Path, runs_s: float, status: int) -> None:
+    pid_file = tmp_path / "child.pid"
+    command = [sys.executable, "-c", LEAVES_A_CHILD, str(pid_file), str(runs_s)]
+    assert targets.launch(command, tmp_path / "step.log", timeout_s=3) == status
+    child = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)

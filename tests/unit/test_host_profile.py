@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -94,14 +98,10 @@ def test_it_needs_a_command(capsys) -> None:
 def test_the_targets_profile_the_served_run_itself() -> None:
     (step,) = [s for s in STEPS if s.name == "profile-served-host"]
     (served,) = [s for s in STEPS if s.name == "served"]
-    command = step.command(host_profile.Path("/r/results.json"))
+    command = step.command(Path("/r/results.json"))
     assert command[1:5] == ["-m", "benchmarks.host_profile", "--report", "/r/profile-served-host.txt"]
     assert command[5] == "--"
-    assert (
-        command[6:]
-        == [*SERVED, "--out", "/r/results.json"]
-        == served.command(host_profile.Path("/r/results.json"))
-    )
+    assert command[6:] == [*SERVED, "--out", "/r/results.json"] == served.command(Path("/r/results.json"))
 
 
 SPIN = """
@@ -115,15 +115,44 @@ worker.start()
 worker.join()
 sys.exit(3)
 """
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _profile(
+    tmp_path: Path, command: list[str], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """benchmarks.host_profile in a process of its own, as it runs (it makes itself a process group)."""
+    report = tmp_path / "report.txt"
+    argv = [sys.executable, "-m", "benchmarks.host_profile", "--report", str(report), "--rate", "100", "--"]
+    return subprocess.run([*argv, *command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.skipif(shutil.which("py-spy") is None, reason="py-spy is not installed (kiln[bench])")
-def test_a_profiled_command_keeps_its_exit_status_and_its_threads(tmp_path) -> None:
-    report = tmp_path / "report.txt"
-    assert (
-        host_profile.main(["--report", str(report), "--rate", "100", "--", sys.executable, "-c", SPIN]) == 3
-    )
-    text = report.read_text()
+def test_a_profiled_command_keeps_its_exit_status_and_its_threads(tmp_path: Path) -> None:
+    assert _profile(tmp_path, [sys.executable, "-c", SPIN]).returncode == 3
+    text = (tmp_path / "report.txt").read_text()
     assert "exit 3" in text.splitlines()[0]
     section = text[text.index("/ worker:") :]
     assert "spin (<string>)" in section
+
+
+SLEEPER = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)"
+
+
+def test_what_py_spy_leaves_running_is_stopped(tmp_path: Path) -> None:
+    """py-spy may give up (no permission to read the command's memory, say) with the command started."""
+    fake = tmp_path / "bin" / "py-spy"
+    fake.parent.mkdir()
+    # Starts what follows `--` in the background, as py-spy starts its command, and fails at once.
+    fake.write_text('#!/bin/sh\nwhile [ "$1" != "--" ]; do shift; done; shift\n"$@" &\nsleep 1; exit 1\n')
+    fake.chmod(0o755)
+    pid_file = tmp_path / "sleeper.pid"
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    done = _profile(tmp_path, [sys.executable, "-c", SLEEPER, str(pid_file)], env=env)
+    assert done.returncode == 1
+    assert "py-spy exited with 1 before the command finished" in done.stderr
+    sleeper = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{sleeper}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{sleeper}").exists()
