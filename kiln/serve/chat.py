@@ -31,6 +31,7 @@ from kiln.serve.protocol import (
 from kiln.serve.sampling import log_unknown_fields, resolve_max_tokens, structured_output, to_sampling_params
 from kiln.serve.sse import ClientDisconnected, cancel_on_disconnect, sse_response
 from kiln.serve.state import ServerState, server_state
+from kiln.serve.text_chunks import TextChunks
 from kiln.serve.tokenize import check_prompt_text, tokenize
 from kiln.serve.tool_calls import Delta, ToolCallDelta
 from kiln.serve.tool_parsers import parse_tool_calls
@@ -208,6 +209,9 @@ async def _stream(
             choices=[choice],
         ).model_dump_json(exclude=exclude)
 
+    text_chunk = TextChunks(
+        lambda index, text: chunk(ChatChunkChoice(index=index, delta=ChatDelta(content=text)))
+    )
     for index in range(body.n):
         yield chunk(ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content="")))
     usage = UsageCounter()
@@ -221,7 +225,7 @@ async def _stream(
                 called[index] = True
                 out.append(chunk(ChatChunkChoice(index=index, delta=ChatDelta(tool_calls=[d.to_openai()]))))
             elif d.text:
-                out.append(chunk(ChatChunkChoice(index=index, delta=ChatDelta(content=d.text))))
+                out.append(text_chunk(index, d.text, generation.system_fingerprint))
         return out
 
     async for _, out in generation.outputs():
@@ -244,7 +248,10 @@ async def _stream(
                     if top_n is not None
                     else None
                 )
-                if c.text or (lp and lp.content):
+                if lp is None:
+                    if c.text:
+                        yield text_chunk(c.index, c.text, generation.system_fingerprint)
+                elif c.text or lp.content:
                     yield chunk(ChatChunkChoice(index=c.index, delta=ChatDelta(content=c.text), logprobs=lp))
             if c.finish_reason is not None:
                 yield chunk(ChatChunkChoice(index=c.index, delta=ChatDelta(), finish_reason=c.finish_reason))

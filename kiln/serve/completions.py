@@ -28,6 +28,7 @@ from kiln.serve.sampling import (
 )
 from kiln.serve.sse import ClientDisconnected, cancel_on_disconnect, sse_response
 from kiln.serve.state import ServerState, server_state
+from kiln.serve.text_chunks import TextChunks
 from kiln.serve.tokenize import check_prompt_text, tokenize
 from kiln.serve.usage import UsageCounter, token_text_fn
 
@@ -186,6 +187,7 @@ async def _stream(generation: Generation, body: CompletionRequest, state: Server
     if body.echo:
         for i in range(len(offsets)):
             yield chunk(CompletionChoice(index=i, text=_echo_text(generation.prompts[i // n], tokenizer)))
+    text_chunk = TextChunks(lambda index, text: chunk(CompletionChoice(index=index, text=text)))
     usage = UsageCounter()
     async for prompt_index, out in generation.outputs():
         usage.add(out)
@@ -196,7 +198,11 @@ async def _stream(generation: Generation, body: CompletionRequest, state: Server
                 logprobs, offsets[i] = completion_logprobs(
                     c.token_ids, c.logprobs or [], body.logprobs, token_text, offsets[i]
                 )
-            if c.text or c.token_ids or c.finish_reason is not None:
+            if not (c.text or c.token_ids or c.finish_reason is not None):
+                continue
+            if logprobs is None and c.finish_reason is None:
+                yield text_chunk(i, c.text, generation.system_fingerprint)
+            else:
                 yield chunk(
                     CompletionChoice(index=i, text=c.text, logprobs=logprobs, finish_reason=c.finish_reason)
                 )
