@@ -11,7 +11,8 @@ as benchmarks/served.py does; the ratio says what the front end and the engine's
 without a GPU. Beside it, the engine's own view of each run (`served.step_totals`): steps per second, mean
 sequences per step, the share of the time spent in steps. A served run that keeps fewer sequences running
 than offline lost throughput to requests arriving late (the client's turnaround and the server's work per
-new request), one whose steps take longer lost it to the host. And the CPU time of the server's event-loop
+new request), one whose steps take longer lost it to the host; where the served requests' time went
+(`request_phases_ms`, as benchmarks/served.py reports it). And the CPU time of the server's event-loop
 thread per request (HTTP, SSE, the relay to the engine; `time.thread_time` read on that thread): the cost
 that decides how fast a wave of new requests reaches the engine. Runs on CPU; results are this machine's,
 not the GPU host's (which has more cores).
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.served import step_totals
+from benchmarks.served import phase_means, scrape_metrics, step_totals
 from kiln.bench.client import IDLE_TTFT_REQUESTS
 from kiln.config import EngineConfig
 from kiln.engine.llm_engine import LLMEngine
@@ -133,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         port=0, log_level="warning", max_waiting_sequences=None, max_waiting_tokens=None
     )
     with serve_in_background(server_engine, settings) as (url, server):
-        before, cpu_before = server_engine.stats(), server_cpu_seconds(server)
+        before, cpu_before, phases_before = (
+            server_engine.stats(),
+            server_cpu_seconds(server),
+            scrape_metrics(url),
+        )
         client = [sys.executable, "-m", "benchmarks.served", "--client", url]
         client += ["--served-model", server_engine.model_info.name, "--vocab", str(VOCAB_HIGH)]
         client += ["--num-requests", str(args.num_requests), "--input-len", str(args.input_len)]
@@ -144,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         served_steps = step_totals(before, server_engine.stats(), served["wall_s"])
         server_cpu = server_cpu_seconds(server) - cpu_before
+        phases = phase_means(phases_before, scrape_metrics(url))
     result = {
         "step_ms": args.step_ms,
         "engine": "thread" if args.thread else "process",
@@ -154,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "ttft_ms": served["ttft_ms"],
         "offline_engine_steps": offline_steps,
         "served_engine_steps": served_steps,
+        "request_phases_ms": phases,
         # The client's idle-TTFT requests before the load (benchmarks.served) count among the requests.
         "server_cpu_ms_per_request": 1000 * server_cpu / (args.num_requests + IDLE_TTFT_REQUESTS),
         "command": "python -m benchmarks.frontend " + " ".join(sys.argv[1:] if argv is None else argv),
