@@ -21,7 +21,6 @@ not the GPU host's (which has more cores).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import json
 import random
@@ -41,7 +40,7 @@ from kiln.engine.model_runner import LaunchedStep
 from kiln.engine.process_setup import prepare_process
 from kiln.engine.sampler import SamplerOutput
 from kiln.engine.sampling_params import SamplingParams
-from kiln.serve.runner import DrainingServer
+from kiln.serve.background import loop_cpu_seconds
 
 VOCAB_LOW, VOCAB_HIGH = 10, 500  # token ids the tiny model's tokenizer decodes to ordinary text
 
@@ -69,16 +68,6 @@ def model_free_engine(path: str, step_s: float, max_num_seqs: int = 256) -> LLME
 
     runner.launch = launch
     return engine
-
-
-def server_cpu_seconds(server: DrainingServer) -> float:
-    """CPU seconds the server's event-loop thread has used so far, read on that thread."""
-
-    async def read() -> float:
-        return time.thread_time()
-
-    assert server.state.loop is not None  # set by the app's lifespan, before the server is ready
-    return asyncio.run_coroutine_threadsafe(read(), server.state.loop).result(timeout=30)
 
 
 def prompts(n: int, length: int, seed: int = 1) -> list[list[int]]:
@@ -136,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     with serve_in_background(server_engine, settings) as (url, server):
         before, cpu_before, phases_before = (
             server_engine.stats(),
-            server_cpu_seconds(server),
+            loop_cpu_seconds(server),
             scrape_metrics(url),
         )
         client = [sys.executable, "-m", "benchmarks.served", "--client", url]
@@ -148,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(client, check=True, stdout=subprocess.PIPE, text=True, cwd=root).stdout
         )
         served_steps = step_totals(before, server_engine.stats(), served["wall_s"])
-        server_cpu = server_cpu_seconds(server) - cpu_before
+        server_cpu = loop_cpu_seconds(server) - cpu_before
         phases = phase_means(phases_before, scrape_metrics(url))
     result = {
         "step_ms": args.step_ms,
@@ -163,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         "request_phases_ms": phases,
         # The client's idle-TTFT requests before the load (benchmarks.served) count among the requests.
         "server_cpu_ms_per_request": 1000 * server_cpu / (args.num_requests + IDLE_TTFT_REQUESTS),
+        "server_loop_busy": server_cpu / served["wall_s"],
+        "client_busy": served["client_busy"],
         "command": "python -m benchmarks.frontend " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     print(json.dumps(result, indent=1))

@@ -15,6 +15,9 @@ Rules of the measurements:
 - Beside them, the engine's view (`engine_steps`: steps per second, mean sequences and tokens a step,
   busy fraction) and where each request's time went on average (`request_phases_ms`, from the server's
   `kiln_request_<phase>_time_seconds` histograms: intake, queue, prefill, decode).
+- Who set the pace: `server_loop_busy` is the CPU time of the server's event-loop thread over the
+  client's wall time (the client's idle-TTFT requests included), `client_busy` the client process's
+  own (kiln.bench.client). Either near 1.0 means that one Python thread, not the engine, was the limit.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from kiln.clients.thread import AsyncEngine
     from kiln.engine.llm_engine import LLMEngine
     from kiln.engine.process_setup import prepare_process
-    from kiln.serve.background import serve_in_background
+    from kiln.serve.background import loop_cpu_seconds, serve_in_background
     from kiln.serve.settings import ServerSettings
 
     if (args.random is None) == (args.model is None):
@@ -124,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = ServerSettings(
         port=0, log_level="warning", max_waiting_sequences=None, max_waiting_tokens=None
     )
-    with serve_in_background(server_engine, settings) as (url, _server):
+    with serve_in_background(server_engine, settings) as (url, server):
         before, phases_before = server_engine.stats(), scrape_metrics(url)
+        loop_cpu_before = loop_cpu_seconds(server)
         cmd = [
             sys.executable,
             "-m",
@@ -140,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--num-requests", str(n), "--input-len", str(inp), "--output-len", str(out)]
         cmd += ["--concurrency", str(args.concurrency), "--request-rate", str(args.request_rate)]
         served = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        served["server_loop_busy"] = (loop_cpu_seconds(server) - loop_cpu_before) / served["wall_s"]
         # The engine's own view: how many steps it ran and at what batch (the client's wall clock).
         served["engine_steps"] = step_totals(before, server_engine.stats(), served["wall_s"])
         # Where the time to first token went, per request on average (the server's own histograms).
@@ -219,6 +224,8 @@ def _append(path: Path, args: argparse.Namespace, served: dict[str, Any], max_nu
         ("offline_output_tok_s", served["offline_output_tok_s"]),
         ("served_over_offline", served["served_over_offline"]),
         ("idle_ttft_ms", served["idle_ttft_ms"]),
+        ("server_loop_busy", served["server_loop_busy"]),
+        ("client_busy", served["client_busy"]),
     ]
     rows += [
         (f"{m}_{q}", served[m][q]) for m in ("ttft_ms", "itl_ms", "e2e_ms") for q in ("p50", "p90", "p99")

@@ -18,6 +18,8 @@ Rules of the measurements:
   parsing, as vLLM's serving benchmark uses) on uvloop where installed, and each response is read to its
   end so its keep-alive connection is reused (`connections` counts those opened). With httpx the client
   process took ~105 us of CPU per streamed token, with aiohttp ~55 (`bench.frontend`, 2-core machine).
+  Whether it limited a run is in the result: `client_busy` is the process's CPU time over the load's wall
+  time (one event loop: near 1.0 means the client, not the server, set the pace).
 """
 
 from __future__ import annotations
@@ -132,13 +134,13 @@ async def run_client(
             async with gate:
                 return await _one(client, url, model, prompt, max_tokens)
 
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         times = arrivals if arrivals is not None else arrival_times(len(prompts), request_rate, seed)
         lens = output_lens if output_lens is not None else [output_len] * len(prompts)
         results = await asyncio.gather(
             *(arrive(p, t, n) for p, t, n in zip(prompts, times, lens, strict=True))
         )
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     ttft = [1000 * (r["chunks"][0] - r["sent"]) for r in results if r["chunks"]]
     itl = [1000 * (b - a) for r in results for a, b in zip(r["chunks"], r["chunks"][1:], strict=False)]
     e2e = [1000 * (r["done"] - r["sent"]) for r in results]
@@ -155,6 +157,8 @@ async def run_client(
         "e2e_ms": percentiles(e2e),
         "idle_ttft_ms": statistics.median(idle) if idle else float("nan"),
         "connections": connections,
+        "client_cpu_s": cpu,
+        "client_busy": cpu / wall,
     }
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -50,3 +51,14 @@ def serve_in_background(
     finally:
         server.should_exit = True
         thread.join(timeout=settings.drain_timeout_seconds + 10)
+
+
+def loop_cpu_seconds(server: DrainingServer) -> float:
+    """CPU seconds the server's event-loop thread has used so far, read on that thread: what a served
+    benchmark divides by its wall time to see whether the server's one loop was the limit."""
+
+    async def read() -> float:
+        return time.thread_time()
+
+    assert server.state.loop is not None  # set by the app's lifespan, before the server is ready
+    return asyncio.run_coroutine_threadsafe(read(), server.state.loop).result(timeout=30)

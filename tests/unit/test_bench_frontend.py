@@ -36,18 +36,19 @@ def test_frontend_run_reports_served_beside_offline(tmp_path, monkeypatch, capsy
     assert 0 < offline["busy_fraction"] <= 1.01 and served["busy_fraction"] > 0
     assert offline["steps_per_s"] > 0 and served["steps_per_s"] > 0
     assert 0 < row["server_cpu_ms_per_request"] < 1000  # the server thread's CPU, read on that thread
+    assert 0 < row["server_loop_busy"] < 1.5 and 0 < row["client_busy"] < 2
 
 
-def test_server_cpu_seconds_is_the_server_threads_own(tiny_gqa_dir):
+def test_loop_cpu_seconds_is_the_server_threads_own(tiny_gqa_dir):
     """Read on the server's loop thread: this thread burning CPU does not count, the server's work does."""
     from kiln.clients.thread import AsyncEngine
-    from kiln.serve.background import serve_in_background
+    from kiln.serve.background import loop_cpu_seconds, serve_in_background
     from kiln.serve.settings import ServerSettings
 
     engine = frontend.model_free_engine(str(tiny_gqa_dir), step_s=0.001, max_num_seqs=4)
     with serve_in_background(AsyncEngine(engine), ServerSettings(port=0, log_level="warning")) as (_, server):
-        first = frontend.server_cpu_seconds(server)
+        first = loop_cpu_seconds(server)
         spin = time.thread_time() + 0.3
         while time.thread_time() < spin:  # 0.3 s of this thread's CPU
             pass
-        assert frontend.server_cpu_seconds(server) - first < 0.15
+        assert loop_cpu_seconds(server) - first < 0.15

@@ -38,9 +38,18 @@ def test_served_run_counts_every_token_and_writes_rows(
     phases = report["request_phases_ms"]
     assert set(phases) == {"intake", "queue", "prefill", "decode"} and all(v >= 0 for v in phases.values())
     assert sum(phases.values()) <= report["e2e_ms"]["p99"]
+    # Each side's one Python thread: CPU over the load's wall time (the server's includes the idle-TTFT
+    # requests, the client's is the whole process's).
+    assert 0 < report["server_loop_busy"] < 1.5 and 0 < report["client_busy"] < 2
     rows = {row["metric"]: row for row in json.loads(out.read_text())["results"]}
     assert rows["served_output_tok_s"]["value"] == report["output_tok_s"]
-    assert {"offline_output_tok_s", "served_over_offline", "idle_ttft_ms", "itl_ms_p99"} <= set(rows)
+    assert {
+        "offline_output_tok_s",
+        "served_over_offline",
+        "idle_ttft_ms",
+        "itl_ms_p99",
+        "client_busy",
+    } <= set(rows)
     assert rows["served_output_tok_s"]["params"]["engine_process"] is engine_process
 
 
