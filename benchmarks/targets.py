@@ -16,7 +16,8 @@ Rules:
   step took on the H200 on 2026-12-06 at 0015b55, with a margin and the workload-shaped warm-up added
   since; the peers' (transformers) include their own model builds. The int8 steps' and offline FP8's
   (the first FP8 run on an empty Triton cache compiles its kernels) come from an H100's run at d7ef3c1;
-  the served host profile's is the served step's with py-spy's start added.
+  the served host profile's is the served step's with py-spy's start added; the GEMV sweeps' are an
+  H100's (2026-12-05).
 """
 
 from __future__ import annotations
@@ -92,6 +93,10 @@ STEPS = (
                                        "--profile-after", "60", "--json", "{out}")),
     Step("profile-batch1-int8-wo", 30, (*BATCH1_7B, "--quantization", "int8-wo", "--profile",
                                          "{dir}/profile-batch1-int8-wo.txt", "--json", "{out}")),
+    # The batch-1 GEMVs' tiles were chosen on an H100: the sweeps on this GPU, cuBLAS beside them.
+    Step("sweep-gemv", 60, (sys.executable, "-m", "benchmarks.gemv", "--out", "{out}")),
+    Step("sweep-quant-gemv", 60, (sys.executable, "-m", "benchmarks.quant_gemv", "--sweep", "--skip-gemm",
+                                   "--out", "{out}")),
 )  # fmt: skip
 
 
