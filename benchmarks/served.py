@@ -163,13 +163,16 @@ def step_totals(before: EngineStats, after: EngineStats, seconds: float) -> dict
     """Steps per second, mean sequences and tokens per step between two EngineStats, and the share of
     `seconds` the engine spent in steps (served: what throughput loses to an engine left idle by the front
     end, apart from what it loses to smaller batches; the client's few idle-TTFT requests before the load
-    count in the steps but not in the seconds)."""
+    count in the steps but not in the seconds), and the Triton kernel variants the engine built meanwhile
+    with their seconds (each stalled every stream: a warmed-up engine builds none)."""
     steps = max(1, after.num_steps - before.num_steps)
     return {
         "steps_per_s": steps / seconds,
         "mean_seqs": (after.num_step_seqs - before.num_step_seqs) / steps,
         "mean_tokens": (after.num_step_tokens - before.num_step_tokens) / steps,
         "busy_fraction": (after.busy_seconds - before.busy_seconds) / seconds,
+        "kernel_compiles": after.kernel_compiles - before.kernel_compiles,
+        "kernel_compile_s": after.kernel_compile_seconds - before.kernel_compile_seconds,
     }
 
 
@@ -226,6 +229,7 @@ def _append(path: Path, args: argparse.Namespace, served: dict[str, Any], max_nu
         ("idle_ttft_ms", served["idle_ttft_ms"]),
         ("server_loop_busy", served["server_loop_busy"]),
         ("client_busy", served["client_busy"]),
+        ("kernel_compiles", served["engine_steps"]["kernel_compiles"]),
     ]
     rows += [
         (f"{m}_{q}", served[m][q]) for m in ("ttft_ms", "itl_ms", "e2e_ms") for q in ("p50", "p90", "p99")

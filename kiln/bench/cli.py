@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{label}: {workload}: {tp.output_tok_per_s:,.0f} output tok/s ({tp.total_tok_per_s:,.0f} total) in {tp.elapsed_s:.1f} s"
         )
+        if tp.kernel_compiles:
+            print(f"{label}: the timed pass built {tp.kernel_compiles} Triton kernel variants: a cold figure")
         rows.append(
             _row(
                 label,

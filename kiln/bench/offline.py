@@ -20,6 +20,9 @@ class ThroughputResult:
     input_tokens: int
     output_tokens: int
     elapsed_s: float
+    # Triton kernel variants the engine built during the timed pass: each one's seconds count in elapsed_s,
+    # so a figure with any is a cold run's (the warm-up missed a shape), not the engine's speed.
+    kernel_compiles: int = 0
 
     @property
     def output_tok_per_s(self) -> float:
@@ -51,11 +54,13 @@ def run_throughput(
     if warm:
         warm_up(engine, num_requests, input_lens, output_lens, seed)
     prompts = random_prompts(num_requests, input_lens, engine.model_config.vocab_size, seed)
+    compiles = engine.stats().kernel_compiles
     start = time.perf_counter()
     generated = _generate(engine, "r", prompts, output_lens)
     sync(engine)
     elapsed = time.perf_counter() - start
-    return ThroughputResult(num_requests, sum(input_lens), generated, elapsed)
+    compiled = engine.stats().kernel_compiles - compiles
+    return ThroughputResult(num_requests, sum(input_lens), generated, elapsed, compiled)
 
 
 def warm_up(engine, num_requests: int, input_lens: list[int], output_lens: list[int], seed: int = 0) -> None:

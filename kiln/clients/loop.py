@@ -16,6 +16,8 @@ Rules:
   steps (so an idle engine notices too, at the next health check's command), ends the loop: the requests
   in flight get that error, then `Goodbye`, as after `Shutdown`; the engine cannot go on, and the driver's
   health check says so (`ProcessEngine`'s child exits; the server's supervisor restarts it or stops).
+- From the loop's start, each Triton kernel variant the process builds is logged as a warning
+  (kiln.kernels.compile_watch): every stream waits for it, and a warmed-up engine should build none.
 - `Shutdown` aborts everything and ends the loop with `Goodbye`. Either way the engine is closed (its
   tensor-parallel workers stopped) when the loop ends.
 """
@@ -95,6 +97,11 @@ class StepLoop(Generic[OutputT]):
         self.encode = encode
 
     def run(self) -> None:
+        from kiln.kernels.compile_watch import compile_watch  # this is the engine's process: torch is in
+
+        watch = compile_watch()
+        if watch is not None:
+            watch.warn_from_now()
         engine = self.engine
         while True:
             acks: list[int] = []

@@ -69,6 +69,10 @@ class EngineStats:
     # bottleneck), and the prompt tokens they computed: their ratio is how fast a queue drains.
     backlog_seconds: float = 0.0
     backlog_prefill_tokens: int = 0
+    # Triton kernel variants this engine's process built, and their seconds (kiln.kernels.compile_watch):
+    # after start-up each one stalled every running stream.
+    kernel_compiles: int = 0
+    kernel_compile_seconds: float = 0.0
     batching: BatchingLimits | None = None  # the limits in force; None: the engine does not say
     # The most each limit may be set to (what the engine was configured and captured its graphs for).
     batching_ceiling: BatchingLimits | None = None

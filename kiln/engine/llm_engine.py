@@ -42,6 +42,7 @@ from kiln.engine.tp_workers import (
 )
 from kiln.engine.validation import validate_request
 from kiln.engine_dir import EngineManifest, is_engine_dir
+from kiln.kernels.compile_watch import compile_watch
 from kiln.kernels.kernel_cache import prepare_engine_kernels
 from kiln.kvcache.manager import KVCacheManager
 from kiln.kvcache.tensors import allocate_kv_cache
@@ -86,6 +87,7 @@ class LLMEngine:
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        self._compiles = compile_watch() if self.device.type == "cuda" else None
         self.dtype = dtype
         self.workers = workers
 
@@ -528,6 +530,8 @@ class LLMEngine:
             busy_seconds=self._busy_seconds,
             backlog_seconds=self._backlog_seconds,
             backlog_prefill_tokens=self._backlog_prefill_tokens,
+            kernel_compiles=0 if self._compiles is None else self._compiles.count,
+            kernel_compile_seconds=0.0 if self._compiles is None else self._compiles.seconds,
             batching=self._batching,
             batching_ceiling=self._batching_ceiling,
         )

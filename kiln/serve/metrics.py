@@ -67,6 +67,17 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily(
             "kiln_engine_step_tokens", "Tokens computed, summed over steps.", s.num_step_tokens
         )
+        yield CounterMetricFamily(
+            "kiln_kernel_compiles",
+            "Triton kernel variants the engine's process built since start (from the disk cache or "
+            "compiled); after start-up each one stalled every running stream.",
+            s.kernel_compiles,
+        )
+        yield CounterMetricFamily(
+            "kiln_kernel_compile_seconds",
+            "Seconds spent building those kernel variants.",
+            s.kernel_compile_seconds,
+        )
 
 
 class ServerMetrics:

@@ -6,6 +6,7 @@ and the preset shapes, so a broken harness is caught before it costs GPU time.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -30,7 +31,20 @@ def test_throughput_counts_every_generated_token(tiny_engine):
     assert result.input_tokens == 36
     assert result.output_tokens == 20  # ignore_eos: each request makes exactly its output length
     assert result.output_tok_per_s == pytest.approx(20 / result.elapsed_s)
+    assert result.kernel_compiles == 0  # on CPU no Triton kernel is built
     assert not tiny_engine.has_unfinished_requests()
+
+
+def test_throughput_counts_the_kernel_variants_its_timed_pass_built(tiny_engine, monkeypatch):
+    # An engine that built one variant a step: the result counts the timed pass's steps, not the warm-up's.
+    stats = tiny_engine.stats
+    monkeypatch.setattr(
+        tiny_engine, "stats", lambda: dataclasses.replace(stats(), kernel_compiles=stats().num_steps)
+    )
+    offline.warm_up(tiny_engine, 3, [5, 5, 5], [4, 4, 4])
+    before = tiny_engine.stats().num_steps
+    result = offline.run_throughput(tiny_engine, 3, [5, 5, 5], [4, 4, 4], warm=False)
+    assert result.kernel_compiles == tiny_engine.stats().num_steps - before > 0
 
 
 def test_throughput_warms_up_at_the_workloads_shapes(tiny_engine, monkeypatch):

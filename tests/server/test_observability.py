@@ -50,6 +50,8 @@ def test_metrics_cover_the_issue_list(server: LiveServer) -> None:
         "kiln_engine_steps_total",
         "kiln_engine_step_sequences_total",
         "kiln_engine_step_tokens_total",
+        "kiln_kernel_compiles_total",
+        "kiln_kernel_compile_seconds_total",
         'kiln_http_requests_total{route="/v1/chat/completions",status="200"}',
     ):
         assert name in text, name

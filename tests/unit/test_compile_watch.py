@@ -1,0 +1,81 @@
+"""kiln.kernels.compile_watch: Triton's JIT hooks counted and timed, earlier hooks kept, warnings while serving."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+
+from kiln.kernels.compile_watch import CompileWatch, compile_watch
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def build(watch: CompileWatch, runtime: SimpleNamespace, clock: Clock, seconds: float, name: str) -> object:
+    """What Triton's JIT does around one variant: the before-hook, the build unless it answered, the after."""
+    info = {"key": "k", "repr": name, "fn": SimpleNamespace(name=name), "compile": {}, "is_manual_warmup": False,
+            "already_compiled": False}  # fmt: skip
+    answer = runtime.jit_cache_hook(**info)
+    if answer:
+        return answer
+    clock.now += seconds
+    runtime.jit_post_compile_hook(**info)
+    return answer
+
+
+def test_each_variant_is_counted_with_its_seconds():
+    clock, runtime = Clock(), SimpleNamespace(jit_cache_hook=None, jit_post_compile_hook=None)
+    watch = CompileWatch(clock)
+    watch.attach(runtime)
+    build(watch, runtime, clock, 0.25, "_attention_kernel")
+    build(watch, runtime, clock, 1.5, "_gemv_kernel")
+    assert watch.count == 2 and watch.seconds == pytest.approx(1.75)
+
+
+def test_hooks_set_before_run_first_and_their_answer_stands():
+    calls: list[str] = []
+
+    def earlier_before(**info: object) -> bool:
+        calls.append(f"before {info['repr']}")
+        return info["repr"] == "skipped"  # truthy: Triton does not build it
+
+    def earlier_after(**info: object) -> None:
+        calls.append(f"after {info['repr']}")
+
+    clock = Clock()
+    runtime = SimpleNamespace(jit_cache_hook=earlier_before, jit_post_compile_hook=earlier_after)
+    watch = CompileWatch(clock)
+    watch.attach(runtime)
+    assert build(watch, runtime, clock, 0.5, "built") is False
+    assert build(watch, runtime, clock, 9.0, "skipped") is True
+    assert calls == ["before built", "after built", "before skipped"]
+    assert watch.count == 1 and watch.seconds == pytest.approx(0.5)
+
+
+def test_only_variants_built_while_serving_are_logged(caplog):
+    clock, runtime = Clock(), SimpleNamespace(jit_cache_hook=None, jit_post_compile_hook=None)
+    watch = CompileWatch(clock)
+    watch.attach(runtime)
+    with caplog.at_level(logging.WARNING, logger="kiln.kernels.compile_watch"):
+        build(watch, runtime, clock, 2.0, "_warm_up_kernel")
+        watch.warn_from_now()
+        build(watch, runtime, clock, 1.25, "_prefill_attention")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1
+    assert "_prefill_attention" in messages[0] and "1.250 s" in messages[0]
+    assert watch.count == 2
+
+
+def test_no_watch_where_no_triton_kernel_runs():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine: tests/gpu/test_compile_watch_gpu.py covers the attached watch")
+    assert compile_watch() is None
