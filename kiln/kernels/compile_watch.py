@@ -14,7 +14,8 @@ Rules:
   lookup, and the compile when that misses.
 - From `warn_from_now()` (a serving loop's start) each variant built is also logged as a warning with
   its kernel and seconds; before it (load, warm-up, graph capture) they are only counted.
-- None without Triton or a GPU: the CPU path launches no Triton kernels.
+- None without Triton or a GPU (the CPU path launches no Triton kernels), and under
+  KILN_COMPILE_WATCH=off (kiln.kernels.switches), which leaves Triton's hooks as they were.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from kiln.kernels.switches import env_switch
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +82,7 @@ class CompileWatch:
 @functools.cache
 def compile_watch() -> CompileWatch | None:
     """This process's watch, attached on first use; None where no Triton kernel can run."""
-    if not torch.cuda.is_available():
+    if not env_switch("KILN_COMPILE_WATCH", True) or not torch.cuda.is_available():
         return None
     try:
         from triton import knobs

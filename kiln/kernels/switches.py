@@ -1,7 +1,8 @@
-"""The kernels' environment switches (KILN_PDL, KILN_WIDEN_BITS, KILN_FP8_FAST_ACCUM, KILN_ENGINE_KERNELS).
+"""The kernels' environment switches (KILN_PDL, KILN_WIDEN_BITS, KILN_FP8_FAST_ACCUM, KILN_ENGINE_KERNELS,
+KILN_COMPILE_WATCH).
 
 The kernel switches are read once, where their modules are imported; KILN_ENGINE_KERNELS at each engine
-load. A switch is on for 1/on/true/yes and off for
+load; KILN_COMPILE_WATCH when the process first asks for its watch. A switch is on for 1/on/true/yes and off for
 0/off/false/no (any case); unset or empty leaves the default. Any other value is an error naming the
 switch, so a mistyped switch cannot pass for the default in a comparison.
 """

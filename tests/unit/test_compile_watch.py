@@ -73,6 +73,19 @@ def test_only_variants_built_while_serving_are_logged(caplog):
     assert watch.count == 2
 
 
+def test_the_switch_turns_the_watch_off_and_refuses_other_values(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # where a watch would be attached
+    for value, error in (("off", None), ("maybe", "KILN_COMPILE_WATCH='maybe'")):
+        compile_watch.cache_clear()
+        monkeypatch.setenv("KILN_COMPILE_WATCH", value)
+        if error is None:
+            assert compile_watch() is None
+        else:
+            with pytest.raises(ValueError, match=error):
+                compile_watch()
+    compile_watch.cache_clear()
+
+
 def test_no_watch_where_no_triton_kernel_runs():
     import torch
 
