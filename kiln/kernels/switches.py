@@ -2,9 +2,9 @@
 KILN_COMPILE_WATCH).
 
 The kernel switches are read once, where their modules are imported; KILN_ENGINE_KERNELS at each engine
-load; KILN_COMPILE_WATCH when the process first asks for its watch. A switch is on for 1/on/true/yes and off for
-0/off/false/no (any case); unset or empty leaves the default. Any other value is an error naming the
-switch, so a mistyped switch cannot pass for the default in a comparison.
+load; KILN_COMPILE_WATCH when the process first asks for its watch. A switch is on for 1/on/true/yes and
+off for 0/off/false/no (any case); unset or empty leaves the default. Any other value is an error naming
+the switch, so a mistyped switch cannot pass for the default in a comparison.
 """
 
 from __future__ import annotations
