@@ -98,6 +98,7 @@ class ProcessEngine(StreamsClient):
             start=self.start,
             running=self._running,
             stats=self._ready.stats,
+            taking=lambda: not self._restarting and self._running(),  # else `start` says why not
         )
 
     def _spawn(self, while_starting: Callable[[], None] | None = None) -> None:

@@ -1,8 +1,13 @@
 """`RequestStreams`: the caller side of a native driver (`generate`, `abort`, `stats`), whatever runs the loop.
 
 Rules:
-- `generate` validates before anything is queued, refuses an id already open, then submits an
-  `AddRequest`; each request's outputs arrive in its own `Mailbox`.
+- `generate` validates before anything is queued and refuses an id already open, at once. While the loop
+  takes commands it also submits the `AddRequest` at once, not at the stream's first iteration: a
+  server's handlers each hand their request over as they run, so a burst of arrivals reaches the engine
+  while the burst is still being read, not after its last handler. Otherwise (the loop not started, or
+  restarting) the stream starts the loop and submits at its first iteration. Each request's outputs
+  arrive in its own `Mailbox`.
+- A stream whose request was submitted aborts it when closed unfinished (`aclose`), iterated or not.
 - `receive` takes the loop's reports (on the step thread, or `ProcessEngine`'s receiver thread) and hands
   every item to its request's queue with one `call_soon_threadsafe` per event loop per report, not one per
   request: with hundreds of streams, per-request wake-ups were a large share of the front end's work.
@@ -66,7 +71,8 @@ def _put_all(
 
 class RequestStreams:
     """`submit` hands a command to the loop's side; `validate` raises ValueError for a request the engine
-    can never run; `start` starts the loop (idempotent); `running` says whether a loop can still answer."""
+    can never run; `start` starts the loop (idempotent); `running` says whether a loop can still answer;
+    `taking` whether it takes commands now, `start` having nothing to do (default: `running`)."""
 
     def __init__(
         self,
@@ -76,17 +82,19 @@ class RequestStreams:
         start: Callable[[], Awaitable[None]],
         running: Callable[[], bool],
         stats: EngineStats,
+        taking: Callable[[], bool] | None = None,
     ) -> None:
         self._submit = submit
         self._validate = validate
         self._start = start
         self._running = running
+        self._taking = taking or running
         self.stats = stats  # the last report's
         self.sinks: dict[str, Sink] = {}  # open request id -> where its outputs go
         self._pending_acks: dict[int, Callable[[], None]] = {}  # ack -> what wakes its waiter
         self._acks = itertools.count()
 
-    async def generate(
+    def generate(
         self,
         prompt_token_ids: list[int],
         params: SamplingParams,
@@ -95,39 +103,26 @@ class RequestStreams:
         prompt: str | None = None,
         priority: int = 0,
         owner: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> OutputStream:
+        """The request's outputs; validated now, and submitted now while the loop takes commands (rules)."""
         self._validate(prompt_token_ids, params)  # raises before anything is queued
         if request_id in self.sinks:
             raise ValueError(f"request id {request_id!r} is already in use")
-        await self._start()
+        ids = list(prompt_token_ids)
+        stream = OutputStream(self, request_id, AddRequest(request_id, prompt, ids, params, priority, owner))
+        if self._taking():
+            stream.submit()
+        return stream
+
+    def _open(self, command: AddRequest) -> Mailbox[RequestOutput | BaseException]:
+        """Register the request's sink, then submit it: its outputs can never arrive before the sink."""
+        if command.request_id in self.sinks:
+            raise ValueError(f"request id {command.request_id!r} is already in use")
         outputs: Mailbox[RequestOutput | BaseException] = Mailbox()
-        prompt_token_ids = list(prompt_token_ids)
-        self.sinks[request_id] = Sink(asyncio.get_running_loop(), outputs, prompt, prompt_token_ids)
-        self._submit(AddRequest(request_id, prompt, prompt_token_ids, params, priority, owner))
-        finished = False
-        try:
-            while True:
-                deltas: list[RequestOutput] = []
-                error: BaseException | None = None
-                for item in await outputs.take():
-                    if isinstance(item, BaseException):
-                        error = item
-                        break
-                    deltas.append(item)
-                if deltas:  # what came before an error is handed over first
-                    item = coalesce(deltas)
-                    finished = item.finished
-                    yield item
-                    if finished:
-                        return
-                if error is not None:
-                    raise error
-        finally:
-            self.sinks.pop(request_id, None)
-            # Closed early (client gone, task cancelled) or failed: give the blocks back now. Shielded, so a
-            # second cancellation (servers cancel a disconnected stream's task) cannot skip the abort.
-            if not finished:
-                await asyncio.shield(self.abort(request_id))
+        sink = Sink(asyncio.get_running_loop(), outputs, command.prompt, command.prompt_token_ids)
+        self.sinks[command.request_id] = sink
+        self._submit(command)
+        return outputs
 
     async def abort(self, request_id: str) -> None:
         """Abort a request; returns once its KV blocks are back in the pool (within one step)."""
@@ -200,6 +195,82 @@ class RequestStreams:
         for loop, batch in batches.items():
             with contextlib.suppress(RuntimeError):  # that caller's loop has closed: nobody to tell
                 loop.call_soon_threadsafe(_put_all, batch)
+
+
+class OutputStream:
+    """One request's outputs, as an async iterator: deltas, coalesced when the reader fell behind, the
+    last one finished; an error after what came before it. Submitted by `RequestStreams.generate` or at
+    the first `__anext__` (after starting the loop); once submitted, closing it unfinished aborts the
+    request (shielded: a second cancellation cannot skip it), whether it was iterated or not. Dropped
+    unclosed, it is aborted on its loop, as an abandoned async generator is closed by its loop."""
+
+    def __init__(self, streams: RequestStreams, request_id: str, command: AddRequest) -> None:
+        self._streams = streams
+        self._request_id = request_id
+        self._command = command
+        self._outputs: Mailbox[RequestOutput | BaseException] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._error: BaseException | None = None  # taken with outputs before it: raised after them
+        self._finished = self._closed = False
+
+    def submit(self) -> None:
+        self._outputs = self._streams._open(self._command)
+        self._loop = asyncio.get_running_loop()
+
+    def __aiter__(self) -> OutputStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished or self._closed:
+            raise StopAsyncIteration
+        try:
+            if self._outputs is None:
+                await self._streams._start()
+                self.submit()
+            assert self._outputs is not None
+            while self._error is None:
+                deltas: list[RequestOutput] = []
+                for item in await self._outputs.take():
+                    if isinstance(item, BaseException):
+                        self._error = item
+                        break
+                    deltas.append(item)
+                if deltas:
+                    out = coalesce(deltas)
+                    if out.finished:
+                        self._finished = True
+                        self._streams.sinks.pop(self._request_id, None)
+                    return out
+            raise self._error
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._outputs is None:  # never submitted: nothing to give back
+            return
+        self._streams.sinks.pop(self._request_id, None)
+        if not self._finished:  # closed early (client gone, task cancelled) or failed: free its blocks now
+            await asyncio.shield(self._streams.abort(self._request_id))
+
+    def __del__(self) -> None:
+        if self._loop is None or self._closed or self._finished:
+            return
+        with contextlib.suppress(RuntimeError):  # its loop has closed: no engine left to tell
+            self._loop.call_soon_threadsafe(_abandoned, self._streams, self._request_id)
+
+
+_ABANDONED: set[asyncio.Future[None]] = set()  # aborts of dropped streams, held until they end
+
+
+def _abandoned(streams: RequestStreams, request_id: str) -> None:
+    streams.sinks.pop(request_id, None)
+    abort = asyncio.ensure_future(streams.abort(request_id))
+    _ABANDONED.add(abort)
+    abort.add_done_callback(_ABANDONED.discard)
 
 
 # The request id a health probe aborts: no request has it, so the abort only proves the loop answers.

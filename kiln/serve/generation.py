@@ -11,10 +11,14 @@ Rules:
   reaches the engine as one plain task cancellation, never as the SSE response's anyio cancel
   scope, which re-cancels every await and would cut short the engine's own cleanup (its abort). Our
   cleanup awaits run shielded for the same reason.
-- `start()` submits the prompts at once (the handlers call it before they return): the engine then
-  gets a request one loop iteration after its handler ran. Submitted lazily, from inside the response
-  (several loop iterations later), a burst of arrivals reached the engine only once
-  every handler of the burst had run: ~130 ms per wave of 256 streams on the H100 host.
+- `start()` submits the prompts at once (the handlers call it before they return): it opens each
+  prompt's engine stream, which a native driver whose loop runs submits there and then
+  (kiln.clients.streams), so a burst of arrivals reaches the engine while its later handlers still run;
+  an engine that submits at the first iteration gets its request from the prompt's pump, one loop
+  iteration after the handler, once every handler of the burst ran. Submitted lazily, from inside the
+  response (several loop iterations later), a burst reached the engine later still: ~130 ms per wave of
+  256 streams on the H100 host. A stream whose pump never ran (the request ended first) is closed when
+  the pumps are, which aborts what it submitted.
 - `aclose()` (the response's on_close) ends it whatever happened, even when the response never read
   an output (a client gone before its stream began): pumps cancelled, engine requests aborted, ticket
   released, the request logged once.
@@ -206,6 +210,8 @@ class Generation:
         self._finish_reasons: list[str] = []
         self._items: Mailbox[_PumpItem] = Mailbox()
         self._pumps: list[asyncio.Future[None]] | None = None
+        # Each prompt's engine stream, opened by `start` (or what opening it raised, for its pump to raise).
+        self._streams: list[AsyncIterator[RequestOutput] | Exception] = []
         self._finished = False
         self._timer: asyncio.TimerHandle | None = None
         self._timed_out = False
@@ -240,7 +246,31 @@ class Generation:
                 self._expire()
                 return
             self._timer = asyncio.get_running_loop().call_later(remaining, self._expire)
+        self._streams = [self._open(i) for i in range(len(self.prompts))]
         self._pumps = [asyncio.ensure_future(self._pump(i)) for i in range(len(self.prompts))]
+
+    def _open(self, prompt_index: int) -> AsyncIterator[RequestOutput] | Exception:
+        """The prompt's engine stream, or what opening it raised (its pump raises it, as from the stream)."""
+        try:
+            return self.state.engine.generate(
+                self.prompts[prompt_index].token_ids,
+                self.params,
+                self.sub_request_id(prompt_index),
+                prompt=self.prompts[prompt_index].text,
+                priority=self.priority,
+                owner=self.request_id,  # a request's prompts share one fair share of the engine
+            )
+        except Exception as exc:
+            return exc
+
+    async def _close_streams(self) -> None:
+        """Close every prompt's stream (a pump that ran closed its own): what one submitted whose pump never
+        ran is aborted."""
+        with anyio.CancelScope(shield=True):
+            for stream in self._streams:
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
 
     async def aclose(self) -> None:
         """End the request (idempotent): its engine requests are aborted unless finished; see the rules."""
@@ -258,7 +288,7 @@ class Generation:
         for task in pumps:
             task.cancel()  # its `_one` aborts the engine request at once (queued or running)
         if pumps:
-            self._engine_cleanup = asyncio.ensure_future(asyncio.gather(*pumps, return_exceptions=True))
+            self._engine_cleanup = asyncio.ensure_future(self._end_pumps(pumps))
         self.fail(
             RequestTimeoutError(
                 f"the request ran past its deadline of {self.deadline.seconds:g} s (set by "
@@ -290,19 +320,14 @@ class Generation:
 
     async def _one(self, prompt_index: int) -> AsyncIterator[tuple[int, RequestOutput]]:
         """One prompt's engine stream; aborted in the engine unless it finished."""
-        prompt = self.prompts[prompt_index]
         request_id = self.sub_request_id(prompt_index)
+        opened = self._streams[prompt_index]
         stream: AsyncIterator[RequestOutput] | None = None
         finished = produced = False
         try:
-            stream = self.state.engine.generate(
-                prompt.token_ids,
-                self.params,
-                request_id,
-                prompt=prompt.text,
-                priority=self.priority,
-                owner=self.request_id,  # a request's prompts share one fair share of the engine
-            )
+            if isinstance(opened, Exception):
+                raise opened
+            stream = opened
             self._note_version()  # routed by now
             async for out in stream:
                 if not produced:
@@ -373,7 +398,12 @@ class Generation:
         for task in pumps:
             task.cancel()
         with anyio.CancelScope(shield=True), contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*pumps, return_exceptions=True)
+            await self._end_pumps(pumps)
+
+    async def _end_pumps(self, pumps: list[asyncio.Future[None]]) -> None:
+        """Wait for the (cancelled) pumps, then close the streams (one whose pump never ran is aborted)."""
+        await asyncio.gather(*pumps, return_exceptions=True)
+        await self._close_streams()
 
     def _observe(self, prompt_index: int, out: RequestOutput) -> None:
         now = time.monotonic()

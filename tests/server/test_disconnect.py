@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 from server_harness import LiveServer, open_tiny_engine, run_live_server, wait_for
+
+if TYPE_CHECKING:
+    from kiln.serve.generation import Generation
 
 LONG = {
     "model": "tiny",
@@ -89,31 +93,36 @@ def test_disconnect_before_first_token_removes_the_queued_request(tiny_gqa_dir: 
         asyncio.run(engine.shutdown())
 
 
-def test_a_generation_reaches_the_engine_at_start_and_aclose_ends_one_never_read(server: LiveServer) -> None:
-    """The handler's `start()` hands the request to the engine within one loop iteration, without the
-    response reading anything; `aclose()` (the response's on_close) ends a request whose stream never
-    began (a client gone first): aborted, blocks back, ticket released, counted once as cancelled."""
+def long_generation(server: LiveServer, request_id: str, prompts: list[list[int]]) -> Generation:
+    """A streamed completions `Generation` of 900 tokens a prompt, admitted, not started."""
     from kiln.engine.sampling_params import SamplingParams
     from kiln.serve.generation import Generation, Prompt
 
+    return Generation(
+        server.state,
+        request_id=request_id,
+        http_request_id=f"h-{request_id}",
+        endpoint="completions",
+        prompts=[Prompt(ids) for ids in prompts],
+        params=SamplingParams(max_tokens=900, ignore_eos=True),
+        priority=0,
+        ticket=server.state.admission.admit(len(prompts), sum(len(ids) + 900 for ids in prompts)),
+        stream=True,
+    )
+
+
+def test_a_generation_reaches_the_engine_at_start_and_aclose_ends_one_never_read(server: LiveServer) -> None:
+    """The handler's `start()` hands the request to the engine there and then (the native driver's loop
+    runs), without the response reading anything; `aclose()` (the response's on_close) ends a request
+    whose stream never began (a client gone first): aborted, blocks back, ticket released, counted once
+    as cancelled."""
     state, engine = server.state, server.engine
     before = cancelled_count(server.url)
 
     async def scenario() -> None:
-        generation = Generation(
-            state,
-            request_id="gen-never-read",
-            http_request_id="h1",
-            endpoint="completions",
-            prompts=[Prompt([5, 6, 7])],
-            params=SamplingParams(max_tokens=900, ignore_eos=True),
-            priority=0,
-            ticket=state.admission.admit(1, 903),
-            stream=True,
-        )
+        generation = long_generation(server, "gen-never-read", [[5, 6, 7]])
         generation.start()
-        await asyncio.sleep(0)  # one iteration: the pump has handed the request to the engine
-        assert "gen-never-read" in engine._sinks  # type: ignore[attr-defined]
+        assert "gen-never-read" in engine._sinks  # type: ignore[attr-defined]  # no loop iteration needed
         await asyncio.sleep(0.2)
         assert engine.stats().num_running == 1
         await generation.aclose()
@@ -124,6 +133,23 @@ def test_a_generation_reaches_the_engine_at_start_and_aclose_ends_one_never_read
     asyncio.run(scenario())
     assert wait_for(lambda: engine.stats().kv_blocks_used == 0 and engine.stats().num_running == 0)
     assert cancelled_count(server.url) == before + 1
+
+
+def test_a_generation_ended_before_its_pumps_ran_aborts_what_start_submitted(server: LiveServer) -> None:
+    """`start()` submitted both prompts; the request ends in the same loop iteration, so its pumps never
+    run (a cancelled task that never started runs none of its code): closing it still aborts both."""
+    state, engine = server.state, server.engine
+
+    async def scenario() -> None:
+        generation = long_generation(server, "gen-unpumped", [[5, 6, 7], [8, 9]])
+        generation.start()
+        assert {"gen-unpumped-0", "gen-unpumped-1"} <= set(engine._sinks)  # type: ignore[attr-defined]
+        await generation.aclose()
+        assert not {"gen-unpumped-0", "gen-unpumped-1"} & set(engine._sinks)  # type: ignore[attr-defined]
+        assert state.admission.waiting_requests == 0
+
+    asyncio.run(scenario())
+    assert wait_for(lambda: engine.stats().kv_blocks_used == 0 and engine.stats().num_running == 0)
 
 
 def test_a_non_streaming_handler_cancelled_before_it_reads_aborts_its_request(server: LiveServer) -> None:
