@@ -20,18 +20,27 @@ class HostStaging:
         self.device = device
 
     def to_device(self, parts: list[list[int]]) -> list[torch.Tensor]:
-        sizes = [len(part) for part in parts]
+        """The lists as int64 tensors on the device, views of one copied buffer, each starting on a
+        16-byte boundary: Triton specialises a kernel on whether a pointer is 16-byte aligned, so a list
+        that started mid-pair when the list before it had an odd length would make a kernel variant of
+        its own in those steps only (built mid-run, with every stream waiting)."""
         # The lists become int64 through array.array, which reads a list in C: torch.tensor(list) costs
         # ~5x as much, and a long-context step's block tables are tens of thousands of ints.
         packed = array.array("q")
+        starts = []
         for part in parts:
+            starts.append(len(packed))
             packed.fromlist(part)
+            if len(part) % 2:
+                packed.append(0)  # the next list starts 16 bytes on
         if not packed:
             return [torch.empty(0, dtype=torch.int64, device=self.device) for _ in parts]
         flat = torch.frombuffer(packed, dtype=torch.int64)  # keeps `packed` alive while it is used
         if self.device.type != "cuda":
-            return list(flat.to(self.device).split(sizes))
-        return list(flat.pin_memory().to(self.device, non_blocking=True).split(sizes))
+            flat = flat.to(self.device)
+        else:
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        return [flat[start : start + len(part)] for start, part in zip(starts, parts, strict=True)]
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:

@@ -202,3 +202,29 @@ def force_one_pass(monkeypatch: pytest.MonkeyPatch, one_pass: bool | None) -> No
 
     if one_pass is not None:
         monkeypatch.setattr(qa, "one_pass_pays", lambda k: one_pass and k <= qa.ONE_PASS_MAX)
+
+
+def record_launch_keys(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[tuple]:
+    """Replace `module.name`, a Triton kernel, by a recorder of each launch's specialisation key (what
+    Triton builds a variant per) as the launcher's own binder computes it for sm_90; nothing runs, so
+    no GPU is needed, only Triton."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = getattr(module, name)
+    binder = create_function_from_signature(
+        kernel.signature, kernel.params, make_backend(GPUTarget("cuda", 90, 32))
+    )
+    keys: list[tuple] = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                _, specialization, options = binder(*args, **kwargs)
+                keys.append((tuple(map(str, specialization)), str(options)))
+
+            return launch
+
+    monkeypatch.setattr(module, name, Recorder())
+    return keys

@@ -16,9 +16,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from triton.backends.compiler import GPUTarget
-from triton.compiler import make_backend
-from triton.runtime.jit import create_function_from_signature
+from kernel_cases import record_launch_keys
 
 from kiln.kernels import attention_plan
 from kiln.kernels import triton_attention as ta
@@ -31,21 +29,7 @@ BLOCK_SIZE = 16
 @pytest.fixture
 def launch_keys(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     """Every attention launch's specialisation key, in order (the kernel itself is not run)."""
-    kernel = ta._paged_attention_kernel
-    binder = create_function_from_signature(
-        kernel.signature, kernel.params, make_backend(GPUTarget("cuda", 90, 32))
-    )
-    keys: list[tuple] = []
-
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                _, specialization, options = binder(*args, **kwargs)
-                keys.append((tuple(map(str, specialization)), str(options)))
-
-            return launch
-
-    monkeypatch.setattr(ta, "_paged_attention_kernel", Recorder())
+    keys = record_launch_keys(monkeypatch, ta, "_paged_attention_kernel")
     monkeypatch.setattr(ta, "num_sms", lambda device: 132)
     monkeypatch.setattr(ta, "split_counters", lambda device, n: torch.zeros(n, dtype=torch.int32))
     return keys
