@@ -13,7 +13,9 @@ Rules:
 - A variant's time runs from its before-hook to its after-hook on the same thread: the disk-cache
   lookup, and the compile when that misses.
 - From `warn_from_now()` (a serving loop's start) each variant built is also logged as a warning with
-  its kernel and seconds; before it (load, warm-up, graph capture) they are only counted.
+  its kernel, its seconds, and the arguments whose specialisation differs from the kernel's first
+  variant in this process (`variant_of`): what to align or warm up so that it is not built again.
+  Before it (load, warm-up, graph capture) variants are only counted.
 - None without Triton or a GPU (the CPU path launches no Triton kernels), and under
   KILN_COMPILE_WATCH=off (kiln.kernels.switches), which leaves Triton's hooks as they were.
 """
@@ -45,6 +47,7 @@ class CompileWatch:
         self._clock = clock
         self._started: dict[int, float] = {}  # thread -> when its variant's build began
         self._warn = False
+        self._first: dict[str, dict[str, str]] = {}  # module.kernel -> its first variant (variant_of)
         self._before: Hook | None = None
         self._after: Hook | None = None
 
@@ -68,15 +71,53 @@ class CompileWatch:
             seconds = self._clock() - started
             self.count += 1
             self.seconds += seconds
+            fn = info.get("fn")
+            name = getattr(fn, "name", None) or "a Triton kernel"
+            variant = variant_of(info.get("compile"))
+            first = self._first.setdefault(f"{getattr(fn, 'module', '')}.{name}", variant)
             if self._warn:
-                fn = info.get("fn")
-                name = getattr(fn, "name", None) or "a Triton kernel"
                 logger.warning(
-                    "built a variant of %s while serving (%.3f s; every running stream waited for it)",
+                    "built a variant of %s while serving (%.3f s; every running stream waited for it); %s",
                     name,
                     seconds,
+                    _difference(first, variant) if first is not variant else "its first in this process",
                 )
         return self._after(**info) if self._after is not None else None
+
+
+def variant_of(compile_info: Any) -> dict[str, str]:
+    """A kernel variant's specialisation by argument, from the `compile` record Triton hands its hooks:
+    the argument's type, a constexpr's value, and the attributes Triton keyed it on (e.g. a pointer's
+    divisibility by 16), plus num_warps and num_stages. {} for a record of another shape: the watch
+    must never break a build."""
+    try:
+        signature = compile_info["signature"]
+        constants = compile_info.get("constants") or {}
+        configs = compile_info.get("configs") or [{}]
+        attrs = configs[0] or {}
+        variant = {}
+        for index, (arg, kind) in enumerate(signature.items()):
+            text = str(kind)
+            if (index,) in constants:
+                text += f" = {constants[(index,)]}"
+            for attr, value in attrs.get((index,), ()):
+                text += f", {str(attr).removeprefix('tt.')} {value}"
+            variant[arg] = text
+        for option in ("num_warps", "num_stages"):
+            if option in compile_info:
+                variant[option] = str(compile_info[option])
+        return variant
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return {}
+
+
+def _difference(first: dict[str, str], variant: dict[str, str]) -> str:
+    changed = [
+        f"{arg}: {first.get(arg, '-')} -> {variant.get(arg, '-')}"
+        for arg in sorted(first.keys() | variant.keys())
+        if first.get(arg) != variant.get(arg)
+    ]
+    return "against its first variant: " + ("; ".join(changed) or "no argument differs")
 
 
 @functools.cache

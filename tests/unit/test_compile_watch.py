@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from kiln.kernels.compile_watch import CompileWatch, compile_watch
+from kiln.kernels.compile_watch import CompileWatch, compile_watch, variant_of
 
 
 class Clock:
@@ -18,10 +18,17 @@ class Clock:
         return self.now
 
 
-def build(watch: CompileWatch, runtime: SimpleNamespace, clock: Clock, seconds: float, name: str) -> object:
+def build(
+    watch: CompileWatch,
+    runtime: SimpleNamespace,
+    clock: Clock,
+    seconds: float,
+    name: str,
+    compile: object = None,
+) -> object:
     """What Triton's JIT does around one variant: the before-hook, the build unless it answered, the after."""
-    info = {"key": "k", "repr": name, "fn": SimpleNamespace(name=name), "compile": {}, "is_manual_warmup": False,
-            "already_compiled": False}  # fmt: skip
+    info = {"key": "k", "repr": name, "fn": SimpleNamespace(module="m", name=name), "compile": compile or {},
+            "is_manual_warmup": False, "already_compiled": False}  # fmt: skip
     answer = runtime.jit_cache_hook(**info)
     if answer:
         return answer
@@ -70,7 +77,42 @@ def test_only_variants_built_while_serving_are_logged(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1
     assert "_prefill_attention" in messages[0] and "1.250 s" in messages[0]
+    assert "its first in this process" in messages[0]
     assert watch.count == 2
+
+
+def rotary_record(positions_aligned: bool, warps: int = 4) -> dict:
+    """The `compile` record Triton 3.6 hands its hooks, cut down to three arguments."""
+    aligned = [["tt.divisibility", 16]]
+    return {
+        "signature": {"positions_ptr": "*i64", "stride": "i32", "HEADS": "constexpr"},
+        "constants": {(2,): 8},
+        "configs": [{(0,): aligned if positions_aligned else [], (1,): aligned}],
+        "num_warps": warps,
+        "num_stages": 3,
+    }
+
+
+def test_a_variant_built_while_serving_names_what_differs_from_the_first(caplog):
+    assert variant_of(rotary_record(True)) == {
+        "positions_ptr": "*i64, divisibility 16",
+        "stride": "i32, divisibility 16",
+        "HEADS": "constexpr = 8",
+        "num_warps": "4",
+        "num_stages": "3",
+    }
+    assert variant_of({"no": "signature"}) == {} and variant_of(None) == {}
+    clock, runtime = Clock(), SimpleNamespace(jit_cache_hook=None, jit_post_compile_hook=None)
+    watch = CompileWatch(clock)
+    watch.attach(runtime)
+    build(watch, runtime, clock, 0.5, "_rotary_kernel", rotary_record(True))
+    watch.warn_from_now()
+    with caplog.at_level(logging.WARNING, logger="kiln.kernels.compile_watch"):
+        build(watch, runtime, clock, 0.25, "_rotary_kernel", rotary_record(False, warps=8))
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.endswith(
+        "against its first variant: num_warps: 4 -> 8; positions_ptr: *i64, divisibility 16 -> *i64"
+    )
 
 
 def test_the_switch_turns_the_watch_off_and_refuses_other_values(monkeypatch):
