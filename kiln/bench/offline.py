@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kiln.bench.workload import greedy, random_prompts, sync
+from kiln.kernels.compile_watch import compile_watch
 
 
 @dataclass(slots=True)
@@ -54,6 +55,9 @@ def run_throughput(
     if warm:
         warm_up(engine, num_requests, input_lens, output_lens, seed)
     prompts = random_prompts(num_requests, input_lens, engine.model_config.vocab_size, seed)
+    watch = compile_watch()
+    if watch is not None:  # a variant the warm-up missed is logged with what made it new
+        watch.warn_from_now()
     compiles = engine.stats().kernel_compiles
     start = time.perf_counter()
     generated = _generate(engine, "r", prompts, output_lens)

@@ -12,10 +12,10 @@ Rules:
   the before-hook's answer (truthy: do not compile) is theirs alone.
 - A variant's time runs from its before-hook to its after-hook on the same thread: the disk-cache
   lookup, and the compile when that misses.
-- From `warn_from_now()` (a serving loop's start) each variant built is also logged as a warning with
-  its kernel, its seconds, and the arguments whose specialisation differs from the kernel's first
-  variant in this process (`variant_of`): what to align or warm up so that it is not built again.
-  Before it (load, warm-up, graph capture) variants are only counted.
+- From `warn_from_now()` (a serving loop's start, a benchmark's timed pass) each variant built is also
+  logged as a warning with its kernel, its seconds, and the arguments whose specialisation differs from
+  the kernel's first variant in this process (`variant_of`): what to align or warm up so that it is not
+  built again. Before it (load, warm-up, graph capture) variants are only counted.
 - None without Triton or a GPU (the CPU path launches no Triton kernels), and under
   KILN_COMPILE_WATCH=off (kiln.kernels.switches), which leaves Triton's hooks as they were.
 """
@@ -77,7 +77,7 @@ class CompileWatch:
             first = self._first.setdefault(f"{getattr(fn, 'module', '')}.{name}", variant)
             if self._warn:
                 logger.warning(
-                    "built a variant of %s while serving (%.3f s; every running stream waited for it); %s",
+                    "built a variant of %s after the warm-up (%.3f s; every running stream waited for it); %s",
                     name,
                     seconds,
                     _difference(first, variant) if first is not variant else "its first in this process",

@@ -47,6 +47,24 @@ def test_throughput_counts_the_kernel_variants_its_timed_pass_built(tiny_engine,
     assert result.kernel_compiles == tiny_engine.stats().num_steps - before > 0
 
 
+def test_the_timed_pass_logs_each_variant_built_after_the_warm_up(tiny_engine, monkeypatch):
+    events: list[str] = []
+
+    class Watch:
+        def warn_from_now(self) -> None:
+            events.append("warn")
+
+    add_request = tiny_engine.add_request
+    monkeypatch.setattr(offline, "compile_watch", lambda: Watch())
+    monkeypatch.setattr(
+        tiny_engine,
+        "add_request",
+        lambda request_id, **kw: events.append(request_id) or add_request(request_id, **kw),
+    )
+    offline.run_throughput(tiny_engine, 2, [5, 5], [3, 3])
+    assert events == ["warmup0", "warmup1", "warn", "r0", "r1"]
+
+
 def test_throughput_warms_up_at_the_workloads_shapes(tiny_engine, monkeypatch):
     # As many requests as run at once (max_num_seqs 8), the workload's first prompt lengths, at most 16
     # tokens out; none of them counted.

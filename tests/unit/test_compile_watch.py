@@ -1,4 +1,4 @@
-"""kiln.kernels.compile_watch: Triton's JIT hooks counted and timed, earlier hooks kept, warnings while serving."""
+"""kiln.kernels.compile_watch: Triton's JIT hooks counted and timed, earlier hooks kept, warnings after warm-up."""
 
 from __future__ import annotations
 
