@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import contextvars
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from rich.console import Console
 from rich.progress import (
@@ -85,6 +86,16 @@ class BuildProgress:
             _emit(ProgressEvent(description, n, total, unit))
 
         return advance
+
+
+T = TypeVar("T")
+
+
+def counted(items: Iterable[T], advance: Callable[[], None]) -> Iterator[T]:
+    """`items`, calling `advance()` once each has been consumed: a step's bar follows a stream."""
+    for item in items:
+        yield item
+        advance()
 
 
 class _CountColumn(ProgressColumn):

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from kiln.config import ModelConfig
 from kiln.errors import CheckpointError, OfflineError
+from kiln.models.weight_files import hf_weight_files
 
 if TYPE_CHECKING:
     import torch
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 # What a build needs from a hub repo; skips .bin/.pt/.gguf/onnx duplicates that many repos also carry.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -124,39 +124,6 @@ def model_config_from_hf(hf: dict[str, Any], *, where: str = "config.json") -> M
         raise CheckpointError(f"{where}: missing required field {exc}") from exc
     except ValueError as exc:
         raise CheckpointError(f"{where}: {exc}") from exc
-
-
-def hf_weight_files(checkpoint_dir: Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory, in shard order; CheckpointError if incomplete."""
-    checkpoint_dir = Path(checkpoint_dir)
-    index = checkpoint_dir / SAFETENSORS_INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
-        names = sorted(set(weight_map.values()))
-        missing = [n for n in names if not (checkpoint_dir / n).is_file()]
-        if missing:
-            raise CheckpointError(
-                f"{checkpoint_dir} is missing shards listed in {SAFETENSORS_INDEX}: {missing}"
-            )
-        return [checkpoint_dir / n for n in names]
-    if (checkpoint_dir / "model.safetensors").is_file():
-        # Some repos also carry other *.safetensors (e.g. Mistral's consolidated file) beside it.
-        return [checkpoint_dir / "model.safetensors"]
-    files = sorted(checkpoint_dir.glob("*.safetensors"))
-    if files:
-        return files
-    if any(checkpoint_dir.glob("pytorch_model*.bin")):
-        raise CheckpointError(
-            f"{checkpoint_dir} holds only PyTorch pickle weights (pytorch_model*.bin), which Kiln does not "
-            "load (unpickling can run arbitrary code). Convert them to safetensors first, e.g. "
-            "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)`."
-        )
-    if any(checkpoint_dir.glob("*.gguf")):
-        raise CheckpointError(f"{checkpoint_dir} holds .gguf files; pass the .gguf file itself")
-    raise CheckpointError(f"{checkpoint_dir} has no *.safetensors weights")
 
 
 def iter_hf_tensors(checkpoint_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:

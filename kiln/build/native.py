@@ -2,7 +2,7 @@
 
 An engine directory holds:
 - `model.safetensors` (or `model-0000i-of-0000n.safetensors` shards of ~2 GB plus
-  `model.safetensors.index.json`): weights packed by `kiln.models.weights.pack_hf_state_dict`
+  `model.safetensors.index.json`, written by kiln.build.shards): weights packed by `kiln.models.weights.pack_hf_state_dict`
   (fused qkv_proj and gate_up_proj, no lm_head when tied), all in the engine's dtype; with
   `quantization` (int8_wo, fp8, int8_sq) the linear layers' weights are stored quantized instead, each
   beside its float32 `...weight_scale` in the same shard (kiln.config.QuantConfig says the layout),
@@ -31,10 +31,8 @@ progress in memory, never the whole model twice.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +45,8 @@ from kiln.build.checkpoint import (
     resolve_checkpoint,
 )
 from kiln.build.gguf import expected_tensor_count, load_gguf, read_gguf_config, save_gguf_tokenizer
-from kiln.build.prequantized import PreQuantizedFP8, fp8_engine_plan, pack_prequantized, prequantized_fp8
+from kiln.build.prequantized import PreQuantizedFP8, fp8_engine_plan, prequantized_fp8
+from kiln.build.shards import MAX_SHARD_BYTES, drain, write_packed_weights
 from kiln.build.tiny import write_tiny_checkpoint
 from kiln.config import (
     DEFAULT_SMOOTHQUANT_ALPHA,
@@ -70,21 +69,12 @@ from kiln.engine_dir import (
     sha256_file,
 )
 from kiln.errors import CheckpointError, RequestValidationError
-from kiln.kernels.quant_reference import quantize_fp8, quantize_int8, smoothing_factors
+from kiln.kernels.quant_reference import smoothing_factors
 from kiln.models.parallel import check_tensor_parallel
-from kiln.models.weights import (
-    expected_packed_shapes,
-    pack_hf_state_dict,
-    quantized_weight_names,
-    scale_name,
-    smooth_name,
-)
-from kiln.progress import build_progress
+from kiln.models.weight_files import WEIGHTS_INDEX_NAME
+from kiln.progress import build_progress, counted
 
-WEIGHTS_NAME = "model.safetensors"
 DEFAULT_CALIB_SIZE = 512  # calibration samples (TensorRT-LLM's default too)
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-MAX_SHARD_BYTES = 2 * 1024**3
 # Copied from a Hugging Face checkpoint directory when present. At least one of the first three
 # must exist: without a tokenizer the engine cannot serve text.
 TOKENIZER_FILES = (
@@ -295,7 +285,7 @@ def _build_into(
             hf = read_gguf_config(resolved.path)
             step = bar.step("dequantizing GGUF", expected_tensor_count(hf))
             gguf = load_gguf(resolved.path, hf_config=hf, dtype=DTYPES[dtype], on_tensor=step)
-            tensors, count = _drain(gguf.tensors), len(gguf.tensors)
+            tensors, count = drain(gguf.tensors), len(gguf.tensors)
             tokenizer_files = save_gguf_tokenizer(resolved.path, out)
             extra["gguf_file_type"] = gguf.file_type
             default_name = resolved.path.stem
@@ -317,8 +307,8 @@ def _build_into(
         if prequantized is not None:
             what += f" as stored, {prequantized.weight_strategy} scales"
         step = bar.step(f"packing weights ({what})", count)
-        sizes = _write_packed_weights(
-            _counted(tensors, step),
+        sizes = write_packed_weights(
+            counted(tensors, step),
             model,
             out,
             DTYPES[dtype],
@@ -395,8 +385,8 @@ def _build_smoothquant(
         del model
         with build_progress(enabled=progress) as bar:
             step = bar.step(f"packing weights ({dtype}, linears int8_sq)", len(params))
-            sizes = _write_packed_weights(
-                _counted(weights.items(), step),
+            sizes = write_packed_weights(
+                counted(weights.items(), step),
                 ref.model,
                 out,
                 DTYPES[dtype],
@@ -512,123 +502,6 @@ def checked_generation_defaults(defaults: dict[str, float | int]) -> dict[str, f
     except (TypeError, RequestValidationError) as exc:
         raise CheckpointError(f"generation defaults {defaults}: {exc}") from exc
     return dict(defaults)
-
-
-def _drain(tensors: dict[str, Any]) -> Iterator[tuple[str, Any]]:
-    """Yield and forget each tensor, so the dict does not keep packed-away tensors alive."""
-    while tensors:
-        name = next(iter(tensors))
-        yield name, tensors.pop(name)
-
-
-def _counted(items: Iterable[tuple[str, Any]], step: Callable[[], None]) -> Iterator[tuple[str, Any]]:
-    for item in items:
-        yield item
-        step()
-
-
-def _write_packed_weights(
-    tensors: Iterable[tuple[str, Any]],
-    model: ModelConfig,
-    out: Path,
-    dtype: Any,
-    max_shard_bytes: int,
-    quant: QuantConfig | None = None,
-    *,
-    packed: bool = False,
-    smooth_scales: dict[str, Any] | None = None,
-    prequantized: PreQuantizedFP8 | None = None,
-    kv_scales: dict[str, Any] | None = None,
-) -> dict[str, int]:
-    """Pack, convert (or quantize) and write the weights in shards; returns {file name: size} written.
-
-    Checks the packed tensors against `expected_packed_shapes` so a checkpoint that does not fit its
-    own config fails here, at build time, not when the engine loads. A quantized weight is quantized
-    from the checkpoint's own values (not from their `dtype` rounding) and its scale goes into the
-    same shard. packed: the tensors already have packed names (int8_sq's smoothed float32 model);
-    smooth_scales: {weight name: s} stored beside those weights as `smooth_name(weight)`. prequantized:
-    the checkpoint's linears are already e4m3 (`pack_prequantized` yields each as (q, scale)), stored as given;
-    its FP8 k/v scales, if any, go into `kv_scales` when given (the fp8 KV cache's, written after).
-    """
-    from safetensors.torch import save_file
-
-    expected = expected_packed_shapes(model)
-    quantized = set(quantized_weight_names(model, quant))
-    shard: dict[str, Any] = {}
-    shard_bytes = 0
-    shard_files: list[Path] = []
-    weight_map: dict[str, int] = {}  # tensor name -> shard number
-
-    def flush() -> None:
-        nonlocal shard, shard_bytes
-        path = out / f".shard-{len(shard_files):05d}.safetensors"
-        save_file(shard, str(path), metadata={"format": "pt"})
-        shard_files.append(path)
-        shard, shard_bytes = {}, 0
-
-    if packed:
-        stream: Iterable[tuple[str, Any]] = tensors
-    elif prequantized is not None:
-        stream = pack_prequantized(tensors, model, prequantized, kv_scales)
-    else:
-        stream = pack_hf_state_dict(tensors, model)
-    for name, item in stream:
-        given = item if isinstance(item, tuple) else None  # a pre-quantized (q, scale)
-        tensor = item[0] if given is not None else item
-        want = expected.pop(name, None)
-        if want is None:
-            raise CheckpointError(f"tensor {name!r} does not belong to this model's config")
-        if tuple(tensor.shape) != want:
-            raise CheckpointError(
-                f"tensor {name!r} has shape {tuple(tensor.shape)}, the config implies {want}"
-            )
-        if given is not None and name not in quantized:
-            raise CheckpointError(f"{name!r} is quantized in the checkpoint but not a layer Kiln quantizes")
-        if name in quantized:
-            assert quant is not None
-            if given is not None:
-                q, scale = given
-            elif prequantized is not None:
-                raise CheckpointError(f"{name!r} is not quantized in this pre-quantized checkpoint")
-            elif quant.scheme == "fp8":
-                q, scale = quantize_fp8(tensor)
-            else:
-                q, scale = quantize_int8(tensor, quant.group_size)
-            stored = {name: q.contiguous(), scale_name(name): scale.contiguous()}
-            if smooth_scales and name in smooth_scales:
-                stored[smooth_name(name)] = smooth_scales[name].float().contiguous()
-        else:
-            stored = {name: tensor.to(dtype).contiguous()}
-        nbytes = sum(t.numel() * t.element_size() for t in stored.values())
-        if shard and shard_bytes + nbytes > max_shard_bytes:
-            flush()
-        for stored_name, converted in stored.items():
-            shard[stored_name] = converted
-            weight_map[stored_name] = len(shard_files)
-        shard_bytes += nbytes
-    if expected:
-        raise CheckpointError(f"checkpoint is missing tensors: {sorted(expected)[:8]}")
-    if shard:
-        flush()
-
-    total = len(shard_files)
-    names = (
-        [WEIGHTS_NAME]
-        if total == 1
-        else [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
-    )
-    sizes: dict[str, int] = {}
-    for path, name in zip(shard_files, names, strict=True):
-        os.replace(path, out / name)
-        sizes[name] = (out / name).stat().st_size
-    if total > 1:
-        index = {
-            "metadata": {"total_size": sum(sizes.values())},
-            "weight_map": {tensor: names[i] for tensor, i in sorted(weight_map.items())},
-        }
-        (out / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-        sizes[WEIGHTS_INDEX_NAME] = (out / WEIGHTS_INDEX_NAME).stat().st_size
-    return sizes
 
 
 __all__ = ["MANIFEST_NAME", "build_engine", "build_tiny_engine"]

@@ -8,7 +8,7 @@ from safetensors. The host never holds a float32 copy of the model, nor two copi
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,9 @@ from kiln.models.llama import LlamaForCausalLM
 from kiln.models.parallel import TensorParallelGroup, read_shard, shard_config, shard_spec
 from kiln.models.quant_linear import check_device_supports, check_kv_cache_supports
 from kiln.models.upload import StagedUploader
+from kiln.models.weight_files import hf_weight_files
 from kiln.models.weights import expected_packed_shapes, pack_hf_state_dict
-from kiln.progress import build_progress
-
-SAFETENSORS_INDEX = "model.safetensors.index.json"
+from kiln.progress import build_progress, counted
 
 
 def load_model(
@@ -84,7 +83,7 @@ def load_model(
         hf_config = _read_hf_config(path)
         config = ModelConfig.from_hf(hf_config)
         dtype = dtype or _hf_dtype(hf_config)
-        weights = pack_hf_state_dict(_read_safetensors(hf_safetensors_files(path)), config)
+        weights = pack_hf_state_dict(_read_safetensors(hf_weight_files(path)), config)
         if tp is not None:
             weights = _sharded(weights, config, tp)
     local = config if tp is None else shard_config(config, tp.world)
@@ -94,7 +93,7 @@ def load_model(
     with build_progress(enabled=progress) as bars:
         total = len(expected_packed_shapes(local, quant, kv_cache))
         advance = bars.step(f"loading weights ({device})", total=total)
-        model.load_weights(_counted(weights, advance), copy=None if uploader is None else uploader.copy)
+        model.load_weights(counted(weights, advance), copy=None if uploader is None else uploader.copy)
     if uploader is not None:
         uploader.finish()
     return model.eval(), config
@@ -108,14 +107,6 @@ def read_model_config(path: Path) -> tuple[ModelConfig, QuantConfig | None]:
         manifest = EngineManifest.load(path)
         return manifest.model, manifest.quant_config
     return ModelConfig.from_hf(_read_hf_config(path)), None
-
-
-def _counted(
-    weights: Iterator[tuple[str, torch.Tensor]], advance: Callable[[], None]
-) -> Iterator[tuple[str, torch.Tensor]]:
-    for item in weights:
-        yield item
-        advance()
 
 
 def _sharded(
@@ -187,28 +178,6 @@ _RANDOM_INITS = {
     torch.Tensor.normal_,
     torch.Tensor.uniform_,
 }
-
-
-def hf_safetensors_files(path: Path) -> list[Path]:
-    """The safetensors files of a Hugging Face checkpoint directory, in a stable order.
-
-    With an index, exactly the shards it names (a repository may hold other *.safetensors, e.g.
-    Mistral's consolidated file); otherwise model.safetensors, or else every *.safetensors.
-    """
-    index = path / SAFETENSORS_INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        files = sorted({path / name for name in weight_map.values()})
-    elif (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    else:
-        files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path} has no safetensors weights (a .bin-only checkpoint is not supported)")
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise CheckpointError(f"{path} is missing weight shards {missing}")
-    return files
 
 
 def _read_safetensors(
