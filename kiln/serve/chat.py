@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator
 from fastapi import Request, Response
 
 from kiln.serve.chat_tools import ToolPlan, plan_tools, renders_tools, template_messages
+from kiln.serve.endpoint import answer, begin_request
 from kiln.serve.errors import InvalidRequestError
-from kiln.serve.generation import Generation, Prompt, TimeoutHeader, new_completion_id, request_deadline
+from kiln.serve.generation import Generation, Prompt, TimeoutHeader
 from kiln.serve.logprobs import chat_logprobs
 from kiln.serve.protocol import (
     AssistantMessage,
@@ -28,9 +29,8 @@ from kiln.serve.protocol import (
     FunctionCallOut,
     ToolCallOut,
 )
-from kiln.serve.sampling import log_unknown_fields, resolve_max_tokens, structured_output, to_sampling_params
-from kiln.serve.sse import ClientDisconnected, cancel_on_disconnect, sse_response
-from kiln.serve.state import ServerState, server_state
+from kiln.serve.sampling import resolve_max_tokens, structured_output, to_sampling_params
+from kiln.serve.state import ServerState
 from kiln.serve.text_chunks import TextChunks
 from kiln.serve.tokenize import check_prompt_text, tokenize
 from kiln.serve.tool_calls import Delta, ToolCallDelta
@@ -47,14 +47,8 @@ def _top_logprobs(body: ChatCompletionRequest) -> int | None:
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, x_request_timeout: TimeoutHeader = None
 ) -> Response:
-    started = time.monotonic()
-    state = server_state(request)
-    http_request_id = request.state.request_id
-    request_id = new_completion_id("chatcmpl")
-    state.admission.check_accepting()
-    state.check_model(body.model)
-    log_unknown_fields(body, http_request_id)
-    deadline = request_deadline(started, body.timeout, x_request_timeout, state.settings)
+    start = begin_request(body, request, x_request_timeout, "chatcmpl")
+    state, deadline = start.state, start.deadline
     tokenizer = state.engine.tokenizer
     plan = plan_tools(body, tokenizer, state.settings.tool_call_parser)
     native = renders_tools(tokenizer)
@@ -105,8 +99,8 @@ async def create_chat_completion(
     )
     generation = Generation(
         state,
-        request_id=request_id,
-        http_request_id=http_request_id,
+        request_id=start.request_id,
+        http_request_id=start.http_request_id,
         endpoint="chat",
         prompts=[Prompt(prompt_ids)],
         params=params,
@@ -116,19 +110,13 @@ async def create_chat_completion(
         structured_param=structured_param,
         deadline=deadline,
     )
-    generation.start()  # the engine gets the request now, not when the response first reads
-    if body.stream:
-        chunks = _stream(generation, body, top_n, state, plan)
-        return sse_response(
-            chunks, settings=state.settings, request_id=http_request_id, on_close=generation.aclose
-        )
-    try:
-        result = await cancel_on_disconnect(request, _collect(generation, body, top_n, state, plan))
-    except ClientDisconnected:
-        return Response(status_code=499)
-    finally:
-        await generation.aclose()  # also when _collect never ran: the handler was cancelled first
-    return Response(result.model_dump_json(), media_type="application/json")
+    return await answer(
+        start,
+        request,
+        generation,
+        stream=(lambda: _stream(generation, body, top_n, state, plan)) if body.stream else None,
+        collect=lambda: _collect(generation, body, top_n, state, plan),
+    )
 
 
 def _message(text: str, finish: str | None, plan: ToolPlan | None) -> tuple[AssistantMessage, str | None]:

@@ -15,19 +15,18 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request, Response
 
+from kiln.serve.endpoint import answer, begin_request
 from kiln.serve.errors import InvalidRequestError
-from kiln.serve.generation import Generation, Prompt, TimeoutHeader, new_completion_id, request_deadline
+from kiln.serve.generation import Generation, Prompt, TimeoutHeader
 from kiln.serve.logprobs import completion_logprobs, merge_completion_logprobs
 from kiln.serve.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from kiln.serve.sampling import (
     check_token_ids,
-    log_unknown_fields,
     resolve_max_tokens,
     structured_output,
     to_sampling_params,
 )
-from kiln.serve.sse import ClientDisconnected, cancel_on_disconnect, sse_response
-from kiln.serve.state import ServerState, server_state
+from kiln.serve.state import ServerState
 from kiln.serve.text_chunks import TextChunks
 from kiln.serve.tokenize import check_prompt_text, tokenize
 from kiln.serve.usage import UsageCounter, token_text_fn
@@ -63,14 +62,8 @@ async def _prompts(
 async def create_completion(
     body: CompletionRequest, request: Request, x_request_timeout: TimeoutHeader = None
 ) -> Response:
-    started = time.monotonic()
-    state = server_state(request)
-    http_request_id = request.state.request_id
-    request_id = new_completion_id("cmpl")
-    state.admission.check_accepting()
-    state.check_model(body.model)
-    log_unknown_fields(body, http_request_id)
-    deadline = request_deadline(started, body.timeout, x_request_timeout, state.settings)
+    start = begin_request(body, request, x_request_timeout, "cmpl")
+    state, deadline = start.state, start.deadline
     tokenizer = state.engine.tokenizer
     if body.echo and body.logprobs is not None:
         raise InvalidRequestError("echo with logprobs is not supported (prompt logprobs)", param="echo")
@@ -103,8 +96,8 @@ async def create_completion(
     )
     generation = Generation(
         state,
-        request_id=request_id,
-        http_request_id=http_request_id,
+        request_id=start.request_id,
+        http_request_id=start.http_request_id,
         endpoint="completions",
         prompts=prompts,
         params=params,
@@ -114,19 +107,13 @@ async def create_completion(
         structured_param=structured_param,
         deadline=deadline,
     )
-    generation.start()  # the engine gets the request now, not when the response first reads
-    if body.stream:
-        chunks = _stream(generation, body, state)
-        return sse_response(
-            chunks, settings=state.settings, request_id=http_request_id, on_close=generation.aclose
-        )
-    try:
-        result = await cancel_on_disconnect(request, _collect(generation, body, state))
-    except ClientDisconnected:
-        return Response(status_code=499)
-    finally:
-        await generation.aclose()  # also when _collect never ran: the handler was cancelled first
-    return Response(result.model_dump_json(), media_type="application/json")
+    return await answer(
+        start,
+        request,
+        generation,
+        stream=(lambda: _stream(generation, body, state)) if body.stream else None,
+        collect=lambda: _collect(generation, body, state),
+    )
 
 
 def _echo_text(prompt: Prompt, tokenizer: object) -> str:
