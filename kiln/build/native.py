@@ -2,8 +2,9 @@
 
 An engine directory holds:
 - `model.safetensors` (or `model-0000i-of-0000n.safetensors` shards of ~2 GB plus
-  `model.safetensors.index.json`, written by kiln.build.shards): weights packed by `kiln.models.weights.pack_hf_state_dict`
-  (fused qkv_proj and gate_up_proj, no lm_head when tied), all in the engine's dtype; with
+  `model.safetensors.index.json`; kiln.build.shards writes them): weights packed by
+  `kiln.models.weights.pack_hf_state_dict` (fused qkv_proj and gate_up_proj, no lm_head when tied),
+  all in the engine's dtype; with
   `quantization` (int8_wo, fp8, int8_sq) the linear layers' weights are stored quantized instead, each
   beside its float32 `...weight_scale` in the same shard (kiln.config.QuantConfig says the layout),
   quantized from the checkpoint's values by kiln.kernels.quant_reference;

@@ -20,6 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kiln.models.weight_files import WEIGHTS_NAME
+
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -201,7 +203,7 @@ def write_tiny_checkpoint(
     if tie_word_embeddings:
         # Tied: lm_head shares embed_tokens' storage; HF checkpoints store only the embedding.
         state.pop("lm_head.weight", None)
-    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
 
     hf_config = config.to_dict()
     hf_config["dtype"] = "float32"
