@@ -357,7 +357,7 @@ def build(
         )
     if smoothquant_alpha is not None and scheme != "int8_sq":
         raise _fail(
-            "--calib-* and --smoothquant-alpha on the native backend need --quantization int8-sq", code=2
+            "--smoothquant-alpha needs --quantization int8-sq (SmoothQuant's migration strength)", code=2
         )
     if quant_group_size is not None and backend != "native":
         raise _fail("--quant-group-size is for the native backend's int8-wo", code=2)

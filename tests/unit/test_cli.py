@@ -282,16 +282,15 @@ def test_every_build_flag_applies_or_is_refused(tmp_path: Path, monkeypatch: pyt
         assert result.exit_code == 2 and "native backend" in result.output, (flag, result.output)
     result = runner.invoke(kiln.cli.app, ["build", "--tiny", "-o", out, "--backend", "trtllm"])
     assert result.exit_code == 2 and "--tiny builds a native engine" in result.output
-    for flag, args in [
-        *BUILD_FLAGS["calibrated"].items(),
-        ("smoothquant_alpha", ["--smoothquant-alpha", "0.6"]),
-    ]:
-        for quant in ([], ["--quantization", "int8-wo"]):  # native without int8-sq
+    refusals = {  # native builds without int8-sq: each flag's refusal names what it needs
+        **{flag: "need --quantization int8-sq or --kv-cache-dtype fp8" for flag in BUILD_FLAGS["calibrated"]},
+        "smoothquant_alpha": "--smoothquant-alpha needs --quantization int8-sq",
+    }
+    for flag, needs in refusals.items():
+        args = {**BUILD_FLAGS["calibrated"], **BUILD_FLAGS["native"]}[flag]
+        for quant in ([], ["--quantization", "int8-wo"]):
             result = runner.invoke(kiln.cli.app, ["build", "--tiny", "-o", out, *quant, *args])
-            assert result.exit_code == 2 and "need --quantization int8-sq" in result.output, (
-                flag,
-                result.output,
-            )
+            assert result.exit_code == 2 and needs in " ".join(result.output.split()), (flag, result.output)
 
 
 def test_native_int8_sq_build_passes_its_calibration_flags(
