@@ -4,10 +4,10 @@ An engine directory holds:
 - `model.safetensors` (or `model-0000i-of-0000n.safetensors` shards of ~2 GB plus
   `model.safetensors.index.json`; kiln.build.shards writes them): weights packed by
   `kiln.models.weights.pack_hf_state_dict` (fused qkv_proj and gate_up_proj, no lm_head when tied),
-  all in the engine's dtype; with
-  `quantization` (int8_wo, fp8, int8_sq) the linear layers' weights are stored quantized instead, each
-  beside its float32 `...weight_scale` in the same shard (kiln.config.QuantConfig says the layout),
-  quantized from the checkpoint's values by kiln.kernels.quant_reference;
+  all in the engine's dtype; with `quantization` (int8_wo, fp8, int8_sq) the linear layers' weights
+  are stored quantized instead, each beside its float32 `...weight_scale` in the same shard
+  (kiln.config.QuantConfig says the layout), quantized from the checkpoint's values by
+  kiln.kernels.quant_reference;
 - a pre-quantized FP8 checkpoint (compressed-tensors; kiln.build.prequantized) builds the fp8 engine
   from its own e4m3 weights and scales, stored as given (scales as float32 per channel), in its dtype;
 - int8_sq (SmoothQuant) first builds the unquantized float32 engine into a temporary sibling

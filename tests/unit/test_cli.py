@@ -282,15 +282,17 @@ def test_every_build_flag_applies_or_is_refused(tmp_path: Path, monkeypatch: pyt
         assert result.exit_code == 2 and "native backend" in result.output, (flag, result.output)
     result = runner.invoke(kiln.cli.app, ["build", "--tiny", "-o", out, "--backend", "trtllm"])
     assert result.exit_code == 2 and "--tiny builds a native engine" in result.output
-    refusals = {  # native builds without int8-sq: each flag's refusal names what it needs
-        **{flag: "need --quantization int8-sq or --kv-cache-dtype fp8" for flag in BUILD_FLAGS["calibrated"]},
-        "smoothquant_alpha": "--smoothquant-alpha needs --quantization int8-sq",
-    }
-    for flag, needs in refusals.items():
-        args = {**BUILD_FLAGS["calibrated"], **BUILD_FLAGS["native"]}[flag]
+    refusals = [  # native builds without int8-sq: each flag's refusal names what it needs
+        *(
+            (args, "need --quantization int8-sq or --kv-cache-dtype fp8")
+            for args in BUILD_FLAGS["calibrated"].values()
+        ),
+        (BUILD_FLAGS["native"]["smoothquant_alpha"], "--smoothquant-alpha needs --quantization int8-sq"),
+    ]
+    for args, needs in refusals:
         for quant in ([], ["--quantization", "int8-wo"]):
             result = runner.invoke(kiln.cli.app, ["build", "--tiny", "-o", out, *quant, *args])
-            assert result.exit_code == 2 and needs in " ".join(result.output.split()), (flag, result.output)
+            assert result.exit_code == 2 and needs in " ".join(result.output.split()), (args, result.output)
 
 
 def test_native_int8_sq_build_passes_its_calibration_flags(
