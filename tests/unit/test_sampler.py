@@ -52,6 +52,40 @@ def test_greedy_is_argmax():
     assert out.logprobs is None and out.topk_token_ids is None and out.ranks is None
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_plain_greedy_takes_the_argmax_of_16_bit_logits_as_float32_would(dtype):
+    torch.manual_seed(3)
+    logits = torch.randn(6, 300).to(dtype)
+    logits[0, [7, 100, 299]] = logits[0].max() + 1  # a tie: the first index wins
+    logits[1, [40, 250]] = torch.tensor([8.0, 8.0625], dtype=dtype)  # one bfloat16 step apart
+    logits[2, :] = 0.0  # all tied
+    batch = SamplingBatch.build([row(temperature=0.0) for _ in range(6)], 300, "cpu")
+    assert batch.plain_greedy
+    out = Sampler()(logits.clone(), batch)
+    assert out.token_ids.dtype == torch.int64
+    assert out.token_ids.tolist() == logits.float().argmax(-1).tolist()
+    assert out.token_ids[:3].tolist() == [7, 250, 0]
+    # The widened path (a logprob asked) samples the same tokens from the same 16-bit logits.
+    widened = sample(logits, [row(temperature=0.0, logprobs=1) for _ in range(6)])
+    assert widened.token_ids.tolist() == out.token_ids.tolist()
+
+
+def test_plain_greedy_only_when_nothing_edits_or_reads_the_logits():
+    def flag(*rows):
+        return SamplingBatch.build(list(rows), V, "cpu").plain_greedy
+
+    assert flag(row(temperature=0.0), row(temperature=0.0, top_k=3, top_p=0.5))  # greedy ignores filters
+    assert not flag(row(temperature=0.0), row(temperature=0.7))
+    assert not flag(row(temperature=0.0, logprobs=0))
+    assert not flag(row(temperature=0.0, logit_bias={3: 5.0}))
+    assert not flag(row(temperature=0.0, min_tokens=2, eos=[1]))
+    assert not flag(row(temperature=0.0, output=[1], presence_penalty=0.5))
+    assert not flag(row(temperature=0.0, repetition_penalty=1.2))
+    batch = SamplingBatch.build([row(temperature=0.0)], V, "cpu")
+    batch.token_mask = torch.zeros((1, 1), dtype=torch.int32)
+    assert not batch.plain_greedy
+
+
 def test_greedy_rows_ignore_filters_in_a_mixed_batch():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)
