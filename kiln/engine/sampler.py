@@ -11,8 +11,8 @@ Rules of the interface:
   logprobs -> greedy rows take the argmax -> temperature -> top-k -> top-p -> min-p -> sample.
 - A batch of plain greedy rows (`SamplingBatch.plain_greedy`: nothing edits a logit, no logprobs) takes the
   argmax of the logits in their own dtype. Widening 16-bit floats to float32 is exact and keeps their order,
-  and argmax breaks ties at the first index either way, so the tokens are the same; the widened copy of a
-  [512, 128,256] bf16 step is 393 MB of memory traffic that this skips.
+  and argmax breaks ties at the first index either way, so the tokens are the same, without writing a
+  float32 copy of every logit (twice their bytes) and reading it back.
 - Logprobs are log_softmax of the *penalized* logits before temperature and truncation: they describe the
   model as steered by the request's biases and penalties, not an artefact of the sampling knobs (a
   temperature-0 request still gets meaningful logprobs, and top-k never makes a token's logprob -inf).
