@@ -7,6 +7,9 @@ Rules:
   models are its request schemas): `"0.7"` is not a number, `0` or `"true"` not a boolean, `2.0` not
   an integer. Value ranges are checked by `SamplingParams.validate()` so there is one source of truth
   for them. Both become a 400 naming the field as `param`.
+- OpenAI fields that ask for what Kiln cannot do (`suffix` insertion, `best_of` above `n`, audio output,
+  web search, image/audio/file content parts) are declared, so /openapi.json shows them, and refused
+  with a 400 naming the field: ignoring them would answer a different request than the one sent.
 - `top_k: -1` (vLLM's spelling of "disabled") is accepted and means None.
 - `timeout` (Kiln's extension: the request's deadline in seconds) is not a sampling field, so its
   range (> 0, finite, at most `MAX_REQUEST_TIMEOUT_SECONDS`) is checked here, in the schema.
@@ -89,6 +92,21 @@ class ChatMessage(_Lenient):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None  # assistant: the calls it made
     tool_call_id: str | None = None  # tool: the call this message answers
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        """An image, audio or file part is refused by its type, not as "not a valid string"."""
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise PydanticCustomError(
+                        "unsupported",
+                        "content parts of type '{kind}' are not supported: Kiln's models read text only",
+                        {"kind": kind},
+                    )
+        return content
 
     @field_validator("content")
     @classmethod
@@ -229,6 +247,31 @@ class ChatCompletionRequest(SamplingRequest):
     # A boolean here (strictly: `0` is a 400 naming it); completions' `logprobs` is a count.
     logprobs: bool = False
     top_logprobs: int | None = None
+    # OpenAI's, taken only where they ask for nothing beyond text (see the module's rules).
+    modalities: list[Literal["text", "audio"]] | None = Field(
+        None, description='Only ["text"]: Kiln does not speak.'
+    )
+    audio: dict[str, Any] | None = Field(None, description="Refused: Kiln does not speak.")
+    web_search_options: dict[str, Any] | None = Field(None, description="Refused: Kiln does not search.")
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_out(cls, modalities: list[str] | None) -> list[str] | None:
+        if modalities is not None and "audio" in modalities:
+            raise PydanticCustomError("unsupported", "audio output is not supported: Kiln writes text only")
+        return modalities
+
+    @field_validator("audio")
+    @classmethod
+    def _no_audio(cls, audio: dict[str, Any] | None) -> None:
+        if audio is not None:
+            raise PydanticCustomError("unsupported", "audio output is not supported: Kiln writes text only")
+
+    @field_validator("web_search_options")
+    @classmethod
+    def _no_search(cls, options: dict[str, Any] | None) -> None:
+        if options is not None:
+            raise PydanticCustomError("unsupported", "web search is not supported")
 
 
 class CompletionRequest(SamplingRequest):
@@ -245,6 +288,29 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = None
+    # OpenAI's, taken only where they change nothing (see the module's rules).
+    suffix: str | None = Field(None, description="Only empty: Kiln does not insert text.")
+    best_of: int | None = Field(None, description="Only equal to n: Kiln returns every sample it draws.")
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_insertion(cls, suffix: str | None) -> str | None:
+        if suffix:
+            raise PydanticCustomError("unsupported", "insertion (a non-empty suffix) is not supported")
+        return suffix
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if best_of is not None and best_of < n:
+            raise PydanticCustomError("invalid", "must be at least n ({n})", {"n": n})
+        if best_of is not None and best_of > n:
+            raise PydanticCustomError(
+                "unsupported",
+                "more samples than n (keeping the best) is not supported: ask for n choices",
+            )
+        return best_of
 
 
 # ---------------------------------------------------------------------------------------------------

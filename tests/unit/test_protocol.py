@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 
 from kiln.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from kiln.serve.admission import Admission
@@ -38,6 +39,53 @@ def test_messages_text_parts_and_developer_role() -> None:
 def test_unknown_fields_are_kept_aside_not_rejected() -> None:
     body = chat(frobnicate=1)
     assert body.model_extra == {"frobnicate": 1}
+
+
+def _refusal(model: type[BaseModel], body: dict) -> InvalidRequestError:
+    """The 400 the server sends for `body` (FastAPI puts the body's fields under "body")."""
+    with pytest.raises(ValidationError) as info:
+        model.model_validate(body)
+    errors = [{**e, "loc": ("body", *e["loc"])} for e in info.value.errors()]
+    error = validation_error(RequestValidationError(errors))
+    assert isinstance(error, InvalidRequestError)
+    return error
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "says"),
+    [
+        ({"modalities": ["text", "audio"]}, "modalities", "audio output is not supported"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "audio output is not supported"),
+        ({"web_search_options": {}}, "web_search_options", "web search is not supported"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages.0.content",
+            "content parts of type 'image_url' are not supported",
+        ),
+    ],
+)
+def test_chat_fields_asking_beyond_text_are_refused(fields: dict, param: str, says: str) -> None:
+    error = _refusal(ChatCompletionRequest, {"messages": MSG, **fields})
+    assert error.param == param and says in error.message
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "says"),
+    [
+        ({"suffix": "tail"}, "suffix", "non-empty suffix"),
+        ({"best_of": 3, "n": 2}, "best_of", "more samples than n"),
+        ({"best_of": 1, "n": 2}, "best_of", "at least n (2)"),
+    ],
+)
+def test_completion_fields_kiln_cannot_honour_are_refused(fields: dict, param: str, says: str) -> None:
+    error = _refusal(CompletionRequest, {"prompt": "x", **fields})
+    assert error.param == param and says in error.message
+
+
+def test_openai_fields_that_change_nothing_are_taken() -> None:
+    assert chat(modalities=["text"], audio=None, web_search_options=None).modalities == ["text"]
+    body = CompletionRequest.model_validate({"prompt": "x", "suffix": "", "best_of": 2, "n": 2})
+    assert body.model_extra == {} and body.best_of == 2
 
 
 def test_completion_prompt_forms() -> None:
