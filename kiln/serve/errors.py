@@ -135,13 +135,24 @@ def _param_path(loc: tuple[int | str, ...]) -> str | None:
     return ".".join(parts) or None
 
 
-def validation_error(exc: RequestValidationError) -> APIError:
+def validation_error(exc: RequestValidationError, content_type: str = "application/json") -> APIError:
+    """The 400 for a request FastAPI could not validate; `content_type` is the request's header."""
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         detail = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {}).get("error", "")
         return InvalidRequestError(f"malformed JSON body: {detail}".rstrip(": "), code="invalid_json")
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     loc = tuple(first.get("loc", ()))
+    if loc == ("body",) and first.get("type") == "model_attributes_type":
+        # FastAPI reads a body as JSON only when the header says so: curl's `-d` alone sends a form.
+        if "json" not in content_type.lower():
+            sent = (
+                f"this one was sent as {content_type!r}" if content_type else "this one had no Content-Type"
+            )
+            message = f"the request body must be JSON sent with Content-Type: application/json ({sent})"
+        else:
+            message = "the request body must be a JSON object"
+        return InvalidRequestError(message, code="invalid_json")
     param = _param_path(loc)
     if first.get("type") == "missing" and param is None:
         return InvalidRequestError("request body is required (JSON object)", code="invalid_json")
@@ -158,7 +169,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return _logged_response(request, validation_error(exc))
+        return _logged_response(request, validation_error(exc, request.headers.get("content-type", "")))
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         # Starlette's own errors: unknown route (404), wrong method (405), body over the limit (413).

@@ -104,6 +104,17 @@ def test_malformed_json_is_400(http: httpx.Client) -> None:
     error_of(r, 400)
 
 
+def test_a_body_that_is_not_a_json_object_says_what_to_send(http: httpx.Client) -> None:
+    body = b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}'
+    for content_type in ("application/x-www-form-urlencoded", "text/plain"):  # curl -d; a bare client
+        r = http.post("/v1/chat/completions", content=body, headers={"content-type": content_type})
+        error = error_of(r, 400)
+        assert error["code"] == "invalid_json", error
+        assert "Content-Type: application/json" in error["message"] and content_type in error["message"]
+    r = http.post("/v1/completions", content=b"[1, 2]", headers={"content-type": "application/json"})
+    assert error_of(r, 400)["message"] == "the request body must be a JSON object"
+
+
 def test_unknown_model_and_route_are_404(http: httpx.Client) -> None:
     error = error_of(http.post("/v1/chat/completions", json={**CHAT, "model": "gpt-9"}), 404)
     assert error["code"] == "model_not_found" and error["param"] == "model"
