@@ -221,6 +221,13 @@ class SamplingRequest(_Lenient):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
+# Chat fields refused whenever set, and why.
+_REFUSED = {
+    "audio": "audio output is not supported: Kiln writes text only",
+    "web_search_options": "web search is not supported",
+}
+
+
 class ChatCompletionRequest(SamplingRequest):
     # Shown in /openapi.json (and sent first by schemathesis): a plain request and a streamed one.
     model_config = ConfigDict(
@@ -258,20 +265,14 @@ class ChatCompletionRequest(SamplingRequest):
     @classmethod
     def _text_out(cls, modalities: list[str] | None) -> list[str] | None:
         if modalities is not None and "audio" in modalities:
-            raise PydanticCustomError("unsupported", "audio output is not supported: Kiln writes text only")
+            raise PydanticCustomError("unsupported", _REFUSED["audio"])
         return modalities
 
-    @field_validator("audio")
+    @field_validator("audio", "web_search_options")
     @classmethod
-    def _no_audio(cls, audio: dict[str, Any] | None) -> None:
-        if audio is not None:
-            raise PydanticCustomError("unsupported", "audio output is not supported: Kiln writes text only")
-
-    @field_validator("web_search_options")
-    @classmethod
-    def _no_search(cls, options: dict[str, Any] | None) -> None:
-        if options is not None:
-            raise PydanticCustomError("unsupported", "web search is not supported")
+    def _refused(cls, value: dict[str, Any] | None, info: ValidationInfo) -> None:
+        if value is not None:
+            raise PydanticCustomError("unsupported", _REFUSED[info.field_name])
 
 
 class CompletionRequest(SamplingRequest):
