@@ -109,6 +109,7 @@ async def create_chat_completion(
         stream=body.stream,
         structured_param=structured_param,
         deadline=deadline,
+        log_tags=body.log_tags(),
     )
     return await answer(
         start,

@@ -106,6 +106,7 @@ async def create_completion(
         stream=body.stream,
         structured_param=structured_param,
         deadline=deadline,
+        log_tags=body.log_tags(),
     )
     return await answer(
         start,

@@ -42,7 +42,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 from fastapi import Header
@@ -181,7 +181,9 @@ class Generation:
         stream: bool,
         structured_param: str | None = None,
         deadline: Deadline | None = None,
+        log_tags: dict[str, Any] | None = None,
     ) -> None:
+        """`log_tags`: what the request asked to see in its log line (`SamplingRequest.log_tags`)."""
         self.state = state
         self.request_id = request_id
         self.endpoint = endpoint
@@ -200,6 +202,7 @@ class Generation:
             stream=stream,
             n=params.n,
             prompt_tokens=sum(len(p.token_ids) for p in prompts),
+            extra=dict(log_tags or {}),
         )
         self._log_text = state.settings.log_prompts
         if self._log_text:

@@ -8,8 +8,11 @@ Rules:
   an integer. Value ranges are checked by `SamplingParams.validate()` so there is one source of truth
   for them. Both become a 400 naming the field as `param`.
 - OpenAI fields that ask for what Kiln cannot do (`suffix` insertion, `best_of` above `n`, audio output,
-  web search, image/audio/file content parts) are declared, so /openapi.json shows them, and refused
-  with a 400 naming the field: ignoring them would answer a different request than the one sent.
+  web search, image/audio/file content parts, stored completions, service tiers, reasoning effort,
+  verbosity, predicted outputs) are declared, so /openapi.json shows them, and refused with a 400 naming
+  the field: ignoring them would answer a different request than the one sent.
+- `user` and chat's `metadata` are for whoever reads the server's logs: they go into the request's log
+  line (`log_tags`), as OpenAI keeps them with its record of the request.
 - `top_k: -1` (vLLM's spelling of "disabled") is accepted and means None.
 - `timeout` (Kiln's extension: the request's deadline in seconds) is not a sampling field, so its
   range (> 0, finite, at most `MAX_REQUEST_TIMEOUT_SECONDS`) is checked here, in the schema.
@@ -192,7 +195,7 @@ class SamplingRequest(_Lenient):
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
-    user: str | None = None
+    user: str | None = Field(None, description="Written to the request's log line.")
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)  # extension: passed to the engine's scheduler
     # Extension (kiln.serve.generation.request_timeout): the request's deadline, enforced by the server.
     timeout: float | None = Field(
@@ -216,6 +219,10 @@ class SamplingRequest(_Lenient):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
 
+    def log_tags(self) -> dict[str, Any]:
+        """The fields that go into the request's log line and nowhere else, those that were set."""
+        return {"user": self.user} if self.user is not None else {}
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -225,7 +232,13 @@ class SamplingRequest(_Lenient):
 _REFUSED = {
     "audio": "audio output is not supported: Kiln writes text only",
     "web_search_options": "web search is not supported",
+    "reasoning_effort": "reasoning effort is not supported: Kiln does not steer how long a model reasons",
+    "verbosity": "verbosity is not supported: Kiln does not steer the length of an answer",
+    "prediction": "predicted outputs are not supported",
 }
+_SERVICE_TIERS = ("auto", "default")  # one tier; `priority` orders requests
+# OpenAI's bounds on `metadata`: pairs, key length, value length.
+METADATA_MAX_PAIRS, METADATA_MAX_KEY, METADATA_MAX_VALUE = 16, 64, 512
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -260,6 +273,18 @@ class ChatCompletionRequest(SamplingRequest):
     )
     audio: dict[str, Any] | None = Field(None, description="Refused: Kiln does not speak.")
     web_search_options: dict[str, Any] | None = Field(None, description="Refused: Kiln does not search.")
+    reasoning_effort: str | None = Field(None, description="Refused: Kiln does not steer reasoning.")
+    verbosity: str | None = Field(None, description="Refused: Kiln does not steer an answer's length.")
+    prediction: dict[str, Any] | None = Field(None, description="Refused: no predicted outputs.")
+    store: bool = Field(False, description="Only false: Kiln keeps no completions.")
+    service_tier: str | None = Field(
+        None, description='Only "auto" or "default"; `priority` orders requests.'
+    )
+    metadata: dict[str, str] | None = Field(
+        None,
+        description=f"Up to {METADATA_MAX_PAIRS} string pairs (keys of at most {METADATA_MAX_KEY} characters, "
+        f"values of at most {METADATA_MAX_VALUE}), written to the request's log line.",
+    )
 
     @field_validator("modalities")
     @classmethod
@@ -268,11 +293,58 @@ class ChatCompletionRequest(SamplingRequest):
             raise PydanticCustomError("unsupported", _REFUSED["audio"])
         return modalities
 
-    @field_validator("audio", "web_search_options")
+    @field_validator(*_REFUSED)
     @classmethod
-    def _refused(cls, value: dict[str, Any] | None, info: ValidationInfo) -> None:
+    def _refused(cls, value: object, info: ValidationInfo) -> None:
         if value is not None:
             raise PydanticCustomError("unsupported", _REFUSED[info.field_name])
+
+    @field_validator("store")
+    @classmethod
+    def _not_stored(cls, store: bool) -> bool:
+        if store:
+            raise PydanticCustomError("unsupported", "stored completions are not supported: Kiln keeps none")
+        return store
+
+    @field_validator("service_tier")
+    @classmethod
+    def _one_tier(cls, tier: str | None) -> str | None:
+        if tier is not None and tier not in _SERVICE_TIERS:
+            raise PydanticCustomError(
+                "unsupported",
+                "service tier '{tier}' is not supported: Kiln has one ('auto' or 'default'); "
+                "its `priority` field orders requests",
+                {"tier": tier},
+            )
+        return tier
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_bounds(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
+        if metadata is None:
+            return None
+        if len(metadata) > METADATA_MAX_PAIRS:
+            raise PydanticCustomError("invalid", f"at most {METADATA_MAX_PAIRS} pairs")
+        for key, value in metadata.items():
+            if len(key) > METADATA_MAX_KEY:
+                raise PydanticCustomError(
+                    "invalid",
+                    f"keys are at most {METADATA_MAX_KEY} characters: '{{key}}…' is longer",
+                    {"key": key[:METADATA_MAX_KEY]},
+                )
+            if len(value) > METADATA_MAX_VALUE:
+                raise PydanticCustomError(
+                    "invalid",
+                    f"values are at most {METADATA_MAX_VALUE} characters: the value of '{{key}}' is longer",
+                    {"key": key},
+                )
+        return metadata
+
+    def log_tags(self) -> dict[str, Any]:
+        tags = super().log_tags()
+        if self.metadata:
+            tags["metadata"] = self.metadata
+        return tags
 
 
 class CompletionRequest(SamplingRequest):

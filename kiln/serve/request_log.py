@@ -2,7 +2,8 @@
 
 Rules: a generation request logs `event: "request"` when it ends, with ids, endpoint, token counts,
 timings and outcome; prompts and outputs appear only when `log_prompts` is set (they may hold
-personal data). A request answered with an error before it reached the engine logs
+personal data). `extra`'s keys (`model_version`; the request's `user` and `metadata`) are keys of the
+line itself, present only when set. A request answered with an error before it reached the engine logs
 `event: "rejected"` with its status and error code instead.
 """
 
@@ -33,7 +34,7 @@ class RequestRecord:
     e2e_seconds: float = 0.0
     prompt: Any = None
     output: list[str] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # keys of the line itself (module rules)
 
 
 _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(RequestRecord))
@@ -50,8 +51,7 @@ def log_request(record: RequestRecord, *, include_prompt: bool) -> str | None:
     if not include_prompt:
         data.pop("prompt")
         data.pop("output")
-    if not data["extra"]:
-        data.pop("extra")
+    data.update(data.pop("extra"))
     for key in ("ttft_seconds", "e2e_seconds"):
         if data[key] is not None:
             data[key] = round(data[key], 6)

@@ -84,6 +84,24 @@ def test_one_json_log_line_per_request_without_the_prompt(
     assert "secret prompt" not in json.dumps(line)
 
 
+def test_user_and_metadata_go_into_the_log_line(server: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="kiln")
+    tags = {"user": "user-42", "metadata": {"team": "search", "run": "7"}}
+    chat = httpx.post(
+        f"{server.url}/v1/chat/completions", json={**CHAT, **tags}, headers={"X-Request-Id": "t-1"}
+    )
+    completion = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"prompt": "x", "max_tokens": 1, "user": "user-43"},
+        headers={"X-Request-Id": "t-2"},
+    )
+    assert chat.status_code == completion.status_code == 200
+    lines = {x["http_request_id"]: x for x in request_lines(caplog)}
+    assert lines["t-1"]["user"] == "user-42" and lines["t-1"]["metadata"] == tags["metadata"]
+    assert lines["t-2"]["user"] == "user-43" and "metadata" not in lines["t-2"]
+    assert not any("ignoring unknown fields" in r.getMessage() for r in caplog.records)
+
+
 def test_rejected_requests_log_one_line_too(server: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="kiln")
     r = httpx.post(
@@ -155,19 +173,25 @@ def test_the_request_line_is_built_only_when_info_is_on(caplog: pytest.LogCaptur
     from kiln.serve.request_log import RequestRecord, log_request
 
     record = RequestRecord("cmpl-1", "h1", "completions", "tiny", True, 1, 5, prompt=[[1, 2]], output=["x"])
+    tagged = RequestRecord(
+        "cmpl-2", "h2", "chat", "tiny", False, 1, 5, extra={"user": "u-7", "model_version": 3}
+    )
     record.ttft_seconds, record.e2e_seconds = 0.0123456789, 0.5
     with caplog.at_level(logging.WARNING, logger="kiln.request"):
         assert log_request(record, include_prompt=False) is None
     with caplog.at_level(logging.INFO, logger="kiln.request"):
         line = log_request(record, include_prompt=False)
         with_prompt = json.loads(log_request(record, include_prompt=True) or "")
+        tagged_line = json.loads(log_request(tagged, include_prompt=False) or "")
     data = json.loads(line or "")
     assert data["event"] == "request" and data["request_id"] == "cmpl-1" and data["ttft_seconds"] == 0.012346
-    assert "prompt" not in data and "output" not in data and "extra" not in data
+    assert "prompt" not in data and "output" not in data and "extra" not in data and "user" not in data
+    assert tagged_line["user"] == "u-7" and tagged_line["model_version"] == 3 and "extra" not in tagged_line
     assert with_prompt["prompt"] == [[1, 2]] and with_prompt["output"] == ["x"]
     assert [r.getMessage() for r in caplog.records if r.name == "kiln.request"] == [
         line,
         json.dumps(with_prompt),
+        json.dumps(tagged_line),
     ]
 
 

@@ -57,6 +57,15 @@ def _refusal(model: type[BaseModel], body: dict) -> InvalidRequestError:
         ({"modalities": ["text", "audio"]}, "modalities", "audio output is not supported"),
         ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "audio output is not supported"),
         ({"web_search_options": {}}, "web_search_options", "web search is not supported"),
+        ({"reasoning_effort": "low"}, "reasoning_effort", "reasoning effort is not supported"),
+        ({"verbosity": "low"}, "verbosity", "verbosity is not supported"),
+        ({"prediction": {"type": "content", "content": "x"}}, "prediction", "predicted outputs are not"),
+        ({"store": True}, "store", "stored completions are not supported"),
+        ({"service_tier": "flex"}, "service_tier", "service tier 'flex' is not supported"),
+        ({"metadata": {str(i): "v" for i in range(17)}}, "metadata", "at most 16 pairs"),
+        ({"metadata": {"k" * 65: "v"}}, "metadata", "keys are at most 64 characters: 'kkkk"),
+        ({"metadata": {"k": "v" * 513}}, "metadata", "the value of 'k' is longer"),
+        ({"metadata": {"k": 1}}, "metadata.k", "string"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
             "messages.0.content",
@@ -84,6 +93,13 @@ def test_completion_fields_kiln_cannot_honour_are_refused(fields: dict, param: s
 
 def test_openai_fields_that_change_nothing_are_taken() -> None:
     assert chat(modalities=["text"], audio=None, web_search_options=None).modalities == ["text"]
+    for tier in ("auto", "default"):
+        assert chat(service_tier=tier, store=False, reasoning_effort=None).model_extra == {}
+    body = chat(user="u", metadata={"k" * 64: "v" * 512})
+    assert body.log_tags() == {"user": "u", "metadata": {"k" * 64: "v" * 512}} and body.model_extra == {}
+    assert chat().log_tags() == {} and CompletionRequest.model_validate(
+        {"prompt": "x", "user": "u"}
+    ).log_tags() == {"user": "u"}
     body = CompletionRequest.model_validate({"prompt": "x", "suffix": "", "best_of": 2, "n": 2})
     assert body.model_extra == {} and body.best_of == 2
 
