@@ -136,7 +136,11 @@ class Container:
         return self.docker("inspect", "--format", template, self.name).stdout.strip()
 
     def log_tail(self) -> str:
-        return self.docker("logs", "--tail", "60", self.name, check=False).stderr[-6000:]
+        """The container's state (exit code, error, OOM kill) and the end of its output, both streams:
+        what a container that stopped before it was ready left behind."""
+        logs = self.docker("logs", "--tail", "60", self.name, check=False)
+        state = self.docker("inspect", "--format", "{{json .State}}", self.name, check=False).stdout.strip()
+        return f"state: {state}\nstdout:\n{logs.stdout[-3000:]}\nstderr:\n{logs.stderr[-6000:]}"
 
 
 def _status(url: str, path: str) -> int | None:
