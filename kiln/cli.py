@@ -14,6 +14,7 @@ wait for them.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import sys
 import threading
@@ -27,6 +28,7 @@ from rich.console import Console
 
 from kiln.config import EngineConfig, EngineLimits, canonical_kv_cache_dtype, canonical_quantization
 from kiln.errors import BackendUnavailableError, KilnError, OfflineError
+from kiln.serve.environment import unknown_variables
 from kiln.serve.flags import ENV_HELP, SettingsFlagError, with_settings_flags
 from kiln.serve.settings import ROLLOUT_SETTINGS, ServerSettings
 from kiln.version import __version__
@@ -147,6 +149,7 @@ def serve(model: ModelArg = None, tiny: TinyOpt = False, *, settings: ServerSett
     from kiln.clients.messages import EngineDeadError
     from kiln.serve.loading_engine import LoadingEngine
 
+    _warn_unknown_variables()
     _check_port(settings.host, settings.port)  # before the minutes a download, build or load may take
     if settings.repository is not None:
         return _serve_repository(model, tiny, settings)
@@ -178,6 +181,17 @@ def serve(model: ModelArg = None, tiny: TinyOpt = False, *, settings: ServerSett
         raise _fail(f"could not load {path}: {exc}") from None
     except EngineDeadError as exc:  # down for good: the supervisor gave up (see kiln.serve.supervisor)
         raise _fail(f"the engine is down and was not restarted: {exc}") from None
+
+
+def _warn_unknown_variables() -> None:
+    """Name each `KILN_*` variable set here that Kiln reads nowhere (kiln.serve.environment)."""
+    for name, close in unknown_variables(os.environ):
+        hint = f"; did you mean {close}?" if close else ""
+        err.print(
+            f"warning: {name} is set, but Kiln reads no variable of that name{hint}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _refuse_rollout_settings(settings: ServerSettings) -> None:
