@@ -39,7 +39,9 @@ from pathlib import Path
 MIN_SHARE = 0.02  # threads below this share of all samples get a line in the list, not a section
 TOP_INCLUSIVE, TOP_SELF = 30, 20
 # Runs the command and keeps its exit status (argv: status file, command...).
-_TRAMPOLINE = "import subprocess, sys; rc = subprocess.call(sys.argv[2:]); open(sys.argv[1], 'w').write(str(rc))"
+_TRAMPOLINE = (
+    "import subprocess, sys; rc = subprocess.call(sys.argv[2:]); open(sys.argv[1], 'w').write(str(rc))"
+)
 _PROCESS = re.compile(r'^process (\d+):"(.*)"$', re.S)
 _THREAD = re.compile(r"^thread \((\d+)\)(?:: (.*))?$")
 _LOCATION = re.compile(r"^(.*) \((.*?)(?::(\d+))?\)$")
