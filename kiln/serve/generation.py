@@ -202,7 +202,7 @@ class Generation:
             stream=stream,
             n=params.n,
             prompt_tokens=sum(len(p.token_ids) for p in prompts),
-            extra=dict(log_tags or {}),
+            extra=log_tags or {},
         )
         self._log_text = state.settings.log_prompts
         if self._log_text:

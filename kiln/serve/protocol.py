@@ -228,15 +228,18 @@ class SamplingRequest(_Lenient):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-# Chat fields refused whenever set, and why.
+# Chat fields refused when set, and why; those in `_TAKEN` are taken at the values that ask for nothing.
 _REFUSED = {
     "audio": "audio output is not supported: Kiln writes text only",
     "web_search_options": "web search is not supported",
     "reasoning_effort": "reasoning effort is not supported: Kiln does not steer how long a model reasons",
     "verbosity": "verbosity is not supported: Kiln does not steer the length of an answer",
     "prediction": "predicted outputs are not supported",
+    "store": "stored completions are not supported: Kiln keeps none",
+    "service_tier": "service tier '{value}' is not supported: Kiln has one ('auto' or 'default'); "
+    "its `priority` field orders requests",
 }
-_SERVICE_TIERS = ("auto", "default")  # one tier; `priority` orders requests
+_TAKEN = {"store": (False,), "service_tier": ("auto", "default")}
 # OpenAI's bounds on `metadata`: pairs, key length, value length.
 METADATA_MAX_PAIRS, METADATA_MAX_KEY, METADATA_MAX_VALUE = 16, 64, 512
 
@@ -295,28 +298,11 @@ class ChatCompletionRequest(SamplingRequest):
 
     @field_validator(*_REFUSED)
     @classmethod
-    def _refused(cls, value: object, info: ValidationInfo) -> None:
-        if value is not None:
-            raise PydanticCustomError("unsupported", _REFUSED[info.field_name])
-
-    @field_validator("store")
-    @classmethod
-    def _not_stored(cls, store: bool) -> bool:
-        if store:
-            raise PydanticCustomError("unsupported", "stored completions are not supported: Kiln keeps none")
-        return store
-
-    @field_validator("service_tier")
-    @classmethod
-    def _one_tier(cls, tier: str | None) -> str | None:
-        if tier is not None and tier not in _SERVICE_TIERS:
-            raise PydanticCustomError(
-                "unsupported",
-                "service tier '{tier}' is not supported: Kiln has one ('auto' or 'default'); "
-                "its `priority` field orders requests",
-                {"tier": tier},
-            )
-        return tier
+    def _refused(cls, value: Any, info: ValidationInfo) -> Any:
+        name = info.field_name or ""
+        if value is not None and value not in _TAKEN.get(name, ()):
+            raise PydanticCustomError("unsupported", _REFUSED[name], {"value": value})
+        return value
 
     @field_validator("metadata")
     @classmethod
