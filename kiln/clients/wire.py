@@ -33,11 +33,12 @@ def encode_output(out: RequestOutput) -> WireOutput:
         out.finished,
         None if out.metrics is None else _metric_values(out.metrics),
         out.num_cached_tokens,
+        out.prompt_logprobs,
     )
 
 
 def decode_output(wire: WireOutput, prompt: str | None, prompt_token_ids: list[int]) -> RequestOutput:
-    request_id, completions, finished, metrics, num_cached_tokens = wire
+    request_id, completions, finished, metrics, num_cached_tokens, prompt_logprobs = wire
     return RequestOutput(
         request_id=request_id,
         prompt=prompt,
@@ -46,4 +47,5 @@ def decode_output(wire: WireOutput, prompt: str | None, prompt_token_ids: list[i
         finished=finished,
         metrics=None if metrics is None else RequestMetrics(*metrics),
         num_cached_tokens=num_cached_tokens,
+        prompt_logprobs=prompt_logprobs,
     )

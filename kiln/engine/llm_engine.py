@@ -298,7 +298,9 @@ class LLMEngine:
             seq_params = params
             if params.n > 1:
                 seed = None if params.seed is None else params.seed + index
-                seq_params = dataclasses.replace(params, n=1, seed=seed)
+                # The samples share one prompt: the first scores it, the others take its cached blocks.
+                prompt_logprobs = params.prompt_logprobs if index == 0 else None
+                seq_params = dataclasses.replace(params, n=1, seed=seed, prompt_logprobs=prompt_logprobs)
             sequences.append(
                 Request(
                     request_id=request_id if params.n == 1 else f"{request_id}#{index}",

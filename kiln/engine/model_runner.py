@@ -26,6 +26,7 @@ from kiln import kernels
 from kiln.engine.cuda_graphs import BucketedGraphs, DecodeLayout, PrefillLayout
 from kiln.engine.host_transfer import HostStaging, to_host
 from kiln.engine.piecewise_graphs import PiecewiseGraphs
+from kiln.engine.prompt_logprobs import PromptRows, PromptScores, prompt_rows, score
 from kiln.engine.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRow, make_generator
 from kiln.engine.scheduler import ScheduledRequest, SchedulerOutput
 from kiln.engine.structured import Grammars, MaskFill
@@ -42,6 +43,7 @@ class StepInputs:
     metadata: AttentionMetadata
     logits_indices: torch.Tensor  # rows of the hidden states to sample from (last token of sampling requests)
     sample_ids: list[str]  # request ids, one per logits row
+    prompt: PromptRows | None = None  # prompt tokens this step scores (SamplingParams.prompt_logprobs)
 
 
 @dataclass(slots=True)
@@ -61,6 +63,7 @@ class HostStep:
     max_blocks: int
     max_query_len: int
     sample_ids: list[str]
+    prompt: PromptRows | None = None
 
 
 @dataclass(slots=True)
@@ -70,6 +73,7 @@ class LaunchedStep:
     sample_ids: list[str]  # request ids, one per sampled row
     output: SamplerOutput | None  # host tensors (pinned on CUDA) being filled by non-blocking copies
     done: torch.cuda.Event | None  # recorded after those copies (CUDA only)
+    prompt: PromptScores | None = None  # host copies, like `output`
 
 
 @dataclass(slots=True)
@@ -78,6 +82,7 @@ class ForwardedStep:
 
     inputs: StepInputs
     logits: torch.Tensor | None  # [sampling rows, vocab] on the device; None: no row samples
+    prompt: PromptScores | None = None  # on the device
 
 
 @dataclass(slots=True)
@@ -87,6 +92,7 @@ class SampledTokens:
     token_ids: dict[str, int]
     output: SamplerOutput | None
     row_of: dict[str, int]  # request id -> row in `output`
+    prompt: PromptScores | None = None  # the prompt tokens the step scored
 
 
 class RequestsFailed(Exception):
@@ -159,8 +165,10 @@ class ModelRunner:
         if forwarded is None:
             forwarded = self.launch_forward(output)
         inputs, logits = forwarded.inputs, forwarded.logits
+        prompt = None if forwarded.prompt is None else forwarded.prompt.to_host()
         if logits is None:
-            return LaunchedStep(sample_ids=[], output=None, done=None)
+            done = None if prompt is None else self._copied()  # nothing to wait for otherwise
+            return LaunchedStep(sample_ids=[], output=None, done=done, prompt=prompt)
         batch = SamplingBatch.build(rows, self.vocab_size, self.device)
         if self.grammars is not None and any(row.matcher is not None for row in rows):
             # On CUDA the forward pass runs while the host fills the masks.
@@ -186,11 +194,15 @@ class ModelRunner:
                 )
             }
         )
-        done = None
-        if self.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
-        return LaunchedStep(sample_ids=inputs.sample_ids, output=host, done=done)
+        return LaunchedStep(sample_ids=inputs.sample_ids, output=host, done=self._copied(), prompt=prompt)
+
+    def _copied(self) -> torch.cuda.Event | None:
+        """An event after the copies queued so far (CUDA only)."""
+        if self.device.type != "cuda":
+            return None
+        done = torch.cuda.Event()
+        done.record()
+        return done
 
     def start_masks(self, output: SchedulerOutput) -> None:
         """Begin filling the token masks of `output`'s sampling rows from their matchers as they are now;
@@ -225,19 +237,29 @@ class ModelRunner:
     def _forward_logits(self, inputs: StepInputs) -> ForwardedStep:
         hidden = self._forward(inputs)
         logits = self.model.compute_logits(hidden[inputs.logits_indices]) if inputs.sample_ids else None
-        return ForwardedStep(inputs=inputs, logits=logits)
+        prompt = None
+        if inputs.prompt is not None:
+            rows, targets = (
+                torch.tensor(part, dtype=torch.int64).to(self.device, non_blocking=True)
+                for part in (inputs.prompt.rows, inputs.prompt.targets)
+            )
+            prompt = score(
+                self.model.compute_logits, hidden, rows, targets, inputs.prompt.spans, inputs.prompt.top
+            )
+        return ForwardedStep(inputs=inputs, logits=logits, prompt=prompt)
 
     def collect(self, step: LaunchedStep) -> SampledTokens:
         """Wait for a launched step's tokens (and logprobs) to reach the host."""
-        if step.output is None:
-            return SampledTokens(token_ids={}, output=None, row_of={})
         if step.done is not None:
             step.done.synchronize()
+        if step.output is None:
+            return SampledTokens(token_ids={}, output=None, row_of={}, prompt=step.prompt)
         token_ids = step.output.token_ids.tolist()
         return SampledTokens(
             token_ids=dict(zip(step.sample_ids, token_ids, strict=True)),
             output=step.output,
             row_of={rid: i for i, rid in enumerate(step.sample_ids)},
+            prompt=step.prompt,
         )
 
     def capture_graphs(
@@ -327,6 +349,7 @@ class ModelRunner:
         # Decodes whose input token the last launched step sampled and the host has not read yet.
         gather_to: list[int] = []  # index in this step's input_ids
         gather_from: list[int] = []  # row in self._last_tokens
+        scoring: list[tuple[str, list[int], int, int, int, int]] = []  # prompt_rows' chunks
         for item in output.scheduled:
             start, num_new = item.start, item.num_new_tokens
             end = start + num_new
@@ -335,6 +358,8 @@ class ModelRunner:
                 known = item.request.all_token_ids
                 if start < len(known):
                     input_ids.append(known[start])
+                    if start < len(item.request.prompt_token_ids) - 1:  # a one-token prompt chunk
+                        self._note_scoring(scoring, item, len(input_ids) - 1)
                 else:
                     gather_to.append(len(input_ids))
                     gather_from.append(last_rows[item.request.request_id])
@@ -342,6 +367,8 @@ class ModelRunner:
                 positions.append(start)
                 slots.append(blocks[start // bs] * bs + start % bs)
             else:
+                if start < len(item.request.prompt_token_ids) - 1:
+                    self._note_scoring(scoring, item, len(input_ids))
                 input_ids.extend(item.token_ids)
                 span = range(start, end)
                 positions.extend(span)
@@ -366,7 +393,24 @@ class ModelRunner:
             max_blocks=max_blocks,
             max_query_len=max(item.num_new_tokens for item in output.scheduled),
             sample_ids=sample_ids,
+            prompt=prompt_rows(scoring) if scoring else None,
         )
+
+    @staticmethod
+    def _note_scoring(scoring: list, item: ScheduledRequest, row0: int) -> None:
+        """Note a prompt chunk starting at input row `row0` if its request scores its prompt."""
+        request = item.request
+        if request.params.prompt_logprobs is not None and not request.output_token_ids:
+            scoring.append(
+                (
+                    request.request_id,
+                    request.prompt_token_ids,
+                    item.start,
+                    item.num_new_tokens,
+                    row0,
+                    request.params.prompt_logprobs,
+                )
+            )
 
     def device_inputs(self, host: HostStep) -> StepInputs:
         seq_lens, query_start, max_blocks = host.seq_lens, host.query_start, host.max_blocks
@@ -407,6 +451,7 @@ class ModelRunner:
             metadata=metadata,
             logits_indices=logits_d,
             sample_ids=host.sample_ids,
+            prompt=host.prompt,
         )
 
     def _sampling_row(self, item: ScheduledRequest) -> SamplingRow:

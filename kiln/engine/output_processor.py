@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from kiln.engine.model_runner import SampledTokens
-from kiln.engine.outputs import CompletionOutput, Logprob, RequestOutput, TokenLogprobs
+from kiln.engine.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput, TokenLogprobs
+from kiln.engine.prompt_logprobs import PromptLogprobsBuilder, PromptScores
 from kiln.engine.request import Request
 from kiln.engine.stop import StopChecker
 from kiln.models.detokenizer import IncrementalDetokenizer
@@ -29,6 +30,8 @@ class _Group:
     prompt: str | None
     prompt_token_ids: list[int]
     sequences: list[_Sequence] = field(default_factory=list)
+    # The prompt's logprobs as steps score them, until the group's first output carries them.
+    prompt_logprobs: PromptLogprobsBuilder | None = None
 
     @property
     def finished(self) -> bool:
@@ -50,6 +53,9 @@ class OutputProcessor:
 
     def add(self, request_id: str, prompt: str | None, requests: list[Request]) -> None:
         group = _Group(request_id=request_id, prompt=prompt, prompt_token_ids=requests[0].prompt_token_ids)
+        top = requests[0].params.prompt_logprobs
+        if top is not None:
+            group.prompt_logprobs = PromptLogprobsBuilder(group.prompt_token_ids, top)
         for request in requests:
             params = request.params
             checker = StopChecker(params.stop, params.include_stop_str_in_output) if params.stop else None
@@ -85,6 +91,8 @@ class OutputProcessor:
         deltas: dict[str, list[CompletionOutput]] = {}
         stopped: list[str] = []
         failed: dict[str, Exception] = {}
+        if sampled.prompt is not None:
+            self._take_prompt_scores(sampled.prompt, failed)
         for request in advanced:
             group = self._group_of.get(request.request_id)
             if group is None or group.request_id in failed:
@@ -106,6 +114,14 @@ class OutputProcessor:
             group = self._groups[request_id]
             finished = group.finished
             first = group.sequences[0].request
+            prompt_logprobs: PromptLogprobs | None = None
+            if group.prompt_logprobs is not None:  # the group's first output: it carries them
+                try:
+                    prompt_logprobs = group.prompt_logprobs.result()
+                except RuntimeError as exc:
+                    failed[request_id] = exc
+                    continue
+                group.prompt_logprobs = None
             # Positional here and in `_advance`: one of each per request every step, and passing fields by
             # keyword costs twice as much (fields in the records' order, kiln.engine.outputs).
             outputs.append(
@@ -117,11 +133,32 @@ class OutputProcessor:
                     finished,
                     first.metrics,
                     first.num_cached_tokens or 0,
+                    prompt_logprobs,
                 )
             )
             if finished:
                 self.remove(request_id)
         return outputs, stopped, failed
+
+    def _take_prompt_scores(self, scores: PromptScores, failed: dict[str, Exception]) -> None:
+        """File a step's scored prompt rows under their groups (a group gone since is skipped)."""
+        decoded: dict[int, str] = {}  # a token's text, decoded once per step
+
+        def decode(token_id: int) -> str:
+            text = decoded.get(token_id)
+            if text is None:
+                text = decoded[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            return text
+
+        row = 0
+        for request_id, first, count in scores.spans:
+            group = self._group_of.get(request_id)
+            if group is not None and group.prompt_logprobs is not None:
+                try:
+                    group.prompt_logprobs.add(scores, row, first, count, decode)
+                except Exception as exc:  # this request's detokenizing, not the step's
+                    failed[group.request_id] = exc
+            row += count
 
     def _advance(self, seq: _Sequence, sampled: SampledTokens) -> tuple[CompletionOutput, bool]:
         request = seq.request

@@ -21,6 +21,10 @@ class Logprob:
 # One entry per generated token: token id -> Logprob, holding the sampled token and the top-k alternatives.
 TokenLogprobs = dict[int, Logprob]
 
+# One entry per prompt token, the same shape with the prompt's own token in place of the sampled one; the
+# first prompt token has no context to score it, so its entry is None.
+PromptLogprobs = list[TokenLogprobs | None]
+
 
 @dataclass(slots=True)
 class CompletionOutput:
@@ -69,6 +73,8 @@ class RequestOutput:
     finished: bool = False
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
+    # SamplingParams.prompt_logprobs: in the request's first output only (deltas carry them once).
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 def accumulate(total: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
@@ -93,6 +99,8 @@ def accumulate(total: RequestOutput | None, delta: RequestOutput) -> RequestOutp
     total.finished = delta.finished
     total.metrics = delta.metrics
     total.num_cached_tokens = delta.num_cached_tokens
+    if delta.prompt_logprobs is not None:
+        total.prompt_logprobs = delta.prompt_logprobs
     return total
 
 
@@ -131,4 +139,5 @@ def coalesce(deltas: list[RequestOutput]) -> RequestOutput:
         finished=last.finished,
         metrics=last.metrics,
         num_cached_tokens=last.num_cached_tokens,
+        prompt_logprobs=next((d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None), None),
     )

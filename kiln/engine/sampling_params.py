@@ -69,7 +69,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to return besides the sampled token
-    prompt_logprobs: None = None  # not supported yet; kept so vLLM-shaped code gets a clear error
+    # Score the prompt: each prompt token's logprob given the tokens before it, with this many top
+    # alternatives (RequestOutput.prompt_logprobs). The prompt is computed whole, without prefix-cache hits.
+    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -101,7 +103,11 @@ class SamplingParams:
             ("max_tokens", self.max_tokens is None or self.max_tokens >= 1, "must be >= 1"),
             ("min_tokens", self.min_tokens >= 0, "must be >= 0"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
-            ("prompt_logprobs", self.prompt_logprobs is None, "is not supported"),
+            (
+                "prompt_logprobs",
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                "must be in [0, 20]",
+            ),
         ]
         for name, ok, rule in checks:
             if not ok:

@@ -19,6 +19,7 @@ def output(i: int, **kw) -> RequestOutput:
         finished=kw.get("finished", False),
         metrics=kw.get("metrics", RequestMetrics(arrival_time=1.0, first_scheduled_time=2.5)),
         num_cached_tokens=kw.get("num_cached_tokens", 0),
+        prompt_logprobs=kw.get("prompt_logprobs"),
     )
 
 
@@ -28,6 +29,7 @@ def test_round_trip_is_exact():
         prompt="hello",
         finished=True,
         num_cached_tokens=16,
+        prompt_logprobs=[None, {9: Logprob(-2.5, 4, " x"), 3: Logprob(-0.2, 1, "y")}],
         outputs=[
             CompletionOutput(
                 index=0,
