@@ -16,7 +16,7 @@ from kiln.serve.chat_tools import ToolPlan, plan_tools, renders_tools, template_
 from kiln.serve.endpoint import answer, begin_request
 from kiln.serve.errors import InvalidRequestError
 from kiln.serve.generation import Generation, Prompt, TimeoutHeader
-from kiln.serve.logprobs import chat_logprobs
+from kiln.serve.logprobs import chat_logprobs, prompt_logprobs_out
 from kiln.serve.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -148,9 +148,14 @@ async def _collect(
     logprobs = [ChatLogprobs(content=[]) for _ in range(body.n)]
     finish: list[str | None] = [None] * body.n
     stop_reason: list[str | int | None] = [None] * body.n
+    prompt_logprobs = None
     usage = UsageCounter()
     async for _, out in generation.outputs():
         usage.add(out)
+        if body.prompt_logprobs is not None and out.prompt_logprobs is not None:
+            prompt_logprobs = prompt_logprobs_out(
+                generation.prompts[0].token_ids, out.prompt_logprobs, body.prompt_logprobs, token_text
+            )
         for c in out.outputs:
             texts[c.index] += c.text
             if top_n is not None and c.logprobs:
@@ -175,6 +180,7 @@ async def _collect(
         system_fingerprint=generation.system_fingerprint,
         choices=choices,
         usage=usage.usage(),
+        prompt_logprobs=prompt_logprobs,
     )
 
 

@@ -4,8 +4,12 @@ Rules:
 - `prompt` may be a string, a list of strings, token ids, or a list of token-id lists; prompt i's
   choices have indices i*n .. i*n+n-1.
 - `echo` puts the prompt text before the completion (in the first chunk when streaming); token-id
-  prompts are echoed decoded. `echo` with `logprobs` is refused: the engine does not score prompts.
-- `logprobs: k` returns the legacy shape; `text_offset` counts characters of the returned text.
+  prompts are echoed decoded. `echo` with `logprobs` scores the prompt too: its tokens come first in
+  `logprobs`, the first with nulls (the engine computes such a prompt whole, without prefix-cache hits).
+- `logprobs: k` returns the legacy shape; `text_offset` counts the characters of the tokens before each
+  one (the echoed prompt's tokens included), its place in the returned text where the tokens' texts
+  make up that text.
+- `prompt_logprobs: k` (vLLM's extension) gives each choice its prompt's `prompt_logprobs`.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request, Response
 
+from kiln.engine.outputs import PromptLogprobs, TokenLogprobs
 from kiln.serve.endpoint import answer, begin_request
 from kiln.serve.errors import InvalidRequestError
 from kiln.serve.generation import Generation, Prompt, TimeoutHeader
-from kiln.serve.logprobs import completion_logprobs, merge_completion_logprobs
+from kiln.serve.logprobs import completion_logprobs, merge_completion_logprobs, prompt_logprobs_out
 from kiln.serve.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from kiln.serve.sampling import (
     check_token_ids,
@@ -65,8 +70,6 @@ async def create_completion(
     start = begin_request(body, request, x_request_timeout, "cmpl")
     state, deadline = start.state, start.deadline
     tokenizer = state.engine.tokenizer
-    if body.echo and body.logprobs is not None:
-        raise InvalidRequestError("echo with logprobs is not supported (prompt logprobs)", param="echo")
     prompts = await _prompts(body, tokenizer, tokenizer.vocab_size, state.settings.max_prompt_chars)
     longest = max(len(p.token_ids) for p in prompts)
     max_tokens = resolve_max_tokens(
@@ -87,6 +90,7 @@ async def create_completion(
         logprobs_param="logprobs",
         structured=structured,
         defaults=state.sampling_defaults,
+        prompt_logprobs=body.logprobs if body.echo else None,
     )
     ticket = state.admission.admit(
         len(prompts) * params.n,
@@ -121,31 +125,49 @@ def _echo_text(prompt: Prompt, tokenizer: object) -> str:
     return prompt.text if prompt.text is not None else tokenizer.decode(prompt.token_ids)  # type: ignore[attr-defined]
 
 
+def _scores_echo(body: CompletionRequest) -> bool:
+    return body.echo and body.logprobs is not None
+
+
 async def _collect(generation: Generation, body: CompletionRequest, state: ServerState) -> CompletionResponse:
     tokenizer = state.engine.tokenizer
     token_text = token_text_fn(tokenizer)
     n = body.n
     count = len(generation.prompts) * n
     texts = [_echo_text(generation.prompts[i // n], tokenizer) if body.echo else "" for i in range(count)]
-    logprobs = [CompletionLogprobs() for _ in range(count)]
-    offsets = [0] * count
+    token_ids: list[list[int]] = [[] for _ in range(count)]
+    entries: list[list[TokenLogprobs]] = [[] for _ in range(count)]
+    scored: list[PromptLogprobs | None] = [None] * len(generation.prompts)
     choices = [CompletionChoice(index=i, text="") for i in range(count)]
     usage = UsageCounter()
     async for prompt_index, out in generation.outputs():
         usage.add(out)
+        if out.prompt_logprobs is not None:
+            scored[prompt_index] = out.prompt_logprobs
         for c in out.outputs:
             i = prompt_index * n + c.index
             texts[i] += c.text
             if body.logprobs is not None:
-                more, offsets[i] = completion_logprobs(
-                    c.token_ids, c.logprobs or [], body.logprobs, token_text, offsets[i]
-                )
-                merge_completion_logprobs(logprobs[i], more)
+                token_ids[i] += c.token_ids
+                entries[i] += c.logprobs or []
             if c.finish_reason is not None:
                 choices[i].finish_reason, choices[i].stop_reason = c.finish_reason, c.stop_reason
     for i, choice in enumerate(choices):
+        prompt, prompt_scores = generation.prompts[i // n], scored[i // n]
         choice.text = texts[i]
-        choice.logprobs = logprobs[i] if body.logprobs is not None else None
+        if body.logprobs is not None:
+            offset = 0
+            choice.logprobs = CompletionLogprobs()
+            if _scores_echo(body) and prompt_scores is not None:
+                choice.logprobs, offset = completion_logprobs(
+                    prompt.token_ids, prompt_scores, body.logprobs, token_text, 0
+                )
+            more, _ = completion_logprobs(token_ids[i], entries[i], body.logprobs, token_text, offset)
+            merge_completion_logprobs(choice.logprobs, more)
+        if body.prompt_logprobs is not None and prompt_scores is not None:
+            choice.prompt_logprobs = prompt_logprobs_out(
+                prompt.token_ids, prompt_scores, body.prompt_logprobs, token_text
+            )
     return CompletionResponse(
         id=generation.request_id,
         model=state.model_name,
@@ -172,13 +194,25 @@ async def _stream(generation: Generation, body: CompletionRequest, state: Server
             choices=[choice],
         ).model_dump_json(exclude=exclude)
 
-    if body.echo:
+    if body.echo and not _scores_echo(body):
         for i in range(len(offsets)):
             yield chunk(CompletionChoice(index=i, text=_echo_text(generation.prompts[i // n], tokenizer)))
     text_chunk = TextChunks(lambda index, text: chunk(CompletionChoice(index=index, text=text)))
     usage = UsageCounter()
     async for prompt_index, out in generation.outputs():
         usage.add(out)
+        if _scores_echo(body) and out.prompt_logprobs is not None:
+            # A prompt's first output carries its scores: its choices' echo chunks go first, with them.
+            prompt = generation.prompts[prompt_index]
+            for i in range(prompt_index * n, prompt_index * n + n):
+                logprobs, offsets[i] = completion_logprobs(
+                    prompt.token_ids,
+                    out.prompt_logprobs,
+                    body.logprobs,
+                    token_text,
+                    0,  # type: ignore[arg-type]
+                )
+                yield chunk(CompletionChoice(index=i, text=_echo_text(prompt, tokenizer), logprobs=logprobs))
         for c in out.outputs:
             i = prompt_index * n + c.index
             logprobs = None

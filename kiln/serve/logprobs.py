@@ -5,15 +5,25 @@ alternatives (rank 1 = most likely). OpenAI wants:
 - chat: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}`
 - completions: `{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}`
 `top_logprobs` lists the `top_n` best-ranked entries, best first (the sampled token is among them
-only if it ranks there).
+only if it ranks there). With `echo` the prompt's tokens come first, the first of them with null
+logprobs (nothing before it to score it).
+- prompt logprobs (vLLM's extension): `[null, {token_id: {"logprob", "rank", "decoded_token"}}, ...]`,
+  each entry the prompt's token and the `top_n` best-ranked ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from kiln.engine.outputs import Logprob, TokenLogprobs
-from kiln.serve.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from kiln.engine.outputs import Logprob, PromptLogprobs, TokenLogprobs
+from kiln.serve.protocol import (
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    PromptLogprobsOut,
+    PromptTokenLogprob,
+    TopLogprob,
+)
 
 # The server's token -> text function (Logprob.decoded when the engine filled it in).
 TokenText = Callable[[int], str]
@@ -56,24 +66,52 @@ def chat_logprobs(
 
 def completion_logprobs(
     token_ids: list[int],
-    entries: list[TokenLogprobs],
+    entries: list[TokenLogprobs] | PromptLogprobs,
     top_n: int,
     token_text: TokenText,
     text_offset: int,
 ) -> tuple[CompletionLogprobs, int]:
-    """The legacy shape for these tokens, their text starting at `text_offset`; also the next offset."""
+    """The legacy shape for these tokens, their text starting at `text_offset`; also the next offset.
+    An entry None (a prompt's first token) has null logprobs."""
     result = CompletionLogprobs()
     for token_id, entry in zip(token_ids, entries, strict=False):
-        sampled = _sampled_logprob(token_id, entry)
-        text = _text(token_id, sampled, token_text)
+        if entry is None:
+            text = token_text(token_id)
+            result.token_logprobs.append(None)
+            result.top_logprobs.append(None)
+        else:
+            sampled = _sampled_logprob(token_id, entry)
+            text = _text(token_id, sampled, token_text)
+            result.token_logprobs.append(sampled.logprob)
+            result.top_logprobs.append(
+                {_text(tid, lp, token_text): lp.logprob for tid, lp in _top(entry, top_n)} if top_n else None
+            )
         result.tokens.append(text)
-        result.token_logprobs.append(sampled.logprob)
-        result.top_logprobs.append(
-            {_text(tid, lp, token_text): lp.logprob for tid, lp in _top(entry, top_n)} if top_n else None
-        )
         result.text_offset.append(text_offset)
         text_offset += len(text)
     return result, text_offset
+
+
+def prompt_logprobs_out(
+    prompt_ids: list[int], entries: PromptLogprobs, top_n: int, token_text: TokenText
+) -> PromptLogprobsOut:
+    """vLLM's prompt-logprobs shape: per position the prompt's token and the `top_n` best-ranked ones."""
+    out: PromptLogprobsOut = []
+    for token_id, entry in zip(prompt_ids, entries, strict=True):
+        if entry is None:
+            out.append(None)
+            continue
+        kept = dict(_top(entry, top_n))
+        kept[token_id] = _sampled_logprob(token_id, entry)
+        out.append(
+            {
+                str(tid): PromptTokenLogprob(
+                    logprob=lp.logprob, rank=lp.rank, decoded_token=_text(tid, lp, token_text)
+                )
+                for tid, lp in kept.items()
+            }
+        )
+    return out
 
 
 def merge_completion_logprobs(into: CompletionLogprobs, more: CompletionLogprobs) -> None:

@@ -196,6 +196,14 @@ class SamplingRequest(_Lenient):
     ignore_eos: bool = False
     min_tokens: int = 0
     user: str | None = Field(None, description="Written to the request's log line.")
+    prompt_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="vLLM's extension: each prompt token's logprob given the tokens before it, with this "
+        "many top alternatives, in the response's `prompt_logprobs` (completions: each choice's). Not "
+        "with `stream`. The prompt is computed whole (no prefix-cache hits).",
+    )
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)  # extension: passed to the engine's scheduler
     # Extension (kiln.serve.generation.request_timeout): the request's deadline, enforced by the server.
     timeout: float | None = Field(
@@ -405,6 +413,18 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob]
 
 
+class PromptTokenLogprob(BaseModel):
+    """vLLM's entry of a prompt position, keyed by token id: the prompt's token and the top alternatives."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+# One entry per prompt token; the first has no context to score it (null).
+PromptLogprobsOut = list[dict[str, PromptTokenLogprob] | None]
+
+
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)
@@ -445,6 +465,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     system_fingerprint: str | None = None  # `<model>/<version>` when serving from a model repository
     usage: Usage
+    prompt_logprobs: PromptLogprobsOut | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatDelta(BaseModel):
@@ -478,6 +499,7 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: PromptLogprobsOut | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class CompletionResponse(BaseModel):

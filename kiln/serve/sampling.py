@@ -122,9 +122,18 @@ def to_sampling_params(
     logprobs_param: str,
     structured: StructuredOutput | None = None,
     defaults: Mapping[str, float | int] | None = None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """Build the engine's params, a field the body omits from `defaults` (the model's) else Kiln's;
-    any invalid value raises a 400 naming its field."""
+    any invalid value raises a 400 naming its field. `prompt_logprobs`: the alternatives the endpoint
+    needs per prompt token, at least the body's `prompt_logprobs`."""
+    if body.prompt_logprobs is not None and body.stream:
+        raise InvalidRequestError(
+            "prompt_logprobs is not available with stream: true; ask without streaming",
+            param="prompt_logprobs",
+        )
+    if body.prompt_logprobs is not None:
+        prompt_logprobs = max(body.prompt_logprobs, prompt_logprobs or 0)
     check_token_ids(body.stop_token_ids or [], vocab_size=vocab_size, param="stop_token_ids")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     defaults = defaults or {}
@@ -152,6 +161,7 @@ def to_sampling_params(
             stop_token_ids=list(body.stop_token_ids or []),
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             logit_bias=_logit_bias(body.logit_bias, vocab_size),
             structured=structured,
         )

@@ -68,8 +68,6 @@ def test_completion_prompt_errors(http: httpx.Client) -> None:
             error_of(http.post("/v1/completions", json={**base, "prompt": mixed}), 400)["param"] == "prompt"
         )
     assert error_of(http.post("/v1/completions", json=base), 400)["param"] == "prompt"
-    echo = {**base, "prompt": "x", "echo": True, "logprobs": 1}
-    assert error_of(http.post("/v1/completions", json=echo), 400)["param"] == "echo"
 
 
 def test_context_overflow_is_400_with_the_numbers(http: httpx.Client, server: LiveServer) -> None:

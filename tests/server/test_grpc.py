@@ -148,6 +148,26 @@ def test_completion_matches_rest_with_n_logprobs_and_stop(
     )
 
 
+def test_echoed_prompt_scores_leave_the_first_logprob_unset(
+    live: LiveServer, stub: pb_grpc.GenerationStub
+) -> None:
+    body = {"prompt": [5, 17, 42, 99], "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+    rest = httpx.post(
+        f"{live.url}/v1/completions", json={**body, "echo": True, "logprobs": 1}, timeout=60
+    ).json()
+    request = pb.CompletionRequest(
+        prompt=[pb.Prompt(token_ids=pb.TokenIds(ids=body["prompt"]))],
+        echo=True,
+        logprobs=1,
+        sampling=pb.Sampling(max_tokens=2, temperature=0, ignore_eos=True),
+    )
+    tokens = [t for r in stub.Complete(request, timeout=60) for c in r.choices for t in c.logprobs]
+    expected = rest["choices"][0]["logprobs"]["token_logprobs"]
+    assert len(tokens) == len(expected) == 6 and expected[0] is None
+    assert not tokens[0].HasField("logprob") and all(t.HasField("logprob") for t in tokens[1:])
+    assert [t.logprob for t in tokens[1:]] == pytest.approx(expected[1:])
+
+
 def test_token_id_prompts_and_structured_outputs_reach_rest(
     live: LiveServer, stub: pb_grpc.GenerationStub
 ) -> None:
