@@ -229,8 +229,8 @@ def test_long_prompts_give_the_same_tokens_through_cudnn_as_through_triton(tmp_p
 
 def test_prompt_logprobs_on_cuda_match_transformers(tiny_gqa_dir):
     """Scored prompts in chunks through CUDA graphs (piecewise for mixed steps) and overlapped steps: each
-    position's logprob is transformers' at fp16 tolerance (a row scored against the wrong token would be
-    off by several nats)."""
+    position's logprob is transformers' at fp16 tolerance, which grows with the logprob's size; a row
+    scored against the wrong token would be off by several nats."""
     engine = LLMEngine.from_path(
         tiny_gqa_dir,
         EngineConfig(device="cuda", dtype="float16", piecewise_graphs=True, max_num_batched_tokens=32),
@@ -252,6 +252,6 @@ def test_prompt_logprobs_on_cuda_match_transformers(tiny_gqa_dir):
             ref = torch.log_softmax(hf(torch.tensor([prompt], device="cuda")).logits[0].float(), dim=-1).cpu()
         for position in range(1, len(prompt)):
             entry, token = got[position], prompt[position]
-            assert entry[token].logprob == pytest.approx(ref[position - 1, token].item(), abs=0.05)
+            assert entry[token].logprob == pytest.approx(ref[position - 1, token].item(), rel=0.02, abs=0.05)
             assert len(entry) >= 3
     assert engine.stats().kv_blocks_used == 0
