@@ -8,7 +8,9 @@ pattern hides (pytest's default list has `build`) would otherwise pass in silenc
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,3 +91,51 @@ def tiny_shape(monkeypatch: pytest.MonkeyPatch) -> str:
 
     monkeypatch.setitem(workload.RANDOM_SHAPES, "tiny-test", TINY_RANDOM_SHAPE)
     return "tiny-test"
+
+
+@pytest.fixture(scope="session")
+def llama_style(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A SentencePiece-style tokenizer laid out like Llama 2's tokenizer.json: Metaspace "▁" words, byte
+    fallback for characters outside the vocabulary, and a decoder that strips the first leading space."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from kiln.models.tokenizer import Tokenizer
+
+    corpus = [
+        "Hello world. The quick brown fox jumps over the lazy dog.",
+        "Say hi to the world, hello again.",
+    ]
+    rust = RustTokenizer(models.BPE(unk_token="<unk>"))
+    # Trained split into words (merges never cross a "▁"), then run unsplit, as Llama's tokenizer.json does.
+    rust.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    rust.train_from_iterator(corpus * 3, trainer=trainer)
+    spec = json.loads(rust.to_str())
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):  # byte-fallback tokens are ordinary vocabulary entries, as in Llama's
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    spec["model"]["byte_fallback"] = True
+    spec["pre_tokenizer"]["split"] = False
+    spec["decoder"] = {
+        "type": "Sequence",
+        "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+        ],
+    }
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=RustTokenizer.from_str(json.dumps(spec)),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
+    )
+    out = tmp_path_factory.mktemp("llama-style-tokenizer")
+    wrapped.save_pretrained(out)
+    return Tokenizer(out)

@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from kiln.models.token_bytes import TokenBytes
+
 # tokenizer_config.json classes that are transformers' generic fast tokenizer (the name before and since
 # transformers 5): loaded as that class directly. AutoTokenizer would land on the same class, but first
 # imports the import structure of every model transformers has (~0.5 s of each start-up).
@@ -54,6 +56,7 @@ class Tokenizer:
         # which dominated detokenizing hundreds of streams per step. Same text: transformers' fast decode
         # is this call plus the space clean-up that Kiln turns off anyway.
         self._rust = getattr(self.hf, "_tokenizer", None)
+        self._token_bytes: TokenBytes | None = None  # made on first use: most servers never ask
 
     @property
     def name_or_path(self) -> str:
@@ -104,6 +107,16 @@ class Tokenizer:
         if self._rust is None or not has_primed_decode_stream():
             return None
         return StreamDecoder(self._rust, context, skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes the token stands for (kiln.models.token_bytes): what OpenAI's logprob `bytes` carry,
+        the part of a character where decoding the token alone gives U+FFFD."""
+        if self._rust is None:
+            return self.decode([token_id], skip_special_tokens=False).encode()
+        if self._token_bytes is None:
+            added = {i: token.content for i, token in self.hf.added_tokens_decoder.items()}
+            self._token_bytes = TokenBytes(self._rust, added)
+        return self._token_bytes(token_id)
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return list(self.hf.convert_ids_to_tokens(list(ids)))

@@ -159,7 +159,9 @@ async def _collect(
         for c in out.outputs:
             texts[c.index] += c.text
             if top_n is not None and c.logprobs:
-                logprobs[c.index].content += chat_logprobs(c.token_ids, c.logprobs, top_n, token_text).content
+                logprobs[c.index].content += chat_logprobs(
+                    c.token_ids, c.logprobs, top_n, token_text, state.engine.tokenizer.token_bytes
+                ).content
             if c.finish_reason is not None:
                 finish[c.index], stop_reason[c.index] = c.finish_reason, c.stop_reason
     choices = []
@@ -239,7 +241,9 @@ async def _stream(
                 continue
             if c.text or c.token_ids:
                 lp = (
-                    chat_logprobs(c.token_ids, c.logprobs or [], top_n, token_text)
+                    chat_logprobs(
+                        c.token_ids, c.logprobs or [], top_n, token_text, state.engine.tokenizer.token_bytes
+                    )
                     if top_n is not None
                     else None
                 )

@@ -27,6 +27,9 @@ from kiln.serve.protocol import (
 
 # The server's token -> text function (Logprob.decoded when the engine filled it in).
 TokenText = Callable[[int], str]
+# Token -> the bytes it stands for (kiln.models.tokenizer.Tokenizer.token_bytes): chat's `bytes`, which
+# joined over the tokens give the text's UTF-8 even where a token is part of a character.
+TokenBytes = Callable[[int], bytes]
 
 
 def _text(token_id: int, logprob: Logprob | None, token_text: TokenText) -> str:
@@ -46,19 +49,25 @@ def _sampled_logprob(token_id: int, entry: TokenLogprobs) -> Logprob:
 
 
 def chat_logprobs(
-    token_ids: list[int], entries: list[TokenLogprobs], top_n: int, token_text: TokenText
+    token_ids: list[int],
+    entries: list[TokenLogprobs],
+    top_n: int,
+    token_text: TokenText,
+    token_bytes: TokenBytes,
 ) -> ChatLogprobs:
     content = []
     for token_id, entry in zip(token_ids, entries, strict=False):
         sampled = _sampled_logprob(token_id, entry)
-        text = _text(token_id, sampled, token_text)
         tops = [
-            TopLogprob(token=(t := _text(tid, lp, token_text)), logprob=lp.logprob, bytes=list(t.encode()))
+            TopLogprob(token=_text(tid, lp, token_text), logprob=lp.logprob, bytes=list(token_bytes(tid)))
             for tid, lp in _top(entry, top_n)
         ]
         content.append(
             ChatTokenLogprob(
-                token=text, logprob=sampled.logprob, bytes=list(text.encode()), top_logprobs=tops
+                token=_text(token_id, sampled, token_text),
+                logprob=sampled.logprob,
+                bytes=list(token_bytes(token_id)),
+                top_logprobs=tops,
             )
         )
     return ChatLogprobs(content=content)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -37,52 +36,6 @@ def tiny(tiny_gqa_dir: Path) -> Tokenizer:
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf: Path) -> Tokenizer:
     return Tokenizer(smollm2_gguf)
-
-
-@pytest.fixture(scope="module")
-def llama_style(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    """A SentencePiece-style tokenizer laid out like Llama 2's tokenizer.json: Metaspace "▁" words, byte
-    fallback for characters outside the vocabulary, and a decoder that strips the first leading space."""
-    from tokenizers import Tokenizer as RustTokenizer
-    from tokenizers import models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    corpus = [
-        "Hello world. The quick brown fox jumps over the lazy dog.",
-        "Say hi to the world, hello again.",
-    ]
-    rust = RustTokenizer(models.BPE(unk_token="<unk>"))
-    # Trained split into words (merges never cross a "▁"), then run unsplit, as Llama's tokenizer.json does.
-    rust.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    trainer = trainers.BpeTrainer(
-        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
-    )
-    rust.train_from_iterator(corpus * 3, trainer=trainer)
-    spec = json.loads(rust.to_str())
-    vocab = spec["model"]["vocab"]
-    for byte in range(256):  # byte-fallback tokens are ordinary vocabulary entries, as in Llama's
-        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
-    spec["model"]["byte_fallback"] = True
-    spec["pre_tokenizer"]["split"] = False
-    spec["decoder"] = {
-        "type": "Sequence",
-        "decoders": [
-            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
-            {"type": "ByteFallback"},
-            {"type": "Fuse"},
-            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
-        ],
-    }
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=RustTokenizer.from_str(json.dumps(spec)),
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        clean_up_tokenization_spaces=False,
-    )
-    out = tmp_path_factory.mktemp("llama-style-tokenizer")
-    wrapped.save_pretrained(out)
-    return Tokenizer(out)
 
 
 def stream(tok: Tokenizer, prompt: list[int], output: list[int], chunk: int = 1, **kw) -> list[str]:

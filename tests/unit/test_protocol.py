@@ -198,9 +198,16 @@ ENTRIES = [
 
 
 def test_chat_logprobs_shape() -> None:
-    result = chat_logprobs([5, 9], ENTRIES, top_n=2, token_text=lambda i: f"<{i}>")
+    raw = {5: b"a", 6: b"\xf0\x9f", 9: b"\x8e\x89"}  # token 6 then 9: the first and last bytes of U+1F389
+    result = chat_logprobs(
+        [5, 9], ENTRIES, top_n=2, token_text=lambda i: f"<{i}>", token_bytes=raw.__getitem__
+    )
     first, second = result.content
     assert (first.token, first.logprob, first.bytes) == ("a", -0.1, [97])
+    assert second.bytes == [0x8E, 0x89] and first.top_logprobs[1].bytes == [
+        0xF0,
+        0x9F,
+    ]  # the token's, not "bb"'s
     assert [t.token for t in first.top_logprobs] == ["a", "bb"]
     assert (second.token, second.logprob) == ("<9>", -3.0)  # decoded by the tokenizer when missing
     assert [t.token for t in second.top_logprobs] == ["bb", "a"]  # best ranks, sampled one not among them
