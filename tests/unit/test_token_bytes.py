@@ -16,20 +16,12 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_gqa_dir: Path) -> Tokenizer:
-    return Tokenizer(tiny_gqa_dir)
-
-
-@pytest.fixture(scope="module")
-def smollm2(smollm2_gguf: Path) -> Tokenizer:
-    return Tokenizer(smollm2_gguf)
-
-
-@pytest.mark.parametrize("name", ["tiny", "smollm2"])
+@pytest.mark.parametrize("checkpoint", ["tiny_gqa_dir", "smollm2_gguf"])
 @pytest.mark.parametrize("text", TEXTS)
-def test_byte_level_tokens_join_into_the_text(request: pytest.FixtureRequest, name: str, text: str) -> None:
-    tok: Tokenizer = request.getfixturevalue(name)
+def test_byte_level_tokens_join_into_the_text(
+    request: pytest.FixtureRequest, checkpoint: str, text: str
+) -> None:
+    tok = Tokenizer(request.getfixturevalue(checkpoint))
     ids = tok.encode(text, add_special_tokens=False)
     assert b"".join(tok.token_bytes(i) for i in ids) == text.encode()
     split = [i for i in ids if "\ufffd" in tok.decode([i])]
@@ -46,7 +38,8 @@ def test_sentencepiece_byte_fallback_tokens_join_into_the_text(llama_style: Toke
     assert b"".join(llama_style.token_bytes(i) for i in ids) == expected
 
 
-def test_special_tokens_are_their_text(smollm2: Tokenizer) -> None:
+def test_special_tokens_are_their_text(smollm2_gguf: Path) -> None:
+    smollm2 = Tokenizer(smollm2_gguf)
     for token_id in smollm2.all_special_ids:
         assert smollm2.token_bytes(token_id) == smollm2.decode([token_id], skip_special_tokens=False).encode()
     assert smollm2.token_bytes(smollm2.eos_token_ids[0]) == b"<|im_end|>"
