@@ -227,6 +227,15 @@ class SamplingRequest(_Lenient):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
 
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(
+        cls, options: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):
+            raise PydanticCustomError("invalid", "only allowed when stream is true")
+        return options
+
     def log_tags(self) -> dict[str, Any]:
         """The fields that go into the request's log line and nowhere else, those that were set."""
         return {"user": self.user} if self.user is not None else {}

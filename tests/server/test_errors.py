@@ -44,6 +44,8 @@ def error_of(response: httpx.Response, status: int) -> dict:
         ({"stop_token_ids": [-3]}, "stop_token_ids"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 50}, "top_logprobs"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream: true
+        ({"stream": False, "stream_options": {"include_usage": False}}, "stream_options"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
         ({"messages": []}, "messages"),
         (
@@ -68,6 +70,10 @@ def test_completion_prompt_errors(http: httpx.Client) -> None:
             error_of(http.post("/v1/completions", json={**base, "prompt": mixed}), 400)["param"] == "prompt"
         )
     assert error_of(http.post("/v1/completions", json=base), 400)["param"] == "prompt"
+    unstreamed = {**base, "prompt": "x", "stream_options": {"include_usage": True}}
+    assert error_of(http.post("/v1/completions", json=unstreamed), 400)["param"] == "stream_options"
+    streamed = http.post("/v1/completions", json={**unstreamed, "stream": True, "stream_options": None})
+    assert streamed.status_code == 200  # null is no options
 
 
 def test_context_overflow_is_400_with_the_numbers(http: httpx.Client, server: LiveServer) -> None:
