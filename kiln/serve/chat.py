@@ -154,13 +154,22 @@ async def _collect(
         usage.add(out)
         if body.prompt_logprobs is not None and out.prompt_logprobs is not None:
             prompt_logprobs = prompt_logprobs_out(
-                generation.prompts[0].token_ids, out.prompt_logprobs, body.prompt_logprobs, token_text
+                generation.prompts[0].token_ids,
+                out.prompt_logprobs,
+                body.prompt_logprobs,
+                token_text,
+                body.return_tokens_as_token_ids,
             )
         for c in out.outputs:
             texts[c.index] += c.text
             if top_n is not None and c.logprobs:
                 logprobs[c.index].content += chat_logprobs(
-                    c.token_ids, c.logprobs, top_n, token_text, state.engine.tokenizer.token_bytes
+                    c.token_ids,
+                    c.logprobs,
+                    top_n,
+                    token_text,
+                    state.engine.tokenizer.token_bytes,
+                    body.return_tokens_as_token_ids,
                 ).content
             if c.finish_reason is not None:
                 finish[c.index], stop_reason[c.index] = c.finish_reason, c.stop_reason
@@ -242,7 +251,12 @@ async def _stream(
             if c.text or c.token_ids:
                 lp = (
                     chat_logprobs(
-                        c.token_ids, c.logprobs or [], top_n, token_text, state.engine.tokenizer.token_bytes
+                        c.token_ids,
+                        c.logprobs or [],
+                        top_n,
+                        token_text,
+                        state.engine.tokenizer.token_bytes,
+                        body.return_tokens_as_token_ids,
                     )
                     if top_n is not None
                     else None

@@ -125,13 +125,10 @@ def _echo_text(prompt: Prompt, tokenizer: object) -> str:
     return prompt.text if prompt.text is not None else tokenizer.decode(prompt.token_ids)  # type: ignore[attr-defined]
 
 
-def _scores_echo(body: CompletionRequest) -> bool:
-    return body.echo and body.logprobs is not None
-
-
 async def _collect(generation: Generation, body: CompletionRequest, state: ServerState) -> CompletionResponse:
     tokenizer = state.engine.tokenizer
     token_text = token_text_fn(tokenizer)
+    as_ids = body.return_tokens_as_token_ids
     n = body.n
     count = len(generation.prompts) * n
     texts = [_echo_text(generation.prompts[i // n], tokenizer) if body.echo else "" for i in range(count)]
@@ -158,15 +155,15 @@ async def _collect(generation: Generation, body: CompletionRequest, state: Serve
         if body.logprobs is not None:
             offset = 0
             choice.logprobs = CompletionLogprobs()
-            if _scores_echo(body) and prompt_scores is not None:
+            if body.echo and prompt_scores is not None:
                 choice.logprobs, offset = completion_logprobs(
-                    prompt.token_ids, prompt_scores, body.logprobs, token_text, 0
+                    prompt.token_ids, prompt_scores, body.logprobs, token_text, 0, as_ids
                 )
-            more, _ = completion_logprobs(token_ids[i], entries[i], body.logprobs, token_text, offset)
+            more, _ = completion_logprobs(token_ids[i], entries[i], body.logprobs, token_text, offset, as_ids)
             merge_completion_logprobs(choice.logprobs, more)
         if body.prompt_logprobs is not None and prompt_scores is not None:
             choice.prompt_logprobs = prompt_logprobs_out(
-                prompt.token_ids, prompt_scores, body.prompt_logprobs, token_text
+                prompt.token_ids, prompt_scores, body.prompt_logprobs, token_text, as_ids
             )
     return CompletionResponse(
         id=generation.request_id,
@@ -180,6 +177,7 @@ async def _collect(generation: Generation, body: CompletionRequest, state: Serve
 async def _stream(generation: Generation, body: CompletionRequest, state: ServerState) -> AsyncIterator[str]:
     tokenizer = state.engine.tokenizer
     token_text = token_text_fn(tokenizer)
+    as_ids = body.return_tokens_as_token_ids
     created = int(time.time())
     n = body.n
     offsets = [0] * (len(generation.prompts) * n)
@@ -194,23 +192,20 @@ async def _stream(generation: Generation, body: CompletionRequest, state: Server
             choices=[choice],
         ).model_dump_json(exclude=exclude)
 
-    if body.echo and not _scores_echo(body):
+    echo_top = body.logprobs if body.echo else None  # echo with logprobs: the prompt's tokens lead
+    if body.echo and echo_top is None:
         for i in range(len(offsets)):
             yield chunk(CompletionChoice(index=i, text=_echo_text(generation.prompts[i // n], tokenizer)))
     text_chunk = TextChunks(lambda index, text: chunk(CompletionChoice(index=index, text=text)))
     usage = UsageCounter()
     async for prompt_index, out in generation.outputs():
         usage.add(out)
-        if _scores_echo(body) and out.prompt_logprobs is not None:
+        if echo_top is not None and out.prompt_logprobs is not None:
             # A prompt's first output carries its scores: its choices' echo chunks go first, with them.
             prompt = generation.prompts[prompt_index]
             for i in range(prompt_index * n, prompt_index * n + n):
                 logprobs, offsets[i] = completion_logprobs(
-                    prompt.token_ids,
-                    out.prompt_logprobs,
-                    body.logprobs,
-                    token_text,
-                    0,  # type: ignore[arg-type]
+                    prompt.token_ids, out.prompt_logprobs, echo_top, token_text, 0, as_ids
                 )
                 yield chunk(CompletionChoice(index=i, text=_echo_text(prompt, tokenizer), logprobs=logprobs))
         for c in out.outputs:
@@ -218,7 +213,7 @@ async def _stream(generation: Generation, body: CompletionRequest, state: Server
             logprobs = None
             if body.logprobs is not None:
                 logprobs, offsets[i] = completion_logprobs(
-                    c.token_ids, c.logprobs or [], body.logprobs, token_text, offsets[i]
+                    c.token_ids, c.logprobs or [], body.logprobs, token_text, offsets[i], as_ids
                 )
             if not (c.text or c.token_ids or c.finish_reason is not None):
                 continue

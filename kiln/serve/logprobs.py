@@ -9,6 +9,9 @@ only if it ranks there). With `echo` the prompt's tokens come first, the first o
 logprobs (nothing before it to score it).
 - prompt logprobs (vLLM's extension): `[null, {token_id: {"logprob", "rank", "decoded_token"}}, ...]`,
   each entry the prompt's token and the `top_n` best-ranked ones.
+With `as_ids` (vLLM's `return_tokens_as_token_ids`) a token is named `token_id:<id>` instead of by its
+text, so tokens whose texts collide (parts of characters all read U+FFFD) stay apart; `text_offset` still
+counts the text's characters.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ def _text(token_id: int, logprob: Logprob | None, token_text: TokenText) -> str:
     return token_text(token_id)
 
 
+def _name(token_id: int, logprob: Logprob | None, token_text: TokenText, as_ids: bool) -> str:
+    return f"token_id:{token_id}" if as_ids else _text(token_id, logprob, token_text)
+
+
 def _top(entry: TokenLogprobs, top_n: int) -> list[tuple[int, Logprob]]:
     return sorted(entry.items(), key=lambda item: item[1].rank)[:top_n]
 
@@ -54,17 +61,20 @@ def chat_logprobs(
     top_n: int,
     token_text: TokenText,
     token_bytes: TokenBytes,
+    as_ids: bool = False,
 ) -> ChatLogprobs:
     content = []
     for token_id, entry in zip(token_ids, entries, strict=False):
         sampled = _sampled_logprob(token_id, entry)
         tops = [
-            TopLogprob(token=_text(tid, lp, token_text), logprob=lp.logprob, bytes=list(token_bytes(tid)))
+            TopLogprob(
+                token=_name(tid, lp, token_text, as_ids), logprob=lp.logprob, bytes=list(token_bytes(tid))
+            )
             for tid, lp in _top(entry, top_n)
         ]
         content.append(
             ChatTokenLogprob(
-                token=_text(token_id, sampled, token_text),
+                token=_name(token_id, sampled, token_text, as_ids),
                 logprob=sampled.logprob,
                 bytes=list(token_bytes(token_id)),
                 top_logprobs=tops,
@@ -79,30 +89,33 @@ def completion_logprobs(
     top_n: int,
     token_text: TokenText,
     text_offset: int,
+    as_ids: bool = False,
 ) -> tuple[CompletionLogprobs, int]:
     """The legacy shape for these tokens, their text starting at `text_offset`; also the next offset.
     An entry None (a prompt's first token) has null logprobs."""
     result = CompletionLogprobs()
     for token_id, entry in zip(token_ids, entries, strict=False):
         if entry is None:
-            text = token_text(token_id)
+            sampled = None
             result.token_logprobs.append(None)
             result.top_logprobs.append(None)
         else:
             sampled = _sampled_logprob(token_id, entry)
-            text = _text(token_id, sampled, token_text)
             result.token_logprobs.append(sampled.logprob)
             result.top_logprobs.append(
-                {_text(tid, lp, token_text): lp.logprob for tid, lp in _top(entry, top_n)} if top_n else None
+                {_name(tid, lp, token_text, as_ids): lp.logprob for tid, lp in _top(entry, top_n)}
+                if top_n
+                else None
             )
-        result.tokens.append(text)
+        text = _text(token_id, sampled, token_text)
+        result.tokens.append(f"token_id:{token_id}" if as_ids else text)
         result.text_offset.append(text_offset)
         text_offset += len(text)
     return result, text_offset
 
 
 def prompt_logprobs_out(
-    prompt_ids: list[int], entries: PromptLogprobs, top_n: int, token_text: TokenText
+    prompt_ids: list[int], entries: PromptLogprobs, top_n: int, token_text: TokenText, as_ids: bool = False
 ) -> PromptLogprobsOut:
     """vLLM's prompt-logprobs shape: per position the prompt's token and the `top_n` best-ranked ones."""
     out: PromptLogprobsOut = []
@@ -115,7 +128,7 @@ def prompt_logprobs_out(
         out.append(
             {
                 str(tid): PromptTokenLogprob(
-                    logprob=lp.logprob, rank=lp.rank, decoded_token=_text(tid, lp, token_text)
+                    logprob=lp.logprob, rank=lp.rank, decoded_token=_name(tid, lp, token_text, as_ids)
                 )
                 for tid, lp in kept.items()
             }

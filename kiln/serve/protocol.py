@@ -204,6 +204,11 @@ class SamplingRequest(_Lenient):
         "many top alternatives, in the response's `prompt_logprobs` (completions: each choice's). Not "
         "with `stream`. The prompt is computed whole (no prefix-cache hits).",
     )
+    return_tokens_as_token_ids: bool = Field(
+        False,
+        description="vLLM's extension: logprobs name each token `token_id:<id>` instead of by its text, "
+        "so tokens whose texts collide (parts of one character all read U+FFFD) stay apart.",
+    )
     priority: int = Field(0, ge=-(2**31), le=2**31 - 1)  # extension: passed to the engine's scheduler
     # Extension (kiln.serve.generation.request_timeout): the request's deadline, enforced by the server.
     timeout: float | None = Field(

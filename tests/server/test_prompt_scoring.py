@@ -135,3 +135,29 @@ def test_prompt_logprobs_refusals_name_the_field(http: httpx.Client, path: str) 
         r = http.post(path, json={**body, **bad})
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == "prompt_logprobs"
+
+
+def test_tokens_named_by_id(http: httpx.Client) -> None:
+    body = {
+        "model": "tiny",
+        "max_tokens": 3,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_tokens_as_token_ids": True,
+    }
+    r = http.post("/v1/completions", json={**body, "prompt": PROMPT, "echo": True, "logprobs": 2}).json()
+    lp = r["choices"][0]["logprobs"]
+    assert lp["tokens"][: len(PROMPT)] == [f"token_id:{i}" for i in PROMPT]
+    assert all(t.startswith("token_id:") for top in lp["top_logprobs"][1:] for t in top)
+    plain = http.post(
+        "/v1/completions", json={**body, "prompt": PROMPT, "logprobs": 2, "return_tokens_as_token_ids": False}
+    )
+    assert lp["text_offset"][len(PROMPT) :] == [
+        o + lp["text_offset"][len(PROMPT)] for o in plain.json()["choices"][0]["logprobs"]["text_offset"]
+    ]
+    chat = http.post(
+        "/v1/chat/completions",
+        json={**body, "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 1},
+    ).json()
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert len(content) == 3 and all(e["token"].startswith("token_id:") for e in content)

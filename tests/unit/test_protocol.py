@@ -11,7 +11,7 @@ from kiln.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from kiln.serve.admission import Admission
 from kiln.serve.chat_tools import template_messages
 from kiln.serve.errors import InvalidRequestError, OverloadedError, UnavailableError, validation_error
-from kiln.serve.logprobs import chat_logprobs, completion_logprobs
+from kiln.serve.logprobs import chat_logprobs, completion_logprobs, prompt_logprobs_out
 from kiln.serve.protocol import ChatCompletionRequest, ChatDelta, CompletionRequest
 from kiln.serve.sampling import resolve_max_tokens, to_sampling_params
 from kiln.serve.usage import UsageCounter
@@ -221,6 +221,25 @@ def test_completion_logprobs_shape_and_offsets() -> None:
     assert result.text_offset == [10, 11] and end == 13
     none_top, _ = completion_logprobs([5], ENTRIES[:1], top_n=0, token_text=str, text_offset=0)
     assert none_top.top_logprobs == [None]
+
+
+def test_tokens_named_by_id_keep_the_text_offsets() -> None:
+    # Prompt scores first (position 0 unscored), then sampled tokens: names by id, offsets by text.
+    result, end = completion_logprobs(
+        [7, 5, 6], [None, *ENTRIES], top_n=2, token_text=str, text_offset=0, as_ids=True
+    )
+    assert result.tokens == ["token_id:7", "token_id:5", "token_id:6"]
+    assert result.token_logprobs == [None, -0.1, -0.3]
+    assert result.top_logprobs == [
+        None,
+        {"token_id:5": -0.1, "token_id:6": -2.5},
+        {"token_id:6": -0.3, "token_id:5": -1.0},
+    ]
+    assert result.text_offset == [0, 1, 2] and end == 4  # "7", "a", "bb"
+    chat = chat_logprobs([9], ENTRIES[1:], top_n=1, token_text=str, token_bytes=lambda i: b"x", as_ids=True)
+    assert chat.content[0].token == "token_id:9" and chat.content[0].top_logprobs[0].token == "token_id:6"
+    scores = prompt_logprobs_out([7, 6], [None, ENTRIES[1]], top_n=1, token_text=str, as_ids=True)
+    assert scores[0] is None and {k: v.decoded_token for k, v in scores[1].items()} == {"6": "token_id:6"}
 
 
 def test_usage_counts_prompts_once_and_every_choice() -> None:
