@@ -113,7 +113,11 @@ def trtllm_sampling_kwargs(
             "structured",
         )
     if params.prompt_logprobs is not None:
-        raise RequestValidationError("prompt_logprobs is not supported", "prompt_logprobs")
+        raise RequestValidationError(
+            "prompt scoring (prompt_logprobs, or a completion's echo with logprobs) is not supported by the "
+            "TensorRT-LLM backend; serve a native engine for it",
+            "prompt_logprobs",
+        )
     if params.n > limits.max_batch_size:
         raise RequestValidationError(
             f"n ({params.n}) exceeds this engine's max batch size ({limits.max_batch_size})", "n"
