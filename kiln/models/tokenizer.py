@@ -19,6 +19,7 @@ Rules of the interface:
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -126,15 +127,25 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        *,
+        continue_final_message: bool = False,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
         """Token ids of the conversation rendered with the tokenizer's chat template.
 
         Raises ValueError when the tokenizer has no chat template, or a message holds a non-text part.
-        `tools`: OpenAI tool definitions, for templates that render them.
+        `tools`: OpenAI tool definitions, for templates that render them. `continue_final_message`: the
+        render ends inside the last message (no end-of-turn after it), so generation continues it.
+        `template_kwargs`: more variables for the template (`check_template_kwargs` first).
         A message whose content is a list of OpenAI text parts has them joined with newlines.
         """
         ids = self.hf.apply_chat_template(
-            self._normalize(messages), add_generation_prompt=add_generation_prompt, tokenize=True, tools=tools
+            self._normalize(messages),
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tokenize=True,
+            tools=tools,
+            **(template_kwargs or {}),
         )
         # transformers 5 returns a BatchEncoding by default, 4.x a plain list.
         if isinstance(ids, Mapping):
@@ -150,6 +161,16 @@ class Tokenizer:
             self._normalize(messages), add_generation_prompt=add_generation_prompt, tokenize=False
         )
         return str(text)
+
+    def check_template_kwargs(self, kwargs: Mapping[str, Any]) -> None:
+        """Raise ValueError naming the keys of `kwargs` that are transformers' own arguments of
+        `apply_chat_template` (`tokenize`, `chat_template`, ...): template variables may not steer them."""
+        reserved = sorted(set(kwargs) & _template_arguments(type(self.hf)))
+        if reserved:
+            raise ValueError(
+                f"{', '.join(reserved)}: not template variables but arguments of rendering the template; "
+                "Kiln sets them"
+            )
 
     def _normalize(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not self.has_chat_template:
@@ -228,6 +249,13 @@ def _content_text(content: Any) -> str:
             kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
             raise ValueError(f"message content part of type {kind!r} is not supported; only text parts are")
     return "\n".join(parts)
+
+
+@functools.cache
+def _template_arguments(cls: type) -> frozenset[str]:
+    """The named parameters of `cls.apply_chat_template` (its **kwargs go to the template)."""
+    parameters = inspect.signature(cls.apply_chat_template).parameters.values()
+    return frozenset(p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
 
 
 def _configured_class(directory: Path) -> str | None:

@@ -32,7 +32,7 @@ from kiln.serve.protocol import (
 from kiln.serve.sampling import resolve_max_tokens, structured_output, to_sampling_params
 from kiln.serve.state import ServerState
 from kiln.serve.text_chunks import TextChunks
-from kiln.serve.tokenize import check_prompt_text, tokenize
+from kiln.serve.tokenize import chat_template_options, check_prompt_text, tokenize
 from kiln.serve.tool_calls import Delta, ToolCallDelta
 from kiln.serve.tool_parsers import parse_tool_calls
 from kiln.serve.usage import UsageCounter, token_text_fn
@@ -57,9 +57,12 @@ async def create_chat_completion(
     chars = check_prompt_text(
         (m["content"] for m in messages), limit=state.settings.max_prompt_chars, param="messages"
     )
+    options = chat_template_options(body, tokenizer)
     try:
         prompt_ids = list(
-            await tokenize(lambda: tokenizer.apply_chat_template(messages, tools=tools), chars=chars)
+            await tokenize(
+                lambda: tokenizer.apply_chat_template(messages, tools=tools, **options), chars=chars
+            )
         )
     except ValueError as exc:  # no chat template, or a message it cannot render
         raise InvalidRequestError(str(exc), param="messages") from None

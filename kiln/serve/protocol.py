@@ -176,6 +176,46 @@ class StructuredOutputs(_Lenient):
     json_object: bool | None = None
 
 
+class TemplateOptions(_Lenient):
+    """vLLM's extensions to rendering a conversation with the chat template (chat and /tokenize)."""
+
+    add_generation_prompt: bool | None = Field(
+        None,
+        description="vLLM's extension: end the render with the assistant turn's opening (default: true, "
+        "false with continue_final_message).",
+    )
+    continue_final_message: bool = Field(
+        False,
+        description="vLLM's extension: end the render inside the last message, so the reply continues it "
+        "(a prefilled answer); not with add_generation_prompt: true.",
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None,
+        description="vLLM's extension: more variables for the chat template (e.g. enable_thinking); not "
+        "the rendering's own arguments (tokenize, chat_template, ...).",
+    )
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _one_ending(cls, continues: bool, info: ValidationInfo) -> bool:
+        if continues and info.data.get("add_generation_prompt"):
+            raise PydanticCustomError(
+                "invalid",
+                "cannot continue the final message and also open a new assistant turn: send "
+                "add_generation_prompt false, or leave it out",
+            )
+        return continues
+
+    def template_options(self) -> dict[str, Any]:
+        """The keyword arguments of `Tokenizer.apply_chat_template` these fields ask for."""
+        add = self.add_generation_prompt
+        return {
+            "add_generation_prompt": not self.continue_final_message if add is None else add,
+            "continue_final_message": self.continue_final_message,
+            "template_kwargs": self.chat_template_kwargs,
+        }
+
+
 class SamplingRequest(_Lenient):
     """Fields chat and completions share."""
 
@@ -266,7 +306,7 @@ _TAKEN = {"store": (False,), "service_tier": ("auto", "default")}
 METADATA_MAX_PAIRS, METADATA_MAX_KEY, METADATA_MAX_VALUE = 16, 64, 512
 
 
-class ChatCompletionRequest(SamplingRequest):
+class ChatCompletionRequest(SamplingRequest, TemplateOptions):
     # Shown in /openapi.json (and sent first by schemathesis): a plain request and a streamed one.
     model_config = ConfigDict(
         json_schema_extra={

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kiln.serve.errors import InvalidRequestError
+from kiln.serve.protocol import TemplateOptions
 
 INLINE_CHARS = 16_384
 T = TypeVar("T")
@@ -46,3 +47,14 @@ async def tokenize(encode: Callable[[], T], *, chars: int) -> T:
     if chars <= INLINE_CHARS:
         return encode()
     return await asyncio.to_thread(encode)
+
+
+def chat_template_options(body: TemplateOptions, tokenizer: Any) -> dict[str, Any]:
+    """`body`'s options of rendering its conversation (`TemplateOptions.template_options`); 400 naming
+    `chat_template_kwargs` for a key that is the rendering's own argument."""
+    options = body.template_options()
+    try:
+        tokenizer.check_template_kwargs(options["template_kwargs"] or {})
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="chat_template_kwargs") from None
+    return options

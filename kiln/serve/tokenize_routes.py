@@ -3,8 +3,9 @@
 Rules:
 - /tokenize takes vLLM's two request forms, told apart by their field: `{prompt}`, encoded as
   /v1/completions encodes a prompt (with the tokenizer's special tokens, unless
-  `add_special_tokens: false`), or `{messages}` (with `add_generation_prompt`, default true, and
-  `tools`), rendered by the chat template exactly as /v1/chat/completions renders them, so `count` is
+  `add_special_tokens: false`), or `{messages}` (with `tools` and vLLM's template options:
+  `add_generation_prompt`, `continue_final_message`, `chat_template_kwargs`; those with `prompt` are a
+  400), rendered by the chat template exactly as /v1/chat/completions renders them, so `count` is
   the `prompt_tokens` a chat request would use. Exactly one of the two; the template adds a
   conversation's special tokens itself (`add_special_tokens: true` with `messages` is a 400). It
   answers `{count, max_model_len, tokens}`, plus `token_strs` with `return_token_strs: true`.
@@ -29,16 +30,16 @@ from kiln.serve.auth import require_api_key
 from kiln.serve.chat_tools import plan_tools, renders_tools, template_messages
 from kiln.serve.errors import InvalidRequestError
 from kiln.serve.openapi import error_responses, key_responses
-from kiln.serve.protocol import ChatCompletionRequest, ChatMessage, ToolDef, _Lenient
+from kiln.serve.protocol import ChatCompletionRequest, ChatMessage, TemplateOptions, ToolDef, _Lenient
 from kiln.serve.sampling import check_token_ids
 from kiln.serve.settings import ServerSettings
 from kiln.serve.state import server_state
-from kiln.serve.tokenize import check_prompt_text, tokenize
+from kiln.serve.tokenize import chat_template_options, check_prompt_text, tokenize
 
 logger = logging.getLogger("kiln.serve")
 
 
-class TokenizeRequest(_Lenient):
+class TokenizeRequest(TemplateOptions):
     """vLLM's TokenizeCompletionRequest (`prompt`) and TokenizeChatRequest (`messages`) in one model."""
 
     model_config = ConfigDict(
@@ -54,8 +55,7 @@ class TokenizeRequest(_Lenient):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool | None = None  # prompt: default true; messages: the template adds them
-    add_generation_prompt: bool = True  # messages only
-    tools: list[ToolDef] | None = None  # messages only
+    tools: list[ToolDef] | None = None  # messages only (as the TemplateOptions fields)
     return_token_strs: bool = False
 
 
@@ -95,6 +95,11 @@ async def create_tokenize(body: TokenizeRequest, request: Request) -> TokenizeRe
         )
     if body.messages is None:
         assert body.prompt is not None
+        for name in ("add_generation_prompt", "continue_final_message", "chat_template_kwargs", "tools"):
+            if name in body.model_fields_set:
+                raise InvalidRequestError(
+                    f"{name} applies to messages (a conversation), not prompt", param=name
+                )
         text, special = body.prompt, body.add_special_tokens is not False
         chars = check_prompt_text([text], limit=limit, param="prompt")
         ids = await tokenize(lambda: tokenizer.encode(text, add_special_tokens=special), chars=chars)
@@ -111,13 +116,10 @@ async def create_tokenize(body: TokenizeRequest, request: Request) -> TokenizeRe
         messages = template_messages(body.messages, plan, native)
         tools = plan.tools if plan is not None and native else None
         chars = check_prompt_text((m["content"] for m in messages), limit=limit, param="messages")
-        generation_prompt = body.add_generation_prompt
+        options = chat_template_options(body, tokenizer)
         try:
             ids = await tokenize(
-                lambda: tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=generation_prompt, tools=tools
-                ),
-                chars=chars,
+                lambda: tokenizer.apply_chat_template(messages, tools=tools, **options), chars=chars
             )
         except ValueError as exc:  # no chat template, or a message it cannot render
             raise InvalidRequestError(str(exc), param="messages") from None

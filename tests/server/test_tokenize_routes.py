@@ -1,5 +1,7 @@
 """POST /tokenize and /detokenize in vLLM's shapes: the same ids the generation routes use, text back,
-400s naming the field, the API key, and /openapi.json documenting both."""
+400s naming the field, the API key, and /openapi.json documenting both. Also vLLM's chat-template options,
+which chat completions and /tokenize share: a prefilled answer continued, the generation prompt left out,
+template variables passed, the rendering's own arguments refused."""
 
 from __future__ import annotations
 
@@ -123,3 +125,68 @@ def test_behind_the_api_key_and_documented(tiny_engine: AsyncEngine) -> None:
         assert "422" not in op["responses"] and op["security"] == [{"apiKey": []}]
         schema = op["responses"]["200"]["content"]["application/json"]["schema"]
         assert schema == {"$ref": f"#/components/schemas/{response}"}
+
+
+# --- chat template options -------------------------------------------------------------------------
+PREFILLED = [
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "My favourite is"},
+]
+GREEDY = {"model": "tiny", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+
+
+def test_continue_final_message_generates_after_the_prefill(http: httpx.Client, server: LiveServer) -> None:
+    tokenizer = server.engine.tokenizer
+    ids = tokenizer.apply_chat_template(PREFILLED, False, continue_final_message=True)
+    assert tokenizer.decode(ids, skip_special_tokens=False).endswith("My favourite is")
+    chat = ok(
+        http.post(
+            "/v1/chat/completions", json={**GREEDY, "messages": PREFILLED, "continue_final_message": True}
+        )
+    )
+    assert chat["usage"]["prompt_tokens"] == len(ids)
+    # The reply is what the model writes after exactly those ids.
+    completion = ok(http.post("/v1/completions", json={**GREEDY, "prompt": ids}))
+    assert chat["choices"][0]["message"]["content"] == completion["choices"][0]["text"]
+    counted = ok(http.post("/tokenize", json={"messages": PREFILLED, "continue_final_message": True}))
+    assert counted["tokens"] == ids
+
+
+def test_add_generation_prompt_false_ends_at_the_last_message(http: httpx.Client, server: LiveServer) -> None:
+    ids = server.engine.tokenizer.apply_chat_template(PREFILLED[:1], add_generation_prompt=False)
+    chat = ok(
+        http.post(
+            "/v1/chat/completions", json={**GREEDY, "messages": PREFILLED[:1], "add_generation_prompt": False}
+        )
+    )
+    assert chat["usage"]["prompt_tokens"] == len(ids)
+    default = ok(http.post("/v1/chat/completions", json={**GREEDY, "messages": PREFILLED[:1]}))
+    assert default["usage"]["prompt_tokens"] > len(ids)
+
+
+def test_template_variables_are_passed_and_the_renderings_arguments_refused(http: httpx.Client) -> None:
+    body = {**GREEDY, "messages": PREFILLED[:1]}
+    plain = ok(http.post("/v1/chat/completions", json=body))
+    # The tiny model's template reads no variables: one it does not read changes nothing.
+    extra = ok(
+        http.post("/v1/chat/completions", json={**body, "chat_template_kwargs": {"enable_thinking": False}})
+    )
+    assert extra["choices"][0]["message"] == plain["choices"][0]["message"]
+    for path, form in (("/v1/chat/completions", body), ("/tokenize", {"messages": PREFILLED[:1]})):
+        r = http.post(path, json={**form, "chat_template_kwargs": {"tokenize": False}})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template_kwargs", r.text
+        assert "tokenize" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+def test_contradictions_are_400s_naming_the_field(http: httpx.Client, path: str) -> None:
+    both = {"messages": PREFILLED, "continue_final_message": True, "add_generation_prompt": True}
+    r = http.post(path, json={**GREEDY, **both} if path.startswith("/v1") else both)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message", r.text
+
+
+@pytest.mark.parametrize("field", ["add_generation_prompt", "continue_final_message", "chat_template_kwargs"])
+def test_template_options_with_a_text_prompt_are_refused(http: httpx.Client, field: str) -> None:
+    value = {} if field == "chat_template_kwargs" else True
+    r = http.post("/tokenize", json={"prompt": "hello", field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text

@@ -130,3 +130,27 @@ def test_fast_decode_equals_transformers_decode(tiny_gqa_dir, smollm2_gguf) -> N
             for skip in (True, False):
                 expected = tok.hf.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
                 assert tok.decode(ids, skip_special_tokens=skip) == expected
+
+
+def test_chat_template_continues_the_final_message_and_takes_template_variables(
+    tiny_gqa_dir: Path, tmp_path: Path
+):
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% if not enable_thinking %}<think></think>{% endif %}"
+        "{% endif %}"
+    )
+    tok = Tokenizer(copy_tokenizer(tiny_gqa_dir, tmp_path / "thinking", chat_template=template))
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello, I am"}]
+    continued = tok.decode(tok.apply_chat_template(messages, False, continue_final_message=True), False)
+    assert continued.endswith("<|im_start|>assistant\nHello, I am")  # no end of turn: the reply goes on
+    thinking = tok.decode(
+        tok.apply_chat_template(messages[:1], template_kwargs={"enable_thinking": True}), False
+    )
+    plain = tok.decode(
+        tok.apply_chat_template(messages[:1], template_kwargs={"enable_thinking": False}), False
+    )
+    assert thinking.endswith("assistant\n") and plain.endswith("assistant\n<think></think>")
+    tok.check_template_kwargs({"enable_thinking": True, "anything": 1})
+    with pytest.raises(ValueError, match=r"^chat_template, tokenize: not template variables"):
+        tok.check_template_kwargs({"tokenize": False, "chat_template": "x", "ok": 1})
