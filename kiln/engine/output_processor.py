@@ -43,8 +43,10 @@ class _Group:
 
 class OutputProcessor:
     """Owns the text side of every live request. Rules: text handed out is never retracted (a possible
-    stop-string prefix is held back until it resolves); stop strings are cut from the text; a request
-    finishes on a stop string even if the same token also reached max_tokens."""
+    stop-string prefix is held back until it resolves); stop strings are cut from the text, and the token
+    that stopped a request (EOS, a stop token id) is left out of it, both kept with
+    `include_stop_str_in_output`; a request finishes on a stop string even if the same token also reached
+    max_tokens."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -163,10 +165,11 @@ class OutputProcessor:
     def _advance(self, seq: _Sequence, sampled: SampledTokens) -> tuple[CompletionOutput, bool]:
         request = seq.request
         token = request.output_token_ids[-1]
-        seq.detokenizer.add([token])
+        finish_reason = request.status.finish_reason
+        if finish_reason != "stop" or _text_keeps(request, token):
+            seq.detokenizer.add([token])
         text = seq.detokenizer.text
         new_chars = len(text) - seq.sent_chars
-        finish_reason = request.status.finish_reason
         stop_reason = request.stop_reason
         release_to = len(text) if finish_reason else None
         hit_stop = False
@@ -220,3 +223,15 @@ class OutputProcessor:
             logprob=logprob, rank=rank, decoded=self.tokenizer.decode([token], skip_special_tokens=False)
         )
         return [entry]
+
+
+def _text_keeps(request: Request, token: int) -> bool:
+    """Whether the text of a request that just stopped has its last token in it: not when that token is
+    what stopped it (EOS or a stop token id), unless `include_stop_str_in_output` (as vLLM; a stop string
+    is cut the same way). A structured output's last token, which completed its grammar, stays."""
+    params = request.params
+    if params.include_stop_str_in_output:
+        return True
+    if request.stop_reason == token:
+        return False
+    return params.ignore_eos or token not in request.eos_token_ids

@@ -55,6 +55,32 @@ def test_stop_string_spanning_tokens_is_cut_from_the_text(llm):
     assert got.outputs[0].stop_reason == stop
 
 
+def test_the_token_that_stops_a_request_is_left_out_of_its_text(llm):
+    base = llm.generate(["The stop test"], SamplingParams(temperature=0, max_tokens=8, min_tokens=8))[0]
+    ids = base.outputs[0].token_ids
+    stopper = next(t for t in ids[2:] if llm.tokenizer.decode([t]).strip())  # a token with visible text
+    cut = ids.index(stopper) + 1
+    for include in (False, True):
+        params = SamplingParams(
+            temperature=0, max_tokens=8, stop_token_ids=[stopper], include_stop_str_in_output=include
+        )
+        (got,) = llm.generate(["The stop test"], params)[0].outputs
+        assert got.token_ids == ids[:cut] and (got.finish_reason, got.stop_reason) == ("stop", stopper)
+        assert got.text == llm.tokenizer.decode(ids[: cut if include else cut - 1])
+    # EOS, forced first: its text ("<|im_end|>" when special tokens are kept) only on request.
+    eos = llm.tokenizer.eos_token_ids[0]
+    for include in (False, True):
+        params = SamplingParams(
+            max_tokens=4,
+            logit_bias={eos: 100.0},
+            skip_special_tokens=False,
+            include_stop_str_in_output=include,
+        )
+        (got,) = llm.generate(["The stop test"], params)[0].outputs
+        assert got.token_ids == [eos] and got.finish_reason == "stop"
+        assert got.text == ("<|im_end|>" if include else "")
+
+
 def test_n_samples_share_the_prompt_blocks(tiny_gqa_dir):
     engine = LLMEngine.from_path(tiny_gqa_dir, EngineConfig(device="cpu", block_size=4))
     prompt = list(range(5, 5 + 33))  # 8 full blocks + 1 token
