@@ -235,6 +235,9 @@ class SamplingRequest(_Lenient):
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
+    # vLLM's: special tokens' text left out (default) or kept; the stop string or stop token kept.
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
     user: str | None = Field(None, description="Written to the request's log line.")
     prompt_logprobs: int | None = Field(
         None,
