@@ -66,6 +66,8 @@ async def create_chat_completion(
         )
     except ValueError as exc:  # no chat template, or a message it cannot render
         raise InvalidRequestError(str(exc), param="messages") from None
+    if body.truncate_prompt_tokens is not None:
+        prompt_ids = prompt_ids[-body.truncate_prompt_tokens :]
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = resolve_max_tokens(
         requested,

@@ -61,6 +61,9 @@ async def _prompts(
                 raise InvalidRequestError("a tokenized prompt must not be empty", param="prompt")
             check_token_ids(item, vocab_size=vocab_size, param="prompt")
             prompts.append(Prompt(item, None))
+    keep = body.truncate_prompt_tokens
+    if keep is not None:  # a cut text prompt is echoed as its kept tokens decode
+        prompts = [p if len(p.token_ids) <= keep else Prompt(p.token_ids[-keep:], None) for p in prompts]
     return prompts
 
 

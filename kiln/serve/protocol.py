@@ -235,6 +235,12 @@ class SamplingRequest(_Lenient):
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
+    truncate_prompt_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="vLLM's extension: keep only the last this many prompt tokens (chat: of the rendered "
+        "conversation), dropping the start; usage counts the kept ones.",
+    )
     # vLLM's: special tokens' text left out (default) or kept; the stop string or stop token kept.
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False

@@ -154,3 +154,23 @@ def test_completion_stream_include_usage(client: openai.OpenAI) -> None:
     )
     assert chunks[-1].usage.completion_tokens == 6
     assert chunks[-2].choices[0].finish_reason == "length"
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_end(client: openai.OpenAI, server: LiveServer) -> None:
+    ids = list(range(5, 45))
+    greedy = {"model": "tiny", "max_tokens": 4, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    cut = client.completions.create(
+        prompt=ids, echo=True, **greedy | {"extra_body": {"ignore_eos": True, "truncate_prompt_tokens": 8}}
+    )
+    tail = client.completions.create(prompt=ids[-8:], echo=True, **greedy)
+    assert cut.usage.prompt_tokens == 8 and cut.choices[0].text == tail.choices[0].text
+    chat = client.chat.completions.create(
+        messages=CHAT, **greedy | {"extra_body": {"ignore_eos": True, "truncate_prompt_tokens": 5}}
+    )
+    rendered = server.engine.tokenizer.apply_chat_template(CHAT)
+    assert chat.usage.prompt_tokens == 5 < len(rendered)
+    same = client.completions.create(prompt=rendered[-5:], **greedy)
+    assert chat.choices[0].message.content == same.choices[0].text
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(prompt=ids, **greedy | {"extra_body": {"truncate_prompt_tokens": 0}})
+    assert refused.value.body["param"] == "truncate_prompt_tokens"
