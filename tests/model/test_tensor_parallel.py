@@ -81,6 +81,34 @@ def test_preemption_and_abort_behave_as_on_one_rank(tiny_gqa_dir: Path) -> None:
     assert stats.kv_blocks_used == 0
 
 
+def test_two_ranks_score_prompts_as_one(tiny_gqa_dir: Path) -> None:
+    """Scoring takes the logits of extra rows, gathered across ranks: every rank must score the same rows
+    in the same pieces, or the collectives would not meet."""
+    params = SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=2)
+    scores = []
+    for tp in (1, 2):
+        engine = make_engine(tiny_gqa_dir, tp, max_num_batched_tokens=16)
+        try:
+            for i, prompt in enumerate(PROMPTS[:3]):
+                engine.add_request(str(i), params=params, prompt_token_ids=prompt)
+            got: dict = {}
+            while engine.has_unfinished_requests():
+                for delta in engine.step():
+                    got[delta.request_id] = accumulate(got.get(delta.request_id), delta)
+        finally:
+            engine.close()
+        scores.append({rid: out.prompt_logprobs for rid, out in got.items()})
+    one, two = scores
+    assert sorted(two) == ["0", "1", "2"]
+    for rid, entries in one.items():
+        assert len(two[rid]) == len(entries) == len(PROMPTS[int(rid)]) and two[rid][0] is None
+        for mine, theirs in zip(entries[1:], two[rid][1:], strict=True):
+            assert list(mine) == list(theirs)
+            assert [e.logprob for e in theirs.values()] == pytest.approx(
+                [e.logprob for e in mine.values()], abs=1e-4
+            )
+
+
 def test_replicated_kv_heads_and_a_padded_vocabulary(tmp_path: Path) -> None:
     # One KV head for two ranks (replicated), and 509 tokens: two slices of 255 rows, the last padded.
     model_dir = write_tiny_checkpoint(tmp_path / "mqa", seed=3, num_key_value_heads=1, vocab_size=509)
