@@ -102,6 +102,8 @@ async def create_chat_completion(
         prompt_tokens=len(prompt_ids),
         time_left=None if deadline is None else deadline.left(),
     )
+    last = body.messages[-1]
+    echoed = last.text() if body.echo and last.role == "assistant" else ""  # vLLM's chat `echo`
     generation = Generation(
         state,
         request_id=start.request_id,
@@ -120,8 +122,8 @@ async def create_chat_completion(
         start,
         request,
         generation,
-        stream=(lambda: _stream(generation, body, top_n, state, plan)) if body.stream else None,
-        collect=lambda: _collect(generation, body, top_n, state, plan),
+        stream=(lambda: _stream(generation, body, top_n, state, plan, echoed)) if body.stream else None,
+        collect=lambda: _collect(generation, body, top_n, state, plan, echoed),
     )
 
 
@@ -147,9 +149,10 @@ async def _collect(
     top_n: int | None,
     state: ServerState,
     plan: ToolPlan | None,
+    echoed: str,
 ) -> ChatCompletionResponse:
     token_text = token_text_fn(state.engine.tokenizer)
-    texts = [""] * body.n
+    texts = [echoed] * body.n
     logprobs = [ChatLogprobs(content=[]) for _ in range(body.n)]
     finish: list[str | None] = [None] * body.n
     stop_reason: list[str | int | None] = [None] * body.n
@@ -206,6 +209,7 @@ async def _stream(
     top_n: int | None,
     state: ServerState,
     plan: ToolPlan | None,
+    echoed: str,
 ) -> AsyncIterator[str]:
     token_text = token_text_fn(state.engine.tokenizer)
     created = int(time.time())
@@ -239,6 +243,13 @@ async def _stream(
                 out.append(text_chunk(index, d.text, generation.system_fingerprint))
         return out
 
+    if echoed:  # the message the reply continues, first (through the parser, which reads it whole)
+        for index in range(body.n):
+            if parsers is not None:
+                for piece in tool_chunks(index, parsers[index].feed(echoed)):
+                    yield piece
+            else:
+                yield text_chunk(index, echoed, generation.system_fingerprint)
     async for _, out in generation.outputs():
         usage.add(out)
         for c in out.outputs:

@@ -334,6 +334,11 @@ class ChatCompletionRequest(SamplingRequest, TemplateOptions):
     )
 
     messages: list[ChatMessage] = Field(min_length=1)
+    echo: bool = Field(
+        False,
+        description="vLLM's extension: when the last message is the assistant's, the reply's content starts "
+        "with it (with continue_final_message: the whole message, prefill and continuation).",
+    )
     max_completion_tokens: int | None = None
     tools: list[ToolDef] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools

@@ -97,7 +97,7 @@ def test_backend_refusal_names_the_field(tiny_engine: AsyncEngine) -> None:
         assert r.status_code == 400 and r.json()["error"]["param"] is None
         # A chat request carries the prompt as `messages` and logprobs as `top_logprobs`.
         chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-        for field, param in (("prompt", "messages"), ("logprobs", "top_logprobs"), ("echo", None)):
+        for field, param in (("prompt", "messages"), ("logprobs", "top_logprobs"), ("suffix", None)):
             refusing.field = field
             r = httpx.post(f"{live.url}/v1/chat/completions", json=chat)
             assert r.status_code == 400 and r.json()["error"]["param"] == param, (field, r.text)

@@ -1,10 +1,12 @@
 """POST /tokenize and /detokenize in vLLM's shapes: the same ids the generation routes use, text back,
 400s naming the field, the API key, and /openapi.json documenting both. Also vLLM's chat-template options,
-which chat completions and /tokenize share: a prefilled answer continued, the generation prompt left out,
+which chat completions and /tokenize share: a prefilled answer continued (and echoed), the generation
+prompt left out,
 template variables passed, the rendering's own arguments refused."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -190,3 +192,24 @@ def test_template_options_with_a_text_prompt_are_refused(http: httpx.Client, fie
     value = {} if field == "chat_template_kwargs" else True
     r = http.post("/tokenize", json={"prompt": "hello", field: value})
     assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_starts_the_reply_with_the_prefill_it_continues(http: httpx.Client, stream: bool) -> None:
+    body = {**GREEDY, "messages": PREFILLED, "continue_final_message": True}
+    plain = ok(http.post("/v1/chat/completions", json=body))["choices"][0]["message"]["content"]
+    if not stream:
+        echoed = ok(http.post("/v1/chat/completions", json={**body, "echo": True}))["choices"][0]["message"][
+            "content"
+        ]
+    else:
+        with http.stream("POST", "/v1/chat/completions", json={**body, "echo": True, "stream": True}) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        echoed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert echoed == "My favourite is" + plain
+    # A last message that is not the assistant's is not echoed.
+    user_last = {**GREEDY, "messages": PREFILLED[:1]}
+    assert (
+        ok(http.post("/v1/chat/completions", json={**user_last, "echo": True}))["choices"][0]["message"]
+        == ok(http.post("/v1/chat/completions", json=user_last))["choices"][0]["message"]
+    )
