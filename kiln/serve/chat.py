@@ -2,7 +2,7 @@
 
 Stream order per choice (OpenAI's): a chunk with `delta.role`, content chunks, a chunk with an empty
 delta and `finish_reason`; with `stream_options.include_usage`, every chunk carries `usage: null`
-and one last chunk with no choices carries the usage.
+(with `continuous_usage_stats`, the usage so far) and one last chunk with no choices carries the usage.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from kiln.serve.text_chunks import TextChunks
 from kiln.serve.tokenize import chat_template_options, check_prompt_text, tokenize
 from kiln.serve.tool_calls import Delta, ToolCallDelta
 from kiln.serve.tool_parsers import parse_tool_calls
-from kiln.serve.usage import UsageCounter, token_text_fn
+from kiln.serve.usage import UsageCounter, running_usage, token_text_fn
 
 
 def _top_logprobs(body: ChatCompletionRequest) -> int | None:
@@ -214,6 +214,8 @@ async def _stream(
     token_text = token_text_fn(state.engine.tokenizer)
     created = int(time.time())
     exclude = None if body.include_usage else {"usage"}
+    usage = UsageCounter()
+    running = running_usage(body, sum(len(p.token_ids) for p in generation.prompts), usage)
 
     def chunk(choice: ChatChunkChoice) -> str:
         return ChatCompletionChunk(
@@ -222,14 +224,15 @@ async def _stream(
             model=state.model_name,
             system_fingerprint=generation.system_fingerprint,
             choices=[choice],
+            usage=None if running is None else running(),
         ).model_dump_json(exclude=exclude)
 
-    text_chunk = TextChunks(
-        lambda index, text: chunk(ChatChunkChoice(index=index, delta=ChatDelta(content=text)))
-    )
+    def render_text(index: int, text: str) -> str:
+        return chunk(ChatChunkChoice(index=index, delta=ChatDelta(content=text)))
+
+    text_chunk = TextChunks(render_text, fixed=running is None)
     for index in range(body.n):
         yield chunk(ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content="")))
-    usage = UsageCounter()
     parsers = [plan.new_parser() for _ in range(body.n)] if plan is not None else None
     called = [False] * body.n
 

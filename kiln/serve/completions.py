@@ -34,7 +34,7 @@ from kiln.serve.sampling import (
 from kiln.serve.state import ServerState
 from kiln.serve.text_chunks import TextChunks
 from kiln.serve.tokenize import check_prompt_text, tokenize
-from kiln.serve.usage import UsageCounter, token_text_fn
+from kiln.serve.usage import UsageCounter, running_usage, token_text_fn
 
 
 async def _prompts(
@@ -185,6 +185,8 @@ async def _stream(generation: Generation, body: CompletionRequest, state: Server
     n = body.n
     offsets = [0] * (len(generation.prompts) * n)
     exclude = None if body.include_usage else {"usage"}
+    usage = UsageCounter()
+    running = running_usage(body, sum(len(p.token_ids) for p in generation.prompts), usage)
 
     def chunk(choice: CompletionChoice) -> str:
         return CompletionResponse(
@@ -193,14 +195,16 @@ async def _stream(generation: Generation, body: CompletionRequest, state: Server
             model=state.model_name,
             system_fingerprint=generation.system_fingerprint,
             choices=[choice],
+            usage=None if running is None else running(),
         ).model_dump_json(exclude=exclude)
 
     echo_top = body.logprobs if body.echo else None  # echo with logprobs: the prompt's tokens lead
     if body.echo and echo_top is None:
         for i in range(len(offsets)):
             yield chunk(CompletionChoice(index=i, text=_echo_text(generation.prompts[i // n], tokenizer)))
-    text_chunk = TextChunks(lambda index, text: chunk(CompletionChoice(index=index, text=text)))
-    usage = UsageCounter()
+    text_chunk = TextChunks(
+        lambda index, text: chunk(CompletionChoice(index=index, text=text)), fixed=running is None
+    )
     async for prompt_index, out in generation.outputs():
         usage.add(out)
         if echo_top is not None and out.prompt_logprobs is not None:

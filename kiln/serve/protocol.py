@@ -68,6 +68,17 @@ class _Lenient(BaseModel):
 
 class StreamOptions(_Lenient):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(
+        False,
+        description="vLLM's extension: every chunk carries the usage so far (with include_usage only).",
+    )
+
+    @field_validator("continuous_usage_stats")
+    @classmethod
+    def _with_usage(cls, continuous: bool, info: ValidationInfo) -> bool:
+        if continuous and not info.data.get("include_usage"):
+            raise PydanticCustomError("invalid", "needs include_usage: true")
+        return continuous
 
 
 class TextPart(_Lenient):
@@ -297,6 +308,11 @@ class SamplingRequest(_Lenient):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Every chunk of the stream carries the usage so far (`stream_options.continuous_usage_stats`)."""
+        return bool(self.include_usage and self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 # Chat fields refused when set, and why; those in `_TAKEN` are taken at the values that ask for nothing.

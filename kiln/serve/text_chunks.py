@@ -12,7 +12,8 @@ Rules:
 - A chunk with anything else set (logprobs, a finish reason, tool calls, the role) goes through the model.
 - `key` is whatever else the chunk depends on that may change mid-stream (the system fingerprint, known
   from the first output): a new key renders the probe again.
-- If the probe does not split cleanly (a marker also in another field), every chunk goes through the model.
+- If the probe does not split cleanly (a marker also in another field), every chunk goes through the model;
+  so does every chunk of a stream whose chunks change otherwise (`fixed=False`: a running usage in each).
 """
 
 from __future__ import annotations
@@ -29,14 +30,17 @@ _NO_KEY = object()
 class TextChunks:
     """`chunks(index, text, key)` is `render(index, text)`, from a template once rendered."""
 
-    __slots__ = ("_key", "_parts", "_render")
+    __slots__ = ("_fixed", "_key", "_parts", "_render")
 
-    def __init__(self, render: Callable[[int, str], str]) -> None:
+    def __init__(self, render: Callable[[int, str], str], fixed: bool = True) -> None:
         self._render = render
         self._key: object = _NO_KEY
         self._parts: tuple[str, str, str] | None = None
+        self._fixed = fixed
 
     def __call__(self, index: int, text: str, key: object = None) -> str:
+        if not self._fixed:
+            return self._render(index, text)
         if key != self._key:
             self._key, self._parts = key, _split(self._render(_INDEX, _TEXT))
         if self._parts is None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 from kiln.engine.outputs import RequestOutput
 from kiln.serve.logprobs import TokenText
-from kiln.serve.protocol import PromptTokensDetails, Usage
+from kiln.serve.protocol import PromptTokensDetails, SamplingRequest, Usage
 
 
 class UsageCounter:
@@ -28,14 +29,26 @@ class UsageCounter:
         self._cached_tokens[out.request_id] = out.num_cached_tokens
         self.completion_tokens += sum(len(c.token_ids) for c in out.outputs)
 
-    def usage(self) -> Usage:
-        prompt = sum(self._prompt_tokens.values())
+    def usage(self, prompt_tokens: int | None = None) -> Usage:
+        """The usage so far; `prompt_tokens`: the request's prompt total when known before every prompt
+        has had an output (a stream's running usage)."""
+        prompt = sum(self._prompt_tokens.values()) if prompt_tokens is None else prompt_tokens
         return Usage(
             prompt_tokens=prompt,
             completion_tokens=self.completion_tokens,
             total_tokens=prompt + self.completion_tokens,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self._cached_tokens.values())),
         )
+
+
+def running_usage(
+    body: SamplingRequest, prompt_tokens: int, counter: UsageCounter
+) -> Callable[[], Usage] | None:
+    """The usage so far for every chunk of a stream that asks for it (`continuous_usage`), else None:
+    the request's prompt tokens from the start, the completion tokens as `counter` adds them."""
+    if not body.continuous_usage:
+        return None
+    return lambda: counter.usage(prompt_tokens)
 
 
 def token_text_fn(tokenizer: Any) -> TokenText:

@@ -156,6 +156,28 @@ def test_completion_stream_include_usage(client: openai.OpenAI) -> None:
     assert chunks[-2].choices[0].finish_reason == "length"
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(
+    client: openai.OpenAI, endpoint: str
+) -> None:
+    common = {"model": "tiny", "max_tokens": 5, "n": 2, "stream": True, "extra_body": {"ignore_eos": True}}
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    if endpoint == "chat":
+        chunks = list(client.chat.completions.create(messages=CHAT, stream_options=options, **common))
+    else:
+        chunks = list(client.completions.create(prompt=[5, 6, 7], stream_options=options, **common))
+    final = chunks[-1]
+    assert final.choices == [] and final.usage.completion_tokens == 10
+    assert all(c.usage is not None and c.usage.prompt_tokens == final.usage.prompt_tokens for c in chunks)
+    assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
+    seen = [c.usage.completion_tokens for c in chunks[:-1]]
+    assert seen == sorted(seen) and seen[-1] == 10  # counting up to the whole
+    assert seen[0] == 0 if endpoint == "chat" else seen[0] <= 2  # chat's role chunks come before any token
+    with pytest.raises(openai.BadRequestError) as refused:  # per chunk only with the final usage
+        client.completions.create(prompt=[5], stream_options={"continuous_usage_stats": True}, **common)
+    assert refused.value.body["param"] == "stream_options.continuous_usage_stats"
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_end(client: openai.OpenAI, server: LiveServer) -> None:
     ids = list(range(5, 45))
     greedy = {"model": "tiny", "max_tokens": 4, "temperature": 0, "extra_body": {"ignore_eos": True}}
