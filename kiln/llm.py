@@ -87,8 +87,26 @@ class LLM:
         return [results[rid] for rid in ids]
 
     def chat(
-        self, messages: list[dict[str, Any]], sampling_params: SamplingParams | None = None
+        self,
+        messages: list[dict[str, Any]],
+        sampling_params: SamplingParams | None = None,
+        *,
+        add_generation_prompt: bool | None = None,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> RequestOutput:
-        """Generate one reply to a conversation, formatted with the tokenizer's chat template."""
-        token_ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        """Generate one reply to a conversation, formatted with the tokenizer's chat template. As vLLM's:
+        `continue_final_message` continues the last message (the generation prompt then defaults to off;
+        both on is a ValueError); `chat_template_kwargs` are more template variables."""
+        if add_generation_prompt is None:
+            add_generation_prompt = not continue_final_message
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        self.tokenizer.check_template_kwargs(chat_template_kwargs or {})
+        token_ids = self.tokenizer.apply_chat_template(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            template_kwargs=chat_template_kwargs,
+        )
         return self.generate({"prompt_token_ids": token_ids}, sampling_params)[0]

@@ -30,6 +30,19 @@ def test_llm_generate_shapes(llm):
     assert outs[1].prompt_token_ids == token_prompt["prompt_token_ids"]
 
 
+def test_llm_chat_continues_a_prefilled_answer(llm):
+    messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue is"}]
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    out = llm.chat(messages, greedy, continue_final_message=True)
+    assert llm.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False).endswith("Blue is")
+    ids = llm.tokenizer.apply_chat_template(messages, False, continue_final_message=True)
+    assert out.outputs[0].token_ids == llm.generate({"prompt_token_ids": ids}, greedy)[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="cannot both be true"):
+        llm.chat(messages, greedy, add_generation_prompt=True, continue_final_message=True)
+    with pytest.raises(ValueError, match=r"^tokenize: not template variables"):
+        llm.chat(messages[:1], greedy, chat_template_kwargs={"tokenize": False})
+
+
 def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(llm):
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, seed=1234)
     alone = llm.generate(["a seeded prompt"], params)[0].outputs[0].token_ids
