@@ -205,6 +205,19 @@ class TemplateOptions(_Lenient):
         description="vLLM's extension: more variables for the chat template (e.g. enable_thinking); not "
         "the rendering's own arguments (tokenize, chat_template, ...).",
     )
+    chat_template: str | None = Field(
+        None, description="Refused: Kiln renders with the model's own chat template (the engine's)."
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _own_template(cls, template: str | None) -> str | None:
+        if template is not None:
+            raise PydanticCustomError(
+                "unsupported",
+                "a chat template sent with the request is not supported: Kiln renders with the model's own",
+            )
+        return template
 
     @field_validator("continue_final_message")
     @classmethod

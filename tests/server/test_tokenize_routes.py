@@ -185,6 +185,9 @@ def test_contradictions_are_400s_naming_the_field(http: httpx.Client, path: str)
     both = {"messages": PREFILLED, "continue_final_message": True, "add_generation_prompt": True}
     r = http.post(path, json={**GREEDY, **both} if path.startswith("/v1") else both)
     assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message", r.text
+    own = {"messages": PREFILLED[:1], "chat_template": "{{ messages }}"}  # the model's template only
+    r = http.post(path, json={**GREEDY, **own} if path.startswith("/v1") else own)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template", r.text
 
 
 @pytest.mark.parametrize("field", ["add_generation_prompt", "continue_final_message", "chat_template_kwargs"])
