@@ -6,7 +6,8 @@ Rules of the interface:
   caller reading `SamplerOutput.token_ids`. Its tensors reach the device by non-blocking copies from
   pinned memory (the per-row parameters in one copy, none at all for a batch of plain greedy rows), so
   building the batch never waits for the GPU to finish the forward pass it follows.
-- Stage order, per row: a structured output's token mask (disallowed tokens -inf) -> logit_bias -> min_tokens suppression of stop/EOS ids -> penalties (repetition,
+- Stage order, per row: allowed_token_ids (every other token -inf) -> a structured output's token mask
+  (disallowed tokens -inf) -> logit_bias -> min_tokens suppression of stop/EOS ids -> penalties (repetition,
   CTRL/HF style over prompt + output tokens; presence/frequency, OpenAI style over output tokens) ->
   logprobs -> greedy rows take the argmax -> temperature -> top-k -> top-p -> min-p -> sample.
 - A batch of plain greedy rows (`SamplingBatch.plain_greedy`: nothing edits a logit, no logprobs) takes the
@@ -77,6 +78,10 @@ class SamplingBatch:
     logit_bias_values: Tensor | None = None
     # [2, M] (row, token) pairs set to -inf: stop/EOS ids of rows that have not reached min_tokens.
     suppress_index: Tensor | None = None
+    # allowed_token_ids: [2, K] (row, token) pairs a row may sample and [B] bool rows free of any such
+    # list; None when no row has one.
+    allowed_index: Tensor | None = None
+    unrestricted: Tensor | None = None
     # [B, W] int32 bitmask of the tokens each row may sample (structured outputs); None: no row is held.
     token_mask: Tensor | None = None
     all_greedy: bool = False
@@ -96,6 +101,7 @@ class SamplingBatch:
             and self.token_mask is None
             and self.logit_bias_index is None
             and self.suppress_index is None
+            and self.allowed_index is None
             and not self.do_penalties
         )
 
@@ -175,6 +181,11 @@ class SamplingBatch:
         ]
         if pairs:
             batch.suppress_index = to_device(pairs, torch.int64, device).T.contiguous()
+        allowed = [(i, t) for i, p in enumerate(params) if p.allowed_token_ids for t in p.allowed_token_ids]
+        if allowed:
+            batch.allowed_index = to_device(allowed, torch.int64, device).T.contiguous()
+            free = [not p.allowed_token_ids for p in params]
+            batch.unrestricted = to_device(free, torch.bool, device)
         return batch
 
 
@@ -195,6 +206,10 @@ class Sampler:
         if batch.plain_greedy:
             return SamplerOutput(token_ids=logits.argmax(dim=-1))
         logits = logits.float()
+        if batch.allowed_index is not None and batch.unrestricted is not None:
+            keep = batch.unrestricted.unsqueeze(1).repeat(1, logits.shape[1])
+            keep[tuple(batch.allowed_index)] = True
+            logits.masked_fill_(~keep, float("-inf"))
         if batch.token_mask is not None:
             apply_token_bitmask(logits, batch.token_mask)
         if batch.logit_bias_index is not None:

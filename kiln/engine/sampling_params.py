@@ -14,7 +14,7 @@ from kiln.errors import RequestValidationError
 MAX_N = 128
 MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 4096
-MAX_TOKEN_ID_LIST = 1024  # entries of logit_bias; stop_token_ids
+MAX_TOKEN_ID_LIST = 1024  # entries of logit_bias; stop_token_ids; allowed_token_ids
 # torch.Generator.manual_seed takes 64-bit seeds; sequence i of a request with n > 1 uses seed + i.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
@@ -73,6 +73,8 @@ class SamplingParams:
     # alternatives (RequestOutput.prompt_logprobs). The prompt is computed whole, without prefix-cache hits.
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
+    # Only these tokens may be sampled (every other logit -inf before anything else reads them); None: any.
+    allowed_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured: StructuredOutput | None = None  # what the output must match (JSON schema, regex, ...)
@@ -125,7 +127,11 @@ class SamplingParams:
             raise RequestValidationError(
                 f"a stop string has {len(longest)} characters; at most {MAX_STOP_CHARS}", "stop"
             )
-        for name in ("stop_token_ids", "logit_bias"):
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise RequestValidationError(
+                "allowed_token_ids must name at least one token", "allowed_token_ids"
+            )
+        for name in ("stop_token_ids", "logit_bias", "allowed_token_ids"):
             count = len(getattr(self, name) or ())
             if count > MAX_TOKEN_ID_LIST:
                 raise RequestValidationError(f"{name} has {count} entries; at most {MAX_TOKEN_ID_LIST}", name)

@@ -41,4 +41,5 @@ def validate_request(
             "max_tokens",
         )
     check_token_ids(params.logit_bias or {}, vocab_size=vocab_size, field="logit_bias")
+    check_token_ids(params.allowed_token_ids or (), vocab_size=vocab_size, field="allowed_token_ids")
     check_token_ids(params.stop_token_ids, vocab_size=vocab_size, field="stop_token_ids")

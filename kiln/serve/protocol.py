@@ -265,6 +265,9 @@ class SamplingRequest(_Lenient):
         description="vLLM's extension: keep only the last this many prompt tokens (chat: of the rendered "
         "conversation), dropping the start; usage counts the kept ones.",
     )
+    allowed_token_ids: list[int] | None = Field(
+        None, description="vLLM's extension: only these token ids may be sampled (at most 1024)."
+    )
     # vLLM's: special tokens' text left out (default) or kept; the stop string or stop token kept.
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False

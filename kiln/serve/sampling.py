@@ -135,6 +135,7 @@ def to_sampling_params(
     if body.prompt_logprobs is not None:
         prompt_logprobs = max(body.prompt_logprobs, prompt_logprobs or 0)
     check_token_ids(body.stop_token_ids or [], vocab_size=vocab_size, param="stop_token_ids")
+    check_token_ids(body.allowed_token_ids or [], vocab_size=vocab_size, param="allowed_token_ids")
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     defaults = defaults or {}
 
@@ -165,6 +166,7 @@ def to_sampling_params(
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             logit_bias=_logit_bias(body.logit_bias, vocab_size),
+            allowed_token_ids=None if body.allowed_token_ids is None else list(body.allowed_token_ids),
             structured=structured,
         )
     except RequestValidationError as exc:

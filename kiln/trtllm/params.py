@@ -118,6 +118,11 @@ def trtllm_sampling_kwargs(
             "TensorRT-LLM backend; serve a native engine for it",
             "prompt_logprobs",
         )
+    if params.allowed_token_ids is not None:
+        raise RequestValidationError(
+            "allowed_token_ids is not supported by the TensorRT-LLM backend; serve a native engine for it",
+            "allowed_token_ids",
+        )
     if params.n > limits.max_batch_size:
         raise RequestValidationError(
             f"n ({params.n}) exceeds this engine's max batch size ({limits.max_batch_size})", "n"

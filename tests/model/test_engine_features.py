@@ -43,6 +43,14 @@ def test_llm_chat_continues_a_prefilled_answer(llm):
         llm.chat(messages[:1], greedy, chat_template_kwargs={"tokenize": False})
 
 
+def test_allowed_token_ids_hold_every_sampled_token(llm):
+    allowed = [40, 41, 42, llm.tokenizer.eos_token_ids[0]]
+    params = SamplingParams(temperature=1.5, max_tokens=12, seed=4, allowed_token_ids=allowed, logprobs=1)
+    (out,) = llm.generate(["Any text at all"], params)[0].outputs
+    assert out.token_ids and set(out.token_ids) <= set(allowed)
+    assert all(set(entry) <= set(allowed) for entry in out.logprobs)
+
+
 def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(llm):
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=12, seed=1234)
     alone = llm.generate(["a seeded prompt"], params)[0].outputs[0].token_ids

@@ -33,6 +33,7 @@ def test_every_sampling_field_reaches_the_engine(tiny_engine: AsyncEngine) -> No
         "ignore_eos": True,
         "min_tokens": 1,
         "skip_special_tokens": False,
+        "allowed_token_ids": [5, 6],
         "include_stop_str_in_output": True,
         "user": "u-1",
         "priority": -3,
@@ -56,7 +57,7 @@ def test_every_sampling_field_reaches_the_engine(tiny_engine: AsyncEngine) -> No
     assert p.stop == ["\n\n", "END"] and p.stop_token_ids == [2]
     assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.1, 0.2, 1.1)
     assert p.logprobs == 3 and p.logit_bias == {5: -1.5} and p.ignore_eos and p.min_tokens == 1
-    assert not p.skip_special_tokens and p.include_stop_str_in_output
+    assert not p.skip_special_tokens and p.include_stop_str_in_output and p.allowed_token_ids == [5, 6]
     assert call["priority"] == -3
     assert call["request_id"] == r.json()["id"]
     assert call["owner"] == r.json()["id"]  # the request's prompts share one fair share of the engine

@@ -276,6 +276,28 @@ def test_logit_bias_sparse_per_row():
     assert sample(logits, rows).token_ids.tolist() == [5, 2, 0]
 
 
+def test_allowed_token_ids_restrict_only_their_rows():
+    torch.manual_seed(3)
+    logits = torch.randn(4, 50)
+    rows = [
+        row(temperature=0.0, allowed_token_ids=[3, 9, 17], logprobs=2),
+        row(temperature=5.0, allowed_token_ids=[40, 41]),
+        row(temperature=0.0),
+        row(temperature=0.0, allowed_token_ids=[3], logit_bias={4: 100.0}),  # a bias cannot reopen a token
+    ]
+    batch = SamplingBatch.build(rows, 50, "cpu")
+    assert not batch.plain_greedy and batch.unrestricted.tolist() == [False, False, True, False]
+    picks = [Sampler()(logits.clone(), batch).token_ids.tolist() for _ in range(20)]
+    best = [3, 9, 17][logits[0, [3, 9, 17]].argmax()]
+    assert all(p[0] == best and p[1] in (40, 41) and p[2] == logits[2].argmax() and p[3] == 3 for p in picks)
+    assert {p[1] for p in picks} == {40, 41}  # hot enough to draw both
+    out = Sampler()(logits.clone(), batch)
+    # Logprobs are over the allowed tokens: they sum to one there.
+    kept = torch.log_softmax(logits[0, [3, 9, 17]], -1)
+    assert out.logprobs[0].item() == pytest.approx(kept.max().item(), abs=1e-5)
+    assert set(out.topk_token_ids[0].tolist()) <= {3, 9, 17}
+
+
 def test_logit_bias_out_of_vocabulary_is_a_clear_error():
     with pytest.raises(ValueError, match="outside the vocabulary"):
         SamplingBatch.build([row(logit_bias={V: 1.0})], V, "cpu")

@@ -117,6 +117,8 @@ def test_refusals_name_the_field():
         kwargs(SamplingParams(n=2, temperature=0.0))
     with pytest.raises(ValueError, match=r"^logit_bias"):
         kwargs(SamplingParams(logit_bias={100: 1.0}))
+    with pytest.raises(ValueError, match=r"^allowed_token_ids .* native engine"):
+        kwargs(SamplingParams(allowed_token_ids=[5]))
     with pytest.raises(ValueError, match=r"^prompt scoring .* native engine") as refused:
         kwargs(SamplingParams(prompt_logprobs=0))
     assert refused.value.field == "prompt_logprobs"

@@ -23,6 +23,7 @@ VOCAB, CONTEXT = 100, 16
         ([1, 2], {"max_tokens": 15}, "max_tokens"),
         ([1, 2], {"max_tokens": 2, "logit_bias": {100: 1.0}}, "logit_bias"),
         ([1, 2], {"max_tokens": 2, "stop_token_ids": [5, 100]}, "stop_token_ids"),
+        ([1, 2], {"max_tokens": 2, "allowed_token_ids": [5, 100]}, "allowed_token_ids"),
     ],
 )
 def test_validate_request_names_the_field(prompt: list[int], params: dict, field: str) -> None:
@@ -78,6 +79,8 @@ def test_the_field_survives_pickling() -> None:
         ({"stop": ["x" * 4097]}, "stop"),
         ({"stop_token_ids": list(range(1025))}, "stop_token_ids"),
         ({"logit_bias": {t: 1.0 for t in range(1025)}}, "logit_bias"),
+        ({"allowed_token_ids": list(range(1025))}, "allowed_token_ids"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),  # nothing could be sampled
         ({"temperature": float("nan")}, "temperature"),
         ({"logit_bias": {1: float("nan")}}, "logit_bias"),
     ],
