@@ -32,8 +32,10 @@ def test_served_run_counts_every_token_and_writes_rows(
     assert report["requests"] == 12 and report["completion_tokens"] == 12 * 6
     assert report["ttft_ms"]["p50"] <= report["e2e_ms"]["p50"]
     # On the CPU the engine is busy for most of the load; the client's idle-TTFT requests before it count
-    # in the steps but not in the wall time, which at this size is a few percent.
-    assert report["engine_steps"]["mean_seqs"] > 0 and 0.5 < report["engine_steps"]["busy_fraction"] < 1.3
+    # in the steps but not in the wall time. At this size that share depends on how busy the machine's
+    # cores are (up to 0.35 of the load's time on the 2-core CI machine): the bound is a sanity check of
+    # the ratio (seconds over seconds, each step counted once), not a timing.
+    assert report["engine_steps"]["mean_seqs"] > 0 and 0.5 < report["engine_steps"]["busy_fraction"] < 2
     # The mean of each phase over the engine requests of the run (its idle-TTFT requests among them).
     phases = report["request_phases_ms"]
     assert set(phases) == {"intake", "queue", "prefill", "decode"} and all(v >= 0 for v in phases.values())
