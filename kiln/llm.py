@@ -98,10 +98,6 @@ class LLM:
         """Generate one reply to a conversation, formatted with the tokenizer's chat template. As vLLM's:
         `continue_final_message` continues the last message (the generation prompt then defaults to off;
         both on is a ValueError); `chat_template_kwargs` are more template variables."""
-        if add_generation_prompt is None:
-            add_generation_prompt = not continue_final_message
-        if add_generation_prompt and continue_final_message:
-            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         self.tokenizer.check_template_kwargs(chat_template_kwargs or {})
         token_ids = self.tokenizer.apply_chat_template(
             messages,

@@ -400,7 +400,7 @@ class ModelRunner:
     def _note_scoring(scoring: list, item: ScheduledRequest, row0: int) -> None:
         """Note a prompt chunk starting at input row `row0` if its request scores its prompt."""
         request = item.request
-        if request.params.prompt_logprobs is not None and not request.output_token_ids:
+        if request.scores_prompt:
             scoring.append(
                 (
                     request.request_id,

@@ -16,6 +16,7 @@ import torch
 
 from kiln.engine.host_transfer import to_host
 from kiln.engine.outputs import Logprob, PromptLogprobs, TokenLogprobs
+from kiln.engine.sampler import rank_tokens
 
 # Logits of at most this many rows at once. A piece holds about three [rows, vocab] float32 tensors
 # (logits, their log_softmax, the rank comparison): ~400 MB at 256 rows of a 128k vocabulary, within the
@@ -38,13 +39,13 @@ class PromptRows:
 @dataclass(slots=True)
 class PromptScores:
     """A step's scored rows (device tensors, then their host copies): the target's logprob and rank, and
-    the `top` most likely tokens with their logprobs (None when no request asked for alternatives)."""
+    the `top` most likely tokens with their logprobs (`top` may be 0)."""
 
     spans: list[tuple[str, int, int]]
     logprobs: torch.Tensor  # [R] float32
     ranks: torch.Tensor  # [R] int64
-    top_ids: torch.Tensor | None  # [R, top] int64
-    top_logprobs: torch.Tensor | None  # [R, top] float32
+    top_logprobs: torch.Tensor  # [R, top] float32
+    top_ids: torch.Tensor  # [R, top] int64
 
     def to_host(self) -> PromptScores:
         """Host copies, queued (non-blocking into pinned memory on CUDA)."""
@@ -52,8 +53,8 @@ class PromptScores:
             self.spans,
             to_host(self.logprobs),
             to_host(self.ranks),
-            None if self.top_ids is None else to_host(self.top_ids),
-            None if self.top_logprobs is None else to_host(self.top_logprobs),
+            to_host(self.top_logprobs),
+            to_host(self.top_ids),
         )
 
 
@@ -85,24 +86,12 @@ def score(
 ) -> PromptScores:
     """Score `targets` from the logits of `hidden[rows]`, ROWS_PER_PIECE rows at a time. With tensor
     parallelism every rank runs this (compute_logits gathers across ranks), in the same pieces."""
-    logprobs, ranks, top_ids, top_logprobs = [], [], [], []
+    pieces = []
     for begin in range(0, rows.numel(), ROWS_PER_PIECE):
         piece = slice(begin, begin + ROWS_PER_PIECE)
         lp = torch.log_softmax(compute_logits(hidden[rows[piece]]).float(), dim=-1)
-        chosen = lp.gather(1, targets[piece].unsqueeze(1))
-        logprobs.append(chosen.squeeze(1))
-        ranks.append((lp > chosen).sum(dim=-1) + 1)
-        if top:
-            values, ids = torch.topk(lp, min(top, lp.shape[-1]), dim=-1)
-            top_logprobs.append(values)
-            top_ids.append(ids)
-    return PromptScores(
-        spans,
-        torch.cat(logprobs),
-        torch.cat(ranks),
-        torch.cat(top_ids) if top else None,
-        torch.cat(top_logprobs) if top else None,
-    )
+        pieces.append(rank_tokens(lp, targets[piece], top))
+    return PromptScores(spans, *(torch.cat(parts) for parts in zip(*pieces, strict=True)))
 
 
 class PromptLogprobsBuilder:
@@ -113,7 +102,6 @@ class PromptLogprobsBuilder:
         self.prompt = prompt_token_ids
         self.top = top
         self.entries: PromptLogprobs = [None] * len(prompt_token_ids)
-        self._scored = [False] * len(prompt_token_ids)
 
     def add(
         self, scores: PromptScores, row0: int, first: int, count: int, decode: Callable[[int], str]
@@ -121,26 +109,21 @@ class PromptLogprobsBuilder:
         """Take rows row0..row0+count-1 of host `scores` as the entries of positions first..first+count-1."""
         logprobs = scores.logprobs[row0 : row0 + count].tolist()
         ranks = scores.ranks[row0 : row0 + count].tolist()
-        tops: list[tuple[list[int], list[float]]] = []
-        if self.top and scores.top_ids is not None and scores.top_logprobs is not None:
-            ids = scores.top_ids[row0 : row0 + count, : self.top].tolist()
-            lps = scores.top_logprobs[row0 : row0 + count, : self.top].tolist()
-            tops = list(zip(ids, lps, strict=True))
+        top_ids = scores.top_ids[row0 : row0 + count, : self.top].tolist()
+        top_lps = scores.top_logprobs[row0 : row0 + count, : self.top].tolist()
         for i in range(count):
-            position = first + i
-            token = self.prompt[position]
-            entry: TokenLogprobs = {}
-            if tops:
-                for rank, (tid, lp) in enumerate(zip(*tops[i], strict=True), start=1):
-                    entry[tid] = Logprob(logprob=lp, rank=rank, decoded=decode(tid))
+            token = self.prompt[first + i]
+            entry: TokenLogprobs = {
+                tid: Logprob(logprob=lp, rank=rank, decoded=decode(tid))
+                for rank, (tid, lp) in enumerate(zip(top_ids[i], top_lps[i], strict=True), start=1)
+            }
             entry[token] = Logprob(logprob=logprobs[i], rank=ranks[i], decoded=decode(token))
-            self.entries[position] = entry
-            self._scored[position] = True
+            self.entries[first + i] = entry
 
     def result(self) -> PromptLogprobs:
         """The entries of every prompt position; raises RuntimeError if a position after the first was
         never scored (a step that should have scored it did not)."""
-        missing = [p for p in range(1, len(self.prompt)) if not self._scored[p]]
+        missing = [p for p in range(1, len(self.prompt)) if self.entries[p] is None]
         if missing:
             raise RuntimeError(f"prompt logprobs missing for {len(missing)} positions, from {missing[0]}")
         return self.entries

@@ -97,6 +97,12 @@ class Request:
         self.all_token_ids.append(token_id)
 
     @property
+    def scores_prompt(self) -> bool:
+        """Its prompt is still to be scored (`SamplingParams.prompt_logprobs`): every prompt token needs
+        logits, so the prompt is computed whole. Done once the request has an output token."""
+        return self.params.prompt_logprobs is not None and not self.output_token_ids
+
+    @property
     def owner_key(self) -> str:
         return self.owner or self.group_id or self.request_id
 

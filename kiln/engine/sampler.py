@@ -238,12 +238,19 @@ class Sampler:
             )
 
         if logprobs is not None:
-            chosen = logprobs.gather(1, out.token_ids.unsqueeze(1))
-            out.logprobs = chosen.squeeze(1)
-            # Ties count in the token's favour: rank = 1 + number of strictly more likely tokens.
-            out.ranks = (logprobs > chosen).sum(dim=-1) + 1
-            out.topk_logprobs, out.topk_token_ids = torch.topk(logprobs, batch.max_num_logprobs, dim=-1)
+            out.logprobs, out.ranks, out.topk_logprobs, out.topk_token_ids = rank_tokens(
+                logprobs, out.token_ids, batch.max_num_logprobs
+            )
         return out
+
+
+def rank_tokens(logprobs: Tensor, token_ids: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per row of `logprobs` [B, V]: the logprob of `token_ids` [B] and its rank, and the `top` most
+    likely tokens' logprobs and ids ([B, top], most likely first). Ties count in the token's favour:
+    rank = 1 + the number of strictly more likely tokens."""
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1))
+    values, ids = torch.topk(logprobs, top, dim=-1)
+    return chosen.squeeze(1), (logprobs > chosen).sum(dim=-1) + 1, values, ids
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:

@@ -4,8 +4,8 @@ The token-budget rule: each step hands out at most `max_num_batched_tokens` toke
 come first (decodes and unfinished prefill chunks, in priority order), then waiting requests are
 admitted first-come-first-served within priority, each taking a prefill chunk of what budget is left
 (chunked prefill). Prefix-cache hits count as computed, except for a request that scores its prompt
-(`SamplingParams.prompt_logprobs`) and has no output yet: each of its prompt tokens needs logits. When the KV pool runs dry the lowest-priority,
-newest running request is preempted: its blocks are freed and it waits to be recomputed. Pure
+(`Request.scores_prompt`): each of its prompt tokens needs logits. When the KV pool runs dry the
+lowest-priority, newest running request is preempted: its blocks are freed and it waits to be recomputed. Pure
 bookkeeping, no torch: `SchedulerOutput` is the only product, tested with exact block ids.
 
 `schedule()` counts the scheduled tokens as computed at once and each sampling request as owing one
@@ -160,11 +160,8 @@ class Scheduler:
                     continue  # preempted with a token in flight: its ids are needed to recompute
                 if request.wait_for is not None and not self._ready_after(request.wait_for):
                     continue
-                if request.params.prompt_logprobs is not None and not request.output_token_ids:
-                    hit_blocks, num_hit = (
-                        [],
-                        0,
-                    )  # a scored prompt is computed whole: cached blocks give no logits
+                if request.scores_prompt:  # computed whole: a cached block has no logits
+                    hit_blocks, num_hit = [], 0
                 else:
                     hit_blocks, num_hit = self.kv_cache.get_computed_blocks(request.all_token_ids)
                 num_new = min(request.num_tokens - num_hit, budget)

@@ -125,7 +125,7 @@ class Tokenizer:
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],
-        add_generation_prompt: bool = True,
+        add_generation_prompt: bool | None = None,
         tools: list[dict[str, Any]] | None = None,
         *,
         continue_final_message: bool = False,
@@ -136,9 +136,15 @@ class Tokenizer:
         Raises ValueError when the tokenizer has no chat template, or a message holds a non-text part.
         `tools`: OpenAI tool definitions, for templates that render them. `continue_final_message`: the
         render ends inside the last message (no end-of-turn after it), so generation continues it.
-        `template_kwargs`: more variables for the template (`check_template_kwargs` first).
+        `add_generation_prompt` (the assistant turn's opening at the end): None means not when continuing
+        the final message, else yes; both is a ValueError. `template_kwargs`: more variables for the
+        template (`check_template_kwargs` first).
         A message whose content is a list of OpenAI text parts has them joined with newlines.
         """
+        if add_generation_prompt is None:
+            add_generation_prompt = not continue_final_message
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         ids = self.hf.apply_chat_template(
             self._normalize(messages),
             add_generation_prompt=add_generation_prompt,

@@ -232,9 +232,8 @@ class TemplateOptions(_Lenient):
 
     def template_options(self) -> dict[str, Any]:
         """The keyword arguments of `Tokenizer.apply_chat_template` these fields ask for."""
-        add = self.add_generation_prompt
         return {
-            "add_generation_prompt": not self.continue_final_message if add is None else add,
+            "add_generation_prompt": self.add_generation_prompt,
             "continue_final_message": self.continue_final_message,
             "template_kwargs": self.chat_template_kwargs,
         }
