@@ -43,6 +43,8 @@ from kiln.serve.metrics import ServerMetrics
 from kiln.serve.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from kiln.serve.openapi import Responses, install_openapi, key_responses
 from kiln.serve.protocol import ModelCard, ModelList
+from kiln.serve.response_store import ResponseStore
+from kiln.serve.responses import create_response, delete_response, get_response
 from kiln.serve.rollout import Rollout
 from kiln.serve.sampling import model_sampling_defaults
 from kiln.serve.settings import ServerSettings
@@ -136,6 +138,7 @@ def create_app(
         admission=admission,
         metrics=server_metrics,
         slo=slo,
+        responses=ResponseStore(settings.responses_store_size),
     )
 
     def engine_failed(error: BaseException) -> None:
@@ -241,6 +244,19 @@ def create_app(
         methods=["POST"],
         response_model=None,
         responses=Responses.completions,
+    )
+    v1.add_api_route(
+        "/responses", create_response, methods=["POST"], response_model=None, responses=Responses.responses
+    )
+    v1.add_api_route(
+        "/responses/{response_id}",
+        get_response,
+        methods=["GET"],
+        response_model=None,
+        responses=Responses.stored_response,
+    )
+    v1.add_api_route(
+        "/responses/{response_id}", delete_response, methods=["DELETE"], responses=Responses.deleted_response
     )
     v1.add_api_route("/models", list_models, methods=["GET"], responses=Responses.models)
     v1.add_api_route("/models/{model_id:path}", get_model, methods=["GET"], responses=Responses.model)

@@ -8,12 +8,14 @@ delta and `finish_reason`; with `stream_options.include_usage`, every chunk carr
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Request, Response
 
 from kiln.serve.chat_tools import ToolPlan, plan_tools, renders_tools, template_messages
-from kiln.serve.endpoint import answer, begin_request
+from kiln.serve.endpoint import RequestStart, answer, begin_request
 from kiln.serve.errors import InvalidRequestError
 from kiln.serve.generation import Generation, Prompt, TimeoutHeader
 from kiln.serve.logprobs import chat_logprobs, prompt_logprobs_out
@@ -44,10 +46,32 @@ def _top_logprobs(body: ChatCompletionRequest) -> int | None:
     return (body.top_logprobs or 0) if body.logprobs else None
 
 
-async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, x_request_timeout: TimeoutHeader = None
-) -> Response:
-    start = begin_request(body, request, x_request_timeout, "chatcmpl")
+@dataclass(slots=True)
+class ChatJob:
+    """A chat request ready to run: its generation, and what reading its output needs."""
+
+    generation: Generation
+    plan: ToolPlan | None  # the tools offered, None when none
+    top_n: int | None  # top logprobs per token, None without logprobs
+    echoed: str  # the continued assistant message the reply starts with (vLLM's chat `echo`), or ""
+
+
+def _same(param: str) -> str:
+    return param
+
+
+async def prepare_chat(
+    body: ChatCompletionRequest,
+    start: RequestStart,
+    *,
+    endpoint: str = "chat",
+    param_name: Callable[[str], str] = _same,
+    log_tags: dict[str, Any] | None = None,
+) -> ChatJob:
+    """Render, tokenize and check a chat request, and make its generation (not yet started).
+    `endpoint`, `param_name` and `log_tags` serve the Responses API, which runs as a chat: its name for
+    the metrics and log line, what the request it came from calls each chat field that an error names,
+    and that request's fields for the log line (default: `body.log_tags()`)."""
     state, deadline = start.state, start.deadline
     tokenizer = state.engine.tokenizer
     plan = plan_tools(body, tokenizer, state.settings.tool_call_parser)
@@ -55,7 +79,7 @@ async def create_chat_completion(
     messages = template_messages(body.messages, plan, native)
     tools = plan.tools if plan is not None and native else None
     chars = check_prompt_text(
-        (m["content"] for m in messages), limit=state.settings.max_prompt_chars, param="messages"
+        (m["content"] for m in messages), limit=state.settings.max_prompt_chars, param=param_name("messages")
     )
     options = chat_template_options(body, tokenizer)
     try:
@@ -65,18 +89,18 @@ async def create_chat_completion(
             )
         )
     except ValueError as exc:  # no chat template, or a message it cannot render
-        raise InvalidRequestError(str(exc), param="messages") from None
+        raise InvalidRequestError(str(exc), param=param_name("messages")) from None
     if body.truncate_prompt_tokens is not None:
         prompt_ids = prompt_ids[-body.truncate_prompt_tokens :]
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = resolve_max_tokens(
         requested,
-        param="max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens",
+        param=param_name("max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"),
         prompt_tokens=len(prompt_ids),
         max_model_len=state.engine.model_info.max_model_len,
         default=state.default_max_tokens,
         limit=state.settings.max_tokens_limit,
-        prompt_param="messages",
+        prompt_param=param_name("messages"),
     )
     top_n = _top_logprobs(body)
     structured, structured_param = structured_output(body)
@@ -84,7 +108,7 @@ async def create_chat_completion(
         if structured is not None:
             raise InvalidRequestError(
                 f"tool_choice {body.tool_choice!r} and {structured_param} cannot both hold the output",
-                param="tool_choice",
+                param=param_name("tool_choice"),
             )
         structured, structured_param = plan.constraint, "tool_choice"
     params = to_sampling_params(
@@ -92,7 +116,7 @@ async def create_chat_completion(
         max_tokens=max_tokens,
         logprobs=top_n,
         vocab_size=tokenizer.vocab_size,
-        logprobs_param="top_logprobs",
+        logprobs_param=param_name("top_logprobs"),
         structured=structured,
         defaults=state.sampling_defaults,
     )
@@ -108,16 +132,25 @@ async def create_chat_completion(
         state,
         request_id=start.request_id,
         http_request_id=start.http_request_id,
-        endpoint="chat",
+        endpoint=endpoint,
         prompts=[Prompt(prompt_ids)],
         params=params,
         priority=body.priority,
         ticket=ticket,
         stream=body.stream,
-        structured_param=structured_param,
+        structured_param=None if structured_param is None else param_name(structured_param),
         deadline=deadline,
-        log_tags=body.log_tags(),
+        log_tags=body.log_tags() if log_tags is None else log_tags,
     )
+    return ChatJob(generation, plan, top_n, echoed)
+
+
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, x_request_timeout: TimeoutHeader = None
+) -> Response:
+    start = begin_request(body, request, x_request_timeout, "chatcmpl-")
+    job = await prepare_chat(body, start)
+    state, generation, plan, top_n, echoed = start.state, job.generation, job.plan, job.top_n, job.echoed
     return await answer(
         start,
         request,

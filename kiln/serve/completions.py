@@ -70,7 +70,7 @@ async def _prompts(
 async def create_completion(
     body: CompletionRequest, request: Request, x_request_timeout: TimeoutHeader = None
 ) -> Response:
-    start = begin_request(body, request, x_request_timeout, "cmpl")
+    start = begin_request(body, request, x_request_timeout, "cmpl-")
     state, deadline = start.state, start.deadline
     tokenizer = state.engine.tokenizer
     prompts = await _prompts(body, tokenizer, tokenizer.vocab_size, state.settings.max_prompt_chars)

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from kiln.serve.generation import Deadline, Generation, new_completion_id, request_deadline
 from kiln.serve.protocol import ChatCompletionRequest, CompletionRequest
+from kiln.serve.responses_protocol import ResponsesRequest
 from kiln.serve.sampling import log_unknown_fields
 from kiln.serve.sse import ClientDisconnected, cancel_on_disconnect, sse_response
 from kiln.serve.state import ServerState, server_state
@@ -36,12 +37,12 @@ class RequestStart:
 
 
 def begin_request(
-    body: ChatCompletionRequest | CompletionRequest,
+    body: ChatCompletionRequest | CompletionRequest | ResponsesRequest,
     request: Request,
     timeout_header: float | None,
     id_prefix: str,
 ) -> RequestStart:
-    """Start a chat ("chatcmpl") or completions ("cmpl") request (module rules)."""
+    """Start a generation request, its id `id_prefix` and hex digits (module rules)."""
     started = time.monotonic()
     state = server_state(request)
     http_request_id = request.state.request_id
@@ -58,11 +59,12 @@ async def answer(
     request: Request,
     generation: Generation,
     *,
-    stream: Callable[[], AsyncIterator[str]] | None,
+    stream: Callable[[], AsyncIterator[str]] | Callable[[], AsyncIterator[tuple[str, str]]] | None,
     collect: Callable[[], Awaitable[BaseModel]],
+    done_event: bool = True,
 ) -> Response:
     """Start `generation`, then answer with `stream()`'s chunks as SSE when given, else with the JSON
-    of `collect()` (module rules)."""
+    of `collect()` (module rules). `done_event`: the stream ends with `data: [DONE]` (kiln.serve.sse)."""
     generation.start()  # the engine gets the request now, not when the response first reads
     if stream is not None:
         return sse_response(
@@ -70,6 +72,7 @@ async def answer(
             settings=start.state.settings,
             request_id=start.http_request_id,
             on_close=generation.aclose,
+            done_event=done_event,
         )
     try:
         result = await cancel_on_disconnect(request, collect())

@@ -13,11 +13,14 @@ Rules:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from kiln.serve.protocol import ErrorBody, ErrorResponse
 from kiln.serve.request_log import log_rejection
@@ -125,13 +128,16 @@ def _logged_response(request: Request, error: APIError) -> JSONResponse:
     return error_response(error)
 
 
-# Union members show up in pydantic's error location as type names ("str", "list[int]", ...); they
-# say which alternative failed, not where in the request, so `param` leaves them out.
+# Union members show up in pydantic's error location as type names ("str", "list[int]", ...) or as
+# their tags (named with a colon, "item:message"); they say which alternative failed, not where in the
+# request, so `param` leaves them out.
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 def _param_path(loc: tuple[int | str, ...]) -> str | None:
-    parts = [str(p) for p in loc[1:] if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p))]
+    parts = [
+        str(p) for p in loc[1:] if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p or ":" in p))
+    ]
     return ".".join(parts) or None
 
 
@@ -160,6 +166,26 @@ def validation_error(exc: RequestValidationError, content_type: str = "applicati
     return InvalidRequestError(message, param=param, code="invalid_value")
 
 
+def _flat_routes(routes: list[Any]) -> Iterator[Any]:
+    """The routes, an included router's (FastAPI keeps it whole, as `original_router`) in its place."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _flat_routes(inner.routes)
+        else:
+            yield route
+
+
+def _allowed_methods(request: Request) -> str:
+    """The methods of every route whose path matches the request's, as an `Allow` header value."""
+    methods: dict[str, None] = {}  # in the routes' order, as /openapi.json lists them
+    for route in _flat_routes(request.app.router.routes):
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= dict.fromkeys(sorted(getattr(route, "methods", None) or ()))
+    return ", ".join(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every exception the app can raise to OpenAI error JSON."""
 
@@ -173,16 +199,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         # Starlette's own errors: unknown route (404), wrong method (405), body over the limit (413).
-        # Its headers are kept: a 405 carries `Allow` with the route's methods (RFC 9110).
+        # Its headers are kept; a 405's `Allow` lists the methods of every route on the path (RFC 9110),
+        # where Starlette's names only the first route's (GET and DELETE /v1/responses/{id} are two).
         assert isinstance(exc, StarletteHTTPException)
-        message = str(exc.detail)
+        message, headers = str(exc.detail), exc.headers
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
         elif exc.status_code == 405:
-            allowed = (exc.headers or {}).get("Allow", "")
+            allowed = _allowed_methods(request) or (exc.headers or {}).get("Allow", "")
+            headers = {**(exc.headers or {}), "Allow": allowed}
             message = f"method {request.method} is not allowed on {request.url.path}; allowed: {allowed}"
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code)
-        error = APIError(message, code=code, status_code=exc.status_code, headers=exc.headers)
+        error = APIError(message, code=code, status_code=exc.status_code, headers=headers)
         return _logged_response(request, error)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:

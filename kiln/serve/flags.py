@@ -59,6 +59,7 @@ HELP_PANELS: dict[str, tuple[str, ...]] = {
         "keepalive_interval_seconds",
         "request_timeout_seconds",
         "max_request_timeout_seconds",
+        "responses_store_size",
     ),
     "Scheduling": ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "admission_interval"),
     "SLO batching": ("slo_ttft_ms", "slo_itl_ms", *SLO_CONTROLLER_SETTINGS),

@@ -56,15 +56,17 @@ from kiln.serve.admission import Ticket
 from kiln.serve.errors import APIError, InvalidRequestError, RequestTimeoutError, UnavailableError
 from kiln.serve.protocol import MAX_REQUEST_TIMEOUT_SECONDS, ChatCompletionRequest, CompletionRequest
 from kiln.serve.request_log import RequestRecord, log_request
+from kiln.serve.responses_protocol import ResponsesRequest
 from kiln.serve.settings import ServerSettings
 from kiln.serve.state import ServerState
 from kiln.serve.versions import version_of
 
 
 def new_completion_id(prefix: str) -> str:
-    """A fresh response id, also the engine request id. Never derived from the client's X-Request-Id:
-    two requests sending the same header must not collide in the engine."""
-    return f"{prefix}-{uuid.uuid4().hex}"
+    """A fresh response id (`prefix`, as OpenAI's: "chatcmpl-", "cmpl-", "resp_"), also the engine
+    request id. Never derived from the client's X-Request-Id: two requests sending the same header must
+    not collide in the engine."""
+    return f"{prefix}{uuid.uuid4().hex}"
 
 
 # What an engine's refusal (`RequestValidationError.field`: "prompt" or a SamplingParams field) is
@@ -75,6 +77,10 @@ _ENDPOINT_FIELDS = {
         {"prompt": "messages", "logprobs": "top_logprobs"},
     ),
     "completions": (frozenset(CompletionRequest.model_fields), {}),
+    "responses": (
+        frozenset(ResponsesRequest.model_fields),
+        {"prompt": "input", "max_tokens": "max_output_tokens", "logprobs": "top_logprobs"},
+    ),
 }
 
 

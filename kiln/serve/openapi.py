@@ -33,6 +33,7 @@ from kiln.serve.protocol import (
     HealthStatus,
     ReadyStatus,
 )
+from kiln.serve.responses_protocol import ResponseObject, StreamEvent
 from kiln.serve.settings import ServerSettings
 
 REF = "#/components/schemas/"
@@ -42,7 +43,8 @@ ERROR_DESCRIPTIONS = {
     400: "Invalid request: a field's type or value (`param` names it), malformed JSON, or a prompt and "
     "max_tokens that do not fit the context (`context_length_exceeded`).",
     401: "Missing or unknown API key (`Authorization: Bearer <key>`).",
-    404: "The model named in the request is not served here (`model_not_found`).",
+    404: "The model named in the request is not served here (`model_not_found`), or the stored response "
+    "named is not kept (`not_found`, `previous_response_not_found`).",
     408: "The request head did not arrive within the server's header timeout (`timeout`).",
     413: "The request body is larger than the server's limit (`body_too_large`).",
     429: "Too many requests or tokens waiting (`queue_full`); retry after `Retry-After` seconds.",
@@ -74,7 +76,7 @@ _NO_RETRY = {
 
 # Models the documents reference but no route returns as a whole (one event's data of a chat stream;
 # a completions stream's chunks are `CompletionResponse`, which the route's JSON 200 brings along).
-_STREAM_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionChunk,)
+_STREAM_MODELS: tuple[type[BaseModel], ...] = (ChatCompletionChunk, StreamEvent)
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -104,19 +106,41 @@ def _event_schema(chunk: type[BaseModel]) -> dict[str, Any]:
     }
 
 
+def _named_event_schema() -> dict[str, Any]:
+    data_json = {
+        "type": "string",
+        "contentMediaType": "application/json",
+        "contentSchema": {"$ref": REF + "StreamEvent"},
+    }
+    return {
+        "type": "object",
+        "description": "One server-sent event: `event: <type>` and `data: <JSON>` with a StreamEvent of "
+        "that type (an error after the stream started is an event of type `error`); no `[DONE]`.",
+        "required": ["event", "data"],
+        "properties": {"event": {"type": "string"}, "data": data_json},
+    }
+
+
 def completion_responses(
-    response: type[BaseModel], chunk: type[BaseModel]
+    response: type[BaseModel], chunk: type[BaseModel] | None
 ) -> dict[int | str, dict[str, Any]]:
     """`responses=` of a completion route: the JSON response, or an event stream of `chunk`s with
-    `"stream": true`, and the errors a completion can get."""
+    `"stream": true` (None: of named events, as the Responses API streams), and the errors a completion
+    can get."""
+    stream = _event_schema(chunk) if chunk is not None else _named_event_schema()
     ok = {
         "model": response,
         "description": 'The completion (`application/json`), or with `"stream": true` its chunks as '
         "server-sent events (`text/event-stream`).",
-        "content": {"text/event-stream": {"schema": _event_schema(chunk)}},
+        "content": {"text/event-stream": {"schema": stream}},
     }
     timeout = {**error_responses(504)[504], "headers": _NO_RETRY}
     return {200: ok, **error_responses(400, 404, 429, 503), 504: timeout}
+
+
+def ok_responses(model: type[BaseModel], description: str, *errors: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` of a route that answers `model` as JSON, or one of `errors`."""
+    return {200: {"model": model, "description": description}, **error_responses(*errors)}
 
 
 def probe_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
@@ -132,6 +156,9 @@ class Responses:
 
     chat = completion_responses(ChatCompletionResponse, ChatCompletionChunk)
     completions = completion_responses(CompletionResponse, CompletionResponse)
+    responses = completion_responses(ResponseObject, None)
+    stored_response = ok_responses(ResponseObject, "The stored response.", 404)
+    deleted_response = error_responses(404)
     models = error_responses(503)  # 503: the model is still loading
     model = error_responses(404, 503)
     health = probe_responses(HealthStatus)

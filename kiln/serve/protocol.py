@@ -346,6 +346,39 @@ _TAKEN = {"store": (False,), "service_tier": ("auto", "default")}
 METADATA_MAX_PAIRS, METADATA_MAX_KEY, METADATA_MAX_VALUE = 16, 64, 512
 
 
+def refuse_unless_taken(
+    value: Any, info: ValidationInfo, refused: dict[str, str], taken: dict[str, tuple[Any, ...]]
+) -> Any:
+    """A validator's body: a field of `refused` set to anything but its `taken` values is refused with
+    its reason (which may name the `{value}`)."""
+    name = info.field_name or ""
+    if value is not None and value not in taken.get(name, ()):
+        raise PydanticCustomError("unsupported", refused[name], {"value": value})
+    return value
+
+
+def check_metadata(metadata: dict[str, str] | None) -> dict[str, str] | None:
+    """`metadata` within OpenAI's bounds (a pydantic validator's body: chat's and the Responses API's)."""
+    if metadata is None:
+        return None
+    if len(metadata) > METADATA_MAX_PAIRS:
+        raise PydanticCustomError("invalid", f"at most {METADATA_MAX_PAIRS} pairs")
+    for key, value in metadata.items():
+        if len(key) > METADATA_MAX_KEY:
+            raise PydanticCustomError(
+                "invalid",
+                f"keys are at most {METADATA_MAX_KEY} characters: '{{key}}…' is longer",
+                {"key": key[:METADATA_MAX_KEY]},
+            )
+        if len(value) > METADATA_MAX_VALUE:
+            raise PydanticCustomError(
+                "invalid",
+                f"values are at most {METADATA_MAX_VALUE} characters: the value of '{{key}}' is longer",
+                {"key": key},
+            )
+    return metadata
+
+
 class ChatCompletionRequest(SamplingRequest, TemplateOptions):
     # Shown in /openapi.json (and sent first by schemathesis): a plain request and a streamed one.
     model_config = ConfigDict(
@@ -406,32 +439,12 @@ class ChatCompletionRequest(SamplingRequest, TemplateOptions):
     @field_validator(*_REFUSED)
     @classmethod
     def _refused(cls, value: Any, info: ValidationInfo) -> Any:
-        name = info.field_name or ""
-        if value is not None and value not in _TAKEN.get(name, ()):
-            raise PydanticCustomError("unsupported", _REFUSED[name], {"value": value})
-        return value
+        return refuse_unless_taken(value, info, _REFUSED, _TAKEN)
 
     @field_validator("metadata")
     @classmethod
     def _metadata_bounds(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
-        if metadata is None:
-            return None
-        if len(metadata) > METADATA_MAX_PAIRS:
-            raise PydanticCustomError("invalid", f"at most {METADATA_MAX_PAIRS} pairs")
-        for key, value in metadata.items():
-            if len(key) > METADATA_MAX_KEY:
-                raise PydanticCustomError(
-                    "invalid",
-                    f"keys are at most {METADATA_MAX_KEY} characters: '{{key}}…' is longer",
-                    {"key": key[:METADATA_MAX_KEY]},
-                )
-            if len(value) > METADATA_MAX_VALUE:
-                raise PydanticCustomError(
-                    "invalid",
-                    f"values are at most {METADATA_MAX_VALUE} characters: the value of '{{key}}' is longer",
-                    {"key": key},
-                )
-        return metadata
+        return check_metadata(metadata)
 
     def log_tags(self) -> dict[str, Any]:
         tags = super().log_tags()

@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from kiln.engine import validation
 from kiln.engine.info import ModelInfo
 from kiln.engine.sampling_params import SamplingParams, StructuredOutput
@@ -232,7 +234,7 @@ def _constraint(name: str, value: Any) -> StructuredOutput:
     return StructuredOutput(name, value)  # type: ignore[arg-type]
 
 
-def log_unknown_fields(body: SamplingRequest, request_id: str) -> None:
+def log_unknown_fields(body: BaseModel, request_id: str) -> None:
     """Unknown fields are ignored, not rejected; say so once per request so a typo is findable."""
     extra = sorted((body.model_extra or {}).keys())
     if extra:

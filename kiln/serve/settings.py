@@ -195,6 +195,12 @@ class _ServerSettings(BaseSettings):
     max_tokens_limit: int | None = Field(
         None, ge=1, description="Most max_tokens a request may ask for; more gets 400 (None: its context)."
     )
+    responses_store_size: int = Field(
+        1024,
+        ge=0,
+        description="Responses kept in memory for GET /v1/responses/{id} and previous_response_id, the "
+        "least recently used going first past it (0: none kept; `store` then defaults to false).",
+    )
     generation_config: Literal["auto", "none"] = Field(
         "auto",
         description="Defaults of the sampling fields a request omits (temperature, top_p, top_k, min_p, "

@@ -13,6 +13,7 @@ from kiln.clients.protocol import EngineClient
 from kiln.serve.admission import Admission
 from kiln.serve.errors import APIError, NotFoundError, UnavailableError
 from kiln.serve.metrics import ServerMetrics
+from kiln.serve.response_store import ResponseStore
 from kiln.serve.settings import ServerSettings
 from kiln.serve.slo import SloBatching
 
@@ -38,6 +39,7 @@ class ServerState:
     # The model's defaults of the sampling fields a request omits (kiln.serve.sampling), once it started.
     sampling_defaults: dict[str, float | int] = field(default_factory=dict)
     slo: SloBatching | None = None  # SLO-driven batching, when a target is set
+    responses: ResponseStore = field(default_factory=lambda: ResponseStore(0))  # /v1/responses' store
 
     def fail_open(self, error: APIError) -> None:
         """End every request in flight with `error`."""

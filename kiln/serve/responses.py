@@ -1,0 +1,473 @@
+"""OpenAI's Responses API: `POST /v1/responses`, `GET` and `DELETE /v1/responses/{id}`.
+
+A response runs as a chat completion (kiln.serve.chat's `prepare_chat`): its `instructions`, the stored
+conversation of `previous_response_id` and its `input` become the messages; its tools, `tool_choice`,
+`text.format` and sampling fields become chat's; errors name the Responses API's fields.
+
+Rules:
+- Output items come in the order the model wrote them: text makes a message item, each tool call a
+  function_call item (read by the model's tool-call parser, as on chat). Without calls the output is
+  one message, its text possibly empty.
+- Status "completed", or "incomplete" (`incomplete_details.reason` "max_output_tokens") when the
+  output ran out of tokens; the last item is then "incomplete" too. A failure is an HTTP error, or in
+  a stream an `error` event that ends it.
+- A stream is named events (`event: response.output_text.delta`, ...) with increasing
+  `sequence_number`s, as OpenAI sends them: response.created, response.in_progress, per item its
+  output_item.added, content_part.added, the deltas, their done events and output_item.done, then
+  response.completed or response.incomplete; no `[DONE]`.
+- `store` (default: true when the server keeps responses) keeps the finished response
+  (kiln.serve.response_store); `store: true` on a server that keeps none is a 400, and a
+  `previous_response_id` not kept is a 404 (`previous_response_not_found`).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request, Response
+from pydantic import ValidationError
+
+from kiln.serve.chat import ChatJob, prepare_chat
+from kiln.serve.endpoint import RequestStart, answer, begin_request
+from kiln.serve.errors import APIError, InvalidRequestError, NotFoundError
+from kiln.serve.generation import TimeoutHeader
+from kiln.serve.logprobs import chat_logprobs
+from kiln.serve.protocol import ChatCompletionRequest, ChatTokenLogprob, Usage
+from kiln.serve.response_store import StoredResponse
+from kiln.serve.responses_protocol import (
+    DeletedResponse,
+    FunctionCallItem,
+    FunctionCallOutputItem,
+    FunctionToolCall,
+    IncompleteDetails,
+    InputTokensDetails,
+    MessageItem,
+    OutputMessage,
+    OutputText,
+    ResponseObject,
+    ResponsesRequest,
+    ResponseUsage,
+    content_text,
+)
+from kiln.serve.state import ServerState, server_state
+from kiln.serve.tool_calls import ContentDelta, Delta, ToolCallDelta
+from kiln.serve.usage import UsageCounter, token_text_fn
+
+# What a chat field that an error names is called in a Responses request.
+_PARAMS = {
+    "messages": "input",
+    "max_completion_tokens": "max_output_tokens",
+    "max_tokens": "max_output_tokens",
+    "response_format": "text.format",
+    "logprobs": "include",
+}
+
+
+# Fields a Responses request passes to chat as they are.
+_CHAT_FIELDS = (
+    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+    "seed", "stop", "ignore_eos", "priority", "parallel_tool_calls", "stream", "user", "metadata",
+)  # fmt: skip
+
+
+def responses_param(param: str) -> str:
+    """The Responses request's name of chat field `param` (a dotted path)."""
+    head, _, rest = param.partition(".")
+    if head in _PARAMS:
+        return _PARAMS[head] if head == "messages" else ".".join(p for p in (_PARAMS[head], rest) if p)
+    if head == "tools":  # tools.N.function.x: a Responses tool is the function itself
+        return param.replace(".function", "", 1)
+    if head == "tool_choice":
+        return "tool_choice.name" if rest else head
+    return param
+
+
+async def create_response(
+    body: ResponsesRequest, request: Request, x_request_timeout: TimeoutHeader = None
+) -> Response:
+    start = begin_request(body, request, x_request_timeout, "resp_")
+    state = start.state
+    store = _store(body, state)
+    history: tuple[dict[str, Any], ...] = ()
+    if body.previous_response_id is not None:
+        previous = state.responses.get(body.previous_response_id)
+        if previous is None:
+            raise NotFoundError(
+                f"previous response '{body.previous_response_id}' is not stored here (it was never stored, "
+                "was deleted, or went to make room)",
+                param="previous_response_id",
+                code="previous_response_not_found",
+            )
+        history = previous.conversation
+    given = tuple(_input_messages(body))
+    system = ({"role": "system", "content": body.instructions},) if body.instructions is not None else ()
+    try:
+        job = await prepare_chat(
+            _chat_request(body, [*system, *history, *given]),
+            start,
+            endpoint="responses",
+            param_name=responses_param,
+            log_tags=body.log_tags(),
+        )
+    except InvalidRequestError as exc:
+        if exc.param is not None:
+            exc.param = responses_param(exc.param)
+        raise
+    run = _Run(body, state, start, job, store, (*history, *given))
+    return await answer(
+        start,
+        request,
+        job.generation,
+        stream=run.stream if body.stream else None,
+        collect=run.collect,
+        done_event=False,
+    )
+
+
+def _store(body: ResponsesRequest, state: ServerState) -> bool:
+    if body.store and state.responses.capacity == 0:
+        raise InvalidRequestError(
+            "this server keeps no responses (--responses-store-size 0): send store false, or leave it out",
+            param="store",
+        )
+    return body.store if body.store is not None else state.responses.capacity > 0
+
+
+def _input_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
+    """The input as chat messages: a function_call joins the assistant message before it (else starts
+    one), a function_call_output is a tool message."""
+    if isinstance(body.input, str):
+        return [{"role": "user", "content": body.input}]
+    out: list[dict[str, Any]] = []
+    for item in body.input:
+        if isinstance(item, MessageItem):
+            out.append({"role": item.role, "content": content_text(item.content)})
+        elif isinstance(item, FunctionCallItem):
+            call = {
+                "id": item.call_id,
+                "type": "function",
+                "function": {"name": item.name, "arguments": item.arguments},
+            }
+            if not out or out[-1]["role"] != "assistant":
+                out.append({"role": "assistant", "content": None})
+            out[-1] = {**out[-1], "tool_calls": [*out[-1].get("tool_calls", ()), call]}
+        elif isinstance(item, FunctionCallOutputItem):
+            out.append({"role": "tool", "tool_call_id": item.call_id, "content": content_text(item.output)})
+    return out
+
+
+def _chat_request(body: ResponsesRequest, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
+    """The chat completion request that `body` runs as."""
+    if body.top_logprobs and not body.logprobs:
+        raise InvalidRequestError(
+            'top_logprobs needs include ["message.output_text.logprobs"]', param="top_logprobs"
+        )
+    fields: dict[str, Any] = {name: getattr(body, name) for name in _CHAT_FIELDS}
+    fields |= {
+        "messages": messages,
+        "max_completion_tokens": body.max_output_tokens,
+        "logprobs": body.logprobs,
+    }
+    if body.logprobs:
+        fields["top_logprobs"] = body.top_logprobs or 0
+    if body.tools is not None:
+        fields["tools"] = [
+            {"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True, by_alias=True)}
+            for t in body.tools
+        ]
+    choice = body.tool_choice
+    if choice is not None:
+        fields["tool_choice"] = (
+            choice if isinstance(choice, str) else {"type": "function", "function": {"name": choice.name}}
+        )
+    fmt = body.text.format if body.text is not None else None
+    if fmt is not None and fmt.type == "json_schema":
+        schema = fmt.model_dump(
+            include={"name", "description", "schema_", "strict"}, exclude_none=True, by_alias=True
+        )
+        fields["response_format"] = {"type": "json_schema", "json_schema": schema}
+    elif fmt is not None:
+        fields["response_format"] = {"type": fmt.type}
+    try:
+        return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:  # a message the chat form cannot hold
+        first = exc.errors()[0]
+        raise InvalidRequestError(f"input: {first['msg']}", param="input") from None
+
+
+def _new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(16)
+
+
+class _Output:
+    """The output items as the model's text comes in and, when `events`, the stream events that build
+    them (taken with `take_events`)."""
+
+    def __init__(self, events: bool) -> None:
+        self.items: list[OutputMessage | FunctionToolCall] = []
+        self._open = False  # the last item takes more
+        self._events: list[dict[str, Any]] | None = [] if events else None
+
+    def _emit(self, **event: Any) -> None:
+        if self._events is not None:
+            self._events.append(event)
+
+    def take_events(self) -> list[dict[str, Any]]:
+        events, self._events = self._events or [], []
+        return events
+
+    def _where(self) -> dict[str, Any]:
+        return {"item_id": self.items[-1].id, "output_index": len(self.items) - 1}
+
+    def text(self, text: str, logprobs: list[ChatTokenLogprob] | None = None) -> None:
+        last = self.items[-1] if self.items and self._open else None
+        if not isinstance(last, OutputMessage):
+            self.close("completed")
+            last = OutputMessage(id=_new_id("msg_"), status="in_progress", content=[])
+            self._open_item(last)
+            part = OutputText(text="", logprobs=[] if logprobs is not None else None)
+            last.content.append(part)
+            self._emit(type="response.content_part.added", **self._where(), content_index=0, part=_json(part))
+        part = last.content[0]
+        part.text += text
+        if logprobs is not None and part.logprobs is not None:
+            part.logprobs.extend(logprobs)
+        if text or logprobs:
+            self._emit(
+                type="response.output_text.delta",
+                **self._where(),
+                content_index=0,
+                delta=text,
+                logprobs=[_delta_logprob(lp) for lp in logprobs or ()],
+            )
+
+    def call(self, call_id: str, name: str) -> None:
+        self.close("completed")
+        self._open_item(
+            FunctionToolCall(
+                id=_new_id("fc_"), call_id=call_id, name=name, arguments="", status="in_progress"
+            )
+        )
+
+    def arguments(self, fragment: str) -> None:
+        call = self.items[-1]
+        assert isinstance(call, FunctionToolCall) and self._open
+        call.arguments += fragment
+        self._emit(type="response.function_call_arguments.delta", **self._where(), delta=fragment)
+
+    def deltas(self, deltas: list[Delta]) -> None:
+        for d in deltas:
+            if isinstance(d, ContentDelta):
+                self.text(d.text)
+            elif isinstance(d, ToolCallDelta):
+                if d.name is not None:
+                    self.call(d.id or "", d.name)
+                if d.arguments:
+                    self.arguments(d.arguments)
+
+    def close(self, status: str) -> None:
+        """End the last item, if open, with `status`."""
+        if not (self.items and self._open):
+            return
+        self._open = False
+        item = self.items[-1]
+        item.status = status  # type: ignore[assignment]
+        where = self._where()
+        if isinstance(item, OutputMessage):
+            part = item.content[0]
+            done: dict[str, Any] = {"text": part.text, "logprobs": [_json(lp) for lp in part.logprobs or ()]}
+            self._emit(type="response.output_text.done", **where, content_index=0, **done)
+            self._emit(type="response.content_part.done", **where, content_index=0, part=_json(part))
+        else:
+            self._emit(
+                type="response.function_call_arguments.done",
+                **where,
+                name=item.name,
+                arguments=item.arguments,
+            )
+        self._emit(type="response.output_item.done", output_index=where["output_index"], item=_json(item))
+
+    def finish(self, finish_reason: str | None) -> str:
+        """End the output; its status ("incomplete" when it ran out of tokens)."""
+        status = "incomplete" if finish_reason == "length" else "completed"
+        if not self.items:
+            self.text("")
+        self.close(status)
+        return status
+
+    def _open_item(self, item: OutputMessage | FunctionToolCall) -> None:
+        self.items.append(item)
+        self._open = True
+        self._emit(type="response.output_item.added", output_index=len(self.items) - 1, item=_json(item))
+
+
+def _json(model: Any) -> dict[str, Any]:
+    return model.model_dump(mode="json")
+
+
+def _delta_logprob(lp: ChatTokenLogprob) -> dict[str, Any]:
+    """A stream delta's logprob: OpenAI's form there has no bytes."""
+    tops = [{"token": t.token, "logprob": t.logprob} for t in lp.top_logprobs]
+    return {"token": lp.token, "logprob": lp.logprob, "top_logprobs": tops}
+
+
+class _Run:
+    """One response being made: its output read, its object built, stored when finished."""
+
+    def __init__(
+        self,
+        body: ResponsesRequest,
+        state: ServerState,
+        start: RequestStart,
+        job: ChatJob,
+        store: bool,
+        conversation: tuple[dict[str, Any], ...],
+    ) -> None:
+        self.body, self.state, self.start, self.job = body, state, start, job
+        self.store, self.conversation = store, conversation
+        self.created_at = int(time.time())
+        self.usage = UsageCounter()
+        self.token_text = token_text_fn(state.engine.tokenizer)
+
+    async def _read(self, output: _Output, parser: Any) -> AsyncIterator[str | None]:
+        """Read the generation into `output`, yielding after each engine output its finish reason."""
+        job, tokenizer = self.job, self.state.engine.tokenizer
+        async for _, out in job.generation.outputs():
+            self.usage.add(out)
+            for c in out.outputs:
+                if parser is not None:
+                    output.deltas(parser.feed(c.text))
+                    if c.finish_reason is not None:
+                        output.deltas(parser.finish())
+                elif job.top_n is not None:
+                    lps = chat_logprobs(
+                        c.token_ids, c.logprobs or [], job.top_n, self.token_text, tokenizer.token_bytes
+                    ).content
+                    output.text(c.text, lps)
+                elif c.text:
+                    output.text(c.text)
+            yield out.outputs[-1].finish_reason if out.outputs else None
+
+    def _response(self, output: _Output, status: str, *, final: bool) -> ResponseObject:
+        body, params = self.body, self.job.generation.params
+        text = (
+            {"format": body.text.format.model_dump(exclude_none=True, by_alias=True)}
+            if body.text and body.text.format
+            else {"format": {"type": "text"}}
+        )
+        choice = body.tool_choice
+        usage = self.usage.usage() if final else None
+        return ResponseObject(
+            id=self.start.request_id,
+            created_at=self.created_at,
+            completed_at=int(time.time()) if final else None,
+            status=status,  # type: ignore[arg-type]
+            incomplete_details=IncompleteDetails(reason="max_output_tokens")
+            if status == "incomplete"
+            else None,
+            instructions=body.instructions,
+            max_output_tokens=body.max_output_tokens,
+            model=self.state.model_name,
+            output=list(output.items),
+            parallel_tool_calls=body.parallel_tool_calls,
+            previous_response_id=body.previous_response_id,
+            store=self.store,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_logprobs=body.top_logprobs or 0,
+            text=text,
+            tool_choice=(choice if isinstance(choice, str) else choice.model_dump())
+            if choice is not None
+            else "auto",
+            tools=[t.model_dump(exclude_none=True, by_alias=True) for t in body.tools or ()],
+            usage=None if usage is None else _usage(usage),
+            user=body.user,
+            metadata=body.metadata or {},
+            system_fingerprint=self.job.generation.system_fingerprint,
+        )
+
+    def _keep(self, response: ResponseObject) -> None:
+        if not self.store:
+            return
+        text = "".join(i.content[0].text for i in response.output if isinstance(i, OutputMessage))
+        calls = [
+            {"id": i.call_id, "type": "function", "function": {"name": i.name, "arguments": i.arguments}}
+            for i in response.output
+            if isinstance(i, FunctionToolCall)
+        ]
+        reply: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+        if calls:
+            reply["tool_calls"] = calls
+        self.state.responses.put(StoredResponse(response, (*self.conversation, reply)))
+
+    def _parser(self) -> Any:
+        return self.job.plan.new_parser() if self.job.plan is not None else None
+
+    async def collect(self) -> ResponseObject:
+        output = _Output(events=False)
+        finish = None
+        async for reason in self._read(output, self._parser()):
+            finish = reason or finish
+        response = self._response(output, output.finish(finish), final=True)
+        self._keep(response)
+        return response
+
+    async def stream(self) -> AsyncIterator[tuple[str, str]]:
+        sequence = 0
+
+        def event(payload: dict[str, Any]) -> tuple[str, str]:
+            nonlocal sequence
+            payload["sequence_number"] = sequence
+            sequence += 1
+            return payload["type"], json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+        output = _Output(events=True)
+        opening = _json(self._response(output, "in_progress", final=False))
+        yield event({"type": "response.created", "response": opening})
+        yield event({"type": "response.in_progress", "response": opening})
+        finish = None
+        try:
+            async for reason in self._read(output, self._parser()):
+                finish = reason or finish
+                for e in output.take_events():
+                    yield event(e)
+        except APIError as exc:
+            yield event({"type": "error", "code": exc.code, "message": exc.message, "param": exc.param})
+            return
+        status = output.finish(finish)
+        for e in output.take_events():
+            yield event(e)
+        response = self._response(output, status, final=True)
+        self._keep(response)
+        yield event({"type": f"response.{status}", "response": _json(response)})
+
+
+def _usage(usage: Usage) -> ResponseUsage:
+    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+    return ResponseUsage(
+        input_tokens=usage.prompt_tokens,
+        input_tokens_details=InputTokensDetails(cached_tokens=cached),
+        output_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+    )
+
+
+def _stored(request: Request, response_id: str) -> StoredResponse:
+    stored = server_state(request).responses.get(response_id)
+    if stored is None:
+        raise NotFoundError(f"no response '{response_id}' is stored here", param="response_id")
+    return stored
+
+
+async def get_response(response_id: str, request: Request) -> Response:
+    return Response(_stored(request, response_id).response.model_dump_json(), media_type="application/json")
+
+
+async def delete_response(response_id: str, request: Request) -> DeletedResponse:
+    _stored(request, response_id)
+    server_state(request).responses.delete(response_id)
+    return DeletedResponse(id=response_id)
