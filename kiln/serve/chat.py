@@ -60,19 +60,11 @@ def _same(param: str) -> str:
     return param
 
 
-async def prepare_chat(
-    body: ChatCompletionRequest,
-    start: RequestStart,
-    *,
-    endpoint: str = "chat",
-    param_name: Callable[[str], str] = _same,
-    log_tags: dict[str, Any] | None = None,
-) -> ChatJob:
-    """Render, tokenize and check a chat request, and make its generation (not yet started).
-    `endpoint`, `param_name` and `log_tags` serve the Responses API, which runs as a chat: its name for
-    the metrics and log line, what the request it came from calls each chat field that an error names,
-    and that request's fields for the log line (default: `body.log_tags()`)."""
-    state, deadline = start.state, start.deadline
+async def render_chat(
+    body: ChatCompletionRequest, state: ServerState, param_name: Callable[[str], str] = _same
+) -> tuple[list[int], ToolPlan | None]:
+    """A chat request's prompt ids (its conversation through the chat template, tools planned and
+    offered) and its tool plan; 400s as `prepare_chat` says."""
     tokenizer = state.engine.tokenizer
     plan = plan_tools(body, tokenizer, state.settings.tool_call_parser)
     native = renders_tools(tokenizer)
@@ -92,6 +84,24 @@ async def prepare_chat(
         raise InvalidRequestError(str(exc), param=param_name("messages")) from None
     if body.truncate_prompt_tokens is not None:
         prompt_ids = prompt_ids[-body.truncate_prompt_tokens :]
+    return prompt_ids, plan
+
+
+async def prepare_chat(
+    body: ChatCompletionRequest,
+    start: RequestStart,
+    *,
+    endpoint: str = "chat",
+    param_name: Callable[[str], str] = _same,
+    log_tags: dict[str, Any] | None = None,
+) -> ChatJob:
+    """Render, tokenize and check a chat request, and make its generation (not yet started).
+    `endpoint`, `param_name` and `log_tags` serve the Responses API, which runs as a chat: its name for
+    the metrics and log line, what the request it came from calls each chat field that an error names,
+    and that request's fields for the log line (default: `body.log_tags()`)."""
+    state, deadline = start.state, start.deadline
+    tokenizer = state.engine.tokenizer
+    prompt_ids, plan = await render_chat(body, state, param_name)
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = resolve_max_tokens(
         requested,

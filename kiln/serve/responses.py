@@ -15,6 +15,8 @@ Rules:
   `sequence_number`s, as OpenAI sends them: response.created, response.in_progress, per item its
   output_item.added, content_part.added, the deltas, their done events and output_item.done, then
   response.completed or response.incomplete; no `[DONE]`.
+- `truncation: "auto"`: a conversation too long for the context (with max_output_tokens) loses its
+  oldest turns, cut before a user message, as few as it takes; the stored conversation stays whole.
 - `store` (default: true when the server keeps responses) keeps the finished response
   (kiln.serve.response_store); `store: true` on a server that keeps none is a 400, and a
   `previous_response_id` not kept is a 404 (`previous_response_not_found`).
@@ -22,16 +24,17 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import Request, Response
 from pydantic import ValidationError
 
-from kiln.serve.chat import ChatJob, prepare_chat
+from kiln.serve.chat import ChatJob, prepare_chat, render_chat
 from kiln.serve.endpoint import RequestStart, answer, begin_request
 from kiln.serve.errors import APIError, InvalidRequestError, NotFoundError
 from kiln.serve.generation import TimeoutHeader
@@ -105,18 +108,14 @@ async def create_response(
         history = previous.conversation
     given = tuple(_input_messages(body))
     system = ({"role": "system", "content": body.instructions},) if body.instructions is not None else ()
-    try:
-        job = await prepare_chat(
-            _chat_request(body, [*system, *history, *given]),
-            start,
-            endpoint="responses",
-            param_name=responses_param,
-            log_tags=body.log_tags(),
-        )
-    except InvalidRequestError as exc:
-        if exc.param is not None:
-            exc.param = responses_param(exc.param)
-        raise
+    with _responses_params():
+        try:
+            job = await _prepare(body, start, [*system, *history, *given])
+        except InvalidRequestError as exc:
+            if body.truncation != "auto" or exc.code != "context_length_exceeded":
+                raise
+            kept = await _fitting(body, state, system, (*history, *given), exc)
+            job = await _prepare(body, start, [*system, *kept])
     run = _Run(body, state, start, job, store, (*history, *given))
     return await answer(
         start,
@@ -126,6 +125,57 @@ async def create_response(
         collect=run.collect,
         done_event=False,
     )
+
+
+@contextlib.contextmanager
+def _responses_params() -> Iterator[None]:
+    """A 400 raised inside names the Responses request's field, not chat's."""
+    try:
+        yield
+    except InvalidRequestError as exc:
+        if exc.param is not None:
+            exc.param = responses_param(exc.param)
+        raise
+
+
+async def _prepare(body: ResponsesRequest, start: RequestStart, messages: list[dict[str, Any]]) -> ChatJob:
+    return await prepare_chat(
+        _chat_request(body, messages),
+        start,
+        endpoint="responses",
+        param_name=responses_param,
+        log_tags=body.log_tags(),
+    )
+
+
+async def _fitting(
+    body: ResponsesRequest,
+    state: ServerState,
+    system: tuple[dict[str, Any], ...],
+    conversation: tuple[dict[str, Any], ...],
+    too_long: InvalidRequestError,
+) -> tuple[dict[str, Any], ...]:
+    """`truncation: "auto"`: the conversation without its oldest turns, as few as the prompt and
+    max_output_tokens need to fit the context. It is cut before a user message (chat templates open
+    with one); `too_long` is raised when even the last user message on does not fit."""
+    room = state.engine.model_info.max_model_len - (body.max_output_tokens or 1)
+    starts = [i for i, m in enumerate(conversation) if i > 0 and m["role"] == "user"]
+
+    async def fits(start: int) -> bool:
+        chat = _chat_request(body, [*system, *conversation[start:]])
+        prompt_ids, _ = await render_chat(chat, state, responses_param)
+        return len(prompt_ids) <= room
+
+    low, high = 0, len(starts)  # the first start that fits, by bisection: fewer turns, fewer tokens
+    while low < high:
+        middle = (low + high) // 2
+        if await fits(starts[middle]):
+            high = middle
+        else:
+            low = middle + 1
+    if low == len(starts):
+        raise too_long
+    return conversation[starts[low] :]
 
 
 def _store(body: ResponsesRequest, state: ServerState) -> bool:
@@ -380,6 +430,7 @@ class _Run:
             top_p=params.top_p,
             top_logprobs=body.top_logprobs or 0,
             text=text,
+            truncation=body.truncation,
             tool_choice=(choice if isinstance(choice, str) else choice.model_dump())
             if choice is not None
             else "auto",

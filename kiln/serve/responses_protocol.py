@@ -12,7 +12,7 @@ typed, and a field that asks for what Kiln cannot do is declared and refused wit
   results, input images, encrypted reasoning) and add nothing. An unknown value is a 400.
 - `max_tool_calls` bounds calls to hosted tools, of which Kiln makes none: taken, and it changes nothing.
 - Refused when set: background, conversation, prompt (stored prompt templates), reasoning effort or
-  summary, text.verbosity, truncation "auto", service tiers but auto/default, obfuscated streams.
+  summary, text.verbosity, service tiers but auto/default, obfuscated streams.
 """
 
 from __future__ import annotations
@@ -257,13 +257,11 @@ _REFUSED = {
     "background": "background responses are not supported: send the request and wait for it (or stream it)",
     "conversation": "conversations are not supported: chain responses with previous_response_id",
     "prompt": "stored prompt templates are not supported: send the input",
-    "truncation": "truncation '{value}' is not supported: send input that fits the model's context",
     "service_tier": "service tier '{value}' is not supported: Kiln has one ('auto' or 'default'); "
     "its `priority` field orders requests",
 }
 _TAKEN: dict[str, tuple[Any, ...]] = {
     "background": (False,),
-    "truncation": ("disabled",),
     "service_tier": ("auto", "default"),
 }
 
@@ -320,7 +318,11 @@ class ResponsesRequest(_Lenient):
     background: bool | None = Field(None, description="Only false.")
     conversation: str | dict[str, Any] | None = Field(None, description="Refused: use previous_response_id.")
     prompt: dict[str, Any] | None = Field(None, description="Refused: no stored prompt templates.")
-    truncation: str | None = Field(None, description='Only "disabled".')
+    truncation: Literal["auto", "disabled"] = Field(
+        "disabled",
+        description='"auto": when the conversation does not fit the context, its oldest turns are left '
+        'out (it then starts at a user message); "disabled": it is a 400.',
+    )
     service_tier: str | None = Field(
         None, description='Only "auto" or "default"; `priority` orders requests.'
     )
@@ -452,7 +454,7 @@ class ResponseObject(BaseModel):
     text: dict[str, Any]
     tool_choice: str | dict[str, Any]
     tools: list[dict[str, Any]]
-    truncation: Literal["disabled"] = "disabled"
+    truncation: Literal["auto", "disabled"]
     background: bool = False
     usage: ResponseUsage | None = None
     user: str | None = None

@@ -302,7 +302,7 @@ def test_logprobs_are_included_when_asked(client: openai.OpenAI) -> None:
         ({"conversation": "conv_1"}, "conversation"),
         ({"prompt": {"id": "pmpt_1"}}, "prompt"),
         ({"reasoning": {"effort": "high"}}, "reasoning"),
-        ({"truncation": "auto"}, "truncation"),
+        ({"truncation": "middle"}, "truncation"),
         ({"include": ["bogus"]}, "include"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"include": ["message.output_text.logprobs"], "top_logprobs": 21}, "top_logprobs"),
@@ -324,6 +324,36 @@ def test_what_is_not_supported_is_a_400_naming_it(
     r = httpx.post(f"{server.url}/v1/responses", json={"input": "Hi", "max_output_tokens": 2, **fields})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()
+
+
+def test_truncation_auto_leaves_out_the_oldest_turns(client: openai.OpenAI, server: LiveServer) -> None:
+    limit = httpx.get(f"{server.url}/v1/models/tiny").json()["max_model_len"]
+    turn = " ".join(f"w{i}" for i in range(limit // 6))  # a few turns fill the context
+    items = []
+    for i in range(8):
+        items += [{"role": "user", "content": f"{i}: {turn}"}, {"role": "assistant", "content": f"ok {i}"}]
+    items.append({"role": "user", "content": "last"})
+    with pytest.raises(openai.BadRequestError) as refused:  # truncation "disabled", the default
+        client.responses.create(input=items, max_output_tokens=4, **GREEDY)
+    assert refused.value.body["code"] == "context_length_exceeded"
+    r = client.responses.create(input=items, max_output_tokens=4, truncation="auto", **GREEDY)
+    # What it kept: the longest run of turns from a user message on that leaves room for the output.
+    counts = {
+        start: httpx.post(f"{server.url}/tokenize", json={"messages": items[start:]}).json()["count"]
+        for start in range(0, len(items), 2)
+    }
+    kept = min(start for start, count in counts.items() if count + 4 <= limit)
+    assert kept > 0 and r.usage.input_tokens == counts[kept]
+    assert r.output_text == _chat(client, items[kept:], 4).choices[0].message.content
+    assert r.truncation == "auto"
+    # Stored whole: the next turn truncates again from the full conversation.
+    after = client.responses.create(
+        input="more", previous_response_id=r.id, max_output_tokens=4, truncation="auto", **GREEDY
+    )
+    assert after.usage.input_tokens <= limit - 4
+    # A last message that alone is too long is a 400 still.
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(input=turn * 8, max_output_tokens=4, truncation="auto", **GREEDY)
 
 
 def test_an_error_mid_stream_is_an_error_event(server: LiveServer) -> None:

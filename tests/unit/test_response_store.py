@@ -26,6 +26,7 @@ def _stored(response_id: str) -> StoredResponse:
         text={"format": {"type": "text"}},
         tool_choice="auto",
         tools=[],
+        truncation="disabled",
     )
     return StoredResponse(response, ({"role": "user", "content": response_id},))
 
