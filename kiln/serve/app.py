@@ -44,12 +44,13 @@ from kiln.serve.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from kiln.serve.openapi import Responses, install_openapi, key_responses
 from kiln.serve.protocol import ModelCard, ModelList
 from kiln.serve.response_store import ResponseStore
-from kiln.serve.responses import create_response, delete_response, get_response
+from kiln.serve.responses import create_response
 from kiln.serve.rollout import Rollout
 from kiln.serve.sampling import model_sampling_defaults
 from kiln.serve.settings import ServerSettings
 from kiln.serve.slo import SloBatching
 from kiln.serve.state import ServerState, server_state
+from kiln.serve.stored_responses import delete_response, get_response, list_input_items
 from kiln.serve.supervisor import supervise
 from kiln.serve.tokenize_routes import add_tokenize_routes
 from kiln.version import __version__
@@ -257,6 +258,12 @@ def create_app(
     )
     v1.add_api_route(
         "/responses/{response_id}", delete_response, methods=["DELETE"], responses=Responses.deleted_response
+    )
+    v1.add_api_route(
+        "/responses/{response_id}/input_items",
+        list_input_items,
+        methods=["GET"],
+        responses=Responses.input_items,
     )
     v1.add_api_route("/models", list_models, methods=["GET"], responses=Responses.models)
     v1.add_api_route("/models/{model_id:path}", get_model, methods=["GET"], responses=Responses.model)

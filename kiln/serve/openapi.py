@@ -159,6 +159,7 @@ class Responses:
     responses = completion_responses(ResponseObject, None)
     stored_response = ok_responses(ResponseObject, "The stored response.", 404)
     deleted_response = error_responses(404)
+    input_items = error_responses(400, 404)
     models = error_responses(503)  # 503: the model is still loading
     model = error_responses(404, 503)
     health = probe_responses(HealthStatus)

@@ -23,6 +23,7 @@ from kiln.serve.responses_protocol import ResponseObject
 class StoredResponse:
     response: ResponseObject  # as GET answers it
     conversation: tuple[dict[str, Any], ...]  # chat messages through this response's output
+    input_items: tuple[dict[str, Any], ...] = ()  # the request's own input, as input_items lists it
 
 
 class ResponseStore:

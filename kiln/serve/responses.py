@@ -1,4 +1,4 @@
-"""OpenAI's Responses API: `POST /v1/responses`, `GET` and `DELETE /v1/responses/{id}`.
+"""OpenAI's Responses API: `POST /v1/responses` (the stored ones are kiln.serve.stored_responses').
 
 A response runs as a chat completion (kiln.serve.chat's `prepare_chat`): its `instructions`, the stored
 conversation of `previous_response_id` and its `input` become the messages; its tools, `tool_choice`,
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -39,10 +38,10 @@ from kiln.serve.endpoint import RequestStart, answer, begin_request
 from kiln.serve.errors import APIError, InvalidRequestError, NotFoundError
 from kiln.serve.generation import TimeoutHeader
 from kiln.serve.logprobs import chat_logprobs
-from kiln.serve.protocol import ChatCompletionRequest, ChatTokenLogprob, Usage
+from kiln.serve.protocol import ChatCompletionRequest, Usage
+from kiln.serve.response_output import OutputItems, item_json
 from kiln.serve.response_store import StoredResponse
 from kiln.serve.responses_protocol import (
-    DeletedResponse,
     FunctionCallItem,
     FunctionCallOutputItem,
     FunctionToolCall,
@@ -50,14 +49,13 @@ from kiln.serve.responses_protocol import (
     InputTokensDetails,
     MessageItem,
     OutputMessage,
-    OutputText,
     ResponseObject,
     ResponsesRequest,
     ResponseUsage,
     content_text,
 )
-from kiln.serve.state import ServerState, server_state
-from kiln.serve.tool_calls import ContentDelta, Delta, ToolCallDelta
+from kiln.serve.state import ServerState
+from kiln.serve.stored_responses import input_items
 from kiln.serve.usage import UsageCounter, token_text_fn
 
 # What a chat field that an error names is called in a Responses request.
@@ -249,122 +247,6 @@ def _chat_request(body: ResponsesRequest, messages: list[dict[str, Any]]) -> Cha
         raise InvalidRequestError(f"input: {first['msg']}", param="input") from None
 
 
-def _new_id(prefix: str) -> str:
-    return prefix + secrets.token_hex(16)
-
-
-class _Output:
-    """The output items as the model's text comes in and, when `events`, the stream events that build
-    them (taken with `take_events`)."""
-
-    def __init__(self, events: bool) -> None:
-        self.items: list[OutputMessage | FunctionToolCall] = []
-        self._open = False  # the last item takes more
-        self._events: list[dict[str, Any]] | None = [] if events else None
-
-    def _emit(self, **event: Any) -> None:
-        if self._events is not None:
-            self._events.append(event)
-
-    def take_events(self) -> list[dict[str, Any]]:
-        events, self._events = self._events or [], []
-        return events
-
-    def _where(self) -> dict[str, Any]:
-        return {"item_id": self.items[-1].id, "output_index": len(self.items) - 1}
-
-    def text(self, text: str, logprobs: list[ChatTokenLogprob] | None = None) -> None:
-        last = self.items[-1] if self.items and self._open else None
-        if not isinstance(last, OutputMessage):
-            self.close("completed")
-            last = OutputMessage(id=_new_id("msg_"), status="in_progress", content=[])
-            self._open_item(last)
-            part = OutputText(text="", logprobs=[] if logprobs is not None else None)
-            last.content.append(part)
-            self._emit(type="response.content_part.added", **self._where(), content_index=0, part=_json(part))
-        part = last.content[0]
-        part.text += text
-        if logprobs is not None and part.logprobs is not None:
-            part.logprobs.extend(logprobs)
-        if text or logprobs:
-            self._emit(
-                type="response.output_text.delta",
-                **self._where(),
-                content_index=0,
-                delta=text,
-                logprobs=[_delta_logprob(lp) for lp in logprobs or ()],
-            )
-
-    def call(self, call_id: str, name: str) -> None:
-        self.close("completed")
-        self._open_item(
-            FunctionToolCall(
-                id=_new_id("fc_"), call_id=call_id, name=name, arguments="", status="in_progress"
-            )
-        )
-
-    def arguments(self, fragment: str) -> None:
-        call = self.items[-1]
-        assert isinstance(call, FunctionToolCall) and self._open
-        call.arguments += fragment
-        self._emit(type="response.function_call_arguments.delta", **self._where(), delta=fragment)
-
-    def deltas(self, deltas: list[Delta]) -> None:
-        for d in deltas:
-            if isinstance(d, ContentDelta):
-                self.text(d.text)
-            elif isinstance(d, ToolCallDelta):
-                if d.name is not None:
-                    self.call(d.id or "", d.name)
-                if d.arguments:
-                    self.arguments(d.arguments)
-
-    def close(self, status: str) -> None:
-        """End the last item, if open, with `status`."""
-        if not (self.items and self._open):
-            return
-        self._open = False
-        item = self.items[-1]
-        item.status = status  # type: ignore[assignment]
-        where = self._where()
-        if isinstance(item, OutputMessage):
-            part = item.content[0]
-            done: dict[str, Any] = {"text": part.text, "logprobs": [_json(lp) for lp in part.logprobs or ()]}
-            self._emit(type="response.output_text.done", **where, content_index=0, **done)
-            self._emit(type="response.content_part.done", **where, content_index=0, part=_json(part))
-        else:
-            self._emit(
-                type="response.function_call_arguments.done",
-                **where,
-                name=item.name,
-                arguments=item.arguments,
-            )
-        self._emit(type="response.output_item.done", output_index=where["output_index"], item=_json(item))
-
-    def finish(self, finish_reason: str | None) -> str:
-        """End the output; its status ("incomplete" when it ran out of tokens)."""
-        status = "incomplete" if finish_reason == "length" else "completed"
-        if not self.items:
-            self.text("")
-        self.close(status)
-        return status
-
-    def _open_item(self, item: OutputMessage | FunctionToolCall) -> None:
-        self.items.append(item)
-        self._open = True
-        self._emit(type="response.output_item.added", output_index=len(self.items) - 1, item=_json(item))
-
-
-def _json(model: Any) -> dict[str, Any]:
-    return model.model_dump(mode="json")
-
-
-def _delta_logprob(lp: ChatTokenLogprob) -> dict[str, Any]:
-    """A stream delta's logprob: OpenAI's form there has no bytes."""
-    tops = [{"token": t.token, "logprob": t.logprob} for t in lp.top_logprobs]
-    return {"token": lp.token, "logprob": lp.logprob, "top_logprobs": tops}
-
-
 class _Run:
     """One response being made: its output read, its object built, stored when finished."""
 
@@ -383,7 +265,7 @@ class _Run:
         self.usage = UsageCounter()
         self.token_text = token_text_fn(state.engine.tokenizer)
 
-    async def _read(self, output: _Output, parser: Any) -> AsyncIterator[str | None]:
+    async def _read(self, output: OutputItems, parser: Any) -> AsyncIterator[str | None]:
         """Read the generation into `output`, yielding after each engine output its finish reason."""
         job, tokenizer = self.job, self.state.engine.tokenizer
         async for _, out in job.generation.outputs():
@@ -402,7 +284,7 @@ class _Run:
                     output.text(c.text)
             yield out.outputs[-1].finish_reason if out.outputs else None
 
-    def _response(self, output: _Output, status: str, *, final: bool) -> ResponseObject:
+    def _response(self, output: OutputItems, status: str, *, final: bool) -> ResponseObject:
         body, params = self.body, self.job.generation.params
         text = (
             {"format": body.text.format.model_dump(exclude_none=True, by_alias=True)}
@@ -453,13 +335,15 @@ class _Run:
         reply: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
         if calls:
             reply["tool_calls"] = calls
-        self.state.responses.put(StoredResponse(response, (*self.conversation, reply)))
+        self.state.responses.put(
+            StoredResponse(response, (*self.conversation, reply), input_items(self.body))
+        )
 
     def _parser(self) -> Any:
         return self.job.plan.new_parser() if self.job.plan is not None else None
 
     async def collect(self) -> ResponseObject:
-        output = _Output(events=False)
+        output = OutputItems(events=False)
         finish = None
         async for reason in self._read(output, self._parser()):
             finish = reason or finish
@@ -476,8 +360,8 @@ class _Run:
             sequence += 1
             return payload["type"], json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
 
-        output = _Output(events=True)
-        opening = _json(self._response(output, "in_progress", final=False))
+        output = OutputItems(events=True)
+        opening = item_json(self._response(output, "in_progress", final=False))
         yield event({"type": "response.created", "response": opening})
         yield event({"type": "response.in_progress", "response": opening})
         finish = None
@@ -494,7 +378,7 @@ class _Run:
             yield event(e)
         response = self._response(output, status, final=True)
         self._keep(response)
-        yield event({"type": f"response.{status}", "response": _json(response)})
+        yield event({"type": f"response.{status}", "response": item_json(response)})
 
 
 def _usage(usage: Usage) -> ResponseUsage:
@@ -505,20 +389,3 @@ def _usage(usage: Usage) -> ResponseUsage:
         output_tokens=usage.completion_tokens,
         total_tokens=usage.total_tokens,
     )
-
-
-def _stored(request: Request, response_id: str) -> StoredResponse:
-    stored = server_state(request).responses.get(response_id)
-    if stored is None:
-        raise NotFoundError(f"no response '{response_id}' is stored here", param="response_id")
-    return stored
-
-
-async def get_response(response_id: str, request: Request) -> Response:
-    return Response(_stored(request, response_id).response.model_dump_json(), media_type="application/json")
-
-
-async def delete_response(response_id: str, request: Request) -> DeletedResponse:
-    _stored(request, response_id)
-    server_state(request).responses.delete(response_id)
-    return DeletedResponse(id=response_id)

@@ -462,6 +462,16 @@ class ResponseObject(BaseModel):
     system_fingerprint: str | None = Field(None, exclude_if=lambda v: v is None)  # Kiln's, as on chat
 
 
+class InputItemList(BaseModel):
+    """`GET /v1/responses/{id}/input_items`: a page of the input items a response was made from."""
+
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
 class DeletedResponse(BaseModel):
     id: str
     object: Literal["response"] = "response"

@@ -159,6 +159,43 @@ def test_stored_responses_are_read_back_and_deleted(client: openai.OpenAI, serve
         client.responses.retrieve(unstored.id)
 
 
+def test_input_items_list_what_a_response_was_made_from(client: openai.OpenAI, server: LiveServer) -> None:
+    items = [
+        {"role": "user", "content": "Hi", "id": "msg_mine"},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hello"}]},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+        {"role": "user", "content": "Thanks"},
+    ]
+    r = client.responses.create(input=items, tools=[FLAT_WEATHER], max_output_tokens=2, **GREEDY)
+    listed = client.responses.input_items.list(r.id, order="asc")
+    assert [(i.type, getattr(i, "role", None)) for i in listed.data] == [
+        ("message", "user"),
+        ("message", "assistant"),
+        ("function_call", None),
+        ("function_call_output", None),
+        ("message", "user"),
+    ]
+    first, _, call, output, last = listed.data
+    assert first.id == "msg_mine" and first.content[0].type == "input_text" and first.content[0].text == "Hi"
+    assert (call.call_id, call.name, call.arguments) == ("call_1", "get_weather", "{}")
+    assert (output.call_id, output.output) == ("call_1", "sunny")
+    assert last.content[0].text == "Thanks" and not listed.has_more
+    # Newest first by default; pages of `limit` after an id.
+    url = f"{server.url}/v1/responses/{r.id}/input_items"
+    page = httpx.get(url, params={"limit": 2}).json()
+    assert [i["id"] for i in page["data"]] == [last.id, output.id] and page["has_more"] is True
+    assert (page["first_id"], page["last_id"]) == (last.id, output.id)
+    page = httpx.get(url, params={"limit": 2, "after": output.id}).json()
+    assert [i["id"] for i in page["data"]] == [call.id, listed.data[1].id] and page["has_more"] is True
+    assert httpx.get(url, params={"after": "msg_nope"}).json()["error"]["param"] == "after"
+    assert httpx.get(url, params={"limit": 0}).status_code == 400
+    assert httpx.get(f"{server.url}/v1/responses/resp_nope/input_items").status_code == 404
+    plain = client.responses.create(input="Hi", max_output_tokens=1, **GREEDY)
+    [message] = client.responses.input_items.list(plain.id).data
+    assert (message.role, message.content[0].text) == ("user", "Hi")
+
+
 @pytest.fixture(scope="module")
 def small_store(tiny_engine: AsyncEngine) -> Iterator[openai.OpenAI]:
     with run_live_server(tiny_engine, served_model_name="tiny", responses_store_size=2) as live:
