@@ -16,6 +16,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from pydantic import BaseModel, Field
 from server_harness import LiveServer, run_live_server, wait_for
 from third_party import DOCS, no_field_ignored
 from weather_tool import ASK, WEATHER, WEATHER_TOOL
@@ -296,6 +297,23 @@ def test_text_format_json_schema_is_enforced(client: openai.OpenAI) -> None:
     r = client.responses.create(input="Weather?", text={"format": fmt}, max_output_tokens=300, **UNTIL_EOS)
     jsonschema.validate(json.loads(r.output_text), WEATHER)
     assert r.text.format.type == "json_schema" and r.text.format.name == "forecast"
+
+
+class Forecast(BaseModel):
+    city: str = Field(max_length=8)
+    days: int = Field(ge=1, le=5)
+
+
+def test_the_sdks_parse_and_stream_helpers(client: openai.OpenAI) -> None:
+    args = {"input": "Weather?", "text_format": Forecast, "max_output_tokens": 100, **UNTIL_EOS}
+    with no_field_ignored():
+        parsed = client.responses.parse(**args)
+        with client.responses.stream(**args) as stream:
+            deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+            final = stream.get_final_response()
+    assert isinstance(parsed.output_parsed, Forecast) and parsed.status == "completed"
+    assert final.output_parsed == parsed.output_parsed  # greedy: the same forecast
+    assert "".join(deltas) == final.output_text
 
 
 def test_logprobs_are_included_when_asked(client: openai.OpenAI) -> None:
