@@ -34,6 +34,7 @@ from kiln.clients.protocol import EngineClient
 from kiln.serve.admin import add_admin_routes
 from kiln.serve.admission import Admission
 from kiln.serve.auth import require_api_key
+from kiln.serve.background_responses import cancel_all
 from kiln.serve.chat import create_chat_completion
 from kiln.serve.chat_page import add_chat_page, add_docs_page
 from kiln.serve.chat_tools import renders_tools, tool_format
@@ -50,7 +51,7 @@ from kiln.serve.sampling import model_sampling_defaults
 from kiln.serve.settings import ServerSettings
 from kiln.serve.slo import SloBatching
 from kiln.serve.state import ServerState, server_state
-from kiln.serve.stored_responses import delete_response, get_response, list_input_items
+from kiln.serve.stored_responses import cancel_response, delete_response, get_response, list_input_items
 from kiln.serve.supervisor import supervise
 from kiln.serve.tokenize_routes import add_tokenize_routes
 from kiln.version import __version__
@@ -196,6 +197,7 @@ def create_app(
                 await slo.stop()
             if grpc_front is not None:
                 await grpc_front.stop()  # its calls in flight end before the engine does
+            await cancel_all(state)  # background responses still running
             if not running.done():
                 running.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -258,6 +260,13 @@ def create_app(
     )
     v1.add_api_route(
         "/responses/{response_id}", delete_response, methods=["DELETE"], responses=Responses.deleted_response
+    )
+    v1.add_api_route(
+        "/responses/{response_id}/cancel",
+        cancel_response,
+        methods=["POST"],
+        response_model=None,
+        responses=Responses.cancel_response,
     )
     v1.add_api_route(
         "/responses/{response_id}/input_items",

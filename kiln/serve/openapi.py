@@ -138,9 +138,15 @@ def completion_responses(
     return {200: ok, **error_responses(400, 404, 429, 503), 504: timeout}
 
 
-def ok_responses(model: type[BaseModel], description: str, *errors: int) -> dict[int | str, dict[str, Any]]:
-    """`responses=` of a route that answers `model` as JSON, or one of `errors`."""
-    return {200: {"model": model, "description": description}, **error_responses(*errors)}
+def ok_responses(
+    model: type[BaseModel], description: str, *errors: int, events: bool = False
+) -> dict[int | str, dict[str, Any]]:
+    """`responses=` of a route that answers `model` as JSON (or, `events`, named server-sent events), or
+    one of `errors`."""
+    ok: dict[str, Any] = {"model": model, "description": description}
+    if events:
+        ok["content"] = {"text/event-stream": {"schema": _named_event_schema()}}
+    return {200: ok, **error_responses(*errors)}
 
 
 def probe_responses(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
@@ -157,7 +163,15 @@ class Responses:
     chat = completion_responses(ChatCompletionResponse, ChatCompletionChunk)
     completions = completion_responses(CompletionResponse, CompletionResponse)
     responses = completion_responses(ResponseObject, None)
-    stored_response = ok_responses(ResponseObject, "The stored response.", 404)
+    stored_response = ok_responses(
+        ResponseObject,
+        "The stored response (a running background one as it stands), or with `stream=true` a "
+        "background response's events.",
+        400,
+        404,
+        events=True,
+    )
+    cancel_response = ok_responses(ResponseObject, "The cancelled background response.", 400, 404)
     deleted_response = error_responses(404)
     input_items = error_responses(400, 404)
     models = error_responses(503)  # 503: the model is still loading

@@ -13,6 +13,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
+from kiln.serve.errors import APIError
 from kiln.serve.protocol import ChatTokenLogprob
 from kiln.serve.responses_protocol import FunctionToolCall, OutputMessage, OutputText
 from kiln.serve.tool_calls import ContentDelta, Delta, ToolCallDelta
@@ -137,3 +138,8 @@ def _delta_logprob(lp: ChatTokenLogprob) -> dict[str, Any]:
     """A stream delta's logprob: OpenAI's form there has no bytes."""
     tops = [{"token": t.token, "logprob": t.logprob} for t in lp.top_logprobs]
     return {"token": lp.token, "logprob": lp.logprob, "top_logprobs": tops}
+
+
+def error_event(error: APIError) -> dict[str, Any]:
+    """The stream event of an error that ended it (OpenAI's `error` event)."""
+    return {"type": "error", "code": error.code, "message": error.message, "param": error.param}

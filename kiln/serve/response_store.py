@@ -24,6 +24,7 @@ class StoredResponse:
     response: ResponseObject  # as GET answers it
     conversation: tuple[dict[str, Any], ...]  # chat messages through this response's output
     input_items: tuple[dict[str, Any], ...] = ()  # the request's own input, as input_items lists it
+    events: tuple[tuple[str, str], ...] | None = None  # a background response's stream (name, JSON)
 
 
 class ResponseStore:

@@ -33,13 +33,14 @@ from typing import Any
 from fastapi import Request, Response
 from pydantic import ValidationError
 
+from kiln.serve.background_responses import start_background
 from kiln.serve.chat import ChatJob, prepare_chat, render_chat
 from kiln.serve.endpoint import RequestStart, answer, begin_request
 from kiln.serve.errors import APIError, InvalidRequestError, NotFoundError
-from kiln.serve.generation import TimeoutHeader
+from kiln.serve.generation import Generation, TimeoutHeader
 from kiln.serve.logprobs import chat_logprobs
 from kiln.serve.protocol import ChatCompletionRequest, Usage
-from kiln.serve.response_output import OutputItems, item_json
+from kiln.serve.response_output import OutputItems, error_event, item_json
 from kiln.serve.response_store import StoredResponse
 from kiln.serve.responses_protocol import (
     FunctionCallItem,
@@ -49,6 +50,7 @@ from kiln.serve.responses_protocol import (
     InputTokensDetails,
     MessageItem,
     OutputMessage,
+    ResponseError,
     ResponseObject,
     ResponsesRequest,
     ResponseUsage,
@@ -93,6 +95,10 @@ async def create_response(
     start = begin_request(body, request, x_request_timeout, "resp_")
     state = start.state
     store = _store(body, state)
+    if body.background and not store:
+        raise InvalidRequestError(
+            "a background response needs store (it is read back with GET)", param="store"
+        )
     history: tuple[dict[str, Any], ...] = ()
     if body.previous_response_id is not None:
         previous = state.responses.get(body.previous_response_id)
@@ -115,6 +121,8 @@ async def create_response(
             kept = await _fitting(body, state, system, (*history, *given), exc)
             job = await _prepare(body, start, [*system, *kept])
     run = _Run(body, state, start, job, store, (*history, *given))
+    if body.background:
+        return start_background(run, state, request, stream=body.stream)
     return await answer(
         start,
         request,
@@ -264,6 +272,17 @@ class _Run:
         self.created_at = int(time.time())
         self.usage = UsageCounter()
         self.token_text = token_text_fn(state.engine.tokenizer)
+        self.output = OutputItems(events=body.stream or body.background)
+        self.error: APIError | None = None  # what ended a stream early
+        self.final: ResponseObject | None = None  # the finished response, once a stream is through
+
+    @property
+    def response_id(self) -> str:
+        return self.start.request_id
+
+    @property
+    def generation(self) -> Generation:
+        return self.job.generation
 
     async def _read(self, output: OutputItems, parser: Any) -> AsyncIterator[str | None]:
         """Read the generation into `output`, yielding after each engine output its finish reason."""
@@ -284,7 +303,16 @@ class _Run:
                     output.text(c.text)
             yield out.outputs[-1].finish_reason if out.outputs else None
 
-    def _response(self, output: OutputItems, status: str, *, final: bool) -> ResponseObject:
+    def snapshot(self, status: str, error: APIError | None = None) -> ResponseObject:
+        """The response as it stands, with `status` (a stopped one's open item ends "incomplete")."""
+        if status in ("failed", "cancelled"):
+            self.output.close("incomplete")
+        final = status not in ("queued", "in_progress")
+        return self._response(self.output, status, final=final, error=error)
+
+    def _response(
+        self, output: OutputItems, status: str, *, final: bool, error: APIError | None = None
+    ) -> ResponseObject:
         body, params = self.body, self.job.generation.params
         text = (
             {"format": body.text.format.model_dump(exclude_none=True, by_alias=True)}
@@ -298,6 +326,7 @@ class _Run:
             created_at=self.created_at,
             completed_at=int(time.time()) if final else None,
             status=status,  # type: ignore[arg-type]
+            error=None if error is None else ResponseError(code=error.code, message=error.message),
             incomplete_details=IncompleteDetails(reason="max_output_tokens")
             if status == "incomplete"
             else None,
@@ -320,10 +349,13 @@ class _Run:
             usage=None if usage is None else _usage(usage),
             user=body.user,
             metadata=body.metadata or {},
+            background=body.background,
             system_fingerprint=self.job.generation.system_fingerprint,
         )
 
-    def _keep(self, response: ResponseObject) -> None:
+    def keep(self, response: ResponseObject, events: tuple[tuple[str, str], ...] | None = None) -> None:
+        """Store `response` (when asked), with its conversation and input items; `events`: a background
+        response's stream, for GET to replay."""
         if not self.store:
             return
         text = "".join(i.content[0].text for i in response.output if isinstance(i, OutputMessage))
@@ -336,19 +368,19 @@ class _Run:
         if calls:
             reply["tool_calls"] = calls
         self.state.responses.put(
-            StoredResponse(response, (*self.conversation, reply), input_items(self.body))
+            StoredResponse(response, (*self.conversation, reply), input_items(self.body), events)
         )
 
     def _parser(self) -> Any:
         return self.job.plan.new_parser() if self.job.plan is not None else None
 
     async def collect(self) -> ResponseObject:
-        output = OutputItems(events=False)
+        output = self.output
         finish = None
         async for reason in self._read(output, self._parser()):
             finish = reason or finish
         response = self._response(output, output.finish(finish), final=True)
-        self._keep(response)
+        self.keep(response)
         return response
 
     async def stream(self) -> AsyncIterator[tuple[str, str]]:
@@ -360,10 +392,10 @@ class _Run:
             sequence += 1
             return payload["type"], json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
 
-        output = OutputItems(events=True)
-        opening = item_json(self._response(output, "in_progress", final=False))
-        yield event({"type": "response.created", "response": opening})
-        yield event({"type": "response.in_progress", "response": opening})
+        output = self.output
+        created = "queued" if self.body.background else "in_progress"
+        yield event({"type": "response.created", "response": item_json(self.snapshot(created))})
+        yield event({"type": "response.in_progress", "response": item_json(self.snapshot("in_progress"))})
         finish = None
         try:
             async for reason in self._read(output, self._parser()):
@@ -371,13 +403,15 @@ class _Run:
                 for e in output.take_events():
                     yield event(e)
         except APIError as exc:
-            yield event({"type": "error", "code": exc.code, "message": exc.message, "param": exc.param})
+            self.error = exc
+            yield event(error_event(exc))
             return
         status = output.finish(finish)
         for e in output.take_events():
             yield event(e)
-        response = self._response(output, status, final=True)
-        self._keep(response)
+        response = self.final = self._response(output, status, final=True)
+        if not self.body.background:  # a background response is kept with its events, by its runner
+            self.keep(response)
         yield event({"type": f"response.{status}", "response": item_json(response)})
 
 

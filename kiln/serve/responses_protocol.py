@@ -11,7 +11,7 @@ typed, and a field that asks for what Kiln cannot do is declared and refused wit
   alternatives) on the output text; the others ask for parts of items Kiln never makes (hosted tools'
   results, input images, encrypted reasoning) and add nothing. An unknown value is a 400.
 - `max_tool_calls` bounds calls to hosted tools, of which Kiln makes none: taken, and it changes nothing.
-- Refused when set: background, conversation, prompt (stored prompt templates), reasoning effort or
+- Refused when set: conversation, prompt (stored prompt templates), reasoning effort or
   summary, text.verbosity, service tiers but auto/default, obfuscated streams.
 """
 
@@ -254,14 +254,12 @@ class ResponsesStreamOptions(_Lenient):
 
 # Fields refused when set to anything but the value that asks for nothing, and why.
 _REFUSED = {
-    "background": "background responses are not supported: send the request and wait for it (or stream it)",
     "conversation": "conversations are not supported: chain responses with previous_response_id",
     "prompt": "stored prompt templates are not supported: send the input",
     "service_tier": "service tier '{value}' is not supported: Kiln has one ('auto' or 'default'); "
     "its `priority` field orders requests",
 }
 _TAKEN: dict[str, tuple[Any, ...]] = {
-    "background": (False,),
     "service_tier": ("auto", "default"),
 }
 
@@ -315,7 +313,11 @@ class ResponsesRequest(_Lenient):
     stream: bool = False
     stream_options: ResponsesStreamOptions | None = None
     reasoning: ReasoningConfig | None = None
-    background: bool | None = Field(None, description="Only false.")
+    background: bool = Field(
+        False,
+        description="Made by the server on its own: the POST answers at once (status queued), GET and "
+        "cancel follow it; needs store.",
+    )
     conversation: str | dict[str, Any] | None = Field(None, description="Refused: use previous_response_id.")
     prompt: dict[str, Any] | None = Field(None, description="Refused: no stored prompt templates.")
     truncation: Literal["auto", "disabled"] = Field(
@@ -423,6 +425,11 @@ class ResponseUsage(BaseModel):
     total_tokens: int
 
 
+class ResponseError(BaseModel):
+    code: str | None
+    message: str
+
+
 class IncompleteDetails(BaseModel):
     reason: Literal["max_output_tokens"]
 
@@ -437,8 +444,8 @@ class ResponseObject(BaseModel):
     object: Literal["response"] = "response"
     created_at: int
     completed_at: int | None = None
-    status: Literal["completed", "incomplete", "in_progress"]
-    error: None = None  # a failed response is an error (HTTP, or the stream's error event), never stored
+    status: Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
+    error: ResponseError | None = None  # "failed" (a background response's; others answer an error)
     incomplete_details: IncompleteDetails | None = None
     instructions: str | None
     max_output_tokens: int | None
@@ -455,7 +462,7 @@ class ResponseObject(BaseModel):
     tool_choice: str | dict[str, Any]
     tools: list[dict[str, Any]]
     truncation: Literal["auto", "disabled"]
-    background: bool = False
+    background: bool
     usage: ResponseUsage | None = None
     user: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from fastapi import Request
 
@@ -16,6 +16,9 @@ from kiln.serve.metrics import ServerMetrics
 from kiln.serve.response_store import ResponseStore
 from kiln.serve.settings import ServerSettings
 from kiln.serve.slo import SloBatching
+
+if TYPE_CHECKING:
+    from kiln.serve.background_responses import BackgroundRun
 
 
 class OpenRequest(Protocol):
@@ -40,6 +43,8 @@ class ServerState:
     sampling_defaults: dict[str, float | int] = field(default_factory=dict)
     slo: SloBatching | None = None  # SLO-driven batching, when a target is set
     responses: ResponseStore = field(default_factory=lambda: ResponseStore(0))  # /v1/responses' store
+    # Background responses still running, by id (kiln.serve.background_responses).
+    background_runs: dict[str, BackgroundRun] = field(default_factory=dict)
 
     def fail_open(self, error: APIError) -> None:
         """End every request in flight with `error`."""

@@ -1,17 +1,20 @@
-"""Stored responses: `GET` and `DELETE /v1/responses/{id}`, `GET /v1/responses/{id}/input_items`, and
-the input items a response keeps for the last.
+"""Stored responses: `GET` and `DELETE /v1/responses/{id}`, `GET /v1/responses/{id}/input_items`,
+`POST /v1/responses/{id}/cancel`, and the input items a response keeps for the last.
 
-Rules: a response not stored (never, deleted, or gone to make room) is a 404. Input items are listed
+Rules: a response not stored (never, deleted, or gone to make room) and not running in the background
+is a 404; GET of a running one, its stream and cancel follow kiln.serve.background_responses' rules. Input items are listed
 as OpenAI lists them: each with an id (the one it was sent with, else a new one), messages with their
 text as parts, newest first unless `order=asc`, `limit` (1–100) of them after the item `after`.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import Query, Request, Response
 
+from kiln.serve.background_responses import Event, replay
 from kiln.serve.errors import InvalidRequestError, NotFoundError
 from kiln.serve.response_output import new_item_id
 from kiln.serve.response_store import StoredResponse
@@ -36,11 +39,61 @@ def _stored(request: Request, response_id: str) -> StoredResponse:
     return stored
 
 
-async def get_response(response_id: str, request: Request) -> Response:
-    return Response(_stored(request, response_id).response.model_dump_json(), media_type="application/json")
+async def get_response(
+    response_id: str,
+    request: Request,
+    stream: Annotated[
+        bool, Query(description="A background response's events, replayed then followed.")
+    ] = False,
+    starting_after: Annotated[
+        int | None, Query(ge=0, description="With stream: the events after this sequence number.")
+    ] = None,
+    include: Annotated[list[str] | None, Query(description="As POST /v1/responses takes it.")] = None,
+) -> Response:
+    _check_include(include)
+    state = server_state(request)
+    if starting_after is not None and not stream:
+        raise InvalidRequestError("starting_after needs stream=true", param="starting_after")
+    running = state.background_runs.get(response_id)
+    if running is not None:  # background, not finished
+        if stream:
+            return replay(running.follow(starting_after), state, request)
+        return Response(running.work.snapshot("in_progress").model_dump_json(), media_type="application/json")
+    stored = _stored(request, response_id)
+    if stream:
+        if stored.events is None:
+            raise InvalidRequestError(
+                "only a background response's events can be streamed again", param="stream"
+            )
+        return replay(_after(stored.events, starting_after), state, request)
+    return Response(stored.response.model_dump_json(), media_type="application/json")
+
+
+async def _after(events: tuple[Event, ...], after: int | None) -> AsyncIterator[Event]:
+    for event in events[0 if after is None else after + 1 :]:
+        yield event
+
+
+async def cancel_response(response_id: str, request: Request) -> Response:
+    """Stop a background response (kiln.serve.background_responses' rules)."""
+    running = server_state(request).background_runs.get(response_id)
+    if running is not None:
+        await running.cancel()
+    stored = _stored(request, response_id)
+    if not stored.response.background:
+        raise InvalidRequestError(
+            "only a background response can be cancelled (this one was finished when it was answered)",
+            param="response_id",
+        )
+    return Response(stored.response.model_dump_json(), media_type="application/json")
 
 
 async def delete_response(response_id: str, request: Request) -> DeletedResponse:
+    if response_id in server_state(request).background_runs:
+        raise InvalidRequestError(
+            f"response '{response_id}' is still being made in the background: cancel it first",
+            param="response_id",
+        )
     _stored(request, response_id)
     server_state(request).responses.delete(response_id)
     return DeletedResponse(id=response_id)
@@ -54,9 +107,7 @@ async def list_input_items(
     after: Annotated[str | None, Query(description="List the items after the one with this id.")] = None,
     include: Annotated[list[str] | None, Query(description="As POST /v1/responses takes it.")] = None,
 ) -> InputItemList:
-    for value in include or ():
-        if value not in INCLUDABLE:
-            raise InvalidRequestError(f"unknown include '{value}'", param="include")
+    _check_include(include)
     items = list(_stored(request, response_id).input_items)
     if order == "desc":
         items.reverse()
@@ -72,6 +123,12 @@ async def list_input_items(
         last_id=page[-1]["id"] if page else None,
         has_more=len(items) > limit,
     )
+
+
+def _check_include(include: list[str] | None) -> None:
+    for value in include or ():
+        if value not in INCLUDABLE:
+            raise InvalidRequestError(f"unknown include '{value}'", param="include")
 
 
 def input_items(body: ResponsesRequest) -> tuple[dict[str, Any], ...]:

@@ -181,6 +181,7 @@ def test_api_keys_show_as_401_and_a_bearer_scheme_where_checked(tiny_engine: Asy
 
     keyed_v1 = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model_id}"}
     keyed_v1 |= {"/v1/responses", "/v1/responses/{response_id}", "/v1/responses/{response_id}/input_items"}
+    keyed_v1 |= {"/v1/responses/{response_id}/cancel"}
     keyed_v1 |= {"/tokenize", "/detokenize"}  # behind the key as /v1 is (kiln.serve.tokenize_routes)
     assert guarded(document()) == set()
     keyed = document(api_keys=["k"])

@@ -353,7 +353,7 @@ def test_logprobs_are_included_when_asked(client: openai.OpenAI) -> None:
         ({"tools": [{"type": "web_search"}]}, "tools.0"),
         ({"tools": [FLAT_WEATHER], "tool_choice": {"type": "file_search"}}, "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"background": True}, "background"),
+        ({"background": True, "store": False}, "store"),
         ({"conversation": "conv_1"}, "conversation"),
         ({"prompt": {"id": "pmpt_1"}}, "prompt"),
         ({"reasoning": {"effort": "high"}}, "reasoning"),

@@ -27,6 +27,7 @@ def _stored(response_id: str) -> StoredResponse:
         tool_choice="auto",
         tools=[],
         truncation="disabled",
+        background=False,
     )
     return StoredResponse(response, ({"role": "user", "content": response_id},))
 
