@@ -1,6 +1,7 @@
 """LiteLLM against a real server, as `openai/<served name>` at `api_base`: a plain completion, a pydantic
 `response_format`, tools with `tool_choice="required"` and the tool result sent back, streamed tool calls
-put together by `litellm.stream_chunk_builder`; the docs' example runs as written on the default model.
+put together by `litellm.stream_chunk_builder`, `litellm.responses` whole and streamed; the docs'
+example runs as written on the default model.
 LiteLLM stays offline: its packaged price list (`LITELLM_LOCAL_MODEL_COST_MAP`), no callbacks, no
 per-chunk logging, and any connection beyond loopback fails the test."""
 
@@ -170,6 +171,22 @@ def test_streamed_tool_calls_put_together_by_stream_chunk_builder(
 def default_url(smollm2_gguf: Path) -> Iterator[str]:  # the GGUF fixture fetches it once per session
     with default_model_server() as url:
         yield url
+
+
+# LiteLLM's stream turns the usage into its chat shape and pydantic warns as it serializes it.
+@pytest.mark.filterwarnings("ignore:Pydantic serializer warnings:UserWarning")
+def test_the_responses_api_through_litellm(
+    litellm: ModuleType, target: dict[str, Any], server: LiveServer
+) -> None:
+    # 16: LiteLLM raises a smaller max_output_tokens to OpenAI's least.
+    args = {"input": "Hello there", "max_output_tokens": 16, "temperature": 0}
+    reply = litellm.responses(**target, **args)
+    direct = httpx.post(f"{server.url}/v1/responses", json={**args, "store": False}).json()
+    assert reply.id.startswith("resp_") and reply.status == direct["status"]
+    assert reply.output[0].content[0].text == direct["output"][0]["content"][0]["text"]
+    events = list(litellm.responses(**target, **args, stream=True))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == direct["output"][0]["content"][0]["text"]
 
 
 def test_the_docs_example_runs_on_the_default_model(litellm: ModuleType, default_url: str) -> None:
