@@ -36,7 +36,7 @@ MAX_REQUEST_TIMEOUT_SECONDS = 86_400.0
 # requests
 
 
-class _Lenient(BaseModel):
+class LenientModel(BaseModel):
     # Lenient about unknown fields, strict about the types of known ones.
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -66,7 +66,7 @@ class _Lenient(BaseModel):
         return schema
 
 
-class StreamOptions(_Lenient):
+class StreamOptions(LenientModel):
     include_usage: bool = False
     continuous_usage_stats: bool = Field(
         False,
@@ -81,17 +81,17 @@ class StreamOptions(_Lenient):
         return continuous
 
 
-class TextPart(_Lenient):
+class TextPart(LenientModel):
     type: Literal["text"]
     text: str
 
 
-class FunctionCallIn(_Lenient):
+class FunctionCallIn(LenientModel):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
 
-class ToolCallIn(_Lenient):
+class ToolCallIn(LenientModel):
     """A tool call in the history (an assistant message's `tool_calls`)."""
 
     id: str
@@ -99,7 +99,7 @@ class ToolCallIn(_Lenient):
     function: FunctionCallIn
 
 
-class ChatMessage(_Lenient):
+class ChatMessage(LenientModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # validate_default: a missing (or null) content reaches `_content_required` too.
     content: str | list[TextPart] | None = Field(None, validate_default=True)
@@ -142,42 +142,42 @@ class ChatMessage(_Lenient):
         return "".join(part.text for part in self.content)
 
 
-class FunctionDef(_Lenient):
+class FunctionDef(LenientModel):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
     strict: bool | None = None
 
 
-class ToolDef(_Lenient):
+class ToolDef(LenientModel):
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedFunction(_Lenient):
+class NamedFunction(LenientModel):
     name: str
 
 
-class NamedToolChoice(_Lenient):
+class NamedToolChoice(LenientModel):
     type: Literal["function"]
     function: NamedFunction
 
 
-class JsonSchemaFormat(_Lenient):
+class JsonSchemaFormat(LenientModel):
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Lenient):
+class ResponseFormat(LenientModel):
     """OpenAI's `response_format`: plain text, any JSON object, or JSON matching `json_schema.schema`."""
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
 
-class StructuredOutputs(_Lenient):
+class StructuredOutputs(LenientModel):
     """vLLM's `structured_outputs`: exactly one of these constrains the output."""
 
     json_: dict[str, Any] | str | None = Field(None, alias="json")
@@ -187,7 +187,7 @@ class StructuredOutputs(_Lenient):
     json_object: bool | None = None
 
 
-class TemplateOptions(_Lenient):
+class TemplateOptions(LenientModel):
     """vLLM's extensions to rendering a conversation with the chat template (chat and /tokenize)."""
 
     add_generation_prompt: bool | None = Field(
@@ -239,7 +239,7 @@ class TemplateOptions(_Lenient):
         }
 
 
-class SamplingRequest(_Lenient):
+class SamplingRequest(LenientModel):
     """Fields chat and completions share."""
 
     model: str | None = None

@@ -38,7 +38,7 @@ from kiln.serve.protocol import (
     ChatTokenLogprob,
     FunctionDef,
     JsonSchemaFormat,
-    _Lenient,
+    LenientModel,
     check_metadata,
     refuse_unless_taken,
 )
@@ -60,14 +60,14 @@ INCLUDABLE = (
 # input
 
 
-class InputText(_Lenient):
+class InputText(LenientModel):
     """A text part: the user's (`input_text`) or an earlier reply's (`output_text`)."""
 
     type: Literal["input_text", "output_text"]
     text: str
 
 
-class RefusalPart(_Lenient):
+class RefusalPart(LenientModel):
     type: Literal["refusal"]
     refusal: str
 
@@ -96,7 +96,7 @@ def content_text(content: str | list[InputText | RefusalPart]) -> str:
     return "".join(p.text if isinstance(p, InputText) else p.refusal for p in content)
 
 
-class MessageItem(_Lenient):
+class MessageItem(LenientModel):
     type: Literal["message"] = "message"
     role: Literal["user", "system", "developer", "assistant"]
     content: str | list[TextContent]
@@ -106,7 +106,7 @@ class MessageItem(_Lenient):
     _parts = field_validator("content", mode="before")(_text_parts_only)
 
 
-class FunctionCallItem(_Lenient):
+class FunctionCallItem(LenientModel):
     """A call the model made earlier (an output item sent back)."""
 
     type: Literal["function_call"]
@@ -117,7 +117,7 @@ class FunctionCallItem(_Lenient):
     status: str | None = None
 
 
-class FunctionCallOutputItem(_Lenient):
+class FunctionCallOutputItem(LenientModel):
     """The caller's result of a function call."""
 
     type: Literal["function_call_output"]
@@ -129,7 +129,7 @@ class FunctionCallOutputItem(_Lenient):
     _parts = field_validator("output", mode="before")(_text_parts_only)
 
 
-class _UnsupportedItem(_Lenient):
+class _UnsupportedItem(LenientModel):
     """Any other item: refused by its type (left out of the schema, which lists what is taken)."""
 
     type: Any = None
@@ -189,7 +189,7 @@ class FunctionTool(FunctionDef):
         )
 
 
-class FunctionChoice(_Lenient):
+class FunctionChoice(LenientModel):
     type: Literal["function"]
     name: str
 
@@ -212,7 +212,7 @@ class TextFormat(JsonSchemaFormat):
         return self
 
 
-class TextConfig(_Lenient):
+class TextConfig(LenientModel):
     format: TextFormat | None = None
     verbosity: str | None = Field(None, description="Refused: Kiln does not steer an answer's length.")
 
@@ -224,7 +224,9 @@ class TextConfig(_Lenient):
         return verbosity
 
 
-class ReasoningConfig(_Lenient):
+class ReasoningConfig(LenientModel):
+    """Taken only as asking for nothing: Kiln's models do not reason apart (effort "none" says so)."""
+
     effort: str | None = None
     summary: str | None = None
     generate_summary: str | None = None
@@ -232,7 +234,7 @@ class ReasoningConfig(_Lenient):
     @model_validator(mode="after")
     def _no_reasoning(self) -> ReasoningConfig:
         for name in ("effort", "summary", "generate_summary"):
-            if getattr(self, name) is not None:
+            if getattr(self, name) not in (None, "none" if name == "effort" else None):
                 raise PydanticCustomError(
                     "unsupported",
                     "reasoning {name} is not supported: Kiln does not steer reasoning",
@@ -241,7 +243,7 @@ class ReasoningConfig(_Lenient):
         return self
 
 
-class ResponsesStreamOptions(_Lenient):
+class ResponsesStreamOptions(LenientModel):
     include_obfuscation: bool = Field(False, description="Only false: Kiln does not pad its deltas.")
 
     @field_validator("include_obfuscation")
@@ -264,7 +266,7 @@ _TAKEN: dict[str, tuple[Any, ...]] = {
 }
 
 
-class ResponsesRequest(_Lenient):
+class ResponsesRequest(LenientModel):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [

@@ -30,7 +30,7 @@ from kiln.serve.auth import require_api_key
 from kiln.serve.chat_tools import plan_tools, renders_tools, template_messages
 from kiln.serve.errors import InvalidRequestError
 from kiln.serve.openapi import error_responses, key_responses
-from kiln.serve.protocol import ChatCompletionRequest, ChatMessage, TemplateOptions, ToolDef, _Lenient
+from kiln.serve.protocol import ChatCompletionRequest, ChatMessage, LenientModel, TemplateOptions, ToolDef
 from kiln.serve.sampling import check_token_ids
 from kiln.serve.settings import ServerSettings
 from kiln.serve.state import server_state
@@ -66,7 +66,7 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = Field(None, exclude_if=lambda v: v is None)  # with return_token_strs
 
 
-class DetokenizeRequest(_Lenient):
+class DetokenizeRequest(LenientModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"tokens": [1, 2, 3]}]})
 
     model: str | None = None

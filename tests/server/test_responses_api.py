@@ -304,6 +304,11 @@ class Forecast(BaseModel):
     days: int = Field(ge=1, le=5)
 
 
+def test_reasoning_that_asks_for_none_is_taken(client: openai.OpenAI) -> None:
+    r = client.responses.create(input="Hi", max_output_tokens=2, reasoning={"effort": "none"}, **GREEDY)
+    assert r.status == "incomplete"
+
+
 def test_the_sdks_parse_and_stream_helpers(client: openai.OpenAI) -> None:
     args = {"input": "Weather?", "text_format": Forecast, "max_output_tokens": 100, **UNTIL_EOS}
     with no_field_ignored():
@@ -357,6 +362,7 @@ def test_logprobs_are_included_when_asked(client: openai.OpenAI) -> None:
         ({"conversation": "conv_1"}, "conversation"),
         ({"prompt": {"id": "pmpt_1"}}, "prompt"),
         ({"reasoning": {"effort": "high"}}, "reasoning"),
+        ({"reasoning": {"summary": "auto"}}, "reasoning"),
         ({"truncation": "middle"}, "truncation"),
         ({"include": ["bogus"]}, "include"),
         ({"top_logprobs": 2}, "top_logprobs"),
