@@ -31,6 +31,7 @@ from kiln.serve.protocol import (
     FunctionCallOut,
     ToolCallOut,
 )
+from kiln.serve.reasoning import ReasoningParser
 from kiln.serve.sampling import resolve_max_tokens, structured_output, to_sampling_params
 from kiln.serve.state import ServerState
 from kiln.serve.text_chunks import TextChunks
@@ -54,6 +55,7 @@ class ChatJob:
     plan: ToolPlan | None  # the tools offered, None when none
     top_n: int | None  # top logprobs per token, None without logprobs
     echoed: str  # the continued assistant message the reply starts with (vLLM's chat `echo`), or ""
+    reasoning: bool  # the output's reasoning is read apart (`--reasoning-parser`)
 
 
 def _same(param: str) -> str:
@@ -121,6 +123,17 @@ async def prepare_chat(
                 param=param_name("tool_choice"),
             )
         structured, structured_param = plan.constraint, "tool_choice"
+    reasoning = state.settings.reasoning_parser is not None
+    if reasoning and structured_param is not None:
+        raise InvalidRequestError(
+            f"{param_name(structured_param)} with --reasoning-parser is not supported: the grammar would "
+            "hold the reasoning too",
+            param=param_name(structured_param),
+        )
+    if reasoning and top_n is not None:
+        raise InvalidRequestError(
+            "logprobs with --reasoning-parser is not supported", param=param_name("logprobs")
+        )
     params = to_sampling_params(
         body,
         max_tokens=max_tokens,
@@ -152,7 +165,7 @@ async def prepare_chat(
         deadline=deadline,
         log_tags=body.log_tags() if log_tags is None else log_tags,
     )
-    return ChatJob(generation, plan, top_n, echoed)
+    return ChatJob(generation, plan, top_n, echoed, reasoning)
 
 
 async def create_chat_completion(
@@ -160,13 +173,12 @@ async def create_chat_completion(
 ) -> Response:
     start = begin_request(body, request, x_request_timeout, "chatcmpl-")
     job = await prepare_chat(body, start)
-    state, generation, plan, top_n, echoed = start.state, job.generation, job.plan, job.top_n, job.echoed
     return await answer(
         start,
         request,
-        generation,
-        stream=(lambda: _stream(generation, body, top_n, state, plan, echoed)) if body.stream else None,
-        collect=lambda: _collect(generation, body, top_n, state, plan, echoed),
+        job.generation,
+        stream=(lambda: _stream(job, body, start.state)) if body.stream else None,
+        collect=lambda: _collect(job, body, start.state),
     )
 
 
@@ -186,16 +198,10 @@ def _message(text: str, finish: str | None, plan: ToolPlan | None) -> tuple[Assi
     ), "tool_calls" if finish == "stop" else finish
 
 
-async def _collect(
-    generation: Generation,
-    body: ChatCompletionRequest,
-    top_n: int | None,
-    state: ServerState,
-    plan: ToolPlan | None,
-    echoed: str,
-) -> ChatCompletionResponse:
+async def _collect(job: ChatJob, body: ChatCompletionRequest, state: ServerState) -> ChatCompletionResponse:
+    generation, top_n, plan = job.generation, job.top_n, job.plan
     token_text = token_text_fn(state.engine.tokenizer)
-    texts = [echoed] * body.n
+    texts = [""] * body.n
     logprobs = [ChatLogprobs(content=[]) for _ in range(body.n)]
     finish: list[str | None] = [None] * body.n
     stop_reason: list[str | int | None] = [None] * body.n
@@ -226,7 +232,9 @@ async def _collect(
                 finish[c.index], stop_reason[c.index] = c.finish_reason, c.stop_reason
     choices = []
     for i in range(body.n):
-        message, finish_reason = _message(texts[i], finish[i], plan)
+        reasoning, answer = ReasoningParser.split(texts[i]) if job.reasoning else (None, texts[i])
+        message, finish_reason = _message(job.echoed + answer, finish[i], plan)
+        message.reasoning_content = reasoning
         choices.append(
             ChatChoice(
                 index=i,
@@ -246,14 +254,8 @@ async def _collect(
     )
 
 
-async def _stream(
-    generation: Generation,
-    body: ChatCompletionRequest,
-    top_n: int | None,
-    state: ServerState,
-    plan: ToolPlan | None,
-    echoed: str,
-) -> AsyncIterator[str]:
+async def _stream(job: ChatJob, body: ChatCompletionRequest, state: ServerState) -> AsyncIterator[str]:
+    generation, top_n, plan, echoed = job.generation, job.top_n, job.plan, job.echoed
     token_text = token_text_fn(state.engine.tokenizer)
     created = int(time.time())
     exclude = None if body.include_usage else {"usage"}
@@ -277,6 +279,7 @@ async def _stream(
     for index in range(body.n):
         yield chunk(ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content="")))
     parsers = [plan.new_parser() for _ in range(body.n)] if plan is not None else None
+    thinking = [ReasoningParser() for _ in range(body.n)] if job.reasoning else None
     called = [False] * body.n
 
     def tool_chunks(index: int, deltas: list[Delta]) -> list[str]:
@@ -299,8 +302,16 @@ async def _stream(
     async for _, out in generation.outputs():
         usage.add(out)
         for c in out.outputs:
+            text = c.text
+            if thinking is not None:  # the reasoning first, apart; the answer goes on as the text
+                reader = thinking[c.index]
+                pieces = [*reader.feed(text), *(reader.finish() if c.finish_reason is not None else ())]
+                reasoning = "".join(p.text for p in pieces if p.reasoning)
+                if reasoning:
+                    yield chunk(ChatChunkChoice(index=c.index, delta=ChatDelta(reasoning_content=reasoning)))
+                text = "".join(p.text for p in pieces if not p.reasoning)
             if parsers is not None:  # tools offered: the text goes through the choice's parser
-                for piece in tool_chunks(c.index, parsers[c.index].feed(c.text)):
+                for piece in tool_chunks(c.index, parsers[c.index].feed(text)):
                     yield piece
                 if c.finish_reason is not None:
                     for piece in tool_chunks(c.index, parsers[c.index].finish()):
@@ -324,10 +335,10 @@ async def _stream(
                     else None
                 )
                 if lp is None:
-                    if c.text:
-                        yield text_chunk(c.index, c.text, generation.system_fingerprint)
-                elif c.text or lp.content:
-                    yield chunk(ChatChunkChoice(index=c.index, delta=ChatDelta(content=c.text), logprobs=lp))
+                    if text:
+                        yield text_chunk(c.index, text, generation.system_fingerprint)
+                elif text or lp.content:
+                    yield chunk(ChatChunkChoice(index=c.index, delta=ChatDelta(content=text), logprobs=lp))
             if c.finish_reason is not None:
                 yield chunk(ChatChunkChoice(index=c.index, delta=ChatDelta(), finish_reason=c.finish_reason))
     if body.include_usage:

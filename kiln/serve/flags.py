@@ -37,7 +37,15 @@ SETTINGS_FLAGS = [name for name in ServerSettings.model_fields if name not in _N
 
 # The `kiln serve --help` panel of every flag, in the order shown.
 HELP_PANELS: dict[str, tuple[str, ...]] = {
-    "Model": ("served_model_name", "dtype", "device", "seed", "generation_config", "tool_call_parser"),
+    "Model": (
+        "served_model_name",
+        "dtype",
+        "device",
+        "seed",
+        "generation_config",
+        "tool_call_parser",
+        "reasoning_parser",
+    ),
     "Network": (
         "host",
         "port",

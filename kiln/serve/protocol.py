@@ -558,6 +558,8 @@ class ToolCallOut(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    # vLLM's (and DeepSeek's): the thinking that came before the answer, with --reasoning-parser.
+    reasoning_content: str | None = Field(None, exclude_if=lambda v: v is None)
     tool_calls: list[ToolCallOut] | None = Field(None, exclude_if=lambda v: v is None)
 
 
@@ -584,6 +586,7 @@ class ChatDelta(BaseModel):
     # Unset fields are left out, as OpenAI sends them: the finish chunk's delta is `{}`.
     role: Literal["assistant"] | None = Field(None, exclude_if=lambda v: v is None)
     content: str | None = Field(None, exclude_if=lambda v: v is None)
+    reasoning_content: str | None = Field(None, exclude_if=lambda v: v is None)  # --reasoning-parser
     # One call's piece: {index, id, type, function: {name, arguments}} first, then argument fragments.
     tool_calls: list[dict[str, Any]] | None = Field(None, exclude_if=lambda v: v is None)
 

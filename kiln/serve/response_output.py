@@ -1,7 +1,9 @@
 """A response's output items (kiln.serve.responses) as the model's text comes in, and the stream
 events that build them.
 
-Rules: text opens a message item (one output_text part) unless one is open; a tool call's header
+Rules: reasoning opens a reasoning item (one reasoning_text part, its deltas
+response.reasoning_text.delta) unless one is open; text opens a message item (one output_text part)
+unless one is open; a tool call's header
 opens a function_call item, its argument fragments go to it; opening an item closes the one before
 ("completed"); the last one closes with the response's status. Each step emits OpenAI's events:
 output_item.added, content_part.added, output_text.delta (its logprobs without bytes, as OpenAI's),
@@ -15,7 +17,13 @@ from typing import Any
 
 from kiln.serve.errors import APIError
 from kiln.serve.protocol import ChatTokenLogprob
-from kiln.serve.responses_protocol import FunctionToolCall, OutputMessage, OutputText
+from kiln.serve.responses_protocol import (
+    FunctionToolCall,
+    OutputMessage,
+    OutputText,
+    ReasoningOutput,
+    ReasoningText,
+)
 from kiln.serve.tool_calls import ContentDelta, Delta, ToolCallDelta
 
 
@@ -28,7 +36,7 @@ class OutputItems:
     them (taken with `take_events`)."""
 
     def __init__(self, events: bool) -> None:
-        self.items: list[OutputMessage | FunctionToolCall] = []
+        self.items: list[OutputMessage | FunctionToolCall | ReasoningOutput] = []
         self._open = False  # the last item takes more
         self._events: list[dict[str, Any]] | None = [] if events else None
 
@@ -67,6 +75,17 @@ class OutputItems:
                 logprobs=[_delta_logprob(lp) for lp in logprobs or ()],
             )
 
+    def reasoning(self, text: str) -> None:
+        last = self.items[-1] if self.items and self._open else None
+        if not isinstance(last, ReasoningOutput):
+            self.close("completed")
+            last = ReasoningOutput(id=new_item_id("rs_"), status="in_progress", content=[])
+            self._open_item(last)
+            last.content.append(ReasoningText(text=""))
+        last.content[0].text += text
+        if text:
+            self._emit(type="response.reasoning_text.delta", **self._where(), content_index=0, delta=text)
+
     def call(self, call_id: str, name: str) -> None:
         self.close("completed")
         self._open_item(
@@ -99,7 +118,10 @@ class OutputItems:
         item = self.items[-1]
         item.status = status  # type: ignore[assignment]
         where = self._where()
-        if isinstance(item, OutputMessage):
+        if isinstance(item, ReasoningOutput):
+            text = item.content[0].text
+            self._emit(type="response.reasoning_text.done", **where, content_index=0, text=text)
+        elif isinstance(item, OutputMessage):
             part = item.content[0]
             done: dict[str, Any] = {
                 "text": part.text,
@@ -124,7 +146,7 @@ class OutputItems:
         self.close(status)
         return status
 
-    def _open_item(self, item: OutputMessage | FunctionToolCall) -> None:
+    def _open_item(self, item: OutputMessage | FunctionToolCall | ReasoningOutput) -> None:
         self.items.append(item)
         self._open = True
         self._emit(type="response.output_item.added", output_index=len(self.items) - 1, item=item_json(item))

@@ -40,6 +40,7 @@ from kiln.serve.errors import APIError, InvalidRequestError, NotFoundError
 from kiln.serve.generation import Generation, TimeoutHeader
 from kiln.serve.logprobs import chat_logprobs
 from kiln.serve.protocol import ChatCompletionRequest, Usage
+from kiln.serve.reasoning import ReasoningParser
 from kiln.serve.response_output import OutputItems, error_event, item_json
 from kiln.serve.response_store import StoredResponse
 from kiln.serve.responses_protocol import (
@@ -50,6 +51,7 @@ from kiln.serve.responses_protocol import (
     InputTokensDetails,
     MessageItem,
     OutputMessage,
+    OutputTokensDetails,
     ResponseError,
     ResponseObject,
     ResponsesRequest,
@@ -195,7 +197,7 @@ def _store(body: ResponsesRequest, state: ServerState) -> bool:
 
 def _input_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
     """The input as chat messages: a function_call joins the assistant message before it (else starts
-    one), a function_call_output is a tool message."""
+    one), a function_call_output is a tool message, a reasoning item is left out."""
     if isinstance(body.input, str):
         return [{"role": "user", "content": body.input}]
     out: list[dict[str, Any]] = []
@@ -275,6 +277,7 @@ class _Run:
         self.output = OutputItems(events=body.stream or body.background)
         self.error: APIError | None = None  # what ended a stream early
         self.final: ResponseObject | None = None  # the finished response, once a stream is through
+        self.reasoning_tokens = 0  # output tokens read as reasoning (--reasoning-parser)
 
     @property
     def response_id(self) -> str:
@@ -287,20 +290,30 @@ class _Run:
     async def _read(self, output: OutputItems, parser: Any) -> AsyncIterator[str | None]:
         """Read the generation into `output`, yielding after each engine output its finish reason."""
         job, tokenizer = self.job, self.state.engine.tokenizer
+        thinking = ReasoningParser() if job.reasoning else None
         async for _, out in job.generation.outputs():
             self.usage.add(out)
             for c in out.outputs:
+                text = c.text
+                if thinking is not None:  # the reasoning first, its own item; the answer goes on
+                    if thinking.thinking:  # a delta that ends the reasoning counts with it
+                        self.reasoning_tokens += len(c.token_ids)
+                    pieces = [*thinking.feed(text), *(thinking.finish() if c.finish_reason else ())]
+                    for piece in pieces:
+                        if piece.reasoning:
+                            output.reasoning(piece.text)
+                    text = "".join(p.text for p in pieces if not p.reasoning)
                 if parser is not None:
-                    output.deltas(parser.feed(c.text))
+                    output.deltas(parser.feed(text))
                     if c.finish_reason is not None:
                         output.deltas(parser.finish())
                 elif job.top_n is not None:
                     lps = chat_logprobs(
                         c.token_ids, c.logprobs or [], job.top_n, self.token_text, tokenizer.token_bytes
                     ).content
-                    output.text(c.text, lps)
-                elif c.text:
-                    output.text(c.text)
+                    output.text(text, lps)
+                elif text:
+                    output.text(text)
             yield out.outputs[-1].finish_reason if out.outputs else None
 
     def snapshot(self, status: str, error: APIError | None = None) -> ResponseObject:
@@ -346,7 +359,7 @@ class _Run:
             if choice is not None
             else "auto",
             tools=[t.model_dump(exclude_none=True, by_alias=True) for t in body.tools or ()],
-            usage=None if usage is None else _usage(usage),
+            usage=None if usage is None else _usage(usage, self.reasoning_tokens),
             user=body.user,
             metadata=body.metadata or {},
             background=body.background,
@@ -415,11 +428,12 @@ class _Run:
         yield event({"type": f"response.{status}", "response": item_json(response)})
 
 
-def _usage(usage: Usage) -> ResponseUsage:
+def _usage(usage: Usage, reasoning_tokens: int) -> ResponseUsage:
     cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
     return ResponseUsage(
         input_tokens=usage.prompt_tokens,
         input_tokens_details=InputTokensDetails(cached_tokens=cached),
         output_tokens=usage.completion_tokens,
+        output_tokens_details=OutputTokensDetails(reasoning_tokens=reasoning_tokens),
         total_tokens=usage.total_tokens,
     )

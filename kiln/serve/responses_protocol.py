@@ -3,8 +3,9 @@
 Rules (kiln.serve.protocol's hold here too: unknown fields are logged and ignored, known ones strictly
 typed, and a field that asks for what Kiln cannot do is declared and refused with a 400 naming it):
 - Input is text: a string, or items: messages (content a string or text parts: input_text,
-  output_text, refusal), function_call and function_call_output. Image, file and audio parts and every
-  other item type (reasoning, item_reference, hosted tools' calls) are refused by their type.
+  output_text, refusal), function_call, function_call_output and reasoning (taken and left out of the
+  prompt, as chat templates drop past reasoning). Image, file and audio parts and every other item
+  type (item_reference, hosted tools' calls) are refused by their type.
 - Tools are functions (`{"type": "function", "name", "parameters", ...}`); a hosted tool (web search,
   file search, MCP, ...) is refused by its type, and so is a tool_choice naming one.
 - `include` takes OpenAI's values: "message.output_text.logprobs" puts logprobs (with `top_logprobs`
@@ -129,6 +130,18 @@ class FunctionCallOutputItem(LenientModel):
     _parts = field_validator("output", mode="before")(_text_parts_only)
 
 
+class ReasoningInputItem(LenientModel):
+    """An earlier output's reasoning sent back: taken, and left out of the prompt (chat templates drop
+    past reasoning)."""
+
+    type: Literal["reasoning"]
+    id: str | None = None
+    summary: list[dict[str, Any]] = Field(default_factory=list)
+    content: list[dict[str, Any]] | None = None
+    encrypted_content: str | None = None
+    status: str | None = None
+
+
 class _UnsupportedItem(LenientModel):
     """Any other item: refused by its type (left out of the schema, which lists what is taken)."""
 
@@ -140,13 +153,18 @@ class _UnsupportedItem(LenientModel):
             raise PydanticCustomError("invalid", "an input item is a message (with a role) or names its type")
         raise PydanticCustomError(
             "unsupported",
-            "input items of type '{kind}' are not supported: Kiln reads messages, function_call and "
-            "function_call_output items",
+            "input items of type '{kind}' are not supported: Kiln reads messages, function_call, "
+            "function_call_output and reasoning items",
             {"kind": self.type},
         )
 
 
-_ITEM_TAGS = {"message": "item:message", "function_call": "item:call", "function_call_output": "item:output"}
+_ITEM_TAGS = {
+    "message": "item:message",
+    "function_call": "item:call",
+    "function_call_output": "item:output",
+    "reasoning": "item:reasoning",
+}
 
 
 def _item_tag(item: Any) -> str:
@@ -162,6 +180,7 @@ InputItem = Annotated[
     Annotated[MessageItem, Tag("item:message")]
     | Annotated[FunctionCallItem, Tag("item:call")]
     | Annotated[FunctionCallOutputItem, Tag("item:output")]
+    | Annotated[ReasoningInputItem, Tag("item:reasoning")]
     | Annotated[SkipJsonSchema[_UnsupportedItem], Tag("item:other")],
     Discriminator(_item_tag),
 ]
@@ -408,7 +427,22 @@ class FunctionToolCall(BaseModel):
     status: Literal["in_progress", "completed", "incomplete"]
 
 
-OutputItem = Annotated[OutputMessage | FunctionToolCall, Field(discriminator="type")]
+class ReasoningText(BaseModel):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class ReasoningOutput(BaseModel):
+    """The model's thinking before its answer (with --reasoning-parser)."""
+
+    type: Literal["reasoning"] = "reasoning"
+    id: str
+    summary: list[Any] = Field(default_factory=list)
+    content: list[ReasoningText]
+    status: Literal["in_progress", "completed", "incomplete"]
+
+
+OutputItem = Annotated[OutputMessage | FunctionToolCall | ReasoningOutput, Field(discriminator="type")]
 
 
 class InputTokensDetails(BaseModel):

@@ -172,6 +172,12 @@ class _ServerSettings(BaseSettings):
         description="How the model writes tool calls (default: detected from its chat template; Hermes, with "
         "Kiln's instructions, when the template does not render tools).",
     )
+    reasoning_parser: Literal["deepseek_r1"] | None = Field(
+        None,
+        description="Read a reasoning model's thinking apart from its answer: deepseek_r1, reasoning up to "
+        "</think> (chat: `reasoning_content`; the Responses API: a reasoning item). Default: none, the "
+        "output is all content.",
+    )
 
     # --- admission and timeouts ----------------------------------------------------------------------
     max_waiting_sequences: int | None = Field(

@@ -26,6 +26,7 @@ from kiln.serve.responses_protocol import (
     InputItemList,
     InputText,
     MessageItem,
+    ReasoningInputItem,
     RefusalPart,
     ResponsesRequest,
 )
@@ -160,6 +161,8 @@ def input_items(body: ResponsesRequest) -> tuple[dict[str, Any], ...]:
                     "status": "completed",
                 }
             )
+        elif isinstance(item, ReasoningInputItem):
+            items.append({**item.model_dump(exclude_none=True), "id": item.id or new_item_id("rs_")})
     return tuple(items)
 
 

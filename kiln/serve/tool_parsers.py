@@ -39,7 +39,7 @@ from kiln.serve.tool_calls import (
 )
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest end of text that is a proper start of tag."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:n]):
@@ -130,7 +130,7 @@ class HermesToolParser(ToolCallParser):
             self._pending, self._state, self._reader = "", "call", CallReader()
             return buf[i + len(self.OPEN) :]
         # Hold back a possible start of the open tag and the whitespace before it.
-        cut = len(buf[: len(buf) - _partial_suffix(buf, self.OPEN)].rstrip(WS))
+        cut = len(buf[: len(buf) - partial_suffix(buf, self.OPEN)].rstrip(WS))
         out.content(buf[:cut])
         self._pending = buf[cut:]
         return ""

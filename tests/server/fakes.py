@@ -8,6 +8,7 @@ Both wrap the real tiny engine (same tokenizer, model info and stats) and change
 - `RefusingEngine`: `generate()` itself raises ValueError, as a backend that cannot honour a field does.
 - `TextEngine`: every delta's text is replaced by a given string (characters the tiny model cannot be
   steered to produce, such as U+2028).
+- `ScriptEngine`: each token's text is the next piece of a script (a reasoning model's tags).
 """
 
 from __future__ import annotations
@@ -134,4 +135,24 @@ class TextEngine(_Wrapper):
         async for out in self.inner.generate(prompt_token_ids, params, request_id, **kw):
             for completion in out.outputs:
                 completion.text = self.text * len(completion.token_ids)
+            yield out
+
+
+class ScriptEngine(_Wrapper):
+    """The real engine's outputs with token k of each completion reading `pieces[k]` ("" past them): an
+    output the tiny model cannot be steered to write, token by token (a reasoning model's tags)."""
+
+    def __init__(self, engine: Any, pieces: list[str]) -> None:
+        super().__init__(engine)
+        self.pieces = pieces
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, **kw: Any
+    ) -> AsyncIterator[RequestOutput]:
+        written: dict[int, int] = {}  # tokens so far, by completion
+        async for out in self.inner.generate(prompt_token_ids, params, request_id, **kw):
+            for completion in out.outputs:
+                start = written.get(completion.index, 0)
+                written[completion.index] = start + len(completion.token_ids)
+                completion.text = "".join(self.pieces[start : written[completion.index]])
             yield out

@@ -1,0 +1,128 @@
+"""`--reasoning-parser deepseek_r1`: a reasoning model's thinking read apart from its answer, in chat
+(`reasoning_content`, whole and streamed, tool calls read from the answer) and in the Responses API
+(a reasoning item before the message, its own stream events, `reasoning_tokens`); what it cannot hold
+with the reasoning (grammars, logprobs) is a 400; without the flag the output is all content. The
+outputs are scripted token by token over the tiny engine (`ScriptEngine`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from fakes import ScriptEngine
+from server_harness import run_live_server
+from weather_tool import WEATHER_TOOL
+
+from kiln.clients.thread import AsyncEngine
+
+# The tag split across tokens, as a tokenizer may split it; the R1 template opened <think> already.
+THINKING = ["Let", " me", " think", ".</th", "ink>", "\n\nHello", " world", "!"]
+CALLING = ["Hmm", "</think>", "<tool_call>", '{"name": "get_weather", ', '"arguments": {"city": "Oslo", "days": 1}}', "</tool_call>"]  # fmt: skip
+ARGS: dict[str, Any] = {"model": "tiny", "temperature": 0, "extra_body": {"ignore_eos": True}}
+
+
+def _client(engine: Any, **settings: Any) -> Iterator[openai.OpenAI]:
+    with run_live_server(engine, served_model_name="tiny", **settings) as live:
+        yield openai.OpenAI(base_url=f"{live.url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def thinking(tiny_engine: AsyncEngine) -> Iterator[openai.OpenAI]:
+    yield from _client(ScriptEngine(tiny_engine, THINKING), reasoning_parser="deepseek_r1")
+
+
+@pytest.fixture(scope="module")
+def calling(tiny_engine: AsyncEngine) -> Iterator[openai.OpenAI]:
+    engine = ScriptEngine(tiny_engine, CALLING)
+    yield from _client(engine, reasoning_parser="deepseek_r1", tool_call_parser="hermes")
+
+
+def _chat(client: openai.OpenAI, tokens: int, **kw: Any) -> Any:
+    return client.chat.completions.create(
+        messages=[{"role": "user", "content": "Hi"}], max_tokens=tokens, **ARGS, **kw
+    )
+
+
+def test_chat_reads_the_reasoning_apart(thinking: openai.OpenAI) -> None:
+    message = _chat(thinking, len(THINKING)).choices[0].message
+    assert message.reasoning_content == "Let me think."
+    assert message.content == "\n\nHello world!"
+
+
+def test_chat_streams_the_reasoning_first(thinking: openai.OpenAI) -> None:
+    chunks = list(_chat(thinking, len(THINKING), stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    said = [d for d in deltas if d.content or getattr(d, "reasoning_content", None)]
+    kinds = ["content" if d.content else "reasoning" for d in said]
+    assert kinds == sorted(kinds, key=lambda k: k != "reasoning")  # every reasoning delta before the answer
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == "Let me think."
+    assert "".join(d.content or "" for d in deltas) == "\n\nHello world!"
+
+
+def test_cut_off_while_thinking_is_all_reasoning(thinking: openai.OpenAI) -> None:
+    message = _chat(thinking, 3).choices[0].message
+    assert (message.reasoning_content, message.content) == ("Let me think", "")
+
+
+def test_tool_calls_are_read_from_the_answer(calling: openai.OpenAI) -> None:
+    message = _chat(calling, len(CALLING), tools=[WEATHER_TOOL]).choices[0].message
+    assert message.reasoning_content == "Hmm"
+    [call] = message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {
+        "city": "Oslo",
+        "days": 1,
+    }
+    streamed = list(_chat(calling, len(CALLING), tools=[WEATHER_TOOL], stream=True))
+    pieces = [tc for c in streamed if c.choices for tc in c.choices[0].delta.tool_calls or ()]
+    assert pieces[0].function.name == "get_weather"
+    assert json.loads("".join(p.function.arguments for p in pieces)) == {"city": "Oslo", "days": 1}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"tools": [WEATHER_TOOL], "tool_choice": "required"}, "tool_choice"),
+        ({"logprobs": True}, "logprobs"),
+    ],
+)
+def test_what_the_reasoning_cannot_share_is_a_400(
+    thinking: openai.OpenAI, fields: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        _chat(thinking, 4, **fields)
+    assert refused.value.body["param"] == param
+
+
+def test_responses_make_a_reasoning_item(thinking: openai.OpenAI) -> None:
+    r = thinking.responses.create(input="Hi", max_output_tokens=len(THINKING), **ARGS)
+    reasoning, message = r.output
+    assert reasoning.type == "reasoning" and reasoning.id.startswith("rs_")
+    assert [c.text for c in reasoning.content] == ["Let me think."] and reasoning.status == "completed"
+    assert message.type == "message" and r.output_text == "\n\nHello world!"
+    assert r.usage.output_tokens_details.reasoning_tokens == 5  # through the token that closed it
+    events = list(thinking.responses.create(input="Hi", max_output_tokens=len(THINKING), stream=True, **ARGS))
+    kinds = [e.type for e in events]
+    assert kinds.index("response.reasoning_text.done") < kinds.index("response.output_text.delta")
+    text = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")
+    assert text == "Let me think." == events[-1].response.output[0].content[0].text
+    # Reasoning sent back is taken and left out of the prompt.
+    back = [
+        {"role": "user", "content": "Hi"},
+        reasoning.model_dump(exclude_none=True),
+        {"role": "user", "content": "Again"},
+    ]
+    plain = [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Again"}]
+    with_it = thinking.responses.create(input=back, max_output_tokens=1, **ARGS)
+    without = thinking.responses.create(input=plain, max_output_tokens=1, **ARGS)
+    assert with_it.usage.input_tokens == without.usage.input_tokens
+
+
+def test_without_the_flag_it_is_all_content(tiny_engine: AsyncEngine) -> None:
+    for client in _client(ScriptEngine(tiny_engine, THINKING)):
+        message = _chat(client, len(THINKING)).choices[0].message
+        assert message.content == "".join(THINKING)
+        assert getattr(message, "reasoning_content", None) is None
