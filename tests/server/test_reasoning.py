@@ -126,3 +126,26 @@ def test_without_the_flag_it_is_all_content(tiny_engine: AsyncEngine) -> None:
         message = _chat(client, len(THINKING)).choices[0].message
         assert message.content == "".join(THINKING)
         assert getattr(message, "reasoning_content", None) is None
+
+
+def test_grpc_chat_carries_the_reasoning(tiny_engine: AsyncEngine) -> None:
+    import grpc
+
+    from kiln.serve.grpc import kiln_pb2 as pb
+    from kiln.serve.grpc import kiln_pb2_grpc as pb_grpc
+
+    engine = ScriptEngine(tiny_engine, THINKING)
+    with run_live_server(
+        engine, served_model_name="tiny", reasoning_parser="deepseek_r1", grpc_port=0
+    ) as live:
+        port = live.server.config.app.state.kiln_grpc.port
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            request = pb.ChatRequest(
+                messages=[pb.ChatMessage(role="user", content="Hi")],
+                sampling=pb.Sampling(max_tokens=len(THINKING), ignore_eos=True, temperature=0),
+            )
+            choices = [
+                c for r in pb_grpc.GenerationStub(channel).Chat(request, timeout=30) for c in r.choices
+            ]
+    assert "".join(c.reasoning_content for c in choices) == "Let me think."
+    assert "".join(c.content for c in choices) == "\n\nHello world!"

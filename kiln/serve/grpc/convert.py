@@ -160,6 +160,7 @@ def chat_response(chunk: dict[str, Any]) -> pb.ChatResponse:
                 index=c["index"],
                 role=delta.get("role"),
                 content=delta.get("content") or "",
+                reasoning_content=delta.get("reasoning_content") or "",
                 tool_calls=calls,
                 logprobs=logprobs,
                 finish_reason=c.get("finish_reason"),
