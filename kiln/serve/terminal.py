@@ -71,10 +71,16 @@ class ReplyStats:
 
 
 def stream_chat(
-    client: Any, model: str, messages: list[dict[str, str]], stats: ReplyStats | None = None, **params: Any
+    client: Any,
+    model: str,
+    messages: list[dict[str, str]],
+    stats: ReplyStats | None = None,
+    thinking: Callable[[str], None] | None = None,
+    **params: Any,
 ) -> Iterator[str]:
     """Yield the assistant's reply piece by piece; closing the generator closes the HTTP stream.
-    With `stats`, asks for the stream's usage and fills `stats` in as the reply arrives."""
+    With `stats`, asks for the stream's usage and fills `stats` in as the reply arrives; `thinking`
+    gets the reasoning pieces of a server with --reasoning-parser (`delta.reasoning_content`)."""
     if stats is not None:
         params.setdefault("stream_options", {"include_usage": True})
         stats.started = time.perf_counter()
@@ -84,12 +90,18 @@ def stream_chat(
             usage = getattr(chunk, "usage", None)
             if stats is not None and usage is not None:
                 stats.completion_tokens = usage.completion_tokens
-            if chunk.choices and chunk.choices[0].delta.content:
-                if stats is not None:
-                    stats.last_token = time.perf_counter()
-                    if stats.first_token is None:
-                        stats.first_token = stats.last_token
-                yield chunk.choices[0].delta.content
+            delta = chunk.choices[0].delta if chunk.choices else None
+            reasoning = getattr(delta, "reasoning_content", None)
+            if delta is None or not (delta.content or reasoning):
+                continue
+            if stats is not None:
+                stats.last_token = time.perf_counter()
+                if stats.first_token is None:
+                    stats.first_token = stats.last_token
+            if reasoning and thinking is not None:
+                thinking(reasoning)
+            if delta.content:
+                yield delta.content
     finally:
         stream.close()  # the server sees the disconnect and aborts the request
 
@@ -213,6 +225,34 @@ class _Chat:
         return f"({key} set to {value})\n"
 
 
+class _Thought:
+    """A reasoning model's thinking, shown dimmed beside the reply (with `err`, not in it): the reply
+    and the history hold the answer alone."""
+
+    def __init__(self, notes: Console) -> None:
+        self.notes = notes
+        self.open = False
+
+    def write(self, text: str) -> None:
+        self.notes.print(text, end="", style="dim")
+        self.open = True
+
+    def end(self) -> None:
+        """End the thinking's line, if one is open."""
+        if self.open:
+            self.notes.print()
+            self.open = False
+
+    def after(self, pieces: Iterator[str]) -> Iterator[str]:
+        """`pieces`, the thinking's line ended before the answer's first."""
+        try:
+            for piece in pieces:
+                self.end()
+                yield piece
+        finally:
+            pieces.close()  # type: ignore[attr-defined]
+
+
 def chat_repl(
     client: Any,
     model: str,
@@ -255,15 +295,18 @@ def chat_repl(
         chat.history.append({"role": "user", "content": message})
         out.write(f"{model}> ")
         stats = ReplyStats()
-        pieces = stream_chat(client, model, chat.history, stats, **chat.params)
+        thought = _Thought(notes)
+        pieces = thought.after(stream_chat(client, model, chat.history, stats, thought.write, **chat.params))
         try:
             reply = write_stream(pieces, out)
         except KeyboardInterrupt:
             # Ctrl-C stops this reply, not the session: closing the stream closes the HTTP response,
             # which aborts the request in the engine. The partial reply is dropped from the history.
             pieces.close()
+            thought.end()
             out.write(" (interrupted)\n")
             chat.history.pop()
             continue
+        thought.end()
         chat.history.append({"role": "assistant", "content": reply})
         notes.print(stats.line(), style="dim")

@@ -198,6 +198,29 @@ def test_the_api_key_is_asked_for_used_and_kept(browser: webdriver.Chrome, tiny_
         stop_server(proc)
 
 
+def test_a_reasoning_models_thinking_is_shown_apart(browser: webdriver.Chrome, tiny_gqa_dir: Path) -> None:
+    # The tiny model never writes </think>: with the parser, all of its output is reasoning.
+    proc, url, _log = start_cli_server(tiny_gqa_dir, "--reasoning-parser", "deepseek_r1")
+    try:
+        open_page(browser, url)
+        browser.execute_script(RECORD_REQUESTS)
+        fill(browser, temperature="0", max_tokens="12")
+        ask(browser, "hi")
+        answer = wait_for_answers(browser, 1)
+        thinking = answer.find_element(By.CSS_SELECTOR, "details.thinking")
+        assert thinking.find_element(By.TAG_NAME, "summary").text == "Thinking"
+        assert thinking.get_attribute("open") is not None  # no answer came: it stays open
+        text = browser.execute_script("return arguments[0].querySelector('div').textContent", thinking)
+        assert text.strip() and answer.find_element(By.CLASS_NAME, "content").text == ""
+        assert stats_of(answer).startswith("TTFT ")  # the thinking counts as the reply's first tokens
+        ask(browser, "again")
+        wait_for_answers(browser, 2)
+        sent = browser.execute_script("return window.sentBodies")
+        assert sent[-1]["messages"] == [{"role": "user", "content": "again"}]  # no answer, no history
+    finally:
+        stop_server(proc)
+
+
 MARKDOWN = """# Title
 
 Some **bold** text and a [link](https://example.com).

@@ -6,6 +6,7 @@ outputs are scripted token by token over the tiny engine (`ScriptEngine`)."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -17,6 +18,7 @@ from server_harness import run_live_server
 from weather_tool import WEATHER_TOOL
 
 from kiln.clients.thread import AsyncEngine
+from kiln.serve.terminal import chat_repl
 
 # The tag split across tokens, as a tokenizer may split it; the R1 template opened <think> already.
 THINKING = ["Let", " me", " think", ".</th", "ink>", "\n\nHello", " world", "!"]
@@ -149,3 +151,15 @@ def test_grpc_chat_carries_the_reasoning(tiny_engine: AsyncEngine) -> None:
             ]
     assert "".join(c.reasoning_content for c in choices) == "Let me think."
     assert "".join(c.content for c in choices) == "\n\nHello world!"
+
+
+def test_kiln_chat_shows_the_thinking_apart_from_the_reply(thinking: openai.OpenAI) -> None:
+    lines = iter(["Hi", "/exit"])
+    out, err = io.StringIO(), io.StringIO()
+    history = chat_repl(
+        thinking, "tiny", out=out, err=err, read_line=lambda _: next(lines), max_tokens=len(THINKING),
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert history[-1] == {"role": "assistant", "content": "\n\nHello world!"}  # the answer alone
+    assert "Hello world!" in out.getvalue() and "Let me think." not in out.getvalue()
+    assert err.getvalue().startswith("Let me think.\n")  # dimmed on a terminal, then the stats line

@@ -155,6 +155,20 @@ function addMessage(role) {
   return { article, content };
 }
 
+// A reasoning model's thinking (a server with --reasoning-parser sends it as `reasoning_content`): a
+// folded block above the answer, plain text, opened while it streams.
+function addThinking(answer) {
+  const details = document.createElement("details");
+  details.className = "thinking";
+  details.open = true;
+  const summary = document.createElement("summary");
+  summary.textContent = "Thinking";
+  const text = document.createElement("div");
+  details.append(summary, text);
+  answer.content.before(details);
+  return { details, text };
+}
+
 function addStats(article) {
   const stats = document.createElement("p");
   stats.className = "stats";
@@ -206,9 +220,15 @@ async function send(text) {
   setBusy(true);
   const timing = { sent: performance.now(), first: null, last: null, chunks: 0, usage: null, outcome: "" };
   let content = "";
+  let thought = ""; // the reasoning, with a reasoning parser
+  let thinking = null; // its block, once some came
   let pending = false; // a render is queued for the next frame
   const render = () => {
     pending = false;
+    if (thinking) {
+      thinking.text.textContent = thought;
+      if (content) thinking.details.open = false; // the answer began: fold the thinking away
+    }
     renderMarkdown(answer.content, content);
     stats.textContent = formatStats(timing);
     scrollToEnd();
@@ -230,11 +250,16 @@ async function send(text) {
       const choice = chunk.choices?.[0];
       if (choice?.finish_reason) timing.outcome = choice.finish_reason;
       const delta = choice?.delta?.content;
-      if (delta) {
+      const reasoning = choice?.delta?.reasoning_content;
+      if (reasoning) {
+        thinking ??= addThinking(answer);
+        thought += reasoning;
+      }
+      if (delta || reasoning) {
         timing.last = performance.now();
         timing.first ??= timing.last;
         timing.chunks += 1;
-        content += delta;
+        content += delta ?? "";
         if (!pending) {
           pending = true;
           requestAnimationFrame(render);
