@@ -15,7 +15,7 @@ import openai
 import pytest
 from fakes import ScriptEngine
 from server_harness import run_live_server
-from weather_tool import WEATHER_TOOL
+from weather_tool import ASK, WEATHER_TOOL
 
 from kiln.clients.thread import AsyncEngine
 from kiln.serve.terminal import chat_repl
@@ -163,3 +163,11 @@ def test_kiln_chat_shows_the_thinking_apart_from_the_reply(thinking: openai.Open
     assert history[-1] == {"role": "assistant", "content": "\n\nHello world!"}  # the answer alone
     assert "Hello world!" in out.getvalue() and "Let me think." not in out.getvalue()
     assert err.getvalue().startswith("Let me think.\n")  # dimmed on a terminal, then the stats line
+
+
+def test_responses_read_calls_after_the_reasoning(calling: openai.OpenAI) -> None:
+    tool = {"type": "function", **WEATHER_TOOL["function"]}
+    r = calling.responses.create(input=ASK, tools=[tool], max_output_tokens=len(CALLING), **ARGS)
+    assert [item.type for item in r.output] == ["reasoning", "function_call"]
+    assert r.output[0].content[0].text == "Hmm"
+    assert json.loads(r.output[1].arguments) == {"city": "Oslo", "days": 1}
