@@ -1,7 +1,8 @@
 """`POST /v1/chat/completions`: messages -> chat template -> engine -> OpenAI response or SSE chunks.
 
-Stream order per choice (OpenAI's): a chunk with `delta.role`, content chunks, a chunk with an empty
-delta and `finish_reason`; with `stream_options.include_usage`, every chunk carries `usage: null`
+Stream order per choice (OpenAI's): a chunk with `delta.role`, content chunks (with `--reasoning-parser`,
+the `reasoning_content` chunks before them: kiln.serve.reasoning), a chunk with an empty delta and
+`finish_reason`; with `stream_options.include_usage`, every chunk carries `usage: null`
 (with `continuous_usage_stats`, the usage so far) and one last chunk with no choices carries the usage.
 """
 
