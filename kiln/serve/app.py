@@ -68,6 +68,7 @@ def _model_card(state: ServerState) -> ModelCard:
         max_model_len=info.max_model_len,
         backend=info.backend,
         tool_call_format=tool_format(template, state.settings.tool_call_parser),
+        reasoning_parser=state.settings.reasoning_parser,
         sampling_defaults=state.sampling_defaults,
     )
 

@@ -637,6 +637,7 @@ class ModelCard(BaseModel):
     max_model_len: int
     backend: str
     tool_call_format: str | None = None  # extension: how the model writes tool calls (hermes, llama3_json)
+    reasoning_parser: str | None = None  # extension: how its reasoning is read apart (--reasoning-parser)
     # extension: the model's defaults of the sampling fields a request omits (--generation-config auto)
     sampling_defaults: dict[str, float | int] = Field(default_factory=dict)
 

@@ -49,6 +49,7 @@ def _chat(client: openai.OpenAI, tokens: int, **kw: Any) -> Any:
 
 
 def test_chat_reads_the_reasoning_apart(thinking: openai.OpenAI) -> None:
+    assert thinking.models.retrieve("tiny").reasoning_parser == "deepseek_r1"  # /v1/models says so
     message = _chat(thinking, len(THINKING)).choices[0].message
     assert message.reasoning_content == "Let me think."
     assert message.content == "\n\nHello world!"
@@ -126,6 +127,7 @@ def test_responses_make_a_reasoning_item(thinking: openai.OpenAI) -> None:
 def test_without_the_flag_it_is_all_content(tiny_engine: AsyncEngine) -> None:
     for client in _client(ScriptEngine(tiny_engine, THINKING)):
         message = _chat(client, len(THINKING)).choices[0].message
+        assert client.models.retrieve("tiny").reasoning_parser is None
         assert message.content == "".join(THINKING)
         assert getattr(message, "reasoning_content", None) is None
 
