@@ -1,10 +1,14 @@
 """Stored responses: `GET` and `DELETE /v1/responses/{id}`, `GET /v1/responses/{id}/input_items`,
 `POST /v1/responses/{id}/cancel`, and the input items a response keeps for the last.
 
-Rules: a response not stored (never, deleted, or gone to make room) and not running in the background
-is a 404; GET of a running one, its stream and cancel follow kiln.serve.background_responses' rules. Input items are listed
-as OpenAI lists them: each with an id (the one it was sent with, else a new one), messages with their
-text as parts, newest first unless `order=asc`, `limit` (1–100) of them after the item `after`.
+Rules:
+- A response not stored (never, deleted, or gone to make room) and not running in the background is a
+  404; GET of a running one, its stream and cancel follow kiln.serve.background_responses' rules.
+- GET answers a response as it was made: its `include` was applied then. The query's `include` is
+  checked (an unknown value is a 400) and changes nothing.
+- Input items are listed as OpenAI lists them: each with an id (the one it was sent with, else a new
+  one), messages with their text as parts, newest first unless `order=asc`, `limit` (1–100) of them
+  after the item `after`.
 """
 
 from __future__ import annotations
@@ -49,7 +53,9 @@ async def get_response(
     starting_after: Annotated[
         int | None, Query(ge=0, description="With stream: the events after this sequence number.")
     ] = None,
-    include: Annotated[list[str] | None, Query(description="As POST /v1/responses takes it.")] = None,
+    include: Annotated[
+        list[str] | None, Query(description="Checked; the response is answered as it was made.")
+    ] = None,
 ) -> Response:
     _check_include(include)
     state = server_state(request)
