@@ -14,6 +14,7 @@ from kiln.errors import RequestValidationError
 MAX_N = 128
 MAX_STOP_STRINGS = 64
 MAX_STOP_CHARS = 4096
+MAX_STRUCTURED_AFTER = 64  # characters of a structured output's `after` (a closing tag)
 MAX_TOKEN_ID_LIST = 1024  # entries of logit_bias; stop_token_ids; allowed_token_ids
 # torch.Generator.manual_seed takes 64-bit seeds; sequence i of a request with n > 1 uses seed + i.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
@@ -29,11 +30,14 @@ class StructuredOutput:
 
     `spec` by kind: "json_schema" a JSON Schema as JSON text; "json_object" empty (any JSON object);
     "regex" a regular expression the whole output matches; "choice" a JSON list of the strings the output
-    may be; "grammar" a Lark grammar in llguidance's dialect. Hashable: compiled grammars are cached by it.
+    may be; "grammar" a Lark grammar in llguidance's dialect. With `after`, the output is free up to and
+    including the first `after` and held from there (a reasoning model's thinking, then `</think>`).
+    Hashable: compiled grammars are cached by it.
     """
 
     kind: StructuredKind
     spec: str = ""
+    after: str | None = None
 
     @classmethod
     def json_schema(cls, schema: dict | str) -> StructuredOutput:
@@ -138,6 +142,12 @@ class SamplingParams:
         if self.structured is not None and self.structured.kind not in STRUCTURED_KINDS:
             raise RequestValidationError(
                 f"unknown structured output kind {self.structured.kind!r}", "structured"
+            )
+        after = self.structured.after if self.structured is not None else None
+        if after is not None and not 0 < len(after) <= MAX_STRUCTURED_AFTER:
+            raise RequestValidationError(
+                f"a structured output's `after` has 1 to {MAX_STRUCTURED_AFTER} characters, got {len(after)}",
+                "structured",
             )
         for tok, bias in (self.logit_bias or {}).items():
             if not -100.0 <= bias <= 100.0:

@@ -19,6 +19,9 @@ Rules:
   threads, off the GIL, while the engine processes outputs and prepares the next step (`MaskFill`);
   one row is done inline, where a thread hand-off would cost more than it hides.
 - JSON is generated compact (no free whitespace between items), so a model cannot pad it without end.
+- `StructuredOutput.after` (a reasoning model's `</think>`) leaves the output free up to and including
+  its first occurrence: one grammar, a lexeme ending there and then the constraint as a named
+  sub-grammar, so the constraint keeps its own options.
 """
 
 from __future__ import annotations
@@ -46,6 +49,26 @@ _JSON_OPTIONS = {"whitespace_flexible": False}
 
 def grammar_text(structured: StructuredOutput) -> str:
     """llguidance's grammar for `structured` (not yet checked against a tokenizer)."""
+    text = _constraint_text(structured)
+    return text if structured.after is None else _after(structured.after, text)
+
+
+def _after(after: str, constraint: str) -> str:
+    """A grammar of free text up to and including the first `after`, then `constraint`: the constraint
+    becomes a named grammar that a Lark start rule refers to, after a lexeme that ends at `after`'s first
+    occurrence (any text ending with it, and it nowhere before the end)."""
+    inner = (
+        json.loads(constraint)
+        if constraint.lstrip().startswith("{")
+        else {"grammars": [{"lark_grammar": constraint}]}
+    )
+    inner["grammars"][0]["name"] = "constraint"
+    tag = "".join(f"\\x{{{ord(c):x}}}" for c in after)  # every character as \x{..}: nothing to escape
+    lead = f"start: FREE @constraint\nFREE: /(?s:.*){tag}/ & ~/(?s:.*){tag}(?s:.+)/\n"
+    return json.dumps({"grammars": [{"lark_grammar": lead}, *inner["grammars"]]})
+
+
+def _constraint_text(structured: StructuredOutput) -> str:
     kind, spec = structured.kind, structured.spec
     if kind == "json_schema":
         return llguidance.LLMatcher.grammar_from_json_schema(spec, defaults=_JSON_OPTIONS)

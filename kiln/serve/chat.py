@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import Request, Response
@@ -32,7 +32,7 @@ from kiln.serve.protocol import (
     FunctionCallOut,
     ToolCallOut,
 )
-from kiln.serve.reasoning import ReasoningParser
+from kiln.serve.reasoning import REASONING_END, ReasoningParser
 from kiln.serve.sampling import resolve_max_tokens, structured_output, to_sampling_params
 from kiln.serve.state import ServerState
 from kiln.serve.text_chunks import TextChunks
@@ -125,12 +125,8 @@ async def prepare_chat(
             )
         structured, structured_param = plan.constraint, "tool_choice"
     reasoning = state.settings.reasoning_parser is not None
-    if reasoning and structured_param is not None:
-        raise InvalidRequestError(
-            f"{param_name(structured_param)} with --reasoning-parser is not supported: the grammar would "
-            "hold the reasoning too",
-            param=param_name(structured_param),
-        )
+    if reasoning and structured is not None:  # the grammar holds the answer, not the thinking before it
+        structured = replace(structured, after=REASONING_END)
     if reasoning and top_n is not None:
         raise InvalidRequestError(
             "logprobs with --reasoning-parser is not supported", param=param_name("logprobs")

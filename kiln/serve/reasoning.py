@@ -8,6 +8,8 @@ generation prompt, and every model that thinks in `<think>` ... `</think>`):
   thinking).
 - Streamed, a piece that may be the start of a tag is held back until the next one says; the text
   given out joins to the whole output's reading.
+- A grammar (response_format, structured outputs, a forced tool call) holds the answer only: the engine
+  leaves the text up to the first `</think>` free (`StructuredOutput.after`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 
 from kiln.serve.tool_parsers import partial_suffix
 
-_OPEN, _CLOSE = "<think>", "</think>"
+REASONING_END = "</think>"  # a structured output holds the answer from here on (StructuredOutput.after)
+_OPEN, _CLOSE = "<think>", REASONING_END
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """`--reasoning-parser deepseek_r1`: a reasoning model's thinking read apart from its answer, in chat
 (`reasoning_content`, whole and streamed, tool calls read from the answer) and in the Responses API
-(a reasoning item before the message, its own stream events, `reasoning_tokens`); what it cannot hold
-with the reasoning (grammars, logprobs) is a 400; without the flag the output is all content. The
+(a reasoning item before the message, its own stream events, `reasoning_tokens`); a grammar holds the
+answer only (the engine is asked to leave the text to `</think>` free); logprobs with it are a 400;
+without the flag the output is all content. The
 outputs are scripted token by token over the tiny engine (`ScriptEngine`)."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import openai
 import pytest
-from fakes import ScriptEngine
+from fakes import RecordingEngine, ScriptEngine
 from server_harness import run_live_server
 from weather_tool import ASK, WEATHER_TOOL
 
@@ -84,20 +85,31 @@ def test_tool_calls_are_read_from_the_answer(calling: openai.OpenAI) -> None:
     assert json.loads("".join(p.function.arguments for p in pieces)) == {"city": "Oslo", "days": 1}
 
 
+def test_logprobs_with_the_reasoning_are_a_400(thinking: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        _chat(thinking, 4, logprobs=True)
+    assert refused.value.body["param"] == "logprobs"
+
+
 @pytest.mark.parametrize(
-    ("fields", "param"),
+    "fields",
     [
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"tools": [WEATHER_TOOL], "tool_choice": "required"}, "tool_choice"),
-        ({"logprobs": True}, "logprobs"),
+        {"response_format": {"type": "json_object"}},
+        {"tools": [WEATHER_TOOL], "tool_choice": "required"},
+        {"extra_body": {"ignore_eos": True, "structured_outputs": {"regex": "[ab]{3}"}}},
     ],
 )
-def test_what_the_reasoning_cannot_share_is_a_400(
-    thinking: openai.OpenAI, fields: dict[str, Any], param: str
+def test_a_grammar_holds_the_answer_after_the_reasoning(
+    tiny_engine: AsyncEngine, fields: dict[str, Any]
 ) -> None:
-    with pytest.raises(openai.BadRequestError) as refused:
-        _chat(thinking, 4, **fields)
-    assert refused.value.body["param"] == param
+    # What the engine does with `after` is tests/model/test_reasoning_grammar.py's; here: the server asks it.
+    engine = RecordingEngine(tiny_engine)
+    for client in _client(engine, reasoning_parser="deepseek_r1"):
+        client.chat.completions.create(
+            messages=[{"role": "user", "content": "Hi"}], max_tokens=4, **{**ARGS, **fields}
+        )
+    [call] = engine.calls
+    assert call["params"].structured is not None and call["params"].structured.after == "</think>"
 
 
 def test_responses_make_a_reasoning_item(thinking: openai.OpenAI) -> None:
