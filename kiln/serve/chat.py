@@ -127,10 +127,6 @@ async def prepare_chat(
     reasoning = state.settings.reasoning_parser is not None
     if reasoning and structured is not None:  # the grammar holds the answer, not the thinking before it
         structured = replace(structured, after=REASONING_END)
-    if reasoning and top_n is not None:
-        raise InvalidRequestError(
-            "logprobs with --reasoning-parser is not supported", param=param_name("logprobs")
-        )
     params = to_sampling_params(
         body,
         max_tokens=max_tokens,
@@ -299,14 +295,14 @@ async def _stream(job: ChatJob, body: ChatCompletionRequest, state: ServerState)
     async for _, out in generation.outputs():
         usage.add(out)
         for c in out.outputs:
-            text = c.text
-            if thinking is not None:  # the reasoning first, apart; the answer goes on as the text
+            text, reasoning = c.text, ""
+            if thinking is not None:  # the reasoning apart, first; the answer goes on as the text
                 reader = thinking[c.index]
                 pieces = [*reader.feed(text), *(reader.finish() if c.finish_reason is not None else ())]
                 reasoning = "".join(p.text for p in pieces if p.reasoning)
-                if reasoning:
-                    yield chunk(ChatChunkChoice(index=c.index, delta=ChatDelta(reasoning_content=reasoning)))
                 text = "".join(p.text for p in pieces if not p.reasoning)
+                if reasoning and (text or top_n is None):  # else it carries the delta's logprobs, below
+                    yield chunk(ChatChunkChoice(index=c.index, delta=ChatDelta(reasoning_content=reasoning)))
             if parsers is not None:  # tools offered: the text goes through the choice's parser
                 for piece in tool_chunks(c.index, parsers[c.index].feed(text)):
                     yield piece
@@ -318,7 +314,7 @@ async def _stream(job: ChatJob, body: ChatCompletionRequest, state: ServerState)
                     )
                     yield chunk(ChatChunkChoice(index=c.index, delta=ChatDelta(), finish_reason=reason))
                 continue
-            if c.text or c.token_ids:
+            if c.text or c.token_ids or reasoning or text:
                 lp = (
                     chat_logprobs(
                         c.token_ids,
@@ -334,6 +330,9 @@ async def _stream(job: ChatJob, body: ChatCompletionRequest, state: ServerState)
                 if lp is None:
                     if text:
                         yield text_chunk(c.index, text, generation.system_fingerprint)
+                elif reasoning and not text:  # a delta all reasoning: its chunk carries the logprobs
+                    delta = ChatDelta(reasoning_content=reasoning)
+                    yield chunk(ChatChunkChoice(index=c.index, delta=delta, logprobs=lp))
                 elif text or lp.content:
                     yield chunk(ChatChunkChoice(index=c.index, delta=ChatDelta(content=text), logprobs=lp))
             if c.finish_reason is not None:

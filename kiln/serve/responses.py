@@ -295,8 +295,11 @@ class _Run:
             self.usage.add(out)
             for c in out.outputs:
                 text = c.text
+                # A delta read while thinking (the one that ends the thinking too) is the reasoning's:
+                # its tokens count as reasoning tokens and, unless it has answer text, carry no logprobs.
+                was_thinking = thinking is not None and thinking.thinking
                 if thinking is not None:  # the reasoning first, its own item; the answer goes on
-                    if thinking.thinking:  # a delta that ends the reasoning counts with it
+                    if was_thinking:
                         self.reasoning_tokens += len(c.token_ids)
                     pieces = [*thinking.feed(text), *(thinking.finish() if c.finish_reason else ())]
                     for piece in pieces:
@@ -308,10 +311,11 @@ class _Run:
                     if c.finish_reason is not None:
                         output.deltas(parser.finish())
                 elif job.top_n is not None:
-                    lps = chat_logprobs(
-                        c.token_ids, c.logprobs or [], job.top_n, self.token_text, tokenizer.token_bytes
-                    ).content
-                    output.text(text, lps)
+                    if text or not was_thinking:  # OpenAI's reasoning items have no logprobs
+                        lps = chat_logprobs(
+                            c.token_ids, c.logprobs or [], job.top_n, self.token_text, tokenizer.token_bytes
+                        ).content
+                        output.text(text, lps)
                 elif text:
                     output.text(text)
             yield out.outputs[-1].finish_reason if out.outputs else None

@@ -1,8 +1,8 @@
 """`--reasoning-parser deepseek_r1`: a reasoning model's thinking read apart from its answer, in chat
 (`reasoning_content`, whole and streamed, tool calls read from the answer) and in the Responses API
 (a reasoning item before the message, its own stream events, `reasoning_tokens`); a grammar holds the
-answer only (the engine is asked to leave the text to `</think>` free); logprobs with it are a 400;
-without the flag the output is all content. The
+answer only (the engine is asked to leave the text to `</think>` free); logprobs come for every token
+in chat, for the answer's in the Responses API; without the flag the output is all content. The
 outputs are scripted token by token over the tiny engine (`ScriptEngine`)."""
 
 from __future__ import annotations
@@ -85,10 +85,21 @@ def test_tool_calls_are_read_from_the_answer(calling: openai.OpenAI) -> None:
     assert json.loads("".join(p.function.arguments for p in pieces)) == {"city": "Oslo", "days": 1}
 
 
-def test_logprobs_with_the_reasoning_are_a_400(thinking: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as refused:
-        _chat(thinking, 4, logprobs=True)
-    assert refused.value.body["param"] == "logprobs"
+def test_logprobs_come_for_every_token_reasoning_included(thinking: openai.OpenAI) -> None:
+    whole = _chat(thinking, len(THINKING), logprobs=True, top_logprobs=1).choices[0]
+    assert len(whole.logprobs.content) == len(THINKING)
+    assert (whole.message.reasoning_content, whole.message.content) == ("Let me think.", "\n\nHello world!")
+    chunks = [c.choices[0] for c in _chat(thinking, len(THINKING), logprobs=True, stream=True) if c.choices]
+    assert [lp.logprob for c in chunks for lp in (c.logprobs.content if c.logprobs else ())] == [
+        lp.logprob for lp in whole.logprobs.content
+    ]
+    assert "".join(getattr(c.delta, "reasoning_content", None) or "" for c in chunks) == "Let me think."
+    assert "".join(c.delta.content or "" for c in chunks) == "\n\nHello world!"
+    # The Responses API: the answer's tokens only (after the one that closed the reasoning).
+    r = thinking.responses.create(
+        input="Hi", max_output_tokens=len(THINKING), include=["message.output_text.logprobs"], **ARGS
+    )
+    assert len(r.output[1].content[0].logprobs) == 3 and r.usage.output_tokens_details.reasoning_tokens == 5
 
 
 @pytest.mark.parametrize(
