@@ -40,7 +40,7 @@ from kiln.serve.errors import APIError, InvalidRequestError, NotFoundError
 from kiln.serve.generation import Generation, TimeoutHeader
 from kiln.serve.logprobs import chat_logprobs
 from kiln.serve.protocol import ChatCompletionRequest, Usage
-from kiln.serve.reasoning import ReasoningParser
+from kiln.serve.reasoning import REASONING_END, ReasoningParser
 from kiln.serve.response_output import OutputItems, error_event, item_json
 from kiln.serve.response_store import StoredResponse
 from kiln.serve.responses_protocol import (
@@ -277,7 +277,8 @@ class _Run:
         self.output = OutputItems(events=body.stream or body.background)
         self.error: APIError | None = None  # what ended a stream early
         self.final: ResponseObject | None = None  # the finished response, once a stream is through
-        self.reasoning_tokens = 0  # output tokens read as reasoning (--reasoning-parser)
+        self.output_ids: list[int] = []
+        self.reasoning_end: int | None = None  # output tokens through the one that closed the reasoning
 
     @property
     def response_id(self) -> str:
@@ -294,31 +295,63 @@ class _Run:
         async for _, out in job.generation.outputs():
             self.usage.add(out)
             for c in out.outputs:
-                text = c.text
-                # A delta read while thinking (the one that ends the thinking too) is the reasoning's:
-                # its tokens count as reasoning tokens and, unless it has answer text, carry no logprobs.
-                was_thinking = thinking is not None and thinking.thinking
+                text, first = c.text, len(self.output_ids)  # `first`: this delta's first token's index
+                self.output_ids += c.token_ids
                 if thinking is not None:  # the reasoning first, its own item; the answer goes on
-                    if was_thinking:
-                        self.reasoning_tokens += len(c.token_ids)
+                    was_thinking = thinking.thinking
                     pieces = [*thinking.feed(text), *(thinking.finish() if c.finish_reason else ())]
                     for piece in pieces:
                         if piece.reasoning:
                             output.reasoning(piece.text)
                     text = "".join(p.text for p in pieces if not p.reasoning)
+                    if was_thinking and not thinking.thinking:
+                        self.reasoning_end = self._closing_token(first)
                 if parser is not None:
                     output.deltas(parser.feed(text))
                     if c.finish_reason is not None:
                         output.deltas(parser.finish())
                 elif job.top_n is not None:
-                    if text or not was_thinking:  # OpenAI's reasoning items have no logprobs
+                    # The answer's tokens only: OpenAI's reasoning items carry no logprobs.
+                    skip = max(0, self._answer_start() - first)
+                    if text or skip < len(c.token_ids):
                         lps = chat_logprobs(
-                            c.token_ids, c.logprobs or [], job.top_n, self.token_text, tokenizer.token_bytes
+                            c.token_ids[skip:],
+                            (c.logprobs or [])[skip:],
+                            job.top_n,
+                            self.token_text,
+                            tokenizer.token_bytes,
                         ).content
                         output.text(text, lps)
                 elif text:
                     output.text(text)
             yield out.outputs[-1].finish_reason if out.outputs else None
+
+    def _closing_token(self, first: int) -> int:
+        """The output's tokens through the one whose text completes `</think>`, found in the delta that
+        closed the reasoning (from token `first` on) by decoding the output's prefixes; the whole delta
+        when its tokens' own text does not show the tag."""
+        decode, ids = self.state.engine.tokenizer.decode, self.output_ids
+        low, high = first + 1, len(ids)
+        if REASONING_END not in decode(ids):
+            return high
+        while low < high:  # the shortest prefix that holds the tag: it only grows with the prefix
+            middle = (low + high) // 2
+            if REASONING_END in decode(ids[:middle]):
+                high = middle
+            else:
+                low = middle + 1
+        return low
+
+    def _answer_start(self) -> int:
+        """The index of the answer's first output token: 0 without reasoning, the end while thinking."""
+        if not self.job.reasoning:
+            return 0
+        return self.reasoning_end if self.reasoning_end is not None else len(self.output_ids)
+
+    @property
+    def reasoning_tokens(self) -> int:
+        """Output tokens of the reasoning: through the one that closed it, all of them while thinking."""
+        return self._answer_start()
 
     def snapshot(self, status: str, error: APIError | None = None) -> ResponseObject:
         """The response as it stands, with `status` (a stopped one's open item ends "incomplete")."""

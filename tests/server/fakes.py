@@ -139,20 +139,43 @@ class TextEngine(_Wrapper):
 
 
 class ScriptEngine(_Wrapper):
-    """The real engine's outputs with token k of each completion reading `pieces[k]` ("" past them): an
-    output the tiny model cannot be steered to write, token by token (a reasoning model's tags)."""
+    """The real engine's outputs rewritten to the tokens of `script` (ids, text, and the sampled token's
+    logprob entry), token k of each completion the script's k-th: an output the tiny model cannot be
+    steered to write (a reasoning model's tags). Ask for at most `len(ids)` tokens. `whole`: the output
+    comes as one delta, as a reader that fell behind gets it."""
 
-    def __init__(self, engine: Any, pieces: list[str]) -> None:
+    def __init__(self, engine: Any, script: str, whole: bool = False) -> None:
         super().__init__(engine)
-        self.pieces = pieces
+        self.whole = whole
+        tokenizer = engine.tokenizer
+        self.ids = tokenizer.encode(script, add_special_tokens=False)
+        assert tokenizer.decode(self.ids) == script, "the script must round-trip through the tokenizer"
+        # Each token's text as the output's decode grows by it (a piece of a character stays whole).
+        texts = [tokenizer.decode(self.ids[:k]) for k in range(len(self.ids) + 1)]
+        self.pieces = [texts[k + 1][len(texts[k]) :] for k in range(len(self.ids))]
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, **kw: Any
     ) -> AsyncIterator[RequestOutput]:
         written: dict[int, int] = {}  # tokens so far, by completion
+        merged: list[Any] = []  # with `whole`: the logprobs of the deltas held back
         async for out in self.inner.generate(prompt_token_ids, params, request_id, **kw):
             for completion in out.outputs:
                 start = written.get(completion.index, 0)
-                written[completion.index] = start + len(completion.token_ids)
-                completion.text = "".join(self.pieces[start : written[completion.index]])
-            yield out
+                end = written[completion.index] = start + len(completion.token_ids)
+                if completion.logprobs:
+                    for entry, old, new in zip(
+                        completion.logprobs, completion.token_ids, self.ids[start:end], strict=True
+                    ):
+                        entry[new] = entry.pop(old)
+                completion.token_ids = self.ids[start:end]
+                completion.text = "".join(self.pieces[start:end])
+            if not self.whole:
+                yield out
+            elif out.finished:  # one delta of everything so far (one completion: n = 1)
+                [last] = out.outputs
+                last.token_ids, last.text = self.ids[:end], "".join(self.pieces[:end])
+                last.logprobs = [*merged, *(last.logprobs or [])] if last.logprobs is not None else None
+                yield out
+            elif out.outputs[0].logprobs:
+                merged += out.outputs[0].logprobs
