@@ -57,6 +57,7 @@ def _after(after: str, constraint: str) -> str:
     """A grammar of free text up to and including the first `after`, then `constraint`: the constraint
     becomes a named grammar that a Lark start rule refers to, after a lexeme that ends at `after`'s first
     occurrence (any text ending with it, and it nowhere before the end)."""
+    # llguidance's builders give JSON (a TopLevelGrammar) for schemas and regexes, Lark text for Lark.
     inner = (
         json.loads(constraint)
         if constraint.lstrip().startswith("{")

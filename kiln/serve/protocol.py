@@ -21,9 +21,17 @@ Rules:
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from kiln.engine.sampling_params import MAX_N
@@ -357,10 +365,7 @@ def refuse_unless_taken(
     return value
 
 
-def check_metadata(metadata: dict[str, str] | None) -> dict[str, str] | None:
-    """`metadata` within OpenAI's bounds (a pydantic validator's body: chat's and the Responses API's)."""
-    if metadata is None:
-        return None
+def _check_metadata(metadata: dict[str, str]) -> dict[str, str]:
     if len(metadata) > METADATA_MAX_PAIRS:
         raise PydanticCustomError("invalid", f"at most {METADATA_MAX_PAIRS} pairs")
     for key, value in metadata.items():
@@ -377,6 +382,10 @@ def check_metadata(metadata: dict[str, str] | None) -> dict[str, str] | None:
                 {"key": key},
             )
     return metadata
+
+
+# `metadata` within OpenAI's bounds (chat's and the Responses API's): pairs, key and value lengths.
+Metadata = Annotated[dict[str, str], AfterValidator(_check_metadata)]
 
 
 class ChatCompletionRequest(SamplingRequest, TemplateOptions):
@@ -423,7 +432,7 @@ class ChatCompletionRequest(SamplingRequest, TemplateOptions):
     service_tier: str | None = Field(
         None, description='Only "auto" or "default"; `priority` orders requests.'
     )
-    metadata: dict[str, str] | None = Field(
+    metadata: Metadata | None = Field(
         None,
         description=f"Up to {METADATA_MAX_PAIRS} string pairs (keys of at most {METADATA_MAX_KEY} characters, "
         f"values of at most {METADATA_MAX_VALUE}), written to the request's log line.",
@@ -440,11 +449,6 @@ class ChatCompletionRequest(SamplingRequest, TemplateOptions):
     @classmethod
     def _refused(cls, value: Any, info: ValidationInfo) -> Any:
         return refuse_unless_taken(value, info, _REFUSED, _TAKEN)
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_bounds(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
-        return check_metadata(metadata)
 
     def log_tags(self) -> dict[str, Any]:
         tags = super().log_tags()

@@ -13,7 +13,7 @@ function_call_arguments.delta, and on closing the .done events and output_item.d
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import Any, TypeVar
 
 from kiln.serve.errors import APIError
 from kiln.serve.protocol import ChatTokenLogprob
@@ -25,6 +25,8 @@ from kiln.serve.responses_protocol import (
     ReasoningText,
 )
 from kiln.serve.tool_calls import ContentDelta, Delta, ToolCallDelta
+
+_Item = TypeVar("_Item", OutputMessage, ReasoningOutput)
 
 
 def new_item_id(prefix: str) -> str:
@@ -51,18 +53,27 @@ class OutputItems:
     def _where(self) -> dict[str, Any]:
         return {"item_id": self.items[-1].id, "output_index": len(self.items) - 1}
 
-    def text(self, text: str, logprobs: list[ChatTokenLogprob] | None = None) -> None:
+    def _open_one(self, kind: type[_Item]) -> tuple[_Item, bool]:
+        """The open last item when it is a `kind`, else a new one opened (the last closed): the item and
+        whether it is new."""
         last = self.items[-1] if self.items and self._open else None
-        if not isinstance(last, OutputMessage):
-            self.close("completed")
-            last = OutputMessage(id=new_item_id("msg_"), status="in_progress", content=[])
-            self._open_item(last)
+        if isinstance(last, kind):
+            return last, False
+        self.close("completed")
+        prefix = {OutputMessage: "msg_", ReasoningOutput: "rs_"}[kind]
+        item = kind(id=new_item_id(prefix), status="in_progress", content=[])
+        self._open_item(item)
+        return item, True
+
+    def text(self, text: str, logprobs: list[ChatTokenLogprob] | None = None) -> None:
+        message, new = self._open_one(OutputMessage)
+        if new:
             part = OutputText(text="", logprobs=[] if logprobs is not None else None)
-            last.content.append(part)
+            message.content.append(part)
             self._emit(
                 type="response.content_part.added", **self._where(), content_index=0, part=item_json(part)
             )
-        part = last.content[0]
+        part = message.content[0]
         part.text += text
         if logprobs is not None and part.logprobs is not None:
             part.logprobs.extend(logprobs)
@@ -76,13 +87,10 @@ class OutputItems:
             )
 
     def reasoning(self, text: str) -> None:
-        last = self.items[-1] if self.items and self._open else None
-        if not isinstance(last, ReasoningOutput):
-            self.close("completed")
-            last = ReasoningOutput(id=new_item_id("rs_"), status="in_progress", content=[])
-            self._open_item(last)
-            last.content.append(ReasoningText(text=""))
-        last.content[0].text += text
+        item, new = self._open_one(ReasoningOutput)
+        if new:
+            item.content.append(ReasoningText(text=""))
+        item.content[0].text += text
         if text:
             self._emit(type="response.reasoning_text.delta", **self._where(), content_index=0, delta=text)
 

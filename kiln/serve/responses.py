@@ -277,7 +277,7 @@ class _Run:
         self.output = OutputItems(events=body.stream or body.background)
         self.error: APIError | None = None  # what ended a stream early
         self.final: ResponseObject | None = None  # the finished response, once a stream is through
-        self.output_ids: list[int] = []
+        self.output_ids: list[int] = []  # with --reasoning-parser: where the reasoning ends
         self.reasoning_end: int | None = None  # output tokens through the one that closed the reasoning
 
     @property
@@ -288,16 +288,18 @@ class _Run:
     def generation(self) -> Generation:
         return self.job.generation
 
-    async def _read(self, output: OutputItems, parser: Any) -> AsyncIterator[str | None]:
-        """Read the generation into `output`, yielding after each engine output its finish reason."""
-        job, tokenizer = self.job, self.state.engine.tokenizer
+    async def _read(self) -> AsyncIterator[str | None]:
+        """Read the generation into the output items, yielding after each engine output its finish
+        reason."""
+        job, tokenizer, output = self.job, self.state.engine.tokenizer, self.output
+        parser = job.plan.new_parser() if job.plan is not None else None
         thinking = ReasoningParser() if job.reasoning else None
         async for _, out in job.generation.outputs():
             self.usage.add(out)
             for c in out.outputs:
                 text, first = c.text, len(self.output_ids)  # `first`: this delta's first token's index
-                self.output_ids += c.token_ids
                 if thinking is not None:  # the reasoning first, its own item; the answer goes on
+                    self.output_ids += c.token_ids
                     was_thinking = thinking.thinking
                     pieces = [*thinking.feed(text), *(thinking.finish() if c.finish_reason else ())]
                     for piece in pieces:
@@ -348,22 +350,15 @@ class _Run:
             return 0
         return self.reasoning_end if self.reasoning_end is not None else len(self.output_ids)
 
-    @property
-    def reasoning_tokens(self) -> int:
-        """Output tokens of the reasoning: through the one that closed it, all of them while thinking."""
-        return self._answer_start()
-
     def snapshot(self, status: str, error: APIError | None = None) -> ResponseObject:
         """The response as it stands, with `status` (a stopped one's open item ends "incomplete")."""
         if status in ("failed", "cancelled"):
             self.output.close("incomplete")
-        final = status not in ("queued", "in_progress")
-        return self._response(self.output, status, final=final, error=error)
+        return self._response(status, error)
 
-    def _response(
-        self, output: OutputItems, status: str, *, final: bool, error: APIError | None = None
-    ) -> ResponseObject:
+    def _response(self, status: str, error: APIError | None = None) -> ResponseObject:
         body, params = self.body, self.job.generation.params
+        final = status not in ("queued", "in_progress")
         text = (
             {"format": body.text.format.model_dump(exclude_none=True, by_alias=True)}
             if body.text and body.text.format
@@ -383,7 +378,7 @@ class _Run:
             instructions=body.instructions,
             max_output_tokens=body.max_output_tokens,
             model=self.state.model_name,
-            output=list(output.items),
+            output=list(self.output.items),
             parallel_tool_calls=body.parallel_tool_calls,
             previous_response_id=body.previous_response_id,
             store=self.store,
@@ -396,7 +391,8 @@ class _Run:
             if choice is not None
             else "auto",
             tools=[t.model_dump(exclude_none=True, by_alias=True) for t in body.tools or ()],
-            usage=None if usage is None else _usage(usage, self.reasoning_tokens),
+            # The reasoning's tokens: those before the answer's first (all of them while thinking).
+            usage=None if usage is None else _usage(usage, self._answer_start()),
             user=body.user,
             metadata=body.metadata or {},
             background=body.background,
@@ -421,15 +417,11 @@ class _Run:
             StoredResponse(response, (*self.conversation, reply), input_items(self.body), events)
         )
 
-    def _parser(self) -> Any:
-        return self.job.plan.new_parser() if self.job.plan is not None else None
-
     async def collect(self) -> ResponseObject:
-        output = self.output
         finish = None
-        async for reason in self._read(output, self._parser()):
+        async for reason in self._read():
             finish = reason or finish
-        response = self._response(output, output.finish(finish), final=True)
+        response = self._response(self.output.finish(finish))
         self.keep(response)
         return response
 
@@ -448,7 +440,7 @@ class _Run:
         yield event({"type": "response.in_progress", "response": item_json(self.snapshot("in_progress"))})
         finish = None
         try:
-            async for reason in self._read(output, self._parser()):
+            async for reason in self._read():
                 finish = reason or finish
                 for e in output.take_events():
                     yield event(e)
@@ -459,7 +451,7 @@ class _Run:
         status = output.finish(finish)
         for e in output.take_events():
             yield event(e)
-        response = self.final = self._response(output, status, final=True)
+        response = self.final = self._response(status)
         if not self.body.background:  # a background response is kept with its events, by its runner
             self.keep(response)
         yield event({"type": f"response.{status}", "response": item_json(response)})

@@ -40,7 +40,7 @@ from kiln.serve.protocol import (
     FunctionDef,
     JsonSchemaFormat,
     LenientModel,
-    check_metadata,
+    Metadata,
     refuse_unless_taken,
 )
 
@@ -323,7 +323,7 @@ class ResponsesRequest(LenientModel):
     parallel_tool_calls: bool = True
     max_tool_calls: int | None = Field(None, ge=1, description="Bounds hosted tools' calls: Kiln makes none.")
     text: TextConfig | None = None
-    metadata: dict[str, str] | None = Field(
+    metadata: Metadata | None = Field(
         None, description=f"Up to {METADATA_MAX_PAIRS} string pairs, as on chat; written to the log line."
     )
     user: str | None = Field(None, description="Written to the request's log line.")
@@ -371,11 +371,6 @@ class ResponsesRequest(LenientModel):
     @classmethod
     def _refused(cls, value: Any, info: ValidationInfo) -> Any:
         return refuse_unless_taken(value, info, _REFUSED, _TAKEN)
-
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_bounds(cls, metadata: dict[str, str] | None) -> dict[str, str] | None:
-        return check_metadata(metadata)
 
     @field_validator("include")
     @classmethod
